@@ -1,0 +1,255 @@
+//! The agent's settings on the kernel command line.
+//!
+//! Every setting lives under the `diskcast.` prefix so that it cannot collide with the kernel's own
+//! parameters. The bootserver renders a [`BootConfig`] with [`BootConfig::render`]; the agent parses
+//! the whole `/proc/cmdline` with [`BootConfig::parse`], ignoring everything without the prefix.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// Prefix of every diskcast kernel parameter.
+pub const PREFIX: &str = "diskcast.";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmdlineError {
+    #[error("unknown kernel parameter `{PREFIX}{key}` (known: {known})")]
+    UnknownKey { key: String, known: &'static str },
+    #[error("kernel parameter `{PREFIX}{key}` has no value: write `{PREFIX}{key}=VALUE`")]
+    MissingValue { key: String },
+    #[error("kernel parameter `{PREFIX}{key}={value}` is invalid: expected {expected}")]
+    InvalidValue {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// What the agent does once the machine is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Print the hardware inventory, then finish.
+    #[default]
+    Inventory,
+    /// Receive an image from a multicast session onto the local disk.
+    Slave,
+    /// Multicast this machine's disk to the slaves.
+    Master,
+    /// Upload this machine's disk to the server's image store.
+    Capture,
+}
+
+/// What PID 1 does when it cannot go on, or after its role finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Reboot,
+    Poweroff,
+    /// A minimal prompt on the console, so the cause stays on screen.
+    Shell,
+}
+
+macro_rules! keyword_enum {
+    ($ty:ty, $expected:literal, { $($variant:path => $word:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const EXPECTED: &'static str = $expected;
+            pub fn as_str(self) -> &'static str {
+                match self { $($variant => $word),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = ();
+            fn from_str(s: &str) -> Result<Self, ()> {
+                match s { $($word => Ok($variant),)+ _ => Err(()) }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+keyword_enum!(Role, "one of inventory, slave, master, capture", {
+    Role::Inventory => "inventory",
+    Role::Slave => "slave",
+    Role::Master => "master",
+    Role::Capture => "capture",
+});
+
+keyword_enum!(Finish, "one of reboot, poweroff, shell", {
+    Finish::Reboot => "reboot",
+    Finish::Poweroff => "poweroff",
+    Finish::Shell => "shell",
+});
+
+/// Typed form of the `diskcast.*` kernel parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootConfig {
+    pub role: Role,
+    /// The bootserver's address (image store, status reports).
+    pub server: Option<Ipv4Addr>,
+    /// Network interface to use; by default the first one with a link.
+    pub interface: Option<String>,
+    /// What to do after a fatal error.
+    pub on_error: Finish,
+    /// What to do after the role finished successfully.
+    pub on_done: Finish,
+    /// Seconds to wait for a DHCP lease before giving up.
+    pub dhcp_timeout_secs: u32,
+    /// Log level of the console log: error, warn, info, debug, trace.
+    pub log_level: log::LevelFilter,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            role: Role::default(),
+            server: None,
+            interface: None,
+            on_error: Finish::Shell,
+            on_done: Finish::Poweroff,
+            dhcp_timeout_secs: 60,
+            log_level: log::LevelFilter::Info,
+        }
+    }
+}
+
+const KNOWN_KEYS: &str = "role, server, interface, on_error, on_done, dhcp_timeout, log";
+
+impl BootConfig {
+    /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
+    pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
+        let mut config = Self::default();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some(setting) = word.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let (key, value) = match setting.split_once('=') {
+                Some((key, value)) if !value.is_empty() => (key, value),
+                Some((key, _)) => return Err(CmdlineError::MissingValue { key: key.into() }),
+                None => return Err(CmdlineError::MissingValue { key: setting.into() }),
+            };
+            config.set(key, value)?;
+        }
+        Ok(config)
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), CmdlineError> {
+        fn invalid(key: &str, value: &str, expected: &'static str) -> CmdlineError {
+            CmdlineError::InvalidValue {
+                key: key.into(),
+                value: value.into(),
+                expected,
+            }
+        }
+        match key {
+            "role" => {
+                self.role = value
+                    .parse()
+                    .map_err(|()| invalid(key, value, Role::EXPECTED))?
+            }
+            "server" => {
+                self.server = Some(
+                    value
+                        .parse()
+                        .map_err(|_| invalid(key, value, "an IPv4 address"))?,
+                )
+            }
+            "interface" => self.interface = Some(value.into()),
+            "on_error" => {
+                self.on_error = value
+                    .parse()
+                    .map_err(|()| invalid(key, value, Finish::EXPECTED))?
+            }
+            "on_done" => {
+                self.on_done = value
+                    .parse()
+                    .map_err(|()| invalid(key, value, Finish::EXPECTED))?
+            }
+            "dhcp_timeout" => {
+                self.dhcp_timeout_secs = value
+                    .parse()
+                    .ok()
+                    .filter(|&s| s > 0)
+                    .ok_or_else(|| invalid(key, value, "a positive number of seconds"))?
+            }
+            "log" => {
+                self.log_level = value.parse().map_err(|_| {
+                    invalid(key, value, "one of off, error, warn, info, debug, trace")
+                })?
+            }
+            _ => {
+                return Err(CmdlineError::UnknownKey {
+                    key: key.into(),
+                    known: KNOWN_KEYS,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders the settings as kernel parameters; [`BootConfig::parse`] gives back the same value.
+    pub fn render(&self) -> String {
+        let mut words = vec![format!("{PREFIX}role={}", self.role)];
+        if let Some(server) = self.server {
+            words.push(format!("{PREFIX}server={server}"));
+        }
+        if let Some(interface) = &self.interface {
+            words.push(format!("{PREFIX}interface={interface}"));
+        }
+        words.push(format!("{PREFIX}on_error={}", self.on_error));
+        words.push(format!("{PREFIX}on_done={}", self.on_done));
+        words.push(format!("{PREFIX}dhcp_timeout={}", self.dhcp_timeout_secs));
+        words.push(format!(
+            "{PREFIX}log={}",
+            self.log_level.as_str().to_ascii_lowercase()
+        ));
+        words.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_then_parse_round_trips() {
+        let config = BootConfig {
+            role: Role::Slave,
+            server: Some(Ipv4Addr::new(10, 77, 0, 1)),
+            interface: Some("eth1".into()),
+            on_error: Finish::Reboot,
+            on_done: Finish::Shell,
+            dhcp_timeout_secs: 17,
+            log_level: log::LevelFilter::Debug,
+        };
+        let line = format!("BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet", config.render());
+        assert_eq!(BootConfig::parse(&line), Ok(config));
+        assert_eq!(
+            BootConfig::parse(&BootConfig::default().render()),
+            Ok(BootConfig::default())
+        );
+    }
+
+    #[test]
+    fn foreign_parameters_are_ignored() {
+        let config = BootConfig::parse("root=/dev/sda1 ro initrd=initramfs.img").unwrap();
+        assert_eq!(config, BootConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let err = BootConfig::parse("diskcast.role=painter").unwrap_err();
+        assert!(err.to_string().contains("diskcast.role=painter"), "{err}");
+        assert!(err.to_string().contains("inventory"), "{err}");
+        let err = BootConfig::parse("diskcast.colour=red").unwrap_err();
+        assert!(matches!(err, CmdlineError::UnknownKey { .. }));
+        let err = BootConfig::parse("diskcast.server").unwrap_err();
+        assert_eq!(err, CmdlineError::MissingValue { key: "server".into() });
+        let err = BootConfig::parse("diskcast.server=").unwrap_err();
+        assert_eq!(err, CmdlineError::MissingValue { key: "server".into() });
+        let err = BootConfig::parse("diskcast.dhcp_timeout=0").unwrap_err();
+        assert!(matches!(err, CmdlineError::InvalidValue { .. }));
+    }
+}

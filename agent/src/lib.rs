@@ -1,0 +1,17 @@
+//! diskcast agent library: the pieces the agent binary runs as PID 1 or as a host CLI, and that the
+//! bootserver shares (kernel command line, protocol).
+#![deny(unsafe_code)]
+
+pub mod cmdline;
+pub mod dhcp;
+pub mod inventory;
+pub mod logging;
+pub mod modules;
+pub mod netconfig;
+pub mod pid1;
+pub mod sys;
+pub mod udp_frame;
+
+/// The line PID 1 prints once the machine is up, network configured and inventory printed.
+/// Tests and operators wait for it; its form does not change.
+pub const READY_MARKER: &str = "DISKCAST-READY";

@@ -1,0 +1,177 @@
+//! The agent as PID 1 of the initramfs: mount the API file systems, load drivers, get an address,
+//! print the inventory, act on the role, and finish as the command line says. A failure never
+//! returns to the kernel (that would panic it): it ends in [`finish`].
+
+use crate::cmdline::{BootConfig, Finish, Role};
+use crate::inventory::Inventory;
+use crate::modules::{self, ModuleIndex, ModulesError};
+use crate::netconfig::{self, NetError};
+use crate::{logging, sys, READY_MARKER};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Pid1Error {
+    #[error("mounting {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the kernel command line from /proc/cmdline")]
+    ReadCmdline(#[source] std::io::Error),
+    #[error("bad kernel command line")]
+    Cmdline(#[from] crate::cmdline::CmdlineError),
+    #[error("loading kernel modules for kernel {release}")]
+    Modules {
+        release: String,
+        #[source]
+        source: ModulesError,
+    },
+    #[error("setting up the network")]
+    Network(#[from] NetError),
+    #[error("role `{0}` is not available in this agent yet")]
+    RoleUnavailable(Role),
+}
+
+const MOUNTS: [(&str, &str, &str, libc::c_ulong); 4] = [
+    ("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+    ("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+    ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID),
+    ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+];
+
+fn mount_api_filesystems() -> Result<(), Pid1Error> {
+    for (source, target, fstype, flags) in MOUNTS {
+        let _ = std::fs::create_dir_all(target);
+        sys::mount(source, target, fstype, flags).map_err(|source| Pid1Error::Mount { fstype, target, source })?;
+    }
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs PID 1. Never returns.
+pub fn run() -> ! {
+    let booted = Instant::now();
+    // Log to the console before anything else can fail; /dev/kmsg comes with devtmpfs.
+    logging::init(log::LevelFilter::Info, false);
+    if let Err(e) = mount_api_filesystems() {
+        report(&e);
+        finish(Finish::Shell);
+    }
+    logging::init(log::LevelFilter::Info, true);
+    let config = match std::fs::read_to_string("/proc/cmdline")
+        .map_err(Pid1Error::ReadCmdline)
+        .and_then(|line| BootConfig::parse(&line).map_err(Pid1Error::from))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            report(&e);
+            finish(BootConfig::default().on_error);
+        }
+    };
+    log::set_max_level(config.log_level);
+    let on_error = config.on_error;
+    // A panic must end like any other fatal error, never as a kernel panic.
+    std::panic::set_hook(Box::new(move |info| {
+        log::error!("FATAL: agent bug: {info}");
+        finish(on_error);
+    }));
+    log::info!("diskcast agent {} starting, role {}", env!("CARGO_PKG_VERSION"), config.role);
+    match boot(&config, booted) {
+        Ok(()) => finish(config.on_done),
+        Err(e) => {
+            report(&e);
+            finish(config.on_error);
+        }
+    }
+}
+
+fn boot(config: &BootConfig, booted: Instant) -> Result<(), Pid1Error> {
+    let release = kernel_release();
+    let module_dir = PathBuf::from("/lib/modules").join(&release);
+    let index = ModuleIndex::read(&module_dir).map_err(|source| Pid1Error::Modules { release: release.clone(), source })?;
+    let report = modules::load_for_present_hardware(&index, &module_dir, Path::new("/sys"), Duration::from_millis(150), sys::finit_module);
+    log::info!(
+        "modules: {} loaded in {} rounds{}: {}",
+        report.loaded.len(),
+        report.rounds,
+        if report.failed.is_empty() { String::new() } else { format!(", {} failed", report.failed.len()) },
+        report.loaded.join(" ")
+    );
+
+    let nic = netconfig::choose_interface(Path::new("/sys"), config.interface.as_deref(), Duration::from_secs(20))?;
+    let configured = netconfig::configure(&nic, Duration::from_secs(u64::from(config.dhcp_timeout_secs)))?;
+
+    let inventory = Inventory::read(Path::new("/sys"), Path::new("/dev"));
+    print_console(&inventory.to_string());
+    print_console(&format!(
+        "{READY_MARKER} role={} interface={} mac={} address={} uptime_ms={}\n",
+        config.role,
+        configured.interface,
+        nic.mac,
+        configured.lease.address,
+        booted.elapsed().as_millis()
+    ));
+
+    match config.role {
+        Role::Inventory => Ok(()),
+        role => Err(Pid1Error::RoleUnavailable(role)),
+    }
+}
+
+fn print_console(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// Prints an error with its chain of causes.
+pub fn report(error: &dyn std::error::Error) {
+    let mut text = format!("FATAL: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    log::error!("{text}");
+}
+
+/// Ends PID 1 as told. Never returns: a returning init panics the kernel.
+pub fn finish(how: Finish) -> ! {
+    match how {
+        Finish::Reboot | Finish::Poweroff => {
+            let action = if how == Finish::Reboot { sys::PowerAction::Reboot } else { sys::PowerAction::PowerOff };
+            log::info!("{}", if how == Finish::Reboot { "rebooting" } else { "powering off" });
+            let error = sys::power(action);
+            log::error!("{how} failed: {error}; dropping to the rescue prompt");
+            rescue_shell()
+        }
+        Finish::Shell => rescue_shell(),
+    }
+}
+
+fn rescue_shell() -> ! {
+    let stdin = std::io::stdin();
+    loop {
+        print_console("diskcast rescue> commands: inventory, reboot, poweroff\ndiskcast rescue> ");
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) | Err(_) => std::thread::sleep(Duration::from_secs(3600)),
+            Ok(_) => match line.trim() {
+                "inventory" => print_console(&Inventory::read(Path::new("/sys"), Path::new("/dev")).to_string()),
+                "reboot" => finish(Finish::Reboot),
+                "poweroff" => finish(Finish::Poweroff),
+                "" => {}
+                other => print_console(&format!("unknown command {other:?}\n")),
+            },
+        }
+    }
+}

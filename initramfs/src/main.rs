@@ -1,0 +1,61 @@
+use clap::Parser;
+use diskcast_initramfs::{build, Spec, DEFAULT_MODULES};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Build the diskcast initramfs (gzip-compressed newc cpio).
+#[derive(Debug, Parser)]
+#[command(name = "diskcast-initramfs", version)]
+struct Cli {
+    /// Root of an extracted kernel package (holds lib/modules/<version>).
+    #[arg(long)]
+    kernel_root: PathBuf,
+    /// Kernel version; default: the only one under lib/modules.
+    #[arg(long)]
+    kernel_version: Option<String>,
+    /// The static agent binary to install as /init.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Output file.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Extra modules to include (with their dependencies).
+    #[arg(long = "module", value_name = "NAME")]
+    extra_modules: Vec<String>,
+    /// Leave out the default lab module set.
+    #[arg(long)]
+    no_default_modules: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger_lite();
+    let mut modules: Vec<String> = if cli.no_default_modules {
+        Vec::new()
+    } else {
+        DEFAULT_MODULES.iter().map(|m| m.to_string()).collect()
+    };
+    modules.extend(cli.extra_modules);
+    let spec = Spec { kernel_root: cli.kernel_root, version: cli.kernel_version, agent: cli.agent, modules };
+    match build(&spec, &cli.output) {
+        Ok(summary) => {
+            println!(
+                "initramfs {}: kernel {}, {} modules, {:.1} MiB uncompressed, {:.1} MiB compressed",
+                cli.output.display(),
+                summary.version,
+                summary.modules.len(),
+                summary.uncompressed_bytes as f64 / 1048576.0,
+                summary.compressed_bytes as f64 / 1048576.0
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            diskcast_agent::pid1::report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_logger_lite() {
+    diskcast_agent::logging::init(log::LevelFilter::Info, false);
+}

@@ -15,6 +15,25 @@ use dhcproto::{Decodable, Encodable};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+/// Decodes a DHCP message from untrusted bytes. dhcproto has assertions that malformed options
+/// can trip (found by this project's garbage tests), so a panic in it counts as a malformed packet.
+pub fn decode_message(bytes: &[u8]) -> Option<Message> {
+    IN_GUARDED_DECODE.with(|flag| flag.set(true));
+    let msg = std::panic::catch_unwind(|| Message::from_bytes(bytes).ok()).ok().flatten();
+    IN_GUARDED_DECODE.with(|flag| flag.set(false));
+    msg
+}
+
+thread_local! {
+    static IN_GUARDED_DECODE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True inside [`decode_message`]: panic hooks use it to stay quiet about a panic that is caught
+/// and counted as a malformed packet.
+pub fn panic_is_guarded() -> bool {
+    IN_GUARDED_DECODE.with(|flag| flag.get())
+}
+
 /// Vendor class the agent sends, so the bootserver never hands it a boot file.
 pub const AGENT_VENDOR_CLASS: &[u8] = b"diskcast-agent";
 
@@ -122,7 +141,7 @@ impl DhcpClient {
     }
 
     fn receive(&mut self, bytes: &[u8], now: Instant) -> Option<Event> {
-        let Ok(msg) = Message::from_bytes(bytes) else {
+        let Some(msg) = decode_message(bytes) else {
             self.dropped.malformed += 1;
             return None;
         };

@@ -81,6 +81,9 @@ pub fn run() -> ! {
     let on_error = config.on_error;
     // A panic must end like any other fatal error, never as a kernel panic.
     std::panic::set_hook(Box::new(move |info| {
+        if crate::dhcp::panic_is_guarded() {
+            return;
+        }
         log::error!("FATAL: agent bug: {info}");
         finish(on_error);
     }));

@@ -1,0 +1,289 @@
+//! The bootserver's configuration: one TOML file (see `bootserver/bootserver.example.toml`),
+//! with a few settings that flags can override.
+
+use diskcast_agent::cmdline::{BootConfig, Finish, Role};
+use serde::Deserialize;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// Hand out addresses and boot information.
+    #[default]
+    Full,
+    /// Another server hands out addresses; answer PXE clients with boot information only.
+    Proxy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UefiLoader {
+    /// iPXE on the firmware's network stack (SNP): works on most firmware.
+    #[default]
+    Snponly,
+    /// iPXE with its own drivers.
+    Ipxe,
+}
+
+impl UefiLoader {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Snponly => "snponly.efi",
+            Self::Ipxe => "ipxe.efi",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interface the server listens on.
+    pub interface: String,
+    /// The server's own address on that interface; looked up when absent.
+    pub address: Option<Ipv4Addr>,
+    #[serde(default = "default_http_port")]
+    pub http_port: u16,
+    #[serde(default = "default_tftp_port")]
+    pub tftp_port: u16,
+    /// Directory for leases and other state.
+    pub state_dir: PathBuf,
+    pub dhcp: DhcpConfig,
+    pub boot: BootFiles,
+    #[serde(default)]
+    pub agent: AgentDefaults,
+    #[serde(default, rename = "machine")]
+    pub machines: Vec<Machine>,
+}
+
+fn default_http_port() -> u16 {
+    8080
+}
+fn default_tftp_port() -> u16 {
+    69
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpConfig {
+    #[serde(default)]
+    pub mode: DhcpMode,
+    /// First and last address handed out (full mode).
+    pub range_start: Option<Ipv4Addr>,
+    pub range_end: Option<Ipv4Addr>,
+    #[serde(default = "default_netmask")]
+    pub netmask: Ipv4Addr,
+    pub router: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u32,
+    #[serde(default, rename = "reservation")]
+    pub reservations: Vec<Reservation>,
+}
+
+fn default_netmask() -> Ipv4Addr {
+    Ipv4Addr::new(255, 255, 255, 0)
+}
+fn default_lease_secs() -> u32 {
+    3600
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    pub mac: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Where the iPXE loaders (undionly.kpxe, ipxe.efi, snponly.efi) are: the TFTP root.
+    #[serde(default = "default_tftp_root")]
+    pub tftp_root: PathBuf,
+    #[serde(default)]
+    pub uefi_loader: UefiLoader,
+    /// Extra kernel parameters, e.g. `console=ttyS0,115200`.
+    #[serde(default)]
+    pub kernel_args: String,
+}
+
+fn default_tftp_root() -> PathBuf {
+    PathBuf::from("/usr/lib/ipxe")
+}
+
+/// What every machine's agent is told unless its `[[machine]]` entry says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDefaults {
+    #[serde(default = "default_role")]
+    pub role: String,
+    #[serde(default = "default_on_error")]
+    pub on_error: String,
+    #[serde(default = "default_on_done")]
+    pub on_done: String,
+    #[serde(default)]
+    pub log: Option<String>,
+}
+
+impl Default for AgentDefaults {
+    fn default() -> Self {
+        Self { role: default_role(), on_error: default_on_error(), on_done: default_on_done(), log: None }
+    }
+}
+
+fn default_role() -> String {
+    "inventory".into()
+}
+fn default_on_error() -> String {
+    "shell".into()
+}
+fn default_on_done() -> String {
+    "poweroff".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub mac: String,
+    pub role: Option<String>,
+}
+
+/// A MAC address in canonical lower-case colon form.
+pub fn canonical_mac(text: &str) -> Option<String> {
+    let bytes = diskcast_agent::netconfig::parse_mac(&text.replace('-', ":").to_ascii_lowercase())?;
+    Some(format_mac(&bytes))
+}
+
+pub fn format_mac(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.dhcp.mode == DhcpMode::Full {
+            let (Some(start), Some(end)) = (self.dhcp.range_start, self.dhcp.range_end) else {
+                return invalid("[dhcp] mode = \"full\" needs range_start and range_end".into());
+            };
+            if u32::from(start) > u32::from(end) {
+                return invalid(format!("[dhcp] range_start {start} is after range_end {end}"));
+            }
+            let mask = u32::from(self.dhcp.netmask);
+            if u32::from(start) & mask != u32::from(end) & mask {
+                return invalid(format!("[dhcp] range {start}-{end} spans more than one subnet of netmask {}", self.dhcp.netmask));
+            }
+        }
+        if self.dhcp.lease_secs < 60 {
+            return invalid(format!("[dhcp] lease_secs = {} is too short (at least 60)", self.dhcp.lease_secs));
+        }
+        for r in &self.dhcp.reservations {
+            if canonical_mac(&r.mac).is_none() {
+                return invalid(format!("[[dhcp.reservation]] mac {:?} is not a MAC address (write aa:bb:cc:dd:ee:ff)", r.mac));
+            }
+        }
+        for m in &self.machines {
+            if canonical_mac(&m.mac).is_none() {
+                return invalid(format!("[[machine]] mac {:?} is not a MAC address (write aa:bb:cc:dd:ee:ff)", m.mac));
+            }
+        }
+        self.agent_config_for(None, None).map_err(ConfigError::Invalid)?;
+        for m in &self.machines {
+            self.agent_config_for(Some(&m.mac), None).map_err(ConfigError::Invalid)?;
+        }
+        Ok(())
+    }
+
+    /// The agent settings for one machine, rendered later onto its kernel command line.
+    pub fn agent_config_for(&self, mac: Option<&str>, server: Option<Ipv4Addr>) -> Result<BootConfig, String> {
+        let machine = mac
+            .and_then(canonical_mac)
+            .and_then(|mac| self.machines.iter().find(|m| canonical_mac(&m.mac).as_deref() == Some(mac.as_str())));
+        let role_text = machine.and_then(|m| m.role.as_deref()).unwrap_or(&self.agent.role);
+        let role: Role = role_text
+            .parse()
+            .map_err(|()| format!("role {role_text:?} is not {}", Role::EXPECTED))?;
+        let finish = |what: &str, text: &str| -> Result<Finish, String> {
+            text.parse().map_err(|()| format!("[agent] {what} = {text:?} is not {}", Finish::EXPECTED))
+        };
+        let mut config = BootConfig {
+            role,
+            server,
+            on_error: finish("on_error", &self.agent.on_error)?,
+            on_done: finish("on_done", &self.agent.on_done)?,
+            ..BootConfig::default()
+        };
+        if let Some(level) = &self.agent.log {
+            config.log_level = level.parse().map_err(|_| format!("[agent] log = {level:?} is not a log level"))?;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../bootserver.example.toml");
+
+    #[test]
+    fn example_config_is_valid() {
+        let config: Config = toml::from_str(EXAMPLE).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.dhcp.mode, DhcpMode::Full);
+    }
+
+    #[test]
+    fn machine_role_overrides_default_and_renders_for_the_agent() {
+        let mut config: Config = toml::from_str(EXAMPLE).unwrap();
+        config.machines = vec![Machine { mac: "52-54-00-AA-BB-CC".into(), role: Some("slave".into()) }];
+        let server = Some(Ipv4Addr::new(10, 77, 0, 1));
+        let slave = config.agent_config_for(Some("52:54:00:aa:bb:cc"), server).unwrap();
+        assert_eq!(slave.role, Role::Slave);
+        let other = config.agent_config_for(Some("52:54:00:aa:bb:cd"), server).unwrap();
+        assert_eq!(other.role, Role::Inventory);
+        // What the bootserver renders, the agent parses back to the same settings.
+        assert_eq!(BootConfig::parse(&slave.render()), Ok(slave));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut config: Config = toml::from_str(EXAMPLE).unwrap();
+        config.agent.role = "painter".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("painter"), "{err}");
+        let mut config: Config = toml::from_str(EXAMPLE).unwrap();
+        config.dhcp.range_end = Some(Ipv4Addr::new(10, 77, 1, 200));
+        assert!(config.validate().unwrap_err().to_string().contains("subnet"));
+        let err = toml::from_str::<Config>(&EXAMPLE.replace("http_port", "htpp_port")).unwrap_err();
+        assert!(err.to_string().contains("htpp_port"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! diskcast bootserver: DHCP (full and proxy), TFTP and HTTP so that bare machines network-boot
+//! into the diskcast agent.
+#![forbid(unsafe_code)]
+
+pub mod classify;
+pub mod config;
+pub mod dhcp_server;
+pub mod http;
+pub mod ipxe;
+pub mod leases;
+pub mod serve;
+pub mod tftp;

@@ -1,0 +1,245 @@
+//! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
+
+use crate::config::{canonical_mac, Config, DhcpMode};
+use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
+use crate::http::{self, Response, Routes};
+use crate::ipxe::{BootScript, INITRD_NAME};
+use crate::leases::{LeaseError, LeaseTable};
+use crate::tftp::{self, ConfinedDir, TftpError};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("interface {interface} has no IPv4 address; give one with `address` in the config")]
+    NoAddress { interface: String },
+    #[error("reading the addresses of interface {interface}")]
+    Interfaces {
+        interface: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("opening the DHCP socket on {interface} port {port} (is another DHCP server running? are we root?)")]
+    DhcpSocket {
+        interface: String,
+        port: u16,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("creating state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("boot file {what} = {path} does not exist{hint}")]
+    MissingBootFile { what: &'static str, path: PathBuf, hint: &'static str },
+    #[error(transparent)]
+    Leases(#[from] LeaseError),
+    #[error(transparent)]
+    Tftp(#[from] TftpError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+}
+
+/// The line printed once every service listens; tests wait for it.
+pub const READY_LINE: &str = "bootserver ready";
+
+pub fn interface_address(interface: &str) -> Result<Ipv4Addr, ServeError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|source| ServeError::Interfaces { interface: interface.into(), source })?;
+    addrs
+        .filter(|a| a.interface_name == interface)
+        .find_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())))
+        .ok_or_else(|| ServeError::NoAddress { interface: interface.into() })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn dhcp_socket(interface: &str, ip: Ipv4Addr, port: u16) -> Result<UdpSocket, ServeError> {
+    let fail = |source| ServeError::DhcpSocket { interface: interface.into(), port, source };
+    let fd = socket::socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(fail)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
+    socket::setsockopt(&fd, sockopt::Broadcast, &true).map_err(fail)?;
+    socket::setsockopt(&fd, sockopt::BindToDevice, &OsString::from(interface)).map_err(fail)?;
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(SocketAddrV4::new(ip, port))).map_err(fail)?;
+    Ok(UdpSocket::from(fd))
+}
+
+fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, leases_path: PathBuf) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok((n, SocketAddr::V4(from))) => (n, from),
+            Ok(_) => continue,
+            Err(e) => {
+                log::error!("dhcp: receive on {port:?}: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let Ok(mut dhcp) = server.lock() else { return };
+        let handled = dhcp.handle(&buf[..n], from, port, unix_now());
+        if let Some(summary) = &handled.summary {
+            log::info!("{summary}");
+        }
+        if handled.leases_changed {
+            if let Err(e) = dhcp.leases.save(&leases_path) {
+                log::error!("{e}");
+            }
+        }
+        drop(dhcp);
+        if let Some(reply) = handled.reply {
+            let to = match reply.to {
+                Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+                Destination::Unicast(addr) => addr,
+            };
+            if let Err(e) = socket.send_to(&reply.payload, to) {
+                log::error!("dhcp: sending reply to {to}: {e}");
+            }
+        }
+    }
+}
+
+struct BootRoutes {
+    config: Config,
+    server_ip: Ipv4Addr,
+    dhcp: Arc<Mutex<DhcpServer>>,
+}
+
+impl BootRoutes {
+    fn script(&self, mac_text: &str) -> Response {
+        let Some(mac) = canonical_mac(mac_text) else { return Response::NotFound };
+        let agent = match self.config.agent_config_for(Some(&mac), Some(self.server_ip)) {
+            Ok(agent) => agent,
+            Err(why) => {
+                log::error!("http: no script for {mac}: {why}");
+                return Response::NotFound;
+            }
+        };
+        let script = BootScript {
+            base_url: format!("http://{}:{}", self.server_ip, self.config.http_port),
+            mac,
+            kernel_args: self.config.boot.kernel_args.clone(),
+            agent,
+        };
+        Response::Text { content_type: "text/plain", body: script.render() }
+    }
+
+    fn status(&self) -> Response {
+        let Ok(dhcp) = self.dhcp.lock() else { return Response::NotFound };
+        let body = serde_json::json!({
+            "mode": format!("{:?}", dhcp.settings().mode).to_lowercase(),
+            "leases": dhcp.leases.leases,
+            "dhcp": {
+                "offers": dhcp.stats.offers, "acks": dhcp.stats.acks, "naks": dhcp.stats.naks,
+                "malformed": dhcp.stats.malformed, "ignored": dhcp.stats.ignored,
+            },
+        });
+        Response::Text { content_type: "application/json", body: format!("{body:#}\n") }
+    }
+}
+
+impl Routes for BootRoutes {
+    fn route(&self, path: &str, _client: IpAddr) -> Response {
+        match path {
+            "/boot/vmlinuz" => Response::File(self.config.boot.kernel.clone()),
+            p if p == format!("/boot/{INITRD_NAME}") => Response::File(self.config.boot.initramfs.clone()),
+            "/status" => self.status(),
+            p => match p.strip_prefix("/boot/").and_then(|rest| rest.strip_suffix(".ipxe")) {
+                Some(mac) => self.script(mac),
+                None => Response::NotFound,
+            },
+        }
+    }
+}
+
+fn check_boot_files(config: &Config) -> Result<(), ServeError> {
+    let checks: [(&'static str, PathBuf, &'static str); 5] = [
+        ("boot.kernel", config.boot.kernel.clone(), " (run scripts/build-lab)"),
+        ("boot.initramfs", config.boot.initramfs.clone(), " (run scripts/build-lab)"),
+        ("undionly.kpxe", config.boot.tftp_root.join("undionly.kpxe"), " (install Debian's ipxe package)"),
+        ("ipxe.efi", config.boot.tftp_root.join("ipxe.efi"), " (install Debian's ipxe package)"),
+        ("snponly.efi", config.boot.tftp_root.join("snponly.efi"), " (install Debian's ipxe package)"),
+    ];
+    for (what, path, hint) in checks {
+        if !path.is_file() {
+            return Err(ServeError::MissingBootFile { what, path, hint });
+        }
+    }
+    Ok(())
+}
+
+/// Starts every service and blocks for as long as they run.
+pub fn run(config: Config) -> Result<(), ServeError> {
+    check_boot_files(&config)?;
+    let server_ip = match config.address {
+        Some(ip) => ip,
+        None => interface_address(&config.interface)?,
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir { path: config.state_dir.clone(), source })?;
+    let leases_path = config.state_dir.join("leases.json");
+    let leases = LeaseTable::load(&leases_path)?;
+    log::info!("leases: {} known from {}", leases.leases.len(), leases_path.display());
+    let settings = Settings {
+        mode: config.dhcp.mode,
+        server: server_ip,
+        range: config.dhcp.range_start.zip(config.dhcp.range_end),
+        netmask: config.dhcp.netmask,
+        router: config.dhcp.router,
+        dns: config.dhcp.dns.clone(),
+        lease_secs: config.dhcp.lease_secs,
+        reservations: reservation_map(&config.dhcp.reservations),
+        uefi_loader: config.boot.uefi_loader,
+        http_port: config.http_port,
+    };
+    let dhcp = Arc::new(Mutex::new(DhcpServer::new(settings, leases)));
+
+    let mut threads = Vec::new();
+    for (port, kind) in [(67, Port::Dhcp), (4011, Port::PxeBoot)] {
+        let bind_ip = if kind == Port::Dhcp { Ipv4Addr::UNSPECIFIED } else { server_ip };
+        let socket = dhcp_socket(&config.interface, bind_ip, port)?;
+        let (dhcp, path) = (Arc::clone(&dhcp), leases_path.clone());
+        threads.push(std::thread::Builder::new().name(format!("dhcp-{port}")).spawn(move || dhcp_loop(socket, kind, dhcp, path)));
+    }
+
+    let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
+    let tftp_addr = SocketAddr::from((server_ip, config.tftp_port));
+    // Bind errors surface through the thread's log; TFTP is checked with a probe below.
+    threads.push(std::thread::Builder::new().name("tftp".into()).spawn(move || {
+        if let Err(e) = tftp::serve(tftp_root, tftp_addr) {
+            diskcast_agent::pid1::report(&e);
+            std::process::exit(1);
+        }
+    }));
+
+    let http_addr = SocketAddr::from((server_ip, config.http_port));
+    let listener = http::bind(http_addr)?;
+    let mode = match config.dhcp.mode {
+        DhcpMode::Full => "full",
+        DhcpMode::Proxy => "proxy",
+    };
+    log::info!(
+        "dhcp {mode} on {} ({server_ip}), tftp {tftp_addr} root {}, http {http_addr}",
+        config.interface,
+        config.boot.tftp_root.display()
+    );
+    let routes: Arc<dyn Routes> = Arc::new(BootRoutes { config, server_ip, dhcp });
+    threads.push(std::thread::Builder::new().name("http".into()).spawn(move || http::serve(listener, routes)));
+    for thread in &threads {
+        if let Err(e) = thread {
+            log::error!("starting a service thread: {e}");
+            std::process::exit(1);
+        }
+    }
+    println!("{READY_LINE}");
+    for thread in threads.into_iter().flatten() {
+        let _ = thread.join();
+    }
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! The QEMU lab: a private network namespace with a bridge, the bootserver on it, and VMs under
+//! TCG attached through tap devices. Everything started is killed by PID and the namespace is
+//! removed when the [`Lab`] is dropped; a failed test prints every console log.
+//!
+//! This is test code: a failure to set the lab up is a test failure, so it panics with the reason.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Under TCG on a shared 2-core machine boots take 10–30 s; allow a wide margin.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn lab_dir() -> PathBuf {
+    project_root().join("target/lab")
+}
+
+fn lab_file(name: &str) -> PathBuf {
+    let path = lab_dir().join(name);
+    assert!(path.exists(), "{} is missing: run scripts/build-lab (or scripts/test) first", path.display());
+    path
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Output of a child process collected line by line, with waiting for a line.
+#[derive(Clone, Default)]
+pub struct Console {
+    inner: Arc<(Mutex<String>, Condvar)>,
+}
+
+impl Console {
+    fn attach(&self, stream: impl Read + Send + 'static, log_file: PathBuf) {
+        let inner = Arc::clone(&self.inner);
+        std::thread::spawn(move || {
+            let mut file = fs::File::create(&log_file).ok();
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                if let Some(f) = file.as_mut() {
+                    let _ = std::io::Write::write_all(f, text.as_bytes());
+                }
+                let (lock, cvar) = &*inner;
+                lock.lock().unwrap().push_str(&text);
+                cvar.notify_all();
+                line.clear();
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Waits until a line containing `needle` appears; returns that line.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.inner;
+        let mut text = lock.lock().unwrap();
+        loop {
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("no line containing {needle:?} within {} s", timeout.as_secs()));
+            }
+            text = cvar.wait_timeout(text, deadline - now).unwrap().0;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS with QEMU's iPXE option ROM on the NIC.
+    Bios,
+    /// OVMF with its own PXE client: QEMU's iPXE ROM is switched off.
+    Uefi,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub size_mib: u64,
+    pub serial: String,
+    /// QEMU device: `virtio-blk-pci`, or `ide-hd` on an AHCI controller.
+    pub device: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub firmware: Firmware,
+    pub nic_model: &'static str,
+    pub mac: String,
+    pub disks: Vec<DiskSpec>,
+    pub memory_mib: u32,
+}
+
+impl VmSpec {
+    pub fn new(name: &str, firmware: Firmware, nic_model: &'static str, mac_suffix: u8) -> Self {
+        Self {
+            name: name.into(),
+            firmware,
+            nic_model,
+            mac: format!("52:54:00:dc:00:{mac_suffix:02x}"),
+            disks: Vec::new(),
+            memory_mib: 512,
+        }
+    }
+
+    pub fn disk(mut self, size_mib: u64, serial: &str, device: &'static str) -> Self {
+        self.disks.push(DiskSpec { size_mib, serial: serial.into(), device });
+        self
+    }
+}
+
+pub struct Vm {
+    pub spec: VmSpec,
+    pub console: Console,
+    child: Child,
+}
+
+impl Vm {
+    /// Waits for the machine to power itself off; returns QEMU's exit status.
+    pub fn wait_poweroff(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{} still running after {} s", self.spec.name, timeout.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Parsed `DISKCAST-READY` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub fields: Vec<(String, String)>,
+}
+
+impl Ready {
+    pub fn parse(line: &str) -> Self {
+        let rest = line.split(diskcast_agent::READY_MARKER).nth(1).unwrap_or("");
+        let fields = rest
+            .split_ascii_whitespace()
+            .filter_map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
+        Self { fields }
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())
+    }
+}
+
+pub struct Bootserver {
+    pub console: Console,
+    child: Child,
+}
+
+pub struct Lab {
+    pub name: String,
+    pub netns: String,
+    pub dir: PathBuf,
+    pub server_ip: &'static str,
+    vms: Vec<Vm>,
+    bootservers: Vec<Bootserver>,
+    helpers: Vec<(String, Child, Console)>,
+    taps: u32,
+    _serial: MutexGuard<'static, ()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DhcpMode {
+    Full,
+    Proxy,
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Self {
+        let serial = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            run(Command::new("id").arg("-u")).trim() == "0",
+            "the QEMU lab needs root (network namespaces, tap devices)"
+        );
+        let netns = format!("dc-{}-{}", name.chars().take(20).collect::<String>(), std::process::id());
+        let dir = project_root().join("target/lab-runs").join(&netns);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        let lab = Self {
+            name: name.into(),
+            netns,
+            dir,
+            server_ip: "10.77.0.1",
+            vms: Vec::new(),
+            bootservers: Vec::new(),
+            helpers: Vec::new(),
+            taps: 0,
+            _serial: serial,
+        };
+        for args in [
+            "link set lo up",
+            "link add br0 type bridge mcast_snooping 0",
+            "addr add 10.77.0.1/24 brd + dev br0",
+            "link set br0 up",
+        ] {
+            lab.ip(args);
+        }
+        lab
+    }
+
+    /// Runs `ip ARGS` inside the lab's namespace.
+    pub fn ip(&self, args: &str) -> String {
+        run(Command::new("ip").args(["netns", "exec", &self.netns, "ip"]).args(args.split_whitespace()))
+    }
+
+    fn ns_command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns]).arg(program);
+        cmd
+    }
+
+    /// Writes the bootserver config for this lab and returns its path.
+    pub fn bootserver_config(&self, mode: DhcpMode, extra: &str) -> PathBuf {
+        let mode = match mode {
+            DhcpMode::Full => "full",
+            DhcpMode::Proxy => "proxy",
+        };
+        let text = format!(
+            "interface = \"br0\"\naddress = \"{ip}\"\nhttp_port = 8080\nstate_dir = \"{state}\"\n\
+             [dhcp]\nmode = \"{mode}\"\nrange_start = \"10.77.0.100\"\nrange_end = \"10.77.0.149\"\nlease_secs = 600\n\
+             [boot]\nkernel = \"{kernel}\"\ninitramfs = \"{initrd}\"\ntftp_root = \"/usr/lib/ipxe\"\n\
+             kernel_args = \"console=ttyS0,115200 panic=-1\"\n\
+             [agent]\nrole = \"inventory\"\non_error = \"poweroff\"\non_done = \"poweroff\"\n{extra}\n",
+            ip = self.server_ip,
+            state = self.dir.join("state").display(),
+            kernel = lab_file("vmlinuz").display(),
+            initrd = lab_file("initramfs.img").display(),
+        );
+        let path = self.dir.join("bootserver.toml");
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts the bootserver and waits until it listens.
+    pub fn start_bootserver(&mut self, mode: DhcpMode, extra: &str) -> usize {
+        let config = self.bootserver_config(mode, extra);
+        let mut child = self
+            .ns_command(&lab_file("bootserver"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the bootserver");
+        let console = Console::default();
+        let n = self.bootservers.len();
+        console.attach(child.stdout.take().unwrap(), self.dir.join(format!("bootserver-{n}.out")));
+        console.attach(child.stderr.take().unwrap(), self.dir.join(format!("bootserver-{n}.log")));
+        self.bootservers.push(Bootserver { console: console.clone(), child });
+        console.wait_for("bootserver ready", Duration::from_secs(30)).unwrap_or_else(|e| {
+            panic!("bootserver did not start: {e}\n{}", console.text())
+        });
+        n
+    }
+
+    pub fn bootserver_log(&self, n: usize) -> String {
+        self.bootservers[n].console.text()
+    }
+
+    /// Stops a bootserver the hard way (SIGKILL), as a crash or power cut would.
+    pub fn kill_bootserver(&mut self, n: usize) {
+        let server = &mut self.bootservers[n];
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+    }
+
+    /// Starts a helper process inside the namespace (dnsmasq and the like).
+    pub fn start_helper(&mut self, name: &str, mut cmd: Command) -> Console {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let console = Console::default();
+        console.attach(child.stdout.take().unwrap(), self.dir.join(format!("{name}.out")));
+        console.attach(child.stderr.take().unwrap(), self.dir.join(format!("{name}.log")));
+        self.helpers.push((name.into(), child, console.clone()));
+        console
+    }
+
+    /// A second namespace wired to the lab's bridge through a veth pair: another machine on the LAN.
+    pub fn add_host(&mut self, host: &str, address: &str) -> String {
+        let netns = format!("{}-{host}", self.netns);
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        let peer = format!("v-{host}");
+        self.ip(&format!("link add {peer} type veth peer name eth0 netns {netns}"));
+        self.ip(&format!("link set {peer} master br0 up"));
+        for args in ["link set lo up".to_string(), format!("addr add {address} brd + dev eth0"), "link set eth0 up".into()] {
+            run(Command::new("ip").args(["netns", "exec", &netns, "ip"]).args(args.split_whitespace()));
+        }
+        netns
+    }
+
+    fn new_tap(&mut self) -> String {
+        let tap = format!("tap{}", self.taps);
+        self.taps += 1;
+        self.ip(&format!("tuntap add dev {tap} mode tap"));
+        self.ip(&format!("link set {tap} master br0 up"));
+        tap
+    }
+
+    /// Creates a VM's disks and starts it network-booting.
+    pub fn boot_vm(&mut self, spec: VmSpec) -> usize {
+        let tap = self.new_tap();
+        let mut cmd = self.ns_command(Path::new("qemu-system-x86_64"));
+        cmd.args(["-accel", "tcg", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+            .args(["-m", &spec.memory_mib.to_string(), "-smp", "1"])
+            .args(["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
+        let nic = match spec.firmware {
+            Firmware::Bios => format!("{},netdev=net0,mac={},bootindex=1", spec.nic_model, spec.mac),
+            Firmware::Uefi => {
+                cmd.args(["-bios", "/usr/share/ovmf/OVMF.fd"]);
+                format!("{},netdev=net0,mac={},bootindex=1,romfile=", spec.nic_model, spec.mac)
+            }
+        };
+        cmd.args(["-device", &nic]);
+        if spec.disks.iter().any(|d| d.device == "ide-hd") {
+            cmd.args(["-device", "ahci,id=ahci"]);
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let path = self.dir.join(format!("{}-disk{i}.img", spec.name));
+            let file = fs::File::create(&path).unwrap();
+            file.set_len(disk.size_mib << 20).unwrap();
+            cmd.args(["-drive", &format!("file={},format=raw,if=none,id=d{i}", path.display())]);
+            let device = match disk.device {
+                "ide-hd" => format!("ide-hd,drive=d{i},bus=ahci.{i},serial={}", disk.serial),
+                other => format!("{other},drive=d{i},serial={}", disk.serial),
+            };
+            cmd.args(["-device", &device]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting qemu-system-x86_64 (run scripts/setup)");
+        let console = Console::default();
+        console.attach(child.stdout.take().unwrap(), self.dir.join(format!("{}.console", spec.name)));
+        console.attach(child.stderr.take().unwrap(), self.dir.join(format!("{}.qemu.log", spec.name)));
+        self.vms.push(Vm { spec, console, child });
+        self.vms.len() - 1
+    }
+
+    pub fn vm(&mut self, n: usize) -> &mut Vm {
+        &mut self.vms[n]
+    }
+
+    /// Waits for the VM's agent to report ready and returns the parsed line.
+    pub fn wait_ready(&mut self, n: usize) -> Ready {
+        let vm = &self.vms[n];
+        match vm.console.wait_for(diskcast_agent::READY_MARKER, BOOT_TIMEOUT) {
+            Ok(line) => Ready::parse(&line),
+            Err(e) => panic!("{}: {e}", vm.spec.name),
+        }
+    }
+
+    fn dump_logs(&self) {
+        eprintln!("==== lab {} failed; logs in {} ====", self.name, self.dir.display());
+        for (i, server) in self.bootservers.iter().enumerate() {
+            eprintln!("---- bootserver {i} ----\n{}", tail(&server.console.text(), 80));
+        }
+        for (name, _, console) in &self.helpers {
+            eprintln!("---- {name} ----\n{}", tail(&console.text(), 60));
+        }
+        for vm in &self.vms {
+            eprintln!("---- console of {} ----\n{}", vm.spec.name, tail(&vm.console.text(), 120));
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for vm in &mut self.vms {
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+        }
+        for server in &mut self.bootservers {
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+        }
+        for (_, child, _) in &mut self.helpers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let hosts: Vec<String> = fs::read_dir("/run/netns")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        for ns in hosts.iter().filter(|n| n.starts_with(&format!("{}-", self.netns))) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        if !std::thread::panicking() {
+            // Disk images are large; keep the logs of passing runs only.
+            if let Ok(entries) = fs::read_dir(&self.dir) {
+                for entry in entries.flatten() {
+                    if entry.path().extension().is_some_and(|e| e == "img") {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -128,7 +128,11 @@ impl BootConfig {
             let (key, value) = match setting.split_once('=') {
                 Some((key, value)) if !value.is_empty() => (key, value),
                 Some((key, _)) => return Err(CmdlineError::MissingValue { key: key.into() }),
-                None => return Err(CmdlineError::MissingValue { key: setting.into() }),
+                None => {
+                    return Err(CmdlineError::MissingValue {
+                        key: setting.into(),
+                    })
+                }
             };
             config.set(key, value)?;
         }
@@ -224,7 +228,10 @@ mod tests {
             dhcp_timeout_secs: 17,
             log_level: log::LevelFilter::Debug,
         };
-        let line = format!("BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet", config.render());
+        let line = format!(
+            "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
+            config.render()
+        );
         assert_eq!(BootConfig::parse(&line), Ok(config));
         assert_eq!(
             BootConfig::parse(&BootConfig::default().render()),
@@ -246,9 +253,19 @@ mod tests {
         let err = BootConfig::parse("diskcast.colour=red").unwrap_err();
         assert!(matches!(err, CmdlineError::UnknownKey { .. }));
         let err = BootConfig::parse("diskcast.server").unwrap_err();
-        assert_eq!(err, CmdlineError::MissingValue { key: "server".into() });
+        assert_eq!(
+            err,
+            CmdlineError::MissingValue {
+                key: "server".into()
+            }
+        );
         let err = BootConfig::parse("diskcast.server=").unwrap_err();
-        assert_eq!(err, CmdlineError::MissingValue { key: "server".into() });
+        assert_eq!(
+            err,
+            CmdlineError::MissingValue {
+                key: "server".into()
+            }
+        );
         let err = BootConfig::parse("diskcast.dhcp_timeout=0").unwrap_err();
         assert!(matches!(err, CmdlineError::InvalidValue { .. }));
     }

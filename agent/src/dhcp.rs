@@ -8,9 +8,7 @@
 //! Renewals are broadcast with `ciaddr` set (the REBINDING form): the agent sends raw frames with no
 //! ARP, and every server answers that form.
 
-use dhcproto::v4::{
-    DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode,
-};
+use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Encodable};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -19,7 +17,9 @@ use std::time::{Duration, Instant};
 /// can trip (found by this project's garbage tests), so a panic in it counts as a malformed packet.
 pub fn decode_message(bytes: &[u8]) -> Option<Message> {
     IN_GUARDED_DECODE.with(|flag| flag.set(true));
-    let msg = std::panic::catch_unwind(|| Message::from_bytes(bytes).ok()).ok().flatten();
+    let msg = std::panic::catch_unwind(|| Message::from_bytes(bytes).ok())
+        .ok()
+        .flatten();
     IN_GUARDED_DECODE.with(|flag| flag.set(false));
     msg
 }
@@ -82,9 +82,19 @@ pub struct Output {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Selecting,
-    Requesting { offered: Ipv4Addr, server: Ipv4Addr, attempts: u32 },
-    Bound { lease: Lease, since: Instant },
-    Renewing { lease: Lease, since: Instant },
+    Requesting {
+        offered: Ipv4Addr,
+        server: Ipv4Addr,
+        attempts: u32,
+    },
+    Bound {
+        lease: Lease,
+        since: Instant,
+    },
+    Renewing {
+        lease: Lease,
+        since: Instant,
+    },
 }
 
 /// Counters of packets the client dropped, for the log.
@@ -249,7 +259,10 @@ impl DhcpClient {
         msg.set_opcode(Opcode::BootRequest)
             .set_htype(HType::Eth)
             .set_flags(Flags::default().set_broadcast());
-        let secs = self.next_send.saturating_duration_since(self.started).as_secs();
+        let secs = self
+            .next_send
+            .saturating_duration_since(self.started)
+            .as_secs();
         msg.set_secs(u16::try_from(secs).unwrap_or(u16::MAX));
         let opts = msg.opts_mut();
         opts.insert(DhcpOption::ClassIdentifier(AGENT_VENDOR_CLASS.to_vec()));
@@ -266,7 +279,9 @@ impl DhcpClient {
             State::Selecting => {
                 opts.insert(DhcpOption::MessageType(MessageType::Discover));
             }
-            State::Requesting { offered, server, .. } => {
+            State::Requesting {
+                offered, server, ..
+            } => {
                 opts.insert(DhcpOption::MessageType(MessageType::Request));
                 opts.insert(DhcpOption::RequestedIpAddress(*offered));
                 opts.insert(DhcpOption::ServerIdentifier(*server));
@@ -350,7 +365,11 @@ mod tests {
     }
 
     fn msg_type(bytes: &[u8]) -> MessageType {
-        Message::from_bytes(bytes).unwrap().opts().msg_type().unwrap()
+        Message::from_bytes(bytes)
+            .unwrap()
+            .opts()
+            .msg_type()
+            .unwrap()
     }
 
     #[test]
@@ -396,8 +415,14 @@ mod tests {
         let mut client = DhcpClient::new(MAC, 1, t0);
         let first = client.handle(None, t0);
         assert!(first.transmit.is_some());
-        assert!(client.handle(None, t0 + Duration::from_millis(500)).transmit.is_none());
-        assert!(client.handle(None, t0 + Duration::from_secs(1)).transmit.is_some());
+        assert!(client
+            .handle(None, t0 + Duration::from_millis(500))
+            .transmit
+            .is_none());
+        assert!(client
+            .handle(None, t0 + Duration::from_secs(1))
+            .transmit
+            .is_some());
         let out = client.handle(None, t0 + Duration::from_secs(2));
         assert!(out.transmit.is_none());
         assert_eq!(out.wakeup, Some(t0 + Duration::from_secs(3)));
@@ -433,7 +458,13 @@ mod tests {
         let mut other = Message::from_bytes(&reply(&discover, MessageType::Offer, 10)).unwrap();
         other.set_xid(12345);
         client.handle(Some(&other.to_vec().unwrap()), t0);
-        assert_eq!(client.dropped, Dropped { malformed: 1, unrelated: 1 });
+        assert_eq!(
+            client.dropped,
+            Dropped {
+                malformed: 1,
+                unrelated: 1
+            }
+        );
         assert!(client.lease().is_none());
     }
 

@@ -113,7 +113,9 @@ fn partition_starts(block: &Path, name: &str) -> Vec<u64> {
         for entry in entries.flatten() {
             let part = entry.file_name().to_string_lossy().into_owned();
             if part.starts_with(name) {
-                if let Some(start) = read_trimmed(&entry.path().join("start")).and_then(|s| s.parse::<u64>().ok()) {
+                if let Some(start) =
+                    read_trimmed(&entry.path().join("start")).and_then(|s| s.parse::<u64>().ok())
+                {
                     starts.push(start * 512);
                 }
             }
@@ -193,7 +195,9 @@ pub fn pci_network_controllers(sys: &Path) -> Vec<String> {
             if !class.starts_with("0x02") {
                 return None;
             }
-            let id = |file| read_trimmed(&path.join(file)).map(|s| s.trim_start_matches("0x").to_string());
+            let id = |file| {
+                read_trimmed(&path.join(file)).map(|s| s.trim_start_matches("0x").to_string())
+            };
             Some(format!(
                 "{} {}:{} (class {class})",
                 entry.file_name().to_string_lossy(),
@@ -263,7 +267,11 @@ impl fmt::Display for Nic {
             "nic {} mac={} driver={} link={}",
             self.name,
             self.mac,
-            if self.driver.is_empty() { "?" } else { &self.driver },
+            if self.driver.is_empty() {
+                "?"
+            } else {
+                &self.driver
+            },
             if self.link { "up" } else { "down" }
         )
     }
@@ -271,7 +279,12 @@ impl fmt::Display for Nic {
 
 impl fmt::Display for Inventory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "inventory: {} disk(s), {} nic(s)", self.disks.len(), self.nics.len())?;
+        writeln!(
+            f,
+            "inventory: {} disk(s), {} nic(s)",
+            self.disks.len(),
+            self.nics.len()
+        )?;
         for disk in &self.disks {
             writeln!(f, "inventory: {disk}")?;
         }
@@ -290,7 +303,8 @@ mod tests {
     struct FakeSys(PathBuf);
     impl FakeSys {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("diskcast-inv-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("diskcast-inv-{tag}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             Self(dir)

@@ -23,7 +23,11 @@ impl log::Log for ConsoleLogger {
             return;
         }
         let elapsed = self.started.elapsed().as_secs_f64();
-        let line = format!("diskcast[{elapsed:8.3}] {:<5} {}\n", record.level(), record.args());
+        let line = format!(
+            "diskcast[{elapsed:8.3}] {:<5} {}\n",
+            record.level(),
+            record.args()
+        );
         let _ = std::io::stderr().write_all(line.as_bytes());
         if let Some(kmsg) = &self.kmsg {
             if let Ok(mut kmsg) = kmsg.lock() {
@@ -41,7 +45,10 @@ pub fn init(level: log::LevelFilter, to_kmsg: bool) {
         .then(|| OpenOptions::new().write(true).open("/dev/kmsg").ok())
         .flatten()
         .map(Mutex::new);
-    let logger = ConsoleLogger { started: Instant::now(), kmsg };
+    let logger = ConsoleLogger {
+        started: Instant::now(),
+        kmsg,
+    };
     let _ = log::set_boxed_logger(Box::new(logger));
     log::set_max_level(level);
 }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "agent", version, about = "diskcast agent: network disk imaging")]
+#[command(
+    name = "agent",
+    version,
+    about = "diskcast agent: network disk imaging"
+)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "info")]

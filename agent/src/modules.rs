@@ -80,7 +80,9 @@ impl ModuleIndex {
     }
 
     pub fn path_of(&self, module: &str) -> Option<&Path> {
-        self.deps.get(&normalize_name(module)).map(|(p, _)| p.as_path())
+        self.deps
+            .get(&normalize_name(module))
+            .map(|(p, _)| p.as_path())
     }
 
     pub fn dependencies_of(&self, module: &str) -> &[String] {
@@ -95,7 +97,9 @@ impl ModuleIndex {
     pub fn modules_for(&self, modalias: &str) -> BTreeSet<&str> {
         self.aliases
             .iter()
-            .filter(|(pattern, module)| self.deps.contains_key(module) && glob_match(pattern, modalias))
+            .filter(|(pattern, module)| {
+                self.deps.contains_key(module) && glob_match(pattern, modalias)
+            })
             .map(|(_, module)| module.as_str())
             .collect()
     }
@@ -311,8 +315,14 @@ kernel/drivers/scsi/scsi_common.ko:
 
     #[test]
     fn glob_matches_modalias_patterns() {
-        assert!(glob_match("pci:v00008086d0000100Esv*sd*bc*sc*i*", "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00"));
-        assert!(!glob_match("pci:v00008086d0000100Esv*sd*bc*sc*i*", "pci:v00008086d0000100Fsv00001AF4sd00001100bc02sc00i00"));
+        assert!(glob_match(
+            "pci:v00008086d0000100Esv*sd*bc*sc*i*",
+            "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00"
+        ));
+        assert!(!glob_match(
+            "pci:v00008086d0000100Esv*sd*bc*sc*i*",
+            "pci:v00008086d0000100Fsv00001AF4sd00001100bc02sc00i00"
+        ));
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("a?c", "ac"));
         assert!(glob_match("x[0-9]y", "x5y"));
@@ -336,7 +346,10 @@ kernel/drivers/scsi/scsi_common.ko:
         let pos = |m: &str| order.iter().position(|x| x == m).unwrap();
         assert!(pos("failover") < pos("net_failover"));
         assert!(pos("virtio") < pos("virtio_net"));
-        assert_eq!(index.path_of("sd-mod"), Some(Path::new("kernel/drivers/scsi/sd_mod.ko.xz")));
+        assert_eq!(
+            index.path_of("sd-mod"),
+            Some(Path::new("kernel/drivers/scsi/sd_mod.ko.xz"))
+        );
         // An alias of a module with no file in the tree (built in) asks for nothing.
         assert!(index.modules_for("acpi:PNP0C0A:").is_empty());
     }
@@ -347,22 +360,33 @@ kernel/drivers/scsi/scsi_common.ko:
         let _ = fs::remove_dir_all(&dir);
         let pci = dir.join("bus/pci/devices/0000:00:03.0");
         fs::create_dir_all(&pci).unwrap();
-        fs::write(pci.join("modalias"), "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00\n").unwrap();
+        fs::write(
+            pci.join("modalias"),
+            "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00\n",
+        )
+        .unwrap();
         let index = ModuleIndex::parse(ALIASES, DEPS);
         let mut loaded = Vec::new();
         let virtio_dev = dir.join("bus/virtio/devices/virtio0");
-        let report = load_for_present_hardware(&index, Path::new("/m"), &dir, Duration::ZERO, |path| {
-            loaded.push(path.to_path_buf());
-            // Loading the PCI transport makes the virtio device appear, as in the kernel.
-            if path.ends_with("virtio_pci.ko") {
-                fs::create_dir_all(&virtio_dev)?;
-                fs::write(virtio_dev.join("modalias"), "virtio:d00000001v00001AF4")?;
-            }
-            Ok(())
-        });
-        assert!(report.loaded.contains(&"virtio_net".to_string()), "{report:?}");
+        let report =
+            load_for_present_hardware(&index, Path::new("/m"), &dir, Duration::ZERO, |path| {
+                loaded.push(path.to_path_buf());
+                // Loading the PCI transport makes the virtio device appear, as in the kernel.
+                if path.ends_with("virtio_pci.ko") {
+                    fs::create_dir_all(&virtio_dev)?;
+                    fs::write(virtio_dev.join("modalias"), "virtio:d00000001v00001AF4")?;
+                }
+                Ok(())
+            });
+        assert!(
+            report.loaded.contains(&"virtio_net".to_string()),
+            "{report:?}"
+        );
         assert!(loaded.iter().all(|p| p.starts_with("/m")));
-        assert_eq!(loaded.iter().filter(|p| p.ends_with("virtio.ko")).count(), 1);
+        assert_eq!(
+            loaded.iter().filter(|p| p.ends_with("virtio.ko")).count(),
+            1
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

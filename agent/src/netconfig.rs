@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("no network interface appeared; PCI network controllers present: {controllers} \
-             (their driver is probably missing from the initramfs)")]
+    #[error(
+        "no network interface appeared; PCI network controllers present: {controllers} \
+             (their driver is probably missing from the initramfs)"
+    )]
     NoInterface { controllers: String },
     #[error("interface {name} named by diskcast.interface does not exist (present: {present})")]
     UnknownInterface { name: String, present: String },
@@ -57,38 +59,62 @@ fn names(nics: &[Nic]) -> String {
     if nics.is_empty() {
         return "none".into();
     }
-    nics.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+    nics.iter()
+        .map(|n| n.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Brings every interface up and returns the wanted one (or the first with a link) once it has a link.
-pub fn choose_interface(sys: &Path, wanted: Option<&str>, link_timeout: Duration) -> Result<Nic, NetError> {
+pub fn choose_interface(
+    sys: &Path,
+    wanted: Option<&str>,
+    link_timeout: Duration,
+) -> Result<Nic, NetError> {
     let deadline = Instant::now() + link_timeout;
     // Drivers may register their interface a moment after the module loads.
     let mut nics = inventory::read_nics(sys);
-    while nics.is_empty() && Instant::now() < deadline.min(Instant::now() + Duration::from_secs(5)) {
+    while nics.is_empty() && Instant::now() < deadline.min(Instant::now() + Duration::from_secs(5))
+    {
         std::thread::sleep(Duration::from_millis(100));
         nics = inventory::read_nics(sys);
     }
     if nics.is_empty() {
         let controllers = inventory::pci_network_controllers(sys);
-        let controllers = if controllers.is_empty() { "none".into() } else { controllers.join("; ") };
+        let controllers = if controllers.is_empty() {
+            "none".into()
+        } else {
+            controllers.join("; ")
+        };
         return Err(NetError::NoInterface { controllers });
     }
     if let Some(name) = wanted {
         if !nics.iter().any(|n| n.name == name) {
-            return Err(NetError::UnknownInterface { name: name.into(), present: names(&nics) });
+            return Err(NetError::UnknownInterface {
+                name: name.into(),
+                present: names(&nics),
+            });
         }
     }
     for nic in nics.iter().filter(|n| wanted.is_none_or(|w| w == n.name)) {
-        sys::interface_up(&nic.name).map_err(|source| NetError::InterfaceUp { name: nic.name.clone(), source })?;
+        sys::interface_up(&nic.name).map_err(|source| NetError::InterfaceUp {
+            name: nic.name.clone(),
+            source,
+        })?;
     }
     loop {
         let nics = inventory::read_nics(sys);
-        if let Some(nic) = nics.iter().find(|n| n.link && wanted.is_none_or(|w| w == n.name)) {
+        if let Some(nic) = nics
+            .iter()
+            .find(|n| n.link && wanted.is_none_or(|w| w == n.name))
+        {
             return Ok(nic.clone());
         }
         if Instant::now() >= deadline {
-            return Err(NetError::NoLink { secs: link_timeout.as_secs(), present: names(&nics) });
+            return Err(NetError::NoLink {
+                secs: link_timeout.as_secs(),
+                present: names(&nics),
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -118,11 +144,20 @@ fn apply(interface: &str, lease: &Lease) -> Result<(), NetError> {
 }
 
 /// One step of the client: wait for a packet or the next timer, feed it, send what it asks.
-fn step(client: &mut DhcpClient, socket: &RawIpSocket, wakeup: Instant, sent: &mut u32) -> Option<Event> {
+fn step(
+    client: &mut DhcpClient,
+    socket: &RawIpSocket,
+    wakeup: Instant,
+    sent: &mut u32,
+) -> Option<Event> {
     let mut buf = [0u8; 2048];
-    let wait = wakeup.saturating_duration_since(Instant::now()).min(Duration::from_millis(500));
+    let wait = wakeup
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_millis(500));
     let packet = match socket.recv_timeout(&mut buf, wait) {
-        Ok(Some(n)) => UdpDatagram::parse(&buf[..n]).filter(|d| d.dst_port == 68).map(|d| d.payload.to_vec()),
+        Ok(Some(n)) => UdpDatagram::parse(&buf[..n])
+            .filter(|d| d.dst_port == 68)
+            .map(|d| d.payload.to_vec()),
         Ok(None) => None,
         Err(e) => {
             log::debug!("dhcp receive: {e}");
@@ -132,7 +167,14 @@ fn step(client: &mut DhcpClient, socket: &RawIpSocket, wakeup: Instant, sent: &m
     let out = client.handle(packet.as_deref(), Instant::now());
     if let Some(payload) = out.transmit {
         let src = client.lease().map_or(Ipv4Addr::UNSPECIFIED, |l| l.address);
-        let frame = UdpDatagram { src, dst: Ipv4Addr::BROADCAST, src_port: 68, dst_port: 67, payload: &payload }.emit();
+        let frame = UdpDatagram {
+            src,
+            dst: Ipv4Addr::BROADCAST,
+            src_port: 68,
+            dst_port: 67,
+            payload: &payload,
+        }
+        .emit();
         match socket.send_broadcast(&frame) {
             Ok(()) => *sent += 1,
             Err(e) => log::warn!("dhcp send: {e}"),
@@ -143,8 +185,14 @@ fn step(client: &mut DhcpClient, socket: &RawIpSocket, wakeup: Instant, sent: &m
 
 /// Gets a lease on `nic`, configures it and starts the renewal thread.
 pub fn configure(nic: &Nic, timeout: Duration) -> Result<Configured, NetError> {
-    let mac = parse_mac(&nic.mac).ok_or_else(|| NetError::BadMac { name: nic.name.clone(), mac: nic.mac.clone() })?;
-    let socket = RawIpSocket::open(&nic.name).map_err(|source| NetError::RawSocket { name: nic.name.clone(), source })?;
+    let mac = parse_mac(&nic.mac).ok_or_else(|| NetError::BadMac {
+        name: nic.name.clone(),
+        mac: nic.mac.clone(),
+    })?;
+    let socket = RawIpSocket::open(&nic.name).map_err(|source| NetError::RawSocket {
+        name: nic.name.clone(),
+        source,
+    })?;
     let seed = u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]])
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -154,7 +202,11 @@ pub fn configure(nic: &Nic, timeout: Duration) -> Result<Configured, NetError> {
     let mut sent = 0;
     let lease = loop {
         if started.elapsed() >= timeout {
-            return Err(NetError::NoLease { name: nic.name.clone(), secs: timeout.as_secs() as u32, sent });
+            return Err(NetError::NoLease {
+                name: nic.name.clone(),
+                secs: timeout.as_secs() as u32,
+                sent,
+            });
         }
         let wakeup = Instant::now() + Duration::from_millis(200);
         if let Some(Event::Bound(lease)) = step(&mut client, &socket, wakeup, &mut sent) {
@@ -175,8 +227,14 @@ pub fn configure(nic: &Nic, timeout: Duration) -> Result<Configured, NetError> {
     std::thread::Builder::new()
         .name("dhcp-renew".into())
         .spawn(move || keep_lease(&interface, client, socket))
-        .map_err(|source| NetError::RawSocket { name: nic.name.clone(), source })?;
-    Ok(Configured { interface: nic.name.clone(), lease })
+        .map_err(|source| NetError::RawSocket {
+            name: nic.name.clone(),
+            source,
+        })?;
+    Ok(Configured {
+        interface: nic.name.clone(),
+        lease,
+    })
 }
 
 fn keep_lease(interface: &str, mut client: DhcpClient, socket: RawIpSocket) {
@@ -187,7 +245,11 @@ fn keep_lease(interface: &str, mut client: DhcpClient, socket: RawIpSocket) {
         wakeup = Instant::now() + Duration::from_secs(1);
         match event {
             Some(Event::Bound(lease)) => {
-                log::info!("dhcp: renewed {} on {interface} for {} s", lease.address, lease.lease_time.as_secs());
+                log::info!(
+                    "dhcp: renewed {} on {interface} for {} s",
+                    lease.address,
+                    lease.lease_time.as_secs()
+                );
                 if let Err(e) = apply(interface, &lease) {
                     log::error!("{e}");
                 }
@@ -207,7 +269,10 @@ mod tests {
 
     #[test]
     fn parses_macs() {
-        assert_eq!(parse_mac("52:54:00:12:34:5a"), Some([0x52, 0x54, 0, 0x12, 0x34, 0x5a]));
+        assert_eq!(
+            parse_mac("52:54:00:12:34:5a"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x5a])
+        );
         assert_eq!(parse_mac("52:54:00:12:34"), None);
         assert_eq!(parse_mac("52:54:00:12:34:5a:00"), None);
         assert_eq!(parse_mac("zz:54:00:12:34:5a"), None);

@@ -37,8 +37,18 @@ pub enum Pid1Error {
 }
 
 const MOUNTS: [(&str, &str, &str, libc::c_ulong); 4] = [
-    ("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
-    ("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+    (
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
+    (
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
     ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID),
     ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
 ];
@@ -46,7 +56,11 @@ const MOUNTS: [(&str, &str, &str, libc::c_ulong); 4] = [
 fn mount_api_filesystems() -> Result<(), Pid1Error> {
     for (source, target, fstype, flags) in MOUNTS {
         let _ = std::fs::create_dir_all(target);
-        sys::mount(source, target, fstype, flags).map_err(|source| Pid1Error::Mount { fstype, target, source })?;
+        sys::mount(source, target, fstype, flags).map_err(|source| Pid1Error::Mount {
+            fstype,
+            target,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -87,7 +101,11 @@ pub fn run() -> ! {
         log::error!("FATAL: agent bug: {info}");
         finish(on_error);
     }));
-    log::info!("diskcast agent {} starting, role {}", env!("CARGO_PKG_VERSION"), config.role);
+    log::info!(
+        "diskcast agent {} starting, role {}",
+        env!("CARGO_PKG_VERSION"),
+        config.role
+    );
     match boot(&config, booted) {
         Ok(()) => finish(config.on_done),
         Err(e) => {
@@ -100,18 +118,38 @@ pub fn run() -> ! {
 fn boot(config: &BootConfig, booted: Instant) -> Result<(), Pid1Error> {
     let release = kernel_release();
     let module_dir = PathBuf::from("/lib/modules").join(&release);
-    let index = ModuleIndex::read(&module_dir).map_err(|source| Pid1Error::Modules { release: release.clone(), source })?;
-    let report = modules::load_for_present_hardware(&index, &module_dir, Path::new("/sys"), Duration::from_millis(150), sys::finit_module);
+    let index = ModuleIndex::read(&module_dir).map_err(|source| Pid1Error::Modules {
+        release: release.clone(),
+        source,
+    })?;
+    let report = modules::load_for_present_hardware(
+        &index,
+        &module_dir,
+        Path::new("/sys"),
+        Duration::from_millis(150),
+        sys::finit_module,
+    );
     log::info!(
         "modules: {} loaded in {} rounds{}: {}",
         report.loaded.len(),
         report.rounds,
-        if report.failed.is_empty() { String::new() } else { format!(", {} failed", report.failed.len()) },
+        if report.failed.is_empty() {
+            String::new()
+        } else {
+            format!(", {} failed", report.failed.len())
+        },
         report.loaded.join(" ")
     );
 
-    let nic = netconfig::choose_interface(Path::new("/sys"), config.interface.as_deref(), Duration::from_secs(20))?;
-    let configured = netconfig::configure(&nic, Duration::from_secs(u64::from(config.dhcp_timeout_secs)))?;
+    let nic = netconfig::choose_interface(
+        Path::new("/sys"),
+        config.interface.as_deref(),
+        Duration::from_secs(20),
+    )?;
+    let configured = netconfig::configure(
+        &nic,
+        Duration::from_secs(u64::from(config.dhcp_timeout_secs)),
+    )?;
 
     let inventory = Inventory::read(Path::new("/sys"), Path::new("/dev"));
     print_console(&inventory.to_string());
@@ -151,8 +189,19 @@ pub fn report(error: &dyn std::error::Error) {
 pub fn finish(how: Finish) -> ! {
     match how {
         Finish::Reboot | Finish::Poweroff => {
-            let action = if how == Finish::Reboot { sys::PowerAction::Reboot } else { sys::PowerAction::PowerOff };
-            log::info!("{}", if how == Finish::Reboot { "rebooting" } else { "powering off" });
+            let action = if how == Finish::Reboot {
+                sys::PowerAction::Reboot
+            } else {
+                sys::PowerAction::PowerOff
+            };
+            log::info!(
+                "{}",
+                if how == Finish::Reboot {
+                    "rebooting"
+                } else {
+                    "powering off"
+                }
+            );
             let error = sys::power(action);
             log::error!("{how} failed: {error}; dropping to the rescue prompt");
             rescue_shell()
@@ -169,7 +218,9 @@ fn rescue_shell() -> ! {
         match stdin.lock().read_line(&mut line) {
             Ok(0) | Err(_) => std::thread::sleep(Duration::from_secs(3600)),
             Ok(_) => match line.trim() {
-                "inventory" => print_console(&Inventory::read(Path::new("/sys"), Path::new("/dev")).to_string()),
+                "inventory" => print_console(
+                    &Inventory::read(Path::new("/sys"), Path::new("/dev")).to_string(),
+                ),
                 "reboot" => finish(Finish::Reboot),
                 "poweroff" => finish(Finish::Poweroff),
                 "" => {}

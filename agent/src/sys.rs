@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 fn cstring(s: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string holds a NUL byte"))
+    CString::new(s)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string holds a NUL byte"))
 }
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -27,7 +28,13 @@ pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> 
     let (source, target, fstype) = (cstring(source)?, cstring(target)?, cstring(fstype)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data is NULL.
     let ret = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null())
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
     };
     match check(ret) {
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
@@ -73,14 +80,18 @@ pub fn power(action: PowerAction) -> io::Error {
 /// A datagram socket for an ioctl on interfaces.
 fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket(2) has no pointer arguments; a non-negative result is a new fd we own.
-    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     // SAFETY: ifreq is plain old data for which all-zero bytes are a valid value.
     let mut req: libc::ifreq = unsafe { mem::zeroed() };
@@ -94,7 +105,9 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size on Linux; the kernel reads it as sockaddr_in.
@@ -169,7 +182,11 @@ impl RawIpSocket {
         let ifindex = interface_index(interface)? as i32;
         // SAFETY: socket(2) has no pointer arguments.
         let raw = check(unsafe {
-            libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, i32::from(ETH_P_IP_BE))
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                i32::from(ETH_P_IP_BE),
+            )
         })?;
         // SAFETY: raw is a fresh fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -218,7 +235,11 @@ impl RawIpSocket {
 
     /// Receives one IPv4 packet, or `None` after `timeout`.
     pub fn recv_timeout(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: pfd is one valid pollfd.
         if check(unsafe { libc::poll(&mut pfd, 1, millis) })? == 0 {

@@ -83,7 +83,12 @@ pub fn classify(msg: &Message) -> ClientKind {
         msg.opts().get(OptionCode::UserClass),
         Some(DhcpOption::UserClass(class)) if class.as_slice() == b"iPXE"
     );
-    if user_class_ipxe || msg.opts().get(OptionCode::from(IPXE_ENCAPSULATED)).is_some() {
+    if user_class_ipxe
+        || msg
+            .opts()
+            .get(OptionCode::from(IPXE_ENCAPSULATED))
+            .is_some()
+    {
         return ClientKind::Ipxe(arch);
     }
     if class.starts_with(b"PXEClient") {
@@ -111,19 +116,27 @@ mod tests {
     fn classifies_the_clients_we_boot() {
         let pxe = |arch| {
             vec![
-                DhcpOption::ClassIdentifier(format!("PXEClient:Arch:{arch:05}:UNDI:003000").into_bytes()),
+                DhcpOption::ClassIdentifier(
+                    format!("PXEClient:Arch:{arch:05}:UNDI:003000").into_bytes(),
+                ),
                 DhcpOption::ClientSystemArchitecture(Architecture(arch)),
             ]
         };
         assert_eq!(classify(&request(pxe(0))), ClientKind::Pxe(Arch::Bios));
         assert_eq!(classify(&request(pxe(7))), ClientKind::Pxe(Arch::Uefi64));
         assert_eq!(classify(&request(pxe(9))), ClientKind::Pxe(Arch::Uefi64));
-        assert_eq!(classify(&request(pxe(11))), ClientKind::Pxe(Arch::Other(11)));
+        assert_eq!(
+            classify(&request(pxe(11))),
+            ClientKind::Pxe(Arch::Other(11))
+        );
         let mut ipxe = pxe(7);
         ipxe.push(DhcpOption::UserClass(b"iPXE".to_vec()));
         assert_eq!(classify(&request(ipxe)), ClientKind::Ipxe(Arch::Uefi64));
         let mut ipxe175 = pxe(0);
-        ipxe175.push(DhcpOption::Unknown(UnknownOption::new(OptionCode::from(175), vec![177, 5, 1, 0x80, 0x86, 0x10, 0x0e])));
+        ipxe175.push(DhcpOption::Unknown(UnknownOption::new(
+            OptionCode::from(175),
+            vec![177, 5, 1, 0x80, 0x86, 0x10, 0x0e],
+        )));
         assert_eq!(classify(&request(ipxe175)), ClientKind::Ipxe(Arch::Bios));
         let agent = vec![DhcpOption::ClassIdentifier(b"diskcast-agent".to_vec())];
         assert_eq!(classify(&request(agent)), ClientKind::Agent);

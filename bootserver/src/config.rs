@@ -149,7 +149,12 @@ pub struct AgentDefaults {
 
 impl Default for AgentDefaults {
     fn default() -> Self {
-        Self { role: default_role(), on_error: default_on_error(), on_done: default_on_done(), log: None }
+        Self {
+            role: default_role(),
+            on_error: default_on_error(),
+            on_done: default_on_done(),
+            log: None,
+        }
     }
 }
 
@@ -177,13 +182,23 @@ pub fn canonical_mac(text: &str) -> Option<String> {
 }
 
 pub fn format_mac(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -195,44 +210,69 @@ impl Config {
                 return invalid("[dhcp] mode = \"full\" needs range_start and range_end".into());
             };
             if u32::from(start) > u32::from(end) {
-                return invalid(format!("[dhcp] range_start {start} is after range_end {end}"));
+                return invalid(format!(
+                    "[dhcp] range_start {start} is after range_end {end}"
+                ));
             }
             let mask = u32::from(self.dhcp.netmask);
             if u32::from(start) & mask != u32::from(end) & mask {
-                return invalid(format!("[dhcp] range {start}-{end} spans more than one subnet of netmask {}", self.dhcp.netmask));
+                return invalid(format!(
+                    "[dhcp] range {start}-{end} spans more than one subnet of netmask {}",
+                    self.dhcp.netmask
+                ));
             }
         }
         if self.dhcp.lease_secs < 60 {
-            return invalid(format!("[dhcp] lease_secs = {} is too short (at least 60)", self.dhcp.lease_secs));
+            return invalid(format!(
+                "[dhcp] lease_secs = {} is too short (at least 60)",
+                self.dhcp.lease_secs
+            ));
         }
         for r in &self.dhcp.reservations {
             if canonical_mac(&r.mac).is_none() {
-                return invalid(format!("[[dhcp.reservation]] mac {:?} is not a MAC address (write aa:bb:cc:dd:ee:ff)", r.mac));
+                return invalid(format!(
+                    "[[dhcp.reservation]] mac {:?} is not a MAC address (write aa:bb:cc:dd:ee:ff)",
+                    r.mac
+                ));
             }
         }
         for m in &self.machines {
             if canonical_mac(&m.mac).is_none() {
-                return invalid(format!("[[machine]] mac {:?} is not a MAC address (write aa:bb:cc:dd:ee:ff)", m.mac));
+                return invalid(format!(
+                    "[[machine]] mac {:?} is not a MAC address (write aa:bb:cc:dd:ee:ff)",
+                    m.mac
+                ));
             }
         }
-        self.agent_config_for(None, None).map_err(ConfigError::Invalid)?;
+        self.agent_config_for(None, None)
+            .map_err(ConfigError::Invalid)?;
         for m in &self.machines {
-            self.agent_config_for(Some(&m.mac), None).map_err(ConfigError::Invalid)?;
+            self.agent_config_for(Some(&m.mac), None)
+                .map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }
 
     /// The agent settings for one machine, rendered later onto its kernel command line.
-    pub fn agent_config_for(&self, mac: Option<&str>, server: Option<Ipv4Addr>) -> Result<BootConfig, String> {
-        let machine = mac
-            .and_then(canonical_mac)
-            .and_then(|mac| self.machines.iter().find(|m| canonical_mac(&m.mac).as_deref() == Some(mac.as_str())));
-        let role_text = machine.and_then(|m| m.role.as_deref()).unwrap_or(&self.agent.role);
+    pub fn agent_config_for(
+        &self,
+        mac: Option<&str>,
+        server: Option<Ipv4Addr>,
+    ) -> Result<BootConfig, String> {
+        let machine = mac.and_then(canonical_mac).and_then(|mac| {
+            self.machines
+                .iter()
+                .find(|m| canonical_mac(&m.mac).as_deref() == Some(mac.as_str()))
+        });
+        let role_text = machine
+            .and_then(|m| m.role.as_deref())
+            .unwrap_or(&self.agent.role);
         let role: Role = role_text
             .parse()
             .map_err(|()| format!("role {role_text:?} is not {}", Role::EXPECTED))?;
         let finish = |what: &str, text: &str| -> Result<Finish, String> {
-            text.parse().map_err(|()| format!("[agent] {what} = {text:?} is not {}", Finish::EXPECTED))
+            text.parse()
+                .map_err(|()| format!("[agent] {what} = {text:?} is not {}", Finish::EXPECTED))
         };
         let mut config = BootConfig {
             role,
@@ -242,7 +282,9 @@ impl Config {
             ..BootConfig::default()
         };
         if let Some(level) = &self.agent.log {
-            config.log_level = level.parse().map_err(|_| format!("[agent] log = {level:?} is not a log level"))?;
+            config.log_level = level
+                .parse()
+                .map_err(|_| format!("[agent] log = {level:?} is not a log level"))?;
         }
         Ok(config)
     }
@@ -264,11 +306,18 @@ mod tests {
     #[test]
     fn machine_role_overrides_default_and_renders_for_the_agent() {
         let mut config: Config = toml::from_str(EXAMPLE).unwrap();
-        config.machines = vec![Machine { mac: "52-54-00-AA-BB-CC".into(), role: Some("slave".into()) }];
+        config.machines = vec![Machine {
+            mac: "52-54-00-AA-BB-CC".into(),
+            role: Some("slave".into()),
+        }];
         let server = Some(Ipv4Addr::new(10, 77, 0, 1));
-        let slave = config.agent_config_for(Some("52:54:00:aa:bb:cc"), server).unwrap();
+        let slave = config
+            .agent_config_for(Some("52:54:00:aa:bb:cc"), server)
+            .unwrap();
         assert_eq!(slave.role, Role::Slave);
-        let other = config.agent_config_for(Some("52:54:00:aa:bb:cd"), server).unwrap();
+        let other = config
+            .agent_config_for(Some("52:54:00:aa:bb:cd"), server)
+            .unwrap();
         assert_eq!(other.role, Role::Inventory);
         // What the bootserver renders, the agent parses back to the same settings.
         assert_eq!(BootConfig::parse(&slave.render()), Ok(slave));
@@ -282,7 +331,11 @@ mod tests {
         assert!(err.contains("painter"), "{err}");
         let mut config: Config = toml::from_str(EXAMPLE).unwrap();
         config.dhcp.range_end = Some(Ipv4Addr::new(10, 77, 1, 200));
-        assert!(config.validate().unwrap_err().to_string().contains("subnet"));
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("subnet"));
         let err = toml::from_str::<Config>(&EXAMPLE.replace("http_port", "htpp_port")).unwrap_err();
         assert!(err.to_string().contains("htpp_port"), "{err}");
     }

@@ -7,9 +7,9 @@
 use crate::classify::{classify, Arch, ClientKind};
 use crate::config::{canonical_mac, format_mac, DhcpMode, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
-use diskcast_agent::dhcp::decode_message;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use dhcproto::{Decodable, Encodable};
+use diskcast_agent::dhcp::decode_message;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -32,7 +32,12 @@ pub struct Settings {
 impl Settings {
     /// URL of the iPXE script for one machine; the MAC is in the path so no iPXE expansion is needed.
     pub fn script_url(&self, mac: &str) -> String {
-        format!("http://{}:{}/boot/{}.ipxe", self.server, self.http_port, mac.replace(':', "-"))
+        format!(
+            "http://{}:{}/boot/{}.ipxe",
+            self.server,
+            self.http_port,
+            mac.replace(':', "-")
+        )
     }
 }
 
@@ -91,7 +96,9 @@ fn boot_file(settings: &Settings, kind: ClientKind, mac: &str) -> Result<Option<
         ClientKind::Pxe(Arch::Bios) => Some("undionly.kpxe".into()),
         ClientKind::Pxe(Arch::Uefi64) => Some(settings.uefi_loader.file_name().into()),
         ClientKind::Pxe(Arch::Other(code)) => {
-            return Err(format!("architecture {code} has no loader (only BIOS and x86-64 UEFI)"))
+            return Err(format!(
+                "architecture {code} has no loader (only BIOS and x86-64 UEFI)"
+            ))
         }
         ClientKind::Ipxe(_) => Some(settings.script_url(mac)),
         ClientKind::Agent | ClientKind::Other => None,
@@ -100,7 +107,12 @@ fn boot_file(settings: &Settings, kind: ClientKind, mac: &str) -> Result<Option<
 
 impl DhcpServer {
     pub fn new(settings: Settings, leases: LeaseTable) -> Self {
-        Self { settings, leases, offers: HashMap::new(), stats: Stats::default() }
+        Self {
+            settings,
+            leases,
+            offers: HashMap::new(),
+            stats: Stats::default(),
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -110,9 +122,15 @@ impl DhcpServer {
     pub fn handle(&mut self, payload: &[u8], from: SocketAddrV4, port: Port, now: u64) -> Handled {
         let Some(request) = decode_message(payload) else {
             self.stats.malformed += 1;
-            return Handled { summary: Some(format!("dhcp: malformed packet from {from} dropped")), ..Handled::default() };
+            return Handled {
+                summary: Some(format!("dhcp: malformed packet from {from} dropped")),
+                ..Handled::default()
+            };
         };
-        if request.opcode() != Opcode::BootRequest || request.hlen() != 6 || request.chaddr().len() < 6 {
+        if request.opcode() != Opcode::BootRequest
+            || request.hlen() != 6
+            || request.chaddr().len() < 6
+        {
             self.stats.ignored += 1;
             return Handled::default();
         }
@@ -124,12 +142,19 @@ impl DhcpServer {
         let client = classify(&request);
         let mut handled = match (self.settings.mode, port, kind) {
             (_, Port::PxeBoot, MessageType::Request) => self.boot_ack(&request, &mac, client, from),
-            (DhcpMode::Full, Port::Dhcp, MessageType::Discover) => self.offer(&request, &mac, client, now),
-            (DhcpMode::Full, Port::Dhcp, MessageType::Request) => self.request(&request, &mac, client, now),
+            (DhcpMode::Full, Port::Dhcp, MessageType::Discover) => {
+                self.offer(&request, &mac, client, now)
+            }
+            (DhcpMode::Full, Port::Dhcp, MessageType::Request) => {
+                self.request(&request, &mac, client, now)
+            }
             (DhcpMode::Full, Port::Dhcp, MessageType::Release) => {
                 let released = self.leases.leases.remove(&mac).is_some();
                 Handled {
-                    summary: Some(format!("dhcp: {mac} xid={:#010x} released its address", request.xid())),
+                    summary: Some(format!(
+                        "dhcp: {mac} xid={:#010x} released its address",
+                        request.xid()
+                    )),
                     leases_changed: released,
                     ..Handled::default()
                 }
@@ -143,7 +168,10 @@ impl DhcpServer {
             }
         };
         if let Some(reply) = &handled.reply {
-            match Message::from_bytes(&reply.payload).ok().and_then(|m| m.opts().msg_type()) {
+            match Message::from_bytes(&reply.payload)
+                .ok()
+                .and_then(|m| m.opts().msg_type())
+            {
                 Some(MessageType::Offer) => self.stats.offers += 1,
                 Some(MessageType::Ack) => self.stats.acks += 1,
                 Some(MessageType::Nak) => self.stats.naks += 1,
@@ -151,7 +179,10 @@ impl DhcpServer {
             }
         }
         if handled.reply.is_none() && handled.summary.is_none() && client.wants_boot() {
-            handled.summary = Some(format!("dhcp: {mac} xid={:#010x} {client} {kind:?} on {port:?} ignored", request.xid()));
+            handled.summary = Some(format!(
+                "dhcp: {mac} xid={:#010x} {client} {kind:?} on {port:?} ignored",
+                request.xid()
+            ));
         }
         handled
     }
@@ -161,12 +192,18 @@ impl DhcpServer {
     }
 
     fn is_reserved_for_other(&self, address: Ipv4Addr, mac: &str) -> bool {
-        self.settings.reservations.iter().any(|(m, a)| *a == address && m != mac)
+        self.settings
+            .reservations
+            .iter()
+            .any(|(m, a)| *a == address && m != mac)
     }
 
     fn taken_by_other(&self, address: Ipv4Addr, mac: &str, now: u64) -> bool {
         self.leases.holder(address, now).is_some_and(|m| m != mac)
-            || self.offers.iter().any(|(m, (a, until))| *a == address && m != mac && *until > now)
+            || self
+                .offers
+                .iter()
+                .any(|(m, (a, until))| *a == address && m != mac && *until > now)
             || self.is_reserved_for_other(address, mac)
     }
 
@@ -201,11 +238,15 @@ impl DhcpServer {
     fn offer(&mut self, request: &Message, mac: &str, client: ClientKind, now: u64) -> Handled {
         let Some(address) = self.address_for(mac, now) else {
             return Handled {
-                summary: Some(format!("dhcp: {mac} xid={:#010x} {client}: address range exhausted, no offer", request.xid())),
+                summary: Some(format!(
+                    "dhcp: {mac} xid={:#010x} {client}: address range exhausted, no offer",
+                    request.xid()
+                )),
                 ..Handled::default()
             };
         };
-        self.offers.insert(mac.into(), (address, now + OFFER_HOLD_SECS));
+        self.offers
+            .insert(mac.into(), (address, now + OFFER_HOLD_SECS));
         self.address_reply(request, mac, client, MessageType::Offer, address)
     }
 
@@ -234,21 +275,38 @@ impl DhcpServer {
             let mut nak = self.base_reply(request, MessageType::Nak);
             nak.set_yiaddr(Ipv4Addr::UNSPECIFIED);
             return Handled {
-                reply: Some(Reply { payload: encode(&nak), to: Destination::Broadcast }),
-                summary: Some(format!("dhcp: {mac} xid={:#010x} {client} asked for {requested}, NAK", request.xid())),
+                reply: Some(Reply {
+                    payload: encode(&nak),
+                    to: Destination::Broadcast,
+                }),
+                summary: Some(format!(
+                    "dhcp: {mac} xid={:#010x} {client} asked for {requested}, NAK",
+                    request.xid()
+                )),
                 leases_changed: false,
             };
         }
         self.offers.remove(mac);
-        self.leases
-            .leases
-            .insert(mac.into(), Lease { address: requested, expires: now + u64::from(self.settings.lease_secs) });
+        self.leases.leases.insert(
+            mac.into(),
+            Lease {
+                address: requested,
+                expires: now + u64::from(self.settings.lease_secs),
+            },
+        );
         let mut handled = self.address_reply(request, mac, client, MessageType::Ack, requested);
         handled.leases_changed = true;
         handled
     }
 
-    fn address_reply(&self, request: &Message, mac: &str, client: ClientKind, kind: MessageType, address: Ipv4Addr) -> Handled {
+    fn address_reply(
+        &self,
+        request: &Message,
+        mac: &str,
+        client: ClientKind,
+        kind: MessageType,
+        address: Ipv4Addr,
+    ) -> Handled {
         let mut reply = self.base_reply(request, kind);
         reply.set_yiaddr(address);
         let s = &self.settings;
@@ -265,7 +323,10 @@ impl DhcpServer {
         }
         let file = self.add_boot_options(&mut reply, mac, client);
         Handled {
-            reply: Some(Reply { payload: encode(&reply), to: Destination::Broadcast }),
+            reply: Some(Reply {
+                payload: encode(&reply),
+                to: Destination::Broadcast,
+            }),
             summary: Some(format!(
                 "dhcp: {mac} xid={:#010x} {client} {kind:?} {address}{}",
                 request.xid(),
@@ -280,61 +341,113 @@ impl DhcpServer {
         let mut reply = self.base_reply(request, MessageType::Offer);
         let file = self.add_boot_options(&mut reply, mac, client);
         Handled {
-            reply: Some(Reply { payload: encode(&reply), to: Destination::Broadcast }),
-            summary: Some(format!("dhcp: {mac} xid={:#010x} {client} proxy Offer{}", request.xid(), describe_file(&file))),
+            reply: Some(Reply {
+                payload: encode(&reply),
+                to: Destination::Broadcast,
+            }),
+            summary: Some(format!(
+                "dhcp: {mac} xid={:#010x} {client} proxy Offer{}",
+                request.xid(),
+                describe_file(&file)
+            )),
             leases_changed: false,
         }
     }
 
     /// Answer on port 4011: an ACK with the boot file, straight back to the client.
-    fn boot_ack(&self, request: &Message, mac: &str, client: ClientKind, from: SocketAddrV4) -> Handled {
+    fn boot_ack(
+        &self,
+        request: &Message,
+        mac: &str,
+        client: ClientKind,
+        from: SocketAddrV4,
+    ) -> Handled {
         let mut reply = self.base_reply(request, MessageType::Ack);
         let file = self.add_boot_options(&mut reply, mac, client);
-        let to = if from.ip().is_unspecified() { Destination::Broadcast } else { Destination::Unicast(from) };
+        let to = if from.ip().is_unspecified() {
+            Destination::Broadcast
+        } else {
+            Destination::Unicast(from)
+        };
         Handled {
-            reply: Some(Reply { payload: encode(&reply), to }),
-            summary: Some(format!("dhcp: {mac} xid={:#010x} {client} boot server Ack{}", request.xid(), describe_file(&file))),
+            reply: Some(Reply {
+                payload: encode(&reply),
+                to,
+            }),
+            summary: Some(format!(
+                "dhcp: {mac} xid={:#010x} {client} boot server Ack{}",
+                request.xid(),
+                describe_file(&file)
+            )),
             leases_changed: false,
         }
     }
 
     fn base_reply(&self, request: &Message, kind: MessageType) -> Message {
         let z = Ipv4Addr::UNSPECIFIED;
-        let mut reply = Message::new_with_id(request.xid(), z, z, self.settings.server, request.giaddr(), &request.chaddr()[..6]);
-        reply.set_opcode(Opcode::BootReply).set_flags(request.flags()).set_htype(request.htype());
+        let mut reply = Message::new_with_id(
+            request.xid(),
+            z,
+            z,
+            self.settings.server,
+            request.giaddr(),
+            &request.chaddr()[..6],
+        );
+        reply
+            .set_opcode(Opcode::BootReply)
+            .set_flags(request.flags())
+            .set_htype(request.htype());
         if kind == MessageType::Ack && !request.ciaddr().is_unspecified() {
             reply.set_ciaddr(request.ciaddr());
         }
         reply.opts_mut().insert(DhcpOption::MessageType(kind));
-        reply.opts_mut().insert(DhcpOption::ServerIdentifier(self.settings.server));
+        reply
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier(self.settings.server));
         reply
     }
 
     /// Adds the boot file and the options PXE firmware and iPXE look for; returns the file.
-    fn add_boot_options(&self, reply: &mut Message, mac: &str, client: ClientKind) -> Result<Option<String>, String> {
+    fn add_boot_options(
+        &self,
+        reply: &mut Message,
+        mac: &str,
+        client: ClientKind,
+    ) -> Result<Option<String>, String> {
         let file = boot_file(&self.settings, client, mac);
         if let Ok(Some(name)) = &file {
             // The header field holds 128 bytes; option 67 carries longer names.
             if name.len() < 128 {
                 reply.set_fname_str(name);
             }
-            reply.opts_mut().insert(DhcpOption::BootfileName(name.as_bytes().to_vec()));
+            reply
+                .opts_mut()
+                .insert(DhcpOption::BootfileName(name.as_bytes().to_vec()));
         }
         match client {
             ClientKind::Pxe(_) => {
                 // PXE firmware accepts boot information only from offers that say "PXEClient";
                 // option 43 sub-option 6 = 8: boot from the file in this offer, no discovery menu.
-                reply.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-                reply.opts_mut().insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+                reply
+                    .opts_mut()
+                    .insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+                reply
+                    .opts_mut()
+                    .insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
             }
             ClientKind::Ipxe(_) => {
                 // iPXE's sub-option 176 (no-pxedhcp): do not wait for proxyDHCP offers.
                 if self.settings.mode == DhcpMode::Full {
                     reply
                         .opts_mut()
-                        .insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::from(175), vec![176, 1, 1])));
+                        .insert(DhcpOption::Unknown(UnknownOption::new(
+                            OptionCode::from(175),
+                            vec![176, 1, 1],
+                        )));
                 } else {
-                    reply.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+                    reply
+                        .opts_mut()
+                        .insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
                 }
             }
             ClientKind::Agent | ClientKind::Other => {}
@@ -359,7 +472,9 @@ fn encode(msg: &Message) -> Vec<u8> {
 /// Parses a configured reservation list into the settings' map, skipping nothing silently:
 /// the config was validated, so every MAC parses.
 pub fn reservation_map(list: &[crate::config::Reservation]) -> HashMap<String, Ipv4Addr> {
-    list.iter().filter_map(|r| Some((canonical_mac(&r.mac)?, r.address))).collect()
+    list.iter()
+        .filter_map(|r| Some((canonical_mac(&r.mac)?, r.address)))
+        .collect()
 }
 
 #[cfg(test)]

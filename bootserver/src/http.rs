@@ -10,7 +10,10 @@ use std::time::Duration;
 /// What a route answers.
 #[derive(Debug)]
 pub enum Response {
-    Text { content_type: &'static str, body: String },
+    Text {
+        content_type: &'static str,
+        body: String,
+    },
     File(PathBuf),
     NotFound,
 }
@@ -39,12 +42,17 @@ pub fn serve(listener: TcpListener, routes: Arc<dyn Routes>) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let routes = Arc::clone(&routes);
-        let _ = std::thread::Builder::new().name("http-conn".into()).spawn(move || {
-            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            if let Err(e) = handle(stream, routes.as_ref()) {
-                log::debug!("http: {peer}: {e}");
-            }
-        });
+        let _ = std::thread::Builder::new()
+            .name("http-conn".into())
+            .spawn(move || {
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                if let Err(e) = handle(stream, routes.as_ref()) {
+                    log::debug!("http: {peer}: {e}");
+                }
+            });
     }
 }
 
@@ -53,7 +61,10 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<(String, String)
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
-        let n = reader.by_ref().take((MAX_HEADER + 1 - head.len()) as u64).read_until(b'\n', &mut line)?;
+        let n = reader
+            .by_ref()
+            .take((MAX_HEADER + 1 - head.len()) as u64)
+            .read_until(b'\n', &mut line)?;
         if n == 0 || head.len() + n > MAX_HEADER {
             return Ok(None);
         }
@@ -73,7 +84,13 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<(String, String)
     }
 }
 
-fn status_line(stream: &mut TcpStream, code: u16, reason: &str, content_type: &str, len: u64) -> io::Result<()> {
+fn status_line(
+    stream: &mut TcpStream,
+    code: u16,
+    reason: &str,
+    content_type: &str,
+    len: u64,
+) -> io::Result<()> {
     write!(
         stream,
         "HTTP/1.1 {code} {reason}\r\nServer: diskcast-bootserver\r\nContent-Type: {content_type}\r\n\
@@ -88,7 +105,13 @@ pub fn handle(stream: TcpStream, routes: &dyn Routes) -> io::Result<()> {
     let mut stream = stream;
     let Some((method, path)) = read_request(&mut reader)? else {
         let body = "bad request\n";
-        status_line(&mut stream, 400, "Bad Request", "text/plain", body.len() as u64)?;
+        status_line(
+            &mut stream,
+            400,
+            "Bad Request",
+            "text/plain",
+            body.len() as u64,
+        )?;
         return stream.write_all(body.as_bytes());
     };
     let head_only = match method.as_str() {
@@ -111,21 +134,33 @@ pub fn handle(stream: TcpStream, routes: &dyn Routes) -> io::Result<()> {
         Response::File(file_path) => match std::fs::File::open(&file_path) {
             Ok(mut file) => {
                 let len = file.metadata()?.len();
-                log::info!("http: {client} {method} {path} 200 ({len} bytes from {})", file_path.display());
+                log::info!(
+                    "http: {client} {method} {path} 200 ({len} bytes from {})",
+                    file_path.display()
+                );
                 status_line(&mut stream, 200, "OK", "application/octet-stream", len)?;
                 if !head_only {
                     io::copy(&mut file, &mut stream)?;
                 }
             }
             Err(e) => {
-                log::error!("http: {client} {method} {path}: cannot open {}: {e}", file_path.display());
+                log::error!(
+                    "http: {client} {method} {path}: cannot open {}: {e}",
+                    file_path.display()
+                );
                 status_line(&mut stream, 500, "Internal Server Error", "text/plain", 0)?;
             }
         },
         Response::NotFound => {
             log::info!("http: {client} {method} {path} 404");
             let body = "not found\n";
-            status_line(&mut stream, 404, "Not Found", "text/plain", body.len() as u64)?;
+            status_line(
+                &mut stream,
+                404,
+                "Not Found",
+                "text/plain",
+                body.len() as u64,
+            )?;
             if !head_only {
                 stream.write_all(body.as_bytes())?;
             }
@@ -142,7 +177,10 @@ mod tests {
     impl Routes for Fixed {
         fn route(&self, path: &str, _client: IpAddr) -> Response {
             match path {
-                "/hello" => Response::Text { content_type: "text/plain", body: "hi\n".into() },
+                "/hello" => Response::Text {
+                    content_type: "text/plain",
+                    body: "hi\n".into(),
+                },
                 _ => Response::NotFound,
             }
         }
@@ -167,9 +205,15 @@ mod tests {
     fn serves_routes_and_rejects_the_rest() {
         let ok = exchange(b"GET /hello?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(ok.contains("Content-Length: 3\r\n") && ok.ends_with("\r\n\r\nhi\n"), "{ok}");
+        assert!(
+            ok.contains("Content-Length: 3\r\n") && ok.ends_with("\r\n\r\nhi\n"),
+            "{ok}"
+        );
         let head = exchange(b"HEAD /hello HTTP/1.0\r\n\r\n");
-        assert!(head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"), "{head}");
+        assert!(
+            head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
         assert!(exchange(b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(exchange(b"POST /hello HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(exchange(b"garbage\r\n\r\n").starts_with("HTTP/1.1 400"));

@@ -19,7 +19,11 @@ pub const INITRD_NAME: &str = "initramfs.img";
 impl BootScript {
     pub fn kernel_command_line(&self) -> String {
         let mut words = vec![format!("initrd={INITRD_NAME}")];
-        words.extend(self.kernel_args.split_ascii_whitespace().map(str::to_string));
+        words.extend(
+            self.kernel_args
+                .split_ascii_whitespace()
+                .map(str::to_string),
+        );
         words.push(self.agent.render());
         words.join(" ")
     }
@@ -67,9 +71,17 @@ mod tests {
         let text = script.render();
         assert!(text.starts_with("#!ipxe\n"));
         let kernel_line = text.lines().find(|l| l.starts_with("kernel ")).unwrap();
-        assert!(kernel_line.contains("http://10.77.0.1:8080/boot/vmlinuz initrd=initramfs.img console=ttyS0,115200"));
-        let cmdline = kernel_line.split_once("vmlinuz ").unwrap().1.trim_end_matches(" || goto failed");
+        assert!(kernel_line.contains(
+            "http://10.77.0.1:8080/boot/vmlinuz initrd=initramfs.img console=ttyS0,115200"
+        ));
+        let cmdline = kernel_line
+            .split_once("vmlinuz ")
+            .unwrap()
+            .1
+            .trim_end_matches(" || goto failed");
         assert_eq!(BootConfig::parse(cmdline), Ok(agent));
-        assert!(text.contains("initrd --name initramfs.img http://10.77.0.1:8080/boot/initramfs.img"));
+        assert!(
+            text.contains("initrd --name initramfs.img http://10.77.0.1:8080/boot/initramfs.img")
+        );
     }
 }

@@ -44,16 +44,26 @@ pub struct LeaseTable {
 impl LeaseTable {
     pub fn load(path: &Path) -> Result<Self, LeaseError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| LeaseError::Corrupt { path: path.into(), source }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| LeaseError::Corrupt {
+                path: path.into(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(LeaseError::Read { path: path.into(), source }),
+            Err(source) => Err(LeaseError::Read {
+                path: path.into(),
+                source,
+            }),
         }
     }
 
     pub fn save(&self, path: &Path) -> Result<(), LeaseError> {
-        let write_err = |source| LeaseError::Write { path: path.into(), source };
+        let write_err = |source| LeaseError::Write {
+            path: path.into(),
+            source,
+        };
         let tmp = path.with_extension("tmp");
-        let json = serde_json::to_vec_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
         std::fs::write(&tmp, json).map_err(write_err)?;
         std::fs::rename(&tmp, path).map_err(write_err)
     }
@@ -82,13 +92,25 @@ mod tests {
         let path = dir.join("leases.json");
         assert_eq!(LeaseTable::load(&path).unwrap(), LeaseTable::default());
         let mut table = LeaseTable::default();
-        table.leases.insert("52:54:00:00:00:01".into(), Lease { address: Ipv4Addr::new(10, 0, 0, 5), expires: 1000 });
+        table.leases.insert(
+            "52:54:00:00:00:01".into(),
+            Lease {
+                address: Ipv4Addr::new(10, 0, 0, 5),
+                expires: 1000,
+            },
+        );
         table.save(&path).unwrap();
         assert_eq!(LeaseTable::load(&path).unwrap(), table);
-        assert_eq!(table.holder(Ipv4Addr::new(10, 0, 0, 5), 999), Some("52:54:00:00:00:01"));
+        assert_eq!(
+            table.holder(Ipv4Addr::new(10, 0, 0, 5), 999),
+            Some("52:54:00:00:00:01")
+        );
         assert_eq!(table.holder(Ipv4Addr::new(10, 0, 0, 5), 1000), None);
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(LeaseTable::load(&path), Err(LeaseError::Corrupt { .. })));
+        assert!(matches!(
+            LeaseTable::load(&path),
+            Err(LeaseError::Corrupt { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "bootserver", version, about = "diskcast bootserver: network-boot bare machines into the diskcast agent")]
+#[command(
+    name = "bootserver",
+    version,
+    about = "diskcast bootserver: network-boot bare machines into the diskcast agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,9 @@ fn load(args: &ConfigArgs) -> Result<Config, diskcast_bootserver::config::Config
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -87,12 +93,22 @@ fn main() -> ExitCode {
         Command::Serve(args) => Ok(diskcast_bootserver::serve::run(load(&args)?)?),
         Command::CheckConfig(args) => {
             let config = load(&args)?;
-            println!("{}: ok ({:?} mode on {})", args.config.display(), config.dhcp.mode, config.interface);
+            println!(
+                "{}: ok ({:?} mode on {})",
+                args.config.display(),
+                config.dhcp.mode,
+                config.interface
+            );
             Ok(())
         }
-        Command::Script { config, mac, server } => {
+        Command::Script {
+            config,
+            mac,
+            server,
+        } => {
             let loaded = load(&config)?;
-            let mac = diskcast_bootserver::config::canonical_mac(&mac).ok_or(format!("{mac:?} is not a MAC address"))?;
+            let mac = diskcast_bootserver::config::canonical_mac(&mac)
+                .ok_or(format!("{mac:?} is not a MAC address"))?;
             let agent = loaded.agent_config_for(Some(&mac), Some(server))?;
             let script = BootScript {
                 base_url: format!("http://{server}:{}", loaded.http_port),

@@ -37,7 +37,11 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error("boot file {what} = {path} does not exist{hint}")]
-    MissingBootFile { what: &'static str, path: PathBuf, hint: &'static str },
+    MissingBootFile {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
     #[error(transparent)]
     Leases(#[from] LeaseError),
     #[error(transparent)]
@@ -50,24 +54,48 @@ pub enum ServeError {
 pub const READY_LINE: &str = "bootserver ready";
 
 pub fn interface_address(interface: &str) -> Result<Ipv4Addr, ServeError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|source| ServeError::Interfaces { interface: interface.into(), source })?;
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|source| ServeError::Interfaces {
+        interface: interface.into(),
+        source,
+    })?;
     addrs
         .filter(|a| a.interface_name == interface)
-        .find_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())))
-        .ok_or_else(|| ServeError::NoAddress { interface: interface.into() })
+        .find_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        })
+        .ok_or_else(|| ServeError::NoAddress {
+            interface: interface.into(),
+        })
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn dhcp_socket(interface: &str, ip: Ipv4Addr, port: u16) -> Result<UdpSocket, ServeError> {
-    let fail = |source| ServeError::DhcpSocket { interface: interface.into(), port, source };
-    let fd = socket::socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(fail)?;
+    let fail = |source| ServeError::DhcpSocket {
+        interface: interface.into(),
+        port,
+        source,
+    };
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(fail)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
     socket::setsockopt(&fd, sockopt::Broadcast, &true).map_err(fail)?;
     socket::setsockopt(&fd, sockopt::BindToDevice, &OsString::from(interface)).map_err(fail)?;
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(SocketAddrV4::new(ip, port))).map_err(fail)?;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(SocketAddrV4::new(ip, port)),
+    )
+    .map_err(fail)?;
     Ok(UdpSocket::from(fd))
 }
 
@@ -114,8 +142,13 @@ struct BootRoutes {
 
 impl BootRoutes {
     fn script(&self, mac_text: &str) -> Response {
-        let Some(mac) = canonical_mac(mac_text) else { return Response::NotFound };
-        let agent = match self.config.agent_config_for(Some(&mac), Some(self.server_ip)) {
+        let Some(mac) = canonical_mac(mac_text) else {
+            return Response::NotFound;
+        };
+        let agent = match self
+            .config
+            .agent_config_for(Some(&mac), Some(self.server_ip))
+        {
             Ok(agent) => agent,
             Err(why) => {
                 log::error!("http: no script for {mac}: {why}");
@@ -128,11 +161,16 @@ impl BootRoutes {
             kernel_args: self.config.boot.kernel_args.clone(),
             agent,
         };
-        Response::Text { content_type: "text/plain", body: script.render() }
+        Response::Text {
+            content_type: "text/plain",
+            body: script.render(),
+        }
     }
 
     fn status(&self) -> Response {
-        let Ok(dhcp) = self.dhcp.lock() else { return Response::NotFound };
+        let Ok(dhcp) = self.dhcp.lock() else {
+            return Response::NotFound;
+        };
         let body = serde_json::json!({
             "mode": format!("{:?}", dhcp.settings().mode).to_lowercase(),
             "leases": dhcp.leases.leases,
@@ -141,7 +179,10 @@ impl BootRoutes {
                 "malformed": dhcp.stats.malformed, "ignored": dhcp.stats.ignored,
             },
         });
-        Response::Text { content_type: "application/json", body: format!("{body:#}\n") }
+        Response::Text {
+            content_type: "application/json",
+            body: format!("{body:#}\n"),
+        }
     }
 }
 
@@ -149,9 +190,14 @@ impl Routes for BootRoutes {
     fn route(&self, path: &str, _client: IpAddr) -> Response {
         match path {
             "/boot/vmlinuz" => Response::File(self.config.boot.kernel.clone()),
-            p if p == format!("/boot/{INITRD_NAME}") => Response::File(self.config.boot.initramfs.clone()),
+            p if p == format!("/boot/{INITRD_NAME}") => {
+                Response::File(self.config.boot.initramfs.clone())
+            }
             "/status" => self.status(),
-            p => match p.strip_prefix("/boot/").and_then(|rest| rest.strip_suffix(".ipxe")) {
+            p => match p
+                .strip_prefix("/boot/")
+                .and_then(|rest| rest.strip_suffix(".ipxe"))
+            {
                 Some(mac) => self.script(mac),
                 None => Response::NotFound,
             },
@@ -161,11 +207,31 @@ impl Routes for BootRoutes {
 
 fn check_boot_files(config: &Config) -> Result<(), ServeError> {
     let checks: [(&'static str, PathBuf, &'static str); 5] = [
-        ("boot.kernel", config.boot.kernel.clone(), " (run scripts/build-lab)"),
-        ("boot.initramfs", config.boot.initramfs.clone(), " (run scripts/build-lab)"),
-        ("undionly.kpxe", config.boot.tftp_root.join("undionly.kpxe"), " (install Debian's ipxe package)"),
-        ("ipxe.efi", config.boot.tftp_root.join("ipxe.efi"), " (install Debian's ipxe package)"),
-        ("snponly.efi", config.boot.tftp_root.join("snponly.efi"), " (install Debian's ipxe package)"),
+        (
+            "boot.kernel",
+            config.boot.kernel.clone(),
+            " (run scripts/build-lab)",
+        ),
+        (
+            "boot.initramfs",
+            config.boot.initramfs.clone(),
+            " (run scripts/build-lab)",
+        ),
+        (
+            "undionly.kpxe",
+            config.boot.tftp_root.join("undionly.kpxe"),
+            " (install Debian's ipxe package)",
+        ),
+        (
+            "ipxe.efi",
+            config.boot.tftp_root.join("ipxe.efi"),
+            " (install Debian's ipxe package)",
+        ),
+        (
+            "snponly.efi",
+            config.boot.tftp_root.join("snponly.efi"),
+            " (install Debian's ipxe package)",
+        ),
     ];
     for (what, path, hint) in checks {
         if !path.is_file() {
@@ -182,10 +248,17 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         Some(ip) => ip,
         None => interface_address(&config.interface)?,
     };
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir { path: config.state_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
     let leases_path = config.state_dir.join("leases.json");
     let leases = LeaseTable::load(&leases_path)?;
-    log::info!("leases: {} known from {}", leases.leases.len(), leases_path.display());
+    log::info!(
+        "leases: {} known from {}",
+        leases.leases.len(),
+        leases_path.display()
+    );
     let settings = Settings {
         mode: config.dhcp.mode,
         server: server_ip,
@@ -202,21 +275,33 @@ pub fn run(config: Config) -> Result<(), ServeError> {
 
     let mut threads = Vec::new();
     for (port, kind) in [(67, Port::Dhcp), (4011, Port::PxeBoot)] {
-        let bind_ip = if kind == Port::Dhcp { Ipv4Addr::UNSPECIFIED } else { server_ip };
+        let bind_ip = if kind == Port::Dhcp {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            server_ip
+        };
         let socket = dhcp_socket(&config.interface, bind_ip, port)?;
         let (dhcp, path) = (Arc::clone(&dhcp), leases_path.clone());
-        threads.push(std::thread::Builder::new().name(format!("dhcp-{port}")).spawn(move || dhcp_loop(socket, kind, dhcp, path)));
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dhcp-{port}"))
+                .spawn(move || dhcp_loop(socket, kind, dhcp, path)),
+        );
     }
 
     let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
     let tftp_addr = SocketAddr::from((server_ip, config.tftp_port));
     // Bind errors surface through the thread's log; TFTP is checked with a probe below.
-    threads.push(std::thread::Builder::new().name("tftp".into()).spawn(move || {
-        if let Err(e) = tftp::serve(tftp_root, tftp_addr) {
-            diskcast_agent::pid1::report(&e);
-            std::process::exit(1);
-        }
-    }));
+    threads.push(
+        std::thread::Builder::new()
+            .name("tftp".into())
+            .spawn(move || {
+                if let Err(e) = tftp::serve(tftp_root, tftp_addr) {
+                    diskcast_agent::pid1::report(&e);
+                    std::process::exit(1);
+                }
+            }),
+    );
 
     let http_addr = SocketAddr::from((server_ip, config.http_port));
     let listener = http::bind(http_addr)?;
@@ -229,8 +314,16 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         config.interface,
         config.boot.tftp_root.display()
     );
-    let routes: Arc<dyn Routes> = Arc::new(BootRoutes { config, server_ip, dhcp });
-    threads.push(std::thread::Builder::new().name("http".into()).spawn(move || http::serve(listener, routes)));
+    let routes: Arc<dyn Routes> = Arc::new(BootRoutes {
+        config,
+        server_ip,
+        dhcp,
+    });
+    threads.push(
+        std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || http::serve(listener, routes)),
+    );
     for thread in &threads {
         if let Err(e) = thread {
             log::error!("starting a service thread: {e}");

@@ -35,7 +35,10 @@ pub struct ConfinedDir {
 
 impl ConfinedDir {
     pub fn new(root: &Path) -> Result<Self, TftpError> {
-        let root = root.canonicalize().map_err(|source| TftpError::Root { path: root.into(), source })?;
+        let root = root.canonicalize().map_err(|source| TftpError::Root {
+            path: root.into(),
+            source,
+        })?;
         Ok(Self { root })
     }
 
@@ -58,19 +61,38 @@ impl Handler for ConfinedDir {
     type Reader = smol::Unblock<std::fs::File>;
     type Writer = futures_lite::io::Sink;
 
-    async fn read_req_open(&mut self, client: &SocketAddr, path: &Path) -> Result<(Self::Reader, Option<u64>), packet::Error> {
+    async fn read_req_open(
+        &mut self,
+        client: &SocketAddr,
+        path: &Path,
+    ) -> Result<(Self::Reader, Option<u64>), packet::Error> {
         let Some(resolved) = self.resolve(path) else {
-            log::warn!("tftp: {client} asked for {} outside the root or missing: denied", path.display());
+            log::warn!(
+                "tftp: {client} asked for {} outside the root or missing: denied",
+                path.display()
+            );
             return Err(packet::Error::FileNotFound);
         };
         let file = std::fs::File::open(&resolved).map_err(|_| packet::Error::FileNotFound)?;
         let size = file.metadata().ok().map(|m| m.len());
-        log::info!("tftp: {client} read {} ({} bytes)", path.display(), size.unwrap_or(0));
+        log::info!(
+            "tftp: {client} read {} ({} bytes)",
+            path.display(),
+            size.unwrap_or(0)
+        );
         Ok((smol::Unblock::new(file), size))
     }
 
-    async fn write_req_open(&mut self, client: &SocketAddr, path: &Path, _size: Option<u64>) -> Result<Self::Writer, packet::Error> {
-        log::warn!("tftp: {client} tried to write {}: this server is read-only", path.display());
+    async fn write_req_open(
+        &mut self,
+        client: &SocketAddr,
+        path: &Path,
+        _size: Option<u64>,
+    ) -> Result<Self::Writer, packet::Error> {
+        log::warn!(
+            "tftp: {client} tried to write {}: this server is read-only",
+            path.display()
+        );
         Err(packet::Error::IllegalOperation)
     }
 }
@@ -87,7 +109,10 @@ pub fn serve(root: ConfinedDir, addr: SocketAddr) -> Result<(), TftpError> {
             .build()
             .await
             .map_err(|source| TftpError::Start { addr, source })?;
-        server.serve().await.map_err(|source| TftpError::Start { addr, source })
+        server
+            .serve()
+            .await
+            .map_err(|source| TftpError::Start { addr, source })
     })
 }
 
@@ -108,13 +133,26 @@ mod tests {
         std::os::unix::fs::symlink(root.join("sub/file"), root.join("inside")).unwrap();
         let dir = ConfinedDir::new(&root).unwrap();
         let canonical = root.canonicalize().unwrap();
-        assert_eq!(dir.resolve(Path::new("undionly.kpxe")), Some(canonical.join("undionly.kpxe")));
-        assert_eq!(dir.resolve(Path::new("/sub/file")), Some(canonical.join("sub/file")));
-        assert_eq!(dir.resolve(Path::new("inside")), Some(canonical.join("sub/file")));
+        assert_eq!(
+            dir.resolve(Path::new("undionly.kpxe")),
+            Some(canonical.join("undionly.kpxe"))
+        );
+        assert_eq!(
+            dir.resolve(Path::new("/sub/file")),
+            Some(canonical.join("sub/file"))
+        );
+        assert_eq!(
+            dir.resolve(Path::new("inside")),
+            Some(canonical.join("sub/file"))
+        );
         assert_eq!(dir.resolve(Path::new("../secret")), None);
         assert_eq!(dir.resolve(Path::new("sub/../../secret")), None);
         assert_eq!(dir.resolve(Path::new("escape")), None);
-        assert_eq!(dir.resolve(Path::new("sub")), None, "directories are not files");
+        assert_eq!(
+            dir.resolve(Path::new("sub")),
+            None,
+            "directories are not files"
+        );
         assert_eq!(dir.resolve(Path::new("missing")), None);
         std::fs::remove_dir_all(&base).unwrap();
     }

@@ -42,13 +42,30 @@ pub enum InitramfsError {
 /// Drivers for QEMU's devices and common lab hardware: NICs, disk controllers, USB sticks.
 pub const DEFAULT_MODULES: &[&str] = &[
     // virtio (QEMU, most clouds)
-    "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi",
+    "virtio_pci",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_scsi",
     // Intel and Realtek/Broadcom NICs found in lab PCs
-    "e1000", "e1000e", "igb", "igc", "ixgbe", "r8169", "tg3",
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "ixgbe",
+    "r8169",
+    "tg3",
     // disks
-    "ahci", "ata_piix", "nvme", "sd_mod",
+    "ahci",
+    "ata_piix",
+    "nvme",
+    "sd_mod",
     // USB sticks and their host controllers
-    "xhci_pci", "ehci_pci", "uhci_hcd", "ohci_pci", "usb_storage", "uas",
+    "xhci_pci",
+    "ehci_pci",
+    "uhci_hcd",
+    "ohci_pci",
+    "usb_storage",
+    "uas",
 ];
 
 /// Modules that are convenient but need not exist in every kernel build.
@@ -81,7 +98,10 @@ enum Entry {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
-    fs::read(path).map_err(|source| InitramfsError::Read { path: path.into(), source })
+    fs::read(path).map_err(|source| InitramfsError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
 fn kernel_version(spec: &Spec) -> Result<String, InitramfsError> {
@@ -95,7 +115,9 @@ fn kernel_version(spec: &Spec) -> Result<String, InitramfsError> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     versions.sort();
-    versions.pop().ok_or_else(|| InitramfsError::NoModuleTree(spec.kernel_root.clone()))
+    versions
+        .pop()
+        .ok_or_else(|| InitramfsError::NoModuleTree(spec.kernel_root.clone()))
 }
 
 /// Resolves the module set with dependencies; returns module names sorted.
@@ -118,7 +140,10 @@ pub fn resolve(index: &ModuleIndex, wanted: &[String]) -> Result<BTreeSet<String
 pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
     let version = kernel_version(spec)?;
     let module_dir = spec.kernel_root.join("lib/modules").join(&version);
-    let index = ModuleIndex::read(&module_dir).map_err(|source| InitramfsError::Index { dir: module_dir.clone(), source })?;
+    let index = ModuleIndex::read(&module_dir).map_err(|source| InitramfsError::Index {
+        dir: module_dir.clone(),
+        source,
+    })?;
     let modules = resolve(&index, &spec.modules)?;
 
     let mut entries: std::collections::BTreeMap<String, Entry> = Default::default();
@@ -135,19 +160,40 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
     for dir in ["dev", "proc", "sys", "run", "tmp", "mnt"] {
         add_dirs(&mut entries, dir);
     }
-    entries.insert("dev/console".into(), Entry::CharDevice { mode: 0o600, major: 5, minor: 1 });
-    entries.insert("init".into(), Entry::File { mode: 0o755, data: read(&spec.agent)? });
+    entries.insert(
+        "dev/console".into(),
+        Entry::CharDevice {
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+    );
+    entries.insert(
+        "init".into(),
+        Entry::File {
+            mode: 0o755,
+            data: read(&spec.agent)?,
+        },
+    );
 
     let base = format!("lib/modules/{version}");
     let mut dep_lines = Vec::new();
     for module in &modules {
-        let Some(rel) = index.path_of(module) else { continue };
+        let Some(rel) = index.path_of(module) else {
+            continue;
+        };
         let rel = rel.to_string_lossy().into_owned();
         let archive_path = format!("{base}/{rel}");
         if let Some(parent) = Path::new(&archive_path).parent() {
             add_dirs(&mut entries, &parent.to_string_lossy());
         }
-        entries.insert(archive_path, Entry::File { mode: 0o644, data: read(&module_dir.join(&rel))? });
+        entries.insert(
+            archive_path,
+            Entry::File {
+                mode: 0o644,
+                data: read(&module_dir.join(&rel))?,
+            },
+        );
         let deps: Vec<String> = index
             .dependencies_of(module)
             .iter()
@@ -155,8 +201,12 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
             .collect();
         dep_lines.push(format!("{rel}: {}", deps.join(" ")));
     }
-    let alias_text = fs::read_to_string(module_dir.join("modules.alias"))
-        .map_err(|source| InitramfsError::Read { path: module_dir.join("modules.alias"), source })?;
+    let alias_text = fs::read_to_string(module_dir.join("modules.alias")).map_err(|source| {
+        InitramfsError::Read {
+            path: module_dir.join("modules.alias"),
+            source,
+        }
+    })?;
     let alias_lines: Vec<&str> = alias_text
         .lines()
         .filter(|line| {
@@ -165,16 +215,33 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
                 .is_some_and(|m| modules.contains(&normalize_name(m)))
         })
         .collect();
-    entries.insert(format!("{base}/modules.dep"), Entry::File { mode: 0o644, data: (dep_lines.join("\n") + "\n").into_bytes() });
-    entries.insert(format!("{base}/modules.alias"), Entry::File { mode: 0o644, data: (alias_lines.join("\n") + "\n").into_bytes() });
+    entries.insert(
+        format!("{base}/modules.dep"),
+        Entry::File {
+            mode: 0o644,
+            data: (dep_lines.join("\n") + "\n").into_bytes(),
+        },
+    );
+    entries.insert(
+        format!("{base}/modules.alias"),
+        Entry::File {
+            mode: 0o644,
+            data: (alias_lines.join("\n") + "\n").into_bytes(),
+        },
+    );
 
     let cpio = write_newc(&entries)?;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    let write_err = |source| InitramfsError::Write { path: out.into(), source };
+    let write_err = |source| InitramfsError::Write {
+        path: out.into(),
+        source,
+    };
     gz.write_all(&cpio).map_err(write_err)?;
     let compressed = gz.finish().map_err(write_err)?;
     let tmp = out.with_extension("tmp");
-    fs::write(&tmp, &compressed).and_then(|()| fs::rename(&tmp, out)).map_err(write_err)?;
+    fs::write(&tmp, &compressed)
+        .and_then(|()| fs::rename(&tmp, out))
+        .map_err(write_err)?;
     Ok(Summary {
         version,
         modules: modules.into_iter().collect(),
@@ -183,19 +250,34 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
     })
 }
 
-fn write_newc(entries: &std::collections::BTreeMap<String, Entry>) -> Result<Vec<u8>, InitramfsError> {
-    let io_err = |source| InitramfsError::Write { path: PathBuf::from("<memory>"), source };
+fn write_newc(
+    entries: &std::collections::BTreeMap<String, Entry>,
+) -> Result<Vec<u8>, InitramfsError> {
+    let io_err = |source| InitramfsError::Write {
+        path: PathBuf::from("<memory>"),
+        source,
+    };
     let mut out = Vec::new();
     for (ino, (name, entry)) in entries.iter().enumerate() {
-        let builder = cpio::newc::Builder::new(name).ino(ino as u32 + 1).uid(0).gid(0).mtime(0);
+        let builder = cpio::newc::Builder::new(name)
+            .ino(ino as u32 + 1)
+            .uid(0)
+            .gid(0)
+            .mtime(0);
         let (builder, data): (_, &[u8]) = match entry {
             Entry::Dir => (builder.mode(0o040755).nlink(2), &[]),
             Entry::File { mode, data } => (builder.mode(0o100000 | mode).nlink(1), data),
-            Entry::CharDevice { mode, major, minor } => {
-                (builder.mode(0o020000 | mode).nlink(1).rdev_major(*major).rdev_minor(*minor), &[])
-            }
+            Entry::CharDevice { mode, major, minor } => (
+                builder
+                    .mode(0o020000 | mode)
+                    .nlink(1)
+                    .rdev_major(*major)
+                    .rdev_minor(*minor),
+                &[],
+            ),
         };
-        let size = u32::try_from(data.len()).map_err(|_| InitramfsError::TooLarge { path: name.clone() })?;
+        let size = u32::try_from(data.len())
+            .map_err(|_| InitramfsError::TooLarge { path: name.clone() })?;
         let mut writer = builder.write(&mut out, size);
         writer.write_all(data).map_err(io_err)?;
         writer.finish().map_err(io_err)?;
@@ -209,7 +291,8 @@ mod tests {
     use super::*;
 
     fn fake_kernel(tag: &str) -> PathBuf {
-        let root = std::env::temp_dir().join(format!("diskcast-initramfs-{tag}-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("diskcast-initramfs-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let dir = root.join("lib/modules/6.1.0-test");
         fs::create_dir_all(dir.join("kernel/net")).unwrap();
@@ -221,7 +304,11 @@ mod tests {
             "kernel/net/virtio_net.ko: kernel/net/failover.ko\nkernel/net/failover.ko:\nkernel/net/unrelated.ko:\n",
         )
         .unwrap();
-        fs::write(dir.join("modules.alias"), "alias virtio:d00000001v* virtio_net\nalias pci:v1* unrelated\n").unwrap();
+        fs::write(
+            dir.join("modules.alias"),
+            "alias virtio:d00000001v* virtio_net\nalias pci:v1* unrelated\n",
+        )
+        .unwrap();
         fs::write(root.join("agent"), b"\x7fELF agent").unwrap();
         root
     }
@@ -264,14 +351,22 @@ mod tests {
         assert_eq!(first, fs::read(&out).unwrap(), "two builds differ");
 
         let entries = read_archive(&out);
-        let find = |name: &str| entries.iter().find(|e| e.0 == name).unwrap_or_else(|| panic!("{name} missing"));
+        let find = |name: &str| {
+            entries
+                .iter()
+                .find(|e| e.0 == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+        };
         assert_eq!(find("init").1, 0o100755);
         assert_eq!(find("init").2, b"\x7fELF agent");
         assert_eq!(find("dev/console").1, 0o020600);
         let base = "lib/modules/6.1.0-test";
         let alias = String::from_utf8(find(&format!("{base}/modules.alias")).2.clone()).unwrap();
         assert_eq!(alias.trim(), "alias virtio:d00000001v* virtio_net");
-        let index = ModuleIndex::parse(&alias, &String::from_utf8(find(&format!("{base}/modules.dep")).2.clone()).unwrap());
+        let index = ModuleIndex::parse(
+            &alias,
+            &String::from_utf8(find(&format!("{base}/modules.dep")).2.clone()).unwrap(),
+        );
         assert_eq!(index.load_order("virtio_net"), ["failover", "virtio_net"]);
         assert!(entries.iter().all(|e| !e.0.contains("unrelated")));
         fs::remove_dir_all(&root).unwrap();
@@ -280,9 +375,17 @@ mod tests {
     #[test]
     fn unknown_required_module_is_an_error() {
         let root = fake_kernel("unknown");
-        let spec = Spec { kernel_root: root.clone(), version: None, agent: root.join("agent"), modules: vec!["e1000".into()] };
+        let spec = Spec {
+            kernel_root: root.clone(),
+            version: None,
+            agent: root.join("agent"),
+            modules: vec!["e1000".into()],
+        };
         let err = build(&spec, &root.join("out.img")).unwrap_err();
-        assert!(matches!(err, InitramfsError::UnknownModule(ref m) if m == "e1000"), "{err}");
+        assert!(
+            matches!(err, InitramfsError::UnknownModule(ref m) if m == "e1000"),
+            "{err}"
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -36,7 +36,12 @@ fn main() -> ExitCode {
         DEFAULT_MODULES.iter().map(|m| m.to_string()).collect()
     };
     modules.extend(cli.extra_modules);
-    let spec = Spec { kernel_root: cli.kernel_root, version: cli.kernel_version, agent: cli.agent, modules };
+    let spec = Spec {
+        kernel_root: cli.kernel_root,
+        version: cli.kernel_version,
+        agent: cli.agent,
+        modules,
+    };
     match build(&spec, &cli.output) {
         Ok(summary) => {
             println!(

@@ -4,7 +4,11 @@
 //!
 //! This is test code: a failure to set the lab up is a test failure, so it panics with the reason.
 #![forbid(unsafe_code)]
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -19,7 +23,10 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn lab_dir() -> PathBuf {
@@ -28,13 +35,23 @@ pub fn lab_dir() -> PathBuf {
 
 fn lab_file(name: &str) -> PathBuf {
     let path = lab_dir().join(name);
-    assert!(path.exists(), "{} is missing: run scripts/build-lab (or scripts/test) first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-lab (or scripts/test) first",
+        path.display()
+    );
     path
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -42,11 +59,14 @@ fn run(cmd: &mut Command) -> String {
 #[derive(Clone, Default)]
 pub struct Console {
     inner: Arc<(Mutex<String>, Condvar)>,
+    /// Prefix to echo every line with on stdout (the interactive lab), or `None`.
+    echo: Option<Arc<str>>,
 }
 
 impl Console {
     fn attach(&self, stream: impl Read + Send + 'static, log_file: PathBuf) {
         let inner = Arc::clone(&self.inner);
+        let echo = self.echo.clone();
         std::thread::spawn(move || {
             let mut file = fs::File::create(&log_file).ok();
             let mut reader = BufReader::new(stream);
@@ -55,6 +75,9 @@ impl Console {
                 let text = String::from_utf8_lossy(&line).replace('\r', "");
                 if let Some(f) = file.as_mut() {
                     let _ = std::io::Write::write_all(f, text.as_bytes());
+                }
+                if let Some(prefix) = &echo {
+                    print!("{prefix}{text}");
                 }
                 let (lock, cvar) = &*inner;
                 lock.lock().unwrap().push_str(&text);
@@ -79,7 +102,10 @@ impl Console {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!("no line containing {needle:?} within {} s", timeout.as_secs()));
+                return Err(format!(
+                    "no line containing {needle:?} within {} s",
+                    timeout.as_secs()
+                ));
             }
             text = cvar.wait_timeout(text, deadline - now).unwrap().0;
         }
@@ -125,7 +151,11 @@ impl VmSpec {
     }
 
     pub fn disk(mut self, size_mib: u64, serial: &str, device: &'static str) -> Self {
-        self.disks.push(DiskSpec { size_mib, serial: serial.into(), device });
+        self.disks.push(DiskSpec {
+            size_mib,
+            serial: serial.into(),
+            device,
+        });
         self
     }
 }
@@ -145,7 +175,11 @@ impl Vm {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
-                return Err(format!("{} still running after {} s", self.spec.name, timeout.as_secs()));
+                return Err(format!(
+                    "{} still running after {} s",
+                    self.spec.name,
+                    timeout.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -160,16 +194,25 @@ pub struct Ready {
 
 impl Ready {
     pub fn parse(line: &str) -> Self {
-        let rest = line.split(diskcast_agent::READY_MARKER).nth(1).unwrap_or("");
+        let rest = line
+            .split(diskcast_agent::READY_MARKER)
+            .nth(1)
+            .unwrap_or("");
         let fields = rest
             .split_ascii_whitespace()
-            .filter_map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|w| {
+                w.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect();
         Self { fields }
     }
 
     pub fn get(&self, key: &str) -> &str {
-        self.fields.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
     }
 }
 
@@ -187,6 +230,8 @@ pub struct Lab {
     bootservers: Vec<Bootserver>,
     helpers: Vec<(String, Child, Console)>,
     taps: u32,
+    /// Echo consoles to stdout, for the interactive lab.
+    pub echo: bool,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -203,7 +248,11 @@ impl Lab {
             run(Command::new("id").arg("-u")).trim() == "0",
             "the QEMU lab needs root (network namespaces, tap devices)"
         );
-        let netns = format!("dc-{}-{}", name.chars().take(20).collect::<String>(), std::process::id());
+        let netns = format!(
+            "dc-{}-{}",
+            name.chars().take(20).collect::<String>(),
+            std::process::id()
+        );
         let dir = project_root().join("target/lab-runs").join(&netns);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -218,6 +267,7 @@ impl Lab {
             bootservers: Vec::new(),
             helpers: Vec::new(),
             taps: 0,
+            echo: false,
             _serial: serial,
         };
         for args in [
@@ -233,7 +283,9 @@ impl Lab {
 
     /// Runs `ip ARGS` inside the lab's namespace.
     pub fn ip(&self, args: &str) -> String {
-        run(Command::new("ip").args(["netns", "exec", &self.netns, "ip"]).args(args.split_whitespace()))
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.netns, "ip"])
+            .args(args.split_whitespace()))
     }
 
     fn ns_command(&self, program: &Path) -> Command {
@@ -276,14 +328,23 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting the bootserver");
-        let console = Console::default();
+        let console = self.console("bootserver | ");
         let n = self.bootservers.len();
-        console.attach(child.stdout.take().unwrap(), self.dir.join(format!("bootserver-{n}.out")));
-        console.attach(child.stderr.take().unwrap(), self.dir.join(format!("bootserver-{n}.log")));
-        self.bootservers.push(Bootserver { console: console.clone(), child });
-        console.wait_for("bootserver ready", Duration::from_secs(30)).unwrap_or_else(|e| {
-            panic!("bootserver did not start: {e}\n{}", console.text())
+        console.attach(
+            child.stdout.take().unwrap(),
+            self.dir.join(format!("bootserver-{n}.out")),
+        );
+        console.attach(
+            child.stderr.take().unwrap(),
+            self.dir.join(format!("bootserver-{n}.log")),
+        );
+        self.bootservers.push(Bootserver {
+            console: console.clone(),
+            child,
         });
+        console
+            .wait_for("bootserver ready", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("bootserver did not start: {e}\n{}", console.text()));
         n
     }
 
@@ -300,10 +361,20 @@ impl Lab {
 
     /// Starts a helper process inside the namespace (dnsmasq and the like).
     pub fn start_helper(&mut self, name: &str, mut cmd: Command) -> Console {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let console = Console::default();
-        console.attach(child.stdout.take().unwrap(), self.dir.join(format!("{name}.out")));
-        console.attach(child.stderr.take().unwrap(), self.dir.join(format!("{name}.log")));
+        console.attach(
+            child.stdout.take().unwrap(),
+            self.dir.join(format!("{name}.out")),
+        );
+        console.attach(
+            child.stderr.take().unwrap(),
+            self.dir.join(format!("{name}.log")),
+        );
         self.helpers.push((name.into(), child, console.clone()));
         console
     }
@@ -314,10 +385,18 @@ impl Lab {
         let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         run(Command::new("ip").args(["netns", "add", &netns]));
         let peer = format!("v-{host}");
-        self.ip(&format!("link add {peer} type veth peer name eth0 netns {netns}"));
+        self.ip(&format!(
+            "link add {peer} type veth peer name eth0 netns {netns}"
+        ));
         self.ip(&format!("link set {peer} master br0 up"));
-        for args in ["link set lo up".to_string(), format!("addr add {address} brd + dev eth0"), "link set eth0 up".into()] {
-            run(Command::new("ip").args(["netns", "exec", &netns, "ip"]).args(args.split_whitespace()));
+        for args in [
+            "link set lo up".to_string(),
+            format!("addr add {address} brd + dev eth0"),
+            "link set eth0 up".into(),
+        ] {
+            run(Command::new("ip")
+                .args(["netns", "exec", &netns, "ip"])
+                .args(args.split_whitespace()));
         }
         netns
     }
@@ -334,14 +413,31 @@ impl Lab {
     pub fn boot_vm(&mut self, spec: VmSpec) -> usize {
         let tap = self.new_tap();
         let mut cmd = self.ns_command(Path::new("qemu-system-x86_64"));
-        cmd.args(["-accel", "tcg", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-            .args(["-m", &spec.memory_mib.to_string(), "-smp", "1"])
-            .args(["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .args(["-m", &spec.memory_mib.to_string(), "-smp", "1"])
+        .args([
+            "-netdev",
+            &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+        ]);
         let nic = match spec.firmware {
-            Firmware::Bios => format!("{},netdev=net0,mac={},bootindex=1", spec.nic_model, spec.mac),
+            Firmware::Bios => format!(
+                "{},netdev=net0,mac={},bootindex=1",
+                spec.nic_model, spec.mac
+            ),
             Firmware::Uefi => {
                 cmd.args(["-bios", "/usr/share/ovmf/OVMF.fd"]);
-                format!("{},netdev=net0,mac={},bootindex=1,romfile=", spec.nic_model, spec.mac)
+                format!(
+                    "{},netdev=net0,mac={},bootindex=1,romfile=",
+                    spec.nic_model, spec.mac
+                )
             }
         };
         cmd.args(["-device", &nic]);
@@ -352,7 +448,10 @@ impl Lab {
             let path = self.dir.join(format!("{}-disk{i}.img", spec.name));
             let file = fs::File::create(&path).unwrap();
             file.set_len(disk.size_mib << 20).unwrap();
-            cmd.args(["-drive", &format!("file={},format=raw,if=none,id=d{i}", path.display())]);
+            cmd.args([
+                "-drive",
+                &format!("file={},format=raw,if=none,id=d{i}", path.display()),
+            ]);
             let device = match disk.device {
                 "ide-hd" => format!("ide-hd,drive=d{i},bus=ahci.{i},serial={}", disk.serial),
                 other => format!("{other},drive=d{i},serial={}", disk.serial),
@@ -365,11 +464,28 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting qemu-system-x86_64 (run scripts/setup)");
-        let console = Console::default();
-        console.attach(child.stdout.take().unwrap(), self.dir.join(format!("{}.console", spec.name)));
-        console.attach(child.stderr.take().unwrap(), self.dir.join(format!("{}.qemu.log", spec.name)));
-        self.vms.push(Vm { spec, console, child });
+        let console = self.console(&format!("{} | ", spec.name));
+        console.attach(
+            child.stdout.take().unwrap(),
+            self.dir.join(format!("{}.console", spec.name)),
+        );
+        console.attach(
+            child.stderr.take().unwrap(),
+            self.dir.join(format!("{}.qemu.log", spec.name)),
+        );
+        self.vms.push(Vm {
+            spec,
+            console,
+            child,
+        });
         self.vms.len() - 1
+    }
+
+    fn console(&self, prefix: &str) -> Console {
+        Console {
+            echo: self.echo.then(|| Arc::from(prefix)),
+            ..Console::default()
+        }
     }
 
     pub fn vm(&mut self, n: usize) -> &mut Vm {
@@ -379,22 +495,36 @@ impl Lab {
     /// Waits for the VM's agent to report ready and returns the parsed line.
     pub fn wait_ready(&mut self, n: usize) -> Ready {
         let vm = &self.vms[n];
-        match vm.console.wait_for(diskcast_agent::READY_MARKER, BOOT_TIMEOUT) {
+        match vm
+            .console
+            .wait_for(diskcast_agent::READY_MARKER, BOOT_TIMEOUT)
+        {
             Ok(line) => Ready::parse(&line),
             Err(e) => panic!("{}: {e}", vm.spec.name),
         }
     }
 
     fn dump_logs(&self) {
-        eprintln!("==== lab {} failed; logs in {} ====", self.name, self.dir.display());
+        eprintln!(
+            "==== lab {} failed; logs in {} ====",
+            self.name,
+            self.dir.display()
+        );
         for (i, server) in self.bootservers.iter().enumerate() {
-            eprintln!("---- bootserver {i} ----\n{}", tail(&server.console.text(), 80));
+            eprintln!(
+                "---- bootserver {i} ----\n{}",
+                tail(&server.console.text(), 80)
+            );
         }
         for (name, _, console) in &self.helpers {
             eprintln!("---- {name} ----\n{}", tail(&console.text(), 60));
         }
         for vm in &self.vms {
-            eprintln!("---- console of {} ----\n{}", vm.spec.name, tail(&vm.console.text(), 120));
+            eprintln!(
+                "---- console of {} ----\n{}",
+                vm.spec.name,
+                tail(&vm.console.text(), 120)
+            );
         }
     }
 }
@@ -422,12 +552,21 @@ impl Drop for Lab {
             let _ = child.wait();
         }
         let hosts: Vec<String> = fs::read_dir("/run/netns")
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
-        for ns in hosts.iter().filter(|n| n.starts_with(&format!("{}-", self.netns))) {
+        for ns in hosts
+            .iter()
+            .filter(|n| n.starts_with(&format!("{}-", self.netns)))
+        {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
         if !std::thread::panicking() {
             // Disk images are large; keep the logs of passing runs only.
             if let Ok(entries) = fs::read_dir(&self.dir) {

@@ -13,7 +13,10 @@ fn settings(mode: DhcpMode) -> Settings {
         router: None,
         dns: vec![],
         lease_secs: 600,
-        reservations: HashMap::from([("52:54:00:00:00:99".to_string(), Ipv4Addr::new(10, 77, 0, 50))]),
+        reservations: HashMap::from([(
+            "52:54:00:00:00:99".to_string(),
+            Ipv4Addr::new(10, 77, 0, 50),
+        )]),
         uefi_loader: UefiLoader::Snponly,
         http_port: 8080,
     }
@@ -40,7 +43,9 @@ fn packet(who: Who, n: u8, kind: MessageType, extra: Vec<DhcpOption>) -> Vec<u8>
     opts.insert(DhcpOption::MessageType(kind));
     let pxe = |arch: u16| {
         vec![
-            DhcpOption::ClassIdentifier(format!("PXEClient:Arch:{arch:05}:UNDI:003000").into_bytes()),
+            DhcpOption::ClassIdentifier(
+                format!("PXEClient:Arch:{arch:05}:UNDI:003000").into_bytes(),
+            ),
             DhcpOption::ClientSystemArchitecture(Architecture(arch)),
         ]
     };
@@ -66,13 +71,21 @@ fn reply_of(handled: &Handled) -> Message {
 }
 
 fn full_exchange(server: &mut DhcpServer, who: Who, n: u8) -> Message {
-    let offer = reply_of(&server.handle(&packet(who, n, MessageType::Discover, vec![]), from(), Port::Dhcp, NOW));
+    let offer = reply_of(&server.handle(
+        &packet(who, n, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        NOW,
+    ));
     assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
     let request = packet(
         who,
         n,
         MessageType::Request,
-        vec![DhcpOption::RequestedIpAddress(offer.yiaddr()), DhcpOption::ServerIdentifier(SERVER)],
+        vec![
+            DhcpOption::RequestedIpAddress(offer.yiaddr()),
+            DhcpOption::ServerIdentifier(SERVER),
+        ],
     );
     let handled = server.handle(&request, from(), Port::Dhcp, NOW);
     assert!(handled.leases_changed);
@@ -86,10 +99,19 @@ fn full_exchange(server: &mut DhcpServer, who: Who, n: u8) -> Message {
 fn bios_pxe_gets_undionly_with_pxe_options() {
     let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
     let ack = full_exchange(&mut server, Who::Bios, 1);
-    assert_eq!(ack.fname_str().unwrap().unwrap().trim_end_matches('\0'), "undionly.kpxe");
+    assert_eq!(
+        ack.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "undionly.kpxe"
+    );
     assert_eq!(ack.siaddr(), SERVER);
-    assert_eq!(ack.opts().get(OptionCode::ClassIdentifier), Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec())));
-    assert_eq!(ack.opts().get(OptionCode::VendorExtensions), Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255])));
+    assert_eq!(
+        ack.opts().get(OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+    );
+    assert_eq!(
+        ack.opts().get(OptionCode::VendorExtensions),
+        Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+    );
     assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 77, 0, 100));
     assert_eq!(server.leases.leases["52:54:00:00:00:01"].expires, NOW + 600);
 }
@@ -98,15 +120,28 @@ fn bios_pxe_gets_undionly_with_pxe_options() {
 fn uefi_gets_the_configured_loader_and_ipxe_gets_its_script() {
     let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
     let ack = full_exchange(&mut server, Who::Uefi, 1);
-    assert_eq!(ack.fname_str().unwrap().unwrap().trim_end_matches('\0'), "snponly.efi");
+    assert_eq!(
+        ack.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "snponly.efi"
+    );
     // The same machine, now running iPXE: the script, and no waiting for proxy offers.
     let ack = full_exchange(&mut server, Who::Ipxe, 1);
-    assert_eq!(ack.fname_str().unwrap().unwrap().trim_end_matches('\0'), "http://10.77.0.1:8080/boot/52-54-00-00-00-01.ipxe");
+    assert_eq!(
+        ack.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "http://10.77.0.1:8080/boot/52-54-00-00-00-01.ipxe"
+    );
     assert_eq!(
         ack.opts().get(OptionCode::from(175)),
-        Some(&DhcpOption::Unknown(UnknownOption::new(OptionCode::from(175), vec![176, 1, 1])))
+        Some(&DhcpOption::Unknown(UnknownOption::new(
+            OptionCode::from(175),
+            vec![176, 1, 1]
+        )))
     );
-    assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 77, 0, 100), "same machine, same address");
+    assert_eq!(
+        ack.yiaddr(),
+        Ipv4Addr::new(10, 77, 0, 100),
+        "same machine, same address"
+    );
 }
 
 #[test]
@@ -120,55 +155,120 @@ fn agent_gets_an_address_and_no_boot_file() {
 #[test]
 fn reservations_leases_after_restart_and_exhaustion() {
     let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
-    assert_eq!(full_exchange(&mut server, Who::Plain, 0x99).yiaddr(), Ipv4Addr::new(10, 77, 0, 50));
+    assert_eq!(
+        full_exchange(&mut server, Who::Plain, 0x99).yiaddr(),
+        Ipv4Addr::new(10, 77, 0, 50)
+    );
     let first = full_exchange(&mut server, Who::Plain, 1).yiaddr();
     let second = full_exchange(&mut server, Who::Plain, 2).yiaddr();
     assert_ne!(first, second);
     // The range holds two addresses: a third machine gets no offer.
-    let handled = server.handle(&packet(Who::Plain, 3, MessageType::Discover, vec![]), from(), Port::Dhcp, NOW);
+    let handled = server.handle(
+        &packet(Who::Plain, 3, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        NOW,
+    );
     assert!(handled.reply.is_none());
     assert!(handled.summary.unwrap().contains("exhausted"));
     // A restarted server with the saved table gives each machine its address back.
     let mut restarted = DhcpServer::new(settings(DhcpMode::Full), server.leases.clone());
-    assert_eq!(full_exchange(&mut restarted, Who::Plain, 2).yiaddr(), second);
+    assert_eq!(
+        full_exchange(&mut restarted, Who::Plain, 2).yiaddr(),
+        second
+    );
     assert_eq!(full_exchange(&mut restarted, Who::Plain, 1).yiaddr(), first);
 }
 
 #[test]
 fn wrong_address_is_naked_and_other_servers_requests_ignored() {
     let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
-    let wrong = packet(Who::Plain, 1, MessageType::Request, vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 7))]);
+    let wrong = packet(
+        Who::Plain,
+        1,
+        MessageType::Request,
+        vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 7))],
+    );
     let nak = reply_of(&server.handle(&wrong, from(), Port::Dhcp, NOW));
     assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
     let elsewhere = packet(
         Who::Plain,
         1,
         MessageType::Request,
-        vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 7)), DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 1, 1))],
+        vec![
+            DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 7)),
+            DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 1, 1)),
+        ],
     );
-    assert!(server.handle(&elsewhere, from(), Port::Dhcp, NOW).reply.is_none());
+    assert!(server
+        .handle(&elsewhere, from(), Port::Dhcp, NOW)
+        .reply
+        .is_none());
     assert_eq!(server.stats.naks, 1);
 }
 
 #[test]
 fn proxy_mode_answers_boot_clients_only_and_gives_no_address() {
     let mut server = DhcpServer::new(settings(DhcpMode::Proxy), LeaseTable::default());
-    let offer = reply_of(&server.handle(&packet(Who::Bios, 1, MessageType::Discover, vec![]), from(), Port::Dhcp, NOW));
+    let offer = reply_of(&server.handle(
+        &packet(Who::Bios, 1, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        NOW,
+    ));
     assert_eq!(offer.yiaddr(), Ipv4Addr::UNSPECIFIED);
-    assert_eq!(offer.fname_str().unwrap().unwrap().trim_end_matches('\0'), "undionly.kpxe");
+    assert_eq!(
+        offer.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "undionly.kpxe"
+    );
     assert!(offer.opts().get(OptionCode::AddressLeaseTime).is_none());
-    assert!(server.handle(&packet(Who::Plain, 2, MessageType::Discover, vec![]), from(), Port::Dhcp, NOW).reply.is_none());
-    assert!(server.handle(&packet(Who::Agent, 3, MessageType::Discover, vec![]), from(), Port::Dhcp, NOW).reply.is_none());
+    assert!(server
+        .handle(
+            &packet(Who::Plain, 2, MessageType::Discover, vec![]),
+            from(),
+            Port::Dhcp,
+            NOW
+        )
+        .reply
+        .is_none());
+    assert!(server
+        .handle(
+            &packet(Who::Agent, 3, MessageType::Discover, vec![]),
+            from(),
+            Port::Dhcp,
+            NOW
+        )
+        .reply
+        .is_none());
     // The lab server's REQUEST on port 67 is not ours.
-    let request = packet(Who::Ipxe, 1, MessageType::Request, vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 77, 0, 2))]);
-    assert!(server.handle(&request, from(), Port::Dhcp, NOW).reply.is_none());
+    let request = packet(
+        Who::Ipxe,
+        1,
+        MessageType::Request,
+        vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 77, 0, 2))],
+    );
+    assert!(server
+        .handle(&request, from(), Port::Dhcp, NOW)
+        .reply
+        .is_none());
     // Port 4011: the boot file, straight back to the client.
     let client = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 120), 68);
-    let handled = server.handle(&packet(Who::Ipxe, 1, MessageType::Request, vec![]), client, Port::PxeBoot, NOW);
-    assert_eq!(handled.reply.as_ref().unwrap().to, Destination::Unicast(client));
+    let handled = server.handle(
+        &packet(Who::Ipxe, 1, MessageType::Request, vec![]),
+        client,
+        Port::PxeBoot,
+        NOW,
+    );
+    assert_eq!(
+        handled.reply.as_ref().unwrap().to,
+        Destination::Unicast(client)
+    );
     let ack = reply_of(&handled);
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
-    assert_eq!(ack.fname_str().unwrap().unwrap().trim_end_matches('\0'), "http://10.77.0.1:8080/boot/52-54-00-00-00-01.ipxe");
+    assert_eq!(
+        ack.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "http://10.77.0.1:8080/boot/52-54-00-00-00-01.ipxe"
+    );
     assert!(server.leases.leases.is_empty());
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cmdline;
 pub mod dhcp;
+pub mod imaging;
 pub mod inventory;
 pub mod logging;
 pub mod modules;

@@ -163,6 +163,8 @@ impl VmSpec {
 pub struct Vm {
     pub spec: VmSpec,
     pub console: Console,
+    /// When QEMU was started.
+    pub started: Instant,
     child: Child,
 }
 
@@ -366,7 +368,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let console = Console::default();
+        let console = self.console(&format!("{name} | "));
         console.attach(
             child.stdout.take().unwrap(),
             self.dir.join(format!("{name}.out")),
@@ -476,6 +478,7 @@ impl Lab {
         self.vms.push(Vm {
             spec,
             console,
+            started: Instant::now(),
             child,
         });
         self.vms.len() - 1
@@ -490,6 +493,11 @@ impl Lab {
 
     pub fn vm(&mut self, n: usize) -> &mut Vm {
         &mut self.vms[n]
+    }
+
+    /// Runs `program` inside the lab's namespace.
+    pub fn command_in_lab(&self, program: &str) -> Command {
+        self.ns_command(Path::new(program))
     }
 
     /// Waits for the VM's agent to report ready and returns the parsed line.

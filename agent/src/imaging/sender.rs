@@ -1,0 +1,716 @@
+//! The sans-IO sender: announces the image, admits receivers, multicasts the manifest and the data
+//! chunks block by block, merges the receivers' NAKs into one repair queue, paces itself, and ends
+//! when every receiver is done or failed.
+//!
+//! The caller feeds received datagrams to [`Sender::handle_datagram`], asks
+//! [`Sender::poll_transmit`] for the next datagram to multicast (giving it access to chunk bytes
+//! through [`ChunkSource`]), and sleeps no longer than [`Sender::poll_timeout`].
+
+use super::bits::BitSet;
+use super::manifest::{ChunkKind, Manifest};
+use super::wire::{
+    Body, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD,
+    DATA_REPAIR, MAX_DATAGRAM,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Where chunk bytes come from: a disk, an image file, or memory in tests.
+pub trait ChunkSource {
+    /// The bytes of chunk `index` (its full length, the last one possibly short).
+    fn chunk(&mut self, index: u32) -> std::io::Result<&[u8]>;
+}
+
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub session: u32,
+    pub block_size: u16,
+    /// Start once this many receivers joined...
+    pub min_receivers: u32,
+    /// ...or once this long passed with at least one receiver.
+    pub start_timeout: Option<Duration>,
+    /// Bytes per second of data to start with and the ceiling.
+    pub initial_rate: u64,
+    pub max_rate: u64,
+    /// A receiver silent this long is dropped and ends failed.
+    pub receiver_timeout: Duration,
+    /// Receivers not done this long after the data started are dropped (the "drop" policy);
+    /// `None` waits for every receiver (the "wait" policy).
+    pub deadline: Option<Duration>,
+    pub announce_interval: Duration,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            session: 1,
+            block_size: super::wire::DEFAULT_BLOCK_SIZE,
+            min_receivers: 1,
+            start_timeout: None,
+            initial_rate: 40_000_000,
+            max_rate: 2_000_000_000,
+            receiver_timeout: Duration::from_secs(30),
+            deadline: None,
+            announce_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What the sender knows about one receiver, for the progress table and the summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverReport {
+    pub id: u64,
+    pub name: String,
+    pub serial: String,
+    pub disk_size: u64,
+    pub state: ReceiverState,
+    pub chunks_done: u32,
+    pub chunks_total: u32,
+    /// Blocks this receiver asked to be repaired.
+    pub repairs_requested: u64,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
+    pub joined_at: Instant,
+    pub finished_at: Option<Instant>,
+    last_heard: Instant,
+    last_overflow: u32,
+    done_acked: bool,
+}
+
+impl ReceiverReport {
+    pub fn is_final(&self) -> bool {
+        matches!(self.state, ReceiverState::Done | ReceiverState::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Announcing, waiting for the start policy to be met.
+    Waiting,
+    Sending,
+    /// Telling everybody the session ended.
+    Ending,
+    Ended,
+}
+
+/// How the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every admitted receiver verified its copy.
+    AllDone,
+    /// At least one receiver failed (see the reports).
+    SomeFailed,
+    /// Nobody joined within the start timeout.
+    NoReceivers,
+    /// Reading the source failed.
+    SourceError(String),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SenderStats {
+    pub data_datagrams: u64,
+    pub repair_datagrams: u64,
+    pub data_bytes: u64,
+    pub manifest_datagrams: u64,
+    pub malformed: u64,
+    pub foreign: u64,
+}
+
+const PACING_BURST: f64 = 48.0;
+const END_REPEATS: u32 = 5;
+
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+    image_hash: [u8; 32],
+    data_chunks: Vec<u32>,
+    blocks_per_chunk: usize,
+    phase: Phase,
+    created: Instant,
+    data_started: Option<Instant>,
+    receivers: BTreeMap<u64, ReceiverReport>,
+    control: VecDeque<Body>,
+    next_announce: Instant,
+    /// First pass position: index into `data_chunks` and block within that chunk.
+    pass_chunk: usize,
+    pass_block: usize,
+    /// Manifest parts still to multicast (part index).
+    manifest_queue: BTreeSet<u32>,
+    manifest_repeat: bool,
+    repairs: BTreeMap<u32, BitSet>,
+    /// Sequence number of the last datagram sent for each chunk.
+    chunk_last_seq: Vec<u64>,
+    seq: u64,
+    rate: f64,
+    tokens: f64,
+    last_refill: Instant,
+    last_rate_change: Instant,
+    end_sent: u32,
+    outcome: Option<Outcome>,
+    pub stats: SenderStats,
+}
+
+fn part_size(block_size: u16) -> usize {
+    usize::from(block_size)
+}
+
+impl Sender {
+    pub fn new(cfg: SenderConfig, manifest: Manifest, now: Instant) -> Self {
+        let manifest_bytes = manifest.encode();
+        let image_hash = manifest.image_hash();
+        let data_chunks: Vec<u32> = manifest.data_chunks().collect();
+        let blocks_per_chunk = (manifest.chunk_size as usize).div_ceil(usize::from(cfg.block_size));
+        let chunk_last_seq = vec![0; manifest.chunks.len()];
+        let rate = cfg.initial_rate.min(cfg.max_rate) as f64;
+        Self {
+            manifest_bytes,
+            image_hash,
+            data_chunks,
+            blocks_per_chunk,
+            phase: Phase::Waiting,
+            created: now,
+            data_started: None,
+            receivers: BTreeMap::new(),
+            control: VecDeque::new(),
+            next_announce: now,
+            pass_chunk: 0,
+            pass_block: 0,
+            manifest_queue: BTreeSet::new(),
+            manifest_repeat: false,
+            repairs: BTreeMap::new(),
+            chunk_last_seq,
+            seq: 0,
+            rate,
+            tokens: PACING_BURST * 1500.0,
+            last_refill: now,
+            last_rate_change: now,
+            end_sent: 0,
+            outcome: None,
+            stats: SenderStats::default(),
+            manifest,
+            cfg,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn image_hash(&self) -> [u8; 32] {
+        self.image_hash
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate as u64
+    }
+
+    pub fn receivers(&self) -> impl Iterator<Item = &ReceiverReport> {
+        self.receivers.values()
+    }
+
+    fn manifest_parts(&self) -> u32 {
+        self.manifest_bytes
+            .len()
+            .div_ceil(part_size(self.cfg.block_size)) as u32
+    }
+
+    fn blocks_in(&self, chunk: u32) -> usize {
+        self.manifest
+            .chunk_range(chunk)
+            .1
+            .div_ceil(usize::from(self.cfg.block_size))
+    }
+
+    fn first_pass_done(&self) -> bool {
+        self.pass_chunk >= self.data_chunks.len()
+    }
+
+    /// The chunk index the first pass is at (all chunks before it were sent once).
+    fn front(&self) -> u32 {
+        self.data_chunks
+            .get(self.pass_chunk)
+            .copied()
+            .unwrap_or(self.manifest.chunk_count())
+    }
+
+    fn packet(&self, body: Body) -> Vec<u8> {
+        Packet {
+            session: self.cfg.session,
+            body,
+        }
+        .emit()
+    }
+
+    fn announce(&self) -> Body {
+        Body::Announce {
+            image_size: self.manifest.image_size,
+            chunk_size: self.manifest.chunk_size,
+            block_size: self.cfg.block_size,
+            manifest_len: self.manifest_bytes.len() as u32,
+            image_hash: self.image_hash,
+            front: self.front(),
+            flags: if self.first_pass_done() && self.phase != Phase::Waiting {
+                ANNOUNCE_FIRST_PASS_DONE
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Feeds one datagram received on the sender's socket.
+    pub fn handle_datagram(&mut self, bytes: &[u8], now: Instant) {
+        let packet = match Packet::parse(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if packet.session != self.cfg.session {
+            self.stats.foreign += 1;
+            return;
+        }
+        match packet.body {
+            Body::Join {
+                receiver,
+                disk_size,
+                logical_block: _,
+                refusal,
+                name,
+                serial,
+            } => self.join(receiver, disk_size, refusal, name, serial, now),
+            Body::Status {
+                receiver,
+                state,
+                chunks_done,
+                chunks_total,
+                highest_seq,
+                overflow,
+                manifest_missing,
+                naks,
+                ..
+            } => {
+                let Some(report) = self.receivers.get_mut(&receiver) else {
+                    self.stats.foreign += 1;
+                    return;
+                };
+                if report.is_final() {
+                    return;
+                }
+                report.last_heard = now;
+                report.chunks_done = chunks_done;
+                report.chunks_total = chunks_total;
+                if state != ReceiverState::Failed {
+                    report.state = state;
+                }
+                let overflowed = overflow > report.last_overflow;
+                report.last_overflow = overflow;
+                if overflowed {
+                    self.slow_down(now);
+                }
+                if manifest_missing != u32::MAX && self.phase == Phase::Sending {
+                    let first = manifest_missing / part_size(self.cfg.block_size) as u32;
+                    self.manifest_queue.extend(first..self.manifest_parts());
+                }
+                let requested = self.merge_naks(&naks, highest_seq);
+                if let Some(report) = self.receivers.get_mut(&receiver) {
+                    report.repairs_requested += requested;
+                }
+            }
+            Body::Done {
+                receiver,
+                ok,
+                image_hash,
+                reason,
+            } => {
+                let Some(report) = self.receivers.get_mut(&receiver) else {
+                    self.stats.foreign += 1;
+                    return;
+                };
+                report.last_heard = now;
+                if !report.is_final() {
+                    if ok && image_hash == self.image_hash {
+                        report.state = ReceiverState::Done;
+                        report.chunks_done = report.chunks_total;
+                    } else {
+                        report.state = ReceiverState::Failed;
+                        report.failure = Some(if ok {
+                            "verified a different image".into()
+                        } else {
+                            reason
+                        });
+                    }
+                    report.finished_at = Some(now);
+                }
+                report.done_acked = true;
+                self.control.push_back(Body::DoneAck { receiver });
+            }
+            _ => self.stats.foreign += 1,
+        }
+    }
+
+    fn join(
+        &mut self,
+        id: u64,
+        disk_size: u64,
+        refusal: u8,
+        name: String,
+        serial: String,
+        now: Instant,
+    ) {
+        let image_size = self.manifest.image_size;
+        let mut report = ReceiverReport {
+            id,
+            name,
+            serial,
+            disk_size,
+            state: ReceiverState::Joining,
+            chunks_done: 0,
+            chunks_total: self.manifest.chunk_count(),
+            repairs_requested: 0,
+            failure: None,
+            joined_at: now,
+            finished_at: None,
+            last_heard: now,
+            last_overflow: 0,
+            done_acked: false,
+        };
+        match self.receivers.get(&id) {
+            Some(known) if known.state == ReceiverState::Done => return,
+            Some(known) if !known.is_final() && known.state != ReceiverState::Joining => {
+                log::info!(
+                    "receiver {} ({id:016x}) restarted; it starts over",
+                    known.name
+                );
+            }
+            _ => {}
+        }
+        let verdict = if refusal != 0 || disk_size < image_size {
+            report.state = ReceiverState::Failed;
+            report.failure = Some(format!(
+                "target too small: {disk_size} bytes for an image of {image_size} bytes"
+            ));
+            report.finished_at = Some(now);
+            Verdict::TooSmall
+        } else if matches!(self.phase, Phase::Ending | Phase::Ended) {
+            Verdict::Late
+        } else {
+            Verdict::Accepted
+        };
+        if verdict == Verdict::Accepted {
+            report.state = ReceiverState::Receiving;
+            if self.phase == Phase::Sending {
+                self.manifest_queue.extend(0..self.manifest_parts());
+            }
+        }
+        if verdict != Verdict::Late {
+            self.receivers.insert(id, report);
+        }
+        self.control.push_back(Body::Welcome {
+            receiver: id,
+            verdict,
+        });
+    }
+
+    /// Merges NAKs into the repair queue; returns how many blocks were asked for.
+    fn merge_naks(&mut self, naks: &[Nak], highest_seq: u64) -> u64 {
+        let mut requested = 0;
+        let chunk_count = self.manifest.chunk_count();
+        for nak in naks {
+            match nak {
+                Nak::Chunks { start, count } => {
+                    let end = start.saturating_add(*count).min(chunk_count);
+                    for chunk in *start..end {
+                        requested += self.request_blocks(chunk, None, highest_seq);
+                    }
+                }
+                Nak::Blocks { chunk, bitmap } => {
+                    if *chunk < chunk_count {
+                        let set = BitSet::from_bytes(bitmap, self.blocks_in(*chunk));
+                        requested += self.request_blocks(*chunk, Some(set), highest_seq);
+                    }
+                }
+            }
+        }
+        requested
+    }
+
+    fn request_blocks(&mut self, chunk: u32, blocks: Option<BitSet>, highest_seq: u64) -> u64 {
+        if !matches!(self.manifest.chunks[chunk as usize], ChunkKind::Data(_)) {
+            return 0;
+        }
+        let last = self.chunk_last_seq[chunk as usize];
+        // Never sent yet (the first pass will), or something for it is still in flight to this
+        // receiver: its NAK predates what we sent, and it will ask again if still missing.
+        if last == 0 || last > highest_seq {
+            return 0;
+        }
+        let blocks = blocks.unwrap_or_else(|| BitSet::full(self.blocks_in(chunk)));
+        let count = blocks.count() as u64;
+        match self.repairs.get_mut(&chunk) {
+            Some(queued) => queued.union_with(&blocks),
+            None => {
+                if !blocks.is_empty() {
+                    self.repairs.insert(chunk, blocks);
+                }
+            }
+        }
+        count
+    }
+
+    fn slow_down(&mut self, now: Instant) {
+        if now.duration_since(self.last_rate_change) >= Duration::from_millis(100) {
+            self.rate = (self.rate * 0.75).max(1_000_000.0);
+            self.last_rate_change = now;
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
+        self.last_refill = now;
+        let burst = PACING_BURST * MAX_DATAGRAM as f64;
+        self.tokens = (self.tokens + elapsed * self.rate).min(burst);
+        // Additive increase while nobody reports socket overflows.
+        if now.duration_since(self.last_rate_change) >= Duration::from_millis(100) {
+            self.rate = (self.rate + self.cfg.max_rate as f64 / 50.0).min(self.cfg.max_rate as f64);
+            self.last_rate_change = now;
+        }
+    }
+
+    fn update_phase(&mut self, now: Instant) {
+        // Silent receivers and the deadline.
+        let deadline_passed = match (self.cfg.deadline, self.data_started) {
+            (Some(deadline), Some(started)) => now >= started + deadline,
+            _ => false,
+        };
+        for report in self.receivers.values_mut() {
+            if report.is_final() {
+                continue;
+            }
+            let reason = if now.duration_since(report.last_heard) >= self.cfg.receiver_timeout {
+                Some(format!(
+                    "dropped: silent for {} s",
+                    self.cfg.receiver_timeout.as_secs()
+                ))
+            } else if deadline_passed {
+                Some(format!(
+                    "dropped: not done {} s after the data started (at {} of {} chunks)",
+                    self.cfg.deadline.map_or(0, |d| d.as_secs()),
+                    report.chunks_done,
+                    report.chunks_total
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                log::warn!("receiver {} ({:016x}) {reason}", report.name, report.id);
+                report.state = ReceiverState::Failed;
+                report.failure = Some(reason);
+                report.finished_at = Some(now);
+            }
+        }
+        let admitted = self
+            .receivers
+            .values()
+            .filter(|r| {
+                r.failure
+                    .as_deref()
+                    .is_none_or(|f| !f.starts_with("target too small"))
+            })
+            .count();
+        match self.phase {
+            Phase::Waiting => {
+                let timed_out = self
+                    .cfg
+                    .start_timeout
+                    .is_some_and(|t| now >= self.created + t);
+                if admitted as u32 >= self.cfg.min_receivers.max(1) || (timed_out && admitted > 0) {
+                    self.phase = Phase::Sending;
+                    self.data_started = Some(now);
+                    self.manifest_queue.extend(0..self.manifest_parts());
+                    self.manifest_repeat = true;
+                    self.next_announce = now;
+                } else if timed_out && self.receivers.values().all(|r| r.is_final()) {
+                    self.finish(Outcome::NoReceivers);
+                }
+            }
+            Phase::Sending => {
+                let all_final = self.receivers.values().all(|r| r.is_final());
+                if all_final
+                    && (self.first_pass_done()
+                        || self
+                            .receivers
+                            .values()
+                            .all(|r| r.state == ReceiverState::Failed))
+                {
+                    let failed = self
+                        .receivers
+                        .values()
+                        .any(|r| r.state == ReceiverState::Failed);
+                    self.finish(if failed {
+                        Outcome::SomeFailed
+                    } else {
+                        Outcome::AllDone
+                    });
+                }
+            }
+            Phase::Ending | Phase::Ended => {}
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+        self.phase = Phase::Ending;
+        self.repairs.clear();
+        self.manifest_queue.clear();
+    }
+
+    /// The next datagram to multicast, if one is due now.
+    pub fn poll_transmit(&mut self, now: Instant, source: &mut dyn ChunkSource) -> Option<Vec<u8>> {
+        self.update_phase(now);
+        if let Some(body) = self.control.pop_front() {
+            return Some(self.packet(body));
+        }
+        match self.phase {
+            Phase::Ended => return None,
+            Phase::Ending => {
+                if now >= self.next_announce {
+                    self.next_announce = now + Duration::from_millis(50);
+                    self.end_sent += 1;
+                    if self.end_sent >= END_REPEATS {
+                        self.phase = Phase::Ended;
+                    }
+                    let aborted = self.outcome != Some(Outcome::AllDone);
+                    return Some(self.packet(Body::End { aborted }));
+                }
+                return None;
+            }
+            _ => {}
+        }
+        if now >= self.next_announce {
+            self.next_announce = now + self.cfg.announce_interval;
+            return Some(self.packet(self.announce()));
+        }
+        if self.phase != Phase::Sending {
+            return None;
+        }
+        self.refill(now);
+        if self.tokens < (DATA_OVERHEAD + usize::from(self.cfg.block_size)) as f64 {
+            return None;
+        }
+        if self.manifest_queue.is_empty() && self.manifest_repeat {
+            // The manifest goes out twice at the start: it is tiny, and a receiver missing a part
+            // cannot check or write anything until it has it.
+            self.manifest_repeat = false;
+            self.manifest_queue.extend(0..self.manifest_parts());
+        }
+        let datagram = if let Some(part) = self.manifest_queue.pop_first() {
+            self.stats.manifest_datagrams += 1;
+            let size = part_size(self.cfg.block_size);
+            let start = part as usize * size;
+            let end = (start + size).min(self.manifest_bytes.len());
+            self.packet(Body::ManifestPart {
+                offset: start as u32,
+                bytes: self.manifest_bytes[start..end].to_vec(),
+            })
+        } else if let Some((chunk, block)) = self.next_repair() {
+            self.stats.repair_datagrams += 1;
+            self.data_datagram(chunk, block, DATA_REPAIR, source)?
+        } else if !self.first_pass_done() {
+            let chunk = self.data_chunks[self.pass_chunk];
+            let block = self.pass_block;
+            self.pass_block += 1;
+            if self.pass_block >= self.blocks_in(chunk) {
+                self.pass_block = 0;
+                self.pass_chunk += 1;
+            }
+            self.data_datagram(chunk, block, 0, source)?
+        } else {
+            return None;
+        };
+        self.tokens -= datagram.len() as f64;
+        Some(datagram)
+    }
+
+    fn next_repair(&mut self) -> Option<(u32, usize)> {
+        loop {
+            let mut entry = self.repairs.first_entry()?;
+            let chunk = *entry.key();
+            match entry.get().first() {
+                Some(block) => {
+                    entry.get_mut().remove(block);
+                    return Some((chunk, block));
+                }
+                None => {
+                    entry.remove();
+                }
+            }
+        }
+    }
+
+    fn data_datagram(
+        &mut self,
+        chunk: u32,
+        block: usize,
+        flags: u8,
+        source: &mut dyn ChunkSource,
+    ) -> Option<Vec<u8>> {
+        let block_size = usize::from(self.cfg.block_size);
+        let bytes = match source.chunk(chunk) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let (offset, _) = self.manifest.chunk_range(chunk);
+                self.finish(Outcome::SourceError(format!(
+                    "reading chunk {chunk} at offset {offset}: {e}"
+                )));
+                return None;
+            }
+        };
+        let start = block * block_size;
+        let end = (start + block_size).min(bytes.len());
+        let payload = bytes.get(start..end)?.to_vec();
+        self.seq += 1;
+        self.chunk_last_seq[chunk as usize] = self.seq;
+        self.stats.data_datagrams += 1;
+        self.stats.data_bytes += payload.len() as u64;
+        Some(self.packet(Body::Data {
+            seq: self.seq,
+            chunk,
+            block: block as u16,
+            flags,
+            bytes: payload,
+        }))
+    }
+
+    /// When [`Sender::poll_transmit`] should be called again at the latest.
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        let mut next = self.next_announce;
+        if self.phase == Phase::Sending {
+            let needed = (DATA_OVERHEAD + usize::from(self.cfg.block_size)) as f64 - self.tokens;
+            let wait = if needed <= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(needed / self.rate)
+            };
+            next = next.min(now + wait);
+        }
+        next.min(now + Duration::from_millis(100))
+    }
+
+    /// Blocks per full chunk (for receivers' bitmaps).
+    pub fn blocks_per_chunk(&self) -> usize {
+        self.blocks_per_chunk
+    }
+}

@@ -1,0 +1,513 @@
+//! Deterministic simulations of a whole session: one sender, N receivers, a lossy, reordering,
+//! duplicating network with a virtual clock, and in-memory disks. Every copy is checked byte for
+//! byte against the source.
+
+use super::manifest::Manifest;
+use super::receiver::{Action, Phase as RxPhase, Receiver, ReceiverConfig};
+use super::sender::{ChunkSource, Outcome, Sender, SenderConfig};
+use super::wire::ReceiverState;
+use std::collections::BinaryHeap;
+use std::io::Cursor;
+use std::time::{Duration, Instant};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
+    }
+}
+
+struct MemSource {
+    image: Vec<u8>,
+    chunk_size: usize,
+}
+impl ChunkSource for MemSource {
+    fn chunk(&mut self, index: u32) -> std::io::Result<&[u8]> {
+        let start = index as usize * self.chunk_size;
+        let end = (start + self.chunk_size).min(self.image.len());
+        Ok(&self.image[start..end])
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    Sender,
+    Receiver(usize),
+}
+
+#[derive(PartialEq, Eq)]
+struct InFlight {
+    at: Instant,
+    order: u64,
+    dest: Dest,
+    bytes: Vec<u8>,
+}
+impl Ord for InFlight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at).then(other.order.cmp(&self.order))
+    }
+}
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+pub struct SimReceiver {
+    pub rx: Receiver,
+    pub disk: Vec<u8>,
+    pub result: Option<Result<(), String>>,
+    pub loss: f64,
+    pub start_at: Duration,
+    /// Stop hearing anything after this long (a receiver that falls off the network).
+    pub deaf_after: Option<Duration>,
+    pub writes: u64,
+}
+
+pub struct Sim {
+    pub now: Instant,
+    pub start: Instant,
+    pub sender: Sender,
+    pub sender_alive_for: Option<Duration>,
+    source: MemSource,
+    pub receivers: Vec<SimReceiver>,
+    net: BinaryHeap<InFlight>,
+    rng: Rng,
+    order: u64,
+    pub reorder: f64,
+    pub duplicate: f64,
+    pub latency: Duration,
+    pub control_loss: f64,
+    pub restart: Option<(usize, Duration)>,
+}
+
+pub fn test_image(size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    let mut image = vec![0u8; size];
+    for (i, chunk) in image.chunks_mut(4096).enumerate() {
+        // A mix of zero regions, random regions and repetitive text, like a real disk.
+        match i % 7 {
+            0 | 3 => {}
+            5 => chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = b"filesystem data "[j % 16]),
+            _ => chunk.iter_mut().for_each(|b| *b = rng.next() as u8),
+        }
+    }
+    image
+}
+
+impl Sim {
+    pub fn new(
+        image: Vec<u8>,
+        chunk_size: u32,
+        sender_cfg: SenderConfig,
+        receivers: usize,
+        loss: f64,
+        seed: u64,
+    ) -> Self {
+        let start = Instant::now();
+        let manifest = Manifest::scan(
+            &mut Cursor::new(&image),
+            image.len() as u64,
+            chunk_size,
+            |_| {},
+        )
+        .unwrap();
+        let sender = Sender::new(sender_cfg, manifest, start);
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let receivers = (0..receivers)
+            .map(|i| {
+                let cfg = Self::receiver_cfg(i, image.len() as u64);
+                let garbage: Vec<u8> = (0..image.len()).map(|_| rng.next() as u8).collect();
+                SimReceiver {
+                    rx: Receiver::new(cfg, start),
+                    disk: garbage,
+                    result: None,
+                    loss,
+                    start_at: Duration::ZERO,
+                    deaf_after: None,
+                    writes: 0,
+                }
+            })
+            .collect();
+        Self {
+            now: start,
+            start,
+            sender,
+            sender_alive_for: None,
+            source: MemSource {
+                image,
+                chunk_size: chunk_size as usize,
+            },
+            receivers,
+            net: BinaryHeap::new(),
+            rng,
+            order: 0,
+            reorder: 0.0,
+            duplicate: 0.0,
+            latency: Duration::from_micros(300),
+            control_loss: 0.0,
+            restart: None,
+        }
+    }
+
+    pub fn receiver_cfg(i: usize, disk_size: u64) -> ReceiverConfig {
+        ReceiverConfig {
+            id: 1000 + i as u64,
+            name: format!("rx{i}"),
+            serial: format!("SN{i}"),
+            disk_size,
+            sender_timeout: Duration::from_secs(5),
+            status_interval: Duration::from_millis(20),
+            max_partial_chunks: 64,
+            ..ReceiverConfig::default()
+        }
+    }
+
+    pub fn image(&self) -> &[u8] {
+        &self.source.image
+    }
+
+    fn send(&mut self, dest: Dest, bytes: Vec<u8>, loss: f64) {
+        if self.rng.chance(loss) {
+            return;
+        }
+        let copies = if self.rng.chance(self.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let jitter = if self.rng.chance(self.reorder) {
+                Duration::from_micros(self.rng.next() % 3000)
+            } else {
+                Duration::ZERO
+            };
+            self.order += 1;
+            self.net.push(InFlight {
+                at: self.now + self.latency + jitter,
+                order: self.order,
+                dest,
+                bytes: bytes.clone(),
+            });
+        }
+    }
+
+    fn active(&self, i: usize) -> bool {
+        let r = &self.receivers[i];
+        self.now >= self.start + r.start_at && r.result.is_none()
+    }
+
+    fn run_actions(&mut self, i: usize, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let more = match action {
+                Action::Send(bytes) => {
+                    let r = &self.receivers[i];
+                    let deaf = r.deaf_after.is_some_and(|d| self.now >= self.start + d);
+                    let loss = if deaf {
+                        1.0
+                    } else {
+                        self.control_loss.max(r.loss)
+                    };
+                    self.send(Dest::Sender, bytes, loss);
+                    Vec::new()
+                }
+                Action::Write {
+                    chunk,
+                    offset,
+                    data,
+                } => {
+                    let r = &mut self.receivers[i];
+                    r.disk[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    r.writes += 1;
+                    r.rx.chunk_written(chunk)
+                }
+                Action::Zero { offset, len } => {
+                    let r = &mut self.receivers[i];
+                    r.disk[offset as usize..(offset + len) as usize].fill(0);
+                    r.rx.zeroed(offset, len)
+                }
+                Action::FlushAndVerify { manifest } => {
+                    let r = &mut self.receivers[i];
+                    let read = manifest
+                        .read_back(&mut Cursor::new(&r.disk))
+                        .map(|m| m.image_hash())
+                        .map_err(|e| e.to_string());
+                    r.rx.verified(read, self.now)
+                }
+                Action::Finished(result) => {
+                    self.receivers[i].result = Some(result);
+                    Vec::new()
+                }
+            };
+            queue.extend(more);
+        }
+    }
+
+    /// Runs until the sender ended and every receiver finished, or `limit` of virtual time passed.
+    pub fn run(&mut self, limit: Duration) {
+        let step = Duration::from_micros(500);
+        while self.now < self.start + limit {
+            let sender_alive = self
+                .sender_alive_for
+                .is_none_or(|d| self.now < self.start + d);
+            if sender_alive {
+                while let Some(datagram) = self.sender.poll_transmit(self.now, &mut self.source) {
+                    for i in 0..self.receivers.len() {
+                        let loss = self.receivers[i].loss;
+                        self.send(Dest::Receiver(i), datagram.clone(), loss);
+                    }
+                }
+            }
+            while self.net.peek().is_some_and(|f| f.at <= self.now) {
+                let Some(flight) = self.net.pop() else { break };
+                match flight.dest {
+                    Dest::Sender if sender_alive => {
+                        self.sender.handle_datagram(&flight.bytes, self.now)
+                    }
+                    Dest::Sender => {}
+                    Dest::Receiver(i) => {
+                        let r = &self.receivers[i];
+                        let deaf = r.deaf_after.is_some_and(|d| self.now >= self.start + d);
+                        if self.active(i) && !deaf {
+                            let actions = self.receivers[i]
+                                .rx
+                                .handle_datagram(&flight.bytes, self.now);
+                            self.run_actions(i, actions);
+                        }
+                    }
+                }
+            }
+            if let Some((i, at)) = self.restart {
+                if self.now >= self.start + at {
+                    // The machine reboots: a fresh receiver with the same identity, same disk.
+                    self.restart = None;
+                    self.receivers[i].rx = Receiver::new(
+                        Self::receiver_cfg(i, self.source.image.len() as u64),
+                        self.now,
+                    );
+                }
+            }
+            for i in 0..self.receivers.len() {
+                if self.active(i) {
+                    let actions = self.receivers[i].rx.poll(self.now);
+                    self.run_actions(i, actions);
+                }
+            }
+            let receivers_done = self.receivers.iter().all(|r| r.result.is_some());
+            let sender_done = !sender_alive || self.sender.phase() == super::sender::Phase::Ended;
+            if receivers_done && sender_done && self.net.is_empty() {
+                return;
+            }
+            self.now += step;
+        }
+    }
+
+    pub fn assert_all_copies_exact(&self) {
+        for (i, r) in self.receivers.iter().enumerate() {
+            assert_eq!(
+                r.result,
+                Some(Ok(())),
+                "receiver {i} did not finish with a verified copy"
+            );
+            assert!(
+                r.disk == self.source.image,
+                "receiver {i}'s disk differs from the image"
+            );
+        }
+        assert_eq!(self.sender.outcome(), Some(&Outcome::AllDone));
+        assert!(self
+            .sender
+            .receivers()
+            .all(|r| r.state == ReceiverState::Done));
+    }
+}
+
+fn cfg(min_receivers: u32) -> SenderConfig {
+    SenderConfig {
+        min_receivers,
+        initial_rate: 50_000_000,
+        max_rate: 100_000_000,
+        receiver_timeout: Duration::from_secs(5),
+        ..SenderConfig::default()
+    }
+}
+
+const CHUNK: u32 = 64 * 1024;
+
+#[test]
+fn lossless_session_copies_exactly_and_skips_zero_chunks() {
+    let image = test_image(40 * CHUNK as usize + 1000, 1);
+    let mut sim = Sim::new(image, CHUNK, cfg(3), 3, 0.0, 1);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    let manifest = sim.sender.manifest();
+    let data = manifest.data_bytes();
+    assert!(
+        data < manifest.image_size,
+        "some chunks are zero and are not sent"
+    );
+    // No loss: nothing repaired, data sent once.
+    assert_eq!(sim.sender.stats.repair_datagrams, 0);
+    assert_eq!(sim.sender.stats.data_bytes, data);
+}
+
+#[test]
+fn random_loss_from_0_to_20_percent_with_reordering_and_duplicates() {
+    for (seed, loss, receivers) in [
+        (2, 0.01, 1),
+        (3, 0.05, 3),
+        (4, 0.10, 5),
+        (5, 0.20, 3),
+        (6, 0.05, 10),
+    ] {
+        let image = test_image(24 * CHUNK as usize, seed);
+        let mut sim = Sim::new(image, CHUNK, cfg(receivers as u32), receivers, loss, seed);
+        sim.reorder = 0.05;
+        sim.duplicate = 0.02;
+        sim.run(Duration::from_secs(120));
+        sim.assert_all_copies_exact();
+        let sent = sim.sender.stats.data_bytes as f64 / sim.sender.manifest().data_bytes() as f64;
+
+        // Each missing piece is sent once for everybody: the overhead stays near the union of losses.
+        let union = 1.0 - (1.0 - loss).powi(receivers as i32);
+        // Repair rounds: the union of first-pass losses, then the union of their losses, and so on.
+        let expected = 1.0 / (1.0 - union);
+        assert!(
+            sent < expected + 0.15,
+            "loss {loss} x{receivers}: sent {sent:.2}x the data, expected about {expected:.2}x"
+        );
+    }
+}
+
+#[test]
+fn fifty_receivers_with_loss() {
+    let image = test_image(12 * CHUNK as usize, 7);
+    let mut sim = Sim::new(image, CHUNK, cfg(50), 50, 0.03, 7);
+    sim.run(Duration::from_secs(120));
+    sim.assert_all_copies_exact();
+}
+
+#[test]
+fn late_joiner_gets_everything() {
+    let image = test_image(32 * CHUNK as usize, 8);
+    let mut sim = Sim::new(
+        image,
+        CHUNK,
+        SenderConfig {
+            initial_rate: 8_000_000,
+            max_rate: 8_000_000,
+            ..cfg(1)
+        },
+        2,
+        0.02,
+        8,
+    );
+    // The first pass takes about 250 ms; the second receiver joins halfway through.
+    sim.receivers[1].start_at = Duration::from_millis(120);
+    sim.run(Duration::from_secs(120));
+    sim.assert_all_copies_exact();
+}
+
+#[test]
+fn receiver_restarted_mid_stream_still_finishes() {
+    let image = test_image(32 * CHUNK as usize, 9);
+    let mut sim = Sim::new(
+        image,
+        CHUNK,
+        SenderConfig {
+            initial_rate: 8_000_000,
+            max_rate: 8_000_000,
+            ..cfg(2)
+        },
+        2,
+        0.02,
+        9,
+    );
+    sim.restart = Some((0, Duration::from_millis(120)));
+    sim.run(Duration::from_secs(120));
+    sim.assert_all_copies_exact();
+}
+
+#[test]
+fn sender_death_makes_every_receiver_fail() {
+    let image = test_image(64 * CHUNK as usize, 10);
+    let mut sim = Sim::new(
+        image,
+        CHUNK,
+        SenderConfig {
+            initial_rate: 8_000_000,
+            max_rate: 8_000_000,
+            ..cfg(2)
+        },
+        2,
+        0.0,
+        10,
+    );
+    sim.sender_alive_for = Some(Duration::from_millis(150));
+    sim.run(Duration::from_secs(60));
+    for r in &sim.receivers {
+        let err = r.result.clone().expect("finished").expect_err("must fail");
+        assert!(err.contains("went silent"), "{err}");
+    }
+}
+
+#[test]
+fn too_small_target_is_refused_on_both_sides_before_any_write() {
+    let image = test_image(16 * CHUNK as usize, 11);
+    let mut sim = Sim::new(
+        image.clone(),
+        CHUNK,
+        SenderConfig {
+            start_timeout: Some(Duration::from_secs(1)),
+            ..cfg(2)
+        },
+        2,
+        0.0,
+        11,
+    );
+    // Receiver 1's disk is one byte short.
+    let small = Sim::receiver_cfg(1, image.len() as u64 - 1);
+    sim.receivers[1].rx = Receiver::new(small, sim.now);
+    sim.run(Duration::from_secs(60));
+    let err = sim.receivers[1].result.clone().unwrap().unwrap_err();
+    assert!(err.contains("too small"), "{err}");
+    assert_eq!(sim.receivers[1].writes, 0);
+    assert_eq!(sim.receivers[0].result, Some(Ok(())));
+    let report = sim.sender.receivers().find(|r| r.name == "rx1").unwrap();
+    assert_eq!(report.state, ReceiverState::Failed);
+    assert!(report.failure.as_deref().unwrap().contains("too small"));
+    assert_eq!(sim.sender.outcome(), Some(&Outcome::SomeFailed));
+}
+
+#[test]
+fn a_receiver_that_falls_off_is_dropped_and_ends_failed_while_others_finish() {
+    let image = test_image(48 * CHUNK as usize, 12);
+    let mut sender_cfg = SenderConfig {
+        initial_rate: 8_000_000,
+        max_rate: 8_000_000,
+        ..cfg(2)
+    };
+    sender_cfg.receiver_timeout = Duration::from_secs(2);
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.01, 12);
+    sim.receivers[1].deaf_after = Some(Duration::from_millis(30));
+    sim.run(Duration::from_secs(60));
+    assert_eq!(sim.receivers[0].result, Some(Ok(())));
+    assert!(sim.receivers[0].disk == sim.image());
+    let r1 = sim.receivers[1].result.clone().expect("finished");
+    assert!(r1.is_err(), "the dropped receiver must fail, not succeed");
+    let report = sim.sender.receivers().find(|r| r.name == "rx1").unwrap();
+    assert_eq!(report.state, ReceiverState::Failed);
+    assert!(report.failure.as_deref().unwrap().contains("silent"));
+    assert_eq!(sim.sender.outcome(), Some(&Outcome::SomeFailed));
+    assert_eq!(sim.receivers[0].rx.phase(), RxPhase::Finished);
+}

@@ -2,10 +2,13 @@
 
 use clap::{Parser, Subcommand};
 use diskcast_agent::cmdline::BootConfig;
+use diskcast_agent::imaging::{self, net, session};
 use diskcast_agent::inventory::Inventory;
 use diskcast_agent::{logging, pid1};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +41,69 @@ enum Command {
     },
     /// Run as PID 1 (what happens automatically when the kernel starts the agent as /init).
     Init,
+    /// Multicast a disk or image file to every receiver on the network.
+    Send(SendArgs),
+    /// Receive an image from a multicast session onto a disk or image file.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SessionArgs {
+    /// Network interface (default: the first with an IPv4 address).
+    #[arg(long, short)]
+    interface: Option<String>,
+    /// Multicast group.
+    #[arg(long, default_value_t = net::DEFAULT_GROUP)]
+    group: Ipv4Addr,
+    /// UDP port of the group.
+    #[arg(long, default_value_t = net::DEFAULT_PORT)]
+    port: u16,
+}
+
+#[derive(Debug, clap::Args)]
+struct SendArgs {
+    /// Block device or image file to send.
+    source: PathBuf,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Upper bound of the data rate, in MB/s (the sender adapts below it when receivers overflow).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Start once this many receivers joined.
+    #[arg(long, default_value_t = 1)]
+    min_receivers: u32,
+    /// ...or this many seconds after starting, with whoever joined.
+    #[arg(long)]
+    start_timeout: Option<u64>,
+    /// Drop receivers not done this many seconds after the data started (default: wait for all).
+    #[arg(long)]
+    deadline: Option<u64>,
+    /// Drop a receiver silent for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    receiver_timeout: u64,
+    /// Chunk size in bytes (multiple of 4096).
+    #[arg(long, default_value_t = imaging::manifest::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Multicast TTL (1: this LAN only).
+    #[arg(long, default_value_t = 1)]
+    ttl: u8,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReceiveArgs {
+    /// Block device or image file to write.
+    target: PathBuf,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Name shown at the sender (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Give up if no session is announced within this many seconds.
+    #[arg(long)]
+    wait: Option<u64>,
+    /// Fail when the sender is silent for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    sender_timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -72,5 +138,64 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Init => pid1::run(),
+        Command::Send(args) => {
+            let opts = session::SendOptions {
+                source: args.source,
+                interface: args.session.interface,
+                group: args.session.group,
+                port: args.session.port,
+                ttl: args.ttl,
+                max_rate: (args.rate * 1e6) as u64,
+                min_receivers: args.min_receivers,
+                start_timeout: args.start_timeout.map(Duration::from_secs),
+                deadline: args.deadline.map(Duration::from_secs),
+                receiver_timeout: Duration::from_secs(args.receiver_timeout),
+                chunk_size: args.chunk_size,
+                session: None,
+            };
+            let summary = session::run_send(&opts, |sender| {
+                eprintln!("sending at up to {:.0} MB/s:", sender.rate() as f64 / 1e6);
+                for line in session::progress_lines(sender) {
+                    eprintln!("{line}");
+                }
+            })?;
+            print!("{}", summary.render());
+            Ok(summary.result()?)
+        }
+        Command::Receive(args) => {
+            let name = args.name.unwrap_or_else(host_name);
+            let opts = session::ReceiveOptions {
+                target: args.target,
+                interface: args.session.interface,
+                group: args.session.group,
+                port: args.session.port,
+                name,
+                wait_timeout: args.wait.map(Duration::from_secs),
+                sender_timeout: Duration::from_secs(args.sender_timeout),
+                ..session::ReceiveOptions::default()
+            };
+            session::run_receive(&opts, |p| {
+                let pct = if p.chunks_total == 0 {
+                    0.0
+                } else {
+                    100.0 * f64::from(p.chunks_done) / f64::from(p.chunks_total)
+                };
+                eprintln!(
+                    "receiving: {pct:5.1}% ({}/{} chunks){} after {:.0} s",
+                    p.chunks_done,
+                    p.chunks_total,
+                    if p.verifying { ", verifying" } else { "" },
+                    p.elapsed.as_secs_f64()
+                );
+            })?;
+            println!("copy verified: {}", opts.target.display());
+            Ok(())
+        }
     }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

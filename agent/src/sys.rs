@@ -273,3 +273,62 @@ pub fn logical_block_size(file: &std::fs::File) -> io::Result<u32> {
 // From <linux/fs.h>: _IOR(0x12, 114, size_t) and _IO(0x12, 104).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
+
+/// Zeroes a byte range of a block device (BLKZEROOUT); the device may do it without writing.
+pub fn block_zero_out(file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) through the pointer, which is valid.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) })?;
+    Ok(())
+}
+
+// From <linux/fs.h>: _IO(0x12, 127).
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// A heap buffer aligned for O_DIRECT I/O.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is uniquely owned memory, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (at least 1) aligned to `align` (a power of two).
+    pub fn new(len: usize, align: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1))
+            .unwrap_or_else(|_| std::alloc::Layout::new::<u8>());
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, layout }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layout.size() == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for layout.size() initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with exactly this layout and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}

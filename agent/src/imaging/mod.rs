@@ -6,9 +6,12 @@
 //! image re-read and checked after the final flush; every receiver ends done or failed, loudly.
 
 pub mod bits;
+pub mod disk;
 pub mod manifest;
+pub mod net;
 pub mod receiver;
 pub mod sender;
+pub mod session;
 pub mod wire;
 
 #[cfg(test)]

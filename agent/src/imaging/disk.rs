@@ -1,0 +1,394 @@
+//! Disk side of imaging: sources and targets that are block devices or image files, an O_DIRECT
+//! writer thread fed through a bounded queue, zeroing, the final flush and the read-back check.
+
+use super::manifest::{classify, ChunkKind, Hash, Manifest};
+use super::sender::ChunkSource;
+use crate::sys::{self, AlignedBuf};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("opening {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is neither a block device nor a regular file")]
+    NotADisk { path: PathBuf },
+    #[error("reading the size of {path}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {path} at offset {offset}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    BlockDevice,
+    File,
+}
+
+/// Alignment used for O_DIRECT buffers: safe for 512-byte and 4 KiB devices.
+pub const DIRECT_ALIGN: usize = 4096;
+
+fn open_err(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
+    move |source| DiskError::Open {
+        path: path.into(),
+        source,
+    }
+}
+
+fn kind_of(path: &Path, file: &File) -> Result<Kind, DiskError> {
+    let meta = file.metadata().map_err(open_err(path))?;
+    if meta.file_type().is_block_device() {
+        Ok(Kind::BlockDevice)
+    } else if meta.is_file() {
+        Ok(Kind::File)
+    } else {
+        Err(DiskError::NotADisk { path: path.into() })
+    }
+}
+
+/// The disk or image file an image is read from.
+#[derive(Debug)]
+pub struct Source {
+    pub path: PathBuf,
+    pub kind: Kind,
+    pub size: u64,
+    file: File,
+    chunk_size: usize,
+    cache: VecDeque<(u32, Vec<u8>)>,
+}
+
+const SOURCE_CACHE_CHUNKS: usize = 8;
+
+impl Source {
+    pub fn open(path: &Path, chunk_size: u32) -> Result<Self, DiskError> {
+        let file = File::open(path).map_err(open_err(path))?;
+        let kind = kind_of(path, &file)?;
+        let size = match kind {
+            Kind::BlockDevice => sys::block_device_size(&file),
+            Kind::File => file.metadata().map(|m| m.len()),
+        }
+        .map_err(|source| DiskError::Size {
+            path: path.into(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.into(),
+            kind,
+            size,
+            file,
+            chunk_size: chunk_size as usize,
+            cache: VecDeque::new(),
+        })
+    }
+
+    /// Reads the whole source once to build its manifest.
+    pub fn scan(&mut self, progress: impl FnMut(u64)) -> Result<Manifest, DiskError> {
+        let mut reader = io::BufReader::with_capacity(4 << 20, &self.file);
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|source| DiskError::Read {
+                path: self.path.clone(),
+                offset: 0,
+                source,
+            })?;
+        Manifest::scan(&mut reader, self.size, self.chunk_size as u32, progress).map_err(|source| {
+            DiskError::Read {
+                path: self.path.clone(),
+                offset: 0,
+                source,
+            }
+        })
+    }
+}
+
+impl ChunkSource for Source {
+    fn chunk(&mut self, index: u32) -> io::Result<&[u8]> {
+        if let Some(pos) = self.cache.iter().position(|(i, _)| *i == index) {
+            return Ok(&self.cache[pos].1);
+        }
+        let offset = u64::from(index) * self.chunk_size as u64;
+        let len = (self.size.saturating_sub(offset)).min(self.chunk_size as u64) as usize;
+        let mut data = if self.cache.len() >= SOURCE_CACHE_CHUNKS {
+            self.cache.pop_front().map(|(_, v)| v).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        data.resize(len, 0);
+        self.file.read_exact_at(&mut data, offset)?;
+        self.cache.push_back((index, data));
+        Ok(&self.cache.back().map_or(&[][..], |(_, v)| v.as_slice()))
+    }
+}
+
+/// The disk or image file an image is written to.
+#[derive(Debug)]
+pub struct Target {
+    pub path: PathBuf,
+    pub kind: Kind,
+    /// Bytes available; regular files grow, so they have no limit.
+    pub size: u64,
+    pub logical_block: u32,
+    /// Whether writes bypass the page cache.
+    pub direct: bool,
+    direct_file: File,
+    buffered_file: File,
+}
+
+impl Target {
+    pub fn open(path: &Path) -> Result<Self, DiskError> {
+        let buffered_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(false)
+            .open(path)
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(path)
+                } else {
+                    Err(e)
+                }
+            });
+        let buffered_file = buffered_file.map_err(open_err(path))?;
+        let kind = kind_of(path, &buffered_file)?;
+        let (size, logical_block) = match kind {
+            Kind::BlockDevice => {
+                let size =
+                    sys::block_device_size(&buffered_file).map_err(|source| DiskError::Size {
+                        path: path.into(),
+                        source,
+                    })?;
+                let lbs = sys::logical_block_size(&buffered_file).unwrap_or(512);
+                (size, lbs)
+            }
+            Kind::File => (u64::MAX, 512),
+        };
+        // O_DIRECT where the file system supports it (tmpfs does not).
+        let direct = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path);
+        let (direct_file, direct) = match direct {
+            Ok(file) => (file, true),
+            Err(_) => (buffered_file.try_clone().map_err(open_err(path))?, false),
+        };
+        Ok(Self {
+            path: path.into(),
+            kind,
+            size,
+            logical_block,
+            direct,
+            direct_file,
+            buffered_file,
+        })
+    }
+
+    /// Prepares a regular file for an image of `image_size` bytes.
+    pub fn prepare(&self, image_size: u64) -> io::Result<()> {
+        if self.kind == Kind::File {
+            self.buffered_file.set_len(image_size)?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, staging: &mut AlignedBuf) -> io::Result<()> {
+        let align = (self.logical_block as usize).max(512);
+        let aligned_len = data.len() - data.len() % align;
+        if self.direct && offset % align as u64 == 0 && aligned_len > 0 {
+            if staging.len() < aligned_len {
+                *staging = AlignedBuf::new(aligned_len, DIRECT_ALIGN);
+            }
+            staging.as_mut_slice()[..aligned_len].copy_from_slice(&data[..aligned_len]);
+            self.direct_file
+                .write_all_at(&staging.as_slice()[..aligned_len], offset)?;
+            if aligned_len < data.len() {
+                // A tail shorter than a logical block (the image's last bytes) cannot go direct.
+                self.buffered_file
+                    .write_all_at(&data[aligned_len..], offset + aligned_len as u64)?;
+            }
+            Ok(())
+        } else {
+            self.buffered_file.write_all_at(data, offset)
+        }
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.kind {
+            Kind::BlockDevice => {
+                if offset % 512 == 0
+                    && len % 512 == 0
+                    && sys::block_zero_out(&self.buffered_file, offset, len).is_ok()
+                {
+                    return Ok(());
+                }
+            }
+            Kind::File => {
+                let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                if nix::fcntl::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.buffered_file),
+                    flags,
+                    offset as i64,
+                    len as i64,
+                )
+                .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        // Neither the device nor the file system can zero ranges: write zeros.
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.buffered_file
+                .write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.buffered_file.sync_data()?;
+        if self.direct {
+            self.direct_file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads what was written (bypassing the page cache where possible) and returns the image
+    /// hash of what is really on the target.
+    fn read_back(&self, manifest: &Manifest) -> io::Result<(Hash, Option<u32>)> {
+        let chunk_size = manifest.chunk_size as usize;
+        let mut buf = AlignedBuf::new(chunk_size, DIRECT_ALIGN);
+        let mut chunks = Vec::with_capacity(manifest.chunks.len());
+        let align = (self.logical_block as usize).max(512);
+        for (index, kind) in manifest.chunks.iter().enumerate() {
+            if *kind == ChunkKind::Absent {
+                chunks.push(ChunkKind::Absent);
+                continue;
+            }
+            let (offset, len) = manifest.chunk_range(index as u32);
+            let aligned_len = len - len % align;
+            let slice = &mut buf.as_mut_slice()[..len];
+            if self.direct && aligned_len > 0 {
+                self.direct_file
+                    .read_exact_at(&mut slice[..aligned_len], offset)?;
+                if aligned_len < len {
+                    self.buffered_file
+                        .read_exact_at(&mut slice[aligned_len..], offset + aligned_len as u64)?;
+                }
+            } else {
+                self.buffered_file.read_exact_at(slice, offset)?;
+            }
+            chunks.push(classify(&buf.as_slice()[..len]));
+        }
+        let read = Manifest {
+            image_size: manifest.image_size,
+            chunk_size: manifest.chunk_size,
+            chunks,
+            signature: Vec::new(),
+        };
+        Ok((read.image_hash(), manifest.first_difference(&read)))
+    }
+}
+
+/// Work for the writer thread.
+#[derive(Debug)]
+pub enum DiskOp {
+    Write {
+        chunk: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    FlushAndVerify {
+        manifest: Box<Manifest>,
+    },
+}
+
+/// What the writer thread finished.
+#[derive(Debug)]
+pub enum DiskDone {
+    Written { chunk: u32 },
+    Zeroed { offset: u64, len: u64 },
+    Verified(Result<Hash, String>),
+    Failed(String),
+}
+
+/// Starts the writer thread. The op queue is bounded so a slow disk slows the receiver (and,
+/// through socket overflows, the sender) instead of filling memory.
+pub fn spawn_writer(
+    target: Target,
+    depth: usize,
+) -> io::Result<(SyncSender<DiskOp>, Receiver<DiskDone>)> {
+    let (op_tx, op_rx) = mpsc::sync_channel::<DiskOp>(depth);
+    let (done_tx, done_rx) = mpsc::channel::<DiskDone>();
+    std::thread::Builder::new().name("disk-writer".into()).spawn(move || {
+        let mut staging = AlignedBuf::new(1 << 20, DIRECT_ALIGN);
+        for op in op_rx {
+            let done = match op {
+                DiskOp::Write { chunk, offset, data } => match target.write_at(&data, offset, &mut staging) {
+                    Ok(()) => DiskDone::Written { chunk },
+                    Err(e) => DiskDone::Failed(format!("writing {} bytes at offset {offset} of {}: {e}", data.len(), target.path.display())),
+                },
+                DiskOp::Zero { offset, len } => match target.zero(offset, len) {
+                    Ok(()) => DiskDone::Zeroed { offset, len },
+                    Err(e) => DiskDone::Failed(format!("zeroing {len} bytes at offset {offset} of {}: {e}", target.path.display())),
+                },
+                DiskOp::FlushAndVerify { manifest } => DiskDone::Verified(
+                    target
+                        .flush()
+                        .map_err(|e| format!("flushing {}: {e}", target.path.display()))
+                        .and_then(|()| target.read_back(&manifest).map_err(|e| format!("reading back {}: {e}", target.path.display())))
+                        .and_then(|(hash, difference)| match difference {
+                            None => Ok(hash),
+                            Some(chunk) => {
+                                let (offset, _) = manifest.chunk_range(chunk);
+                                Err(format!("read back: chunk {chunk} at offset {offset} differs from the image"))
+                            }
+                        }),
+                ),
+            };
+            if done_tx.send(done).is_err() {
+                break;
+            }
+        }
+    })?;
+    Ok((op_tx, done_rx))
+}
+
+/// Reads `len` bytes at `offset`, for tests and tools.
+pub fn read_range(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0; len];
+    file.read_exact(&mut buf)?;
+    Ok(buf)
+}

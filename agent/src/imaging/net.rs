@@ -1,0 +1,170 @@
+//! Sockets for a session: the sender's (multicasts, hears receivers' reports) and the receiver's
+//! (joins the group, large buffer, counts kernel drops with SO_RXQ_OVFL).
+
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, ControlMessageOwned, IpMembershipRequest, MsgFlags, SockFlag,
+    SockType, SockaddrIn,
+};
+use std::io::IoSliceMut;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// Administratively scoped (RFC 2365): stays inside the site.
+pub const DEFAULT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 77);
+pub const DEFAULT_PORT: u16 = 7744;
+const RECEIVE_BUFFER: usize = 64 << 20;
+const SEND_BUFFER: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("listing network interfaces")]
+    Interfaces(#[source] nix::Error),
+    #[error("interface {0} has no IPv4 address (is it up and configured?)")]
+    NoAddress(String),
+    #[error("no network interface with an IPv4 address; name one with --interface")]
+    NoInterface,
+    #[error("setting up the {what} socket on {addr}")]
+    Socket {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{0} is not a multicast address (use 224.0.0.0/4, e.g. 239.255.77.77)")]
+    NotMulticast(Ipv4Addr),
+}
+
+/// The interface to use and its IPv4 address: the named one, or the first non-loopback one.
+pub fn interface_ipv4(name: Option<&str>) -> Result<(String, Ipv4Addr), NetError> {
+    let addrs: Vec<_> = nix::ifaddrs::getifaddrs()
+        .map_err(NetError::Interfaces)?
+        .collect();
+    let with_v4 = addrs.iter().filter_map(|a| {
+        let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
+        Some((a.interface_name.clone(), ip))
+    });
+    let found: Vec<(String, Ipv4Addr)> = with_v4.collect();
+    match name {
+        Some(name) => found
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| NetError::NoAddress(name.into())),
+        None => found
+            .into_iter()
+            .find(|(_, ip)| !ip.is_loopback())
+            .ok_or(NetError::NoInterface),
+    }
+}
+
+fn new_udp(what: &'static str, addr: SocketAddrV4) -> Result<std::os::fd::OwnedFd, NetError> {
+    socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|source| NetError::Socket {
+        what,
+        addr: addr.into(),
+        source,
+    })
+}
+
+/// The sender's socket: bound to the interface address, multicasting out of that interface.
+pub fn sender_socket(
+    interface: &str,
+    interface_addr: Ipv4Addr,
+    ttl: u8,
+) -> Result<UdpSocket, NetError> {
+    let addr = SocketAddrV4::new(interface_addr, 0);
+    let fail = |source| NetError::Socket {
+        what: "sender",
+        addr: addr.into(),
+        source,
+    };
+    let fd = new_udp("sender", addr)?;
+    let _ = socket::setsockopt(&fd, sockopt::SndBufForce, &SEND_BUFFER)
+        .or_else(|_| socket::setsockopt(&fd, sockopt::SndBuf, &SEND_BUFFER));
+    let _ = socket::setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20))
+        .or_else(|_| socket::setsockopt(&fd, sockopt::RcvBuf, &(8 << 20)));
+    socket::setsockopt(&fd, sockopt::IpMulticastTtl, &ttl).map_err(fail)?;
+    socket::setsockopt(&fd, sockopt::IpMulticastLoop, &true).map_err(fail)?;
+    // Multicast leaves through this interface whatever the routing table says.
+    socket::setsockopt(
+        &fd,
+        sockopt::BindToDevice,
+        &std::ffi::OsString::from(interface),
+    )
+    .map_err(fail)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(fail)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// A receiver's socket: joined to `group` on the interface, with a large receive buffer.
+pub fn receiver_socket(
+    group: Ipv4Addr,
+    port: u16,
+    interface_addr: Ipv4Addr,
+) -> Result<UdpSocket, NetError> {
+    if !group.is_multicast() {
+        return Err(NetError::NotMulticast(group));
+    }
+    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let fail = |source| NetError::Socket {
+        what: "receiver",
+        addr: addr.into(),
+        source,
+    };
+    let fd = new_udp("receiver", addr)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
+    let _ = socket::setsockopt(&fd, sockopt::RcvBufForce, &RECEIVE_BUFFER)
+        .or_else(|_| socket::setsockopt(&fd, sockopt::RcvBuf, &RECEIVE_BUFFER));
+    let _ = socket::setsockopt(&fd, sockopt::RxqOvfl, &1);
+    socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(fail)?;
+    let membership = IpMembershipRequest::new(group, Some(interface_addr));
+    socket::setsockopt(&fd, sockopt::IpAddMembership, &membership).map_err(fail)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// Receives one datagram; returns its length, its source and the kernel's count of datagrams
+/// dropped for lack of buffer space (when the kernel reports it).
+pub fn recv_counting_drops(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddrV4, Option<u32>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(u32);
+    let msg = socket::recvmsg::<SockaddrIn>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let mut drops = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::RxqOvfl(n) = c {
+                drops = Some(n);
+            }
+        }
+    }
+    let from = msg
+        .address
+        .map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| {
+            SocketAddrV4::new(a.ip(), a.port())
+        });
+    Ok((msg.bytes, from, drops))
+}
+
+/// Waits until the socket is readable or `timeout` passes; true when readable.
+pub fn wait_readable(socket: &UdpSocket, timeout: Duration) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        socket.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let spec = nix::sys::time::TimeSpec::from_duration(timeout);
+    matches!(nix::poll::ppoll(&mut fds, Some(spec), None), Ok(n) if n > 0)
+}

@@ -43,6 +43,19 @@ fn lab_file(name: &str) -> PathBuf {
     path
 }
 
+fn run_with_input(cmd: &mut Command, input: &str) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
@@ -401,6 +414,36 @@ impl Lab {
                 .args(args.split_whitespace()));
         }
         netns
+    }
+
+    /// Runs a command inside another namespace of this lab (one made by [`Lab::add_host`]).
+    pub fn in_host(netns: &str, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(program);
+        cmd
+    }
+
+    /// Drops `percent` of the UDP datagrams arriving in a host's namespace (nftables: this kernel
+    /// has no netem).
+    pub fn add_ingress_loss(netns: &str, percent: f64) {
+        let per_10000 = (percent * 100.0).round() as u32;
+        let script = format!(
+            "table inet diskcast_loss {{\n chain input {{\n  type filter hook input priority 0;\n  \
+             meta l4proto udp numgen random mod 10000 < {per_10000} drop\n }}\n}}\n"
+        );
+        run_with_input(Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]), &script);
+    }
+
+    /// Limits a host's outgoing rate with a token bucket (an emulated link speed).
+    pub fn limit_egress(netns: &str, interface: &str, mbit: u32) {
+        run(Command::new("ip").args(["netns", "exec", netns, "tc", "qdisc", "replace", "dev", interface, "root", "tbf"]).args([
+            "rate",
+            &format!("{mbit}mbit"),
+            "burst",
+            "256kb",
+            "latency",
+            "20ms",
+        ]));
     }
 
     fn new_tap(&mut self) -> String {

@@ -99,6 +99,52 @@ pub struct BootConfig {
     pub dhcp_timeout_secs: u32,
     /// Log level of the console log: error, warn, info, debug, trace.
     pub log_level: log::LevelFilter,
+    /// The disk to read (master, capture) or write (slave).
+    pub disk: DiskSelector,
+    /// Multicast session address.
+    pub group: Ipv4Addr,
+    pub port: u16,
+    /// Master: start once this many slaves joined...
+    pub min_receivers: u32,
+    /// ...or this many seconds after starting, with whoever joined.
+    pub start_timeout_secs: Option<u32>,
+    /// Master: upper bound of the data rate in MB/s.
+    pub rate_mbps: Option<u32>,
+}
+
+/// Which disk a role works on. Device order is not stable, so labs name disks by serial.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DiskSelector {
+    /// The only internal disk (not the boot medium, not removable); an error when there are several.
+    #[default]
+    Only,
+    /// The disk with this serial number.
+    Serial(String),
+    /// The disk with this kernel name (`sda`, `nvme0n1`, `vda`).
+    Name(String),
+}
+
+impl DiskSelector {
+    pub const EXPECTED: &'static str = "`only`, `serial:SERIAL` or `name:DEVICE`";
+
+    pub fn render(&self) -> String {
+        match self {
+            Self::Only => "only".into(),
+            Self::Serial(serial) => format!("serial:{serial}"),
+            Self::Name(name) => format!("name:{name}"),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.split_once(':') {
+            None if text == "only" => Some(Self::Only),
+            Some(("serial", serial)) if !serial.is_empty() => Some(Self::Serial(serial.into())),
+            Some(("name", name)) if !name.is_empty() && !name.contains('/') => {
+                Some(Self::Name(name.into()))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl Default for BootConfig {
@@ -111,11 +157,18 @@ impl Default for BootConfig {
             on_done: Finish::Poweroff,
             dhcp_timeout_secs: 60,
             log_level: log::LevelFilter::Info,
+            disk: DiskSelector::Only,
+            group: Ipv4Addr::new(239, 255, 77, 77),
+            port: 7744,
+            min_receivers: 1,
+            start_timeout_secs: None,
+            rate_mbps: None,
         }
     }
 }
 
-const KNOWN_KEYS: &str = "role, server, interface, on_error, on_done, dhcp_timeout, log";
+const KNOWN_KEYS: &str =
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate";
 
 impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
@@ -183,6 +236,49 @@ impl BootConfig {
                     invalid(key, value, "one of off, error, warn, info, debug, trace")
                 })?
             }
+            "disk" => {
+                self.disk = DiskSelector::parse(value)
+                    .ok_or_else(|| invalid(key, value, DiskSelector::EXPECTED))?
+            }
+            "group" => {
+                self.group = value
+                    .parse()
+                    .ok()
+                    .filter(|g: &Ipv4Addr| g.is_multicast())
+                    .ok_or_else(|| invalid(key, value, "an IPv4 multicast address"))?
+            }
+            "port" => {
+                self.port = value
+                    .parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| invalid(key, value, "a UDP port"))?
+            }
+            "min_receivers" => {
+                self.min_receivers = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| invalid(key, value, "a positive number"))?
+            }
+            "start_timeout" => {
+                self.start_timeout_secs = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| invalid(key, value, "a positive number of seconds"))?,
+                )
+            }
+            "rate" => {
+                self.rate_mbps = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| invalid(key, value, "MB/s, a positive number"))?,
+                )
+            }
             _ => {
                 return Err(CmdlineError::UnknownKey {
                     key: key.into(),
@@ -209,6 +305,25 @@ impl BootConfig {
             "{PREFIX}log={}",
             self.log_level.as_str().to_ascii_lowercase()
         ));
+        let defaults = Self::default();
+        if self.disk != defaults.disk {
+            words.push(format!("{PREFIX}disk={}", self.disk.render()));
+        }
+        if self.group != defaults.group {
+            words.push(format!("{PREFIX}group={}", self.group));
+        }
+        if self.port != defaults.port {
+            words.push(format!("{PREFIX}port={}", self.port));
+        }
+        if self.min_receivers != defaults.min_receivers {
+            words.push(format!("{PREFIX}min_receivers={}", self.min_receivers));
+        }
+        if let Some(secs) = self.start_timeout_secs {
+            words.push(format!("{PREFIX}start_timeout={secs}"));
+        }
+        if let Some(rate) = self.rate_mbps {
+            words.push(format!("{PREFIX}rate={rate}"));
+        }
         words.join(" ")
     }
 }
@@ -227,6 +342,12 @@ mod tests {
             on_done: Finish::Shell,
             dhcp_timeout_secs: 17,
             log_level: log::LevelFilter::Debug,
+            disk: DiskSelector::Serial("WD-123".into()),
+            group: Ipv4Addr::new(239, 1, 2, 3),
+            port: 9000,
+            min_receivers: 8,
+            start_timeout_secs: Some(300),
+            rate_mbps: Some(90),
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -268,5 +389,25 @@ mod tests {
         );
         let err = BootConfig::parse("diskcast.dhcp_timeout=0").unwrap_err();
         assert!(matches!(err, CmdlineError::InvalidValue { .. }));
+        for bad in [
+            "diskcast.group=10.0.0.1",
+            "diskcast.disk=/dev/sda",
+            "diskcast.disk=name:../x",
+            "diskcast.min_receivers=0",
+        ] {
+            assert!(
+                matches!(
+                    BootConfig::parse(bad),
+                    Err(CmdlineError::InvalidValue { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            BootConfig::parse("diskcast.disk=name:nvme0n1")
+                .unwrap()
+                .disk,
+            DiskSelector::Name("nvme0n1".into())
+        );
     }
 }

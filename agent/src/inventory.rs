@@ -210,6 +210,92 @@ pub fn pci_network_controllers(sys: &Path) -> Vec<String> {
     found
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SelectError {
+    #[error("no disk with {what} (disks present: {present})")]
+    NotFound { what: String, present: String },
+    #[error("refusing disk {name}: it is the medium this system booted from")]
+    BootMedium { name: String },
+    #[error("no internal disk found (disks present: {present})")]
+    NoInternalDisk { present: String },
+    #[error("several internal disks ({present}); choose one with diskcast.disk=serial:SERIAL")]
+    Ambiguous { present: String },
+}
+
+fn describe_disks<'a>(disks: impl Iterator<Item = &'a Disk>) -> String {
+    let list: Vec<String> = disks
+        .map(|d| {
+            let mut text = format!("{} {}", d.name, human_size(d.size_bytes));
+            if !d.serial.is_empty() {
+                text.push_str(&format!(" serial {}", d.serial));
+            }
+            if d.boot_medium {
+                text.push_str(" (boot medium)");
+            } else if d.removable {
+                text.push_str(" (removable)");
+            }
+            text
+        })
+        .collect();
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join("; ")
+    }
+}
+
+/// Picks the disk a role works on. Never the boot medium; with no explicit choice, only when
+/// exactly one internal disk exists (device order is not stable, so guessing could wipe the
+/// wrong disk).
+pub fn select_disk<'a>(
+    disks: &'a [Disk],
+    selector: &crate::cmdline::DiskSelector,
+) -> Result<&'a Disk, SelectError> {
+    use crate::cmdline::DiskSelector;
+    let present = || describe_disks(disks.iter());
+    let found = match selector {
+        DiskSelector::Serial(serial) => {
+            disks
+                .iter()
+                .find(|d| &d.serial == serial)
+                .ok_or_else(|| SelectError::NotFound {
+                    what: format!("serial {serial}"),
+                    present: present(),
+                })?
+        }
+        DiskSelector::Name(name) => {
+            disks
+                .iter()
+                .find(|d| &d.name == name)
+                .ok_or_else(|| SelectError::NotFound {
+                    what: format!("name {name}"),
+                    present: present(),
+                })?
+        }
+        DiskSelector::Only => {
+            let internal: Vec<&Disk> = disks
+                .iter()
+                .filter(|d| !d.boot_medium && !d.removable)
+                .collect();
+            match internal.len() {
+                1 => internal[0],
+                0 => return Err(SelectError::NoInternalDisk { present: present() }),
+                _ => {
+                    return Err(SelectError::Ambiguous {
+                        present: describe_disks(internal.into_iter()),
+                    })
+                }
+            }
+        }
+    };
+    if found.boot_medium {
+        return Err(SelectError::BootMedium {
+            name: found.name.clone(),
+        });
+    }
+    Ok(found)
+}
+
 impl Inventory {
     pub fn read(sys: &Path, dev: &Path) -> Self {
         Self {
@@ -365,6 +451,62 @@ mod tests {
         sys.file("block/sdb/sdb1/start", "2\n");
         let disks = read_disks(&sys.0, &sys.0.join("dev"));
         assert!(disks[0].boot_medium);
+    }
+
+    fn disk(name: &str, serial: &str, removable: bool, boot: bool) -> Disk {
+        Disk {
+            name: name.into(),
+            size_bytes: 1 << 30,
+            logical_block_size: 512,
+            model: String::new(),
+            serial: serial.into(),
+            removable,
+            boot_medium: boot,
+        }
+    }
+
+    #[test]
+    fn disk_selection_never_guesses_and_never_takes_the_boot_medium() {
+        use crate::cmdline::DiskSelector;
+        let disks = vec![
+            disk("sda", "USB1", true, true),
+            disk("vda", "A", false, false),
+            disk("vdb", "B", false, false),
+        ];
+        assert_eq!(
+            select_disk(&disks, &DiskSelector::Serial("B".into()))
+                .unwrap()
+                .name,
+            "vdb"
+        );
+        assert_eq!(
+            select_disk(&disks, &DiskSelector::Name("vda".into()))
+                .unwrap()
+                .name,
+            "vda"
+        );
+        let err = select_disk(&disks, &DiskSelector::Only).unwrap_err();
+        assert!(matches!(err, SelectError::Ambiguous { .. }), "{err}");
+        assert!(
+            err.to_string().contains("vda") && err.to_string().contains("serial B"),
+            "{err}"
+        );
+        assert_eq!(
+            select_disk(&disks, &DiskSelector::Serial("USB1".into())),
+            Err(SelectError::BootMedium { name: "sda".into() })
+        );
+        assert!(matches!(
+            select_disk(&disks, &DiskSelector::Serial("C".into())),
+            Err(SelectError::NotFound { .. })
+        ));
+        assert_eq!(
+            select_disk(&disks[..2], &DiskSelector::Only).unwrap().name,
+            "vda"
+        );
+        assert!(matches!(
+            select_disk(&disks[..1], &DiskSelector::Only),
+            Err(SelectError::NoInternalDisk { .. })
+        ));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub enum Pid1Error {
     Network(#[from] NetError),
     #[error("role `{0}` is not available in this agent yet")]
     RoleUnavailable(Role),
+    #[error("choosing the disk")]
+    Disk(#[from] crate::inventory::SelectError),
+    #[error("the multicast session failed")]
+    Session(#[from] crate::imaging::session::SessionError),
 }
 
 const MOUNTS: [(&str, &str, &str, libc::c_ulong); 4] = [
@@ -164,8 +168,108 @@ fn boot(config: &BootConfig, booted: Instant) -> Result<(), Pid1Error> {
 
     match config.role {
         Role::Inventory => Ok(()),
+        Role::Master => master(config, &inventory, &configured.interface),
+        Role::Slave => slave(config, &inventory, &configured.interface, &nic.mac),
         role => Err(Pid1Error::RoleUnavailable(role)),
     }
+}
+
+fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result<(), Pid1Error> {
+    use crate::imaging::session;
+    let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
+    print_console(&format!(
+        "master: sending /dev/{} — model {:?}, serial {:?}, {}\n",
+        disk.name,
+        disk.model,
+        disk.serial,
+        crate::inventory::human_size(disk.size_bytes)
+    ));
+    let opts = session::SendOptions {
+        source: PathBuf::from("/dev").join(&disk.name),
+        interface: Some(interface.into()),
+        group: config.group,
+        port: config.port,
+        min_receivers: config.min_receivers,
+        start_timeout: config
+            .start_timeout_secs
+            .map(|s| Duration::from_secs(u64::from(s))),
+        max_rate: config
+            .rate_mbps
+            .map_or(session::SendOptions::default().max_rate, |r| {
+                u64::from(r) * 1_000_000
+            }),
+        ..session::SendOptions::default()
+    };
+    let mut last = Instant::now();
+    let summary = session::run_send(&opts, |sender| {
+        if last.elapsed() >= Duration::from_secs(5) {
+            last = Instant::now();
+            let mut text = format!(
+                "master: {} slave(s), rate limit {:.0} MB/s\n",
+                sender.receivers().count(),
+                sender.rate() as f64 / 1e6
+            );
+            for line in session::progress_lines(sender) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            print_console(&text);
+        }
+    })?;
+    print_console(&summary.render());
+    summary.result()?;
+    print_console("DISKCAST-MASTER-DONE every slave verified its copy\n");
+    Ok(())
+}
+
+fn slave(
+    config: &BootConfig,
+    inventory: &Inventory,
+    interface: &str,
+    mac: &str,
+) -> Result<(), Pid1Error> {
+    use crate::imaging::session;
+    let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
+    print_console(&format!(
+        "slave: writing /dev/{} — model {:?}, serial {:?}, {}\n",
+        disk.name,
+        disk.model,
+        disk.serial,
+        crate::inventory::human_size(disk.size_bytes)
+    ));
+    let target = PathBuf::from("/dev").join(&disk.name);
+    let opts = session::ReceiveOptions {
+        id: Some(session::stable_receiver_id(mac, &target)),
+        target,
+        interface: Some(interface.into()),
+        group: config.group,
+        port: config.port,
+        name: mac.into(),
+        serial: disk.serial.clone(),
+        ..session::ReceiveOptions::default()
+    };
+    let mut last = Instant::now();
+    session::run_receive(&opts, |p| {
+        if last.elapsed() >= Duration::from_secs(5) {
+            last = Instant::now();
+            let pct = if p.chunks_total == 0 {
+                0.0
+            } else {
+                100.0 * f64::from(p.chunks_done) / f64::from(p.chunks_total)
+            };
+            print_console(&format!(
+                "slave: {pct:.0}% ({}/{} chunks){}\n",
+                p.chunks_done,
+                p.chunks_total,
+                if p.verifying { ", verifying" } else { "" }
+            ));
+        }
+    })?;
+    print_console(&format!(
+        "DISKCAST-SLAVE-DONE /dev/{} verified\n",
+        disk.name
+    ));
+    Ok(())
 }
 
 fn print_console(text: &str) {

@@ -1,7 +1,7 @@
 //! The bootserver's configuration: one TOML file (see `bootserver/bootserver.example.toml`),
 //! with a few settings that flags can override.
 
-use diskcast_agent::cmdline::{BootConfig, Finish, Role};
+use diskcast_agent::cmdline::{BootConfig, DiskSelector, Finish, Role};
 use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -145,6 +145,21 @@ pub struct AgentDefaults {
     pub on_done: String,
     #[serde(default)]
     pub log: Option<String>,
+    /// Which disk: `only`, `serial:SERIAL` or `name:DEVICE`.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Multicast session address and port.
+    #[serde(default)]
+    pub group: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Master: slaves to wait for, seconds to wait at most, MB/s at most.
+    #[serde(default)]
+    pub min_receivers: Option<u32>,
+    #[serde(default)]
+    pub start_timeout: Option<u32>,
+    #[serde(default)]
+    pub rate: Option<u32>,
 }
 
 impl Default for AgentDefaults {
@@ -154,6 +169,12 @@ impl Default for AgentDefaults {
             on_error: default_on_error(),
             on_done: default_on_done(),
             log: None,
+            disk: None,
+            group: None,
+            port: None,
+            min_receivers: None,
+            start_timeout: None,
+            rate: None,
         }
     }
 }
@@ -173,6 +194,8 @@ fn default_on_done() -> String {
 pub struct Machine {
     pub mac: String,
     pub role: Option<String>,
+    /// Overrides `[agent] disk` for this machine.
+    pub disk: Option<String>,
 }
 
 /// A MAC address in canonical lower-case colon form.
@@ -281,6 +304,29 @@ impl Config {
             on_done: finish("on_done", &self.agent.on_done)?,
             ..BootConfig::default()
         };
+        let disk_text = machine
+            .and_then(|m| m.disk.as_deref())
+            .or(self.agent.disk.as_deref());
+        if let Some(text) = disk_text {
+            config.disk = DiskSelector::parse(text)
+                .ok_or_else(|| format!("disk {text:?} is not {}", DiskSelector::EXPECTED))?;
+        }
+        if let Some(group) = self.agent.group {
+            if !group.is_multicast() {
+                return Err(format!(
+                    "[agent] group = {group} is not a multicast address"
+                ));
+            }
+            config.group = group;
+        }
+        config.port = self.agent.port.unwrap_or(config.port);
+        config.min_receivers = self
+            .agent
+            .min_receivers
+            .unwrap_or(config.min_receivers)
+            .max(1);
+        config.start_timeout_secs = self.agent.start_timeout;
+        config.rate_mbps = self.agent.rate;
         if let Some(level) = &self.agent.log {
             config.log_level = level
                 .parse()
@@ -309,12 +355,16 @@ mod tests {
         config.machines = vec![Machine {
             mac: "52-54-00-AA-BB-CC".into(),
             role: Some("slave".into()),
+            disk: Some("serial:DISK-7".into()),
         }];
+        config.agent.min_receivers = Some(4);
         let server = Some(Ipv4Addr::new(10, 77, 0, 1));
         let slave = config
             .agent_config_for(Some("52:54:00:aa:bb:cc"), server)
             .unwrap();
         assert_eq!(slave.role, Role::Slave);
+        assert_eq!(slave.disk, DiskSelector::Serial("DISK-7".into()));
+        assert_eq!(slave.min_receivers, 4);
         let other = config
             .agent_config_for(Some("52:54:00:aa:bb:cd"), server)
             .unwrap();

@@ -53,7 +53,11 @@ fn run_with_input(cmd: &mut Command, input: &str) {
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -66,6 +70,43 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes a source disk with what real disks hold: an ext4 file system with files (made by
+/// `mkfs.ext4 -d`, no mounting), a region of random bytes, a region of text, and zeros.
+pub fn make_source_disk(path: &Path, size_mib: u64) {
+    let tree = path.with_extension("tree");
+    let _ = fs::remove_dir_all(&tree);
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    fs::write(tree.join("etc/hostname"), "golden-image\n").unwrap();
+    fs::write(tree.join("README"), "diskcast test image\n".repeat(1000)).unwrap();
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut random = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    fs::write(tree.join("random.bin"), random(3 << 20)).unwrap();
+    let file = fs::File::create(path).unwrap();
+    file.set_len(size_mib << 20).unwrap();
+    let fs_mib = size_mib / 2;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(path)
+        .arg(format!("{fs_mib}M")));
+    use std::os::unix::fs::FileExt;
+    // Random bytes and text past the file system, then zeros to the end.
+    file.write_all_at(&random(4 << 20), (fs_mib + 4) << 20)
+        .unwrap();
+    file.write_all_at(&b"plain text region ".repeat(50_000), (fs_mib + 10) << 20)
+        .unwrap();
+    let _ = fs::remove_dir_all(&tree);
 }
 
 /// Output of a child process collected line by line, with waiting for a line.
@@ -139,6 +180,16 @@ pub struct DiskSpec {
     pub serial: String,
     /// QEMU device: `virtio-blk-pci`, or `ide-hd` on an AHCI controller.
     pub device: &'static str,
+    /// Initial content (copied); blank when `None`.
+    pub content: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// Firmware network boot from the bootserver.
+    Network,
+    /// `-kernel`/`-initrd` with this command line (the lab's kernel and initramfs).
+    Kernel { append: String },
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +200,7 @@ pub struct VmSpec {
     pub mac: String,
     pub disks: Vec<DiskSpec>,
     pub memory_mib: u32,
+    pub boot: Boot,
 }
 
 impl VmSpec {
@@ -160,6 +212,7 @@ impl VmSpec {
             mac: format!("52:54:00:dc:00:{mac_suffix:02x}"),
             disks: Vec::new(),
             memory_mib: 512,
+            boot: Boot::Network,
         }
     }
 
@@ -168,7 +221,28 @@ impl VmSpec {
             size_mib,
             serial: serial.into(),
             device,
+            content: None,
         });
+        self
+    }
+
+    /// A disk that starts as a copy of `content`.
+    pub fn disk_from(mut self, content: &Path, serial: &str, device: &'static str) -> Self {
+        let size_mib = fs::metadata(content).unwrap().len().div_ceil(1 << 20);
+        self.disks.push(DiskSpec {
+            size_mib,
+            serial: serial.into(),
+            device,
+            content: Some(content.into()),
+        });
+        self
+    }
+
+    /// Boots the lab kernel directly with `append` (no network boot).
+    pub fn kernel(mut self, append: &str) -> Self {
+        self.boot = Boot::Kernel {
+            append: append.into(),
+        };
         self
     }
 }
@@ -334,10 +408,15 @@ impl Lab {
     /// Starts the bootserver and waits until it listens.
     pub fn start_bootserver(&mut self, mode: DhcpMode, extra: &str) -> usize {
         let config = self.bootserver_config(mode, extra);
+        self.start_bootserver_with(&config)
+    }
+
+    /// Starts the bootserver with a config file and waits until it listens.
+    pub fn start_bootserver_with(&mut self, config: &Path) -> usize {
         let mut child = self
             .ns_command(&lab_file("bootserver"))
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -431,19 +510,26 @@ impl Lab {
             "table inet diskcast_loss {{\n chain input {{\n  type filter hook input priority 0;\n  \
              meta l4proto udp numgen random mod 10000 < {per_10000} drop\n }}\n}}\n"
         );
-        run_with_input(Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]), &script);
+        run_with_input(
+            Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]),
+            &script,
+        );
     }
 
     /// Limits a host's outgoing rate with a token bucket (an emulated link speed).
     pub fn limit_egress(netns: &str, interface: &str, mbit: u32) {
-        run(Command::new("ip").args(["netns", "exec", netns, "tc", "qdisc", "replace", "dev", interface, "root", "tbf"]).args([
-            "rate",
-            &format!("{mbit}mbit"),
-            "burst",
-            "256kb",
-            "latency",
-            "20ms",
-        ]));
+        run(Command::new("ip")
+            .args([
+                "netns", "exec", netns, "tc", "qdisc", "replace", "dev", interface, "root", "tbf",
+            ])
+            .args([
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "256kb",
+                "latency",
+                "20ms",
+            ]));
     }
 
     fn new_tap(&mut self) -> String {
@@ -472,6 +558,11 @@ impl Lab {
             "-netdev",
             &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
         ]);
+        if let Boot::Kernel { append } = &spec.boot {
+            cmd.args(["-kernel", &lab_file("vmlinuz").display().to_string()])
+                .args(["-initrd", &lab_file("initramfs.img").display().to_string()])
+                .args(["-append", append]);
+        }
         let nic = match spec.firmware {
             Firmware::Bios => format!(
                 "{},netdev=net0,mac={},bootindex=1",
@@ -490,9 +581,16 @@ impl Lab {
             cmd.args(["-device", "ahci,id=ahci"]);
         }
         for (i, disk) in spec.disks.iter().enumerate() {
-            let path = self.dir.join(format!("{}-disk{i}.img", spec.name));
-            let file = fs::File::create(&path).unwrap();
-            file.set_len(disk.size_mib << 20).unwrap();
+            let path = self.disk_path(&spec.name, i);
+            match &disk.content {
+                Some(content) => {
+                    fs::copy(content, &path).unwrap();
+                }
+                None => fs::File::create(&path)
+                    .unwrap()
+                    .set_len(disk.size_mib << 20)
+                    .unwrap(),
+            }
             cmd.args([
                 "-drive",
                 &format!("file={},format=raw,if=none,id=d{i}", path.display()),
@@ -525,6 +623,11 @@ impl Lab {
             child,
         });
         self.vms.len() - 1
+    }
+
+    /// The image file behind disk `index` of the VM called `vm`.
+    pub fn disk_path(&self, vm: &str, index: usize) -> PathBuf {
+        self.dir.join(format!("{vm}-disk{index}.img"))
     }
 
     fn console(&self, prefix: &str) -> Console {

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 fn agent() -> PathBuf {
     let path = project_root().join("target/release/agent");
-    assert!(path.exists(), "{} is missing: run scripts/build-lab (or cargo build --release)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-lab (or cargo build --release)",
+        path.display()
+    );
     path
 }
 
@@ -20,7 +24,10 @@ fn make_image(path: &Path, mib: usize, seed: u64) {
     for (i, block) in image.chunks_mut(64 << 10).enumerate() {
         match i % 5 {
             0 => {}
-            1 => block.iter_mut().enumerate().for_each(|(j, b)| *b = b"lab machine data "[j % 17]),
+            1 => block
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = b"lab machine data "[j % 17]),
             _ => block.iter_mut().for_each(|b| {
                 state ^= state << 13;
                 state ^= state >> 7;
@@ -34,7 +41,12 @@ fn make_image(path: &Path, mib: usize, seed: u64) {
 
 fn wait(child: std::process::Child, what: &str) -> Output {
     let out = child.wait_with_output().unwrap();
-    eprintln!("---- {what}: {}\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "---- {what}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -42,12 +54,16 @@ fn wait(child: std::process::Child, what: &str) -> Output {
 fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
     let mut lab = Lab::new("p2p_three_receivers");
     let sender = lab.add_host("snd", "10.77.0.10/24");
-    let receivers: Vec<String> = (1..=3).map(|i| lab.add_host(&format!("rx{i}"), &format!("10.77.0.{}/24", 10 + i))).collect();
+    let receivers: Vec<String> = (1..=3)
+        .map(|i| lab.add_host(&format!("rx{i}"), &format!("10.77.0.{}/24", 10 + i)))
+        .collect();
     Lab::add_ingress_loss(&receivers[0], 5.0);
     let source = lab.dir.join("source.img");
     make_image(&source, 48, 7);
     // One receiver writes over an old, different image: the zero regions must come out zero.
-    let targets: Vec<PathBuf> = (1..=3).map(|i| lab.dir.join(format!("target{i}.img"))).collect();
+    let targets: Vec<PathBuf> = (1..=3)
+        .map(|i| lab.dir.join(format!("target{i}.img")))
+        .collect();
     make_image(&targets[2], 48, 99);
 
     let rx: Vec<_> = receivers
@@ -56,7 +72,15 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
         .enumerate()
         .map(|(i, (ns, target))| {
             Lab::in_host(ns, &agent())
-                .args(["receive", "--interface", "eth0", "--name", &format!("rx{}", i + 1), "--wait", "60"])
+                .args([
+                    "receive",
+                    "--interface",
+                    "eth0",
+                    "--name",
+                    &format!("rx{}", i + 1),
+                    "--wait",
+                    "60",
+                ])
                 .arg(target)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -65,14 +89,28 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
         })
         .collect();
     let send = Lab::in_host(&sender, &agent())
-        .args(["send", "--interface", "eth0", "--min-receivers", "3", "--start-timeout", "60", "--rate", "200"])
+        .args([
+            "send",
+            "--interface",
+            "eth0",
+            "--min-receivers",
+            "3",
+            "--start-timeout",
+            "60",
+            "--rate",
+            "200",
+        ])
         .arg(&source)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let send_out = wait(send, "sender");
-    let rx_out: Vec<Output> = rx.into_iter().enumerate().map(|(i, c)| wait(c, &format!("receiver {}", i + 1))).collect();
+    let rx_out: Vec<Output> = rx
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| wait(c, &format!("receiver {}", i + 1)))
+        .collect();
 
     assert!(send_out.status.success(), "sender failed");
     let summary = String::from_utf8_lossy(&send_out.stdout);
@@ -80,11 +118,23 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
     let expected = std::fs::read(&source).unwrap();
     for (i, (out, target)) in rx_out.iter().zip(&targets).enumerate() {
         assert!(out.status.success(), "receiver {} failed", i + 1);
-        assert!(std::fs::read(target).unwrap() == expected, "receiver {}'s copy differs from the source", i + 1);
+        assert!(
+            std::fs::read(target).unwrap() == expected,
+            "receiver {}'s copy differs from the source",
+            i + 1
+        );
     }
     // The lossy receiver needed repairs; the report says so.
-    let lossy_line = summary.lines().find(|l| l.trim_start().starts_with("rx1 ")).expect("rx1 in the summary");
-    let repairs: u64 = lossy_line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let lossy_line = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with("rx1 "))
+        .expect("rx1 in the summary");
+    let repairs: u64 = lossy_line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(repairs > 0, "{lossy_line}");
     drop(lab);
 }
@@ -100,12 +150,20 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
     let backing = lab.dir.join("small.img");
     std::fs::write(&backing, vec![0xa5u8; 4 << 20]).unwrap();
     let loop_dev = String::from_utf8(
-        Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap().stdout,
+        Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing)
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap()
     .trim()
     .to_string();
-    assert!(loop_dev.starts_with("/dev/loop"), "losetup gave {loop_dev:?}");
+    assert!(
+        loop_dev.starts_with("/dev/loop"),
+        "losetup gave {loop_dev:?}"
+    );
     let rx = Lab::in_host(&receiver, &agent())
         .args(["receive", "--interface", "eth0", "--wait", "60", &loop_dev])
         .stdout(Stdio::piped())
@@ -113,7 +171,15 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
         .spawn()
         .unwrap();
     let send = Lab::in_host(&sender, &agent())
-        .args(["send", "--interface", "eth0", "--min-receivers", "1", "--start-timeout", "5"])
+        .args([
+            "send",
+            "--interface",
+            "eth0",
+            "--min-receivers",
+            "1",
+            "--start-timeout",
+            "5",
+        ])
         .arg(&source)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -125,7 +191,10 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
     let _ = Command::new("losetup").args(["-d", &loop_dev]).status();
     assert!(!rx_out.status.success());
     assert!(String::from_utf8_lossy(&rx_out.stderr).contains("too small"));
-    assert!(!send_out.status.success(), "the sender must not report success");
+    assert!(
+        !send_out.status.success(),
+        "the sender must not report success"
+    );
     assert!(String::from_utf8_lossy(&send_out.stdout).contains("too small"));
     assert!(untouched, "nothing may be written to a too-small disk");
     std::thread::sleep(Duration::from_millis(10));

@@ -198,6 +198,11 @@ impl Sender {
         self.phase
     }
 
+    /// When the data started to flow (the start policy was met).
+    pub fn data_started(&self) -> Option<Instant> {
+        self.data_started
+    }
+
     pub fn outcome(&self) -> Option<&Outcome> {
         self.outcome.as_ref()
     }

@@ -75,6 +75,8 @@ impl Default for SendOptions {
 /// What a finished send reports.
 #[derive(Debug, Clone)]
 pub struct SendSummary {
+    /// Waiting for receivers before the data started.
+    pub waited: Duration,
     pub image_size: u64,
     pub data_bytes: u64,
     pub sent_bytes: u64,
@@ -216,11 +218,13 @@ pub fn run_send(
     }
     let outcome = sender.outcome().cloned().unwrap_or(Outcome::SomeFailed);
     let stats = sender.stats;
+    let data_started = sender.data_started().unwrap_or(started);
     Ok(SendSummary {
+        waited: data_started.duration_since(started),
+        elapsed: data_started.elapsed(),
         image_size: sender.manifest().image_size,
         data_bytes: sender.manifest().data_bytes(),
         sent_bytes: stats.data_bytes,
-        elapsed: started.elapsed(),
         receivers: sender.receivers().cloned().collect(),
         outcome,
     })
@@ -263,9 +267,10 @@ impl SendSummary {
         let mut out = String::new();
         let secs = self.elapsed.as_secs_f64();
         out.push_str(&format!(
-            "session summary: image {} ({} of data), {:.1} s, {:.1} MB/s of data, sent {:.2}x the data\n",
+            "session summary: image {} ({} of data), waited {:.1} s for receivers, then {:.1} s: {:.1} MB/s of data, sent {:.2}x the data\n",
             human_size(self.image_size),
             human_size(self.data_bytes),
+            self.waited.as_secs_f64(),
             secs,
             mb_per_s(self.data_bytes, self.elapsed),
             self.sent_bytes as f64 / self.data_bytes.max(1) as f64

@@ -127,6 +127,13 @@ pub struct BootFiles {
     /// Extra kernel parameters, e.g. `console=ttyS0,115200`.
     #[serde(default)]
     pub kernel_args: String,
+    /// Answer IPv6 router solicitations (router lifetime 0) so iPXE does not wait ~15 s for one.
+    #[serde(default = "default_true")]
+    pub answer_router_solicitations: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_tftp_root() -> PathBuf {

@@ -8,5 +8,6 @@ pub mod dhcp_server;
 pub mod http;
 pub mod ipxe;
 pub mod leases;
+pub mod router_advert;
 pub mod serve;
 pub mod tftp;

@@ -289,6 +289,22 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         );
     }
 
+    if config.boot.answer_router_solicitations {
+        let advert = nix::net::if_::if_nametoindex(config.interface.as_str())
+            .map_err(|e| e.to_string())
+            .and_then(|index| {
+                crate::router_advert::open(&config.interface, index)
+                    .map(|fd| (fd, index))
+                    .map_err(|e| e.to_string())
+            });
+        match advert {
+            Ok((fd, index)) => threads.push(
+                std::thread::Builder::new().name("router-advert".into()).spawn(move || crate::router_advert::serve(fd, index)),
+            ),
+            Err(e) => log::warn!("not answering IPv6 router solicitations ({e}); iPXE will wait for IPv6 before booting"),
+        }
+    }
+
     let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
     let tftp_addr = SocketAddr::from((server_ip, config.tftp_port));
     // Bind errors surface through the thread's log; TFTP is checked with a probe below.

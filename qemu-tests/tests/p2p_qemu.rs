@@ -73,6 +73,9 @@ fn p2p_master_to_slaves() {
         );
     }
     let summary = lab.vm(master).console.text();
-    let verified = summary.lines().filter(|l| l.trim_end().ends_with(" verified") && l.contains("SLAVE-")).count();
+    let verified = summary
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" verified") && l.contains("SLAVE-"))
+        .count();
     assert_eq!(verified, 2, "{summary}");
 }

@@ -89,6 +89,9 @@ pub fn sender_socket(
     let _ = socket::setsockopt(&fd, sockopt::RcvBufForce, &(8 << 20))
         .or_else(|_| socket::setsockopt(&fd, sockopt::RcvBuf, &(8 << 20)));
     socket::setsockopt(&fd, sockopt::IpMulticastTtl, &ttl).map_err(fail)?;
+    // Report ENOBUFS when the interface queue is full instead of dropping silently: the send loop
+    // waits and retries, which paces the sender at the link's real speed.
+    let _ = socket::setsockopt(&fd, sockopt::Ipv4RecvErr, &true);
     socket::setsockopt(&fd, sockopt::IpMulticastLoop, &true).map_err(fail)?;
     // Multicast leaves through this interface whatever the routing table says.
     socket::setsockopt(

@@ -15,6 +15,11 @@ use super::wire::{
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// Bytes of NAKs that fit one status datagram next to its fixed fields.
+const NAK_ROOM: usize = MAX_DATAGRAM - 80;
+/// Status datagrams per interval at most.
+const MAX_STATUS_DATAGRAMS: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
     /// Stable across restarts of the same machine and target, so a restarted receiver rejoins.
@@ -660,7 +665,7 @@ impl Receiver {
         self.next_status = now + self.cfg.status_interval;
         match self.phase {
             Phase::Joining => out.push(self.join_packet(0)),
-            Phase::Receiving | Phase::Verifying => out.push(self.status()),
+            Phase::Receiving | Phase::Verifying => out.extend(self.status()),
             Phase::Reporting => {
                 let ok = matches!(self.result, Some(Ok(())));
                 let reason = match &self.result {
@@ -684,7 +689,9 @@ impl Receiver {
         out
     }
 
-    fn status(&mut self) -> Action {
+    /// Status reports for this interval: one datagram, or several when the NAKs need the room
+    /// (a receiver that asks for its repairs only a datagram at a time falls behind the sender).
+    fn status(&mut self) -> Vec<Action> {
         let manifest_missing = match (&self.manifest, &self.geometry) {
             (Some(_), _) => u32::MAX,
             (None, Some(g)) => self.manifest_have_first_missing(g.block_size),
@@ -695,20 +702,38 @@ impl Receiver {
         } else {
             Vec::new()
         };
-        self.packet(Body::Status {
-            receiver: self.cfg.id,
-            state: match self.phase {
-                Phase::Verifying => ReceiverState::Verifying,
-                _ => ReceiverState::Receiving,
-            },
-            chunks_done: self.chunks_done,
-            chunks_total: self.chunks.len() as u32,
-            highest_seq: self.highest_seq,
-            received: self.stats.datagrams,
-            overflow: self.stats.overflow,
-            manifest_missing,
-            naks,
-        })
+        let mut batches: Vec<Vec<Nak>> = vec![Vec::new()];
+        let mut room = NAK_ROOM;
+        for nak in naks {
+            if nak.encoded_len() > room {
+                batches.push(Vec::new());
+                room = NAK_ROOM;
+            }
+            room -= nak.encoded_len();
+            if let Some(batch) = batches.last_mut() {
+                batch.push(nak);
+            }
+        }
+        let state = match self.phase {
+            Phase::Verifying => ReceiverState::Verifying,
+            _ => ReceiverState::Receiving,
+        };
+        batches
+            .into_iter()
+            .map(|naks| {
+                self.packet(Body::Status {
+                    receiver: self.cfg.id,
+                    state,
+                    chunks_done: self.chunks_done,
+                    chunks_total: self.chunks.len() as u32,
+                    highest_seq: self.highest_seq,
+                    received: self.stats.datagrams,
+                    overflow: self.stats.overflow,
+                    manifest_missing,
+                    naks,
+                })
+            })
+            .collect()
     }
 
     fn manifest_have_first_missing(&self, block_size: u16) -> u32 {
@@ -717,8 +742,8 @@ impl Receiver {
             .map_or(u32::MAX, |i| (i * usize::from(block_size)) as u32)
     }
 
-    /// NAKs for the chunks that are due (behind the first pass) and incomplete, as many as fit one
-    /// datagram, starting where the previous status left off.
+    /// NAKs for the chunks that are due (behind the first pass) and incomplete, as many as fit
+    /// [`MAX_STATUS_DATAGRAMS`], starting where the previous status left off.
     fn naks(&mut self) -> Vec<Nak> {
         let Some(manifest) = &self.manifest else {
             return Vec::new();
@@ -734,7 +759,7 @@ impl Receiver {
         if due_end == 0 {
             return Vec::new();
         }
-        let mut budget = MAX_DATAGRAM - 80;
+        let mut budget = NAK_ROOM * MAX_STATUS_DATAGRAMS;
         let mut naks = Vec::new();
         let block_size = usize::from(geometry.block_size);
         let start = if self.nak_cursor >= due_end {

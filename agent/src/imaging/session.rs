@@ -99,6 +99,24 @@ fn random_u32() -> u32 {
     u32::from_be_bytes(bytes)
 }
 
+/// User and system CPU seconds this process used so far (from /proc/self/stat).
+pub fn cpu_seconds() -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return (0.0, 0.0);
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 100.0
+    };
+    (ticks(11), ticks(12))
+}
+
 fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6
 }
@@ -218,6 +236,16 @@ pub fn run_send(
     }
     let outcome = sender.outcome().cloned().unwrap_or(Outcome::SomeFailed);
     let stats = sender.stats;
+    let (user, system) = cpu_seconds();
+    log::info!(
+        "sent {} data datagrams ({} first pass, {} repairs), {} manifest datagrams; {} malformed and {} foreign datagrams dropped; cpu {user:.2} s user, {system:.2} s system",
+        stats.data_datagrams,
+        stats.data_datagrams - stats.repair_datagrams,
+        stats.repair_datagrams,
+        stats.manifest_datagrams,
+        stats.malformed,
+        stats.foreign
+    );
     let data_started = sender.data_started().unwrap_or(started);
     Ok(SendSummary {
         waited: data_started.duration_since(started),
@@ -481,6 +509,12 @@ pub fn run_receive(
                         .map_err(|_| SessionError::WriterGone)?
                 }
                 Action::Finished(result) => {
+                    let st = receiver.stats;
+                    let (user, system) = cpu_seconds();
+                    log::info!(
+                        "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows; cpu {user:.2} s user, {system:.2} s system",
+                        st.datagrams, st.duplicates, st.dropped_for_memory, st.corrupt_chunks, st.overflow
+                    );
                     let (done_chunks, total) = receiver.progress();
                     progress(ReceiveProgress {
                         chunks_done: done_chunks,

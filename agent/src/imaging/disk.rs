@@ -133,7 +133,7 @@ impl ChunkSource for Source {
         data.resize(len, 0);
         self.file.read_exact_at(&mut data, offset)?;
         self.cache.push_back((index, data));
-        Ok(&self.cache.back().map_or(&[][..], |(_, v)| v.as_slice()))
+        Ok(self.cache.back().map_or(&[][..], |(_, v)| v.as_slice()))
     }
 }
 
@@ -216,7 +216,7 @@ impl Target {
     fn write_at(&self, data: &[u8], offset: u64, staging: &mut AlignedBuf) -> io::Result<()> {
         let align = (self.logical_block as usize).max(512);
         let aligned_len = data.len() - data.len() % align;
-        if self.direct && offset % align as u64 == 0 && aligned_len > 0 {
+        if self.direct && offset.is_multiple_of(align as u64) && aligned_len > 0 {
             if staging.len() < aligned_len {
                 *staging = AlignedBuf::new(aligned_len, DIRECT_ALIGN);
             }
@@ -237,8 +237,8 @@ impl Target {
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         match self.kind {
             Kind::BlockDevice => {
-                if offset % 512 == 0
-                    && len % 512 == 0
+                if offset.is_multiple_of(512)
+                    && len.is_multiple_of(512)
                     && sys::block_zero_out(&self.buffered_file, offset, len).is_ok()
                 {
                     return Ok(());

@@ -119,7 +119,7 @@ impl Manifest {
         chunk_size: u32,
         mut progress: impl FnMut(u64),
     ) -> io::Result<Self> {
-        if chunk_size == 0 || chunk_size % CHUNK_ALIGN != 0 {
+        if chunk_size == 0 || !chunk_size.is_multiple_of(CHUNK_ALIGN) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 ManifestError::ChunkSize(chunk_size),

@@ -130,14 +130,21 @@ pub fn receiver_socket(
     Ok(UdpSocket::from(fd))
 }
 
-/// Receives one datagram; returns its length, its source and the kernel's count of datagrams
-/// dropped for lack of buffer space (when the kernel reports it).
-pub fn recv_counting_drops(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddrV4, Option<u32>)> {
+/// One receive: its length, its source, the kernel's count of datagrams dropped for lack of
+/// buffer space (when reported), and the segment size when the kernel coalesced several datagrams
+/// into this buffer (UDP GRO).
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    pub from: SocketAddrV4,
+    pub drops: Option<u32>,
+    pub segment: Option<usize>,
+}
+
+/// Receives into `buf` (64 KiB holds a coalesced GRO buffer).
+pub fn recv_counting_drops(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(u32);
+    let mut cmsg = nix::cmsg_space!(u32, i32);
     let msg = socket::recvmsg::<SockaddrIn>(
         socket.as_raw_fd(),
         &mut iov,
@@ -146,10 +153,15 @@ pub fn recv_counting_drops(
     )
     .map_err(std::io::Error::from)?;
     let mut drops = None;
+    let mut segment = None;
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
-            if let ControlMessageOwned::RxqOvfl(n) = c {
-                drops = Some(n);
+            match c {
+                ControlMessageOwned::RxqOvfl(n) => drops = Some(n),
+                ControlMessageOwned::UdpGroSegments(size) if size > 0 => {
+                    segment = Some(size as usize)
+                }
+                _ => {}
             }
         }
     }
@@ -158,7 +170,12 @@ pub fn recv_counting_drops(
         .map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| {
             SocketAddrV4::new(a.ip(), a.port())
         });
-    Ok((msg.bytes, from, drops))
+    Ok(Received {
+        len: msg.bytes,
+        from,
+        drops,
+        segment,
+    })
 }
 
 /// Waits until the socket is readable or `timeout` passes; true when readable.
@@ -170,4 +187,128 @@ pub fn wait_readable(socket: &UdpSocket, timeout: Duration) -> bool {
     )];
     let spec = nix::sys::time::TimeSpec::from_duration(timeout);
     matches!(nix::poll::ppoll(&mut fds, Some(spec), None), Ok(n) if n > 0)
+}
+
+/// Segments per GSO send: 40 data datagrams stay under the 64 KiB limit of one UDP send.
+const GSO_MAX_SEGMENTS: usize = 40;
+
+/// Gathers equal-sized datagrams to the same destination into one UDP GSO send (UDP_SEGMENT):
+/// one system call, and one packet through the kernel's stack until the NIC or the receiving
+/// socket splits it. Falls back to one send per datagram where the kernel refuses GSO.
+#[derive(Debug)]
+pub struct GsoBatch {
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    /// The last datagram was shorter than the segment size: nothing may follow it in the batch.
+    closed: bool,
+    enabled: bool,
+    dest: SocketAddrV4,
+}
+
+fn is_queue_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+impl GsoBatch {
+    pub fn new(dest: SocketAddrV4) -> Self {
+        Self {
+            buf: Vec::with_capacity(64 << 10),
+            segment: 0,
+            count: 0,
+            closed: false,
+            enabled: true,
+            dest,
+        }
+    }
+
+    /// Adds a datagram, sending the batch first when it cannot take it.
+    pub fn push(&mut self, socket: &UdpSocket, datagram: &[u8]) -> std::io::Result<()> {
+        let fits = self.count == 0
+            || (!self.closed && datagram.len() <= self.segment && self.count < GSO_MAX_SEGMENTS);
+        if !fits {
+            self.flush(socket)?;
+        }
+        if self.count == 0 {
+            self.segment = datagram.len();
+        }
+        self.closed = datagram.len() < self.segment;
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+        if !self.enabled {
+            self.flush(socket)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is gathered. A full interface queue (ENOBUFS with IP_RECVERR) makes it wait and
+    /// retry rather than lose the datagrams.
+    pub fn flush(&mut self, socket: &UdpSocket) -> std::io::Result<()> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        loop {
+            if self.count == 0 {
+                break;
+            }
+            let result = if self.count == 1 || !self.enabled {
+                self.send_each(socket)
+            } else {
+                self.send_gso(socket)
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) if is_queue_full(&e) => std::thread::sleep(Duration::from_micros(200)),
+                Err(e)
+                    if self.enabled
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                        ) =>
+                {
+                    log::info!(
+                        "UDP segmentation offload unavailable ({e}); sending datagrams one by one"
+                    );
+                    self.enabled = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+        Ok(())
+    }
+
+    fn send_gso(&self, socket: &UdpSocket) -> std::io::Result<()> {
+        let segment = self.segment as u16;
+        let cmsg = [socket::ControlMessage::UdpGsoSegments(&segment)];
+        let iov = [std::io::IoSlice::new(&self.buf)];
+        let dest = SockaddrIn::from(self.dest);
+        socket::sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            Some(&dest),
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(())
+    }
+
+    fn send_each(&mut self, socket: &UdpSocket) -> std::io::Result<()> {
+        // Datagrams already sent are cut off the front so a retry after ENOBUFS resends none twice.
+        while !self.buf.is_empty() {
+            let len = self.segment.min(self.buf.len());
+            socket.send_to(&self.buf[..len], self.dest)?;
+            self.buf.drain(..len);
+            self.count -= 1;
+        }
+        Ok(())
+    }
+}
+
+/// Lets the kernel hand several datagrams of one GRO packet to a single receive.
+pub fn enable_gro(socket: &UdpSocket) -> bool {
+    socket::setsockopt(socket, sockopt::UdpGroSegment, &true).is_ok()
 }

@@ -346,10 +346,10 @@ impl Receiver {
                 }
                 self.data(chunk, block, &bytes, &mut out);
             }
-            Body::DoneAck { receiver } if receiver == self.cfg.id => {
-                if self.phase == Phase::Reporting {
-                    self.finish_reporting(&mut out);
-                }
+            Body::DoneAck { receiver }
+                if receiver == self.cfg.id && self.phase == Phase::Reporting =>
+            {
+                self.finish_reporting(&mut out);
             }
             Body::End { aborted } => {
                 if self.phase == Phase::Reporting {
@@ -384,7 +384,7 @@ impl Receiver {
         }
         let part_size = usize::from(geometry.block_size);
         let start = offset as usize;
-        if start % part_size != 0 || start + bytes.len() > self.manifest_buf.len() {
+        if !start.is_multiple_of(part_size) || start + bytes.len() > self.manifest_buf.len() {
             self.stats.malformed += 1;
             return;
         }

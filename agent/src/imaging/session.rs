@@ -136,7 +136,7 @@ pub fn run_send(
     opts: &SendOptions,
     mut progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, SessionError> {
-    if opts.chunk_size % 4096 != 0 || !(64 << 10..=64 << 20).contains(&opts.chunk_size) {
+    if !opts.chunk_size.is_multiple_of(4096) || !(64 << 10..=64 << 20).contains(&opts.chunk_size) {
         return Err(SessionError::ChunkSize(opts.chunk_size));
     }
     if !opts.group.is_multicast() {
@@ -191,26 +191,15 @@ pub fn run_send(
     let started = Instant::now();
     let mut sender = Sender::new(cfg, manifest, started);
     let mut buf = vec![0u8; 2048];
+    let mut batch = net::GsoBatch::new(group);
     let mut next_progress = started + Duration::from_secs(1);
     loop {
         let mut now = Instant::now();
         let mut sent = 0u32;
         while let Some(datagram) = sender.poll_transmit(now, &mut source) {
-            loop {
-                match socket.send_to(&datagram, group) {
-                    Ok(_) => break,
-                    // The interface queue is full: wait for it rather than drop our own packet.
-                    Err(e)
-                        if e.kind() == std::io::ErrorKind::WouldBlock
-                            || e.raw_os_error() == Some(libc::ENOBUFS) =>
-                    {
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            batch.push(&socket, &datagram)?;
             sent += 1;
-            if sent % 16 == 0 {
+            if sent.is_multiple_of(64) {
                 now = Instant::now();
                 // Hear the receivers between bursts.
                 while let Ok((n, _)) = socket.recv_from(&mut buf) {
@@ -218,6 +207,7 @@ pub fn run_send(
                 }
             }
         }
+        batch.flush(&socket)?;
         if sender.phase() == Phase::Ended {
             break;
         }
@@ -436,25 +426,30 @@ pub fn run_receive(
     let target_for_prepare = Target::open(&opts.target)?;
     let (ops, done) = disk::spawn_writer(target, 16)?;
     let mut sender_addr: Option<SocketAddrV4> = None;
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; 64 << 10];
     let mut next_progress = started + Duration::from_secs(1);
     socket.set_nonblocking(true)?;
+    net::enable_gro(&socket);
     loop {
         let mut actions = Vec::new();
         let mut received_any = false;
         for _ in 0..256 {
             match net::recv_counting_drops(&socket, &mut buf) {
-                Ok((n, from, drops)) => {
+                Ok(received) => {
                     received_any = true;
-                    if let Some(drops) = drops {
+                    if let Some(drops) = received.drops {
                         receiver.set_overflow(drops);
                     }
                     let now = Instant::now();
-                    actions.extend(receiver.handle_datagram(&buf[..n], now));
-                    if sender_addr.is_none() && receiver.session().is_some() && n >= 8 {
-                        let session = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                    let data = &buf[..received.len];
+                    let segment = received.segment.unwrap_or(data.len()).max(1);
+                    for datagram in data.chunks(segment) {
+                        actions.extend(receiver.handle_datagram(datagram, now));
+                    }
+                    if sender_addr.is_none() && receiver.session().is_some() && data.len() >= 8 {
+                        let session = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
                         if Some(session) == receiver.session() {
-                            sender_addr = Some(from);
+                            sender_addr = Some(received.from);
                         }
                     }
                 }

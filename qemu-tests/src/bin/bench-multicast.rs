@@ -196,7 +196,7 @@ fn run_tool(
     match tool {
         Tool::Uftp => {
             // uftpd never exits: the transfer ends when the sender does.
-            wait_all(std::slice::from_mut(&mut snd), Duration::from_secs(600));
+            wait_all(std::slice::from_mut(&mut snd), Duration::from_secs(150));
             seconds = started.elapsed().as_secs_f64();
             std::thread::sleep(Duration::from_millis(300));
             for c in &mut rx {
@@ -206,7 +206,7 @@ fn run_tool(
         }
         _ => {
             rx.push(snd);
-            wait_all(&mut rx, Duration::from_secs(600));
+            wait_all(&mut rx, Duration::from_secs(150));
             seconds = started.elapsed().as_secs_f64();
         }
     }

@@ -111,6 +111,10 @@ fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, leas
                 continue;
             }
         };
+        if log::log_enabled!(log::Level::Trace) {
+            let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+            log::trace!("dhcp: {n} bytes from {from} on {port:?}: {hex}");
+        }
         let Ok(mut dhcp) = server.lock() else { return };
         let handled = dhcp.handle(&buf[..n], from, port, unix_now());
         if let Some(summary) = &handled.summary {

@@ -417,7 +417,10 @@ impl Lab {
             .ns_command(&lab_file("bootserver"))
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("DISKCAST_BOOTSERVER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

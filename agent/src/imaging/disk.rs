@@ -4,7 +4,7 @@
 use super::manifest::{classify, ChunkKind, Hash, Manifest};
 use super::sender::ChunkSource;
 use crate::sys::{self, AlignedBuf};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -281,30 +281,52 @@ impl Target {
 
     /// Re-reads what was written (bypassing the page cache where possible) and returns the image
     /// hash of what is really on the target.
-    fn read_back(&self, manifest: &Manifest) -> io::Result<(Hash, Option<u32>)> {
-        let chunk_size = manifest.chunk_size as usize;
-        let mut buf = AlignedBuf::new(chunk_size, DIRECT_ALIGN);
-        let mut chunks = Vec::with_capacity(manifest.chunks.len());
+    /// Reads one range back from the device (O_DIRECT where possible, so what is checked is what
+    /// the disk holds, not the page cache) and classifies it like the sender did.
+    fn read_chunk(&self, offset: u64, len: usize, buf: &mut AlignedBuf) -> io::Result<ChunkKind> {
+        if buf.len() < len {
+            *buf = AlignedBuf::new(len, DIRECT_ALIGN);
+        }
         let align = (self.logical_block as usize).max(512);
+        let aligned_len = len - len % align;
+        let slice = &mut buf.as_mut_slice()[..len];
+        if self.direct && aligned_len > 0 && offset.is_multiple_of(align as u64) {
+            self.direct_file
+                .read_exact_at(&mut slice[..aligned_len], offset)?;
+            if aligned_len < len {
+                self.buffered_file
+                    .read_exact_at(&mut slice[aligned_len..], offset + aligned_len as u64)?;
+            }
+        } else {
+            self.buffered_file.read_exact_at(slice, offset)?;
+        }
+        Ok(classify(&buf.as_slice()[..len]))
+    }
+
+    /// Builds the manifest of what the target really holds: chunks already read back after an
+    /// earlier flush are taken from `checked`, the rest are read now. Returns its image hash and
+    /// the first chunk that differs from `manifest`.
+    fn read_back(
+        &self,
+        manifest: &Manifest,
+        checked: &HashMap<u32, ChunkKind>,
+    ) -> io::Result<(Hash, Option<u32>)> {
+        let mut buf = AlignedBuf::new(manifest.chunk_size as usize, DIRECT_ALIGN);
+        let mut chunks = Vec::with_capacity(manifest.chunks.len());
         for (index, kind) in manifest.chunks.iter().enumerate() {
             if *kind == ChunkKind::Absent {
                 chunks.push(ChunkKind::Absent);
                 continue;
             }
-            let (offset, len) = manifest.chunk_range(index as u32);
-            let aligned_len = len - len % align;
-            let slice = &mut buf.as_mut_slice()[..len];
-            if self.direct && aligned_len > 0 {
-                self.direct_file
-                    .read_exact_at(&mut slice[..aligned_len], offset)?;
-                if aligned_len < len {
-                    self.buffered_file
-                        .read_exact_at(&mut slice[aligned_len..], offset + aligned_len as u64)?;
+            let known = checked.get(&(index as u32)).copied();
+            let read = match known {
+                Some(kind) => kind,
+                None => {
+                    let (offset, len) = manifest.chunk_range(index as u32);
+                    self.read_chunk(offset, len, &mut buf)?
                 }
-            } else {
-                self.buffered_file.read_exact_at(slice, offset)?;
-            }
-            chunks.push(classify(&buf.as_slice()[..len]));
+            };
+            chunks.push(read);
         }
         let read = Manifest {
             image_size: manifest.image_size,
@@ -315,6 +337,10 @@ impl Target {
         Ok((read.image_hash(), manifest.first_difference(&read)))
     }
 }
+
+/// Chunks written since the last flush that are checked together: flush, then read each back.
+/// Checking during the transfer leaves only the last few chunks to read after the final flush.
+const CHECK_BATCH: usize = 32;
 
 /// Work for the writer thread.
 #[derive(Debug)]
@@ -352,21 +378,41 @@ pub fn spawn_writer(
     let (done_tx, done_rx) = mpsc::channel::<DiskDone>();
     std::thread::Builder::new().name("disk-writer".into()).spawn(move || {
         let mut staging = AlignedBuf::new(1 << 20, DIRECT_ALIGN);
+        let mut readback = AlignedBuf::new(1 << 20, DIRECT_ALIGN);
+        let mut unchecked: Vec<(u32, u64, usize)> = Vec::new();
+        let mut checked: HashMap<u32, ChunkKind> = HashMap::new();
+        let path = target.path.display().to_string();
         for op in op_rx {
             let done = match op {
                 DiskOp::Write { chunk, offset, data } => match target.write_at(&data, offset, &mut staging) {
-                    Ok(()) => DiskDone::Written { chunk },
-                    Err(e) => DiskDone::Failed(format!("writing {} bytes at offset {offset} of {}: {e}", data.len(), target.path.display())),
+                    Ok(()) => {
+                        unchecked.push((chunk, offset, data.len()));
+                        if unchecked.len() >= CHECK_BATCH {
+                            // A chunk read back after a flush stays valid: nothing writes it again.
+                            let result = target.flush().and_then(|()| {
+                                for (chunk, offset, len) in unchecked.drain(..) {
+                                    checked.insert(chunk, target.read_chunk(offset, len, &mut readback)?);
+                                }
+                                Ok(())
+                            });
+                            if let Err(e) = result {
+                                let _ = done_tx.send(DiskDone::Failed(format!("flushing and reading back {path}: {e}")));
+                                break;
+                            }
+                        }
+                        DiskDone::Written { chunk }
+                    }
+                    Err(e) => DiskDone::Failed(format!("writing {} bytes at offset {offset} of {path}: {e}", data.len())),
                 },
                 DiskOp::Zero { offset, len } => match target.zero(offset, len) {
                     Ok(()) => DiskDone::Zeroed { offset, len },
-                    Err(e) => DiskDone::Failed(format!("zeroing {len} bytes at offset {offset} of {}: {e}", target.path.display())),
+                    Err(e) => DiskDone::Failed(format!("zeroing {len} bytes at offset {offset} of {path}: {e}")),
                 },
                 DiskOp::FlushAndVerify { manifest } => DiskDone::Verified(
                     target
                         .flush()
-                        .map_err(|e| format!("flushing {}: {e}", target.path.display()))
-                        .and_then(|()| target.read_back(&manifest).map_err(|e| format!("reading back {}: {e}", target.path.display())))
+                        .map_err(|e| format!("flushing {path}: {e}"))
+                        .and_then(|()| target.read_back(&manifest, &checked).map_err(|e| format!("reading back {path}: {e}")))
                         .and_then(|(hash, difference)| match difference {
                             None => Ok(hash),
                             Some(chunk) => {

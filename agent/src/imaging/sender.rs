@@ -487,9 +487,12 @@ impl Sender {
         self.last_refill = now;
         let burst = PACING_BURST * MAX_DATAGRAM as f64;
         self.tokens = (self.tokens + elapsed * self.rate).min(burst);
-        // Additive increase while nobody reports socket overflows.
+        // Increase while nobody reports socket overflows: by a quarter every 100 ms (the ceiling
+        // is reached within about a second), multiplicative decrease on overflow brings it back.
         if now.duration_since(self.last_rate_change) >= Duration::from_millis(100) {
-            self.rate = (self.rate + self.cfg.max_rate as f64 / 50.0).min(self.cfg.max_rate as f64);
+            self.rate = (self.rate * 1.25)
+                .max(self.rate + self.cfg.max_rate as f64 / 50.0)
+                .min(self.cfg.max_rate as f64);
             self.last_rate_change = now;
         }
     }

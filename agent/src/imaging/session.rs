@@ -180,7 +180,7 @@ pub fn run_send(
         deadline: opts.deadline,
         receiver_timeout: opts.receiver_timeout,
         max_rate: opts.max_rate,
-        initial_rate: opts.max_rate.min(40_000_000),
+        initial_rate: opts.max_rate.min(100_000_000),
         ..SenderConfig::default()
     };
     log::info!(

@@ -298,3 +298,42 @@ fn garbage_never_panics_and_is_counted() {
     }
     assert!(server.stats.malformed > 0);
 }
+
+/// DHCPDISCOVERs captured from the QEMU lab (pxe_uefi_ovmf): OVMF's own PXE client, then
+/// snponly.efi (iPXE), then the agent.
+fn captured(hex: &str) -> Vec<u8> {
+    let hex = hex.trim();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn captured_ovmf_ipxe_and_agent_discovers_get_the_right_answers() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    let cases = [
+        (
+            include_str!("captured/ovmf_pxe_discover.hex"),
+            Some("snponly.efi"),
+        ),
+        (
+            include_str!("captured/ipxe_efi_discover.hex"),
+            Some("http://10.77.0.1:8080/boot/52-54-00-dc-00-01.ipxe"),
+        ),
+        (include_str!("captured/agent_discover.hex"), None),
+    ];
+    for (hex, file) in cases {
+        let request = captured(hex);
+        let handled = server.handle(&request, from(), Port::Dhcp, NOW);
+        let offer = reply_of(&handled);
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        assert_eq!(offer.chaddr()[..6], [0x52, 0x54, 0, 0xdc, 0, 1]);
+        let got = offer
+            .fname_str()
+            .map(|f| f.unwrap().trim_end_matches('\0').to_string());
+        assert_eq!(got.as_deref(), file, "{:?}", handled.summary);
+    }
+    // The same machine gets the same address at every stage.
+    assert_eq!(server.offers.len(), 1);
+}

@@ -261,6 +261,7 @@ impl Receiver {
                 manifest_len,
                 image_hash,
                 front,
+                seq,
                 flags,
             } => {
                 if self.phase == Phase::Listening {
@@ -304,6 +305,7 @@ impl Receiver {
                     return out;
                 }
                 self.last_heard = now;
+                self.highest_seq = self.highest_seq.max(seq);
                 self.front = self.front.max(front);
                 self.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
             }

@@ -264,6 +264,7 @@ impl Sender {
             manifest_len: self.manifest_bytes.len() as u32,
             image_hash: self.image_hash,
             front: self.front(),
+            seq: self.seq,
             flags: if self.first_pass_done() && self.phase != Phase::Waiting {
                 ANNOUNCE_FIRST_PASS_DONE
             } else {

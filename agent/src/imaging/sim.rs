@@ -68,6 +68,8 @@ pub struct SimReceiver {
     /// Stop hearing anything after this long (a receiver that falls off the network).
     pub deaf_after: Option<Duration>,
     pub writes: u64,
+    /// First-pass data datagrams with these sequence numbers never reach this receiver.
+    pub drop_first_pass_seqs: Option<std::ops::RangeInclusive<u64>>,
 }
 
 pub struct Sim {
@@ -135,6 +137,7 @@ impl Sim {
                     start_at: Duration::ZERO,
                     deaf_after: None,
                     writes: 0,
+                    drop_first_pass_seqs: None,
                 }
             })
             .collect();
@@ -278,7 +281,13 @@ impl Sim {
                     Dest::Receiver(i) => {
                         let r = &self.receivers[i];
                         let deaf = r.deaf_after.is_some_and(|d| self.now >= self.start + d);
-                        if self.active(i) && !deaf {
+                        let targeted = r.drop_first_pass_seqs.as_ref().is_some_and(|range| {
+                            matches!(
+                                super::wire::Packet::parse(&flight.bytes),
+                                Ok(super::wire::Packet { body: super::wire::Body::Data { seq, flags: 0, .. }, .. }) if range.contains(&seq)
+                            )
+                        });
+                        if self.active(i) && !deaf && !targeted {
                             let actions = self.receivers[i]
                                 .rx
                                 .handle_datagram(&flight.bytes, self.now);
@@ -510,4 +519,18 @@ fn a_receiver_that_falls_off_is_dropped_and_ends_failed_while_others_finish() {
     assert!(report.failure.as_deref().unwrap().contains("silent"));
     assert_eq!(sim.sender.outcome(), Some(&Outcome::SomeFailed));
     assert_eq!(sim.receivers[0].rx.phase(), RxPhase::Finished);
+}
+
+#[test]
+fn losing_the_tail_of_the_last_chunk_is_still_repaired() {
+    // Nothing follows the last first-pass datagrams, so only the announcements tell the receiver
+    // that they were sent: without that, its NAK would look older than the data forever.
+    let image = test_image(8 * CHUNK as usize, 13);
+    let mut sim = Sim::new(image, CHUNK, cfg(1), 1, 0.0, 13);
+    let data_chunks = sim.sender.manifest().data_chunks().count() as u64;
+    let last_seq =
+        data_chunks * (u64::from(CHUNK)).div_ceil(u64::from(super::wire::DEFAULT_BLOCK_SIZE));
+    sim.receivers[0].drop_first_pass_seqs = Some(last_seq - 3..=last_seq);
+    sim.run(Duration::from_secs(30));
+    sim.assert_all_copies_exact();
 }

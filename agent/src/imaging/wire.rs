@@ -14,7 +14,7 @@
 //!
 //! | type | name | direction | body |
 //! |---|---|---|---|
-//! | 1 | Announce | sender → group | image_size u64, chunk_size u32, block_size u16, manifest_len u32, image_hash [32], front u32, flags u8 |
+//! | 1 | Announce | sender → group | image_size u64, chunk_size u32, block_size u16, manifest_len u32, image_hash [32], front u32, seq u64, flags u8 |
 //! | 2 | Join | receiver → sender | receiver u64, disk_size u64, logical_block u32, refusal u8, name str8, serial str8 |
 //! | 3 | Welcome | sender → group | receiver u64, verdict u8 |
 //! | 4 | ManifestPart | sender → group | offset u32, bytes |
@@ -100,6 +100,9 @@ pub enum Body {
         image_hash: Hash,
         /// Chunks the first pass has sent so far.
         front: u32,
+        /// Sequence number of the last data datagram sent before this announcement: a receiver
+        /// that hears it knows everything up to it was sent, even when the tail of the data was lost.
+        seq: u64,
         flags: u8,
     },
     Join {
@@ -273,6 +276,7 @@ impl Packet {
                 manifest_len,
                 image_hash,
                 front,
+                seq,
                 flags,
             } => {
                 out.extend_from_slice(&image_size.to_be_bytes());
@@ -281,6 +285,7 @@ impl Packet {
                 out.extend_from_slice(&manifest_len.to_be_bytes());
                 out.extend_from_slice(image_hash);
                 out.extend_from_slice(&front.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
                 out.push(*flags);
             }
             Body::Join {
@@ -415,6 +420,7 @@ impl Packet {
                 manifest_len: r.u32()?,
                 image_hash: r.hash()?,
                 front: r.u32()?,
+                seq: r.u64()?,
                 flags: r.u8()?,
             },
             2 => Body::Join {
@@ -511,6 +517,7 @@ mod tests {
                 manifest_len: 12345,
                 image_hash: [7; 32],
                 front: 99,
+                seq: 123_456,
                 flags: ANNOUNCE_FIRST_PASS_DONE,
             },
             Body::Join {

@@ -24,6 +24,9 @@ const MAX_STATUS_DATAGRAMS: usize = 32;
 pub struct ReceiverConfig {
     /// Stable across restarts of the same machine and target, so a restarted receiver rejoins.
     pub id: u64,
+    /// Different for every run of a receiver (random), so the sender tells a restart from a
+    /// repeated Join.
+    pub incarnation: u32,
     pub name: String,
     pub serial: String,
     pub disk_size: u64,
@@ -43,6 +46,7 @@ impl Default for ReceiverConfig {
     fn default() -> Self {
         Self {
             id: 1,
+            incarnation: 0,
             name: String::new(),
             serial: String::new(),
             disk_size: u64::MAX,
@@ -214,6 +218,7 @@ impl Receiver {
     fn join_packet(&self, refusal: u8) -> Action {
         self.packet(Body::Join {
             receiver: self.cfg.id,
+            incarnation: self.cfg.incarnation,
             disk_size: self.cfg.disk_size,
             logical_block: self.cfg.logical_block,
             refusal,

@@ -60,6 +60,7 @@ impl Default for SenderConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiverReport {
     pub id: u64,
+    incarnation: u32,
     pub name: String,
     pub serial: String,
     pub disk_size: u64,
@@ -289,12 +290,13 @@ impl Sender {
         match packet.body {
             Body::Join {
                 receiver,
+                incarnation,
                 disk_size,
                 logical_block: _,
                 refusal,
                 name,
                 serial,
-            } => self.join(receiver, disk_size, refusal, name, serial, now),
+            } => self.join(receiver, incarnation, disk_size, refusal, name, serial, now),
             Body::Status {
                 receiver,
                 state,
@@ -365,9 +367,11 @@ impl Sender {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         id: u64,
+        incarnation: u32,
         disk_size: u64,
         refusal: u8,
         name: String,
@@ -377,6 +381,7 @@ impl Sender {
         let image_size = self.manifest.image_size;
         let mut report = ReceiverReport {
             id,
+            incarnation,
             name,
             serial,
             disk_size,
@@ -393,7 +398,15 @@ impl Sender {
         };
         match self.receivers.get(&id) {
             Some(known) if known.state == ReceiverState::Done => return,
-            Some(known) if !known.is_final() && known.state != ReceiverState::Joining => {
+            Some(known) if !known.is_final() && known.incarnation == incarnation => {
+                // The same receiver asking again (our Welcome crossed its Join or was lost).
+                self.control.push_back(Body::Welcome {
+                    receiver: id,
+                    verdict: Verdict::Accepted,
+                });
+                return;
+            }
+            Some(known) if !known.is_final() => {
                 log::info!(
                     "receiver {} ({id:016x}) restarted; it starts over",
                     known.name

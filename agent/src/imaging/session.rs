@@ -399,6 +399,7 @@ pub fn run_receive(
         id: opts
             .id
             .unwrap_or_else(|| stable_receiver_id(&opts.name, &opts.target)),
+        incarnation: random_u32(),
         name: opts.name.clone(),
         serial: opts.serial.clone(),
         disk_size: target.size,

@@ -165,6 +165,7 @@ impl Sim {
     pub fn receiver_cfg(i: usize, disk_size: u64) -> ReceiverConfig {
         ReceiverConfig {
             id: 1000 + i as u64,
+            incarnation: i as u32,
             name: format!("rx{i}"),
             serial: format!("SN{i}"),
             disk_size,
@@ -300,10 +301,11 @@ impl Sim {
                 if self.now >= self.start + at {
                     // The machine reboots: a fresh receiver with the same identity, same disk.
                     self.restart = None;
-                    self.receivers[i].rx = Receiver::new(
-                        Self::receiver_cfg(i, self.source.image.len() as u64),
-                        self.now,
-                    );
+                    let cfg = ReceiverConfig {
+                        incarnation: 1_000_000 + i as u32,
+                        ..Self::receiver_cfg(i, self.source.image.len() as u64)
+                    };
+                    self.receivers[i].rx = Receiver::new(cfg, self.now);
                 }
             }
             for i in 0..self.receivers.len() {
@@ -533,4 +535,58 @@ fn losing_the_tail_of_the_last_chunk_is_still_repaired() {
     sim.receivers[0].drop_first_pass_seqs = Some(last_seq - 3..=last_seq);
     sim.run(Duration::from_secs(30));
     sim.assert_all_copies_exact();
+}
+
+#[test]
+fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
+    use super::wire::{Body, Nak, Packet};
+    let image = test_image(8 * CHUNK as usize, 14);
+    let manifest =
+        Manifest::scan(&mut Cursor::new(&image), image.len() as u64, CHUNK, |_| {}).unwrap();
+    let t0 = Instant::now();
+    let mut sender = Sender::new(cfg(1), manifest, t0);
+    let join = |incarnation| {
+        Packet {
+            session: 1,
+            body: Body::Join {
+                receiver: 5,
+                incarnation,
+                disk_size: u64::MAX,
+                logical_block: 512,
+                refusal: 0,
+                name: "rx".into(),
+                serial: String::new(),
+            },
+        }
+        .emit()
+    };
+    let status = Packet {
+        session: 1,
+        body: Body::Status {
+            receiver: 5,
+            state: ReceiverState::Receiving,
+            chunks_done: 3,
+            chunks_total: 8,
+            highest_seq: 0,
+            received: 0,
+            overflow: 0,
+            manifest_missing: u32::MAX,
+            naks: Vec::<Nak>::new(),
+        },
+    }
+    .emit();
+    sender.handle_datagram(&join(77), t0);
+    sender.handle_datagram(&status, t0);
+    sender.handle_datagram(&join(77), t0);
+    assert_eq!(
+        sender.receivers().next().unwrap().chunks_done,
+        3,
+        "a repeated Join must not reset the receiver"
+    );
+    sender.handle_datagram(&join(78), t0);
+    assert_eq!(
+        sender.receivers().next().unwrap().chunks_done,
+        0,
+        "a restarted receiver starts over"
+    );
 }

@@ -15,7 +15,7 @@
 //! | type | name | direction | body |
 //! |---|---|---|---|
 //! | 1 | Announce | sender → group | image_size u64, chunk_size u32, block_size u16, manifest_len u32, image_hash [32], front u32, seq u64, flags u8 |
-//! | 2 | Join | receiver → sender | receiver u64, disk_size u64, logical_block u32, refusal u8, name str8, serial str8 |
+//! | 2 | Join | receiver → sender | receiver u64, incarnation u32, disk_size u64, logical_block u32, refusal u8, name str8, serial str8 |
 //! | 3 | Welcome | sender → group | receiver u64, verdict u8 |
 //! | 4 | ManifestPart | sender → group | offset u32, bytes |
 //! | 5 | Data | sender → group | seq u64, chunk u32, block u16, flags u8, bytes |
@@ -107,6 +107,9 @@ pub enum Body {
     },
     Join {
         receiver: u64,
+        /// Random per receiver process: a new value under a known receiver id is a restart, the
+        /// same value a repeated Join.
+        incarnation: u32,
         disk_size: u64,
         logical_block: u32,
         /// Non-zero: the receiver refuses (its disk is too small) and says so before leaving.
@@ -290,6 +293,7 @@ impl Packet {
             }
             Body::Join {
                 receiver,
+                incarnation,
                 disk_size,
                 logical_block,
                 refusal,
@@ -297,6 +301,7 @@ impl Packet {
                 serial,
             } => {
                 out.extend_from_slice(&receiver.to_be_bytes());
+                out.extend_from_slice(&incarnation.to_be_bytes());
                 out.extend_from_slice(&disk_size.to_be_bytes());
                 out.extend_from_slice(&logical_block.to_be_bytes());
                 out.push(*refusal);
@@ -425,6 +430,7 @@ impl Packet {
             },
             2 => Body::Join {
                 receiver: r.u64()?,
+                incarnation: r.u32()?,
                 disk_size: r.u64()?,
                 logical_block: r.u32()?,
                 refusal: r.u8()?,
@@ -522,6 +528,7 @@ mod tests {
             },
             Body::Join {
                 receiver: 42,
+                incarnation: 7,
                 disk_size: 1 << 34,
                 logical_block: 4096,
                 refusal: 0,

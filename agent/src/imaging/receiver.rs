@@ -332,6 +332,13 @@ impl Receiver {
                         "the session was already ending when this receiver joined".into(),
                         &mut out,
                     ),
+                    (Verdict::Dropped, phase) if phase != Phase::Reporting => {
+                        let (done, total) = self.progress();
+                        self.fail(
+                            format!("the sender dropped this receiver (too slow or too lossy; {done} of {total} chunks done)"),
+                            &mut out,
+                        )
+                    }
                     _ => {}
                 }
             }

@@ -313,6 +313,13 @@ impl Sender {
                     return;
                 };
                 if report.is_final() {
+                    if report.state == ReceiverState::Failed {
+                        // It still reports: tell it again that it was dropped.
+                        self.control.push_back(Body::Welcome {
+                            receiver,
+                            verdict: Verdict::Dropped,
+                        });
+                    }
                     return;
                 }
                 report.last_heard = now;
@@ -528,8 +535,8 @@ impl Sender {
                 ))
             } else if deadline_passed {
                 Some(format!(
-                    "dropped: not done {} s after the data started (at {} of {} chunks)",
-                    self.cfg.deadline.map_or(0, |d| d.as_secs()),
+                    "dropped: not done {:.1} s after the data started (at {} of {} chunks)",
+                    self.cfg.deadline.map_or(0.0, |d| d.as_secs_f64()),
                     report.chunks_done,
                     report.chunks_total
                 ))
@@ -541,6 +548,10 @@ impl Sender {
                 report.state = ReceiverState::Failed;
                 report.failure = Some(reason);
                 report.finished_at = Some(now);
+                self.control.push_back(Body::Welcome {
+                    receiver: report.id,
+                    verdict: Verdict::Dropped,
+                });
             }
         }
         let admitted = self

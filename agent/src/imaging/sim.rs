@@ -590,3 +590,35 @@ fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
         "a restarted receiver starts over"
     );
 }
+
+#[test]
+fn a_receiver_dropped_at_the_deadline_is_told_and_fails_at_once() {
+    let image = test_image(48 * CHUNK as usize, 15);
+    let sender_cfg = SenderConfig {
+        initial_rate: 8_000_000,
+        max_rate: 8_000_000,
+        deadline: Some(Duration::from_millis(200)),
+        ..cfg(2)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.0, 15);
+    // The first pass alone takes about 400 ms: receiver 1 cannot finish by the deadline, and it
+    // still reports, so the sender tells it.
+    sim.receivers[1].loss = 0.3;
+    sim.run(Duration::from_secs(60));
+    let err = sim.receivers[1]
+        .result
+        .clone()
+        .expect("finished")
+        .expect_err("must fail");
+    assert!(err.contains("dropped"), "{err}");
+    let report = sim.sender.receivers().find(|r| r.name == "rx1").unwrap();
+    assert!(
+        report
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("not done 0.2 s after the data started"),
+        "{report:?}"
+    );
+    assert_eq!(sim.sender.outcome(), Some(&Outcome::SomeFailed));
+}

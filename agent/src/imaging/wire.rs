@@ -70,6 +70,8 @@ pub enum Verdict {
     Accepted = 0,
     TooSmall = 1,
     Late = 2,
+    /// The sender gave up on this receiver (deadline or silence); it must end failed.
+    Dropped = 3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -443,6 +445,7 @@ impl Packet {
                     0 => Verdict::Accepted,
                     1 => Verdict::TooSmall,
                     2 => Verdict::Late,
+                    3 => Verdict::Dropped,
                     _ => return Err(WireError::Body(what)),
                 },
             },

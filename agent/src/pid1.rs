@@ -280,13 +280,7 @@ fn print_console(text: &str) {
 
 /// Prints an error with its chain of causes.
 pub fn report(error: &dyn std::error::Error) {
-    let mut text = format!("FATAL: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!("\n  caused by: {cause}"));
-        source = cause.source();
-    }
-    log::error!("{text}");
+    log::error!("FATAL: {}", crate::error_chain(error));
 }
 
 /// Ends PID 1 as told. Never returns: a returning init panics the kernel.

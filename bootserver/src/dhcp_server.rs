@@ -8,7 +8,7 @@ use crate::classify::{classify, Arch, ClientKind};
 use crate::config::{canonical_mac, format_mac, DhcpMode, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
-use dhcproto::{Decodable, Encodable};
+use dhcproto::Encodable;
 use diskcast_agent::dhcp::decode_message;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -68,6 +68,22 @@ pub struct Handled {
     /// One line about what happened, for the log: MAC, xid, client kind, address, file.
     pub summary: Option<String>,
     pub leases_changed: bool,
+    /// The type of the reply, for the counters.
+    sent: Option<MessageType>,
+}
+
+impl Handled {
+    fn reply(message: &Message, to: Destination, summary: String) -> Self {
+        Self {
+            reply: Some(Reply {
+                payload: encode(message),
+                to,
+            }),
+            summary: Some(summary),
+            leases_changed: false,
+            sent: message.opts().msg_type(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -167,16 +183,11 @@ impl DhcpServer {
                 Handled::default()
             }
         };
-        if let Some(reply) = &handled.reply {
-            match Message::from_bytes(&reply.payload)
-                .ok()
-                .and_then(|m| m.opts().msg_type())
-            {
-                Some(MessageType::Offer) => self.stats.offers += 1,
-                Some(MessageType::Ack) => self.stats.acks += 1,
-                Some(MessageType::Nak) => self.stats.naks += 1,
-                _ => {}
-            }
+        match handled.sent {
+            Some(MessageType::Offer) => self.stats.offers += 1,
+            Some(MessageType::Ack) => self.stats.acks += 1,
+            Some(MessageType::Nak) => self.stats.naks += 1,
+            _ => {}
         }
         if handled.reply.is_none() && handled.summary.is_none() && client.wants_boot() {
             handled.summary = Some(format!(
@@ -274,17 +285,11 @@ impl DhcpServer {
             }
             let mut nak = self.base_reply(request, MessageType::Nak);
             nak.set_yiaddr(Ipv4Addr::UNSPECIFIED);
-            return Handled {
-                reply: Some(Reply {
-                    payload: encode(&nak),
-                    to: Destination::Broadcast,
-                }),
-                summary: Some(format!(
-                    "dhcp: {mac} xid={:#010x} {client} asked for {requested}, NAK",
-                    request.xid()
-                )),
-                leases_changed: false,
-            };
+            let summary = format!(
+                "dhcp: {mac} xid={:#010x} {client} asked for {requested}, NAK",
+                request.xid()
+            );
+            return Handled::reply(&nak, Destination::Broadcast, summary);
         }
         self.offers.remove(mac);
         self.leases.leases.insert(
@@ -322,36 +327,24 @@ impl DhcpServer {
             opts.insert(DhcpOption::DomainNameServer(s.dns.clone()));
         }
         let file = self.add_boot_options(&mut reply, mac, client);
-        Handled {
-            reply: Some(Reply {
-                payload: encode(&reply),
-                to: Destination::Broadcast,
-            }),
-            summary: Some(format!(
-                "dhcp: {mac} xid={:#010x} {client} {kind:?} {address}{}",
-                request.xid(),
-                describe_file(&file)
-            )),
-            leases_changed: false,
-        }
+        let summary = format!(
+            "dhcp: {mac} xid={:#010x} {client} {kind:?} {address}{}",
+            request.xid(),
+            describe_file(&file)
+        );
+        Handled::reply(&reply, Destination::Broadcast, summary)
     }
 
     /// proxyDHCP OFFER: no address, only the PXE vendor class and boot file.
     fn proxy_offer(&self, request: &Message, mac: &str, client: ClientKind) -> Handled {
         let mut reply = self.base_reply(request, MessageType::Offer);
         let file = self.add_boot_options(&mut reply, mac, client);
-        Handled {
-            reply: Some(Reply {
-                payload: encode(&reply),
-                to: Destination::Broadcast,
-            }),
-            summary: Some(format!(
-                "dhcp: {mac} xid={:#010x} {client} proxy Offer{}",
-                request.xid(),
-                describe_file(&file)
-            )),
-            leases_changed: false,
-        }
+        let summary = format!(
+            "dhcp: {mac} xid={:#010x} {client} proxy Offer{}",
+            request.xid(),
+            describe_file(&file)
+        );
+        Handled::reply(&reply, Destination::Broadcast, summary)
     }
 
     /// Answer on port 4011: an ACK with the boot file, straight back to the client.
@@ -369,18 +362,12 @@ impl DhcpServer {
         } else {
             Destination::Unicast(from)
         };
-        Handled {
-            reply: Some(Reply {
-                payload: encode(&reply),
-                to,
-            }),
-            summary: Some(format!(
-                "dhcp: {mac} xid={:#010x} {client} boot server Ack{}",
-                request.xid(),
-                describe_file(&file)
-            )),
-            leases_changed: false,
-        }
+        let summary = format!(
+            "dhcp: {mac} xid={:#010x} {client} boot server Ack{}",
+            request.xid(),
+            describe_file(&file)
+        );
+        Handled::reply(&reply, to, summary)
     }
 
     fn base_reply(&self, request: &Message, kind: MessageType) -> Message {

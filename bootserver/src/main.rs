@@ -123,13 +123,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut text = format!("error: {e}");
-            let mut source = e.source();
-            while let Some(cause) = source {
-                text.push_str(&format!("\n  caused by: {cause}"));
-                source = cause.source();
-            }
-            eprintln!("{text}");
+            eprintln!("error: {}", diskcast_agent::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -345,6 +345,10 @@ const CHECK_BATCH: usize = 32;
 /// Work for the writer thread.
 #[derive(Debug)]
 pub enum DiskOp {
+    /// Size an image file for the image (block devices need nothing).
+    Prepare {
+        image_size: u64,
+    },
     Write {
         chunk: u32,
         offset: u64,
@@ -363,7 +367,7 @@ pub enum DiskOp {
 #[derive(Debug)]
 pub enum DiskDone {
     Written { chunk: u32 },
-    Zeroed { offset: u64, len: u64 },
+    Zeroed { len: u64 },
     Verified(Result<Hash, String>),
     Failed(String),
 }
@@ -384,6 +388,10 @@ pub fn spawn_writer(
         let path = target.path.display().to_string();
         for op in op_rx {
             let done = match op {
+                DiskOp::Prepare { image_size } => match target.prepare(image_size) {
+                    Ok(()) => continue,
+                    Err(e) => DiskDone::Failed(format!("sizing {path} to {image_size} bytes: {e}")),
+                },
                 DiskOp::Write { chunk, offset, data } => match target.write_at(&data, offset, &mut staging) {
                     Ok(()) => {
                         unchecked.push((chunk, offset, data.len()));
@@ -405,7 +413,7 @@ pub fn spawn_writer(
                     Err(e) => DiskDone::Failed(format!("writing {} bytes at offset {offset} of {path}: {e}", data.len())),
                 },
                 DiskOp::Zero { offset, len } => match target.zero(offset, len) {
-                    Ok(()) => DiskDone::Zeroed { offset, len },
+                    Ok(()) => DiskDone::Zeroed { len },
                     Err(e) => DiskDone::Failed(format!("zeroing {len} bytes at offset {offset} of {path}: {e}")),
                 },
                 DiskOp::FlushAndVerify { manifest } => DiskDone::Verified(

@@ -22,6 +22,13 @@ pub const VERSION: u16 = 1;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// Chunks must be whole multiples of this, so chunk writes are aligned for O_DIRECT on any disk.
 pub const CHUNK_ALIGN: u32 = 4096;
+/// Largest chunk: receivers hold several chunks in memory while they assemble them.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+
+/// The one rule for chunk sizes, applied to what we scan and to what the network announces.
+pub fn valid_chunk_size(chunk_size: u32) -> bool {
+    chunk_size != 0 && chunk_size.is_multiple_of(CHUNK_ALIGN) && chunk_size <= MAX_CHUNK_SIZE
+}
 pub type Hash = [u8; 32];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +49,7 @@ pub enum ManifestError {
     BadMagic,
     #[error("manifest version {0} is not supported (this agent reads version {VERSION})")]
     Version(u16),
-    #[error("chunk size {0} is not a non-zero multiple of {CHUNK_ALIGN}")]
+    #[error("chunk size {0} is not a non-zero multiple of {CHUNK_ALIGN} up to {MAX_CHUNK_SIZE}")]
     ChunkSize(u32),
     #[error("manifest lists {listed} chunks but an image of {image_size} bytes in chunks of {chunk_size} has {expected}")]
     ChunkCount {
@@ -119,7 +126,7 @@ impl Manifest {
         chunk_size: u32,
         mut progress: impl FnMut(u64),
     ) -> io::Result<Self> {
-        if chunk_size == 0 || !chunk_size.is_multiple_of(CHUNK_ALIGN) {
+        if !valid_chunk_size(chunk_size) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 ManifestError::ChunkSize(chunk_size),
@@ -229,7 +236,7 @@ impl Manifest {
         take(2)?;
         let image_size = u64::from_be_bytes(take(8)?.try_into().unwrap_or_default());
         let chunk_size = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default());
-        if chunk_size == 0 || chunk_size % CHUNK_ALIGN != 0 {
+        if !valid_chunk_size(chunk_size) {
             return Err(ManifestError::ChunkSize(chunk_size));
         }
         let listed = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default());

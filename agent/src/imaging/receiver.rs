@@ -10,10 +10,24 @@
 use super::bits::BitSet;
 use super::manifest::{ChunkKind, Hash, Manifest};
 use super::wire::{
-    Body, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM,
+    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR,
+    MAX_DATAGRAM,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// Largest manifest a receiver accepts: about two million chunks, petabytes at 1 MiB chunks.
+const MAX_MANIFEST_LEN: u32 = 64 << 20;
+
+/// Chunk, block and manifest sizes an announcement may claim: a chunk within the manifest's
+/// limits, blocks that fit a datagram and number at most 65536 per chunk (the wire's u16 index).
+fn announced_geometry_is_sane(chunk_size: u32, block_size: u16, manifest_len: u32) -> bool {
+    super::manifest::valid_chunk_size(chunk_size)
+        && block_size >= 512
+        && usize::from(block_size) <= MAX_DATAGRAM
+        && (chunk_size as usize).div_ceil(usize::from(block_size)) <= 1 << 16
+        && manifest_len <= MAX_MANIFEST_LEN
+}
 
 /// Bytes of NAKs that fit one status datagram next to its fixed fields.
 const NAK_ROOM: usize = MAX_DATAGRAM - 80;
@@ -246,6 +260,20 @@ impl Receiver {
 
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
+        // The hot path: data is parsed in place, its payload copied once, into the chunk.
+        if super::wire::is_data(bytes) {
+            match super::wire::parse_data(bytes) {
+                Err(_) => self.stats.malformed += 1,
+                Ok((session, _)) if self.session.is_some_and(|s| s != session) => {
+                    self.stats.foreign += 1
+                }
+                Ok((_, data)) => {
+                    self.stats.datagrams += 1;
+                    self.on_data(data, now, &mut out);
+                }
+            }
+            return out;
+        }
         let packet = match Packet::parse(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -270,10 +298,9 @@ impl Receiver {
                 flags,
             } => {
                 if self.phase == Phase::Listening {
-                    if chunk_size == 0
-                        || chunk_size % super::manifest::CHUNK_ALIGN != 0
-                        || block_size == 0
-                    {
+                    // Everything sized from here on comes from the network: bound it before
+                    // allocating anything.
+                    if !announced_geometry_is_sane(chunk_size, block_size, manifest_len) {
                         self.stats.malformed += 1;
                         return out;
                     }
@@ -284,9 +311,6 @@ impl Receiver {
                         block_size,
                         image_hash,
                     });
-                    self.manifest_buf = vec![0; manifest_len as usize];
-                    self.manifest_have =
-                        BitSet::new((manifest_len as usize).div_ceil(usize::from(block_size)));
                     if image_size > self.cfg.disk_size {
                         out.push(self.join_packet(1));
                         self.fail(
@@ -298,6 +322,9 @@ impl Receiver {
                         );
                         return out;
                     }
+                    self.manifest_buf = vec![0; manifest_len as usize];
+                    self.manifest_have =
+                        BitSet::new((manifest_len as usize).div_ceil(usize::from(block_size)));
                     self.phase = Phase::Joining;
                     self.next_status = now;
                 }
@@ -352,14 +379,17 @@ impl Receiver {
                 block,
                 flags,
                 bytes,
-            } => {
-                self.last_heard = now;
-                self.highest_seq = self.highest_seq.max(seq);
-                if flags & DATA_REPAIR == 0 {
-                    self.front = self.front.max(chunk);
-                }
-                self.data(chunk, block, &bytes, &mut out);
-            }
+            } => self.on_data(
+                DataRef {
+                    seq,
+                    chunk,
+                    block,
+                    flags,
+                    bytes: &bytes,
+                },
+                now,
+                &mut out,
+            ),
             Body::DoneAck { receiver }
                 if receiver == self.cfg.id && self.phase == Phase::Reporting =>
             {
@@ -523,6 +553,15 @@ impl Receiver {
         }
     }
 
+    fn on_data(&mut self, data: DataRef<'_>, now: Instant, out: &mut Vec<Action>) {
+        self.last_heard = now;
+        self.highest_seq = self.highest_seq.max(data.seq);
+        if data.flags & DATA_REPAIR == 0 {
+            self.front = self.front.max(data.chunk);
+        }
+        self.data(data.chunk, data.block, data.bytes, out);
+    }
+
     /// A chunk with every block in: check its hash, then hand it to the disk.
     fn complete_chunk(&mut self, chunk: u32, data: Vec<u8>, out: &mut Vec<Action>) {
         let Some(manifest) = &self.manifest else {
@@ -564,12 +603,10 @@ impl Receiver {
     }
 
     /// The caller zeroed one range it was asked to.
-    pub fn zeroed(&mut self, offset: u64, len: u64) -> Vec<Action> {
+    pub fn zeroed(&mut self, len: u64) -> Vec<Action> {
         let mut out = Vec::new();
         if let Some(manifest) = &self.manifest {
-            let chunk_size = u64::from(manifest.chunk_size);
-            self.chunks_done += (len.div_ceil(chunk_size)) as u32;
-            let _ = offset;
+            self.chunks_done += len.div_ceil(u64::from(manifest.chunk_size)) as u32;
         }
         self.pending_zero = self.pending_zero.saturating_sub(1);
         self.check_complete(&mut out);
@@ -584,19 +621,13 @@ impl Receiver {
     }
 
     fn check_complete(&mut self, out: &mut Vec<Action>) {
+        // `data_chunks_left` counts down only as chunks are written: zero means all are.
         if self.phase != Phase::Receiving || self.data_chunks_left > 0 || self.pending_zero > 0 {
             return;
         }
         let Some(manifest) = &self.manifest else {
             return;
         };
-        if self
-            .chunks
-            .iter()
-            .any(|s| *s == ChunkState::Writing || *s == ChunkState::Missing)
-        {
-            return;
-        }
         self.phase = Phase::Verifying;
         out.push(Action::FlushAndVerify {
             manifest: Box::new(manifest.clone()),

@@ -9,7 +9,7 @@
 use super::bits::BitSet;
 use super::manifest::{ChunkKind, Manifest};
 use super::wire::{
-    Body, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD,
+    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD,
     DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -76,6 +76,8 @@ pub struct ReceiverReport {
     last_heard: Instant,
     last_overflow: u32,
     done_acked: bool,
+    /// Admitted to the session (a refused target never is), for the start policy.
+    accepted: bool,
 }
 
 impl ReceiverReport {
@@ -402,6 +404,7 @@ impl Sender {
             last_heard: now,
             last_overflow: 0,
             done_acked: false,
+            accepted: false,
         };
         match self.receivers.get(&id) {
             Some(known) if known.state == ReceiverState::Done => return,
@@ -433,6 +436,7 @@ impl Sender {
         } else {
             Verdict::Accepted
         };
+        report.accepted = verdict == Verdict::Accepted;
         if verdict == Verdict::Accepted {
             report.state = ReceiverState::Receiving;
             if self.phase == Phase::Sending {
@@ -554,15 +558,7 @@ impl Sender {
                 });
             }
         }
-        let admitted = self
-            .receivers
-            .values()
-            .filter(|r| {
-                r.failure
-                    .as_deref()
-                    .is_none_or(|f| !f.starts_with("target too small"))
-            })
-            .count();
+        let admitted = self.receivers.values().filter(|r| r.accepted).count();
         match self.phase {
             Phase::Waiting => {
                 let timed_out = self
@@ -713,18 +709,19 @@ impl Sender {
         };
         let start = block * block_size;
         let end = (start + block_size).min(bytes.len());
-        let payload = bytes.get(start..end)?.to_vec();
+        let payload = bytes.get(start..end)?;
         self.seq += 1;
         self.chunk_last_seq[chunk as usize] = self.seq;
         self.stats.data_datagrams += 1;
         self.stats.data_bytes += payload.len() as u64;
-        Some(self.packet(Body::Data {
+        let data = DataRef {
             seq: self.seq,
             chunk,
             block: block as u16,
             flags,
             bytes: payload,
-        }))
+        };
+        Some(super::wire::emit_data(self.cfg.session, &data))
     }
 
     /// When [`Sender::poll_transmit`] should be called again at the latest.

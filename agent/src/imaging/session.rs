@@ -136,7 +136,7 @@ pub fn run_send(
     opts: &SendOptions,
     mut progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, SessionError> {
-    if !opts.chunk_size.is_multiple_of(4096) || !(64 << 10..=64 << 20).contains(&opts.chunk_size) {
+    if !super::manifest::valid_chunk_size(opts.chunk_size) || opts.chunk_size < 64 << 10 {
         return Err(SessionError::ChunkSize(opts.chunk_size));
     }
     if !opts.group.is_multicast() {
@@ -424,7 +424,6 @@ pub fn run_receive(
     let started = Instant::now();
     let mut receiver = Receiver::new(cfg, started);
     let mut prepared = false;
-    let target_for_prepare = Target::open(&opts.target)?;
     let (ops, done) = disk::spawn_writer(target, 16)?;
     let mut sender_addr: Option<SocketAddrV4> = None;
     let mut buf = vec![0u8; 64 << 10];
@@ -462,13 +461,20 @@ pub fn run_receive(
             let now = Instant::now();
             actions.extend(match finished {
                 DiskDone::Written { chunk } => receiver.chunk_written(chunk),
-                DiskDone::Zeroed { offset, len } => receiver.zeroed(offset, len),
+                DiskDone::Zeroed { len } => receiver.zeroed(len),
                 DiskDone::Verified(result) => receiver.verified(result, now),
                 DiskDone::Failed(reason) => receiver.disk_failed(reason),
             });
         }
         actions.extend(receiver.poll(Instant::now()));
         for action in actions {
+            if !prepared && matches!(action, Action::Write { .. } | Action::Zero { .. }) {
+                // An image file gets its final size before the first write.
+                let image_size = receiver.image_size().unwrap_or(0);
+                ops.send(DiskOp::Prepare { image_size })
+                    .map_err(|_| SessionError::WriterGone)?;
+                prepared = true;
+            }
             match action {
                 Action::Send(datagram) => {
                     if let Some(addr) = sender_addr {
@@ -479,26 +485,16 @@ pub fn run_receive(
                     chunk,
                     offset,
                     data,
-                } => {
-                    if !prepared {
-                        target_for_prepare.prepare(receiver.image_size().unwrap_or(0))?;
-                        prepared = true;
-                    }
-                    ops.send(DiskOp::Write {
+                } => ops
+                    .send(DiskOp::Write {
                         chunk,
                         offset,
                         data,
                     })
-                    .map_err(|_| SessionError::WriterGone)?
-                }
-                Action::Zero { offset, len } => {
-                    if !prepared {
-                        target_for_prepare.prepare(receiver.image_size().unwrap_or(0))?;
-                        prepared = true;
-                    }
-                    ops.send(DiskOp::Zero { offset, len })
-                        .map_err(|_| SessionError::WriterGone)?
-                }
+                    .map_err(|_| SessionError::WriterGone)?,
+                Action::Zero { offset, len } => ops
+                    .send(DiskOp::Zero { offset, len })
+                    .map_err(|_| SessionError::WriterGone)?,
                 Action::FlushAndVerify { manifest } => {
                     log::info!("all chunks written; flushing and reading the copy back");
                     ops.send(DiskOp::FlushAndVerify { manifest })

@@ -238,7 +238,7 @@ impl Sim {
                 Action::Zero { offset, len } => {
                     let r = &mut self.receivers[i];
                     r.disk[offset as usize..(offset + len) as usize].fill(0);
-                    r.rx.zeroed(offset, len)
+                    r.rx.zeroed(len)
                 }
                 Action::FlushAndVerify { manifest } => {
                     let r = &mut self.receivers[i];
@@ -621,4 +621,36 @@ fn a_receiver_dropped_at_the_deadline_is_told_and_fails_at_once() {
         "{report:?}"
     );
     assert_eq!(sim.sender.outcome(), Some(&Outcome::SomeFailed));
+}
+
+#[test]
+fn announcements_claiming_huge_sizes_are_dropped_before_any_allocation() {
+    use super::wire::{Body, Packet};
+    let announce = |chunk_size: u32, block_size: u16, manifest_len: u32| {
+        Packet {
+            session: 9,
+            body: Body::Announce {
+                image_size: u64::MAX,
+                chunk_size,
+                block_size,
+                manifest_len,
+                image_hash: [0; 32],
+                front: 0,
+                seq: 0,
+                flags: 0,
+            },
+        }
+        .emit()
+    };
+    let mut rx = Receiver::new(ReceiverConfig::default(), Instant::now());
+    for bad in [
+        announce(1 << 30, 1408, 100),
+        announce(1 << 20, 1408, u32::MAX),
+        announce(1 << 20, 1, 100),
+    ] {
+        assert!(rx.handle_datagram(&bad, Instant::now()).is_empty());
+    }
+    assert_eq!(rx.stats.malformed, 3);
+    assert_eq!(rx.phase(), RxPhase::Listening);
+    assert_eq!(rx.session(), None);
 }

@@ -268,6 +268,25 @@ impl Packet {
     }
 
     pub fn emit(&self) -> Vec<u8> {
+        if let Body::Data {
+            seq,
+            chunk,
+            block,
+            flags,
+            bytes,
+        } = &self.body
+        {
+            return emit_data(
+                self.session,
+                &DataRef {
+                    seq: *seq,
+                    chunk: *chunk,
+                    block: *block,
+                    flags: *flags,
+                    bytes,
+                },
+            );
+        }
         let mut out = Vec::with_capacity(MAX_DATAGRAM);
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -318,19 +337,7 @@ impl Packet {
                 out.extend_from_slice(&offset.to_be_bytes());
                 out.extend_from_slice(bytes);
             }
-            Body::Data {
-                seq,
-                chunk,
-                block,
-                flags,
-                bytes,
-            } => {
-                out.extend_from_slice(&seq.to_be_bytes());
-                out.extend_from_slice(&chunk.to_be_bytes());
-                out.extend_from_slice(&block.to_be_bytes());
-                out.push(*flags);
-                out.extend_from_slice(bytes);
-            }
+            Body::Data { .. } => {}
             Body::Status {
                 receiver,
                 state,
@@ -387,21 +394,28 @@ impl Packet {
     }
 
     pub fn parse(datagram: &[u8]) -> Result<Self, WireError> {
-        if datagram.len() < HEADER + TRAILER {
-            return Err(WireError::Short);
+        let (session, type_code, _) = open(datagram)?;
+        if type_code == TYPE_DATA {
+            let (session, data) = parse_data(datagram)?;
+            let DataRef {
+                seq,
+                chunk,
+                block,
+                flags,
+                bytes,
+            } = data;
+            return Ok(Self {
+                session,
+                body: Body::Data {
+                    seq,
+                    chunk,
+                    block,
+                    flags,
+                    bytes: bytes.to_vec(),
+                },
+            });
         }
-        if datagram[..2] != MAGIC {
-            return Err(WireError::Magic);
-        }
-        if datagram[2] != VERSION {
-            return Err(WireError::Version(datagram[2]));
-        }
-        let (content, crc) = datagram.split_at(datagram.len() - TRAILER);
-        if crc32fast::hash(content).to_be_bytes() != crc {
-            return Err(WireError::Checksum);
-        }
-        let session = u32::from_be_bytes([content[4], content[5], content[6], content[7]]);
-        let type_code = content[3];
+        let content = &datagram[..datagram.len() - TRAILER];
         let what = match type_code {
             1 => "announce",
             2 => "join",
@@ -451,13 +465,6 @@ impl Packet {
             },
             4 => Body::ManifestPart {
                 offset: r.u32()?,
-                bytes: r.rest().to_vec(),
-            },
-            5 => Body::Data {
-                seq: r.u64()?,
-                chunk: r.u32()?,
-                block: r.u16()?,
-                flags: r.u8()?,
                 bytes: r.rest().to_vec(),
             },
             6 => {
@@ -511,6 +518,80 @@ impl Packet {
         r.finish()?;
         Ok(Self { session, body })
     }
+}
+
+const TYPE_DATA: u8 = 5;
+
+/// Checks magic, version and CRC; returns the session, the type and the body.
+fn open(datagram: &[u8]) -> Result<(u32, u8, &[u8]), WireError> {
+    if datagram.len() < HEADER + TRAILER {
+        return Err(WireError::Short);
+    }
+    if datagram[..2] != MAGIC {
+        return Err(WireError::Magic);
+    }
+    if datagram[2] != VERSION {
+        return Err(WireError::Version(datagram[2]));
+    }
+    let (content, crc) = datagram.split_at(datagram.len() - TRAILER);
+    if crc32fast::hash(content).to_be_bytes() != crc {
+        return Err(WireError::Checksum);
+    }
+    let session = u32::from_be_bytes([content[4], content[5], content[6], content[7]]);
+    Ok((session, content[3], &content[HEADER..]))
+}
+
+/// A Data datagram borrowing its bytes: the receive path parses without copying the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRef<'a> {
+    pub seq: u64,
+    pub chunk: u32,
+    pub block: u16,
+    pub flags: u8,
+    pub bytes: &'a [u8],
+}
+
+/// True when a datagram claims to be Data (checked properly by [`parse_data`]).
+pub fn is_data(datagram: &[u8]) -> bool {
+    datagram.get(3) == Some(&TYPE_DATA)
+}
+
+/// Parses a Data datagram without copying its payload; returns the session too.
+pub fn parse_data(datagram: &[u8]) -> Result<(u32, DataRef<'_>), WireError> {
+    let (session, type_code, body) = open(datagram)?;
+    if type_code != TYPE_DATA {
+        return Err(WireError::Type(type_code));
+    }
+    let mut r = Reader {
+        bytes: body,
+        at: 0,
+        what: "data",
+    };
+    let data = DataRef {
+        seq: r.u64()?,
+        chunk: r.u32()?,
+        block: r.u16()?,
+        flags: r.u8()?,
+        bytes: r.rest(),
+    };
+    Ok((session, data))
+}
+
+/// Emits a Data datagram straight from a slice of the chunk (the send path's only copy).
+pub fn emit_data(session: u32, data: &DataRef<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(DATA_OVERHEAD + data.bytes.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(TYPE_DATA);
+    out.extend_from_slice(&session.to_be_bytes());
+    out.extend_from_slice(&data.seq.to_be_bytes());
+    out.extend_from_slice(&data.chunk.to_be_bytes());
+    out.extend_from_slice(&data.block.to_be_bytes());
+    out.push(data.flags);
+    out.extend_from_slice(data.bytes);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 use super::*;
 use dhcproto::v4::{Architecture, Flags};
+use dhcproto::Decodable;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const NOW: u64 = 1_700_000_000;

@@ -9,11 +9,17 @@
 //!  |"DCMF"|version| flags |  image_size   | chunk  | chunk_count | sig_len   | signature | entries
 //!  |      |  =1   |  =0   |     (u64)     | size   |    (u32)    |  (u16)    | (sig_len) |
 //!  +------+-------+-------+---------------+--------+-------------+-----------+-----------+--------
-//!  entry: kind (u8: 0 absent, 1 zero, 2 data) [+ 32-byte BLAKE3 hash for data]
+//!  entry: kind (u8: 0 absent, 1 zero, 2 data, 3 zstd data)
+//!         [+ 32-byte BLAKE3 hash of the raw bytes for data and zstd data]
+//!         [+ u32 compressed length for zstd data]
 //! ```
 //!
-//! The image hash is BLAKE3 over the encoding with an empty signature, so signing a manifest later
-//! does not change the hash it is known by.
+//! A zstd data chunk travels (and is stored) as one zstd frame of `compressed length` bytes, which
+//! is always smaller than the raw chunk: a chunk that does not shrink is kept as plain data.
+//!
+//! The image hash is BLAKE3 over the encoding with an empty signature and every zstd entry
+//! written as plain data, so neither signing a manifest later nor how its chunks are stored
+//! changes the hash an image is known by: a copy read back from a disk has the same hash.
 
 use std::io::{self, Read};
 
@@ -39,6 +45,30 @@ pub enum ChunkKind {
     Zero,
     /// Sent; the hash of its bytes.
     Data(Hash),
+    /// Sent as one zstd frame of `stored_len` bytes; `hash` is the hash of the raw bytes.
+    Zstd { hash: Hash, stored_len: u32 },
+}
+
+impl ChunkKind {
+    /// The hash of the raw bytes, for chunks that travel.
+    pub fn hash(&self) -> Option<&Hash> {
+        match self {
+            ChunkKind::Data(hash) | ChunkKind::Zstd { hash, .. } => Some(hash),
+            ChunkKind::Absent | ChunkKind::Zero => None,
+        }
+    }
+
+    pub fn is_data(&self) -> bool {
+        self.hash().is_some()
+    }
+
+    /// What the chunk holds, forgetting how it is stored.
+    pub fn content(&self) -> ChunkKind {
+        match self {
+            ChunkKind::Zstd { hash, .. } => ChunkKind::Data(*hash),
+            other => *other,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +90,12 @@ pub enum ManifestError {
     },
     #[error("unknown chunk kind {kind} for chunk {chunk}")]
     Kind { chunk: u32, kind: u8 },
+    #[error("chunk {chunk} claims {stored_len} compressed bytes; it must be between 1 and its raw length {raw_len}")]
+    StoredLen {
+        chunk: u32,
+        stored_len: u32,
+        raw_len: usize,
+    },
     #[error("{0} bytes after the last chunk entry")]
     Trailing(usize),
 }
@@ -108,8 +144,29 @@ impl Manifest {
         self.chunks
             .iter()
             .enumerate()
-            .filter(|(_, k)| matches!(k, ChunkKind::Data(_)))
+            .filter(|(_, k)| k.is_data())
             .map(|(i, _)| i as u32)
+    }
+
+    /// Bytes chunk `index` occupies on the wire and in a store: its compressed length for zstd
+    /// chunks, its raw length otherwise.
+    pub fn wire_len(&self, index: u32) -> usize {
+        match self.chunks.get(index as usize) {
+            Some(ChunkKind::Zstd { stored_len, .. }) => *stored_len as usize,
+            _ => self.chunk_range(index).1,
+        }
+    }
+
+    /// True when any chunk travels compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.chunks
+            .iter()
+            .any(|k| matches!(k, ChunkKind::Zstd { .. }))
+    }
+
+    /// Bytes the data chunks occupy on the wire and in a store.
+    pub fn stored_bytes(&self) -> u64 {
+        self.data_chunks().map(|i| self.wire_len(i) as u64).sum()
     }
 
     /// Bytes that travel: the data chunks.
@@ -180,13 +237,13 @@ impl Manifest {
         self.chunks
             .iter()
             .zip(&other.chunks)
-            .position(|(a, b)| a != b)
+            .position(|(a, b)| a.content() != b.content())
             .map(|i| i as u32)
     }
 
-    fn encode_with(&self, signature: &[u8]) -> Vec<u8> {
+    fn encode_with(&self, signature: &[u8], storage: bool) -> Vec<u8> {
         let data = self.data_chunks().count();
-        let mut out = Vec::with_capacity(26 + signature.len() + self.chunks.len() + data * 32);
+        let mut out = Vec::with_capacity(26 + signature.len() + self.chunks.len() + data * 36);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_be_bytes());
         out.extend_from_slice(&0u16.to_be_bytes());
@@ -199,7 +256,12 @@ impl Manifest {
             match chunk {
                 ChunkKind::Absent => out.push(0),
                 ChunkKind::Zero => out.push(1),
-                ChunkKind::Data(hash) => {
+                ChunkKind::Zstd { hash, stored_len } if storage => {
+                    out.push(3);
+                    out.extend_from_slice(hash);
+                    out.extend_from_slice(&stored_len.to_be_bytes());
+                }
+                ChunkKind::Data(hash) | ChunkKind::Zstd { hash, .. } => {
                     out.push(2);
                     out.extend_from_slice(hash);
                 }
@@ -209,12 +271,12 @@ impl Manifest {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        self.encode_with(&self.signature)
+        self.encode_with(&self.signature, true)
     }
 
-    /// The image's identity: BLAKE3 of the unsigned encoding.
+    /// The image's identity: BLAKE3 of the unsigned encoding of its content.
     pub fn image_hash(&self) -> Hash {
-        *blake3::hash(&self.encode_with(&[])).as_bytes()
+        *blake3::hash(&self.encode_with(&[], false)).as_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
@@ -258,6 +320,20 @@ impl Manifest {
                 0 => ChunkKind::Absent,
                 1 => ChunkKind::Zero,
                 2 => ChunkKind::Data(take(32)?.try_into().unwrap_or_default()),
+                3 => {
+                    let hash = take(32)?.try_into().unwrap_or_default();
+                    let stored_len = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default());
+                    let offset = u64::from(chunk) * u64::from(chunk_size);
+                    let raw_len = (image_size - offset).min(u64::from(chunk_size)) as usize;
+                    if stored_len == 0 || stored_len as usize >= raw_len {
+                        return Err(ManifestError::StoredLen {
+                            chunk,
+                            stored_len,
+                            raw_len,
+                        });
+                    }
+                    ChunkKind::Zstd { hash, stored_len }
+                }
                 kind => return Err(ManifestError::Kind { chunk, kind }),
             });
         }
@@ -355,6 +431,44 @@ mod tests {
                 bytes[len - 1] = 1;
                 assert!(!is_zero(&bytes), "len {len}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    #[test]
+    fn zstd_entries_round_trip_and_keep_the_image_hash_of_the_content() {
+        let image = vec![9u8; 3 * 8192];
+        let raw = Manifest::scan(&mut &image[..], image.len() as u64, 8192, |_| {}).unwrap();
+        let mut stored = raw.clone();
+        let hash = *raw.chunks[1].hash().unwrap();
+        stored.chunks[1] = ChunkKind::Zstd {
+            hash,
+            stored_len: 40,
+        };
+        let encoded = stored.encode();
+        assert_eq!(Manifest::decode(&encoded), Ok(stored.clone()));
+        assert_eq!(stored.image_hash(), raw.image_hash());
+        assert_ne!(encoded, raw.encode());
+        assert_eq!(stored.wire_len(1), 40);
+        assert_eq!(stored.wire_len(0), 8192);
+        assert_eq!(stored.stored_bytes(), 2 * 8192 + 40);
+        assert_eq!(stored.first_difference(&raw), None);
+
+        // A compressed length that is not smaller than the chunk is refused (receivers size
+        // their buffers from it).
+        for bad_len in [0u32, 8192, u32::MAX] {
+            stored.chunks[1] = ChunkKind::Zstd {
+                hash,
+                stored_len: bad_len,
+            };
+            assert!(matches!(
+                Manifest::decode(&stored.encode()),
+                Err(ManifestError::StoredLen { chunk: 1, .. })
+            ));
         }
     }
 }

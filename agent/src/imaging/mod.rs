@@ -6,6 +6,7 @@
 //! image re-read and checked after the final flush; every receiver ends done or failed, loudly.
 
 pub mod bits;
+pub mod codec;
 pub mod disk;
 pub mod manifest;
 pub mod net;

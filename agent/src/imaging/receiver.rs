@@ -10,7 +10,8 @@
 use super::bits::BitSet;
 use super::manifest::{ChunkKind, Hash, Manifest};
 use super::wire::{
-    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR,
+    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED, ANNOUNCE_FIRST_PASS_DONE,
+    DATA_REPAIR,
     MAX_DATAGRAM,
 };
 use std::collections::HashMap;
@@ -129,6 +130,8 @@ pub struct ReceiverStats {
     pub duplicates: u64,
     pub dropped_for_memory: u64,
     pub corrupt_chunks: u64,
+    /// Data of a compressed image that came before the manifest (asked for again later).
+    pub before_manifest: u64,
     /// Socket buffer overflows reported by the caller.
     pub overflow: u32,
 }
@@ -139,6 +142,7 @@ struct Geometry {
     chunk_size: u32,
     block_size: u16,
     image_hash: Hash,
+    compressed: bool,
 }
 
 #[derive(Debug)]
@@ -310,6 +314,7 @@ impl Receiver {
                         chunk_size,
                         block_size,
                         image_hash,
+                        compressed: flags & ANNOUNCE_COMPRESSED != 0,
                     });
                     if image_size > self.cfg.disk_size {
                         out.push(self.join_packet(1));
@@ -451,7 +456,7 @@ impl Receiver {
             .chunks
             .iter()
             .map(|k| {
-                if matches!(k, ChunkKind::Data(_)) {
+                if k.is_data() {
                     ChunkState::Missing
                 } else {
                     ChunkState::NotSent
@@ -508,7 +513,15 @@ impl Receiver {
             self.stats.malformed += 1;
             return;
         }
-        let len = (geometry.image_size - offset).min(chunk_size) as usize;
+        let len = match &self.manifest {
+            Some(manifest) => manifest.wire_len(chunk),
+            None if geometry.compressed => {
+                // A compressed chunk's length is in the manifest.
+                self.stats.before_manifest += 1;
+                return;
+            }
+            None => (geometry.image_size - offset).min(chunk_size) as usize,
+        };
         let known_done = match self.chunks.get(chunk as usize) {
             Some(state) => *state != ChunkState::Missing,
             None => self.held.contains_key(&chunk),
@@ -567,11 +580,19 @@ impl Receiver {
         let Some(manifest) = &self.manifest else {
             return;
         };
-        let ChunkKind::Data(expected) = manifest.chunks[chunk as usize] else {
-            self.stats.malformed += 1;
-            return;
+        let (offset, raw_len) = manifest.chunk_range(chunk);
+        let (expected, data) = match manifest.chunks[chunk as usize] {
+            ChunkKind::Data(hash) => (hash, data),
+            ChunkKind::Zstd { hash, .. } => (
+                hash,
+                // A frame that does not decompress to exactly the chunk fails the hash below.
+                zstd::bulk::decompress(&data, raw_len).unwrap_or_default(),
+            ),
+            ChunkKind::Absent | ChunkKind::Zero => {
+                self.stats.malformed += 1;
+                return;
+            }
         };
-        let (offset, _) = manifest.chunk_range(chunk);
         if *blake3::hash(&data).as_bytes() != expected {
             // Corrupt in a way the CRC missed, or a rogue sender: drop it and ask again.
             self.stats.corrupt_chunks += 1;

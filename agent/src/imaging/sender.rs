@@ -7,9 +7,10 @@
 //! through [`ChunkSource`]), and sleeps no longer than [`Sender::poll_timeout`].
 
 use super::bits::BitSet;
-use super::manifest::{ChunkKind, Manifest};
+use super::manifest::Manifest;
 use super::wire::{
-    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD,
+    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED, ANNOUNCE_FIRST_PASS_DONE,
+    DATA_OVERHEAD,
     DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -234,8 +235,7 @@ impl Sender {
 
     fn blocks_in(&self, chunk: u32) -> usize {
         self.manifest
-            .chunk_range(chunk)
-            .1
+            .wire_len(chunk)
             .div_ceil(usize::from(self.cfg.block_size))
     }
 
@@ -270,6 +270,10 @@ impl Sender {
             seq: self.seq,
             flags: if self.first_pass_done() && self.phase != Phase::Waiting {
                 ANNOUNCE_FIRST_PASS_DONE
+            } else {
+                0
+            } | if self.manifest.is_compressed() {
+                ANNOUNCE_COMPRESSED
             } else {
                 0
             },
@@ -476,7 +480,7 @@ impl Sender {
     }
 
     fn request_blocks(&mut self, chunk: u32, blocks: Option<BitSet>, highest_seq: u64) -> u64 {
-        if !matches!(self.manifest.chunks[chunk as usize], ChunkKind::Data(_)) {
+        if !self.manifest.chunks[chunk as usize].is_data() {
             return 0;
         }
         let last = self.chunk_last_seq[chunk as usize];

@@ -26,9 +26,14 @@ impl Rng {
 struct MemSource {
     image: Vec<u8>,
     chunk_size: usize,
+    /// Stored (possibly compressed) bytes per chunk, like an image store serves them.
+    stored: Option<Vec<Vec<u8>>>,
 }
 impl ChunkSource for MemSource {
     fn chunk(&mut self, index: u32) -> std::io::Result<&[u8]> {
+        if let Some(stored) = &self.stored {
+            return Ok(&stored[index as usize]);
+        }
         let start = index as usize * self.chunk_size;
         let end = (start + self.chunk_size).min(self.image.len());
         Ok(&self.image[start..end])
@@ -115,7 +120,6 @@ impl Sim {
         loss: f64,
         seed: u64,
     ) -> Self {
-        let start = Instant::now();
         let manifest = Manifest::scan(
             &mut Cursor::new(&image),
             image.len() as u64,
@@ -123,6 +127,45 @@ impl Sim {
             |_| {},
         )
         .unwrap();
+        Self::with_manifest(image, manifest, None, sender_cfg, receivers, loss, seed)
+    }
+
+    /// A session serving zstd-compressed chunks, as a deploy from the image store does.
+    pub fn compressed(
+        image: Vec<u8>,
+        chunk_size: u32,
+        sender_cfg: SenderConfig,
+        receivers: usize,
+        loss: f64,
+        seed: u64,
+    ) -> Self {
+        let mut chunks = Vec::new();
+        let mut stored = Vec::new();
+        for raw in image.chunks(chunk_size as usize) {
+            let encoded = super::codec::encode(raw, super::codec::DEFAULT_LEVEL);
+            chunks.push(encoded.kind);
+            stored.push(encoded.stored.into_owned());
+        }
+        let manifest = Manifest {
+            image_size: image.len() as u64,
+            chunk_size,
+            chunks,
+            signature: Vec::new(),
+        };
+        Self::with_manifest(image, manifest, Some(stored), sender_cfg, receivers, loss, seed)
+    }
+
+    fn with_manifest(
+        image: Vec<u8>,
+        manifest: Manifest,
+        stored: Option<Vec<Vec<u8>>>,
+        sender_cfg: SenderConfig,
+        receivers: usize,
+        loss: f64,
+        seed: u64,
+    ) -> Self {
+        let start = Instant::now();
+        let chunk_size = manifest.chunk_size;
         let sender = Sender::new(sender_cfg, manifest, start);
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let receivers = (0..receivers)
@@ -149,6 +192,7 @@ impl Sim {
             source: MemSource {
                 image,
                 chunk_size: chunk_size as usize,
+                stored,
             },
             receivers,
             net: BinaryHeap::new(),
@@ -259,8 +303,17 @@ impl Sim {
 
     /// Runs until the sender ended and every receiver finished, or `limit` of virtual time passed.
     pub fn run(&mut self, limit: Duration) {
+        self.run_inner(limit, &|_| false);
+    }
+
+    /// Runs until `stop` holds (or the session ends, or a minute of virtual time passed).
+    pub fn run_until(&mut self, stop: impl Fn(&Sim) -> bool) {
+        self.run_inner(Duration::from_secs(60), &stop);
+    }
+
+    fn run_inner(&mut self, limit: Duration, stop: &dyn Fn(&Sim) -> bool) {
         let step = Duration::from_micros(500);
-        while self.now < self.start + limit {
+        while self.now < self.start + limit && !stop(self) {
             let sender_alive = self
                 .sender_alive_for
                 .is_none_or(|d| self.now < self.start + d);
@@ -653,4 +706,59 @@ fn announcements_claiming_huge_sizes_are_dropped_before_any_allocation() {
     assert_eq!(rx.stats.malformed, 3);
     assert_eq!(rx.phase(), RxPhase::Listening);
     assert_eq!(rx.session(), None);
+}
+
+#[test]
+fn compressed_chunks_from_a_store_decompress_exactly_with_loss_and_a_late_joiner() {
+    for (seed, loss) in [(21, 0.0), (22, 0.05), (23, 0.15)] {
+        let image = test_image(96 * CHUNK as usize + 5000, seed);
+        let mut sim = Sim::compressed(
+            image,
+            CHUNK,
+            SenderConfig {
+                initial_rate: 8_000_000,
+                max_rate: 8_000_000,
+                ..cfg(2)
+            },
+            3,
+            loss,
+            seed,
+        );
+        sim.reorder = 0.05;
+        if loss > 0.0 {
+            // The first pass of the compressed image takes about 450 ms: join halfway.
+            sim.receivers[2].start_at = Duration::from_millis(220);
+        }
+        sim.run(Duration::from_secs(120));
+        sim.assert_all_copies_exact();
+        let manifest = sim.sender.manifest();
+        assert!(manifest.is_compressed());
+        assert!(
+            manifest.stored_bytes() < manifest.data_bytes() * 3 / 4,
+            "the test image compresses"
+        );
+        if loss == 0.0 {
+            // Exactly the compressed bytes travel, once.
+            assert_eq!(sim.sender.stats.data_bytes, manifest.stored_bytes());
+        }
+    }
+}
+
+#[test]
+fn a_damaged_compressed_frame_is_refused_and_asked_for_again() {
+    let image = test_image(8 * CHUNK as usize, 24);
+    let mut sim = Sim::compressed(image, CHUNK, cfg(1), 1, 0.0, 24);
+    // Corrupt one stored frame for the first pass only: CRCs pass (they are computed over the
+    // corrupted bytes), so only the chunk hash after decompression can catch it.
+    let victim = sim.sender.manifest().data_chunks().nth(1).unwrap();
+    let good = sim.source.stored.as_ref().unwrap()[victim as usize].clone();
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x55;
+    sim.source.stored.as_mut().unwrap()[victim as usize] = bad;
+    sim.run_until(|sim| sim.sender.stats.data_datagrams > 200);
+    sim.source.stored.as_mut().unwrap()[victim as usize] = good;
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(sim.receivers[0].rx.stats.corrupt_chunks >= 1);
 }

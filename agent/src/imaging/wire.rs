@@ -90,6 +90,9 @@ impl Nak {
 }
 
 pub const ANNOUNCE_FIRST_PASS_DONE: u8 = 1;
+/// Some chunks travel as zstd frames: their lengths are in the manifest, so a receiver cannot
+/// place data before it has the manifest.
+pub const ANNOUNCE_COMPRESSED: u8 = 2;
 pub const DATA_REPAIR: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

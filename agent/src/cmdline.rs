@@ -110,6 +110,10 @@ pub struct BootConfig {
     pub start_timeout_secs: Option<u32>,
     /// Master: upper bound of the data rate in MB/s.
     pub rate_mbps: Option<u32>,
+    /// Capture: the name the image gets in the server's store.
+    pub image: Option<String>,
+    /// Capture: the server's HTTP port, where the image store takes uploads.
+    pub store_port: u16,
 }
 
 /// Which disk a role works on. Device order is not stable, so labs name disks by serial.
@@ -163,12 +167,14 @@ impl Default for BootConfig {
             min_receivers: 1,
             start_timeout_secs: None,
             rate_mbps: None,
+            image: None,
+            store_port: 8080,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port";
 
 impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
@@ -279,6 +285,23 @@ impl BootConfig {
                         .ok_or_else(|| invalid(key, value, "MB/s, a positive number"))?,
                 )
             }
+            "image" => {
+                if !crate::imaging::image_file::valid_image_name(value) {
+                    return Err(invalid(
+                        key,
+                        value,
+                        crate::imaging::image_file::IMAGE_NAME_RULE,
+                    ));
+                }
+                self.image = Some(value.into())
+            }
+            "store_port" => {
+                self.store_port = value
+                    .parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| invalid(key, value, "a TCP port"))?
+            }
             _ => {
                 return Err(CmdlineError::UnknownKey {
                     key: key.into(),
@@ -324,6 +347,12 @@ impl BootConfig {
         if let Some(rate) = self.rate_mbps {
             words.push(format!("{PREFIX}rate={rate}"));
         }
+        if let Some(image) = &self.image {
+            words.push(format!("{PREFIX}image={image}"));
+        }
+        if self.store_port != defaults.store_port {
+            words.push(format!("{PREFIX}store_port={}", self.store_port));
+        }
         words.join(" ")
     }
 }
@@ -348,6 +377,8 @@ mod tests {
             min_receivers: 8,
             start_timeout_secs: Some(300),
             rate_mbps: Some(90),
+            image: Some("golden-2026.11".into()),
+            store_port: 8181,
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -394,6 +425,8 @@ mod tests {
             "diskcast.disk=/dev/sda",
             "diskcast.disk=name:../x",
             "diskcast.min_receivers=0",
+            "diskcast.image=../etc",
+            "diskcast.store_port=0",
         ] {
             assert!(
                 matches!(

@@ -45,6 +45,23 @@ enum Command {
     Send(SendArgs),
     /// Receive an image from a multicast session onto a disk or image file.
     Receive(ReceiveArgs),
+    /// Upload a disk or image file into a bootserver's image store.
+    Capture(CaptureArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CaptureArgs {
+    /// Block device or image file to capture.
+    source: PathBuf,
+    /// The bootserver: ADDRESS or ADDRESS:PORT (its HTTP port, 8080 by default).
+    #[arg(long)]
+    to: String,
+    /// Name of the image in the store.
+    #[arg(long)]
+    name: String,
+    /// zstd level (1 fastest ... 19 smallest).
+    #[arg(long, default_value_t = imaging::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+    level: i32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -191,7 +208,45 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("copy verified: {}", opts.target.display());
             Ok(())
         }
+        Command::Capture(args) => {
+            let server = parse_server(&args.to)?;
+            let mut opts = imaging::capture::CaptureOptions::new(args.source, server, args.name);
+            opts.level = args.level;
+            opts.source_machine = host_name();
+            opts.source_disk = opts.source.display().to_string();
+            let mut last = std::time::Instant::now();
+            let summary = imaging::capture::run_capture(&opts, |read, uploaded| {
+                if last.elapsed() < Duration::from_secs(1) {
+                    return;
+                }
+                last = std::time::Instant::now();
+                eprintln!(
+                    "capturing: {} read, {} uploaded",
+                    diskcast_agent::inventory::human_size(read),
+                    diskcast_agent::inventory::human_size(uploaded)
+                );
+            })?;
+            println!(
+                "captured {} ({} of data, {} uploaded) in {:.1} s; the store says: {}",
+                opts.source.display(),
+                diskcast_agent::inventory::human_size(summary.manifest.data_bytes()),
+                diskcast_agent::inventory::human_size(summary.uploaded),
+                summary.elapsed.as_secs_f64(),
+                summary.server_says
+            );
+            Ok(())
+        }
     }
+}
+
+/// `ADDRESS` or `ADDRESS:PORT`; the port defaults to the bootserver's HTTP port.
+fn parse_server(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.parse::<Ipv4Addr>()
+        .map(|ip| std::net::SocketAddr::from((ip, 8080)))
+        .map_err(|_| format!("--to {text:?} is not ADDRESS or ADDRESS:PORT (e.g. 10.77.0.1:8080)"))
 }
 
 fn host_name() -> String {

@@ -32,8 +32,10 @@ pub enum Pid1Error {
     },
     #[error("setting up the network")]
     Network(#[from] NetError),
-    #[error("role `{0}` is not available in this agent yet")]
-    RoleUnavailable(Role),
+    #[error("role capture needs an image name: the bootserver's config sets it ([agent] image or the machine's image), or add diskcast.image=NAME to the kernel command line")]
+    NoImageName,
+    #[error("the capture failed")]
+    Capture(#[from] crate::imaging::capture::CaptureError),
     #[error("choosing the disk")]
     Disk(#[from] crate::inventory::SelectError),
     #[error("the multicast session failed")]
@@ -170,8 +172,63 @@ fn boot(config: &BootConfig, booted: Instant) -> Result<(), Pid1Error> {
         Role::Inventory => Ok(()),
         Role::Master => master(config, &inventory, &configured.interface),
         Role::Slave => slave(config, &inventory, &configured.interface, &nic.mac),
-        role => Err(Pid1Error::RoleUnavailable(role)),
+        Role::Capture => capture(
+            config,
+            &inventory,
+            config.server.unwrap_or(configured.lease.server),
+            &nic.mac,
+        ),
     }
+}
+
+fn capture(
+    config: &BootConfig,
+    inventory: &Inventory,
+    server: std::net::Ipv4Addr,
+    mac: &str,
+) -> Result<(), Pid1Error> {
+    use crate::imaging::capture::{run_capture, CaptureOptions};
+    use crate::inventory::human_size;
+    let name = config.image.clone().ok_or(Pid1Error::NoImageName)?;
+    let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
+    let description = format!(
+        "/dev/{} model {:?} serial {:?} {}",
+        disk.name,
+        disk.model,
+        disk.serial,
+        human_size(disk.size_bytes)
+    );
+    print_console(&format!("capture: reading {description}
+"));
+    let mut opts = CaptureOptions::new(
+        PathBuf::from("/dev").join(&disk.name),
+        std::net::SocketAddr::from((server, config.store_port)),
+        name,
+    );
+    opts.source_machine = format!("mac {mac}");
+    opts.source_disk = description;
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let summary = run_capture(&opts, |read, uploaded| {
+        if last.elapsed() >= Duration::from_secs(5) {
+            last = Instant::now();
+            let secs = started.elapsed().as_secs_f64();
+            print_console(&format!(
+                "capture: {:.0}% — {} read, {} uploaded, {:.1} MB/s\n",
+                100.0 * read as f64 / disk.size_bytes.max(1) as f64,
+                human_size(read),
+                human_size(uploaded),
+                read as f64 / secs / 1e6
+            ));
+        }
+    })?;
+    print_console(&format!(
+        "DISKCAST-CAPTURE-DONE {} uploaded in {:.1} s; server: {}\n",
+        human_size(summary.uploaded),
+        summary.elapsed.as_secs_f64(),
+        summary.server_says
+    ));
+    Ok(())
 }
 
 fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result<(), Pid1Error> {

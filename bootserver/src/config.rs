@@ -2,6 +2,7 @@
 //! with a few settings that flags can override.
 
 use diskcast_agent::cmdline::{BootConfig, DiskSelector, Finish, Role};
+use diskcast_agent::imaging::image_file::{valid_image_name, IMAGE_NAME_RULE};
 use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -66,12 +67,34 @@ pub struct Config {
     pub tftp_port: u16,
     /// Directory for leases and other state.
     pub state_dir: PathBuf,
+    /// The image store (captures, imports, deploys); `STATE_DIR/images` when absent.
+    pub store_dir: Option<PathBuf>,
     pub dhcp: DhcpConfig,
     pub boot: BootFiles,
     #[serde(default)]
     pub agent: AgentDefaults,
     #[serde(default, rename = "machine")]
     pub machines: Vec<Machine>,
+    /// A stored image the server multicasts to slaves while it runs.
+    pub deploy: Option<DeployConfig>,
+}
+
+/// `[deploy]`: serve one stored image to slaves, session after session.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    pub image: String,
+    /// Start once this many slaves joined...
+    #[serde(default = "default_min_receivers")]
+    pub min_receivers: u32,
+    /// ...or this many seconds after the first joined.
+    pub start_timeout: Option<u32>,
+    /// MB/s at most.
+    pub rate: Option<u32>,
+}
+
+fn default_min_receivers() -> u32 {
+    1
 }
 
 fn default_http_port() -> u16 {
@@ -167,6 +190,9 @@ pub struct AgentDefaults {
     pub start_timeout: Option<u32>,
     #[serde(default)]
     pub rate: Option<u32>,
+    /// Capture: the name the image gets in the store.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 impl Default for AgentDefaults {
@@ -182,6 +208,7 @@ impl Default for AgentDefaults {
             min_receivers: None,
             start_timeout: None,
             rate: None,
+            image: None,
         }
     }
 }
@@ -203,6 +230,8 @@ pub struct Machine {
     pub role: Option<String>,
     /// Overrides `[agent] disk` for this machine.
     pub disk: Option<String>,
+    /// Overrides `[agent] image` (the name a capture is stored under).
+    pub image: Option<String>,
 }
 
 /// A MAC address in canonical lower-case colon form.
@@ -220,6 +249,12 @@ pub fn format_mac(bytes: &[u8]) -> String {
 }
 
 impl Config {
+    pub fn store_dir(&self) -> PathBuf {
+        self.store_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("images"))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
@@ -276,6 +311,17 @@ impl Config {
         }
         self.agent_config_for(None, None)
             .map_err(ConfigError::Invalid)?;
+        if let Some(deploy) = &self.deploy {
+            if !valid_image_name(&deploy.image) {
+                return invalid(format!(
+                    "[deploy] image {:?} is invalid: use {IMAGE_NAME_RULE}",
+                    deploy.image
+                ));
+            }
+            if deploy.min_receivers == 0 {
+                return invalid("[deploy] min_receivers must be at least 1".into());
+            }
+        }
         for m in &self.machines {
             self.agent_config_for(Some(&m.mac), None)
                 .map_err(ConfigError::Invalid)?;
@@ -334,6 +380,22 @@ impl Config {
             .max(1);
         config.start_timeout_secs = self.agent.start_timeout;
         config.rate_mbps = self.agent.rate;
+        config.store_port = self.http_port;
+        let image = machine
+            .and_then(|m| m.image.as_deref())
+            .or(self.agent.image.as_deref());
+        if let Some(name) = image {
+            if !valid_image_name(name) {
+                return Err(format!("image {name:?} is invalid: use {IMAGE_NAME_RULE}"));
+            }
+            config.image = Some(name.into());
+        }
+        if role == Role::Capture && config.image.is_none() {
+            return Err(
+                "role \"capture\" needs an image name: set [agent] image or the machine's image"
+                    .into(),
+            );
+        }
         if let Some(level) = &self.agent.log {
             config.log_level = level
                 .parse()
@@ -363,6 +425,7 @@ mod tests {
             mac: "52-54-00-AA-BB-CC".into(),
             role: Some("slave".into()),
             disk: Some("serial:DISK-7".into()),
+            image: None,
         }];
         config.agent.min_receivers = Some(4);
         let server = Some(Ipv4Addr::new(10, 77, 0, 1));

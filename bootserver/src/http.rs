@@ -1,5 +1,6 @@
-//! A small HTTP/1.1 server for iPXE: GET and HEAD of rendered scripts and of the kernel and
-//! initramfs files. One thread per connection, `Connection: close`, no keep-alive.
+//! A small HTTP/1.1 server: GET and HEAD of rendered iPXE scripts and of the kernel and
+//! initramfs files for booting, PUT of image uploads (Content-Length or chunked transfer coding)
+//! for the image store. One thread per connection, `Connection: close`, no keep-alive.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -16,13 +17,136 @@ pub enum Response {
     },
     File(PathBuf),
     NotFound,
+    /// Any other status, with a one-line text body.
+    Status {
+        code: u16,
+        reason: &'static str,
+        body: String,
+    },
 }
 
 pub trait Routes: Send + Sync + 'static {
     fn route(&self, path: &str, client: IpAddr) -> Response;
+
+    /// A PUT is about to send its body: `Some` refuses it up front (the client sent
+    /// `Expect: 100-continue` and gets this answer instead of `100 Continue`).
+    fn upload_check(&self, _path: &str) -> Option<Response> {
+        None
+    }
+
+    /// A PUT: `body` yields the request body and ends where it ends.
+    fn upload(&self, _path: &str, _client: IpAddr, _body: &mut dyn Read) -> Response {
+        Response::Status {
+            code: 405,
+            reason: "Method Not Allowed",
+            body: "uploads go to /images/NAME\n".into(),
+        }
+    }
+}
+
+/// Reads a body in HTTP/1.1 chunked transfer coding; EOF before the last chunk is an error, so a
+/// cut-off upload never looks complete.
+#[derive(Debug)]
+pub struct ChunkedReader<R: BufRead> {
+    inner: R,
+    /// Bytes left in the current chunk; `None` before a size line.
+    left: Option<u64>,
+    done: bool,
+}
+
+impl<R: BufRead> ChunkedReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            left: None,
+            done: false,
+        }
+    }
+
+    fn line(&mut self) -> io::Result<String> {
+        let mut line = Vec::new();
+        self.inner.by_ref().take(1024).read_until(b'\n', &mut line)?;
+        if !line.ends_with(b"\n") {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "chunked body ended before its last chunk",
+            ));
+        }
+        Ok(String::from_utf8_lossy(&line).trim().to_string())
+    }
+}
+
+impl<R: BufRead> Read for ChunkedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        let left = match self.left {
+            Some(left) if left > 0 => left,
+            _ => {
+                if self.left == Some(0) && !self.line()?.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "chunk not followed by CRLF",
+                    ));
+                }
+                let size_line = self.line()?;
+                let hex = size_line.split(';').next().unwrap_or("").trim();
+                let size = u64::from_str_radix(hex, 16).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad chunk size line {size_line:?}"),
+                    )
+                })?;
+                if size == 0 {
+                    // Trailer fields, then the blank line.
+                    while !self.line()?.is_empty() {}
+                    self.done = true;
+                    return Ok(0);
+                }
+                size
+            }
+        };
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "chunked body ended inside a chunk",
+            ));
+        }
+        self.left = Some(left - n as u64);
+        Ok(n)
+    }
+}
+
+/// A fixed-length body: EOF before `Content-Length` bytes is an error.
+#[derive(Debug)]
+struct LengthReader<R: Read> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for LengthReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("body ended {} bytes early", self.left),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 const MAX_HEADER: usize = 8192;
+const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -56,8 +180,24 @@ pub fn serve(listener: TcpListener, routes: Arc<dyn Routes>) {
     }
 }
 
-/// Reads the request line and headers; returns (method, path).
-fn read_request(reader: &mut impl BufRead) -> io::Result<Option<(String, String)>> {
+#[derive(Debug)]
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the request line and headers.
+fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
@@ -75,10 +215,19 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<(String, String)
         }
     }
     let text = String::from_utf8_lossy(&head);
-    let mut words = text.lines().next().unwrap_or("").split_ascii_whitespace();
+    let mut lines = text.lines();
+    let mut words = lines.next().unwrap_or("").split_ascii_whitespace();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+        .collect();
     match (words.next(), words.next(), words.next()) {
         (Some(method), Some(path), Some(version)) if version.starts_with("HTTP/1.") => {
-            Ok(Some((method.to_string(), path.to_string())))
+            Ok(Some(Request {
+                method: method.to_string(),
+                path: path.to_string(),
+                headers,
+            }))
         }
         _ => Ok(None),
     }
@@ -103,7 +252,7 @@ pub fn handle(stream: TcpStream, routes: &dyn Routes) -> io::Result<()> {
     let client = stream.peer_addr()?.ip();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
-    let Some((method, path)) = read_request(&mut reader)? else {
+    let Some(request) = read_request(&mut reader)? else {
         let body = "bad request\n";
         status_line(
             &mut stream,
@@ -114,19 +263,75 @@ pub fn handle(stream: TcpStream, routes: &dyn Routes) -> io::Result<()> {
         )?;
         return stream.write_all(body.as_bytes());
     };
-    let head_only = match method.as_str() {
+    let (method, path) = (request.method.as_str(), request.path.as_str());
+    let head_only = match method {
         "GET" => false,
         "HEAD" => true,
+        "PUT" => {
+            // Uploads are long and bursty (a capture pauses while it reads a region of zeros).
+            stream.set_read_timeout(Some(UPLOAD_IDLE_TIMEOUT))?;
+            let chunked = request
+                .header("Transfer-Encoding")
+                .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+            let length = request
+                .header("Content-Length")
+                .and_then(|v| v.parse::<u64>().ok());
+            if let Some(refusal) = routes.upload_check(path) {
+                return respond(&mut stream, method, path, client, refusal, false);
+            }
+            if request
+                .header("Expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+            {
+                stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            }
+            let response = match (chunked, length) {
+                (true, _) => routes.upload(path, client, &mut ChunkedReader::new(&mut reader)),
+                (false, Some(left)) => routes.upload(
+                    path,
+                    client,
+                    &mut LengthReader {
+                        inner: &mut reader,
+                        left,
+                    },
+                ),
+                (false, None) => Response::Status {
+                    code: 411,
+                    reason: "Length Required",
+                    body: "send Content-Length or Transfer-Encoding: chunked\n".into(),
+                },
+            };
+            return respond(&mut stream, method, path, client, response, false);
+        }
         _ => {
             log::info!("http: {client} {method} {path} 405");
             return status_line(&mut stream, 405, "Method Not Allowed", "text/plain", 0);
         }
     };
     let path = path.split('?').next().unwrap_or("");
-    match routes.route(path, client) {
+    let response = routes.route(path, client);
+    respond(&mut stream, method, path, client, response, head_only)
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    client: IpAddr,
+    response: Response,
+    head_only: bool,
+) -> io::Result<()> {
+    match response {
+        Response::Status { code, reason, body } => {
+            log::info!("http: {client} {method} {path} {code} {}", body.trim());
+            status_line(stream, code, reason, "text/plain", body.len() as u64)?;
+            if !head_only {
+                stream.write_all(body.as_bytes())?;
+            }
+        }
         Response::Text { content_type, body } => {
             log::info!("http: {client} {method} {path} 200 ({} bytes)", body.len());
-            status_line(&mut stream, 200, "OK", content_type, body.len() as u64)?;
+            status_line(stream, 200, "OK", content_type, body.len() as u64)?;
             if !head_only {
                 stream.write_all(body.as_bytes())?;
             }
@@ -138,9 +343,9 @@ pub fn handle(stream: TcpStream, routes: &dyn Routes) -> io::Result<()> {
                     "http: {client} {method} {path} 200 ({len} bytes from {})",
                     file_path.display()
                 );
-                status_line(&mut stream, 200, "OK", "application/octet-stream", len)?;
+                status_line(stream, 200, "OK", "application/octet-stream", len)?;
                 if !head_only {
-                    io::copy(&mut file, &mut stream)?;
+                    io::copy(&mut file, stream)?;
                 }
             }
             Err(e) => {
@@ -148,14 +353,14 @@ pub fn handle(stream: TcpStream, routes: &dyn Routes) -> io::Result<()> {
                     "http: {client} {method} {path}: cannot open {}: {e}",
                     file_path.display()
                 );
-                status_line(&mut stream, 500, "Internal Server Error", "text/plain", 0)?;
+                status_line(stream, 500, "Internal Server Error", "text/plain", 0)?;
             }
         },
         Response::NotFound => {
             log::info!("http: {client} {method} {path} 404");
             let body = "not found\n";
             status_line(
-                &mut stream,
+                stream,
                 404,
                 "Not Found",
                 "text/plain",
@@ -182,6 +387,22 @@ mod tests {
                     body: "hi\n".into(),
                 },
                 _ => Response::NotFound,
+            }
+        }
+
+        fn upload(&self, path: &str, _client: IpAddr, body: &mut dyn Read) -> Response {
+            let mut bytes = Vec::new();
+            match body.read_to_end(&mut bytes) {
+                Ok(_) => Response::Status {
+                    code: 201,
+                    reason: "Created",
+                    body: format!("{path} {}\n", String::from_utf8_lossy(&bytes)),
+                },
+                Err(e) => Response::Status {
+                    code: 400,
+                    reason: "Bad Request",
+                    body: format!("{e}\n"),
+                },
             }
         }
     }
@@ -217,5 +438,43 @@ mod tests {
         assert!(exchange(b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(exchange(b"POST /hello HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(exchange(b"garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
+    }
+
+    #[test]
+    fn uploads_in_chunks_or_with_a_length_and_cut_offs_are_errors() {
+        let chunked = exchange(
+            b"PUT /images/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        );
+        assert!(chunked.starts_with("HTTP/1.1 201"), "{chunked}");
+        assert!(chunked.ends_with("/images/x hello, world\n"), "{chunked}");
+        let sized = exchange(b"PUT /images/y HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        assert!(sized.ends_with("/images/y abc\n"), "{sized}");
+        for cut in [
+            &b"PUT /i HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"[..],
+            b"PUT /i HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"PUT /i HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"PUT /i HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
+        ] {
+            let response = exchange_half_closed(cut);
+            assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        }
+        assert!(exchange(b"PUT /i HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 411"));
+    }
+
+    /// Sends `request` and closes the sending half, as a client that died mid-upload.
+    fn exchange_half_closed(request: &[u8]) -> String {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            handle(stream, &Fixed).unwrap();
+        });
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(request).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut response = String::new();
+        client.read_to_string(&mut response).unwrap();
+        server.join().unwrap();
+        response
     }
 }

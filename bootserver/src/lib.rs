@@ -4,10 +4,12 @@
 
 pub mod classify;
 pub mod config;
+pub mod deploy;
 pub mod dhcp_server;
 pub mod http;
 pub mod ipxe;
 pub mod leases;
 pub mod router_advert;
 pub mod serve;
+pub mod store;
 pub mod tftp;

@@ -6,6 +6,137 @@ use diskcast_bootserver::ipxe::BootScript;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use diskcast_agent::imaging::session::SendOptions;
+use diskcast_agent::inventory::human_size;
+use diskcast_bootserver::deploy::deploy_once;
+use diskcast_bootserver::serve::short_hash;
+use diskcast_bootserver::store::Store;
+
+fn age(created: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let secs = now.saturating_sub(created);
+    match secs {
+        0..=119 => format!("{secs} s ago"),
+        120..=7199 => format!("{} min ago", secs / 60),
+        7200..=172_799 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
+    }
+}
+
+fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        ImagesCommand::List => {
+            println!(
+                "{:<24} {:>10} {:>10} {:>10} {:>6}  {:<16} {:<16} origin",
+                "name", "disk", "data", "stored", "ratio", "created", "hash"
+            );
+            for entry in store.list()? {
+                match entry {
+                    Ok(i) => println!(
+                        "{:<24} {:>10} {:>10} {:>10} {:>5.2}x  {:<16} {:<16} {}",
+                        i.name,
+                        human_size(i.raw_size),
+                        human_size(i.data_bytes),
+                        human_size(i.file_len),
+                        i.data_bytes as f64 / i.stored_bytes.max(1) as f64,
+                        age(i.created),
+                        short_hash(&i.image_hash),
+                        i.origin
+                    ),
+                    Err(e) => println!("(unreadable) {}", diskcast_agent::error_chain(&e)),
+                }
+            }
+            Ok(())
+        }
+        ImagesCommand::Show { name } => {
+            let (summary, image) = store.show(&name)?;
+            let m = &image.manifest;
+            let zstd = m
+                .chunks
+                .iter()
+                .filter(|c| matches!(c, diskcast_agent::imaging::manifest::ChunkKind::Zstd { .. }))
+                .count();
+            let zero = m
+                .chunks
+                .iter()
+                .filter(|c| **c == diskcast_agent::imaging::manifest::ChunkKind::Zero)
+                .count();
+            println!("image:          {name}");
+            println!("file:           {} ({} bytes)", image.path().display(), image.file_len);
+            println!("disk size:      {} ({} bytes)", human_size(m.image_size), m.image_size);
+            println!(
+                "chunks:         {} of {}: {} data ({} zstd, {} raw), {zero} zero",
+                m.chunk_count(),
+                human_size(u64::from(m.chunk_size)),
+                m.data_chunks().count(),
+                zstd,
+                m.data_chunks().count() - zstd
+            );
+            println!(
+                "data:           {} stored in {} ({:.2}x)",
+                human_size(summary.data_bytes),
+                human_size(summary.stored_bytes),
+                summary.data_bytes as f64 / summary.stored_bytes.max(1) as f64
+            );
+            println!("image hash:     {}", summary.image_hash.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            println!("created:        {} ({})", summary.created, age(summary.created));
+            println!("origin:         {}", image.metadata.origin);
+            println!("source machine: {}", image.metadata.source_machine);
+            println!("source disk:    {}", image.metadata.source_disk);
+            println!("compression:    {}", image.metadata.compression);
+            println!("written by:     {}", image.metadata.writer);
+            println!("signature:      {}", if m.signature.is_empty() { "none" } else { "present (not checked)" });
+            Ok(())
+        }
+        ImagesCommand::Verify { name } => {
+            let started = std::time::Instant::now();
+            let summary = store.verify(&name)?;
+            println!(
+                "{name}: ok, every chunk decompressed and matched its hash ({} in {:.1} s)",
+                human_size(summary.data_bytes),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        ImagesCommand::Delete { name } => {
+            store.delete(&name)?;
+            println!("deleted {name}");
+            Ok(())
+        }
+        ImagesCommand::Import { raw, name, level } => {
+            let summary = if raw.as_os_str() == "-" {
+                store.import(&name, &mut std::io::stdin().lock(), "stdin", level)?
+            } else {
+                let mut file = std::fs::File::open(&raw)
+                    .map_err(|e| format!("opening {}: {e}", raw.display()))?;
+                store.import(&name, &mut file, &raw.display().to_string(), level)?
+            };
+            println!(
+                "imported {name}: {} raw, {} of data stored in {} ({:.2}x)",
+                human_size(summary.raw_size),
+                human_size(summary.data_bytes),
+                human_size(summary.stored_bytes),
+                summary.data_bytes as f64 / summary.stored_bytes.max(1) as f64
+            );
+            Ok(())
+        }
+        ImagesCommand::Export { name, raw } => {
+            if raw.as_os_str() == "-" {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                store.export_to(&name, &mut out)?;
+            } else {
+                store.export(&name, &raw)?;
+                eprintln!("exported {name} to {}", raw.display());
+            }
+            Ok(())
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,6 +188,87 @@ enum Command {
         #[arg(long, default_value = "10.77.0.1")]
         server: Ipv4Addr,
     },
+    /// Manage the image store.
+    Images {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+    /// Multicast a stored image to slaves (one session), as a peer master would.
+    Deploy(DeployArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct StoreArgs {
+    /// The image store directory.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Or the server's config file (its `store_dir`, or STATE_DIR/images).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> Result<Store, Box<dyn std::error::Error>> {
+        let dir = match (&self.store, &self.config) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(config)) => Config::load(config)?.store_dir(),
+            (None, None) => return Err("give --store DIR or --config FILE".into()),
+        };
+        Ok(Store::open(&dir)?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCommand {
+    /// One line per image: name, sizes, compression, age, hash.
+    List,
+    /// Everything known about one image.
+    Show { name: String },
+    /// Decompress and hash every chunk of an image.
+    Verify { name: String },
+    /// Remove an image.
+    Delete { name: String },
+    /// Store a raw disk image (a file, a device, or `-` for stdin).
+    Import {
+        raw: PathBuf,
+        name: String,
+        /// zstd level (1 fastest ... 19 smallest).
+        #[arg(long, default_value_t = diskcast_agent::imaging::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+    },
+    /// Write an image as a raw disk image (a file, a device, or `-` for stdout).
+    Export { name: String, raw: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+struct DeployArgs {
+    /// The stored image.
+    image: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Interface facing the slaves.
+    #[arg(long, short)]
+    interface: String,
+    /// Multicast group and port (what the slaves were told).
+    #[arg(long, default_value_t = diskcast_agent::imaging::net::DEFAULT_GROUP)]
+    group: Ipv4Addr,
+    #[arg(long, default_value_t = diskcast_agent::imaging::net::DEFAULT_PORT)]
+    port: u16,
+    /// Start once this many slaves joined...
+    #[arg(long, default_value_t = 1)]
+    min_receivers: u32,
+    /// ...or this many seconds after starting, with whoever joined.
+    #[arg(long)]
+    start_timeout: Option<u64>,
+    /// Drop slaves not done this many seconds after the data started (default: wait for all).
+    #[arg(long)]
+    deadline: Option<u64>,
+    /// MB/s at most.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, diskcast_bootserver::config::ConfigError> {
@@ -118,6 +330,28 @@ fn main() -> ExitCode {
             };
             print!("{}", script.render());
             Ok(())
+        }
+        Command::Images { store, command } => images(&store.open()?, command),
+        Command::Deploy(args) => {
+            let store = args.store.open()?;
+            let opts = SendOptions {
+                source: store.dir().join(&args.image),
+                interface: Some(args.interface),
+                group: args.group,
+                port: args.port,
+                min_receivers: args.min_receivers,
+                start_timeout: args.start_timeout.map(Duration::from_secs),
+                deadline: args.deadline.map(Duration::from_secs),
+                max_rate: (args.rate * 1e6) as u64,
+                ..SendOptions::default()
+            };
+            let summary = deploy_once(&store, &args.image, &opts, |lines| {
+                for line in lines {
+                    eprintln!("{line}");
+                }
+            })?;
+            print!("{}", summary.render());
+            Ok(summary.result()?)
         }
     })();
     match result {

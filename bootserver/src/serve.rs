@@ -1,6 +1,10 @@
 //! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
 
-use crate::config::{canonical_mac, Config, DhcpMode};
+use crate::config::{canonical_mac, Config, ConfigError, DhcpMode};
+use crate::store::{Store, StoreError};
+use diskcast_agent::imaging::session::SendOptions;
+use diskcast_agent::inventory::human_size;
+use std::time::Duration;
 use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
 use crate::http::{self, Response, Routes};
 use crate::ipxe::{BootScript, INITRD_NAME};
@@ -30,6 +34,10 @@ pub enum ServeError {
         #[source]
         source: nix::Error,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("creating state directory {path}")]
     StateDir {
         path: PathBuf,
@@ -142,6 +150,7 @@ struct BootRoutes {
     config: Config,
     server_ip: Ipv4Addr,
     dhcp: Arc<Mutex<DhcpServer>>,
+    store: Store,
 }
 
 impl BootRoutes {
@@ -191,6 +200,82 @@ impl BootRoutes {
 }
 
 impl Routes for BootRoutes {
+    fn upload_check(&self, path: &str) -> Option<Response> {
+        let name = path.strip_prefix("/images/")?;
+        let status = |code, reason, body: String| Response::Status { code, reason, body };
+        match self.store.open_image(name) {
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e @ StoreError::Name(_)) => Some(status(400, "Bad Request", format!("{e}\n"))),
+            Ok(_) | Err(_) => Some(status(
+                409,
+                "Conflict",
+                format!(
+                    "{}\n",
+                    StoreError::Exists {
+                        name: name.into(),
+                        dir: self.store.dir().into()
+                    }
+                ),
+            )),
+        }
+    }
+
+    /// `PUT /images/NAME`: a capture. The image is listed only once complete and verified.
+    fn upload(&self, path: &str, client: IpAddr, body: &mut dyn std::io::Read) -> Response {
+        let status = |code, reason, body: String| Response::Status { code, reason, body };
+        let Some(name) = path.strip_prefix("/images/") else {
+            return status(404, "Not Found", "uploads go to /images/NAME\n".into());
+        };
+        let mut incoming = match self.store.incoming(name) {
+            Ok(incoming) => incoming,
+            Err(e @ StoreError::Exists { .. }) => return status(409, "Conflict", format!("{e}\n")),
+            Err(e @ StoreError::Name(_)) => return status(400, "Bad Request", format!("{e}\n")),
+            Err(e) => {
+                return status(
+                    500,
+                    "Internal Server Error",
+                    format!("{}\n", diskcast_agent::error_chain(&e)),
+                )
+            }
+        };
+        log::info!("store: receiving image {name:?} from {client}");
+        let started = std::time::Instant::now();
+        if let Err(e) = std::io::copy(body, &mut incoming.file) {
+            log::warn!("store: upload of {name:?} from {client} broke off: {e}; nothing stored");
+            return status(
+                400,
+                "Bad Request",
+                format!("the upload broke off ({e}); nothing was stored\n"),
+            );
+        }
+        match incoming.commit() {
+            Ok(summary) => {
+                let text = format!(
+                    "stored image {name}: {} raw, {} of data in {} ({:.2}x), hash {}, in {:.1} s",
+                    human_size(summary.raw_size),
+                    human_size(summary.data_bytes),
+                    human_size(summary.stored_bytes),
+                    summary.data_bytes as f64 / summary.stored_bytes.max(1) as f64,
+                    short_hash(&summary.image_hash),
+                    started.elapsed().as_secs_f64()
+                );
+                log::info!("store: {text}");
+                status(201, "Created", format!("{text}\n"))
+            }
+            Err(e @ StoreError::Exists { .. }) => status(409, "Conflict", format!("{e}\n")),
+            Err(e @ StoreError::Rejected(_)) => status(
+                400,
+                "Bad Request",
+                format!("{}\n", diskcast_agent::error_chain(&e)),
+            ),
+            Err(e) => status(
+                500,
+                "Internal Server Error",
+                format!("{}\n", diskcast_agent::error_chain(&e)),
+            ),
+        }
+    }
+
     fn route(&self, path: &str, _client: IpAddr) -> Response {
         match path {
             "/boot/vmlinuz" => Response::File(self.config.boot.kernel.clone()),
@@ -334,10 +419,37 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         config.interface,
         config.boot.tftp_root.display()
     );
+    let store = Store::open(&config.store_dir())?;
+    for stale in store.clean_partials() {
+        log::info!("store: removed {} (an upload that never finished)", stale.display());
+    }
+    if let Some(deploy) = &config.deploy {
+        let slaves = config
+            .agent_config_for(None, Some(server_ip))
+            .map_err(ConfigError::Invalid)?;
+        let opts = SendOptions {
+            source: store.dir().join(&deploy.image),
+            interface: Some(config.interface.clone()),
+            group: slaves.group,
+            port: slaves.port,
+            min_receivers: deploy.min_receivers,
+            start_timeout: deploy.start_timeout.map(|s| Duration::from_secs(s.into())),
+            max_rate: deploy.rate.map_or(1_000_000_000, |r| u64::from(r) * 1_000_000),
+            ..SendOptions::default()
+        };
+        let (store, name) = (store.clone(), deploy.image.clone());
+        log::info!("deploy: serving image {name:?} to slaves on {}:{}", opts.group, opts.port);
+        threads.push(
+            std::thread::Builder::new()
+                .name("deploy".into())
+                .spawn(move || crate::deploy::deploy_forever(store, name, opts)),
+        );
+    }
     let routes: Arc<dyn Routes> = Arc::new(BootRoutes {
         config,
         server_ip,
         dhcp,
+        store,
     });
     threads.push(
         std::thread::Builder::new()
@@ -355,4 +467,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         let _ = thread.join();
     }
     Ok(())
+}
+
+/// The first 16 hex digits of an image hash, as `images list` shows them.
+pub fn short_hash(hash: &[u8; 32]) -> String {
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
 }

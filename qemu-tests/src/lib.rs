@@ -33,7 +33,7 @@ pub fn lab_dir() -> PathBuf {
     project_root().join("target/lab")
 }
 
-fn lab_file(name: &str) -> PathBuf {
+pub fn lab_file(name: &str) -> PathBuf {
     let path = lab_dir().join(name);
     assert!(
         path.exists(),
@@ -443,6 +443,10 @@ impl Lab {
             .wait_for("bootserver ready", Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("bootserver did not start: {e}\n{}", console.text()));
         n
+    }
+
+    pub fn bootservers_console(&self, n: usize) -> Console {
+        self.bootservers[n].console.clone()
     }
 
     pub fn bootserver_log(&self, n: usize) -> String {

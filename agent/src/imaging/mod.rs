@@ -6,8 +6,10 @@
 //! image re-read and checked after the final flush; every receiver ends done or failed, loudly.
 
 pub mod bits;
+pub mod capture;
 pub mod codec;
 pub mod disk;
+pub mod image_file;
 pub mod manifest;
 pub mod net;
 pub mod receiver;

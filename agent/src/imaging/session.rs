@@ -134,7 +134,7 @@ fn state_name(state: ReceiverState) -> &'static str {
 /// Reads the source, then multicasts it until every receiver is done or failed.
 pub fn run_send(
     opts: &SendOptions,
-    mut progress: impl FnMut(&Sender),
+    progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, SessionError> {
     if !super::manifest::valid_chunk_size(opts.chunk_size) || opts.chunk_size < 64 << 10 {
         return Err(SessionError::ChunkSize(opts.chunk_size));
@@ -148,7 +148,8 @@ pub fn run_send(
             path: opts.source.clone(),
         });
     }
-    let (interface, address) = net::interface_ipv4(opts.interface.as_deref())?;
+    // A wrong interface should fail now, not after reading a whole disk.
+    net::interface_ipv4(opts.interface.as_deref())?;
     log::info!(
         "reading {} ({}) to list its chunks",
         opts.source.display(),
@@ -169,6 +170,21 @@ pub fn run_send(
             .count(),
         scan_started.elapsed().as_secs_f64()
     );
+    multicast(opts, manifest, &mut source, progress)
+}
+
+/// Multicasts an image described by `manifest` whose chunks `source` serves (raw from a disk,
+/// or stored, possibly compressed, from an image file) until every receiver is done or failed.
+pub fn multicast(
+    opts: &SendOptions,
+    manifest: super::manifest::Manifest,
+    source: &mut dyn super::sender::ChunkSource,
+    mut progress: impl FnMut(&Sender),
+) -> Result<SendSummary, SessionError> {
+    if !opts.group.is_multicast() {
+        return Err(NetError::NotMulticast(opts.group).into());
+    }
+    let (interface, address) = net::interface_ipv4(opts.interface.as_deref())?;
     let socket = net::sender_socket(&interface, address, opts.ttl)?;
     socket.set_nonblocking(true)?;
     let group = SocketAddrV4::new(opts.group, opts.port);
@@ -196,7 +212,7 @@ pub fn run_send(
     loop {
         let mut now = Instant::now();
         let mut sent = 0u32;
-        while let Some(datagram) = sender.poll_transmit(now, &mut source) {
+        while let Some(datagram) = sender.poll_transmit(now, source) {
             batch.push(&socket, &datagram)?;
             sent += 1;
             if sent.is_multiple_of(64) {

@@ -1,0 +1,300 @@
+//! Capture: read a disk, compress its data chunks, and stream them as an image file to the
+//! bootserver's store (`PUT /images/NAME` over HTTP/1.1 with chunked transfer coding, since the
+//! compressed size is known only at the end). The server checks the whole file before the image
+//! appears in its store, and answers with what it stored.
+
+use super::codec::{self, Encoded};
+use super::disk::{DiskError, Source};
+use super::image_file::{valid_image_name, ImageWriter, Metadata, IMAGE_NAME_RULE};
+use super::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
+use super::sender::ChunkSource;
+use crate::inventory::human_size;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("image name {0:?} is invalid: use {IMAGE_NAME_RULE}")]
+    Name(String),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("the source {0} is empty")]
+    Empty(PathBuf),
+    #[error("connecting to the image store at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {path} at offset {offset}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("uploading to {addr} (the server closed the connection or the network failed)")]
+    Upload {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a compression thread crashed; nothing was stored")]
+    Compressor,
+    #[error("the image store at {addr} refused the image: {status} {message}")]
+    Refused {
+        addr: SocketAddr,
+        status: u16,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    pub source: PathBuf,
+    pub server: SocketAddr,
+    pub name: String,
+    pub level: i32,
+    pub chunk_size: u32,
+    /// Describes the machine and disk in the image's metadata.
+    pub source_machine: String,
+    pub source_disk: String,
+}
+
+impl CaptureOptions {
+    pub fn new(source: PathBuf, server: SocketAddr, name: String) -> Self {
+        Self {
+            source,
+            server,
+            name,
+            level: codec::DEFAULT_LEVEL,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            source_machine: String::new(),
+            source_disk: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureSummary {
+    pub manifest: Manifest,
+    pub uploaded: u64,
+    pub elapsed: Duration,
+    /// The server's answer, one line.
+    pub server_says: String,
+}
+
+/// Writes HTTP/1.1 chunked transfer coding: each `write` is one chunk (put a `BufWriter` in
+/// front so chunks are large).
+#[derive(Debug)]
+struct ChunkedWriter<W: Write> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Write for ChunkedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        write!(self.inner, "{:x}\r\n", buf.len())?;
+        self.inner.write_all(buf)?;
+        self.inner.write_all(b"\r\n")?;
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Compresses on every core: the guest CPU, not the network, bounds a capture.
+fn encode_batch(raw: &[Vec<u8>], level: i32) -> Option<Vec<Encoded<'_>>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = raw
+            .iter()
+            .map(|chunk| scope.spawn(move || codec::encode(chunk, level)))
+            .collect();
+        handles.into_iter().map(|h| h.join().ok()).collect()
+    })
+}
+
+/// Reads `opts.source` and uploads it; `progress` gets (bytes read, bytes uploaded).
+pub fn run_capture(
+    opts: &CaptureOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<CaptureSummary, CaptureError> {
+    if !valid_image_name(&opts.name) {
+        return Err(CaptureError::Name(opts.name.clone()));
+    }
+    let mut source = Source::open(&opts.source, opts.chunk_size)?;
+    if source.size == 0 {
+        return Err(CaptureError::Empty(opts.source.clone()));
+    }
+    let addr = opts.server;
+    let upload_err = |source| CaptureError::Upload { addr, source };
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|source| CaptureError::Connect { addr, source })?;
+    stream.set_nodelay(true).ok();
+    log::info!(
+        "capturing {} ({}) to {addr} as image {:?}",
+        opts.source.display(),
+        human_size(source.size),
+        opts.name
+    );
+    let started = Instant::now();
+    let mut head = BufWriter::new(stream.try_clone().map_err(upload_err)?);
+    write!(
+        head,
+        "PUT /images/{} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: diskcast-agent/{}\r\n\
+         Content-Type: application/x-diskcast-image\r\nTransfer-Encoding: chunked\r\n\
+         Expect: 100-continue\r\n\r\n",
+        opts.name,
+        env!("CARGO_PKG_VERSION")
+    )
+    .and_then(|()| head.flush())
+    .map_err(upload_err)?;
+    drop(head);
+    // The store says now whether it takes the image (name free, store writable), before a whole
+    // disk is read for nothing.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(upload_err)?;
+    let mut response = BufReader::new(stream.try_clone().map_err(upload_err)?);
+    let (status, message) = read_response(&mut response).map_err(upload_err)?;
+    if status != 100 {
+        return Err(CaptureError::Refused {
+            addr,
+            status,
+            message,
+        });
+    }
+    let chunked = ChunkedWriter {
+        inner: stream.try_clone().map_err(upload_err)?,
+        written: 0,
+    };
+    let mut writer = ImageWriter::new(BufWriter::with_capacity(1 << 20, chunked), opts.chunk_size);
+    let count = super::manifest::chunk_count(source.size, opts.chunk_size) as u32;
+    let batch = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let mut index = 0u32;
+    let mut uploaded = 0u64;
+    while index < count {
+        let end = (index + batch as u32).min(count);
+        let mut raw = Vec::with_capacity(batch);
+        for i in index..end {
+            let offset = u64::from(i) * u64::from(opts.chunk_size);
+            let bytes = source.chunk(i).map_err(|e| CaptureError::Read {
+                path: opts.source.clone(),
+                offset,
+                source: e,
+            })?;
+            raw.push(bytes.to_vec());
+        }
+        let encoded = encode_batch(&raw, opts.level).ok_or(CaptureError::Compressor)?;
+        for (encoded, bytes) in encoded.iter().zip(&raw) {
+            if encoded.kind.is_data() {
+                uploaded += encoded.stored.len() as u64;
+            }
+            writer.push(encoded, bytes.len()).map_err(upload_err)?;
+        }
+        index = end;
+        progress(
+            (u64::from(index) * u64::from(opts.chunk_size)).min(source.size),
+            uploaded,
+        );
+    }
+    let mut meta = Metadata::now("capture", opts.level);
+    meta.source_machine = opts.source_machine.clone();
+    meta.source_disk = opts.source_disk.clone();
+    let (manifest, buffered) = writer.finish(&meta).map_err(upload_err)?;
+    let mut chunked = buffered
+        .into_inner()
+        .map_err(|e| upload_err(e.into_error()))?;
+    chunked
+        .inner
+        .write_all(b"0\r\n\r\n")
+        .and_then(|()| chunked.inner.flush())
+        .map_err(upload_err)?;
+    log::info!(
+        "uploaded {} for {} of data; waiting for the store to check it",
+        human_size(chunked.written),
+        human_size(manifest.data_bytes())
+    );
+    // The server re-reads and checks everything before answering.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(600)))
+        .map_err(upload_err)?;
+    let (status, message) = read_response(&mut response).map_err(upload_err)?;
+    if status != 201 {
+        return Err(CaptureError::Refused {
+            addr,
+            status,
+            message,
+        });
+    }
+    Ok(CaptureSummary {
+        manifest,
+        uploaded: chunked.written,
+        elapsed: started.elapsed(),
+        server_says: message,
+    })
+}
+
+/// Status code and body (trimmed) of an HTTP response; a `100 Continue` has no body.
+fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<(u16, String)> {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not an HTTP response: {:?}", status_line.trim()),
+            )
+        })?;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<u64>().ok();
+            }
+        }
+    }
+    if status == 100 {
+        return Ok((status, String::new()));
+    }
+    let mut body = String::new();
+    reader
+        .take(length.unwrap_or(64 << 10).min(64 << 10))
+        .read_to_string(&mut body)?;
+    Ok((status, body.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_writer_frames_each_write() {
+        let mut out = ChunkedWriter {
+            inner: Vec::new(),
+            written: 0,
+        };
+        out.write_all(b"hello, world").unwrap();
+        out.write_all(&[b'x'; 17]).unwrap();
+        assert_eq!(
+            out.inner,
+            [&b"c\r\nhello, world\r\n11\r\n"[..], &[b'x'; 17], b"\r\n"].concat()
+        );
+        assert_eq!(out.written, 29);
+    }
+}

@@ -1,0 +1,594 @@
+//! The image file: how the image store keeps a disk image, and what a capture uploads.
+//!
+//! Version 1 layout, written front to back so a capture can stream it without knowing its
+//! compressed size in advance:
+//!
+//! ```text
+//!  +----------------------------+---------------+-------------------+--------------------+
+//!  | stored chunks              | manifest      | metadata          | footer (68 bytes)  |
+//!  | (data chunks in order,     | (DCMF, with   | (UTF-8 lines      |                    |
+//!  |  zstd frame or raw bytes)  |  stored lens) |  `key = value`)   |                    |
+//!  +----------------------------+---------------+-------------------+--------------------+
+//!
+//!  footer: magic "DCIMAGE\0" | version u16 = 1 | flags u16 = 0 | data_len u64 | manifest_len u32
+//!          | metadata_len u32 | image_hash [32] | crc32 of manifest + metadata u32
+//!          | crc32 of the footer's first 64 bytes u32           (integers big-endian)
+//! ```
+//!
+//! Chunk `i`'s stored bytes start at the sum of the stored lengths of the data chunks before it,
+//! so a deploy reads each compressed frame with one positioned read and sends it unchanged. Every
+//! byte is covered by a check: chunks by their BLAKE3 hash (after decompression), the manifest by
+//! the image hash in the footer, manifest and metadata by a CRC, the footer by its own CRC.
+
+use super::codec::{self, CodecError, Encoded};
+use super::manifest::{ChunkKind, Manifest, ManifestError};
+use super::sender::ChunkSource;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const FOOTER_MAGIC: &[u8; 8] = b"DCIMAGE\0";
+pub const FILE_VERSION: u16 = 1;
+pub const FOOTER_LEN: usize = 68;
+/// The store's file name extension.
+pub const EXTENSION: &str = "dcimg";
+/// Metadata larger than this is refused (it is a handful of short lines).
+const MAX_METADATA: u32 = 64 << 10;
+/// A manifest this large describes a 256 TiB disk at 1 MiB chunks; anything larger is damage.
+const MAX_MANIFEST: u32 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageFileError {
+    #[error("{path}: {op}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a diskcast image file ({why})")]
+    NotAnImage { path: PathBuf, why: String },
+    #[error("{path}: image file version {version} is not supported (this build reads version {FILE_VERSION})")]
+    Version { path: PathBuf, version: u16 },
+    #[error("{path}: {what} is damaged ({why})")]
+    Damaged {
+        path: PathBuf,
+        what: &'static str,
+        why: String,
+    },
+    #[error("{path}: bad manifest")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("{path}: chunk at image offset {offset} (stored at file offset {file_offset})")]
+    Chunk {
+        path: PathBuf,
+        offset: u64,
+        file_offset: u64,
+        #[source]
+        source: CodecError,
+    },
+}
+
+/// Who made an image, when, from what. Plain `key = value` lines so an admin can read them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Where the image came from: `capture`, `import`.
+    pub origin: String,
+    /// The source machine (host name, MAC) and disk (model, serial, device), as known.
+    pub source_machine: String,
+    pub source_disk: String,
+    /// `zstd-3` and the like; `none` when no chunk is compressed.
+    pub compression: String,
+    /// The tool that wrote the file.
+    pub writer: String,
+}
+
+impl Metadata {
+    pub fn render(&self) -> String {
+        let clean = |s: &str| s.replace(['\n', '\r'], " ");
+        format!(
+            "created = {}\norigin = {}\nsource_machine = {}\nsource_disk = {}\ncompression = {}\nwriter = {}\n",
+            self.created,
+            clean(&self.origin),
+            clean(&self.source_machine),
+            clean(&self.source_disk),
+            clean(&self.compression),
+            clean(&self.writer)
+        )
+    }
+
+    /// Unknown keys are ignored, so later versions may add some.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut meta = Metadata::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (key, value) = line
+                .split_once(" = ")
+                .ok_or_else(|| format!("line {line:?} is not `key = value`"))?;
+            match key {
+                "created" => {
+                    meta.created = value
+                        .parse()
+                        .map_err(|_| format!("created = {value:?} is not a number"))?
+                }
+                "origin" => meta.origin = value.into(),
+                "source_machine" => meta.source_machine = value.into(),
+                "source_disk" => meta.source_disk = value.into(),
+                "compression" => meta.compression = value.into(),
+                "writer" => meta.writer = value.into(),
+                _ => {}
+            }
+        }
+        Ok(meta)
+    }
+
+    pub fn now(origin: &str, level: i32) -> Self {
+        Metadata {
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            origin: origin.into(),
+            compression: format!("zstd-{level}"),
+            writer: format!("diskcast {}", env!("CARGO_PKG_VERSION")),
+            ..Metadata::default()
+        }
+    }
+}
+
+/// Writes an image file front to back (to a file, or a network stream).
+#[derive(Debug)]
+pub struct ImageWriter<W: Write> {
+    out: W,
+    image_size: u64,
+    chunk_size: u32,
+    chunks: Vec<ChunkKind>,
+    data_len: u64,
+}
+
+impl<W: Write> ImageWriter<W> {
+    pub fn new(out: W, chunk_size: u32) -> Self {
+        Self {
+            out,
+            image_size: 0,
+            chunk_size,
+            chunks: Vec::new(),
+            data_len: 0,
+        }
+    }
+
+    /// Appends the next chunk of the image (`raw_len` bytes of the disk).
+    pub fn push(&mut self, encoded: &Encoded<'_>, raw_len: usize) -> io::Result<()> {
+        if encoded.kind.is_data() {
+            self.out.write_all(&encoded.stored)?;
+            self.data_len += encoded.stored.len() as u64;
+        }
+        self.chunks.push(encoded.kind);
+        self.image_size += raw_len as u64;
+        Ok(())
+    }
+
+    /// Reads `reader` to its end in chunks, compressing each; returns the bytes read.
+    pub fn push_all(
+        &mut self,
+        reader: &mut (impl Read + ?Sized),
+        level: i32,
+        mut progress: impl FnMut(u64),
+    ) -> io::Result<u64> {
+        let mut buf = vec![0u8; self.chunk_size as usize];
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if filled == 0 {
+                return Ok(self.image_size);
+            }
+            let encoded = codec::encode(&buf[..filled], level);
+            self.push(&encoded, filled)?;
+            progress(self.image_size);
+            if filled < buf.len() {
+                return Ok(self.image_size);
+            }
+        }
+    }
+
+    /// Writes manifest, metadata and footer; returns the manifest and the output.
+    pub fn finish(mut self, meta: &Metadata) -> io::Result<(Manifest, W)> {
+        let manifest = Manifest {
+            image_size: self.image_size,
+            chunk_size: self.chunk_size,
+            chunks: std::mem::take(&mut self.chunks),
+            signature: Vec::new(),
+        };
+        let manifest_bytes = manifest.encode();
+        let meta_bytes = meta.render().into_bytes();
+        let mut body_crc = crc32fast::Hasher::new();
+        body_crc.update(&manifest_bytes);
+        body_crc.update(&meta_bytes);
+        let mut footer = Vec::with_capacity(FOOTER_LEN);
+        footer.extend_from_slice(FOOTER_MAGIC);
+        footer.extend_from_slice(&FILE_VERSION.to_be_bytes());
+        footer.extend_from_slice(&0u16.to_be_bytes());
+        footer.extend_from_slice(&self.data_len.to_be_bytes());
+        footer.extend_from_slice(&(manifest_bytes.len() as u32).to_be_bytes());
+        footer.extend_from_slice(&(meta_bytes.len() as u32).to_be_bytes());
+        footer.extend_from_slice(&manifest.image_hash());
+        footer.extend_from_slice(&body_crc.finalize().to_be_bytes());
+        let footer_crc = crc32fast::hash(&footer);
+        footer.extend_from_slice(&footer_crc.to_be_bytes());
+        self.out.write_all(&manifest_bytes)?;
+        self.out.write_all(&meta_bytes)?;
+        self.out.write_all(&footer)?;
+        self.out.flush()?;
+        Ok((manifest, self.out))
+    }
+}
+
+/// An image file opened for reading: manifest, metadata and where each chunk is stored.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: PathBuf,
+    file: File,
+    pub manifest: Manifest,
+    pub metadata: Metadata,
+    /// File offset of each chunk's stored bytes (meaningful for data chunks).
+    offsets: Vec<u64>,
+    pub file_len: u64,
+    cached: Option<(u32, Vec<u8>)>,
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+impl ImageFile {
+    /// Opens and checks the structure (footer, manifest, metadata); chunks are checked by
+    /// [`ImageFile::verify`].
+    pub fn open(path: &Path) -> Result<Self, ImageFileError> {
+        let io_err = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| ImageFileError::Io { path, op, source }
+        };
+        let damaged = |what: &'static str, why: String| ImageFileError::Damaged {
+            path: path.to_path_buf(),
+            what,
+            why,
+        };
+        let file = File::open(path).map_err(io_err("opening"))?;
+        let file_len = file.metadata().map_err(io_err("reading metadata"))?.len();
+        if file_len < FOOTER_LEN as u64 {
+            return Err(ImageFileError::NotAnImage {
+                path: path.into(),
+                why: format!("{file_len} bytes, shorter than a footer"),
+            });
+        }
+        let mut footer = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut footer, file_len - FOOTER_LEN as u64)
+            .map_err(io_err("reading the footer"))?;
+        if &footer[..8] != FOOTER_MAGIC {
+            return Err(ImageFileError::NotAnImage {
+                path: path.into(),
+                why: "no DCIMAGE footer at the end".into(),
+            });
+        }
+        if crc32fast::hash(&footer[..64]) != be_u32(&footer[64..]) {
+            return Err(damaged("the footer", "CRC mismatch".into()));
+        }
+        let version = be_u16(&footer[8..]);
+        if version != FILE_VERSION {
+            return Err(ImageFileError::Version {
+                path: path.into(),
+                version,
+            });
+        }
+        let data_len = be_u64(&footer[12..]);
+        let manifest_len = be_u32(&footer[20..]);
+        let meta_len = be_u32(&footer[24..]);
+        let mut image_hash = [0u8; 32];
+        image_hash.copy_from_slice(&footer[28..60]);
+        let body_crc = be_u32(&footer[60..]);
+        let expected_len = data_len
+            .checked_add(u64::from(manifest_len) + u64::from(meta_len) + FOOTER_LEN as u64)
+            .filter(|_| manifest_len <= MAX_MANIFEST && meta_len <= MAX_METADATA);
+        if expected_len != Some(file_len) {
+            return Err(damaged(
+                "the file",
+                format!(
+                    "{file_len} bytes, the footer describes {data_len} + {manifest_len} + {meta_len} + {FOOTER_LEN} (truncated or appended to?)"
+                ),
+            ));
+        }
+        let mut body = vec![0u8; manifest_len as usize + meta_len as usize];
+        file.read_exact_at(&mut body, data_len)
+            .map_err(io_err("reading the manifest"))?;
+        if crc32fast::hash(&body) != body_crc {
+            return Err(damaged("manifest or metadata", "CRC mismatch".into()));
+        }
+        let (manifest_bytes, meta_bytes) = body.split_at(manifest_len as usize);
+        let manifest =
+            Manifest::decode(manifest_bytes).map_err(|source| ImageFileError::Manifest {
+                path: path.into(),
+                source,
+            })?;
+        if manifest.image_hash() != image_hash {
+            return Err(damaged(
+                "the manifest",
+                "its hash differs from the footer's".into(),
+            ));
+        }
+        if manifest.stored_bytes() != data_len {
+            return Err(damaged(
+                "the manifest",
+                format!(
+                    "it lists {} stored bytes, the file holds {data_len}",
+                    manifest.stored_bytes()
+                ),
+            ));
+        }
+        let metadata = std::str::from_utf8(meta_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(Metadata::parse)
+            .map_err(|why| damaged("the metadata", why))?;
+        let mut offsets = Vec::with_capacity(manifest.chunks.len());
+        let mut at = 0u64;
+        for index in 0..manifest.chunk_count() {
+            offsets.push(at);
+            if manifest.chunks[index as usize].is_data() {
+                at += manifest.wire_len(index) as u64;
+            }
+        }
+        Ok(Self {
+            path: path.into(),
+            file,
+            manifest,
+            metadata,
+            offsets,
+            file_len,
+            cached: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored bytes of data chunk `index` (a zstd frame or raw bytes), as they travel.
+    pub fn stored_chunk(&self, index: u32) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.manifest.wire_len(index)];
+        self.file
+            .read_exact_at(&mut buf, self.offsets[index as usize])?;
+        Ok(buf)
+    }
+
+    /// The raw bytes of data chunk `index`, checked against its hash.
+    pub fn raw_chunk(&self, index: u32) -> Result<Vec<u8>, ImageFileError> {
+        let file_offset = self.offsets[index as usize];
+        let stored = self
+            .stored_chunk(index)
+            .map_err(|source| ImageFileError::Io {
+                path: self.path.clone(),
+                op: "reading a chunk",
+                source,
+            })?;
+        let (offset, raw_len) = self.manifest.chunk_range(index);
+        codec::decode(
+            index,
+            &self.manifest.chunks[index as usize],
+            &stored,
+            raw_len,
+        )
+        .map(|raw| raw.into_owned())
+        .map_err(|source| ImageFileError::Chunk {
+            path: self.path.clone(),
+            offset,
+            file_offset,
+            source,
+        })
+    }
+
+    /// Decompresses and hashes every chunk; the first bad one is the error.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<(), ImageFileError> {
+        for index in self.manifest.data_chunks() {
+            self.raw_chunk(index)?;
+            progress(self.offsets[index as usize]);
+        }
+        Ok(())
+    }
+
+    /// Writes the raw disk image to `out`, zero chunks as zeros.
+    pub fn export(&self, out: &mut dyn Write) -> Result<(), ImageFileError> {
+        let zeros = vec![0u8; self.manifest.chunk_size as usize];
+        let write_err = |source| ImageFileError::Io {
+            path: self.path.clone(),
+            op: "writing the exported image",
+            source,
+        };
+        for index in 0..self.manifest.chunk_count() {
+            let (_, len) = self.manifest.chunk_range(index);
+            if self.manifest.chunks[index as usize].is_data() {
+                out.write_all(&self.raw_chunk(index)?).map_err(write_err)?;
+            } else {
+                out.write_all(&zeros[..len]).map_err(write_err)?;
+            }
+        }
+        out.flush().map_err(write_err)
+    }
+}
+
+impl ChunkSource for ImageFile {
+    /// The stored bytes: compressed chunks travel compressed.
+    fn chunk(&mut self, index: u32) -> io::Result<&[u8]> {
+        // The sender asks for one block at a time: keep the chunk it is on.
+        if self.cached.as_ref().is_none_or(|(i, _)| *i != index) {
+            let bytes = self.stored_chunk(index)?;
+            self.cached = Some((index, bytes));
+        }
+        Ok(self.cached.as_ref().map_or(&[][..], |(_, b)| &b[..]))
+    }
+}
+
+/// Image names: what the store, the config and the kernel command line accept.
+pub fn valid_image_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+pub const IMAGE_NAME_RULE: &str =
+    "1 to 64 characters of letters, digits, `.`, `_` and `-`, starting with a letter or digit";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk_like(size: usize) -> Vec<u8> {
+        let mut image = vec![0u8; size];
+        let mut state = 99u64;
+        for (i, block) in image.chunks_mut(4096).enumerate() {
+            match i % 5 {
+                0 | 1 => {}
+                2 => block
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = b"/usr/lib/x86_64 "[j % 16]),
+                _ => block.iter_mut().for_each(|b| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    *b = (state >> 33) as u8
+                }),
+            }
+        }
+        image
+    }
+
+    fn write_image(dir: &Path, raw: &[u8], chunk_size: u32) -> PathBuf {
+        let path = dir.join("test.dcimg");
+        let mut writer = ImageWriter::new(File::create(&path).unwrap(), chunk_size);
+        writer.push_all(&mut &raw[..], 3, |_| {}).unwrap();
+        writer.finish(&Metadata::now("test", 3)).unwrap();
+        path
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "diskcast-image-file-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn write_open_export_round_trips_and_compresses() {
+        let dir = temp_dir("round-trip");
+        for size in [64 * 1024 * 5 + 777, 64 * 1024 * 3, 10] {
+            let raw = disk_like(size);
+            let path = write_image(&dir, &raw, 64 * 1024);
+            let image = ImageFile::open(&path).unwrap();
+            assert_eq!(image.manifest.image_size, raw.len() as u64);
+            image.verify(|_| {}).unwrap();
+            let mut out = Vec::new();
+            image.export(&mut out).unwrap();
+            assert!(out == raw, "export of {size} bytes differs");
+            if size > 100_000 {
+                assert!(image.file_len < raw.len() as u64 * 7 / 10);
+            }
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected_by_open_or_verify() {
+        let dir = temp_dir("flip");
+        let raw = disk_like(4 * 16 * 1024 + 100);
+        let path = write_image(&dir, &raw, 16 * 1024);
+        let good = std::fs::read(&path).unwrap();
+        let damaged_path = dir.join("damaged.dcimg");
+        let mut undetected = Vec::new();
+        for at in 0..good.len() {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x04;
+            std::fs::write(&damaged_path, &bytes).unwrap();
+            let outcome = ImageFile::open(&damaged_path).and_then(|image| {
+                image.verify(|_| {})?;
+                let mut out = Vec::new();
+                image.export(&mut out)?;
+                Ok(out)
+            });
+            // A flip in a bit that zstd ignores still exports the right bytes: harmless. What
+            // must never happen is a damaged file that verifies and exports wrong bytes.
+            if let Ok(out) = outcome {
+                assert!(out == raw, "flip at byte {at} exported wrong bytes");
+                undetected.push(at);
+            }
+        }
+        assert!(
+            undetected.len() < 8,
+            "flips at {undetected:?} went unnoticed"
+        );
+        // Truncation and appended bytes are caught too.
+        std::fs::write(&damaged_path, &good[..good.len() - 1]).unwrap();
+        assert!(ImageFile::open(&damaged_path).is_err());
+        let mut longer = good.clone();
+        longer.push(0);
+        std::fs::write(&damaged_path, &longer).unwrap();
+        assert!(ImageFile::open(&damaged_path).is_err());
+        std::fs::write(&damaged_path, b"hello").unwrap();
+        assert!(matches!(
+            ImageFile::open(&damaged_path),
+            Err(ImageFileError::NotAnImage { .. })
+        ));
+    }
+
+    #[test]
+    fn metadata_round_trips_and_ignores_unknown_keys() {
+        let meta = Metadata {
+            created: 1_790_000_000,
+            origin: "capture".into(),
+            source_machine: "lab-12 52:54:00:12:34:56".into(),
+            source_disk: "vda QEMU HARDDISK serial REF-1\nx".into(),
+            compression: "zstd-3".into(),
+            writer: "diskcast 0.1.0".into(),
+        };
+        let text = meta.render();
+        let parsed = Metadata::parse(&format!("{text}future_key = 1\n")).unwrap();
+        assert_eq!(parsed.source_disk, "vda QEMU HARDDISK serial REF-1 x");
+        assert_eq!(
+            Metadata {
+                source_disk: meta.source_disk.replace('\n', " "),
+                ..meta
+            },
+            parsed
+        );
+        assert!(Metadata::parse("created = soon").is_err());
+    }
+
+    #[test]
+    fn image_names() {
+        for good in ["golden", "win11-2026.11", "a", "lab_3"] {
+            assert!(valid_image_name(good), "{good}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "../x", "a b", &"x".repeat(65)] {
+            assert!(!valid_image_name(bad), "{bad}");
+        }
+    }
+}

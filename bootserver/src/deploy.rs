@@ -1,0 +1,83 @@
+//! Deploy: multicast a stored image to slaves with the same protocol a peer master uses. The
+//! stored chunks travel as they are (zstd frames stay compressed); slaves decompress and check.
+
+use crate::store::{Store, StoreError};
+use diskcast_agent::imaging::session::{self, SendOptions, SendSummary, SessionError};
+use diskcast_agent::inventory::human_size;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("deploying image {name:?}")]
+    Session {
+        name: String,
+        #[source]
+        source: SessionError,
+    },
+}
+
+/// One session: waits for slaves per the start policy, sends, returns the summary.
+pub fn deploy_once(
+    store: &Store,
+    name: &str,
+    opts: &SendOptions,
+    mut progress: impl FnMut(&[String]),
+) -> Result<SendSummary, DeployError> {
+    let mut image = store.open_image(name)?;
+    let manifest = image.manifest.clone();
+    log::info!(
+        "deploying image {name:?}: {} raw, {} of data stored in {} ({:.2}x)",
+        human_size(manifest.image_size),
+        human_size(manifest.data_bytes()),
+        human_size(manifest.stored_bytes()),
+        manifest.data_bytes() as f64 / manifest.stored_bytes().max(1) as f64
+    );
+    let session_err = |source| DeployError::Session {
+        name: name.into(),
+        source,
+    };
+    session::multicast(opts, manifest, &mut image, |sender| {
+        let mut lines = vec![format!(
+            "deploying {name} at up to {:.0} MB/s:",
+            sender.rate() as f64 / 1e6
+        )];
+        lines.extend(session::progress_lines(sender));
+        progress(&lines);
+    })
+    .map_err(session_err)
+}
+
+/// `[deploy]` in the server: session after session, so machines booted later are served too.
+pub fn deploy_forever(store: Store, name: String, opts: SendOptions) {
+    let mut told = false;
+    loop {
+        if let Err(StoreError::NotFound { .. }) = store.open_image(&name) {
+            // A capture may be on its way: deploy once it is stored.
+            if !told {
+                log::info!("deploy: waiting for image {name:?} to appear in the store");
+                told = true;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            continue;
+        }
+        told = false;
+        match deploy_once(&store, &name, &opts, |lines| {
+            for line in lines {
+                log::info!("{line}");
+            }
+        }) {
+            Ok(summary) if summary.result().is_err() && summary.receivers.is_empty() => {}
+            Ok(summary) => {
+                for line in summary.render().lines() {
+                    log::info!("deploy {name}: {line}");
+                }
+            }
+            Err(e) => {
+                log::error!("deploy {name}: {}", diskcast_agent::error_chain(&e));
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! The image store: a directory of image files (`NAME.dcimg`, format in
+//! `diskcast_agent::imaging::image_file`).
+//!
+//! An image appears only when complete and checked: uploads and imports are written to a hidden
+//! temporary file (`.NAME.PID.N.partial`), fsynced, fully verified, then linked to their final
+//! name — `link` fails if the name exists, so two captures of one name cannot overwrite each
+//! other — and the temporary name removed. A crash leaves at most a `.partial` file, never a
+//! listed image; the next server start removes partial files whose writer is gone.
+
+use diskcast_agent::imaging::image_file::{
+    valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, EXTENSION,
+    IMAGE_NAME_RULE,
+};
+use diskcast_agent::imaging::manifest::DEFAULT_CHUNK_SIZE;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("image name {0:?} is invalid: use {IMAGE_NAME_RULE}")]
+    Name(String),
+    #[error("image {name:?} already exists in {dir}: delete it first or choose another name")]
+    Exists { name: String, dir: PathBuf },
+    #[error("no image {name:?} in {dir} (see `bootserver images list`)")]
+    NotFound { name: String, dir: PathBuf },
+    #[error("{path}: {op}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the uploaded image is incomplete or damaged; nothing was stored")]
+    Rejected(#[source] ImageFileError),
+    #[error(transparent)]
+    Image(#[from] ImageFileError),
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { path, op, source }
+}
+
+/// One line of `images list`.
+#[derive(Debug, Clone)]
+pub struct ImageSummary {
+    pub name: String,
+    pub raw_size: u64,
+    pub data_bytes: u64,
+    pub stored_bytes: u64,
+    pub file_len: u64,
+    pub created: u64,
+    pub image_hash: [u8; 32],
+    pub origin: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+static PARTIAL_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An image being written; becomes visible only through [`Incoming::commit`].
+#[derive(Debug)]
+pub struct Incoming {
+    name: String,
+    temp: PathBuf,
+    final_path: PathBuf,
+    pub file: BufWriter<File>,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Committed images were linked already; anything else is discarded.
+        let _ = fs::remove_file(&self.temp);
+    }
+}
+
+impl Incoming {
+    /// Flushes, fsyncs, verifies every chunk, then publishes under the final name.
+    pub fn commit(mut self) -> Result<ImageSummary, StoreError> {
+        self.file.flush().map_err(io_err(&self.temp, "writing"))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(io_err(&self.temp, "syncing"))?;
+        let image = ImageFile::open(&self.temp).map_err(StoreError::Rejected)?;
+        image.verify(|_| {}).map_err(StoreError::Rejected)?;
+        match fs::hard_link(&self.temp, &self.final_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Exists {
+                    name: self.name.clone(),
+                    dir: self.final_path.parent().unwrap_or(Path::new("")).into(),
+                })
+            }
+            Err(e) => return Err(io_err(&self.final_path, "publishing")(e)),
+        }
+        if let Some(dir) = self.final_path.parent() {
+            // The new directory entry must survive a power cut too.
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(summarize(&self.name, &image))
+    }
+}
+
+fn summarize(name: &str, image: &ImageFile) -> ImageSummary {
+    ImageSummary {
+        name: name.into(),
+        raw_size: image.manifest.image_size,
+        data_bytes: image.manifest.data_bytes(),
+        stored_bytes: image.manifest.stored_bytes(),
+        file_len: image.file_len,
+        created: image.metadata.created,
+        image_hash: image.manifest.image_hash(),
+        origin: image.metadata.origin.clone(),
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir, "creating the image store"))?;
+        Ok(Self { dir: dir.into() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path_of(&self, name: &str) -> Result<PathBuf, StoreError> {
+        if !valid_image_name(name) {
+            return Err(StoreError::Name(name.into()));
+        }
+        Ok(self.dir.join(format!("{name}.{EXTENSION}")))
+    }
+
+    /// Removes partial files left by writers that are gone (a crash or a restart).
+    pub fn clean_partials(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = file_name
+                .strip_prefix('.')
+                .and_then(|s| s.strip_suffix(".partial"))
+            else {
+                continue;
+            };
+            let pid = stem.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_none_or(|pid| !process_alive(pid)) && fs::remove_file(entry.path()).is_ok()
+            {
+                removed.push(entry.path());
+            }
+        }
+        removed
+    }
+
+    /// Starts writing image `name`; refuses names that exist already.
+    pub fn incoming(&self, name: &str) -> Result<Incoming, StoreError> {
+        let final_path = self.path_of(name)?;
+        if final_path.exists() {
+            return Err(StoreError::Exists {
+                name: name.into(),
+                dir: self.dir.clone(),
+            });
+        }
+        let temp = self.dir.join(format!(
+            ".{name}.{}.{}.partial",
+            std::process::id(),
+            PARTIAL_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(io_err(&temp, "creating"))?;
+        Ok(Incoming {
+            name: name.into(),
+            temp,
+            final_path,
+            file: BufWriter::with_capacity(1 << 20, file),
+        })
+    }
+
+    pub fn open_image(&self, name: &str) -> Result<ImageFile, StoreError> {
+        let path = self.path_of(name)?;
+        if !path.exists() {
+            return Err(StoreError::NotFound {
+                name: name.into(),
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(ImageFile::open(&path)?)
+    }
+
+    pub fn show(&self, name: &str) -> Result<(ImageSummary, ImageFile), StoreError> {
+        let image = self.open_image(name)?;
+        Ok((summarize(name, &image), image))
+    }
+
+    /// Every listed image, by name; files that do not open are reported as errors.
+    pub fn list(&self) -> Result<Vec<Result<ImageSummary, StoreError>>, StoreError> {
+        let mut names: Vec<String> = fs::read_dir(&self.dir)
+            .map_err(io_err(&self.dir, "listing the image store"))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(&format!(".{EXTENSION}"))
+                    .filter(|n| valid_image_name(n))
+                    .map(String::from)
+            })
+            .collect();
+        names.sort();
+        Ok(names
+            .iter()
+            .map(|n| self.show(n).map(|(summary, _)| summary))
+            .collect())
+    }
+
+    pub fn verify(&self, name: &str) -> Result<ImageSummary, StoreError> {
+        let (summary, image) = self.show(name)?;
+        image.verify(|_| {})?;
+        Ok(summary)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path_of(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound {
+                name: name.into(),
+                dir: self.dir.clone(),
+            }),
+            Err(e) => Err(io_err(&path, "deleting")(e)),
+        }
+    }
+
+    /// Converts a raw disk image (a file, a device, or a stream such as stdin) into a stored image.
+    pub fn import(
+        &self,
+        name: &str,
+        raw: &mut dyn Read,
+        source_desc: &str,
+        level: i32,
+    ) -> Result<ImageSummary, StoreError> {
+        let mut incoming = self.incoming(name)?;
+        let temp = incoming.temp.clone();
+        let mut writer = ImageWriter::new(&mut incoming.file, DEFAULT_CHUNK_SIZE);
+        writer
+            .push_all(raw, level, |_| {})
+            .map_err(io_err(Path::new(source_desc), "reading the raw image"))?;
+        let mut meta = Metadata::now("import", level);
+        meta.source_disk = source_desc.into();
+        writer.finish(&meta).map_err(io_err(&temp, "writing"))?;
+        incoming.commit()
+    }
+
+    /// Writes image `name` as a raw disk image. Regular-file targets are made sparse: zero
+    /// chunks are skipped, not written.
+    pub fn export(&self, name: &str, target: &Path) -> Result<(), StoreError> {
+        let image = self.open_image(name)?;
+        let file = File::create(target).map_err(io_err(target, "creating"))?;
+        let is_regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let mut out = BufWriter::with_capacity(1 << 20, &file);
+        if is_regular {
+            file.set_len(image.manifest.image_size)
+                .map_err(io_err(target, "sizing"))?;
+            let mut position = 0u64;
+            // Sparse export: write data chunks at their offsets, leave the rest as holes.
+            for index in 0..image.manifest.chunk_count() {
+                let (offset, _) = image.manifest.chunk_range(index);
+                if image.manifest.chunks[index as usize].is_data() {
+                    let raw = image.raw_chunk(index)?;
+                    if position != offset {
+                        out.flush().map_err(io_err(target, "writing"))?;
+                        io::Seek::seek(&mut out, io::SeekFrom::Start(offset))
+                            .map_err(io_err(target, "seeking"))?;
+                    }
+                    out.write_all(&raw).map_err(io_err(target, "writing"))?;
+                    position = offset + raw.len() as u64;
+                }
+            }
+        } else {
+            image.export(&mut out)?;
+        }
+        out.flush().map_err(io_err(target, "writing"))?;
+        drop(out);
+        file.sync_all().map_err(io_err(target, "syncing"))
+    }
+
+    /// Writes image `name` as a raw disk image to a stream (stdout).
+    pub fn export_to(&self, name: &str, out: &mut dyn Write) -> Result<(), StoreError> {
+        let image = self.open_image(name)?;
+        image.export(out)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(tag: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("diskcast-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        Store::open(&dir).unwrap()
+    }
+
+    fn raw_disk(size: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut raw = vec![0u8; size];
+        for (i, block) in raw.chunks_mut(64 << 10).enumerate() {
+            match i % 4 {
+                0 => {}
+                1 => block
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = b"ext4 inode table"[j % 16]),
+                _ => block.iter_mut().for_each(|b| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    *b = (state >> 33) as u8
+                }),
+            }
+        }
+        raw
+    }
+
+    #[test]
+    fn import_then_export_gives_the_same_bytes_file_and_stream() {
+        let store = temp_store("round-trip");
+        // Not a multiple of the chunk size, with zero, text and random regions.
+        let raw = raw_disk(5 * (1 << 20) + 12345, 3);
+        let summary = store.import("golden", &mut &raw[..], "test", 3).unwrap();
+        assert_eq!(summary.raw_size, raw.len() as u64);
+        assert!(summary.stored_bytes < summary.data_bytes);
+        let exported = store.dir().join("exported.raw");
+        store.export("golden", &exported).unwrap();
+        assert!(fs::read(&exported).unwrap() == raw);
+        let mut streamed = Vec::new();
+        store.export_to("golden", &mut streamed).unwrap();
+        assert!(streamed == raw);
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].as_ref().unwrap().name, "golden");
+        assert!(matches!(
+            store.import("golden", &mut &raw[..], "again", 3),
+            Err(StoreError::Exists { .. })
+        ));
+        store.delete("golden").unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert!(matches!(
+            store.delete("golden"),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn verify_detects_a_flipped_byte_in_any_chunk() {
+        let store = temp_store("flip");
+        let raw = raw_disk(3 * (1 << 20) + 100, 5);
+        store.import("img", &mut &raw[..], "test", 3).unwrap();
+        let path = store.dir().join("img.dcimg");
+        let good = fs::read(&path).unwrap();
+        let image = store.open_image("img").unwrap();
+        // One flip inside every stored data chunk: first byte, middle, last byte.
+        let mut offset = 0usize;
+        let mut checked = 0;
+        for index in image.manifest.data_chunks() {
+            let len = image.manifest.wire_len(index);
+            for at in [offset, offset + len / 2, offset + len - 1] {
+                let mut bytes = good.clone();
+                bytes[at] ^= 0x80;
+                fs::write(&path, &bytes).unwrap();
+                let err = store.verify("img").expect_err("a flipped byte must fail verify");
+                assert!(
+                    err.to_string().contains("chunk at image offset")
+                        || matches!(err, StoreError::Image(_)),
+                    "{err}"
+                );
+                checked += 1;
+            }
+            offset += len;
+        }
+        assert!(checked >= 9);
+        fs::write(&path, &good).unwrap();
+        store.verify("img").unwrap();
+    }
+
+    #[test]
+    fn a_partial_upload_is_never_listed_and_a_retry_succeeds() {
+        let store = temp_store("partial");
+        let raw = raw_disk(2 << 20, 9);
+        let mut file_bytes = Vec::new();
+        let mut writer = ImageWriter::new(&mut file_bytes, DEFAULT_CHUNK_SIZE);
+        writer.push_all(&mut &raw[..], 3, |_| {}).unwrap();
+        writer.finish(&Metadata::now("capture", 3)).unwrap();
+
+        // Cut off halfway: commit refuses, nothing listed, no temporary file left.
+        let mut incoming = store.incoming("cut").unwrap();
+        incoming
+            .file
+            .write_all(&file_bytes[..file_bytes.len() / 2])
+            .unwrap();
+        assert!(matches!(incoming.commit(), Err(StoreError::Rejected(_))));
+        // A writer that vanished without commit (dropped): also nothing.
+        let mut incoming = store.incoming("cut").unwrap();
+        incoming.file.write_all(&file_bytes[..100]).unwrap();
+        drop(incoming);
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(fs::read_dir(store.dir()).unwrap().count(), 0);
+
+        let mut incoming = store.incoming("cut").unwrap();
+        incoming.file.write_all(&file_bytes).unwrap();
+        incoming.commit().unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn stale_partials_of_dead_writers_are_cleaned() {
+        let store = temp_store("stale");
+        let dead = store.dir().join(".img.4000000000.0.partial");
+        let ours = store
+            .dir()
+            .join(format!(".img.{}.0.partial", std::process::id()));
+        fs::write(&dead, b"x").unwrap();
+        fs::write(&ours, b"x").unwrap();
+        assert_eq!(store.clean_partials(), vec![dead.clone()]);
+        assert!(ours.exists() && !dead.exists());
+    }
+
+    #[test]
+    fn bad_names_are_refused_before_touching_the_disk() {
+        let store = temp_store("names");
+        for bad in ["../etc/passwd", ".hidden", "a/b", ""] {
+            assert!(matches!(store.incoming(bad), Err(StoreError::Name(_))));
+            assert!(matches!(store.open_image(bad), Err(StoreError::Name(_))));
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Client/server mode: capture a disk into the bootserver's image store, then deploy the stored
+//! image to machines that never saw the reference machine.
+//!
+//! The process tests run `agent capture`, `bootserver deploy` and `agent receive` as processes in
+//! private namespaces; the QEMU test does the whole thing with network-booted VMs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use diskcast_qemu_tests::{
+    lab_file, make_source_disk, project_root, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn agent() -> PathBuf {
+    let path = project_root().join("target/release/agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-lab",
+        path.display()
+    );
+    path
+}
+
+fn finish(child: std::process::Child, what: &str) -> Output {
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "---- {what}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `bootserver images ...` on the lab's store.
+fn images(lab: &Lab, args: &[&str]) -> Output {
+    let out = Command::new(lab_file("bootserver"))
+        .arg("images")
+        .arg("--store")
+        .arg(store_dir(lab))
+        .args(args)
+        .output()
+        .unwrap();
+    eprintln!(
+        "---- images {args:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn store_dir(lab: &Lab) -> PathBuf {
+    lab.dir.join("state/images")
+}
+
+fn listed_names(lab: &Lab) -> Vec<String> {
+    let out = images(lab, &["list"]);
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
+fn capture(lab_host: &str, source: &Path, name: &str) -> Command {
+    let mut cmd = Lab::in_host(lab_host, &agent());
+    cmd.args(["capture", "--to", "10.77.0.1:8080", "--name", name])
+        .arg(source)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+#[test]
+fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
+    let mut lab = Lab::new("cs_process");
+    lab.start_bootserver(DhcpMode::Full, "");
+    let reference = lab.add_host("ref", "10.77.0.10/24");
+    let receivers: Vec<String> = (1..=2)
+        .map(|i| lab.add_host(&format!("rx{i}"), &format!("10.77.0.{}/24", 20 + i)))
+        .collect();
+    Lab::add_ingress_loss(&receivers[1], 3.0);
+    let source = lab.dir.join("reference.img");
+    make_source_disk(&source, 64);
+
+    // An interrupted capture leaves nothing listed and no partial file.
+    let big = lab.dir.join("big.img");
+    let status = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=384", "status=none"])
+        .arg(format!("of={}", big.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut cut = capture(&reference, &big, "golden").spawn().unwrap();
+    lab.bootservers_console(0)
+        .wait_for("store: receiving image \"golden\"", Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    cut.kill().unwrap();
+    let _ = cut.wait();
+    lab.bootservers_console(0)
+        .wait_for("nothing stored", Duration::from_secs(30))
+        .unwrap();
+    assert!(listed_names(&lab).is_empty(), "a broken capture was listed");
+    let leftovers: Vec<_> = std::fs::read_dir(store_dir(&lab)).unwrap().collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+
+    // The retry succeeds.
+    let out = finish(capture(&reference, &source, "golden").spawn().unwrap(), "capture");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stored image golden"));
+    assert_eq!(listed_names(&lab), ["golden"]);
+    assert!(images(&lab, &["verify", "golden"]).status.success());
+    // The same name again is refused, clearly.
+    let again = finish(capture(&reference, &source, "golden").spawn().unwrap(), "capture again");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    // Export gives back the disk.
+    let exported = lab.dir.join("exported.img");
+    assert!(images(&lab, &["export", "golden", exported.to_str().unwrap()])
+        .status
+        .success());
+    assert!(std::fs::read(&exported).unwrap() == std::fs::read(&source).unwrap());
+
+    // Deploy from the store: the reference machine is not involved.
+    let targets: Vec<PathBuf> = (1..=2)
+        .map(|i| lab.dir.join(format!("target{i}.img")))
+        .collect();
+    let rx: Vec<_> = receivers
+        .iter()
+        .zip(&targets)
+        .map(|(ns, target)| {
+            Lab::in_host(ns, &agent())
+                .args(["receive", "--interface", "eth0", "--wait", "60"])
+                .arg(target)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deploy = lab
+        .command_in_lab(lab_file("bootserver").to_str().unwrap())
+        .args(["deploy", "golden", "--interface", "br0", "--min-receivers", "2"])
+        .arg("--store")
+        .arg(store_dir(&lab))
+        .args(["--start-timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deploy_out = finish(deploy, "deploy");
+    let expected = std::fs::read(&source).unwrap();
+    for (i, (child, target)) in rx.into_iter().zip(&targets).enumerate() {
+        let out = finish(child, &format!("receiver {}", i + 1));
+        assert!(out.status.success(), "receiver {} failed", i + 1);
+        assert!(
+            std::fs::read(target).unwrap() == expected,
+            "receiver {}'s copy differs",
+            i + 1
+        );
+    }
+    assert!(deploy_out.status.success());
+}
+
+#[test]
+fn client_server_capture_then_deploy() {
+    let mut lab = Lab::new("client_server_capture");
+    let reference_disk = lab.dir.join("reference.img");
+    make_source_disk(&reference_disk, 64);
+    // The reference machine captures; every other machine is a slave of the stored image.
+    lab.start_bootserver(
+        DhcpMode::Full,
+        "image = \"golden\"\n\
+         [[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
+         [deploy]\nimage = \"golden\"\nmin_receivers = 2\nstart_timeout = 120\n",
+    );
+    let config = lab.dir.join("bootserver.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("role = \"inventory\"", "role = \"slave\"");
+    std::fs::write(&config, text).unwrap();
+    lab.kill_bootserver(0);
+    lab.start_bootserver_with(&config);
+
+    let reference = lab.boot_vm(
+        VmSpec::new("reference", Firmware::Bios, "virtio-net-pci", 0x10).disk_from(
+            &reference_disk,
+            "REF-1",
+            "virtio-blk-pci",
+        ),
+    );
+    lab.vm(reference)
+        .console
+        .wait_for(
+            "DISKCAST-CAPTURE-DONE",
+            BOOT_TIMEOUT + Duration::from_secs(300),
+        )
+        .unwrap_or_else(|e| panic!("reference: {e}"));
+    let status = lab
+        .vm(reference)
+        .wait_poweroff(Duration::from_secs(120))
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(listed_names(&lab), ["golden"]);
+    let show = images(&lab, &["show", "golden"]);
+    let show = String::from_utf8_lossy(&show.stdout).into_owned();
+    assert!(show.contains("origin:         capture"), "{show}");
+    assert!(show.contains("REF-1"), "{show}");
+    assert!(images(&lab, &["verify", "golden"]).status.success());
+    let raw_size = std::fs::metadata(&reference_disk).unwrap().len();
+    let stored_size = std::fs::metadata(store_dir(&lab).join("golden.dcimg"))
+        .unwrap()
+        .len();
+    eprintln!("stored {stored_size} bytes for a {raw_size}-byte disk");
+    assert!(stored_size < raw_size / 2, "the image is not compressed");
+
+    // The reference machine is gone; two bare machines boot and get the stored image.
+    let started = Instant::now();
+    let slaves: Vec<usize> = (1..=2)
+        .map(|i| {
+            lab.boot_vm(
+                VmSpec::new(
+                    &format!("slave{i}"),
+                    Firmware::Bios,
+                    "virtio-net-pci",
+                    0x20 + i,
+                )
+                .disk(64, &format!("SLAVE-{i}"), "virtio-blk-pci"),
+            )
+        })
+        .collect();
+    for &slave in &slaves {
+        lab.vm(slave)
+            .console
+            .wait_for(
+                "DISKCAST-SLAVE-DONE",
+                BOOT_TIMEOUT + Duration::from_secs(300),
+            )
+            .unwrap_or_else(|e| panic!("slave: {e}"));
+    }
+    eprintln!(
+        "slaves booted and verified in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    for &slave in &slaves {
+        let status = lab.vm(slave).wait_poweroff(Duration::from_secs(120)).unwrap();
+        assert!(status.success());
+    }
+    let expected = std::fs::read(&reference_disk).unwrap();
+    assert!(
+        std::fs::read(lab.disk_path("reference", 0)).unwrap() == expected,
+        "capturing changed the reference disk"
+    );
+    for i in 1..=2 {
+        let copy = std::fs::read(lab.disk_path(&format!("slave{i}"), 0)).unwrap();
+        assert!(copy == expected, "slave{i}'s disk differs from the reference");
+    }
+}

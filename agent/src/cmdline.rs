@@ -25,6 +25,15 @@ pub enum CmdlineError {
     },
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("line {line} ({text:?})")]
+pub struct SettingsFileError {
+    pub line: usize,
+    pub text: String,
+    #[source]
+    pub source: CmdlineError,
+}
+
 /// What the agent does once the machine is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
@@ -114,6 +123,9 @@ pub struct BootConfig {
     pub image: Option<String>,
     /// Capture: the server's HTTP port, where the image store takes uploads.
     pub store_port: u16,
+    /// Read more settings from `diskcast.cfg` on the boot medium (a USB stick), which an admin
+    /// edits on any computer; they override the kernel command line.
+    pub settings_from_boot_medium: bool,
 }
 
 /// Which disk a role works on. Device order is not stable, so labs name disks by serial.
@@ -169,12 +181,13 @@ impl Default for BootConfig {
             rate_mbps: None,
             image: None,
             store_port: 8080,
+            settings_from_boot_medium: false,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings";
 
 impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
@@ -295,6 +308,13 @@ impl BootConfig {
                 }
                 self.image = Some(value.into())
             }
+            "settings" => {
+                self.settings_from_boot_medium = match value {
+                    "boot-medium" => true,
+                    "cmdline" => false,
+                    _ => return Err(invalid(key, value, "`boot-medium` or `cmdline`")),
+                }
+            }
             "store_port" => {
                 self.store_port = value
                     .parse()
@@ -310,6 +330,48 @@ impl BootConfig {
             }
         }
         Ok(())
+    }
+
+    /// Applies a settings file: `key = value` lines with the kernel parameters' keys (without the
+    /// `diskcast.` prefix), `#` comments and blank lines. Errors name the line.
+    pub fn apply_settings_file(&mut self, text: &str) -> Result<(), SettingsFileError> {
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = |source| SettingsFileError {
+                line: index + 1,
+                text: raw.trim().to_string(),
+                source,
+            };
+            let (key, value) = line.split_once('=').ok_or_else(|| {
+                at(CmdlineError::MissingValue {
+                    key: line.to_string(),
+                })
+            })?;
+            let (key, value) = (key.trim(), value.trim());
+            let key = key.strip_prefix(PREFIX).unwrap_or(key);
+            if value.is_empty() {
+                return Err(at(CmdlineError::MissingValue { key: key.into() }));
+            }
+            self.set(key, value).map_err(at)?;
+        }
+        Ok(())
+    }
+
+    /// The settings an admin may put in a settings file, rendered as one (for a fresh stick).
+    pub fn render_settings_file(&self) -> String {
+        let mut out = String::new();
+        for word in self.render().split(' ') {
+            if let Some((key, value)) = word
+                .strip_prefix(PREFIX)
+                .and_then(|kv| kv.split_once('='))
+            {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        out
     }
 
     /// Renders the settings as kernel parameters; [`BootConfig::parse`] gives back the same value.
@@ -353,6 +415,9 @@ impl BootConfig {
         if self.store_port != defaults.store_port {
             words.push(format!("{PREFIX}store_port={}", self.store_port));
         }
+        if self.settings_from_boot_medium {
+            words.push(format!("{PREFIX}settings=boot-medium"));
+        }
         words.join(" ")
     }
 }
@@ -379,6 +444,7 @@ mod tests {
             rate_mbps: Some(90),
             image: Some("golden-2026.11".into()),
             store_port: 8181,
+            settings_from_boot_medium: true,
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -389,6 +455,38 @@ mod tests {
             BootConfig::parse(&BootConfig::default().render()),
             Ok(BootConfig::default())
         );
+    }
+
+    #[test]
+    fn settings_file_applies_over_the_command_line_and_names_bad_lines() {
+        let mut config = BootConfig::parse("diskcast.role=master diskcast.min_receivers=9").unwrap();
+        config
+            .apply_settings_file(
+                "# lab 4 master\n\nmin_receivers = 2   # two rows\nstart_timeout=300\n\
+                 diskcast.rate = 90\ndisk = serial:REF-1\non_done = reboot\n",
+            )
+            .unwrap();
+        assert_eq!(config.role, Role::Master);
+        assert_eq!(config.min_receivers, 2);
+        assert_eq!(config.start_timeout_secs, Some(300));
+        assert_eq!(config.rate_mbps, Some(90));
+        assert_eq!(config.disk, DiskSelector::Serial("REF-1".into()));
+        assert_eq!(config.on_done, Finish::Reboot);
+
+        let err = config
+            .apply_settings_file("rate = 90\nmin_receivers = many\n")
+            .unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(matches!(err.source, CmdlineError::InvalidValue { .. }));
+        let err = config.apply_settings_file("just words\n").unwrap_err();
+        assert_eq!(err.line, 1);
+        let err = config.apply_settings_file("colour = red\n").unwrap_err();
+        assert!(matches!(err.source, CmdlineError::UnknownKey { .. }));
+
+        // A rendered settings file reads back to the same settings.
+        let mut fresh = BootConfig::default();
+        fresh.apply_settings_file(&config.render_settings_file()).unwrap();
+        assert_eq!(fresh, config);
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub fn read_disks(sys: &Path, dev: &Path) -> Vec<Disk> {
 }
 
 /// Byte offsets of the disk's partitions (and 0 for a file system on the whole disk).
-fn partition_starts(block: &Path, name: &str) -> Vec<u64> {
+pub fn partition_starts(block: &Path, name: &str) -> Vec<u64> {
     let mut starts = vec![0];
     if let Ok(entries) = fs::read_dir(block) {
         for entry in entries.flatten() {

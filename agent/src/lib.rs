@@ -10,6 +10,7 @@ pub mod logging;
 pub mod modules;
 pub mod netconfig;
 pub mod pid1;
+pub mod stick;
 pub mod sys;
 pub mod udp_frame;
 

@@ -38,6 +38,9 @@ enum Command {
     Cmdline {
         /// The command line to parse instead of /proc/cmdline.
         line: Option<String>,
+        /// Apply a settings file (a stick's diskcast.cfg) over the command line and check it.
+        #[arg(long)]
+        settings_file: Option<PathBuf>,
     },
     /// Run as PID 1 (what happens automatically when the kernel starts the agent as /init).
     Init,
@@ -144,12 +147,23 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             print!("{}", Inventory::read(&sys, &dev));
             Ok(())
         }
-        Command::Cmdline { line } => {
-            let line = match line {
-                Some(line) => line,
-                None => std::fs::read_to_string("/proc/cmdline")?,
+        Command::Cmdline {
+            line,
+            settings_file,
+        } => {
+            let line = match (line, &settings_file) {
+                (Some(line), _) => line,
+                (None, Some(_)) => String::new(),
+                (None, None) => std::fs::read_to_string("/proc/cmdline")?,
             };
-            let config = BootConfig::parse(&line)?;
+            let mut config = BootConfig::parse(&line)?;
+            if let Some(path) = settings_file {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                config.apply_settings_file(&text).map_err(|e| {
+                    format!("{}: {}", path.display(), diskcast_agent::error_chain(&e))
+                })?;
+            }
             println!("{config:#?}");
             println!("rendered: {}", config.render());
             Ok(())
@@ -170,11 +184,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 chunk_size: args.chunk_size,
                 session: None,
             };
-            let summary = session::run_send(&opts, |sender| {
-                eprintln!("sending at up to {:.0} MB/s:", sender.rate() as f64 / 1e6);
-                for line in session::progress_lines(sender) {
-                    eprintln!("{line}");
-                }
+            let summary = session::run_send(&opts, |progress| {
+                eprintln!("{}", progress.table().join("\n"));
             })?;
             print!("{}", summary.render());
             Ok(summary.result()?)

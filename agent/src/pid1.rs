@@ -34,6 +34,14 @@ pub enum Pid1Error {
     Network(#[from] NetError),
     #[error("role capture needs an image name: the bootserver's config sets it ([agent] image or the machine's image), or add diskcast.image=NAME to the kernel command line")]
     NoImageName,
+    #[error("reading the settings on the boot medium")]
+    Stick(#[from] crate::stick::StickError),
+    #[error("{path}: bad setting")]
+    StickSettings {
+        path: String,
+        #[source]
+        source: crate::cmdline::SettingsFileError,
+    },
     #[error("the capture failed")]
     Capture(#[from] crate::imaging::capture::CaptureError),
     #[error("choosing the disk")]
@@ -112,16 +120,56 @@ pub fn run() -> ! {
         env!("CARGO_PKG_VERSION"),
         config.role
     );
-    match boot(&config, booted) {
-        Ok(()) => finish(config.on_done),
+    let mut config = config;
+    match boot(&mut config, booted) {
+        Ok(()) => {
+            print_console(&format!("diskcast: finished; next: {}\n", next_step(config.on_done)));
+            finish(config.on_done)
+        }
         Err(e) => {
             report(&e);
+            print_console(&format!("diskcast: failed; next: {}\n", next_step(config.on_error)));
             finish(config.on_error);
         }
     }
 }
 
-fn boot(config: &BootConfig, booted: Instant) -> Result<(), Pid1Error> {
+fn next_step(how: Finish) -> &'static str {
+    match how {
+        Finish::Poweroff => "power off",
+        Finish::Reboot => "reboot",
+        Finish::Shell => "stay at the rescue prompt",
+    }
+}
+
+/// Settings from `diskcast.cfg` on the boot medium override the kernel command line.
+fn apply_stick_settings(config: &mut BootConfig) -> Result<(), Pid1Error> {
+    let (disk, start) = crate::stick::find_boot_medium(
+        Path::new("/sys"),
+        Path::new("/dev"),
+        Duration::from_secs(30),
+    )?;
+    let device = PathBuf::from("/dev").join(&disk.name);
+    let text = crate::stick::read_settings(&device, start)?;
+    config
+        .apply_settings_file(&text)
+        .map_err(|source| Pid1Error::StickSettings {
+            path: format!("{}:{}", device.display(), crate::stick::SETTINGS_FILE),
+            source,
+        })?;
+    log::set_max_level(config.log_level);
+    print_console(&format!(
+        "settings: {} from /dev/{} ({}, {}): {}\n",
+        crate::stick::SETTINGS_FILE,
+        disk.name,
+        if disk.model.is_empty() { "boot medium" } else { &disk.model },
+        crate::inventory::human_size(disk.size_bytes),
+        config.render_settings_file().trim_end().replace('\n', ", ")
+    ));
+    Ok(())
+}
+
+fn boot(config: &mut BootConfig, booted: Instant) -> Result<(), Pid1Error> {
     let release = kernel_release();
     let module_dir = PathBuf::from("/lib/modules").join(&release);
     let index = ModuleIndex::read(&module_dir).map_err(|source| Pid1Error::Modules {
@@ -147,6 +195,10 @@ fn boot(config: &BootConfig, booted: Instant) -> Result<(), Pid1Error> {
         report.loaded.join(" ")
     );
 
+    if config.settings_from_boot_medium {
+        apply_stick_settings(config)?;
+    }
+    let config = &*config;
     let nic = netconfig::choose_interface(
         Path::new("/sys"),
         config.interface.as_deref(),
@@ -257,20 +309,17 @@ fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result
             }),
         ..session::SendOptions::default()
     };
+    print_console(&format!(
+        "master: waiting for {} slave(s){}; slaves join by network-booting\n",
+        opts.min_receivers,
+        opts.start_timeout
+            .map_or(String::new(), |t| format!(", or {} s with whoever joined", t.as_secs()))
+    ));
     let mut last = Instant::now();
-    let summary = session::run_send(&opts, |sender| {
-        if last.elapsed() >= Duration::from_secs(5) {
+    let summary = session::run_send(&opts, |progress| {
+        if last.elapsed() >= Duration::from_secs(3) {
             last = Instant::now();
-            let mut text = format!(
-                "master: {} slave(s), rate limit {:.0} MB/s\n",
-                sender.receivers().count(),
-                sender.rate() as f64 / 1e6
-            );
-            for line in session::progress_lines(sender) {
-                text.push_str(&line);
-                text.push('\n');
-            }
-            print_console(&text);
+            print_console(&format!("master:\n{}\n", progress.table().join("\n")));
         }
     })?;
     print_console(&summary.render());

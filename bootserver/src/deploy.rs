@@ -38,12 +38,9 @@ pub fn deploy_once(
         name: name.into(),
         source,
     };
-    session::multicast(opts, manifest, &mut image, |sender| {
-        let mut lines = vec![format!(
-            "deploying {name} at up to {:.0} MB/s:",
-            sender.rate() as f64 / 1e6
-        )];
-        lines.extend(session::progress_lines(sender));
+    session::multicast(opts, manifest, &mut image, |p| {
+        let mut lines = vec![format!("deploying {name}:")];
+        lines.extend(p.table());
         progress(&lines);
     })
     .map_err(session_err)

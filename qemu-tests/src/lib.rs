@@ -190,6 +190,8 @@ pub enum Boot {
     Network,
     /// `-kernel`/`-initrd` with this command line (the lab's kernel and initramfs).
     Kernel { append: String },
+    /// From a USB stick image (a copy of it, attached as USB storage on an xHCI controller).
+    Usb { stick: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +237,14 @@ impl VmSpec {
             device,
             content: Some(content.into()),
         });
+        self
+    }
+
+    /// Boots from a copy of the USB stick image `stick` (see [`Lab::stick_path`]).
+    pub fn usb_stick(mut self, stick: &Path) -> Self {
+        self.boot = Boot::Usb {
+            stick: stick.into(),
+        };
         self
     }
 
@@ -584,6 +594,16 @@ impl Lab {
             }
         };
         cmd.args(["-device", &nic]);
+        if let Boot::Usb { stick } = &spec.boot {
+            let copy = self.stick_path(&spec.name);
+            fs::copy(stick, &copy).unwrap();
+            cmd.args(["-device", "qemu-xhci,id=xhci"])
+                .args([
+                    "-drive",
+                    &format!("file={},format=raw,if=none,id=stick", copy.display()),
+                ])
+                .args(["-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]);
+        }
         if spec.disks.iter().any(|d| d.device == "ide-hd") {
             cmd.args(["-device", "ahci,id=ahci"]);
         }
@@ -630,6 +650,11 @@ impl Lab {
             child,
         });
         self.vms.len() - 1
+    }
+
+    /// The stick image the VM called `vm` booted from (a copy of the one given).
+    pub fn stick_path(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}-stick.img"))
     }
 
     /// The image file behind disk `index` of the VM called `vm`.

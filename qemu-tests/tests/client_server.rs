@@ -165,6 +165,33 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
         );
     }
     assert!(deploy_out.status.success());
+
+    // A deploy that dies mid-way (a server restart): the receiver ends failed and says so, and
+    // the store is untouched.
+    let target = lab.dir.join("interrupted.img");
+    let rx = Lab::in_host(&receivers[0], &agent())
+        .args(["receive", "--interface", "eth0", "--wait", "60", "--sender-timeout", "5"])
+        .arg(&target)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut deploy = lab
+        .command_in_lab(lab_file("bootserver").to_str().unwrap())
+        .args(["deploy", "golden", "--interface", "br0", "--rate", "1"])
+        .arg("--store")
+        .arg(store_dir(&lab))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    deploy.kill().unwrap();
+    let _ = deploy.wait();
+    let out = finish(rx, "receiver of the killed deploy");
+    assert!(!out.status.success(), "a receiver of a dead deploy reported success");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("copy verified"));
+    assert!(images(&lab, &["verify", "golden"]).status.success());
 }
 
 #[test]

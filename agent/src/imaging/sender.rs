@@ -198,6 +198,10 @@ impl Sender {
         }
     }
 
+    pub fn min_receivers(&self) -> u32 {
+        self.cfg.min_receivers
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }

@@ -3,7 +3,12 @@
 //! receiver with nftables), interleaved run by run. Prints MB/s, bytes on the wire relative to
 //! the image, verified copies, and diskcast's ratio to the faster peer.
 //!
-//! `scripts/bench-multicast [--size-mib 512] [--runs 1] [--receivers 1,3,8] [--loss 0,1,5]`
+//! `--with-deploy` adds client/server mode: the same image imported once into an image store
+//! (zstd), then multicast from the store by `bootserver deploy`. `--content disk` makes the
+//! image disk-like (a third zeros, a third text, a third random) instead of all random.
+//!
+//! `scripts/bench-multicast [--size-mib 512] [--runs 1] [--receivers 1,3,8] [--loss 0,1,5]
+//!  [--only-diskcast] [--with-deploy] [--content random|disk]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{project_root, Lab};
@@ -16,6 +21,23 @@ enum Tool {
     Diskcast,
     Udpcast,
     Uftp,
+    /// `bootserver deploy` from an image store.
+    Deploy,
+}
+
+impl Tool {
+    fn label(self) -> &'static str {
+        match self {
+            Tool::Diskcast => "diskcast p2p",
+            Tool::Udpcast => "udpcast",
+            Tool::Uftp => "uftp",
+            Tool::Deploy => "diskcast deploy",
+        }
+    }
+
+    fn is_peer(self) -> bool {
+        matches!(self, Tool::Udpcast | Tool::Uftp)
+    }
 }
 
 struct RunResult {
@@ -129,7 +151,7 @@ fn run_tool(
             let t = target.to_str().unwrap();
             let dest = target.parent().unwrap().to_str().unwrap();
             match tool {
-                Tool::Diskcast => spawn(
+                Tool::Diskcast | Tool::Deploy => spawn(
                     ns,
                     agent,
                     &["receive", "-i", "eth0", "--wait", "120", t],
@@ -152,7 +174,26 @@ fn run_tool(
         .collect();
     std::thread::sleep(Duration::from_millis(700));
     let started = Instant::now();
+    let store = dir.join("store");
+    let bootserver = project_root().join("target/release/bootserver");
     let mut snd = match tool {
+        Tool::Deploy => spawn(
+            sender,
+            bootserver.to_str().unwrap(),
+            &[
+                "deploy",
+                "bench",
+                "--store",
+                store.to_str().unwrap(),
+                "-i",
+                "eth0",
+                "--min-receivers",
+                &min,
+                "--start-timeout",
+                "60",
+            ],
+            &log("sender"),
+        ),
         Tool::Diskcast => spawn(
             sender,
             agent,
@@ -233,11 +274,20 @@ fn main() {
     let runs: Vec<usize> = arg_list(&args, "--runs", "1");
     let receiver_counts: Vec<usize> = arg_list(&args, "--receivers", "1,3,8");
     let losses: Vec<f64> = arg_list(&args, "--loss", "0,1,5");
-    let tools: Vec<Tool> = if args.iter().any(|a| a == "--only-diskcast") {
+    let mut tools: Vec<Tool> = if args.iter().any(|a| a == "--only-diskcast") {
         vec![Tool::Diskcast]
     } else {
         vec![Tool::Diskcast, Tool::Udpcast, Tool::Uftp]
     };
+    let with_deploy = args.iter().any(|a| a == "--with-deploy");
+    if with_deploy {
+        tools.push(Tool::Deploy);
+    }
+    let disk_like = args
+        .iter()
+        .position(|a| a == "--content")
+        .and_then(|i| args.get(i + 1))
+        .is_some_and(|c| c == "disk");
     let size = size_mib[0] << 20;
 
     let mut rows = Vec::new();
@@ -259,16 +309,35 @@ fn main() {
             let source_dir = work.join("src");
             std::fs::create_dir_all(&source_dir).unwrap();
             let source = source_dir.join("source.img");
-            if std::fs::metadata(&source).map(|m| m.len()).ok() != Some(size) {
-                let mut data = vec![0u8; size as usize];
-                let mut state = 0x9e37_79b9_7f4a_7c15u64;
-                for b in data.iter_mut() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    *b = (state >> 24) as u8;
+            let mut data = vec![0u8; size as usize];
+            let mut state = 0x9e37_79b9_7f4a_7c15u64;
+            for (i, block) in data.chunks_mut(1 << 20).enumerate() {
+                match (disk_like, i % 3) {
+                    (true, 0) => {}
+                    (true, 1) => block
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = b"usr/lib/x86_64-linux-gnu/libc.so "[j % 33]),
+                    _ => block.iter_mut().for_each(|b| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        *b = (state >> 24) as u8;
+                    }),
                 }
-                std::fs::write(&source, data).unwrap();
+            }
+            std::fs::write(&source, data).unwrap();
+            if with_deploy {
+                let store = work.join("store");
+                let _ = std::fs::remove_dir_all(&store);
+                let out = Command::new(project_root().join("target/release/bootserver"))
+                    .args(["images", "--store", store.to_str().unwrap(), "import"])
+                    .arg(&source)
+                    .arg("bench")
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "import failed: {out:?}");
+                eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
             }
             let mut results: Vec<(Tool, Vec<RunResult>)> =
                 tools.iter().map(|&t| (t, Vec::new())).collect();
@@ -300,31 +369,38 @@ fn main() {
             drop(lab);
         }
     }
-    println!("\nimage {} MiB of random data; sender link 1 Gbit/s (tbf); median of {} run(s); MB/s = image / wall time", size_mib[0], runs[0]);
-    println!("| receivers | loss | diskcast MB/s (wire, ok) | udpcast MB/s (wire, ok) | uftp MB/s (wire, ok) | diskcast / faster peer |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "\nimage {} MiB of {} data; sender link 1 Gbit/s (tbf); median of {} run(s); MB/s = image / wall time",
+        size_mib[0],
+        if disk_like { "disk-like (1/3 zero, 1/3 text, 1/3 random)" } else { "random" },
+        runs[0]
+    );
+    let header: Vec<String> = tools
+        .iter()
+        .map(|t| format!("{} MB/s (wire, ok)", t.label()))
+        .collect();
+    println!(
+        "| receivers | loss | {} | diskcast p2p / faster peer |",
+        header.join(" | ")
+    );
+    println!("|---|---|{}---|", "---|".repeat(tools.len()));
     for (n, loss, s) in rows {
-        let cell = |i: usize| {
-            let (_, (mbs, wire, ok, total)) = s[i];
-            format!("{mbs:.1} ({wire:.2}x, {ok}/{total})")
-        };
+        let cells: Vec<String> = s
+            .iter()
+            .map(|(_, (mbs, wire, ok, total))| format!("{mbs:.1} ({wire:.2}x, {ok}/{total})"))
+            .collect();
         let ours = s[0].1 .0;
         // Only a peer that verified every copy in every run sets a speed to beat.
-        let best_peer = s[1..]
+        let best_peer = s
             .iter()
-            .filter(|(_, (_, _, ok, total))| ok == total)
+            .filter(|(t, (_, _, ok, total))| t.is_peer() && ok == total)
             .map(|(_, (mbs, _, _, _))| *mbs)
             .fold(0.0, f64::max);
         let ratio = if best_peer > 0.0 {
             format!("{:.2}x", ours / best_peer)
         } else {
-            "peers failed".into()
+            "no peer verified".into()
         };
-        println!(
-            "| {n} | {loss}% | {} | {} | {} | {ratio} |",
-            cell(0),
-            cell(1),
-            cell(2)
-        );
+        println!("| {n} | {loss}% | {} | {ratio} |", cells.join(" | "));
     }
 }

@@ -4,12 +4,16 @@
 //! - default: peer-to-peer imaging — a master VM (its disk holds an ext4 file system, random and
 //!   zero regions) multicasts its disk to N bare VMs that network-boot as slaves; afterwards the
 //!   host compares every slave disk with the master's, byte for byte.
+//! - `--client-server`: a reference VM network-boots in capture role and uploads its disk into the
+//!   bootserver's image store; then N bare VMs network-boot and get the stored image by multicast.
+//! - `--usb`: the master boots from the USB stick image (scripts/make-usb-stick) instead.
 //! - `--inventory`: bare VMs network-boot into the agent, print their inventory and power off.
 //!
 //! Options: `--slaves N` (default 2), `--uefi`, `--e1000`. scripts/lab builds everything first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{make_source_disk, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -17,8 +21,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: lab [--inventory] [--slaves N] [--uefi] [--e1000]\n  \
+            "usage: lab [--client-server | --usb | --inventory] [--slaves N] [--uefi] [--e1000]\n  \
              default: a master VM multicasts its disk to N network-booted slaves (N=2)\n  \
+             --client-server: a VM captures its disk into the image store, then N bare VMs get it\n  \
+             --usb: the master boots from the USB stick image\n  \
              --inventory: N bare VMs network-boot into the agent and print their inventory"
         );
         return ExitCode::SUCCESS;
@@ -41,9 +47,122 @@ fn main() -> ExitCode {
         .unwrap_or(2);
     if args.iter().any(|a| a == "--inventory") {
         inventory(firmware, nic, count)
+    } else if args.iter().any(|a| a == "--client-server") {
+        client_server(firmware, nic, count)
     } else {
-        imaging(firmware, nic, count)
+        imaging(firmware, nic, count, args.iter().any(|a| a == "--usb"))
     }
+}
+
+fn new_lab() -> Lab {
+    let mut lab = Lab::new("lab");
+    lab.echo = true;
+    println!(
+        "lab: namespace {}, logs in {}",
+        lab.netns,
+        lab.dir.display()
+    );
+    lab
+}
+
+fn boot_slaves(lab: &mut Lab, firmware: Firmware, nic: &'static str, slaves: u8) -> Vec<usize> {
+    (1..=slaves)
+        .map(|i| {
+            lab.boot_vm(
+                VmSpec::new(&format!("slave{i}"), firmware, nic, 0x20 + i).disk(
+                    64,
+                    &format!("SLAVE-{i}"),
+                    "virtio-blk-pci",
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Compares every slave's disk with `source`, prints the verdict, returns the exit code.
+fn report(lab: &Lab, source: &Path, slaves: u8, done: bool, what: &str, started: Instant) -> ExitCode {
+    let expected = std::fs::read(source).unwrap();
+    let mut identical = 0;
+    for i in 1..=slaves {
+        let same = std::fs::read(lab.disk_path(&format!("slave{i}"), 0))
+            .map(|d| d == expected)
+            .unwrap_or(false);
+        println!(
+            "lab: slave{i}'s disk {} the {what}",
+            if same {
+                "is byte-for-byte identical to"
+            } else {
+                "DIFFERS from"
+            }
+        );
+        identical += usize::from(same);
+    }
+    let ok = done && identical == usize::from(slaves);
+    println!(
+        "lab: {} in {:.0} s (under TCG emulation)",
+        if ok {
+            "imaging done: every slave holds a verified copy"
+        } else {
+            "imaging FAILED"
+        },
+        started.elapsed().as_secs_f64()
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode {
+    let mut lab = new_lab();
+    let source = lab.dir.join("reference.img");
+    make_source_disk(&source, 64);
+    let config = lab.bootserver_config(
+        DhcpMode::Full,
+        &format!(
+            "image = \"golden\"\n[[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
+             [deploy]\nimage = \"golden\"\nmin_receivers = {slaves}\n"
+        ),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("role = \"inventory\"", "role = \"slave\"");
+    std::fs::write(&config, text).unwrap();
+    lab.start_bootserver_with(&config);
+    let started = Instant::now();
+    println!("lab: step 1: the reference VM network-boots in capture role");
+    let reference = lab.boot_vm(
+        VmSpec::new("reference", firmware, nic, 0x10).disk_from(&source, "REF-1", "virtio-blk-pci"),
+    );
+    let captured = lab
+        .vm(reference)
+        .console
+        .wait_for("DISKCAST-CAPTURE-DONE", BOOT_TIMEOUT + Duration::from_secs(300));
+    let _ = lab.vm(reference).wait_poweroff(Duration::from_secs(120));
+    if let Err(e) = captured {
+        println!("lab: capture FAILED: {e}");
+        return ExitCode::FAILURE;
+    }
+    let list = std::process::Command::new(diskcast_qemu_tests::lab_file("bootserver"))
+        .args(["images", "--store"])
+        .arg(lab.dir.join("state/images"))
+        .arg("list")
+        .output()
+        .unwrap();
+    println!("lab: the image store now holds:\n{}", String::from_utf8_lossy(&list.stdout));
+    println!("lab: step 2: the reference VM is off; {slaves} bare VMs network-boot and get the stored image");
+    let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
+    let mut done = true;
+    for &vm in &slave_vms {
+        done &= lab
+            .vm(vm)
+            .console
+            .wait_for("DISKCAST-SLAVE-DONE", BOOT_TIMEOUT + Duration::from_secs(300))
+            .is_ok();
+        let _ = lab.vm(vm).wait_poweroff(Duration::from_secs(120));
+    }
+    report(&lab, &source, slaves, done, "reference disk", started)
 }
 
 fn inventory(firmware: Firmware, nic: &'static str, count: u8) -> ExitCode {
@@ -90,14 +209,8 @@ fn inventory(firmware: Firmware, nic: &'static str, count: u8) -> ExitCode {
     }
 }
 
-fn imaging(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode {
-    let mut lab = Lab::new("lab");
-    lab.echo = true;
-    println!(
-        "lab: namespace {}, logs in {}",
-        lab.netns,
-        lab.dir.display()
-    );
+fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> ExitCode {
+    let mut lab = new_lab();
     let source = lab.dir.join("golden.img");
     make_source_disk(&source, 64);
     let config = lab.bootserver_config(DhcpMode::Full, "");
@@ -107,25 +220,38 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode {
     std::fs::write(&config, text).unwrap();
     lab.start_bootserver_with(&config);
     let started = Instant::now();
-    let master = lab.boot_vm(
-        VmSpec::new("master", firmware, nic, 0x10)
-            .disk_from(&source, "GOLDEN-1", "virtio-blk-pci")
-            .kernel(&format!(
+    let spec = VmSpec::new("master", firmware, nic, 0x10).disk_from(
+        &source,
+        "GOLDEN-1",
+        "virtio-blk-pci",
+    );
+    let spec = if usb {
+        let settings = lab.dir.join("diskcast.cfg");
+        std::fs::write(
+            &settings,
+            format!("min_receivers = {slaves}\non_done = poweroff\non_error = poweroff\n"),
+        )
+        .unwrap();
+        let stick = lab.dir.join("stick.img");
+        let built = std::process::Command::new(
+            diskcast_qemu_tests::project_root().join("scripts/make-usb-stick"),
+        )
+        .arg("--output")
+        .arg(&stick)
+        .arg("--settings")
+        .arg(&settings)
+        .status()
+        .unwrap();
+        assert!(built.success(), "make-usb-stick failed");
+        spec.usb_stick(&stick)
+    } else {
+        spec.kernel(&format!(
             "console=ttyS0,115200 panic=-1 diskcast.role=master diskcast.min_receivers={slaves} \
              diskcast.on_done=poweroff diskcast.on_error=poweroff"
-        )),
-    );
-    let slave_vms: Vec<usize> = (1..=slaves)
-        .map(|i| {
-            lab.boot_vm(
-                VmSpec::new(&format!("slave{i}"), firmware, nic, 0x20 + i).disk(
-                    64,
-                    &format!("SLAVE-{i}"),
-                    "virtio-blk-pci",
-                ),
-            )
-        })
-        .collect();
+        ))
+    };
+    let master = lab.boot_vm(spec);
+    let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
     let done = lab.vm(master).console.wait_for(
         "DISKCAST-MASTER-DONE",
         BOOT_TIMEOUT + Duration::from_secs(300),
@@ -133,35 +259,5 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode {
     for vm in std::iter::once(master).chain(slave_vms.iter().copied()) {
         let _ = lab.vm(vm).wait_poweroff(Duration::from_secs(120));
     }
-    let expected = std::fs::read(&source).unwrap();
-    let mut identical = 0;
-    for i in 1..=slaves {
-        let same = std::fs::read(lab.disk_path(&format!("slave{i}"), 0))
-            .map(|d| d == expected)
-            .unwrap_or(false);
-        println!(
-            "lab: slave{i}'s disk {} the master's",
-            if same {
-                "is byte-for-byte identical to"
-            } else {
-                "DIFFERS from"
-            }
-        );
-        identical += usize::from(same);
-    }
-    let ok = done.is_ok() && identical == usize::from(slaves);
-    println!(
-        "lab: {} in {:.0} s (power-on to last copy verified, under TCG emulation)",
-        if ok {
-            "imaging done: every slave holds a verified copy"
-        } else {
-            "imaging FAILED"
-        },
-        started.elapsed().as_secs_f64()
-    );
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    report(&lab, &source, slaves, done.is_ok(), "master's", started)
 }

@@ -1,0 +1,120 @@
+//! The master from a USB stick: a VM boots the stick built by scripts/make-usb-stick (syslinux
+//! under SeaBIOS, systemd-boot under OVMF) with an internal source disk, reads the session settings
+//! from diskcast.cfg on the stick, and multicasts the disk to two VMs that network-boot as slaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use diskcast_qemu_tests::{
+    make_source_disk, project_root, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Builds the stick with test settings (two slaves, power off after).
+fn build_stick(lab: &Lab) -> PathBuf {
+    let settings = lab.dir.join("diskcast.cfg");
+    std::fs::write(
+        &settings,
+        "# test lab\nmin_receivers = 2\nstart_timeout = 600\ndisk = serial:SOURCE-1\n\
+         on_done = poweroff\non_error = poweroff\n",
+    )
+    .unwrap();
+    let stick = lab.dir.join("stick.img");
+    let out = Command::new(project_root().join("scripts/make-usb-stick"))
+        .arg("--output")
+        .arg(&stick)
+        .arg("--settings")
+        .arg(&settings)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make-usb-stick failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stick
+}
+
+fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
+    let mut lab = Lab::new(name);
+    let source = lab.dir.join("source.img");
+    make_source_disk(&source, 64);
+    let stick = build_stick(&lab);
+    let config = lab.bootserver_config(DhcpMode::Full, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("role = \"inventory\"", "role = \"slave\"");
+    std::fs::write(&config, text).unwrap();
+    lab.start_bootserver_with(&config);
+
+    let master = lab.boot_vm(
+        VmSpec::new("master", firmware, "virtio-net-pci", 0x10)
+            .disk_from(&source, "SOURCE-1", "virtio-blk-pci")
+            .usb_stick(&stick),
+    );
+    let slaves: Vec<usize> = (1..=2)
+        .map(|i| {
+            lab.boot_vm(
+                VmSpec::new(&format!("slave{i}"), firmware, "virtio-net-pci", 0x20 + i)
+                    .disk(64, &format!("SLAVE-{i}"), "virtio-blk-pci"),
+            )
+        })
+        .collect();
+    let console = &lab.vm(master).console;
+    console
+        .wait_for("settings: diskcast.cfg from", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("master: {e}"));
+    console
+        .wait_for("master: sending /dev/vda", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("master: {e}"));
+    console
+        .wait_for(
+            "DISKCAST-MASTER-DONE",
+            BOOT_TIMEOUT + Duration::from_secs(300),
+        )
+        .unwrap_or_else(|e| panic!("master: {e}"));
+    console
+        .wait_for("next: power off", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("master: {e}"));
+    for &slave in &slaves {
+        lab.vm(slave)
+            .console
+            .wait_for("DISKCAST-SLAVE-DONE", Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("slave: {e}"));
+    }
+    for vm in std::iter::once(master).chain(slaves.iter().copied()) {
+        let status = lab.vm(vm).wait_poweroff(Duration::from_secs(120)).unwrap();
+        assert!(status.success());
+    }
+    let text = lab.vm(master).console.text();
+    // The live table showed the slaves' addresses.
+    assert!(text.contains("10.77.0.1"), "no slave address in the table:\n{text}");
+    let expected = std::fs::read(&source).unwrap();
+    assert!(
+        std::fs::read(lab.disk_path("master", 0)).unwrap() == expected,
+        "the master's disk changed"
+    );
+    for i in 1..=2 {
+        let copy = std::fs::read(lab.disk_path(&format!("slave{i}"), 0)).unwrap();
+        assert!(copy == expected, "slave{i}'s disk differs from the source");
+    }
+    assert!(
+        same_bytes(&stick, &lab.stick_path("master")),
+        "the stick changed"
+    );
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn usb_master_bios() {
+    master_from_stick_images_two_slaves("usb_master_bios", Firmware::Bios);
+}
+
+#[test]
+fn usb_master_uefi() {
+    master_from_stick_images_two_slaves("usb_master_uefi", Firmware::Uefi);
+}

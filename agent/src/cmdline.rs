@@ -364,9 +364,7 @@ impl BootConfig {
     pub fn render_settings_file(&self) -> String {
         let mut out = String::new();
         for word in self.render().split(' ') {
-            if let Some((key, value)) = word
-                .strip_prefix(PREFIX)
-                .and_then(|kv| kv.split_once('='))
+            if let Some((key, value)) = word.strip_prefix(PREFIX).and_then(|kv| kv.split_once('='))
             {
                 out.push_str(&format!("{key} = {value}\n"));
             }
@@ -459,7 +457,8 @@ mod tests {
 
     #[test]
     fn settings_file_applies_over_the_command_line_and_names_bad_lines() {
-        let mut config = BootConfig::parse("diskcast.role=master diskcast.min_receivers=9").unwrap();
+        let mut config =
+            BootConfig::parse("diskcast.role=master diskcast.min_receivers=9").unwrap();
         config
             .apply_settings_file(
                 "# lab 4 master\n\nmin_receivers = 2   # two rows\nstart_timeout=300\n\
@@ -485,7 +484,9 @@ mod tests {
 
         // A rendered settings file reads back to the same settings.
         let mut fresh = BootConfig::default();
-        fresh.apply_settings_file(&config.render_settings_file()).unwrap();
+        fresh
+            .apply_settings_file(&config.render_settings_file())
+            .unwrap();
         assert_eq!(fresh, config);
     }
 

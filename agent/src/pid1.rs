@@ -123,12 +123,18 @@ pub fn run() -> ! {
     let mut config = config;
     match boot(&mut config, booted) {
         Ok(()) => {
-            print_console(&format!("diskcast: finished; next: {}\n", next_step(config.on_done)));
+            print_console(&format!(
+                "diskcast: finished; next: {}\n",
+                next_step(config.on_done)
+            ));
             finish(config.on_done)
         }
         Err(e) => {
             report(&e);
-            print_console(&format!("diskcast: failed; next: {}\n", next_step(config.on_error)));
+            print_console(&format!(
+                "diskcast: failed; next: {}\n",
+                next_step(config.on_error)
+            ));
             finish(config.on_error);
         }
     }
@@ -143,11 +149,34 @@ fn next_step(how: Finish) -> &'static str {
 }
 
 /// Settings from `diskcast.cfg` on the boot medium override the kernel command line.
-fn apply_stick_settings(config: &mut BootConfig) -> Result<(), Pid1Error> {
+fn apply_stick_settings(
+    config: &mut BootConfig,
+    index: &ModuleIndex,
+    module_dir: &Path,
+    mut loaded: std::collections::HashSet<String>,
+) -> Result<(), Pid1Error> {
     let (disk, start) = crate::stick::find_boot_medium(
         Path::new("/sys"),
         Path::new("/dev"),
         Duration::from_secs(30),
+        || {
+            let report = modules::load_for_present_hardware(
+                index,
+                module_dir,
+                Path::new("/sys"),
+                Duration::from_millis(100),
+                sys::finit_module,
+            );
+            // Loading an already loaded module succeeds: report only the new ones.
+            let new: Vec<String> = report
+                .loaded
+                .into_iter()
+                .filter(|m| loaded.insert(m.clone()))
+                .collect();
+            if !new.is_empty() {
+                log::info!("modules: {} more loaded: {}", new.len(), new.join(" "));
+            }
+        },
     )?;
     let device = PathBuf::from("/dev").join(&disk.name);
     let text = crate::stick::read_settings(&device, start)?;
@@ -162,7 +191,11 @@ fn apply_stick_settings(config: &mut BootConfig) -> Result<(), Pid1Error> {
         "settings: {} from /dev/{} ({}, {}): {}\n",
         crate::stick::SETTINGS_FILE,
         disk.name,
-        if disk.model.is_empty() { "boot medium" } else { &disk.model },
+        if disk.model.is_empty() {
+            "boot medium"
+        } else {
+            &disk.model
+        },
         crate::inventory::human_size(disk.size_bytes),
         config.render_settings_file().trim_end().replace('\n', ", ")
     ));
@@ -196,7 +229,8 @@ fn boot(config: &mut BootConfig, booted: Instant) -> Result<(), Pid1Error> {
     );
 
     if config.settings_from_boot_medium {
-        apply_stick_settings(config)?;
+        let loaded = report.loaded.iter().cloned().collect();
+        apply_stick_settings(config, &index, &module_dir, loaded)?;
     }
     let config = &*config;
     let nic = netconfig::choose_interface(
@@ -250,8 +284,10 @@ fn capture(
         disk.serial,
         human_size(disk.size_bytes)
     );
-    print_console(&format!("capture: reading {description}
-"));
+    print_console(&format!(
+        "capture: reading {description}
+"
+    ));
     let mut opts = CaptureOptions::new(
         PathBuf::from("/dev").join(&disk.name),
         std::net::SocketAddr::from((server, config.store_port)),
@@ -312,8 +348,10 @@ fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result
     print_console(&format!(
         "master: waiting for {} slave(s){}; slaves join by network-booting\n",
         opts.min_receivers,
-        opts.start_timeout
-            .map_or(String::new(), |t| format!(", or {} s with whoever joined", t.as_secs()))
+        opts.start_timeout.map_or(String::new(), |t| format!(
+            ", or {} s with whoever joined",
+            t.as_secs()
+        ))
     ));
     let mut last = Instant::now();
     let summary = session::run_send(&opts, |progress| {
@@ -355,8 +393,12 @@ fn slave(
         ..session::ReceiveOptions::default()
     };
     let mut last = Instant::now();
+    print_console(&format!(
+        "slave: waiting for a session on {}:{}\n",
+        config.group, config.port
+    ));
     session::run_receive(&opts, |p| {
-        if last.elapsed() >= Duration::from_secs(5) {
+        if p.chunks_total > 0 && last.elapsed() >= Duration::from_secs(5) {
             last = Instant::now();
             let pct = if p.chunks_total == 0 {
                 0.0

@@ -23,7 +23,9 @@ pub enum StickError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: no {SETTINGS_FILE} at the root of the stick (rebuild the stick or add the file)")]
+    #[error(
+        "{path}: no {SETTINGS_FILE} at the root of the stick (rebuild the stick or add the file)"
+    )]
     NoSettings { path: PathBuf },
     #[error("{path}: {SETTINGS_FILE} is not UTF-8 text")]
     NotText { path: PathBuf },
@@ -114,18 +116,23 @@ pub fn read_settings(device: &Path, start: u64) -> Result<String, StickError> {
     })
 }
 
-/// The boot medium and the offset of its DISKCAST file system; waits for USB disks to appear.
+/// The boot medium and the offset of its DISKCAST file system. USB disks appear a while after
+/// their controller's driver loads, and their disk driver can only load then: `rescan` loads
+/// drivers for new devices between looks.
 pub fn find_boot_medium(
     sys: &Path,
     dev: &Path,
     wait: Duration,
+    mut rescan: impl FnMut(),
 ) -> Result<(Disk, u64), StickError> {
     let deadline = Instant::now() + wait;
     loop {
+        rescan();
         let inventory = Inventory::read(sys, dev);
         for disk in inventory.disks.iter().filter(|d| d.boot_medium) {
             let device = dev.join(&disk.name);
-            let offsets = crate::inventory::partition_starts(&sys.join("block").join(&disk.name), &disk.name);
+            let offsets =
+                crate::inventory::partition_starts(&sys.join("block").join(&disk.name), &disk.name);
             if let Some(&start) = offsets
                 .iter()
                 .find(|&&offset| has_boot_label(&device, &[offset]))
@@ -185,7 +192,10 @@ mod tests {
         };
         let before = std::fs::read(&image).unwrap();
         assert_eq!(read_settings(&image, 0).unwrap(), "min_receivers = 3\n");
-        assert!(std::fs::read(&image).unwrap() == before, "the stick changed");
+        assert!(
+            std::fs::read(&image).unwrap() == before,
+            "the stick changed"
+        );
         assert!(has_boot_label(&image, &[0]));
 
         let empty = fat_image_with(None).unwrap();

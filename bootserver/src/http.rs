@@ -65,7 +65,10 @@ impl<R: BufRead> ChunkedReader<R> {
 
     fn line(&mut self) -> io::Result<String> {
         let mut line = Vec::new();
-        self.inner.by_ref().take(1024).read_until(b'\n', &mut line)?;
+        self.inner
+            .by_ref()
+            .take(1024)
+            .read_until(b'\n', &mut line)?;
         if !line.ends_with(b"\n") {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -132,7 +135,9 @@ impl<R: Read> Read for LengthReader<R> {
         if self.left == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::Error::new(
@@ -359,13 +364,7 @@ fn respond(
         Response::NotFound => {
             log::info!("http: {client} {method} {path} 404");
             let body = "not found\n";
-            status_line(
-                stream,
-                404,
-                "Not Found",
-                "text/plain",
-                body.len() as u64,
-            )?;
+            status_line(stream, 404, "Not Found", "text/plain", body.len() as u64)?;
             if !head_only {
                 stream.write_all(body.as_bytes())?;
             }

@@ -66,8 +66,16 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                 .filter(|c| **c == diskcast_agent::imaging::manifest::ChunkKind::Zero)
                 .count();
             println!("image:          {name}");
-            println!("file:           {} ({} bytes)", image.path().display(), image.file_len);
-            println!("disk size:      {} ({} bytes)", human_size(m.image_size), m.image_size);
+            println!(
+                "file:           {} ({} bytes)",
+                image.path().display(),
+                image.file_len
+            );
+            println!(
+                "disk size:      {} ({} bytes)",
+                human_size(m.image_size),
+                m.image_size
+            );
             println!(
                 "chunks:         {} of {}: {} data ({} zstd, {} raw), {zero} zero",
                 m.chunk_count(),
@@ -82,14 +90,32 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                 human_size(summary.stored_bytes),
                 summary.data_bytes as f64 / summary.stored_bytes.max(1) as f64
             );
-            println!("image hash:     {}", summary.image_hash.iter().map(|b| format!("{b:02x}")).collect::<String>());
-            println!("created:        {} ({})", summary.created, age(summary.created));
+            println!(
+                "image hash:     {}",
+                summary
+                    .image_hash
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
+            println!(
+                "created:        {} ({})",
+                summary.created,
+                age(summary.created)
+            );
             println!("origin:         {}", image.metadata.origin);
             println!("source machine: {}", image.metadata.source_machine);
             println!("source disk:    {}", image.metadata.source_disk);
             println!("compression:    {}", image.metadata.compression);
             println!("written by:     {}", image.metadata.writer);
-            println!("signature:      {}", if m.signature.is_empty() { "none" } else { "present (not checked)" });
+            println!(
+                "signature:      {}",
+                if m.signature.is_empty() {
+                    "none"
+                } else {
+                    "present (not checked)"
+                }
+            );
             Ok(())
         }
         ImagesCommand::Verify { name } => {

@@ -1,20 +1,20 @@
 //! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
 
 use crate::config::{canonical_mac, Config, ConfigError, DhcpMode};
-use crate::store::{Store, StoreError};
-use diskcast_agent::imaging::session::SendOptions;
-use diskcast_agent::inventory::human_size;
-use std::time::Duration;
 use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
 use crate::http::{self, Response, Routes};
 use crate::ipxe::{BootScript, INITRD_NAME};
 use crate::leases::{LeaseError, LeaseTable};
+use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError};
+use diskcast_agent::imaging::session::SendOptions;
+use diskcast_agent::inventory::human_size;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -421,7 +421,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     );
     let store = Store::open(&config.store_dir())?;
     for stale in store.clean_partials() {
-        log::info!("store: removed {} (an upload that never finished)", stale.display());
+        log::info!(
+            "store: removed {} (an upload that never finished)",
+            stale.display()
+        );
     }
     if let Some(deploy) = &config.deploy {
         let slaves = config
@@ -434,11 +437,17 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             port: slaves.port,
             min_receivers: deploy.min_receivers,
             start_timeout: deploy.start_timeout.map(|s| Duration::from_secs(s.into())),
-            max_rate: deploy.rate.map_or(1_000_000_000, |r| u64::from(r) * 1_000_000),
+            max_rate: deploy
+                .rate
+                .map_or(1_000_000_000, |r| u64::from(r) * 1_000_000),
             ..SendOptions::default()
         };
         let (store, name) = (store.clone(), deploy.image.clone());
-        log::info!("deploy: serving image {name:?} to slaves on {}:{}", opts.group, opts.port);
+        log::info!(
+            "deploy: serving image {name:?} to slaves on {}:{}",
+            opts.group,
+            opts.port
+        );
         threads.push(
             std::thread::Builder::new()
                 .name("deploy".into())

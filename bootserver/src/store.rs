@@ -8,8 +8,7 @@
 //! listed image; the next server start removes partial files whose writer is gone.
 
 use diskcast_agent::imaging::image_file::{
-    valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, EXTENSION,
-    IMAGE_NAME_RULE,
+    valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, EXTENSION, IMAGE_NAME_RULE,
 };
 use diskcast_agent::imaging::manifest::DEFAULT_CHUNK_SIZE;
 use std::fs::{self, File};
@@ -156,8 +155,7 @@ impl Store {
                 continue;
             };
             let pid = stem.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-            if pid.is_none_or(|pid| !process_alive(pid)) && fs::remove_file(entry.path()).is_ok()
-            {
+            if pid.is_none_or(|pid| !process_alive(pid)) && fs::remove_file(entry.path()).is_ok() {
                 removed.push(entry.path());
             }
         }
@@ -380,7 +378,9 @@ mod tests {
                 let mut bytes = good.clone();
                 bytes[at] ^= 0x80;
                 fs::write(&path, &bytes).unwrap();
-                let err = store.verify("img").expect_err("a flipped byte must fail verify");
+                let err = store
+                    .verify("img")
+                    .expect_err("a flipped byte must fail verify");
                 assert!(
                     err.to_string().contains("chunk at image offset")
                         || matches!(err, StoreError::Image(_)),

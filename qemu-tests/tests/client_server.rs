@@ -109,21 +109,29 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
 
     // The retry succeeds.
-    let out = finish(capture(&reference, &source, "golden").spawn().unwrap(), "capture");
+    let out = finish(
+        capture(&reference, &source, "golden").spawn().unwrap(),
+        "capture",
+    );
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("stored image golden"));
     assert_eq!(listed_names(&lab), ["golden"]);
     assert!(images(&lab, &["verify", "golden"]).status.success());
     // The same name again is refused, clearly.
-    let again = finish(capture(&reference, &source, "golden").spawn().unwrap(), "capture again");
+    let again = finish(
+        capture(&reference, &source, "golden").spawn().unwrap(),
+        "capture again",
+    );
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
     // Export gives back the disk.
     let exported = lab.dir.join("exported.img");
-    assert!(images(&lab, &["export", "golden", exported.to_str().unwrap()])
-        .status
-        .success());
+    assert!(
+        images(&lab, &["export", "golden", exported.to_str().unwrap()])
+            .status
+            .success()
+    );
     assert!(std::fs::read(&exported).unwrap() == std::fs::read(&source).unwrap());
 
     // Deploy from the store: the reference machine is not involved.
@@ -145,7 +153,14 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
         .collect();
     let deploy = lab
         .command_in_lab(lab_file("bootserver").to_str().unwrap())
-        .args(["deploy", "golden", "--interface", "br0", "--min-receivers", "2"])
+        .args([
+            "deploy",
+            "golden",
+            "--interface",
+            "br0",
+            "--min-receivers",
+            "2",
+        ])
         .arg("--store")
         .arg(store_dir(&lab))
         .args(["--start-timeout", "60"])
@@ -170,7 +185,15 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     // the store is untouched.
     let target = lab.dir.join("interrupted.img");
     let rx = Lab::in_host(&receivers[0], &agent())
-        .args(["receive", "--interface", "eth0", "--wait", "60", "--sender-timeout", "5"])
+        .args([
+            "receive",
+            "--interface",
+            "eth0",
+            "--wait",
+            "60",
+            "--sender-timeout",
+            "5",
+        ])
         .arg(&target)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -189,7 +212,10 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     deploy.kill().unwrap();
     let _ = deploy.wait();
     let out = finish(rx, "receiver of the killed deploy");
-    assert!(!out.status.success(), "a receiver of a dead deploy reported success");
+    assert!(
+        !out.status.success(),
+        "a receiver of a dead deploy reported success"
+    );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("copy verified"));
     assert!(images(&lab, &["verify", "golden"]).status.success());
 }
@@ -275,7 +301,10 @@ fn client_server_capture_then_deploy() {
         started.elapsed().as_secs_f64()
     );
     for &slave in &slaves {
-        let status = lab.vm(slave).wait_poweroff(Duration::from_secs(120)).unwrap();
+        let status = lab
+            .vm(slave)
+            .wait_poweroff(Duration::from_secs(120))
+            .unwrap();
         assert!(status.success());
     }
     let expected = std::fs::read(&reference_disk).unwrap();
@@ -285,6 +314,9 @@ fn client_server_capture_then_deploy() {
     );
     for i in 1..=2 {
         let copy = std::fs::read(lab.disk_path(&format!("slave{i}"), 0)).unwrap();
-        assert!(copy == expected, "slave{i}'s disk differs from the reference");
+        assert!(
+            copy == expected,
+            "slave{i}'s disk differs from the reference"
+        );
     }
 }

@@ -16,7 +16,8 @@ fn build_stick(lab: &Lab) -> PathBuf {
     std::fs::write(
         &settings,
         "# test lab\nmin_receivers = 2\nstart_timeout = 600\ndisk = serial:SOURCE-1\n\
-         on_done = poweroff\non_error = poweroff\n",
+         on_done = poweroff\non_error = poweroff\n\
+         # slow enough for the live table to show a few times\nrate = 3\n",
     )
     .unwrap();
     let stick = lab.dir.join("stick.img");
@@ -56,8 +57,11 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
     let slaves: Vec<usize> = (1..=2)
         .map(|i| {
             lab.boot_vm(
-                VmSpec::new(&format!("slave{i}"), firmware, "virtio-net-pci", 0x20 + i)
-                    .disk(64, &format!("SLAVE-{i}"), "virtio-blk-pci"),
+                VmSpec::new(&format!("slave{i}"), firmware, "virtio-net-pci", 0x20 + i).disk(
+                    64,
+                    &format!("SLAVE-{i}"),
+                    "virtio-blk-pci",
+                ),
             )
         })
         .collect();
@@ -88,8 +92,16 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
         assert!(status.success());
     }
     let text = lab.vm(master).console.text();
-    // The live table showed the slaves' addresses.
-    assert!(text.contains("10.77.0.1"), "no slave address in the table:\n{text}");
+    // The live table showed each slave with its address, and the totals.
+    for i in 1..=2 {
+        let mac = format!("52:54:00:dc:00:2{i}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&mac) && l.contains(" 10.77.0.1") && l.contains('%')),
+            "no live table line for {mac} with its address:\n{text}"
+        );
+    }
+    assert!(text.contains("total: 2 receiver(s)"), "{text}");
     let expected = std::fs::read(&source).unwrap();
     assert!(
         std::fs::read(lab.disk_path("master", 0)).unwrap() == expected,

@@ -88,7 +88,12 @@ pub fn decode<'a>(
                 .ok_or(CodecError::Decompress { chunk, raw_len })?;
             (Cow::Owned(raw), hash)
         }
-        ChunkKind::Zero => return Err(CodecError::NotStored { chunk, kind: "zero" }),
+        ChunkKind::Zero => {
+            return Err(CodecError::NotStored {
+                chunk,
+                kind: "zero",
+            })
+        }
         ChunkKind::Absent => {
             return Err(CodecError::NotStored {
                 chunk,

@@ -10,9 +10,8 @@
 use super::bits::BitSet;
 use super::manifest::{ChunkKind, Hash, Manifest};
 use super::wire::{
-    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED, ANNOUNCE_FIRST_PASS_DONE,
-    DATA_REPAIR,
-    MAX_DATAGRAM,
+    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED,
+    ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

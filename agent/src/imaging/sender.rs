@@ -9,9 +9,8 @@
 use super::bits::BitSet;
 use super::manifest::Manifest;
 use super::wire::{
-    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED, ANNOUNCE_FIRST_PASS_DONE,
-    DATA_OVERHEAD,
-    DATA_REPAIR, MAX_DATAGRAM,
+    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED,
+    ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};

@@ -308,17 +308,22 @@ impl SendProgress<'_> {
         )];
         let mut seconds_left: f64 = 0.0;
         let mut active = 0;
+        // Receivers count zero chunks as done once zeroed: progress and rates are about data.
+        let manifest = sender.manifest();
+        let data_chunks = manifest.data_chunks().count() as u32;
+        let other_chunks = manifest.chunk_count() - data_chunks;
         for r in sender.receivers() {
-            let pct = if r.chunks_total == 0 {
-                0.0
+            let data_done = r.chunks_done.saturating_sub(other_chunks).min(data_chunks);
+            let pct = if r.state == ReceiverState::Done || data_chunks == 0 {
+                100.0 * f64::from(u8::from(r.state == ReceiverState::Done))
             } else {
-                100.0 * f64::from(r.chunks_done) / f64::from(r.chunks_total)
+                100.0 * f64::from(data_done) / f64::from(data_chunks)
             };
             let elapsed = r.finished_at.unwrap_or(now).duration_since(r.joined_at);
-            let rate = mb_per_s(u64::from(r.chunks_done) * chunk, elapsed);
+            let rate = mb_per_s(u64::from(data_done) * chunk, elapsed);
             if !r.is_final() {
                 active += 1;
-                let left = u64::from(r.chunks_total.saturating_sub(r.chunks_done)) * chunk;
+                let left = u64::from(data_chunks - data_done) * chunk;
                 if rate > 0.0 {
                     seconds_left = seconds_left.max(left as f64 / 1e6 / rate);
                 }

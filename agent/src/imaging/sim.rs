@@ -152,7 +152,15 @@ impl Sim {
             chunks,
             signature: Vec::new(),
         };
-        Self::with_manifest(image, manifest, Some(stored), sender_cfg, receivers, loss, seed)
+        Self::with_manifest(
+            image,
+            manifest,
+            Some(stored),
+            sender_cfg,
+            receivers,
+            loss,
+            seed,
+        )
     }
 
     fn with_manifest(

@@ -80,7 +80,14 @@ fn boot_slaves(lab: &mut Lab, firmware: Firmware, nic: &'static str, slaves: u8)
 }
 
 /// Compares every slave's disk with `source`, prints the verdict, returns the exit code.
-fn report(lab: &Lab, source: &Path, slaves: u8, done: bool, what: &str, started: Instant) -> ExitCode {
+fn report(
+    lab: &Lab,
+    source: &Path,
+    slaves: u8,
+    done: bool,
+    what: &str,
+    started: Instant,
+) -> ExitCode {
     let expected = std::fs::read(source).unwrap();
     let mut identical = 0;
     for i in 1..=slaves {
@@ -132,13 +139,15 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
     lab.start_bootserver_with(&config);
     let started = Instant::now();
     println!("lab: step 1: the reference VM network-boots in capture role");
-    let reference = lab.boot_vm(
-        VmSpec::new("reference", firmware, nic, 0x10).disk_from(&source, "REF-1", "virtio-blk-pci"),
+    let reference = lab.boot_vm(VmSpec::new("reference", firmware, nic, 0x10).disk_from(
+        &source,
+        "REF-1",
+        "virtio-blk-pci",
+    ));
+    let captured = lab.vm(reference).console.wait_for(
+        "DISKCAST-CAPTURE-DONE",
+        BOOT_TIMEOUT + Duration::from_secs(300),
     );
-    let captured = lab
-        .vm(reference)
-        .console
-        .wait_for("DISKCAST-CAPTURE-DONE", BOOT_TIMEOUT + Duration::from_secs(300));
     let _ = lab.vm(reference).wait_poweroff(Duration::from_secs(120));
     if let Err(e) = captured {
         println!("lab: capture FAILED: {e}");
@@ -150,7 +159,10 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
         .arg("list")
         .output()
         .unwrap();
-    println!("lab: the image store now holds:\n{}", String::from_utf8_lossy(&list.stdout));
+    println!(
+        "lab: the image store now holds:\n{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
     println!("lab: step 2: the reference VM is off; {slaves} bare VMs network-boot and get the stored image");
     let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
     let mut done = true;
@@ -158,7 +170,10 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
         done &= lab
             .vm(vm)
             .console
-            .wait_for("DISKCAST-SLAVE-DONE", BOOT_TIMEOUT + Duration::from_secs(300))
+            .wait_for(
+                "DISKCAST-SLAVE-DONE",
+                BOOT_TIMEOUT + Duration::from_secs(300),
+            )
             .is_ok();
         let _ = lab.vm(vm).wait_poweroff(Duration::from_secs(120));
     }
@@ -220,11 +235,8 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
     std::fs::write(&config, text).unwrap();
     lab.start_bootserver_with(&config);
     let started = Instant::now();
-    let spec = VmSpec::new("master", firmware, nic, 0x10).disk_from(
-        &source,
-        "GOLDEN-1",
-        "virtio-blk-pci",
-    );
+    let spec =
+        VmSpec::new("master", firmware, nic, 0x10).disk_from(&source, "GOLDEN-1", "virtio-blk-pci");
     let spec = if usb {
         let settings = lab.dir.join("diskcast.cfg");
         std::fs::write(

@@ -412,6 +412,41 @@ mod tests {
     const EXAMPLE: &str = include_str!("../bootserver.example.toml");
 
     #[test]
+    fn capture_needs_an_image_name_and_renders_where_to_upload() {
+        let mut config: Config = toml::from_str(EXAMPLE).unwrap();
+        config.machines = vec![Machine {
+            mac: "52:54:00:aa:bb:cc".into(),
+            role: Some("capture".into()),
+            disk: None,
+            image: None,
+        }];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("needs an image name"), "{err}");
+        config.machines[0].image = Some("golden".into());
+        config.http_port = 8181;
+        config.validate().unwrap();
+        let agent = config
+            .agent_config_for(Some("52:54:00:aa:bb:cc"), Some(Ipv4Addr::new(10, 77, 0, 1)))
+            .unwrap();
+        assert_eq!(agent.image.as_deref(), Some("golden"));
+        let line = agent.render();
+        assert!(
+            line.contains("diskcast.image=golden") && line.contains("diskcast.store_port=8181")
+        );
+        assert_eq!(BootConfig::parse(&line), Ok(agent));
+        config.machines[0].image = Some("../../etc".into());
+        assert!(config.validate().is_err());
+
+        let with_deploy = format!("{EXAMPLE}\n[deploy]\nimage = \"golden\"\nmin_receivers = 4\n");
+        let config: Config = toml::from_str(&with_deploy).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.deploy.unwrap().min_receivers, 4);
+        let bad = format!("{EXAMPLE}\n[deploy]\nimage = \"a b\"\n");
+        let config: Config = toml::from_str(&bad).unwrap();
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let config: Config = toml::from_str(EXAMPLE).unwrap();
         config.validate().unwrap();

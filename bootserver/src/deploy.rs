@@ -2,7 +2,9 @@
 //! stored chunks travel as they are (zstd frames stay compressed); slaves decompress and check.
 
 use crate::store::{Store, StoreError};
-use diskcast_agent::imaging::session::{self, SendOptions, SendSummary, SessionError};
+use diskcast_agent::imaging::session::{
+    self, SendOptions, SendProgress, SendSummary, SessionError,
+};
 use diskcast_agent::inventory::human_size;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ pub fn deploy_once(
     store: &Store,
     name: &str,
     opts: &SendOptions,
-    mut progress: impl FnMut(&[String]),
+    progress: impl FnMut(&SendProgress<'_>),
 ) -> Result<SendSummary, DeployError> {
     let mut image = store.open_image(name)?;
     let manifest = image.manifest.clone();
@@ -38,12 +40,7 @@ pub fn deploy_once(
         name: name.into(),
         source,
     };
-    session::multicast(opts, manifest, &mut image, |p| {
-        let mut lines = vec![format!("deploying {name}:")];
-        lines.extend(p.table());
-        progress(&lines);
-    })
-    .map_err(session_err)
+    session::multicast(opts, manifest, &mut image, progress).map_err(session_err)
 }
 
 /// `[deploy]` in the server: session after session, so machines booted later are served too.
@@ -60,8 +57,15 @@ pub fn deploy_forever(store: Store, name: String, opts: SendOptions) {
             continue;
         }
         told = false;
-        match deploy_once(&store, &name, &opts, |lines| {
-            for line in lines {
+        // The server log gets the table every few seconds, and not at all while nobody joined.
+        let mut last = std::time::Instant::now();
+        match deploy_once(&store, &name, &opts, |progress| {
+            if progress.sender.receivers().count() == 0 || last.elapsed() < Duration::from_secs(5) {
+                return;
+            }
+            last = std::time::Instant::now();
+            log::info!("deploying {name}:");
+            for line in progress.table() {
                 log::info!("{line}");
             }
         }) {

@@ -460,6 +460,43 @@ mod tests {
         assert!(exchange(b"PUT /i HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 411"));
     }
 
+    #[test]
+    fn mutated_chunked_bodies_never_panic() {
+        let valid = b"5\r\nhello\r\n1a;x=y\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nT: 1\r\n\r\n";
+        let mut body = Vec::new();
+        ChunkedReader::new(&valid[..])
+            .read_to_end(&mut body)
+            .unwrap();
+        assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz");
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut bytes = valid.to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() as usize) % bytes.len();
+                match next() % 3 {
+                    0 => bytes[at] = next() as u8,
+                    1 => bytes.insert(at, b"0f\r\n;"[(next() % 5) as usize]),
+                    _ => {
+                        bytes.remove(at);
+                    }
+                }
+            }
+            let mut body = Vec::new();
+            if ChunkedReader::new(&bytes[..])
+                .read_to_end(&mut body)
+                .is_ok()
+            {
+                assert!(body.len() <= bytes.len());
+            }
+        }
+    }
+
     /// Sends `request` and closes the sending half, as a client that died mid-upload.
     fn exchange_half_closed(request: &[u8]) -> String {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -371,10 +371,8 @@ fn main() -> ExitCode {
                 max_rate: (args.rate * 1e6) as u64,
                 ..SendOptions::default()
             };
-            let summary = deploy_once(&store, &args.image, &opts, |lines| {
-                for line in lines {
-                    eprintln!("{line}");
-                }
+            let summary = deploy_once(&store, &args.image, &opts, |progress| {
+                eprintln!("deploying {}:\n{}", args.image, progress.table().join("\n"));
             })?;
             print!("{}", summary.render());
             Ok(summary.result()?)

@@ -109,6 +109,18 @@ pub fn make_source_disk(path: &Path, size_mib: u64) {
     let _ = fs::remove_dir_all(&tree);
 }
 
+/// Waits for a child that was started with piped output and prints what it said.
+pub fn output_of(child: Child, what: &str) -> std::process::Output {
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "---- {what}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Output of a child process collected line by line, with waiting for a line.
 #[derive(Clone, Default)]
 pub struct Console {
@@ -395,6 +407,17 @@ impl Lab {
 
     /// Writes the bootserver config for this lab and returns its path.
     pub fn bootserver_config(&self, mode: DhcpMode, extra: &str) -> PathBuf {
+        self.bootserver_config_for_role(mode, "inventory", extra)
+    }
+
+    /// Starts a bootserver that boots every machine as a slave (full DHCP); `extra` goes into
+    /// the config's `[agent]` section and may add sections after it.
+    pub fn start_bootserver_for_slaves(&mut self, extra: &str) -> usize {
+        let config = self.bootserver_config_for_role(DhcpMode::Full, "slave", extra);
+        self.start_bootserver_with(&config)
+    }
+
+    fn bootserver_config_for_role(&self, mode: DhcpMode, role: &str, extra: &str) -> PathBuf {
         let mode = match mode {
             DhcpMode::Full => "full",
             DhcpMode::Proxy => "proxy",
@@ -404,7 +427,7 @@ impl Lab {
              [dhcp]\nmode = \"{mode}\"\nrange_start = \"10.77.0.100\"\nrange_end = \"10.77.0.149\"\nlease_secs = 600\n\
              [boot]\nkernel = \"{kernel}\"\ninitramfs = \"{initrd}\"\ntftp_root = \"/usr/lib/ipxe\"\n\
              kernel_args = \"console=ttyS0,115200 panic=-1\"\n\
-             [agent]\nrole = \"inventory\"\non_error = \"poweroff\"\non_done = \"poweroff\"\n{extra}\n",
+             [agent]\nrole = \"{role}\"\non_error = \"poweroff\"\non_done = \"poweroff\"\n{extra}\n",
             ip = self.server_ip,
             state = self.dir.join("state").display(),
             kernel = lab_file("vmlinuz").display(),
@@ -650,6 +673,55 @@ impl Lab {
             child,
         });
         self.vms.len() - 1
+    }
+
+    /// Boots `count` bare VMs (`slave1`...) that network-boot, each with a blank 64 MiB disk.
+    pub fn boot_bare_slaves(
+        &mut self,
+        firmware: Firmware,
+        nic: &'static str,
+        count: u8,
+    ) -> Vec<usize> {
+        (1..=count)
+            .map(|i| {
+                self.boot_vm(
+                    VmSpec::new(&format!("slave{i}"), firmware, nic, 0x20 + i).disk(
+                        64,
+                        &format!("SLAVE-{i}"),
+                        "virtio-blk-pci",
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits for every VM in `vms` to print `marker` and then power off cleanly.
+    pub fn expect_done_and_off(&mut self, vms: &[usize], marker: &str, timeout: Duration) {
+        for &vm in vms {
+            let name = self.vms[vm].spec.name.clone();
+            self.vms[vm]
+                .console
+                .wait_for(marker, timeout)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        for &vm in vms {
+            let name = self.vms[vm].spec.name.clone();
+            let status = self.vms[vm]
+                .wait_poweroff(Duration::from_secs(120))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(status.success(), "{name} did not power off cleanly");
+        }
+    }
+
+    /// True when the first disk of every VM named in `vms` equals `expected` byte for byte.
+    pub fn first_disks_equal(&self, vms: &[&str], expected: &Path) -> Vec<(String, bool)> {
+        let expected = fs::read(expected).unwrap();
+        vms.iter()
+            .map(|vm| {
+                let same = fs::read(self.disk_path(vm, 0)).is_ok_and(|d| d == expected);
+                (vm.to_string(), same)
+            })
+            .collect()
     }
 
     /// The stick image the VM called `vm` booted from (a copy of the one given).

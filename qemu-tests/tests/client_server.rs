@@ -22,33 +22,20 @@ fn agent() -> PathBuf {
     path
 }
 
-fn finish(child: std::process::Child, what: &str) -> Output {
-    let out = child.wait_with_output().unwrap();
-    eprintln!(
-        "---- {what}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use diskcast_qemu_tests::output_of as finish;
 
 /// `bootserver images ...` on the lab's store.
 fn images(lab: &Lab, args: &[&str]) -> Output {
-    let out = Command::new(lab_file("bootserver"))
+    let child = Command::new(lab_file("bootserver"))
         .arg("images")
         .arg("--store")
         .arg(store_dir(lab))
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    eprintln!(
-        "---- images {args:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    finish(child, &format!("images {args:?}"))
 }
 
 fn store_dir(lab: &Lab) -> PathBuf {
@@ -226,19 +213,11 @@ fn client_server_capture_then_deploy() {
     let reference_disk = lab.dir.join("reference.img");
     make_source_disk(&reference_disk, 64);
     // The reference machine captures; every other machine is a slave of the stored image.
-    lab.start_bootserver(
-        DhcpMode::Full,
+    lab.start_bootserver_for_slaves(
         "image = \"golden\"\n\
          [[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
          [deploy]\nimage = \"golden\"\nmin_receivers = 2\nstart_timeout = 120\n",
     );
-    let config = lab.dir.join("bootserver.toml");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("role = \"inventory\"", "role = \"slave\"");
-    std::fs::write(&config, text).unwrap();
-    lab.kill_bootserver(0);
-    lab.start_bootserver_with(&config);
 
     let reference = lab.boot_vm(
         VmSpec::new("reference", Firmware::Bios, "virtio-net-pci", 0x10).disk_from(
@@ -247,18 +226,11 @@ fn client_server_capture_then_deploy() {
             "virtio-blk-pci",
         ),
     );
-    lab.vm(reference)
-        .console
-        .wait_for(
-            "DISKCAST-CAPTURE-DONE",
-            BOOT_TIMEOUT + Duration::from_secs(300),
-        )
-        .unwrap_or_else(|e| panic!("reference: {e}"));
-    let status = lab
-        .vm(reference)
-        .wait_poweroff(Duration::from_secs(120))
-        .unwrap();
-    assert!(status.success());
+    lab.expect_done_and_off(
+        &[reference],
+        "DISKCAST-CAPTURE-DONE",
+        BOOT_TIMEOUT + Duration::from_secs(300),
+    );
     assert_eq!(listed_names(&lab), ["golden"]);
     let show = images(&lab, &["show", "golden"]);
     let show = String::from_utf8_lossy(&show.stdout).into_owned();
@@ -274,49 +246,17 @@ fn client_server_capture_then_deploy() {
 
     // The reference machine is gone; two bare machines boot and get the stored image.
     let started = Instant::now();
-    let slaves: Vec<usize> = (1..=2)
-        .map(|i| {
-            lab.boot_vm(
-                VmSpec::new(
-                    &format!("slave{i}"),
-                    Firmware::Bios,
-                    "virtio-net-pci",
-                    0x20 + i,
-                )
-                .disk(64, &format!("SLAVE-{i}"), "virtio-blk-pci"),
-            )
-        })
-        .collect();
-    for &slave in &slaves {
-        lab.vm(slave)
-            .console
-            .wait_for(
-                "DISKCAST-SLAVE-DONE",
-                BOOT_TIMEOUT + Duration::from_secs(300),
-            )
-            .unwrap_or_else(|e| panic!("slave: {e}"));
-    }
+    let slaves = lab.boot_bare_slaves(Firmware::Bios, "virtio-net-pci", 2);
+    lab.expect_done_and_off(
+        &slaves,
+        "DISKCAST-SLAVE-DONE",
+        BOOT_TIMEOUT + Duration::from_secs(300),
+    );
     eprintln!(
         "slaves booted and verified in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    for &slave in &slaves {
-        let status = lab
-            .vm(slave)
-            .wait_poweroff(Duration::from_secs(120))
-            .unwrap();
-        assert!(status.success());
-    }
-    let expected = std::fs::read(&reference_disk).unwrap();
-    assert!(
-        std::fs::read(lab.disk_path("reference", 0)).unwrap() == expected,
-        "capturing changed the reference disk"
-    );
-    for i in 1..=2 {
-        let copy = std::fs::read(lab.disk_path(&format!("slave{i}"), 0)).unwrap();
-        assert!(
-            copy == expected,
-            "slave{i}'s disk differs from the reference"
-        );
+    for (vm, same) in lab.first_disks_equal(&["reference", "slave1", "slave2"], &reference_disk) {
+        assert!(same, "{vm}'s disk differs from the reference disk");
     }
 }

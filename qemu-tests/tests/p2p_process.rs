@@ -39,16 +39,7 @@ fn make_image(path: &Path, mib: usize, seed: u64) {
     std::fs::write(path, image).unwrap();
 }
 
-fn wait(child: std::process::Child, what: &str) -> Output {
-    let out = child.wait_with_output().unwrap();
-    eprintln!(
-        "---- {what}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use diskcast_qemu_tests::output_of as wait;
 
 #[test]
 fn p2p_send_to_three_receivers_one_with_5_percent_loss() {

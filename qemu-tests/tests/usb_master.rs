@@ -3,9 +3,7 @@
 //! from diskcast.cfg on the stick, and multicasts the disk to two VMs that network-boot as slaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{
-    make_source_disk, project_root, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
-};
+use diskcast_qemu_tests::{make_source_disk, project_root, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -42,12 +40,7 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
     let source = lab.dir.join("source.img");
     make_source_disk(&source, 64);
     let stick = build_stick(&lab);
-    let config = lab.bootserver_config(DhcpMode::Full, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("role = \"inventory\"", "role = \"slave\"");
-    std::fs::write(&config, text).unwrap();
-    lab.start_bootserver_with(&config);
+    lab.start_bootserver_for_slaves("");
 
     let master = lab.boot_vm(
         VmSpec::new("master", firmware, "virtio-net-pci", 0x10)
@@ -78,19 +71,8 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
             BOOT_TIMEOUT + Duration::from_secs(300),
         )
         .unwrap_or_else(|e| panic!("master: {e}"));
-    console
-        .wait_for("next: power off", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("master: {e}"));
-    for &slave in &slaves {
-        lab.vm(slave)
-            .console
-            .wait_for("DISKCAST-SLAVE-DONE", Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("slave: {e}"));
-    }
-    for vm in std::iter::once(master).chain(slaves.iter().copied()) {
-        let status = lab.vm(vm).wait_poweroff(Duration::from_secs(120)).unwrap();
-        assert!(status.success());
-    }
+    lab.expect_done_and_off(&[master], "next: power off", Duration::from_secs(30));
+    lab.expect_done_and_off(&slaves, "DISKCAST-SLAVE-DONE", Duration::from_secs(120));
     let text = lab.vm(master).console.text();
     // The live table showed each slave with its address, and the totals.
     for i in 1..=2 {
@@ -102,14 +84,8 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
         );
     }
     assert!(text.contains("total: 2 receiver(s)"), "{text}");
-    let expected = std::fs::read(&source).unwrap();
-    assert!(
-        std::fs::read(lab.disk_path("master", 0)).unwrap() == expected,
-        "the master's disk changed"
-    );
-    for i in 1..=2 {
-        let copy = std::fs::read(lab.disk_path(&format!("slave{i}"), 0)).unwrap();
-        assert!(copy == expected, "slave{i}'s disk differs from the source");
+    for (vm, same) in lab.first_disks_equal(&["master", "slave1", "slave2"], &source) {
+        assert!(same, "{vm}'s disk differs from the source");
     }
     assert!(
         same_bytes(&stick, &lab.stick_path("master")),

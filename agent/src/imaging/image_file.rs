@@ -73,6 +73,84 @@ pub enum ImageFileError {
     },
 }
 
+/// The fixed-size end of an image file: where the parts are and how to check them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footer {
+    pub data_len: u64,
+    pub manifest_len: u32,
+    pub metadata_len: u32,
+    pub image_hash: [u8; 32],
+    /// CRC32 of manifest + metadata.
+    pub body_crc: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FooterError {
+    #[error("no DCIMAGE footer at the end")]
+    Magic,
+    #[error("the footer's CRC does not match")]
+    Crc,
+    #[error("image file version {0} is not supported (this build reads version {FILE_VERSION})")]
+    Version(u16),
+    #[error("manifest ({manifest_len} bytes) or metadata ({metadata_len} bytes) larger than any real image has")]
+    Sizes {
+        manifest_len: u32,
+        metadata_len: u32,
+    },
+}
+
+impl Footer {
+    pub fn emit(&self) -> [u8; FOOTER_LEN] {
+        let mut out = [0u8; FOOTER_LEN];
+        out[..8].copy_from_slice(FOOTER_MAGIC);
+        out[8..10].copy_from_slice(&FILE_VERSION.to_be_bytes());
+        out[12..20].copy_from_slice(&self.data_len.to_be_bytes());
+        out[20..24].copy_from_slice(&self.manifest_len.to_be_bytes());
+        out[24..28].copy_from_slice(&self.metadata_len.to_be_bytes());
+        out[28..60].copy_from_slice(&self.image_hash);
+        out[60..64].copy_from_slice(&self.body_crc.to_be_bytes());
+        let crc = crc32fast::hash(&out[..64]);
+        out[64..].copy_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    pub fn parse(bytes: &[u8; FOOTER_LEN]) -> Result<Self, FooterError> {
+        if &bytes[..8] != FOOTER_MAGIC {
+            return Err(FooterError::Magic);
+        }
+        if crc32fast::hash(&bytes[..64]) != be_u32(&bytes[64..]) {
+            return Err(FooterError::Crc);
+        }
+        let version = be_u16(&bytes[8..]);
+        if version != FILE_VERSION {
+            return Err(FooterError::Version(version));
+        }
+        let mut image_hash = [0u8; 32];
+        image_hash.copy_from_slice(&bytes[28..60]);
+        let footer = Footer {
+            data_len: be_u64(&bytes[12..]),
+            manifest_len: be_u32(&bytes[20..]),
+            metadata_len: be_u32(&bytes[24..]),
+            image_hash,
+            body_crc: be_u32(&bytes[60..]),
+        };
+        if footer.manifest_len > MAX_MANIFEST || footer.metadata_len > MAX_METADATA {
+            return Err(FooterError::Sizes {
+                manifest_len: footer.manifest_len,
+                metadata_len: footer.metadata_len,
+            });
+        }
+        Ok(footer)
+    }
+
+    /// The file length this footer describes.
+    pub fn file_len(&self) -> Option<u64> {
+        self.data_len.checked_add(
+            u64::from(self.manifest_len) + u64::from(self.metadata_len) + FOOTER_LEN as u64,
+        )
+    }
+}
+
 /// Who made an image, when, from what. Plain `key = value` lines so an admin can read them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {
@@ -215,17 +293,14 @@ impl<W: Write> ImageWriter<W> {
         let mut body_crc = crc32fast::Hasher::new();
         body_crc.update(&manifest_bytes);
         body_crc.update(&meta_bytes);
-        let mut footer = Vec::with_capacity(FOOTER_LEN);
-        footer.extend_from_slice(FOOTER_MAGIC);
-        footer.extend_from_slice(&FILE_VERSION.to_be_bytes());
-        footer.extend_from_slice(&0u16.to_be_bytes());
-        footer.extend_from_slice(&self.data_len.to_be_bytes());
-        footer.extend_from_slice(&(manifest_bytes.len() as u32).to_be_bytes());
-        footer.extend_from_slice(&(meta_bytes.len() as u32).to_be_bytes());
-        footer.extend_from_slice(&manifest.image_hash());
-        footer.extend_from_slice(&body_crc.finalize().to_be_bytes());
-        let footer_crc = crc32fast::hash(&footer);
-        footer.extend_from_slice(&footer_crc.to_be_bytes());
+        let footer = Footer {
+            data_len: self.data_len,
+            manifest_len: manifest_bytes.len() as u32,
+            metadata_len: meta_bytes.len() as u32,
+            image_hash: manifest.image_hash(),
+            body_crc: body_crc.finalize(),
+        }
+        .emit();
         self.out.write_all(&manifest_bytes)?;
         self.out.write_all(&meta_bytes)?;
         self.out.write_all(&footer)?;
@@ -283,32 +358,25 @@ impl ImageFile {
         let mut footer = [0u8; FOOTER_LEN];
         file.read_exact_at(&mut footer, file_len - FOOTER_LEN as u64)
             .map_err(io_err("reading the footer"))?;
-        if &footer[..8] != FOOTER_MAGIC {
-            return Err(ImageFileError::NotAnImage {
+        let footer = Footer::parse(&footer).map_err(|e| match e {
+            FooterError::Magic => ImageFileError::NotAnImage {
                 path: path.into(),
-                why: "no DCIMAGE footer at the end".into(),
-            });
-        }
-        if crc32fast::hash(&footer[..64]) != be_u32(&footer[64..]) {
-            return Err(damaged("the footer", "CRC mismatch".into()));
-        }
-        let version = be_u16(&footer[8..]);
-        if version != FILE_VERSION {
-            return Err(ImageFileError::Version {
+                why: e.to_string(),
+            },
+            FooterError::Version(version) => ImageFileError::Version {
                 path: path.into(),
                 version,
-            });
-        }
-        let data_len = be_u64(&footer[12..]);
-        let manifest_len = be_u32(&footer[20..]);
-        let meta_len = be_u32(&footer[24..]);
-        let mut image_hash = [0u8; 32];
-        image_hash.copy_from_slice(&footer[28..60]);
-        let body_crc = be_u32(&footer[60..]);
-        let expected_len = data_len
-            .checked_add(u64::from(manifest_len) + u64::from(meta_len) + FOOTER_LEN as u64)
-            .filter(|_| manifest_len <= MAX_MANIFEST && meta_len <= MAX_METADATA);
-        if expected_len != Some(file_len) {
+            },
+            _ => damaged("the footer", e.to_string()),
+        })?;
+        let Footer {
+            data_len,
+            manifest_len,
+            metadata_len: meta_len,
+            image_hash,
+            body_crc,
+        } = footer.clone();
+        if footer.file_len() != Some(file_len) {
             return Err(damaged(
                 "the file",
                 format!(
@@ -554,6 +622,32 @@ mod tests {
         assert!(matches!(
             ImageFile::open(&damaged_path),
             Err(ImageFileError::NotAnImage { .. })
+        ));
+    }
+
+    #[test]
+    fn footer_round_trips_and_refuses_damage() {
+        let footer = Footer {
+            data_len: 123_456_789,
+            manifest_len: 4242,
+            metadata_len: 200,
+            image_hash: [7; 32],
+            body_crc: 0xdead_beef,
+        };
+        let bytes = footer.emit();
+        assert_eq!(Footer::parse(&bytes), Ok(footer.clone()));
+        for at in 0..FOOTER_LEN {
+            let mut damaged = bytes;
+            damaged[at] ^= 1;
+            assert!(Footer::parse(&damaged).is_err(), "flip at {at}");
+        }
+        let huge = Footer {
+            manifest_len: u32::MAX,
+            ..footer
+        };
+        assert!(matches!(
+            Footer::parse(&huge.emit()),
+            Err(FooterError::Sizes { .. })
         ));
     }
 

@@ -65,20 +65,6 @@ fn new_lab() -> Lab {
     lab
 }
 
-fn boot_slaves(lab: &mut Lab, firmware: Firmware, nic: &'static str, slaves: u8) -> Vec<usize> {
-    (1..=slaves)
-        .map(|i| {
-            lab.boot_vm(
-                VmSpec::new(&format!("slave{i}"), firmware, nic, 0x20 + i).disk(
-                    64,
-                    &format!("SLAVE-{i}"),
-                    "virtio-blk-pci",
-                ),
-            )
-        })
-        .collect()
-}
-
 /// Compares every slave's disk with `source`, prints the verdict, returns the exit code.
 fn report(
     lab: &Lab,
@@ -88,14 +74,12 @@ fn report(
     what: &str,
     started: Instant,
 ) -> ExitCode {
-    let expected = std::fs::read(source).unwrap();
+    let names: Vec<String> = (1..=slaves).map(|i| format!("slave{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut identical = 0;
-    for i in 1..=slaves {
-        let same = std::fs::read(lab.disk_path(&format!("slave{i}"), 0))
-            .map(|d| d == expected)
-            .unwrap_or(false);
+    for (vm, same) in lab.first_disks_equal(&names, source) {
         println!(
-            "lab: slave{i}'s disk {} the {what}",
+            "lab: {vm}'s disk {} the {what}",
             if same {
                 "is byte-for-byte identical to"
             } else {
@@ -125,18 +109,10 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
     let mut lab = new_lab();
     let source = lab.dir.join("reference.img");
     make_source_disk(&source, 64);
-    let config = lab.bootserver_config(
-        DhcpMode::Full,
-        &format!(
-            "image = \"golden\"\n[[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
+    lab.start_bootserver_for_slaves(&format!(
+        "image = \"golden\"\n[[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
              [deploy]\nimage = \"golden\"\nmin_receivers = {slaves}\n"
-        ),
-    );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("role = \"inventory\"", "role = \"slave\"");
-    std::fs::write(&config, text).unwrap();
-    lab.start_bootserver_with(&config);
+    ));
     let started = Instant::now();
     println!("lab: step 1: the reference VM network-boots in capture role");
     let reference = lab.boot_vm(VmSpec::new("reference", firmware, nic, 0x10).disk_from(
@@ -164,7 +140,7 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
         String::from_utf8_lossy(&list.stdout)
     );
     println!("lab: step 2: the reference VM is off; {slaves} bare VMs network-boot and get the stored image");
-    let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
+    let slave_vms = lab.boot_bare_slaves(firmware, nic, slaves);
     let mut done = true;
     for &vm in &slave_vms {
         done &= lab
@@ -228,12 +204,7 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
     let mut lab = new_lab();
     let source = lab.dir.join("golden.img");
     make_source_disk(&source, 64);
-    let config = lab.bootserver_config(DhcpMode::Full, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("role = \"inventory\"", "role = \"slave\"");
-    std::fs::write(&config, text).unwrap();
-    lab.start_bootserver_with(&config);
+    lab.start_bootserver_for_slaves("");
     let started = Instant::now();
     let spec =
         VmSpec::new("master", firmware, nic, 0x10).disk_from(&source, "GOLDEN-1", "virtio-blk-pci");
@@ -263,7 +234,7 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
         ))
     };
     let master = lab.boot_vm(spec);
-    let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
+    let slave_vms = lab.boot_bare_slaves(firmware, nic, slaves);
     let done = lab.vm(master).console.wait_for(
         "DISKCAST-MASTER-DONE",
         BOOT_TIMEOUT + Duration::from_secs(300),

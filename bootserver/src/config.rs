@@ -75,11 +75,12 @@ pub struct Config {
     pub agent: AgentDefaults,
     #[serde(default, rename = "machine")]
     pub machines: Vec<Machine>,
-    /// A stored image the server multicasts to slaves while it runs.
-    pub deploy: Option<DeployConfig>,
+    /// Stored images the server multicasts to slaves while it runs, one session after another.
+    #[serde(default, rename = "deploy")]
+    pub deploys: Vec<DeployConfig>,
 }
 
-/// `[deploy]`: serve one stored image to slaves, session after session.
+/// `[[deploy]]`: serve one stored image to the slaves whose image it is.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployConfig {
@@ -91,6 +92,9 @@ pub struct DeployConfig {
     pub start_timeout: Option<u32>,
     /// MB/s at most.
     pub rate: Option<u32>,
+    /// UDP port of this image's sessions (on the `[agent]` group); by default the agent's port
+    /// plus one plus the entry's position, so every served image has its own.
+    pub port: Option<u16>,
 }
 
 fn default_min_receivers() -> u32 {
@@ -249,6 +253,19 @@ pub fn format_mac(bytes: &[u8]) -> String {
 }
 
 impl Config {
+    /// The multicast group every session uses (`[agent] group`, or the agent's default).
+    pub fn session_group(&self) -> Ipv4Addr {
+        self.agent.group.unwrap_or(BootConfig::default().group)
+    }
+
+    /// The UDP port of `[[deploy]]` entry `index`'s sessions.
+    pub fn deploy_port(&self, index: usize) -> u16 {
+        let base = self.agent.port.unwrap_or(BootConfig::default().port);
+        self.deploys[index]
+            .port
+            .unwrap_or_else(|| base.wrapping_add(1).wrapping_add(index as u16))
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         self.store_dir
             .clone()
@@ -311,15 +328,35 @@ impl Config {
         }
         self.agent_config_for(None, None)
             .map_err(ConfigError::Invalid)?;
-        if let Some(deploy) = &self.deploy {
+        let mut ports = std::collections::BTreeMap::new();
+        for (index, deploy) in self.deploys.iter().enumerate() {
             if !valid_image_name(&deploy.image) {
                 return invalid(format!(
-                    "[deploy] image {:?} is invalid: use {IMAGE_NAME_RULE}",
+                    "[[deploy]] image {:?} is invalid: use {IMAGE_NAME_RULE}",
                     deploy.image
                 ));
             }
             if deploy.min_receivers == 0 {
-                return invalid("[deploy] min_receivers must be at least 1".into());
+                return invalid(format!(
+                    "[[deploy]] {}: min_receivers must be at least 1",
+                    deploy.image
+                ));
+            }
+            if self.deploys[..index]
+                .iter()
+                .any(|d| d.image == deploy.image)
+            {
+                return invalid(format!(
+                    "[[deploy]] image {:?} is listed twice",
+                    deploy.image
+                ));
+            }
+            let port = self.deploy_port(index);
+            if let Some(other) = ports.insert(port, &deploy.image) {
+                return invalid(format!(
+                    "[[deploy]] {} and {other} would both use port {port}: give one a `port`",
+                    deploy.image
+                ));
             }
         }
         for m in &self.machines {
@@ -390,6 +427,17 @@ impl Config {
             }
             config.image = Some(name.into());
         }
+        // A slave whose image a [[deploy]] serves listens on that deploy's port; other slaves
+        // wait for a peer master on the agent's port.
+        if role == Role::Slave {
+            if let Some(index) = self
+                .deploys
+                .iter()
+                .position(|d| Some(&d.image) == config.image.as_ref())
+            {
+                config.port = self.deploy_port(index);
+            }
+        }
         if role == Role::Capture && config.image.is_none() {
             return Err(
                 "role \"capture\" needs an image name: set [agent] image or the machine's image"
@@ -437,12 +485,39 @@ mod tests {
         config.machines[0].image = Some("../../etc".into());
         assert!(config.validate().is_err());
 
-        let with_deploy = format!("{EXAMPLE}\n[deploy]\nimage = \"golden\"\nmin_receivers = 4\n");
-        let config: Config = toml::from_str(&with_deploy).unwrap();
-        config.validate().unwrap();
-        assert_eq!(config.deploy.unwrap().min_receivers, 4);
-        let bad = format!("{EXAMPLE}\n[deploy]\nimage = \"a b\"\n");
+        let bad = format!("{EXAMPLE}\n[[deploy]]\nimage = \"a b\"\n");
         let config: Config = toml::from_str(&bad).unwrap();
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn each_deployed_image_has_its_own_port_and_slaves_get_theirs() {
+        let text = format!(
+            "{EXAMPLE}\n[[machine]]\nmac = \"52:54:00:00:00:0a\"\nrole = \"slave\"\nimage = \"win11\"\n\
+             [[machine]]\nmac = \"52:54:00:00:00:0b\"\nrole = \"slave\"\nimage = \"ubuntu\"\n\
+             [[machine]]\nmac = \"52:54:00:00:00:0c\"\nrole = \"slave\"\n\
+             [[deploy]]\nimage = \"win11\"\nmin_receivers = 4\n\
+             [[deploy]]\nimage = \"ubuntu\"\n"
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.deploy_port(0), 7745);
+        assert_eq!(config.deploy_port(1), 7746);
+        let port_of = |mac: &str| config.agent_config_for(Some(mac), None).unwrap().port;
+        assert_eq!(port_of("52:54:00:00:00:0a"), 7745);
+        assert_eq!(port_of("52:54:00:00:00:0b"), 7746);
+        // No image: waits for a peer master on the agent's port.
+        assert_eq!(port_of("52:54:00:00:00:0c"), 7744);
+
+        let clash = text.replace(
+            "[[deploy]]\nimage = \"ubuntu\"\n",
+            "[[deploy]]\nimage = \"ubuntu\"\nport = 7745\n",
+        );
+        let config: Config = toml::from_str(&clash).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("port 7745"), "{err}");
+        let twice = format!("{text}[[deploy]]\nimage = \"win11\"\n");
+        let config: Config = toml::from_str(&twice).unwrap();
         assert!(config.validate().is_err());
     }
 

@@ -426,15 +426,12 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             stale.display()
         );
     }
-    if let Some(deploy) = &config.deploy {
-        let slaves = config
-            .agent_config_for(None, Some(server_ip))
-            .map_err(ConfigError::Invalid)?;
+    for (index, deploy) in config.deploys.iter().enumerate() {
         let opts = SendOptions {
             source: store.dir().join(&deploy.image),
             interface: Some(config.interface.clone()),
-            group: slaves.group,
-            port: slaves.port,
+            group: config.session_group(),
+            port: config.deploy_port(index),
             min_receivers: deploy.min_receivers,
             start_timeout: deploy.start_timeout.map(|s| Duration::from_secs(s.into())),
             max_rate: deploy
@@ -444,13 +441,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         };
         let (store, name) = (store.clone(), deploy.image.clone());
         log::info!(
-            "deploy: serving image {name:?} to slaves on {}:{}",
+            "deploy: serving image {name:?} to its slaves on {}:{}",
             opts.group,
             opts.port
         );
         threads.push(
             std::thread::Builder::new()
-                .name("deploy".into())
+                .name(format!("deploy-{name}"))
                 .spawn(move || crate::deploy::deploy_forever(store, name, opts)),
         );
     }

@@ -216,7 +216,7 @@ fn client_server_capture_then_deploy() {
     lab.start_bootserver_for_slaves(
         "image = \"golden\"\n\
          [[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
-         [deploy]\nimage = \"golden\"\nmin_receivers = 2\nstart_timeout = 120\n",
+         [[deploy]]\nimage = \"golden\"\nmin_receivers = 2\nstart_timeout = 120\n",
     );
 
     let reference = lab.boot_vm(

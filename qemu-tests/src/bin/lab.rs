@@ -111,7 +111,7 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
     make_source_disk(&source, 64);
     lab.start_bootserver_for_slaves(&format!(
         "image = \"golden\"\n[[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
-             [deploy]\nimage = \"golden\"\nmin_receivers = {slaves}\n"
+             [[deploy]]\nimage = \"golden\"\nmin_receivers = {slaves}\n"
     ));
     let started = Instant::now();
     println!("lab: step 1: the reference VM network-boots in capture role");

@@ -138,16 +138,43 @@ pub enum DiskSelector {
     Serial(String),
     /// The disk with this kernel name (`sda`, `nvme0n1`, `vda`).
     Name(String),
+    /// The one internal disk of about this size (within 3 %), as written: `500G`, `64Mi`, `2T`.
+    Size(String),
+}
+
+/// Bytes in a size like `500G` (decimal units K, M, G, T) or `64Mi` (binary Ki, Mi, Gi, Ti).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok().filter(|n: &f64| *n > 0.0)?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    let bytes = number * scale as f64;
+    (bytes >= 1.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
 impl DiskSelector {
-    pub const EXPECTED: &'static str = "`only`, `serial:SERIAL` or `name:DEVICE`";
+    pub const EXPECTED: &'static str =
+        "`only`, `serial:SERIAL`, `name:DEVICE` or `size:SIZE` (500G, 64Mi)";
 
     pub fn render(&self) -> String {
         match self {
             Self::Only => "only".into(),
             Self::Serial(serial) => format!("serial:{serial}"),
             Self::Name(name) => format!("name:{name}"),
+            Self::Size(size) => format!("size:{size}"),
         }
     }
 
@@ -158,6 +185,7 @@ impl DiskSelector {
             Some(("name", name)) if !name.is_empty() && !name.contains('/') => {
                 Some(Self::Name(name.into()))
             }
+            Some(("size", size)) if parse_size(size).is_some() => Some(Self::Size(size.into())),
             _ => None,
         }
     }
@@ -583,6 +611,17 @@ mod tests {
                 "{bad}"
             );
         }
+        assert_eq!(parse_size("500G"), Some(500_000_000_000));
+        assert_eq!(parse_size("64Mi"), Some(64 << 20));
+        assert_eq!(parse_size("1.5T"), Some(1_500_000_000_000));
+        for bad in ["", "G", "12X", "-5G", "0"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        assert!(BootConfig::parse("diskcast.disk=size:lots").is_err());
+        assert_eq!(
+            BootConfig::parse("diskcast.disk=size:500G").unwrap().disk,
+            DiskSelector::Size("500G".into())
+        );
         assert_eq!(
             BootConfig::parse("diskcast.disk=name:nvme0n1")
                 .unwrap()

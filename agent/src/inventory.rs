@@ -218,7 +218,9 @@ pub enum SelectError {
     BootMedium { name: String },
     #[error("no internal disk found (disks present: {present})")]
     NoInternalDisk { present: String },
-    #[error("several internal disks ({present}); choose one with diskcast.disk=serial:SERIAL")]
+    #[error(
+        "several internal disks match ({present}); choose one with diskcast.disk=serial:SERIAL"
+    )]
     Ambiguous { present: String },
 }
 
@@ -271,6 +273,28 @@ pub fn select_disk<'a>(
                     what: format!("name {name}"),
                     present: present(),
                 })?
+        }
+        DiskSelector::Size(text) => {
+            let wanted = crate::cmdline::parse_size(text).unwrap_or(0) as f64;
+            let matching: Vec<&Disk> = disks
+                .iter()
+                .filter(|d| !d.boot_medium && !d.removable)
+                .filter(|d| (d.size_bytes as f64 - wanted).abs() <= wanted * 0.03)
+                .collect();
+            match matching.len() {
+                1 => matching[0],
+                0 => {
+                    return Err(SelectError::NotFound {
+                        what: format!("size {text} (within 3 %)"),
+                        present: present(),
+                    })
+                }
+                _ => {
+                    return Err(SelectError::Ambiguous {
+                        present: describe_disks(matching.into_iter()),
+                    })
+                }
+            }
         }
         DiskSelector::Only => {
             let internal: Vec<&Disk> = disks
@@ -506,6 +530,31 @@ mod tests {
         assert!(matches!(
             select_disk(&disks[..1], &DiskSelector::Only),
             Err(SelectError::NoInternalDisk { .. })
+        ));
+
+        // By size: 1 GiB disks are "1.07G" in decimal units; vdb is made 500 GB.
+        let mut sized = disks.clone();
+        sized[2].size_bytes = 500_107_862_016;
+        assert_eq!(
+            select_disk(&sized, &DiskSelector::Size("500G".into()))
+                .unwrap()
+                .name,
+            "vdb"
+        );
+        assert_eq!(
+            select_disk(&sized, &DiskSelector::Size("1Gi".into()))
+                .unwrap()
+                .name,
+            "vda"
+        );
+        assert!(matches!(
+            select_disk(&sized, &DiskSelector::Size("2T".into())),
+            Err(SelectError::NotFound { .. })
+        ));
+        // The stick is 1 GiB too, but never matches.
+        assert!(matches!(
+            select_disk(&disks, &DiskSelector::Size("1Gi".into())),
+            Err(SelectError::Ambiguous { .. })
         ));
     }
 

@@ -184,6 +184,34 @@ impl BootRoutes {
         let Ok(dhcp) = self.dhcp.lock() else {
             return Response::NotFound;
         };
+        let images: Vec<serde_json::Value> = self
+            .store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|entry| match entry {
+                Ok(i) => serde_json::json!({
+                    "name": i.name, "disk_bytes": i.raw_size, "data_bytes": i.data_bytes,
+                    "stored_bytes": i.stored_bytes, "created": i.created,
+                    "hash": short_hash(&i.image_hash), "origin": i.origin,
+                }),
+                Err(e) => serde_json::json!({ "error": diskcast_agent::error_chain(&e) }),
+            })
+            .collect();
+        let deploys: Vec<serde_json::Value> = self
+            .config
+            .deploys
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                serde_json::json!({
+                    "image": d.image,
+                    "group": self.config.session_group().to_string(),
+                    "port": self.config.deploy_port(index),
+                    "min_receivers": d.min_receivers,
+                })
+            })
+            .collect();
         let body = serde_json::json!({
             "mode": format!("{:?}", dhcp.settings().mode).to_lowercase(),
             "leases": dhcp.leases.leases,
@@ -191,6 +219,8 @@ impl BootRoutes {
                 "offers": dhcp.stats.offers, "acks": dhcp.stats.acks, "naks": dhcp.stats.naks,
                 "malformed": dhcp.stats.malformed, "ignored": dhcp.stats.ignored,
             },
+            "images": images,
+            "deploys": deploys,
         });
         Response::Text {
             content_type: "application/json",

@@ -1,16 +1,65 @@
-//! Console logger: every record goes to stderr (the console when the agent is PID 1) and, when
-//! `/dev/kmsg` is writable, into the kernel log at debug priority so `dmesg` keeps it without the
-//! kernel echoing it to the console a second time.
+//! Console output and the logger. Every record goes to the console and, when `/dev/kmsg` is
+//! writable, into the kernel log at debug priority so `dmesg` keeps it without the kernel echoing
+//! it to the console a second time.
+//!
+//! "The console" is every console the kernel was given: with `console=tty0 console=ttyS0` the
+//! kernel hands PID 1 only the last one as `/dev/console`, but the admin in front of the machine
+//! watches the screen and a lab's log server the serial line; both must see the progress.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
+
+static CONSOLES: OnceLock<Vec<Mutex<File>>> = OnceLock::new();
+
+/// From now on, console output goes to every active console (`/sys/class/tty/console/active`).
+/// Returns their names. Without that file (a host CLI), output stays on stdout and stderr.
+pub fn use_all_consoles(sys: &Path, dev: &Path) -> Vec<String> {
+    let names: Vec<String> = std::fs::read_to_string(sys.join("class/tty/console/active"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|n| !n.contains('/') && !n.starts_with('.'))
+        .map(String::from)
+        .collect();
+    let files: Vec<Mutex<File>> = names
+        .iter()
+        .filter_map(|n| OpenOptions::new().write(true).open(dev.join(n)).ok())
+        .map(Mutex::new)
+        .collect();
+    if !files.is_empty() {
+        let _ = CONSOLES.set(files);
+    }
+    names
+}
+
+/// Writes `text` to every console (or to stdout, or stderr for log lines, on a host).
+pub fn console_write(text: &str, is_log: bool) {
+    match CONSOLES.get() {
+        Some(consoles) => {
+            for console in consoles {
+                if let Ok(mut console) = console.lock() {
+                    let _ = console.write_all(text.as_bytes());
+                }
+            }
+        }
+        None if is_log => {
+            let _ = std::io::stderr().write_all(text.as_bytes());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+    }
+}
+
+static KMSG: OnceLock<Mutex<File>> = OnceLock::new();
 
 #[derive(Debug)]
 struct ConsoleLogger {
     started: Instant,
-    kmsg: Option<Mutex<File>>,
 }
 
 impl log::Log for ConsoleLogger {
@@ -28,8 +77,8 @@ impl log::Log for ConsoleLogger {
             record.level(),
             record.args()
         );
-        let _ = std::io::stderr().write_all(line.as_bytes());
-        if let Some(kmsg) = &self.kmsg {
+        console_write(&line, true);
+        if let Some(kmsg) = KMSG.get() {
             if let Ok(mut kmsg) = kmsg.lock() {
                 let _ = write!(kmsg, "<7>diskcast: {}", record.args());
             }
@@ -39,16 +88,34 @@ impl log::Log for ConsoleLogger {
     fn flush(&self) {}
 }
 
-/// Installs the logger once; later calls only change the level.
+/// Installs the logger once; later calls change the level and may add the kernel log (PID 1
+/// logs before `/dev` is mounted, then again once `/dev/kmsg` exists).
 pub fn init(level: log::LevelFilter, to_kmsg: bool) {
-    let kmsg = to_kmsg
-        .then(|| OpenOptions::new().write(true).open("/dev/kmsg").ok())
-        .flatten()
-        .map(Mutex::new);
+    if to_kmsg {
+        if let Ok(kmsg) = OpenOptions::new().write(true).open("/dev/kmsg") {
+            let _ = KMSG.set(Mutex::new(kmsg));
+        }
+    }
     let logger = ConsoleLogger {
         started: Instant::now(),
-        kmsg,
     };
     let _ = log::set_boxed_logger(Box::new(logger));
     log::set_max_level(level);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_consoles_are_read_from_sysfs() {
+        let root = std::env::temp_dir().join(format!("diskcast-consoles-{}", std::process::id()));
+        let (sys, dev) = (root.join("sys"), root.join("dev"));
+        std::fs::create_dir_all(sys.join("class/tty/console")).unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(sys.join("class/tty/console/active"), "tty0 ttyS0\n").unwrap();
+        assert_eq!(use_all_consoles(&sys, &dev), ["tty0", "ttyS0"]);
+        // No device nodes here: nothing was switched, output stays on stdout/stderr.
+        assert!(CONSOLES.get().is_none());
+    }
 }

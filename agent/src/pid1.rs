@@ -7,7 +7,7 @@ use crate::inventory::Inventory;
 use crate::modules::{self, ModuleIndex, ModulesError};
 use crate::netconfig::{self, NetError};
 use crate::{logging, sys, READY_MARKER};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,7 @@ pub fn run() -> ! {
         finish(Finish::Shell);
     }
     logging::init(log::LevelFilter::Info, true);
+    logging::use_all_consoles(Path::new("/sys"), Path::new("/dev"));
     let config = match std::fs::read_to_string("/proc/cmdline")
         .map_err(Pid1Error::ReadCmdline)
         .and_then(|line| BootConfig::parse(&line).map_err(Pid1Error::from))
@@ -421,9 +422,7 @@ fn slave(
 }
 
 fn print_console(text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
+    crate::logging::console_write(text, false);
 }
 
 /// Prints an error with its chain of causes.

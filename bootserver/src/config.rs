@@ -352,6 +352,12 @@ impl Config {
                 ));
             }
             let port = self.deploy_port(index);
+            if port == self.agent.port.unwrap_or(BootConfig::default().port) {
+                return invalid(format!(
+                    "[[deploy]] {} would use port {port}, the peer-to-peer masters' port: give it another `port`",
+                    deploy.image
+                ));
+            }
             if let Some(other) = ports.insert(port, &deploy.image) {
                 return invalid(format!(
                     "[[deploy]] {} and {other} would both use port {port}: give one a `port`",

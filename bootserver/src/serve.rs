@@ -270,13 +270,37 @@ impl Routes for BootRoutes {
         };
         log::info!("store: receiving image {name:?} from {client}");
         let started = std::time::Instant::now();
-        if let Err(e) = std::io::copy(body, &mut incoming.file) {
-            log::warn!("store: upload of {name:?} from {client} broke off: {e}; nothing stored");
-            return status(
-                400,
-                "Bad Request",
-                format!("the upload broke off ({e}); nothing was stored\n"),
-            );
+        // Reading the network and writing the store fail for different reasons: say which.
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!(
+                        "store: upload of {name:?} from {client} broke off: {e}; nothing stored"
+                    );
+                    return status(
+                        400,
+                        "Bad Request",
+                        format!("the upload broke off ({e}); nothing was stored\n"),
+                    );
+                }
+            };
+            if let Err(e) = std::io::Write::write_all(&mut incoming.file, &buf[..n]) {
+                log::error!(
+                    "store: writing image {name:?} into {}: {e}; nothing stored",
+                    self.store.dir().display()
+                );
+                return status(
+                    507,
+                    "Insufficient Storage",
+                    format!(
+                        "the image store could not write the image ({e}); nothing was stored\n"
+                    ),
+                );
+            }
         }
         match incoming.commit() {
             Ok(summary) => {

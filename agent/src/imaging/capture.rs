@@ -165,6 +165,17 @@ pub fn run_capture(
         .map_err(upload_err)?;
     let mut response = BufReader::new(stream.try_clone().map_err(upload_err)?);
     let (status, message) = read_response(&mut response).map_err(upload_err)?;
+    // A server that stops reading mid-upload (its disk is full, it restarts) may have said why:
+    // prefer its answer to our broken pipe.
+    let sending_failed =
+        |source: io::Error, response: &mut BufReader<TcpStream>| match read_response(response) {
+            Ok((status, message)) if status >= 400 => CaptureError::Refused {
+                addr,
+                status,
+                message,
+            },
+            _ => CaptureError::Upload { addr, source },
+        };
     if status != 100 {
         return Err(CaptureError::Refused {
             addr,
@@ -198,7 +209,9 @@ pub fn run_capture(
             if encoded.kind.is_data() {
                 uploaded += encoded.stored.len() as u64;
             }
-            writer.push(encoded, bytes.len()).map_err(upload_err)?;
+            writer
+                .push(encoded, bytes.len())
+                .map_err(|e| sending_failed(e, &mut response))?;
         }
         index = end;
         progress(
@@ -209,10 +222,12 @@ pub fn run_capture(
     let mut meta = Metadata::now("capture", opts.level);
     meta.source_machine = opts.source_machine.clone();
     meta.source_disk = opts.source_disk.clone();
-    let (manifest, buffered) = writer.finish(&meta).map_err(upload_err)?;
+    let (manifest, buffered) = writer
+        .finish(&meta)
+        .map_err(|e| sending_failed(e, &mut response))?;
     let mut chunked = buffered
         .into_inner()
-        .map_err(|e| upload_err(e.into_error()))?;
+        .map_err(|e| sending_failed(e.into_error(), &mut response))?;
     chunked
         .inner
         .write_all(b"0\r\n\r\n")

@@ -198,7 +198,12 @@ fn apply_stick_settings(
             &disk.model
         },
         crate::inventory::human_size(disk.size_bytes),
-        config.render_settings_file().trim_end().replace('\n', ", ")
+        config
+            .render_settings_file()
+            .lines()
+            .filter(|l| !l.starts_with("settings ="))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     Ok(())
 }

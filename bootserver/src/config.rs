@@ -92,6 +92,8 @@ pub struct DeployConfig {
     pub start_timeout: Option<u32>,
     /// MB/s at most.
     pub rate: Option<u32>,
+    /// Drop slaves not done this many seconds after the data started (default: wait for all).
+    pub deadline: Option<u32>,
     /// UDP port of this image's sessions (on the `[agent]` group); by default the agent's port
     /// plus one plus the entry's position, so every served image has its own.
     pub port: Option<u16>,

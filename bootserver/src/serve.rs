@@ -488,6 +488,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             port: config.deploy_port(index),
             min_receivers: deploy.min_receivers,
             start_timeout: deploy.start_timeout.map(|s| Duration::from_secs(s.into())),
+            deadline: deploy.deadline.map(|s| Duration::from_secs(s.into())),
             max_rate: deploy
                 .rate
                 .map_or(1_000_000_000, |r| u64::from(r) * 1_000_000),

@@ -87,7 +87,7 @@ impl Incoming {
             .sync_all()
             .map_err(io_err(&self.temp, "syncing"))?;
         let image = ImageFile::open(&self.temp).map_err(StoreError::Rejected)?;
-        image.verify(|_| {}).map_err(StoreError::Rejected)?;
+        image.verify().map_err(StoreError::Rejected)?;
         match fs::hard_link(&self.temp, &self.final_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -226,7 +226,7 @@ impl Store {
 
     pub fn verify(&self, name: &str) -> Result<ImageSummary, StoreError> {
         let (summary, image) = self.show(name)?;
-        image.verify(|_| {})?;
+        image.verify()?;
         Ok(summary)
     }
 

@@ -238,9 +238,10 @@ pub fn run_capture(
         human_size(chunked.written),
         human_size(manifest.data_bytes())
     );
-    // The server re-reads and checks everything before answering.
+    // The server re-reads and checks everything before answering: allow for a slow disk there.
+    let check_time = Duration::from_secs(120 + chunked.written / 50_000_000);
     stream
-        .set_read_timeout(Some(Duration::from_secs(600)))
+        .set_read_timeout(Some(check_time))
         .map_err(upload_err)?;
     let (status, message) = read_response(&mut response).map_err(upload_err)?;
     if status != 201 {

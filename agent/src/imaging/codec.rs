@@ -56,6 +56,19 @@ pub fn encode(raw: &[u8], level: i32) -> Encoded<'_> {
     }
 }
 
+/// Like [`decode`], keeping the buffer of a raw chunk instead of copying it.
+pub fn decode_owned(
+    chunk: u32,
+    kind: &ChunkKind,
+    stored: Vec<u8>,
+    raw_len: usize,
+) -> Result<Vec<u8>, CodecError> {
+    match decode(chunk, kind, &stored, raw_len)? {
+        Cow::Borrowed(_) => Ok(stored),
+        Cow::Owned(raw) => Ok(raw),
+    }
+}
+
 /// The raw bytes of chunk `chunk` from its stored bytes, checked against the manifest entry.
 pub fn decode<'a>(
     chunk: u32,

@@ -349,10 +349,13 @@ pub enum DiskOp {
     Prepare {
         image_size: u64,
     },
+    /// Decode (decompress, check the hash), then write.
     Write {
         chunk: u32,
         offset: u64,
-        data: Vec<u8>,
+        stored: Vec<u8>,
+        kind: ChunkKind,
+        raw_len: usize,
     },
     Zero {
         offset: u64,
@@ -366,8 +369,17 @@ pub enum DiskOp {
 /// What the writer thread finished.
 #[derive(Debug)]
 pub enum DiskDone {
-    Written { chunk: u32 },
-    Zeroed { len: u64 },
+    Written {
+        chunk: u32,
+    },
+    /// The chunk did not decode to its hash; nothing was written.
+    Rejected {
+        chunk: u32,
+        why: String,
+    },
+    Zeroed {
+        len: u64,
+    },
     Verified(Result<Hash, String>),
     Failed(String),
 }
@@ -392,7 +404,9 @@ pub fn spawn_writer(
                     Ok(()) => continue,
                     Err(e) => DiskDone::Failed(format!("sizing {path} to {image_size} bytes: {e}")),
                 },
-                DiskOp::Write { chunk, offset, data } => match target.write_at(&data, offset, &mut staging) {
+                DiskOp::Write { chunk, offset, stored, kind, raw_len } => match super::codec::decode_owned(chunk, &kind, stored, raw_len) {
+                    Err(e) => DiskDone::Rejected { chunk, why: format!("{e} (offset {offset})") },
+                    Ok(data) => match target.write_at(&data, offset, &mut staging) {
                     Ok(()) => {
                         unchecked.push((chunk, offset, data.len()));
                         if unchecked.len() >= CHECK_BATCH {
@@ -411,6 +425,7 @@ pub fn spawn_writer(
                         DiskDone::Written { chunk }
                     }
                     Err(e) => DiskDone::Failed(format!("writing {} bytes at offset {offset} of {path}: {e}", data.len())),
+                    },
                 },
                 DiskOp::Zero { offset, len } => match target.zero(offset, len) {
                     Ok(()) => DiskDone::Zeroed { len },

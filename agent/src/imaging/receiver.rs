@@ -79,11 +79,16 @@ impl Default for ReceiverConfig {
 pub enum Action {
     /// Send to the sender (unicast).
     Send(Vec<u8>),
-    /// Write a verified chunk at its offset; report with [`Receiver::chunk_written`].
+    /// Decode `stored` (see [`super::codec::decode_owned`]: decompress, check the hash of the
+    /// raw bytes) and write the raw chunk at its offset; report with [`Receiver::chunk_written`],
+    /// or [`Receiver::chunk_rejected`] when it does not decode. Done at the disk side so that
+    /// the network thread only assembles datagrams.
     Write {
         chunk: u32,
         offset: u64,
-        data: Vec<u8>,
+        stored: Vec<u8>,
+        kind: ChunkKind,
+        raw_len: usize,
     },
     /// Make a range read as zeros; report with [`Receiver::zeroed`].
     Zero { offset: u64, len: u64 },
@@ -574,38 +579,37 @@ impl Receiver {
         self.data(data.chunk, data.block, data.bytes, out);
     }
 
-    /// A chunk with every block in: check its hash, then hand it to the disk.
-    fn complete_chunk(&mut self, chunk: u32, data: Vec<u8>, out: &mut Vec<Action>) {
+    /// A chunk with every block in: hand it to the disk side, which checks it before writing.
+    fn complete_chunk(&mut self, chunk: u32, stored: Vec<u8>, out: &mut Vec<Action>) {
         let Some(manifest) = &self.manifest else {
             return;
         };
-        let (offset, raw_len) = manifest.chunk_range(chunk);
-        let (expected, data) = match manifest.chunks[chunk as usize] {
-            ChunkKind::Data(hash) => (hash, data),
-            ChunkKind::Zstd { hash, .. } => (
-                hash,
-                // A frame that does not decompress to exactly the chunk fails the hash below.
-                zstd::bulk::decompress(&data, raw_len).unwrap_or_default(),
-            ),
-            ChunkKind::Absent | ChunkKind::Zero => {
-                self.stats.malformed += 1;
-                return;
-            }
-        };
-        if *blake3::hash(&data).as_bytes() != expected {
-            // Corrupt in a way the CRC missed, or a rogue sender: drop it and ask again.
-            self.stats.corrupt_chunks += 1;
-            log::warn!(
-                "chunk {chunk} at offset {offset} failed its hash check; asking for it again"
-            );
+        let kind = manifest.chunks[chunk as usize];
+        if !kind.is_data() {
+            self.stats.malformed += 1;
             return;
         }
+        let (offset, raw_len) = manifest.chunk_range(chunk);
         self.chunks[chunk as usize] = ChunkState::Writing;
         out.push(Action::Write {
             chunk,
             offset,
-            data,
+            stored,
+            kind,
+            raw_len,
         });
+    }
+
+    /// Chunk `chunk` did not decode to bytes with its hash (corrupt in a way the CRCs missed, or
+    /// a rogue sender): nothing was written; it is asked for again.
+    pub fn chunk_rejected(&mut self, chunk: u32, why: &str) {
+        if let Some(state) = self.chunks.get_mut(chunk as usize) {
+            if *state == ChunkState::Writing {
+                *state = ChunkState::Missing;
+                self.stats.corrupt_chunks += 1;
+                log::warn!("{why}; asking for it again");
+            }
+        }
     }
 
     /// The caller wrote chunk `chunk`.

@@ -553,6 +553,10 @@ pub fn run_receive(
             let now = Instant::now();
             actions.extend(match finished {
                 DiskDone::Written { chunk } => receiver.chunk_written(chunk),
+                DiskDone::Rejected { chunk, why } => {
+                    receiver.chunk_rejected(chunk, &why);
+                    Vec::new()
+                }
                 DiskDone::Zeroed { len } => receiver.zeroed(len),
                 DiskDone::Verified(result) => receiver.verified(result, now),
                 DiskDone::Failed(reason) => receiver.disk_failed(reason),
@@ -576,12 +580,16 @@ pub fn run_receive(
                 Action::Write {
                     chunk,
                     offset,
-                    data,
+                    stored,
+                    kind,
+                    raw_len,
                 } => ops
                     .send(DiskOp::Write {
                         chunk,
                         offset,
-                        data,
+                        stored,
+                        kind,
+                        raw_len,
                     })
                     .map_err(|_| SessionError::WriterGone)?,
                 Action::Zero { offset, len } => ops

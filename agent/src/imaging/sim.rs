@@ -280,12 +280,23 @@ impl Sim {
                 Action::Write {
                     chunk,
                     offset,
-                    data,
+                    stored,
+                    kind,
+                    raw_len,
                 } => {
                     let r = &mut self.receivers[i];
-                    r.disk[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-                    r.writes += 1;
-                    r.rx.chunk_written(chunk)
+                    match super::codec::decode_owned(chunk, &kind, stored, raw_len) {
+                        Ok(data) => {
+                            r.disk[offset as usize..offset as usize + data.len()]
+                                .copy_from_slice(&data);
+                            r.writes += 1;
+                            r.rx.chunk_written(chunk)
+                        }
+                        Err(e) => {
+                            r.rx.chunk_rejected(chunk, &e.to_string());
+                            Vec::new()
+                        }
+                    }
                 }
                 Action::Zero { offset, len } => {
                     let r = &mut self.receivers[i];

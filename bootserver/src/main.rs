@@ -237,12 +237,21 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> Result<Store, Box<dyn std::error::Error>> {
+    /// The store; only `create` makes a missing directory (a typo must not look like an empty
+    /// store).
+    fn open(&self, create: bool) -> Result<Store, Box<dyn std::error::Error>> {
         let dir = match (&self.store, &self.config) {
             (Some(dir), _) => dir.clone(),
             (None, Some(config)) => Config::load(config)?.store_dir(),
             (None, None) => return Err("give --store DIR or --config FILE".into()),
         };
+        if !create && !dir.is_dir() {
+            return Err(format!(
+                "there is no image store at {} (check --store or the config's store_dir)",
+                dir.display()
+            )
+            .into());
+        }
         Ok(Store::open(&dir)?)
     }
 }
@@ -357,9 +366,12 @@ fn main() -> ExitCode {
             print!("{}", script.render());
             Ok(())
         }
-        Command::Images { store, command } => images(&store.open()?, command),
+        Command::Images { store, command } => {
+            let create = matches!(command, ImagesCommand::Import { .. });
+            images(&store.open(create)?, command)
+        }
         Command::Deploy(args) => {
-            let store = args.store.open()?;
+            let store = args.store.open(false)?;
             let opts = SendOptions {
                 source: store.dir().join(&args.image),
                 interface: Some(args.interface),

@@ -59,9 +59,9 @@ struct CaptureArgs {
     /// The bootserver: ADDRESS or ADDRESS:PORT (its HTTP port, 8080 by default).
     #[arg(long)]
     to: String,
-    /// Name of the image in the store.
+    /// Name of the image in the store (default: HOSTNAME-SOURCE, e.g. `lab12-sda`).
     #[arg(long)]
-    name: String,
+    name: Option<String>,
     /// zstd level (1 fastest ... 19 smallest).
     #[arg(long, default_value_t = imaging::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     level: i32,
@@ -221,7 +221,13 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Capture(args) => {
             let server = parse_server(&args.to)?;
-            let mut opts = imaging::capture::CaptureOptions::new(args.source, server, args.name);
+            let name = match args.name {
+                Some(name) => name,
+                None => default_image_name(&host_name(), &args.source).ok_or(
+                    "no usable default image name from the host and source names: give --name",
+                )?,
+            };
+            let mut opts = imaging::capture::CaptureOptions::new(args.source, server, name);
             opts.level = args.level;
             opts.source_machine = host_name();
             opts.source_disk = opts.source.display().to_string();
@@ -250,6 +256,29 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+/// `HOST-SOURCE` with every character an image name cannot hold replaced by `-`.
+fn default_image_name(host: &str, source: &std::path::Path) -> Option<String> {
+    let file = source.file_name()?.to_string_lossy();
+    let raw = if host.is_empty() {
+        file.to_string()
+    } else {
+        format!("{host}-{file}")
+    };
+    let name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    let name = name.trim_start_matches(['-', '.', '_']).to_string();
+    imaging::image_file::valid_image_name(&name).then_some(name)
+}
+
 /// `ADDRESS` or `ADDRESS:PORT`; the port defaults to the bootserver's HTTP port.
 fn parse_server(text: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(addr) = text.parse() {
@@ -264,4 +293,26 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_image_names_are_valid_or_absent() {
+        let name = |host: &str, src: &str| default_image_name(host, std::path::Path::new(src));
+        assert_eq!(name("lab12", "/dev/sda").as_deref(), Some("lab12-sda"));
+        assert_eq!(
+            name("", "/srv/disk image.raw").as_deref(),
+            Some("disk-image.raw")
+        );
+        assert_eq!(
+            name("pc 7", "/dev/nvme0n1").as_deref(),
+            Some("pc-7-nvme0n1")
+        );
+        assert_eq!(name("", "/"), None);
+        assert!(name(&"h".repeat(100), "/dev/sda").is_some_and(|n| n.len() == 64));
+        assert_eq!(name("server", "/tmp/x").as_deref(), Some("server-x"));
+    }
 }

@@ -185,7 +185,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 session: None,
             };
             let summary = session::run_send(&opts, |progress| {
-                eprintln!("{}", progress.table().join("\n"));
+                eprintln!("{}", session::progress_table(progress).join("\n"));
             })?;
             print!("{}", summary.render());
             Ok(summary.result()?)

@@ -154,7 +154,6 @@ fn apply_stick_settings(
     config: &mut BootConfig,
     index: &ModuleIndex,
     module_dir: &Path,
-    mut loaded: std::collections::HashSet<String>,
 ) -> Result<(), Pid1Error> {
     let (disk, start) = crate::stick::find_boot_medium(
         Path::new("/sys"),
@@ -168,14 +167,12 @@ fn apply_stick_settings(
                 Duration::from_millis(100),
                 sys::finit_module,
             );
-            // Loading an already loaded module succeeds: report only the new ones.
-            let new: Vec<String> = report
-                .loaded
-                .into_iter()
-                .filter(|m| loaded.insert(m.clone()))
-                .collect();
-            if !new.is_empty() {
-                log::info!("modules: {} more loaded: {}", new.len(), new.join(" "));
+            if !report.loaded.is_empty() {
+                log::info!(
+                    "modules: {} more loaded: {}",
+                    report.loaded.len(),
+                    report.loaded.join(" ")
+                );
             }
         },
     )?;
@@ -235,8 +232,7 @@ fn boot(config: &mut BootConfig, booted: Instant) -> Result<(), Pid1Error> {
     );
 
     if config.settings_from_boot_medium {
-        let loaded = report.loaded.iter().cloned().collect();
-        apply_stick_settings(config, &index, &module_dir, loaded)?;
+        apply_stick_settings(config, &index, &module_dir)?;
     }
     let config = &*config;
     let nic = netconfig::choose_interface(
@@ -363,7 +359,10 @@ fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result
     let summary = session::run_send(&opts, |progress| {
         if last.elapsed() >= Duration::from_secs(3) {
             last = Instant::now();
-            print_console(&format!("master:\n{}\n", progress.table().join("\n")));
+            print_console(&format!(
+                "master:\n{}\n",
+                session::progress_table(progress).join("\n")
+            ));
         }
     })?;
     print_console(&summary.render());

@@ -1,11 +1,9 @@
 //! Deploy: multicast a stored image to slaves with the same protocol a peer master uses. The
 //! stored chunks travel as they are (zstd frames stay compressed); slaves decompress and check.
 
-use crate::store::{Store, StoreError};
-use diskcast_agent::imaging::session::{
-    self, SendOptions, SendProgress, SendSummary, SessionError,
-};
-use diskcast_agent::inventory::human_size;
+use crate::store::{ImageSummary, Store, StoreError};
+use diskcast_agent::imaging::sender::Sender;
+use diskcast_agent::imaging::session::{self, SendOptions, SendSummary, SessionError};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,16 +23,13 @@ pub fn deploy_once(
     store: &Store,
     name: &str,
     opts: &SendOptions,
-    progress: impl FnMut(&SendProgress<'_>),
+    progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, DeployError> {
     let mut image = store.open_image(name)?;
     let manifest = image.manifest.clone();
     log::info!(
-        "deploying image {name:?}: {} raw, {} of data stored in {} ({:.2}x)",
-        human_size(manifest.image_size),
-        human_size(manifest.data_bytes()),
-        human_size(manifest.stored_bytes()),
-        manifest.data_bytes() as f64 / manifest.stored_bytes().max(1) as f64
+        "deploying image {name:?}: {}",
+        ImageSummary::of(name, &image).sizes()
     );
     let session_err = |source| DeployError::Session {
         name: name.into(),
@@ -60,12 +55,12 @@ pub fn deploy_forever(store: Store, name: String, opts: SendOptions) {
         // The server log gets the table every few seconds, and not at all while nobody joined.
         let mut last = std::time::Instant::now();
         match deploy_once(&store, &name, &opts, |progress| {
-            if progress.sender.receivers().count() == 0 || last.elapsed() < Duration::from_secs(5) {
+            if progress.receivers().count() == 0 || last.elapsed() < Duration::from_secs(5) {
                 return;
             }
             last = std::time::Instant::now();
             log::info!("deploying {name}:");
-            for line in progress.table() {
+            for line in session::progress_table(progress) {
                 log::info!("{line}");
             }
         }) {

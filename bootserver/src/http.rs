@@ -407,6 +407,12 @@ mod tests {
     }
 
     fn exchange(request: &[u8]) -> String {
+        exchange_closing(request, false)
+    }
+
+    /// Sends `request`; `half_close`: then closes the sending half, as a client that died
+    /// mid-upload.
+    fn exchange_closing(request: &[u8], half_close: bool) -> String {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -415,6 +421,9 @@ mod tests {
         });
         let mut client = TcpStream::connect(addr).unwrap();
         client.write_all(request).unwrap();
+        if half_close {
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+        }
         let mut response = String::new();
         client.read_to_string(&mut response).unwrap();
         server.join().unwrap();
@@ -454,7 +463,7 @@ mod tests {
             b"PUT /i HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"PUT /i HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
         ] {
-            let response = exchange_half_closed(cut);
+            let response = exchange_closing(cut, true);
             assert!(response.starts_with("HTTP/1.1 400"), "{response}");
         }
         assert!(exchange(b"PUT /i HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 411"));
@@ -495,22 +504,5 @@ mod tests {
                 assert!(body.len() <= bytes.len());
             }
         }
-    }
-
-    /// Sends `request` and closes the sending half, as a client that died mid-upload.
-    fn exchange_half_closed(request: &[u8]) -> String {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            handle(stream, &Fixed).unwrap();
-        });
-        let mut client = TcpStream::connect(addr).unwrap();
-        client.write_all(request).unwrap();
-        client.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut response = String::new();
-        client.read_to_string(&mut response).unwrap();
-        server.join().unwrap();
-        response
     }
 }

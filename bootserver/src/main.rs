@@ -141,13 +141,7 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                     .map_err(|e| format!("opening {}: {e}", raw.display()))?;
                 store.import(&name, &mut file, &raw.display().to_string(), level)?
             };
-            println!(
-                "imported {name}: {} raw, {} of data stored in {} ({:.2}x)",
-                human_size(summary.raw_size),
-                human_size(summary.data_bytes),
-                human_size(summary.stored_bytes),
-                summary.data_bytes as f64 / summary.stored_bytes.max(1) as f64
-            );
+            println!("imported {name}: {}", summary.sizes());
             Ok(())
         }
         ImagesCommand::Export { name, raw } => {
@@ -384,7 +378,11 @@ fn main() -> ExitCode {
                 ..SendOptions::default()
             };
             let summary = deploy_once(&store, &args.image, &opts, |progress| {
-                eprintln!("deploying {}:\n{}", args.image, progress.table().join("\n"));
+                eprintln!(
+                    "deploying {}:\n{}",
+                    args.image,
+                    diskcast_agent::imaging::session::progress_table(progress).join("\n")
+                );
             })?;
             print!("{}", summary.render());
             Ok(summary.result()?)

@@ -8,7 +8,6 @@ use crate::leases::{LeaseError, LeaseTable};
 use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError};
 use diskcast_agent::imaging::session::SendOptions;
-use diskcast_agent::inventory::human_size;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -232,22 +231,7 @@ impl BootRoutes {
 impl Routes for BootRoutes {
     fn upload_check(&self, path: &str) -> Option<Response> {
         let name = path.strip_prefix("/images/")?;
-        let status = |code, reason, body: String| Response::Status { code, reason, body };
-        match self.store.open_image(name) {
-            Err(StoreError::NotFound { .. }) => None,
-            Err(e @ StoreError::Name(_)) => Some(status(400, "Bad Request", format!("{e}\n"))),
-            Ok(_) | Err(_) => Some(status(
-                409,
-                "Conflict",
-                format!(
-                    "{}\n",
-                    StoreError::Exists {
-                        name: name.into(),
-                        dir: self.store.dir().into()
-                    }
-                ),
-            )),
-        }
+        self.store.check_free(name).err().map(store_refusal)
     }
 
     /// `PUT /images/NAME`: a capture. The image is listed only once complete and verified.
@@ -258,15 +242,7 @@ impl Routes for BootRoutes {
         };
         let mut incoming = match self.store.incoming(name) {
             Ok(incoming) => incoming,
-            Err(e @ StoreError::Exists { .. }) => return status(409, "Conflict", format!("{e}\n")),
-            Err(e @ StoreError::Name(_)) => return status(400, "Bad Request", format!("{e}\n")),
-            Err(e) => {
-                return status(
-                    500,
-                    "Internal Server Error",
-                    format!("{}\n", diskcast_agent::error_chain(&e)),
-                )
-            }
+            Err(e) => return store_refusal(e),
         };
         log::info!("store: receiving image {name:?} from {client}");
         let started = std::time::Instant::now();
@@ -305,28 +281,15 @@ impl Routes for BootRoutes {
         match incoming.commit() {
             Ok(summary) => {
                 let text = format!(
-                    "stored image {name}: {} raw, {} of data in {} ({:.2}x), hash {}, in {:.1} s",
-                    human_size(summary.raw_size),
-                    human_size(summary.data_bytes),
-                    human_size(summary.stored_bytes),
-                    summary.data_bytes as f64 / summary.stored_bytes.max(1) as f64,
+                    "stored image {name}: {}, hash {}, in {:.1} s",
+                    summary.sizes(),
                     short_hash(&summary.image_hash),
                     started.elapsed().as_secs_f64()
                 );
                 log::info!("store: {text}");
                 status(201, "Created", format!("{text}\n"))
             }
-            Err(e @ StoreError::Exists { .. }) => status(409, "Conflict", format!("{e}\n")),
-            Err(e @ StoreError::Rejected(_)) => status(
-                400,
-                "Bad Request",
-                format!("{}\n", diskcast_agent::error_chain(&e)),
-            ),
-            Err(e) => status(
-                500,
-                "Internal Server Error",
-                format!("{}\n", diskcast_agent::error_chain(&e)),
-            ),
+            Err(e) => store_refusal(e),
         }
     }
 
@@ -528,6 +491,20 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         let _ = thread.join();
     }
     Ok(())
+}
+
+/// How an upload the store refuses is answered.
+fn store_refusal(e: StoreError) -> Response {
+    let (code, reason) = match e {
+        StoreError::Exists { .. } => (409, "Conflict"),
+        StoreError::Name(_) | StoreError::Rejected(_) => (400, "Bad Request"),
+        _ => (500, "Internal Server Error"),
+    };
+    Response::Status {
+        code,
+        reason,
+        body: format!("{}\n", diskcast_agent::error_chain(&e)),
+    }
 }
 
 /// The first 16 hex digits of an image hash, as `images list` shows them.

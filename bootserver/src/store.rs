@@ -11,6 +11,7 @@ use diskcast_agent::imaging::image_file::{
     valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, EXTENSION, IMAGE_NAME_RULE,
 };
 use diskcast_agent::imaging::manifest::DEFAULT_CHUNK_SIZE;
+use diskcast_agent::inventory::human_size;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -102,20 +103,33 @@ impl Incoming {
             // The new directory entry must survive a power cut too.
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
-        Ok(summarize(&self.name, &image))
+        Ok(ImageSummary::of(&self.name, &image))
     }
 }
 
-fn summarize(name: &str, image: &ImageFile) -> ImageSummary {
-    ImageSummary {
-        name: name.into(),
-        raw_size: image.manifest.image_size,
-        data_bytes: image.manifest.data_bytes(),
-        stored_bytes: image.manifest.stored_bytes(),
-        file_len: image.file_len,
-        created: image.metadata.created,
-        image_hash: image.manifest.image_hash(),
-        origin: image.metadata.origin.clone(),
+impl ImageSummary {
+    pub fn of(name: &str, image: &ImageFile) -> Self {
+        Self {
+            name: name.into(),
+            raw_size: image.manifest.image_size,
+            data_bytes: image.manifest.data_bytes(),
+            stored_bytes: image.manifest.stored_bytes(),
+            file_len: image.file_len,
+            created: image.metadata.created,
+            image_hash: image.manifest.image_hash(),
+            origin: image.metadata.origin.clone(),
+        }
+    }
+
+    /// `64.0 MiB raw, 13.0 MiB of data stored in 7.0 MiB (1.86x)`.
+    pub fn sizes(&self) -> String {
+        format!(
+            "{} raw, {} of data stored in {} ({:.2}x)",
+            human_size(self.raw_size),
+            human_size(self.data_bytes),
+            human_size(self.stored_bytes),
+            self.data_bytes as f64 / self.stored_bytes.max(1) as f64
+        )
     }
 }
 
@@ -162,15 +176,21 @@ impl Store {
         removed
     }
 
-    /// Starts writing image `name`; refuses names that exist already.
-    pub fn incoming(&self, name: &str) -> Result<Incoming, StoreError> {
-        let final_path = self.path_of(name)?;
-        if final_path.exists() {
+    /// `Ok` when `name` is a valid image name not in use (a later commit may still find it taken).
+    pub fn check_free(&self, name: &str) -> Result<(), StoreError> {
+        if self.path_of(name)?.exists() {
             return Err(StoreError::Exists {
                 name: name.into(),
                 dir: self.dir.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// Starts writing image `name`; refuses names that exist already.
+    pub fn incoming(&self, name: &str) -> Result<Incoming, StoreError> {
+        self.check_free(name)?;
+        let final_path = self.path_of(name)?;
         let temp = self.dir.join(format!(
             ".{name}.{}.{}.partial",
             std::process::id(),
@@ -202,7 +222,7 @@ impl Store {
 
     pub fn show(&self, name: &str) -> Result<(ImageSummary, ImageFile), StoreError> {
         let image = self.open_image(name)?;
-        Ok((summarize(name, &image), image))
+        Ok((ImageSummary::of(name, &image), image))
     }
 
     /// Every listed image, by name; files that do not open are reported as errors.

@@ -109,6 +109,31 @@ pub fn make_source_disk(path: &Path, size_mib: u64) {
     let _ = fs::remove_dir_all(&tree);
 }
 
+/// The host build of the agent (`target/release/agent`, made by scripts/build-lab).
+pub fn host_agent() -> PathBuf {
+    let path = project_root().join("target/release/agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-lab",
+        path.display()
+    );
+    path
+}
+
+/// Starts `agent ARGS [PATH]` on host `netns` (see [`Lab::add_host`]) with its output piped,
+/// for [`output_of`].
+pub fn spawn_agent(netns: &str, args: &[&str], path: Option<&Path>) -> Child {
+    let mut cmd = Lab::in_host(netns, &host_agent());
+    cmd.args(args);
+    if let Some(path) = path {
+        cmd.arg(path);
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting the agent in {netns}: {e}"))
+}
+
 /// Waits for a child that was started with piped output and prints what it said.
 pub fn output_of(child: Child, what: &str) -> std::process::Output {
     let out = child.wait_with_output().unwrap();

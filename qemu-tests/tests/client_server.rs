@@ -6,23 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{
-    lab_file, make_source_disk, project_root, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
+    lab_file, make_source_disk, output_of as finish, spawn_agent, DhcpMode, Firmware, Lab, VmSpec,
+    BOOT_TIMEOUT,
 };
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn agent() -> PathBuf {
-    let path = project_root().join("target/release/agent");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/build-lab",
-        path.display()
-    );
-    path
-}
-
-use diskcast_qemu_tests::output_of as finish;
 
 /// `bootserver images ...` on the lab's store.
 fn images(lab: &Lab, args: &[&str]) -> Output {
@@ -52,13 +41,12 @@ fn listed_names(lab: &Lab) -> Vec<String> {
         .collect()
 }
 
-fn capture(lab_host: &str, source: &Path, name: &str) -> Command {
-    let mut cmd = Lab::in_host(lab_host, &agent());
-    cmd.args(["capture", "--to", "10.77.0.1:8080", "--name", name])
-        .arg(source)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
+fn capture(lab_host: &str, source: &Path, name: &str) -> Child {
+    spawn_agent(
+        lab_host,
+        &["capture", "--to", "10.77.0.1:8080", "--name", name],
+        Some(source),
+    )
 }
 
 #[test]
@@ -81,7 +69,7 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut cut = capture(&reference, &big, "golden").spawn().unwrap();
+    let mut cut = capture(&reference, &big, "golden");
     lab.bootservers_console(0)
         .wait_for("store: receiving image \"golden\"", Duration::from_secs(30))
         .unwrap();
@@ -96,19 +84,13 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
 
     // The retry succeeds.
-    let out = finish(
-        capture(&reference, &source, "golden").spawn().unwrap(),
-        "capture",
-    );
+    let out = finish(capture(&reference, &source, "golden"), "capture");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("stored image golden"));
     assert_eq!(listed_names(&lab), ["golden"]);
     assert!(images(&lab, &["verify", "golden"]).status.success());
     // The same name again is refused, clearly.
-    let again = finish(
-        capture(&reference, &source, "golden").spawn().unwrap(),
-        "capture again",
-    );
+    let again = finish(capture(&reference, &source, "golden"), "capture again");
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
@@ -129,13 +111,11 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
         .iter()
         .zip(&targets)
         .map(|(ns, target)| {
-            Lab::in_host(ns, &agent())
-                .args(["receive", "--interface", "eth0", "--wait", "60"])
-                .arg(target)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            spawn_agent(
+                ns,
+                &["receive", "--interface", "eth0", "--wait", "60"],
+                Some(target),
+            )
         })
         .collect();
     let deploy = lab
@@ -171,8 +151,9 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     // A deploy that dies mid-way (a server restart): the receiver ends failed and says so, and
     // the store is untouched.
     let target = lab.dir.join("interrupted.img");
-    let rx = Lab::in_host(&receivers[0], &agent())
-        .args([
+    let rx = spawn_agent(
+        &receivers[0],
+        &[
             "receive",
             "--interface",
             "eth0",
@@ -180,12 +161,9 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
             "60",
             "--sender-timeout",
             "5",
-        ])
-        .arg(&target)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        Some(&target),
+    );
     let mut deploy = lab
         .command_in_lab(lab_file("bootserver").to_str().unwrap())
         .args(["deploy", "golden", "--interface", "br0", "--rate", "1"])

@@ -2,20 +2,10 @@
 //! private network namespaces (one host each, on a bridge), with image files as disks.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{project_root, Lab};
+use diskcast_qemu_tests::{output_of as wait, spawn_agent, Lab};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
-
-fn agent() -> PathBuf {
-    let path = project_root().join("target/release/agent");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/build-lab (or cargo build --release)",
-        path.display()
-    );
-    path
-}
 
 /// A disk image with what real disks hold: zero regions, random data, repetitive text.
 fn make_image(path: &Path, mib: usize, seed: u64) {
@@ -39,8 +29,6 @@ fn make_image(path: &Path, mib: usize, seed: u64) {
     std::fs::write(path, image).unwrap();
 }
 
-use diskcast_qemu_tests::output_of as wait;
-
 #[test]
 fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
     let mut lab = Lab::new("p2p_three_receivers");
@@ -62,8 +50,9 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
         .zip(&targets)
         .enumerate()
         .map(|(i, (ns, target))| {
-            Lab::in_host(ns, &agent())
-                .args([
+            spawn_agent(
+                ns,
+                &[
                     "receive",
                     "--interface",
                     "eth0",
@@ -71,16 +60,14 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
                     &format!("rx{}", i + 1),
                     "--wait",
                     "60",
-                ])
-                .arg(target)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                ],
+                Some(target),
+            )
         })
         .collect();
-    let send = Lab::in_host(&sender, &agent())
-        .args([
+    let send = spawn_agent(
+        &sender,
+        &[
             "send",
             "--interface",
             "eth0",
@@ -90,12 +77,9 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
             "60",
             "--rate",
             "200",
-        ])
-        .arg(&source)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        Some(&source),
+    );
     let send_out = wait(send, "sender");
     let rx_out: Vec<Output> = rx
         .into_iter()
@@ -155,14 +139,14 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
         loop_dev.starts_with("/dev/loop"),
         "losetup gave {loop_dev:?}"
     );
-    let rx = Lab::in_host(&receiver, &agent())
-        .args(["receive", "--interface", "eth0", "--wait", "60", &loop_dev])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let send = Lab::in_host(&sender, &agent())
-        .args([
+    let rx = spawn_agent(
+        &receiver,
+        &["receive", "--interface", "eth0", "--wait", "60", &loop_dev],
+        None,
+    );
+    let send = spawn_agent(
+        &sender,
+        &[
             "send",
             "--interface",
             "eth0",
@@ -170,12 +154,9 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
             "1",
             "--start-timeout",
             "5",
-        ])
-        .arg(&source)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        Some(&source),
+    );
     let send_out = wait(send, "sender");
     let rx_out = wait(rx, "receiver");
     let untouched = std::fs::read(&backing).unwrap().iter().all(|&b| b == 0xa5);

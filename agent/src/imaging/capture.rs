@@ -3,11 +3,10 @@
 //! compressed size is known only at the end). The server checks the whole file before the image
 //! appears in its store, and answers with what it stored.
 
-use super::codec::{self, Encoded};
+use super::codec;
 use super::disk::{DiskError, Source};
 use super::image_file::{valid_image_name, ImageWriter, Metadata, IMAGE_NAME_RULE};
 use super::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
-use super::sender::ChunkSource;
 use crate::inventory::human_size;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -111,17 +110,6 @@ impl<W: Write> Write for ChunkedWriter<W> {
     }
 }
 
-/// Compresses on every core: the guest CPU, not the network, bounds a capture.
-fn encode_batch(raw: &[Vec<u8>], level: i32) -> Option<Vec<Encoded<'_>>> {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = raw
-            .iter()
-            .map(|chunk| scope.spawn(move || codec::encode(chunk, level)))
-            .collect();
-        handles.into_iter().map(|h| h.join().ok()).collect()
-    })
-}
-
 /// Reads `opts.source` and uploads it; `progress` gets (bytes read, bytes uploaded).
 pub fn run_capture(
     opts: &CaptureOptions,
@@ -130,7 +118,7 @@ pub fn run_capture(
     if !valid_image_name(&opts.name) {
         return Err(CaptureError::Name(opts.name.clone()));
     }
-    let mut source = Source::open(&opts.source, opts.chunk_size)?;
+    let source = Source::open(&opts.source, opts.chunk_size)?;
     if source.size == 0 {
         return Err(CaptureError::Empty(opts.source.clone()));
     }
@@ -189,7 +177,7 @@ pub fn run_capture(
     };
     let mut writer = ImageWriter::new(BufWriter::with_capacity(1 << 20, chunked), opts.chunk_size);
     let count = super::manifest::chunk_count(source.size, opts.chunk_size) as u32;
-    let batch = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let batch = codec::parallel_batch();
     let mut index = 0u32;
     let mut uploaded = 0u64;
     while index < count {
@@ -197,14 +185,13 @@ pub fn run_capture(
         let mut raw = Vec::with_capacity(batch);
         for i in index..end {
             let offset = u64::from(i) * u64::from(opts.chunk_size);
-            let bytes = source.chunk(i).map_err(|e| CaptureError::Read {
+            raw.push(source.read_chunk(i).map_err(|e| CaptureError::Read {
                 path: opts.source.clone(),
                 offset,
                 source: e,
-            })?;
-            raw.push(bytes.to_vec());
+            })?);
         }
-        let encoded = encode_batch(&raw, opts.level).ok_or(CaptureError::Compressor)?;
+        let encoded = codec::encode_parallel(&raw, opts.level).ok_or(CaptureError::Compressor)?;
         for (encoded, bytes) in encoded.iter().zip(&raw) {
             if encoded.kind.is_data() {
                 uploaded += encoded.stored.len() as u64;

@@ -56,6 +56,23 @@ pub fn encode(raw: &[u8], level: i32) -> Encoded<'_> {
     }
 }
 
+/// Chunks to encode at once with [`encode_parallel`]: two per core keep every core busy.
+pub fn parallel_batch() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+}
+
+/// [`encode`] on every core, results in order; `None` when an encoder thread crashed. Captures
+/// and imports are bound by compression, not by the disk or the network.
+pub fn encode_parallel(raw: &[Vec<u8>], level: i32) -> Option<Vec<Encoded<'_>>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = raw
+            .iter()
+            .map(|chunk| scope.spawn(move || encode(chunk, level)))
+            .collect();
+        handles.into_iter().map(|h| h.join().ok()).collect()
+    })
+}
+
 /// Like [`decode`], keeping the buffer of a raw chunk instead of copying it.
 pub fn decode_owned(
     chunk: u32,

@@ -2,6 +2,7 @@
 //! writer thread fed through a bounded queue, zeroing, the final flush and the read-back check.
 
 use super::manifest::{classify, ChunkKind, Hash, Manifest};
+use super::receiver::ChunkWrite;
 use super::sender::ChunkSource;
 use crate::sys::{self, AlignedBuf};
 use std::collections::{HashMap, VecDeque};
@@ -118,13 +119,28 @@ impl Source {
     }
 }
 
+impl Source {
+    fn chunk_range(&self, index: u32) -> (u64, usize) {
+        let offset = u64::from(index) * self.chunk_size as u64;
+        let len = (self.size.saturating_sub(offset)).min(self.chunk_size as u64) as usize;
+        (offset, len)
+    }
+
+    /// Chunk `index` in a buffer of its own (a capture hands it to a compression thread).
+    pub fn read_chunk(&self, index: u32) -> io::Result<Vec<u8>> {
+        let (offset, len) = self.chunk_range(index);
+        let mut data = vec![0; len];
+        self.file.read_exact_at(&mut data, offset)?;
+        Ok(data)
+    }
+}
+
 impl ChunkSource for Source {
     fn chunk(&mut self, index: u32) -> io::Result<&[u8]> {
         if let Some(pos) = self.cache.iter().position(|(i, _)| *i == index) {
             return Ok(&self.cache[pos].1);
         }
-        let offset = u64::from(index) * self.chunk_size as u64;
-        let len = (self.size.saturating_sub(offset)).min(self.chunk_size as u64) as usize;
+        let (offset, len) = self.chunk_range(index);
         let mut data = if self.cache.len() >= SOURCE_CACHE_CHUNKS {
             self.cache.pop_front().map(|(_, v)| v).unwrap_or_default()
         } else {
@@ -350,13 +366,7 @@ pub enum DiskOp {
         image_size: u64,
     },
     /// Decode (decompress, check the hash), then write.
-    Write {
-        chunk: u32,
-        offset: u64,
-        stored: Vec<u8>,
-        kind: ChunkKind,
-        raw_len: usize,
-    },
+    Write(ChunkWrite),
     Zero {
         offset: u64,
         len: u64,
@@ -392,65 +402,120 @@ pub fn spawn_writer(
 ) -> io::Result<(SyncSender<DiskOp>, Receiver<DiskDone>)> {
     let (op_tx, op_rx) = mpsc::sync_channel::<DiskOp>(depth);
     let (done_tx, done_rx) = mpsc::channel::<DiskDone>();
-    std::thread::Builder::new().name("disk-writer".into()).spawn(move || {
-        let mut staging = AlignedBuf::new(1 << 20, DIRECT_ALIGN);
-        let mut readback = AlignedBuf::new(1 << 20, DIRECT_ALIGN);
-        let mut unchecked: Vec<(u32, u64, usize)> = Vec::new();
-        let mut checked: HashMap<u32, ChunkKind> = HashMap::new();
-        let path = target.path.display().to_string();
-        for op in op_rx {
-            let done = match op {
-                DiskOp::Prepare { image_size } => match target.prepare(image_size) {
-                    Ok(()) => continue,
-                    Err(e) => DiskDone::Failed(format!("sizing {path} to {image_size} bytes: {e}")),
-                },
-                DiskOp::Write { chunk, offset, stored, kind, raw_len } => match super::codec::decode_owned(chunk, &kind, stored, raw_len) {
-                    Err(e) => DiskDone::Rejected { chunk, why: format!("{e} (offset {offset})") },
-                    Ok(data) => match target.write_at(&data, offset, &mut staging) {
-                    Ok(()) => {
-                        unchecked.push((chunk, offset, data.len()));
-                        if unchecked.len() >= CHECK_BATCH {
-                            // A chunk read back after a flush stays valid: nothing writes it again.
-                            let result = target.flush().and_then(|()| {
-                                for (chunk, offset, len) in unchecked.drain(..) {
-                                    checked.insert(chunk, target.read_chunk(offset, len, &mut readback)?);
-                                }
-                                Ok(())
-                            });
-                            if let Err(e) = result {
-                                let _ = done_tx.send(DiskDone::Failed(format!("flushing and reading back {path}: {e}")));
-                                break;
-                            }
-                        }
-                        DiskDone::Written { chunk }
-                    }
-                    Err(e) => DiskDone::Failed(format!("writing {} bytes at offset {offset} of {path}: {e}", data.len())),
-                    },
-                },
-                DiskOp::Zero { offset, len } => match target.zero(offset, len) {
-                    Ok(()) => DiskDone::Zeroed { len },
-                    Err(e) => DiskDone::Failed(format!("zeroing {len} bytes at offset {offset} of {path}: {e}")),
-                },
-                DiskOp::FlushAndVerify { manifest } => DiskDone::Verified(
-                    target
-                        .flush()
-                        .map_err(|e| format!("flushing {path}: {e}"))
-                        .and_then(|()| target.read_back(&manifest, &checked).map_err(|e| format!("reading back {path}: {e}")))
-                        .and_then(|(hash, difference)| match difference {
-                            None => Ok(hash),
-                            Some(chunk) => {
-                                let (offset, _) = manifest.chunk_range(chunk);
-                                Err(format!("read back: chunk {chunk} at offset {offset} differs from the image"))
-                            }
-                        }),
-                ),
+    std::thread::Builder::new()
+        .name("disk-writer".into())
+        .spawn(move || {
+            let mut writer = Writer {
+                path: target.path.display().to_string(),
+                target,
+                staging: AlignedBuf::new(1 << 20, DIRECT_ALIGN),
+                readback: AlignedBuf::new(1 << 20, DIRECT_ALIGN),
+                unchecked: Vec::new(),
+                checked: HashMap::new(),
             };
-            if done_tx.send(done).is_err() {
-                break;
+            for op in op_rx {
+                let done = match op {
+                    DiskOp::Prepare { image_size } => match writer.target.prepare(image_size) {
+                        Ok(()) => continue,
+                        Err(e) => DiskDone::Failed(format!(
+                            "sizing {} to {image_size} bytes: {e}",
+                            writer.path
+                        )),
+                    },
+                    DiskOp::Write(write) => writer.write(write),
+                    DiskOp::Zero { offset, len } => writer.zero(offset, len),
+                    DiskOp::FlushAndVerify { manifest } => {
+                        DiskDone::Verified(writer.flush_and_verify(&manifest))
+                    }
+                };
+                if done_tx.send(done).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok((op_tx, done_rx))
+}
+
+/// The writer thread's state.
+struct Writer {
+    target: Target,
+    path: String,
+    staging: AlignedBuf,
+    readback: AlignedBuf,
+    /// Written since the last flush, not read back yet: (chunk, offset, length).
+    unchecked: Vec<(u32, u64, usize)>,
+    /// What chunks read back as after a flush; a chunk read back stays valid, since nothing
+    /// writes it again.
+    checked: HashMap<u32, ChunkKind>,
+}
+
+impl Writer {
+    fn write(&mut self, write: ChunkWrite) -> DiskDone {
+        let (chunk, offset) = (write.chunk, write.offset);
+        let data = match write.decode() {
+            Ok(data) => data,
+            Err(e) => {
+                return DiskDone::Rejected {
+                    chunk,
+                    why: format!("{e} (offset {offset})"),
+                }
+            }
+        };
+        if let Err(e) = self.target.write_at(&data, offset, &mut self.staging) {
+            return DiskDone::Failed(format!(
+                "writing {} bytes at offset {offset} of {}: {e}",
+                data.len(),
+                self.path
+            ));
+        }
+        self.unchecked.push((chunk, offset, data.len()));
+        if self.unchecked.len() >= CHECK_BATCH {
+            if let Err(e) = self.check_unchecked() {
+                return DiskDone::Failed(format!("flushing and reading back {}: {e}", self.path));
             }
         }
-    })?;
-    Ok((op_tx, done_rx))
+        DiskDone::Written { chunk }
+    }
+
+    /// Flushes, then reads back what was written since the last check.
+    fn check_unchecked(&mut self) -> io::Result<()> {
+        self.target.flush()?;
+        for (chunk, offset, len) in self.unchecked.drain(..) {
+            let kind = self.target.read_chunk(offset, len, &mut self.readback)?;
+            self.checked.insert(chunk, kind);
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> DiskDone {
+        match self.target.zero(offset, len) {
+            Ok(()) => DiskDone::Zeroed { len },
+            Err(e) => DiskDone::Failed(format!(
+                "zeroing {len} bytes at offset {offset} of {}: {e}",
+                self.path
+            )),
+        }
+    }
+
+    fn flush_and_verify(&mut self, manifest: &Manifest) -> Result<Hash, String> {
+        let path = &self.path;
+        self.target
+            .flush()
+            .map_err(|e| format!("flushing {path}: {e}"))?;
+        let (hash, difference) = self
+            .target
+            .read_back(manifest, &self.checked)
+            .map_err(|e| format!("reading back {path}: {e}"))?;
+        match difference {
+            None => Ok(hash),
+            Some(chunk) => {
+                let (offset, _) = manifest.chunk_range(chunk);
+                Err(format!(
+                    "read back: chunk {chunk} at offset {offset} differs from the image"
+                ))
+            }
+        }
+    }
 }
 
 /// Reads `len` bytes at `offset`, for tests and tools.

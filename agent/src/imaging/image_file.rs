@@ -250,31 +250,35 @@ impl<W: Write> ImageWriter<W> {
         Ok(())
     }
 
-    /// Reads `reader` to its end in chunks, compressing each; returns the bytes read.
+    /// Reads `reader` to its end in chunks, compressing them on every core; returns the bytes
+    /// read.
     pub fn push_all(
         &mut self,
         reader: &mut (impl Read + ?Sized),
         level: i32,
         mut progress: impl FnMut(u64),
     ) -> io::Result<u64> {
-        let mut buf = vec![0u8; self.chunk_size as usize];
+        let chunk_size = self.chunk_size as usize;
+        let batch_len = codec::parallel_batch();
         loop {
-            let mut filled = 0;
-            while filled < buf.len() {
-                match reader.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+            let mut batch = Vec::with_capacity(batch_len);
+            let mut at_end = false;
+            while batch.len() < batch_len && !at_end {
+                let mut buf = vec![0u8; chunk_size];
+                let filled = read_full(reader, &mut buf)?;
+                at_end = filled < chunk_size;
+                buf.truncate(filled);
+                if filled > 0 {
+                    batch.push(buf);
                 }
             }
-            if filled == 0 {
-                return Ok(self.image_size);
+            let encoded = codec::encode_parallel(&batch, level)
+                .ok_or_else(|| io::Error::other("a compression thread crashed"))?;
+            for (encoded, raw) in encoded.iter().zip(&batch) {
+                self.push(encoded, raw.len())?;
             }
-            let encoded = codec::encode(&buf[..filled], level);
-            self.push(&encoded, filled)?;
             progress(self.image_size);
-            if filled < buf.len() {
+            if at_end {
                 return Ok(self.image_size);
             }
         }
@@ -320,6 +324,20 @@ pub struct ImageFile {
     offsets: Vec<u64>,
     pub file_len: u64,
     cached: Option<(u32, Vec<u8>)>,
+}
+
+/// Fills `buf` unless the reader ends first; returns the bytes read.
+fn read_full(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 fn be_u16(b: &[u8]) -> u16 {

@@ -79,17 +79,9 @@ impl Default for ReceiverConfig {
 pub enum Action {
     /// Send to the sender (unicast).
     Send(Vec<u8>),
-    /// Decode `stored` (see [`super::codec::decode_owned`]: decompress, check the hash of the
-    /// raw bytes) and write the raw chunk at its offset; report with [`Receiver::chunk_written`],
-    /// or [`Receiver::chunk_rejected`] when it does not decode. Done at the disk side so that
-    /// the network thread only assembles datagrams.
-    Write {
-        chunk: u32,
-        offset: u64,
-        stored: Vec<u8>,
-        kind: ChunkKind,
-        raw_len: usize,
-    },
+    /// Decode and write a chunk (see [`ChunkWrite`]); report with [`Receiver::chunk_written`],
+    /// or [`Receiver::chunk_rejected`] when it does not decode.
+    Write(ChunkWrite),
     /// Make a range read as zeros; report with [`Receiver::zeroed`].
     Zero { offset: u64, len: u64 },
     /// Everything is written: flush, re-read the image, compare with the manifest, report with
@@ -97,6 +89,27 @@ pub enum Action {
     FlushAndVerify { manifest: Box<Manifest> },
     /// The end: `Ok` only when the copy verified.
     Finished(Result<(), String>),
+}
+
+/// Arrivals of one chunk that fail their hash before the copy gives up.
+const MAX_REJECTIONS: u32 = 4;
+
+/// A complete chunk as it travelled. It is decoded (decompressed, its raw bytes checked against
+/// the hash) at the disk side, so the network thread only assembles datagrams.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChunkWrite {
+    pub chunk: u32,
+    pub offset: u64,
+    pub stored: Vec<u8>,
+    pub kind: ChunkKind,
+    pub raw_len: usize,
+}
+
+impl ChunkWrite {
+    /// The raw bytes to write at `self.offset`, or why they cannot be trusted.
+    pub fn decode(self) -> Result<Vec<u8>, super::codec::CodecError> {
+        super::codec::decode_owned(self.chunk, &self.kind, self.stored, self.raw_len)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +178,8 @@ pub struct Receiver {
     partial: HashMap<u32, Partial>,
     /// Complete chunks that arrived before the manifest.
     held: HashMap<u32, Vec<u8>>,
+    /// How often each chunk arrived complete but damaged.
+    rejections: HashMap<u32, u32>,
     pending_zero: u32,
     chunks_done: u32,
     data_chunks_left: u32,
@@ -193,6 +208,7 @@ impl Receiver {
             chunks: Vec::new(),
             partial: HashMap::new(),
             held: HashMap::new(),
+            rejections: HashMap::new(),
             pending_zero: 0,
             chunks_done: 0,
             data_chunks_left: 0,
@@ -591,25 +607,44 @@ impl Receiver {
         }
         let (offset, raw_len) = manifest.chunk_range(chunk);
         self.chunks[chunk as usize] = ChunkState::Writing;
-        out.push(Action::Write {
+        out.push(Action::Write(ChunkWrite {
             chunk,
             offset,
             stored,
             kind,
             raw_len,
-        });
+        }));
     }
 
     /// Chunk `chunk` did not decode to bytes with its hash (corrupt in a way the CRCs missed, or
     /// a rogue sender): nothing was written; it is asked for again.
-    pub fn chunk_rejected(&mut self, chunk: u32, why: &str) {
-        if let Some(state) = self.chunks.get_mut(chunk as usize) {
-            if *state == ChunkState::Writing {
-                *state = ChunkState::Missing;
-                self.stats.corrupt_chunks += 1;
-                log::warn!("{why}; asking for it again");
-            }
+    /// A chunk that keeps arriving damaged is damaged at the source: the copy fails instead of
+    /// asking forever.
+    pub fn chunk_rejected(&mut self, chunk: u32, why: &str) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(state) = self.chunks.get_mut(chunk as usize) else {
+            return out;
+        };
+        if *state != ChunkState::Writing {
+            return out;
         }
+        *state = ChunkState::Missing;
+        self.stats.corrupt_chunks += 1;
+        let times = self.rejections.entry(chunk).or_insert(0);
+        *times += 1;
+        if *times >= MAX_REJECTIONS {
+            let times = *times;
+            self.fail(
+                format!(
+                    "{why}, {times} times: the sender's copy of this chunk is damaged \
+                     (on a bootserver, `bootserver images verify` names the image's damage)"
+                ),
+                &mut out,
+            );
+        } else {
+            log::warn!("{why}; asking for it again");
+        }
+        out
     }
 
     /// The caller wrote chunk `chunk`.

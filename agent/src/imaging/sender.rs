@@ -13,6 +13,7 @@ use super::wire::{
     ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Where chunk bytes come from: a disk, an image file, or memory in tests.
@@ -71,6 +72,8 @@ pub struct ReceiverReport {
     pub repairs_requested: u64,
     /// Why it failed, when it did.
     pub failure: Option<String>,
+    /// Where its Join came from, for the progress table.
+    pub address: Option<SocketAddr>,
     pub joined_at: Instant,
     pub finished_at: Option<Instant>,
     last_heard: Instant,
@@ -127,6 +130,8 @@ pub struct Sender {
     cfg: SenderConfig,
     manifest: Manifest,
     manifest_bytes: Vec<u8>,
+    /// Some chunks travel as zstd frames (announced, so receivers wait for the manifest).
+    compressed: bool,
     image_hash: [u8; 32],
     data_chunks: Vec<u32>,
     blocks_per_chunk: usize,
@@ -169,6 +174,7 @@ impl Sender {
         let rate = cfg.initial_rate.min(cfg.max_rate) as f64;
         Self {
             manifest_bytes,
+            compressed: manifest.is_compressed(),
             image_hash,
             data_chunks,
             blocks_per_chunk,
@@ -275,7 +281,7 @@ impl Sender {
                 ANNOUNCE_FIRST_PASS_DONE
             } else {
                 0
-            } | if self.manifest.is_compressed() {
+            } | if self.compressed {
                 ANNOUNCE_COMPRESSED
             } else {
                 0
@@ -283,8 +289,8 @@ impl Sender {
         }
     }
 
-    /// Feeds one datagram received on the sender's socket.
-    pub fn handle_datagram(&mut self, bytes: &[u8], now: Instant) {
+    /// Feeds one datagram received on the sender's socket from `from`.
+    pub fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Instant) {
         let packet = match Packet::parse(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -305,7 +311,12 @@ impl Sender {
                 refusal,
                 name,
                 serial,
-            } => self.join(receiver, incarnation, disk_size, refusal, name, serial, now),
+            } => {
+                self.join(receiver, incarnation, disk_size, refusal, name, serial, now);
+                if let Some(report) = self.receivers.get_mut(&receiver) {
+                    report.address = Some(from);
+                }
+            }
             Body::Status {
                 receiver,
                 state,
@@ -406,6 +417,7 @@ impl Sender {
             chunks_total: self.manifest.chunk_count(),
             repairs_requested: 0,
             failure: None,
+            address: None,
             joined_at: now,
             finished_at: None,
             last_heard: now,

@@ -8,8 +8,7 @@ use super::receiver::{Action, Receiver, ReceiverConfig};
 use super::sender::{Outcome, Phase, ReceiverReport, Sender, SenderConfig};
 use super::wire::ReceiverState;
 use crate::inventory::human_size;
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -135,7 +134,7 @@ fn state_name(state: ReceiverState) -> &'static str {
 /// Reads the source, then multicasts it until every receiver is done or failed.
 pub fn run_send(
     opts: &SendOptions,
-    progress: impl FnMut(&SendProgress<'_>),
+    progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, SessionError> {
     if !super::manifest::valid_chunk_size(opts.chunk_size) || opts.chunk_size < 64 << 10 {
         return Err(SessionError::ChunkSize(opts.chunk_size));
@@ -180,7 +179,7 @@ pub fn multicast(
     opts: &SendOptions,
     manifest: super::manifest::Manifest,
     source: &mut dyn super::sender::ChunkSource,
-    mut progress: impl FnMut(&SendProgress<'_>),
+    mut progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, SessionError> {
     if !opts.group.is_multicast() {
         return Err(NetError::NotMulticast(opts.group).into());
@@ -207,7 +206,6 @@ pub fn multicast(
     );
     let started = Instant::now();
     let mut sender = Sender::new(cfg, manifest, started);
-    let mut addresses = HashMap::new();
     let mut buf = vec![0u8; 2048];
     let mut batch = net::GsoBatch::new(group);
     let mut next_progress = started + Duration::from_secs(1);
@@ -221,8 +219,7 @@ pub fn multicast(
                 now = Instant::now();
                 // Hear the receivers between bursts.
                 while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    note_address(&mut addresses, &buf[..n], from);
-                    sender.handle_datagram(&buf[..n], now);
+                    sender.handle_datagram(&buf[..n], from, now);
                 }
             }
         }
@@ -231,15 +228,11 @@ pub fn multicast(
             break;
         }
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            note_address(&mut addresses, &buf[..n], from);
-            sender.handle_datagram(&buf[..n], Instant::now());
+            sender.handle_datagram(&buf[..n], from, Instant::now());
         }
         let now = Instant::now();
         if now >= next_progress {
-            progress(&SendProgress {
-                sender: &sender,
-                addresses: &addresses,
-            });
+            progress(&sender);
             next_progress = now + Duration::from_secs(1);
         }
         let wake = sender.poll_timeout(now);
@@ -271,105 +264,76 @@ pub fn multicast(
     })
 }
 
-/// Where each receiver's Join came from: the progress table shows addresses, which the
-/// protocol state machine has no need for.
-fn note_address(addresses: &mut HashMap<u64, SocketAddr>, datagram: &[u8], from: SocketAddr) {
-    if datagram.get(3) != Some(&JOIN_TYPE) {
-        return;
-    }
-    if let Ok(super::wire::Packet {
-        body: super::wire::Body::Join { receiver, .. },
-        ..
-    }) = super::wire::Packet::parse(datagram)
-    {
-        addresses.insert(receiver, from);
-    }
-}
-
-const JOIN_TYPE: u8 = 2;
-
-/// A running send, for progress displays.
-#[derive(Debug)]
-pub struct SendProgress<'a> {
-    pub sender: &'a Sender,
-    pub addresses: &'a HashMap<u64, SocketAddr>,
-}
-
-impl SendProgress<'_> {
-    /// The live table: one line per receiver (name, address, state, percentage, rate, repairs),
-    /// then the total rate and the time left.
-    pub fn table(&self) -> Vec<String> {
-        let sender = self.sender;
-        let now = Instant::now();
-        let chunk = u64::from(sender.manifest().chunk_size);
-        let mut lines = vec![format!(
-            "  {:<20} {:<15} {:<10} {:>6}  {:>7}  {:>7}",
-            "receiver", "address", "state", "done", "MB/s", "repairs"
-        )];
-        let mut seconds_left: f64 = 0.0;
-        let mut active = 0;
-        // Receivers count zero chunks as done once zeroed: progress and rates are about data.
-        let manifest = sender.manifest();
-        let data_chunks = manifest.data_chunks().count() as u32;
-        let other_chunks = manifest.chunk_count() - data_chunks;
-        for r in sender.receivers() {
-            let data_done = r.chunks_done.saturating_sub(other_chunks).min(data_chunks);
-            let pct = if r.state == ReceiverState::Done || data_chunks == 0 {
-                100.0 * f64::from(u8::from(r.state == ReceiverState::Done))
-            } else {
-                100.0 * f64::from(data_done) / f64::from(data_chunks)
-            };
-            let elapsed = r.finished_at.unwrap_or(now).duration_since(r.joined_at);
-            let rate = mb_per_s(u64::from(data_done) * chunk, elapsed);
-            if !r.is_final() {
-                active += 1;
-                let left = u64::from(data_chunks - data_done) * chunk;
-                if rate > 0.0 {
-                    seconds_left = seconds_left.max(left as f64 / 1e6 / rate);
-                }
-            }
-            lines.push(format!(
-                "  {:<20} {:<15} {:<10} {:5.1}%  {:7.1}  {:>7}{}",
-                if r.name.is_empty() {
-                    format!("{:016x}", r.id)
-                } else {
-                    r.name.clone()
-                },
-                self.addresses
-                    .get(&r.id)
-                    .map_or("-".to_string(), |a| a.ip().to_string()),
-                state_name(r.state),
-                pct,
-                rate,
-                r.repairs_requested,
-                r.failure
-                    .as_ref()
-                    .map_or(String::new(), |f| format!("  ({f})"))
-            ));
-        }
-        let total = match sender.data_started() {
-            Some(started) => format!(
-                "  total: {} receiver(s), {:.1} MB/s on the wire (limit {:.0}), {}",
-                sender.receivers().count(),
-                mb_per_s(sender.stats.data_bytes, now.duration_since(started)),
-                sender.rate() as f64 / 1e6,
-                if active == 0 {
-                    "all finished".to_string()
-                } else if seconds_left > 0.0 {
-                    format!("about {seconds_left:.0} s left")
-                } else {
-                    "time left unknown yet".to_string()
-                }
-            ),
-            None => format!(
-                "  waiting for receivers: {} joined, the start policy wants {}",
-                sender.receivers().count(),
-                sender.min_receivers()
-            ),
+/// The live table of a send: one line per receiver (name, address, state, percentage, rate,
+/// repairs), then the total rate and the time left.
+pub fn progress_table(sender: &Sender) -> Vec<String> {
+    let now = Instant::now();
+    let chunk = u64::from(sender.manifest().chunk_size);
+    let mut lines = vec![format!(
+        "  {:<20} {:<15} {:<10} {:>6}  {:>7}  {:>7}",
+        "receiver", "address", "state", "done", "MB/s", "repairs"
+    )];
+    let mut seconds_left: f64 = 0.0;
+    let mut active = 0;
+    // Receivers count zero chunks as done once zeroed: progress and rates are about data.
+    let manifest = sender.manifest();
+    let data_chunks = manifest.data_chunks().count() as u32;
+    let other_chunks = manifest.chunk_count() - data_chunks;
+    for r in sender.receivers() {
+        let data_done = r.chunks_done.saturating_sub(other_chunks).min(data_chunks);
+        let pct = if r.state == ReceiverState::Done || data_chunks == 0 {
+            100.0 * f64::from(u8::from(r.state == ReceiverState::Done))
+        } else {
+            100.0 * f64::from(data_done) / f64::from(data_chunks)
         };
-        lines.push(total);
-        lines
+        let elapsed = r.finished_at.unwrap_or(now).duration_since(r.joined_at);
+        let rate = mb_per_s(u64::from(data_done) * chunk, elapsed);
+        if !r.is_final() {
+            active += 1;
+            let left = u64::from(data_chunks - data_done) * chunk;
+            if rate > 0.0 {
+                seconds_left = seconds_left.max(left as f64 / 1e6 / rate);
+            }
+        }
+        lines.push(format!(
+            "  {:<20} {:<15} {:<10} {:5.1}%  {:7.1}  {:>7}{}",
+            if r.name.is_empty() {
+                format!("{:016x}", r.id)
+            } else {
+                r.name.clone()
+            },
+            r.address.map_or("-".to_string(), |a| a.ip().to_string()),
+            state_name(r.state),
+            pct,
+            rate,
+            r.repairs_requested,
+            r.failure
+                .as_ref()
+                .map_or(String::new(), |f| format!("  ({f})"))
+        ));
     }
+    let total = match sender.data_started() {
+        Some(started) => format!(
+            "  total: {} receiver(s), {:.1} MB/s on the wire (limit {:.0}), {}",
+            sender.receivers().count(),
+            mb_per_s(sender.stats.data_bytes, now.duration_since(started)),
+            sender.rate() as f64 / 1e6,
+            if active == 0 {
+                "all finished".to_string()
+            } else if seconds_left > 0.0 {
+                format!("about {seconds_left:.0} s left")
+            } else {
+                "time left unknown yet".to_string()
+            }
+        ),
+        None => format!(
+            "  waiting for receivers: {} joined, the start policy wants {}",
+            sender.receivers().count(),
+            sender.min_receivers()
+        ),
+    };
+    lines.push(total);
+    lines
 }
 
 impl SendSummary {
@@ -553,10 +517,7 @@ pub fn run_receive(
             let now = Instant::now();
             actions.extend(match finished {
                 DiskDone::Written { chunk } => receiver.chunk_written(chunk),
-                DiskDone::Rejected { chunk, why } => {
-                    receiver.chunk_rejected(chunk, &why);
-                    Vec::new()
-                }
+                DiskDone::Rejected { chunk, why } => receiver.chunk_rejected(chunk, &why),
                 DiskDone::Zeroed { len } => receiver.zeroed(len),
                 DiskDone::Verified(result) => receiver.verified(result, now),
                 DiskDone::Failed(reason) => receiver.disk_failed(reason),
@@ -577,20 +538,8 @@ pub fn run_receive(
                         let _ = socket.send_to(&datagram, addr);
                     }
                 }
-                Action::Write {
-                    chunk,
-                    offset,
-                    stored,
-                    kind,
-                    raw_len,
-                } => ops
-                    .send(DiskOp::Write {
-                        chunk,
-                        offset,
-                        stored,
-                        kind,
-                        raw_len,
-                    })
+                Action::Write(write) => ops
+                    .send(DiskOp::Write(write))
                     .map_err(|_| SessionError::WriterGone)?,
                 Action::Zero { offset, len } => ops
                     .send(DiskOp::Zero { offset, len })

@@ -42,8 +42,14 @@ impl ChunkSource for MemSource {
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Dest {
-    Sender,
+    /// To the sender, from receiver `.0`.
+    Sender(usize),
     Receiver(usize),
+}
+
+/// Receiver `i`'s address, as the sender sees it.
+pub fn receiver_address(i: usize) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 7744))
 }
 
 #[derive(PartialEq, Eq)]
@@ -274,28 +280,20 @@ impl Sim {
                     } else {
                         self.control_loss.max(r.loss)
                     };
-                    self.send(Dest::Sender, bytes, loss);
+                    self.send(Dest::Sender(i), bytes, loss);
                     Vec::new()
                 }
-                Action::Write {
-                    chunk,
-                    offset,
-                    stored,
-                    kind,
-                    raw_len,
-                } => {
+                Action::Write(write) => {
                     let r = &mut self.receivers[i];
-                    match super::codec::decode_owned(chunk, &kind, stored, raw_len) {
+                    let (chunk, offset) = (write.chunk, write.offset);
+                    match write.decode() {
                         Ok(data) => {
                             r.disk[offset as usize..offset as usize + data.len()]
                                 .copy_from_slice(&data);
                             r.writes += 1;
                             r.rx.chunk_written(chunk)
                         }
-                        Err(e) => {
-                            r.rx.chunk_rejected(chunk, &e.to_string());
-                            Vec::new()
-                        }
+                        Err(e) => r.rx.chunk_rejected(chunk, &e.to_string()),
                     }
                 }
                 Action::Zero { offset, len } => {
@@ -347,10 +345,11 @@ impl Sim {
             while self.net.peek().is_some_and(|f| f.at <= self.now) {
                 let Some(flight) = self.net.pop() else { break };
                 match flight.dest {
-                    Dest::Sender if sender_alive => {
-                        self.sender.handle_datagram(&flight.bytes, self.now)
+                    Dest::Sender(from) if sender_alive => {
+                        self.sender
+                            .handle_datagram(&flight.bytes, receiver_address(from), self.now)
                     }
-                    Dest::Sender => {}
+                    Dest::Sender(_) => {}
                     Dest::Receiver(i) => {
                         let r = &self.receivers[i];
                         let deaf = r.deaf_after.is_some_and(|d| self.now >= self.start + d);
@@ -427,6 +426,15 @@ fn cfg(min_receivers: u32) -> SenderConfig {
 
 const CHUNK: u32 = 64 * 1024;
 
+/// `cfg` held at 8 MB/s: slow enough in virtual time for receivers to join or restart mid-pass.
+fn paced(cfg: SenderConfig) -> SenderConfig {
+    SenderConfig {
+        initial_rate: 8_000_000,
+        max_rate: 8_000_000,
+        ..cfg
+    }
+}
+
 #[test]
 fn lossless_session_copies_exactly_and_skips_zero_chunks() {
     let image = test_image(40 * CHUNK as usize + 1000, 1);
@@ -439,6 +447,11 @@ fn lossless_session_copies_exactly_and_skips_zero_chunks() {
         data < manifest.image_size,
         "some chunks are zero and are not sent"
     );
+    // The sender knows where each receiver is, for its progress table.
+    for r in sim.sender.receivers() {
+        let index = (r.id - 1000) as usize;
+        assert_eq!(r.address, Some(receiver_address(index)));
+    }
     // No loss: nothing repaired, data sent once.
     assert_eq!(sim.sender.stats.repair_datagrams, 0);
     assert_eq!(sim.sender.stats.data_bytes, data);
@@ -483,18 +496,7 @@ fn fifty_receivers_with_loss() {
 #[test]
 fn late_joiner_gets_everything() {
     let image = test_image(32 * CHUNK as usize, 8);
-    let mut sim = Sim::new(
-        image,
-        CHUNK,
-        SenderConfig {
-            initial_rate: 8_000_000,
-            max_rate: 8_000_000,
-            ..cfg(1)
-        },
-        2,
-        0.02,
-        8,
-    );
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(1)), 2, 0.02, 8);
     // The first pass takes about 250 ms; the second receiver joins halfway through.
     sim.receivers[1].start_at = Duration::from_millis(120);
     sim.run(Duration::from_secs(120));
@@ -504,18 +506,7 @@ fn late_joiner_gets_everything() {
 #[test]
 fn receiver_restarted_mid_stream_still_finishes() {
     let image = test_image(32 * CHUNK as usize, 9);
-    let mut sim = Sim::new(
-        image,
-        CHUNK,
-        SenderConfig {
-            initial_rate: 8_000_000,
-            max_rate: 8_000_000,
-            ..cfg(2)
-        },
-        2,
-        0.02,
-        9,
-    );
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.02, 9);
     sim.restart = Some((0, Duration::from_millis(120)));
     sim.run(Duration::from_secs(120));
     sim.assert_all_copies_exact();
@@ -524,18 +515,7 @@ fn receiver_restarted_mid_stream_still_finishes() {
 #[test]
 fn sender_death_makes_every_receiver_fail() {
     let image = test_image(64 * CHUNK as usize, 10);
-    let mut sim = Sim::new(
-        image,
-        CHUNK,
-        SenderConfig {
-            initial_rate: 8_000_000,
-            max_rate: 8_000_000,
-            ..cfg(2)
-        },
-        2,
-        0.0,
-        10,
-    );
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.0, 10);
     sim.sender_alive_for = Some(Duration::from_millis(150));
     sim.run(Duration::from_secs(60));
     for r in &sim.receivers {
@@ -575,11 +555,7 @@ fn too_small_target_is_refused_on_both_sides_before_any_write() {
 #[test]
 fn a_receiver_that_falls_off_is_dropped_and_ends_failed_while_others_finish() {
     let image = test_image(48 * CHUNK as usize, 12);
-    let mut sender_cfg = SenderConfig {
-        initial_rate: 8_000_000,
-        max_rate: 8_000_000,
-        ..cfg(2)
-    };
+    let mut sender_cfg = paced(cfg(2));
     sender_cfg.receiver_timeout = Duration::from_secs(2);
     let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.01, 12);
     sim.receivers[1].deaf_after = Some(Duration::from_millis(30));
@@ -647,15 +623,15 @@ fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
         },
     }
     .emit();
-    sender.handle_datagram(&join(77), t0);
-    sender.handle_datagram(&status, t0);
-    sender.handle_datagram(&join(77), t0);
+    sender.handle_datagram(&join(77), receiver_address(0), t0);
+    sender.handle_datagram(&status, receiver_address(0), t0);
+    sender.handle_datagram(&join(77), receiver_address(0), t0);
     assert_eq!(
         sender.receivers().next().unwrap().chunks_done,
         3,
         "a repeated Join must not reset the receiver"
     );
-    sender.handle_datagram(&join(78), t0);
+    sender.handle_datagram(&join(78), receiver_address(0), t0);
     assert_eq!(
         sender.receivers().next().unwrap().chunks_done,
         0,
@@ -667,10 +643,8 @@ fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
 fn a_receiver_dropped_at_the_deadline_is_told_and_fails_at_once() {
     let image = test_image(48 * CHUNK as usize, 15);
     let sender_cfg = SenderConfig {
-        initial_rate: 8_000_000,
-        max_rate: 8_000_000,
         deadline: Some(Duration::from_millis(200)),
-        ..cfg(2)
+        ..paced(cfg(2))
     };
     let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.0, 15);
     // The first pass alone takes about 400 ms: receiver 1 cannot finish by the deadline, and it
@@ -731,18 +705,7 @@ fn announcements_claiming_huge_sizes_are_dropped_before_any_allocation() {
 fn compressed_chunks_from_a_store_decompress_exactly_with_loss_and_a_late_joiner() {
     for (seed, loss) in [(21, 0.0), (22, 0.05), (23, 0.15)] {
         let image = test_image(96 * CHUNK as usize + 5000, seed);
-        let mut sim = Sim::compressed(
-            image,
-            CHUNK,
-            SenderConfig {
-                initial_rate: 8_000_000,
-                max_rate: 8_000_000,
-                ..cfg(2)
-            },
-            3,
-            loss,
-            seed,
-        );
+        let mut sim = Sim::compressed(image, CHUNK, paced(cfg(2)), 3, loss, seed);
         sim.reorder = 0.05;
         if loss > 0.0 {
             // The first pass of the compressed image takes about 450 ms: join halfway.
@@ -780,4 +743,23 @@ fn a_damaged_compressed_frame_is_refused_and_asked_for_again() {
     sim.run(Duration::from_secs(60));
     sim.assert_all_copies_exact();
     assert!(sim.receivers[0].rx.stats.corrupt_chunks >= 1);
+}
+
+#[test]
+fn a_chunk_damaged_at_the_source_fails_the_copy_instead_of_looping() {
+    let image = test_image(8 * CHUNK as usize, 25);
+    let mut sim = Sim::compressed(image, CHUNK, cfg(2), 2, 0.0, 25);
+    let victim = sim.sender.manifest().data_chunks().nth(2).unwrap();
+    let stored = &mut sim.source.stored.as_mut().unwrap()[victim as usize];
+    let middle = stored.len() / 2;
+    stored[middle] ^= 0x55;
+    sim.run(Duration::from_secs(60));
+    for (i, r) in sim.receivers.iter().enumerate() {
+        let result = r
+            .result
+            .clone()
+            .unwrap_or_else(|| panic!("receiver {i} never ended"));
+        let why = result.expect_err("a copy with a damaged chunk must not succeed");
+        assert!(why.contains("damaged"), "{why}");
+    }
 }

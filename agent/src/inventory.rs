@@ -3,6 +3,7 @@
 //! Every reader takes the sysfs root as a parameter so tests run on a fake tree. The printed form
 //! (`Display`) is one stable line per device that tests and operators can grep.
 
+pub use diskcast_proto::units::human_size;
 use std::fmt;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -334,22 +335,6 @@ fn yes_no(value: bool) -> &'static str {
         "yes"
     } else {
         "no"
-    }
-}
-
-/// Human-readable size with binary units, e.g. `8.0 GiB`.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

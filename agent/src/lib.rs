@@ -1,9 +1,8 @@
-//! diskcast agent library: the pieces the agent binary runs as PID 1 or as a host CLI, and that the
-//! bootserver shares (kernel command line, protocol).
+//! diskcast agent library: PID 1 of the imaging initramfs and the host CLI, with every I/O edge
+//! the protocol needs on a machine being imaged: disks (O_DIRECT, read-back), sysfs inventory,
+//! kernel modules, raw-socket DHCP, consoles. The protocol itself is `diskcast-proto`.
 #![deny(unsafe_code)]
 
-pub mod cmdline;
-pub mod dhcp;
 pub mod imaging;
 pub mod inventory;
 pub mod logging;
@@ -14,17 +13,11 @@ pub mod stick;
 pub mod sys;
 pub mod udp_frame;
 
-/// The line PID 1 prints once the machine is up, network configured and inventory printed.
-/// Tests and operators wait for it; its form does not change.
-pub const READY_MARKER: &str = "DISKCAST-READY";
+pub use diskcast_proto::{cmdline, error_chain, READY_MARKER};
 
-/// An error and every cause under it, one per line, as `main` and PID 1 print them.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!("\n  caused by: {cause}"));
-        source = cause.source();
-    }
-    text
+/// Seconds since the Unix epoch, for metadata and reports.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

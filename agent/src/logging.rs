@@ -80,12 +80,21 @@ impl log::Log for ConsoleLogger {
         console_write(&line, true);
         if let Some(kmsg) = KMSG.get() {
             if let Ok(mut kmsg) = kmsg.lock() {
-                let _ = write!(kmsg, "<7>diskcast: {}", record.args());
+                let _ = write_kmsg(&mut *kmsg, &record.args().to_string());
             }
         }
     }
 
     fn flush(&self) {}
+}
+
+/// Writes `message` into the kernel log: one `write` per line, since every write to /dev/kmsg
+/// is one record (formatting straight into the file writes each fragment as its own record).
+fn write_kmsg(kmsg: &mut impl Write, message: &str) -> std::io::Result<()> {
+    for line in message.lines().filter(|l| !l.trim().is_empty()) {
+        kmsg.write_all(format!("<7>diskcast: {line}\n").as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Installs the logger once; later calls change the level and may add the kernel log (PID 1
@@ -106,6 +115,41 @@ pub fn init(level: log::LevelFilter, to_kmsg: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts write calls, as /dev/kmsg counts records.
+    #[derive(Default)]
+    struct Records(Vec<String>);
+
+    impl Write for Records {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(String::from_utf8_lossy(buf).into_owned());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_log_line_is_one_kernel_log_record() {
+        let mut kmsg = Records::default();
+        let message = format!(
+            "modules: {} loaded in {} rounds: {}",
+            13, 2, "virtio_net e1000"
+        );
+        write_kmsg(&mut kmsg, &message).unwrap();
+        assert_eq!(
+            kmsg.0,
+            ["<7>diskcast: modules: 13 loaded in 2 rounds: virtio_net e1000\n"]
+        );
+        let mut kmsg = Records::default();
+        write_kmsg(&mut kmsg, "master:\n  receiver  state\n  aa:bb  done\n").unwrap();
+        assert_eq!(kmsg.0.len(), 3, "{:?}", kmsg.0);
+        assert!(kmsg
+            .0
+            .iter()
+            .all(|r| r.starts_with("<7>diskcast: ") && r.ends_with('\n')));
+    }
 
     #[test]
     fn active_consoles_are_read_from_sysfs() {

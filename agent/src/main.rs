@@ -2,9 +2,13 @@
 
 use clap::{Parser, Subcommand};
 use diskcast_agent::cmdline::BootConfig;
-use diskcast_agent::imaging::{self, net, session};
+use diskcast_agent::imaging::{self, receive};
 use diskcast_agent::inventory::Inventory;
 use diskcast_agent::{logging, pid1};
+use diskcast_proto::units::{human_size, Rate};
+use diskcast_proto::wire::{DEFAULT_GROUP, DEFAULT_PORT};
+use diskcast_transport::present;
+use diskcast_transport::send::SendOptions;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,7 +67,7 @@ struct CaptureArgs {
     #[arg(long)]
     name: Option<String>,
     /// zstd level (1 fastest ... 19 smallest).
-    #[arg(long, default_value_t = imaging::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+    #[arg(long, default_value_t = diskcast_proto::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     level: i32,
 }
 
@@ -73,10 +77,10 @@ struct SessionArgs {
     #[arg(long, short)]
     interface: Option<String>,
     /// Multicast group.
-    #[arg(long, default_value_t = net::DEFAULT_GROUP)]
+    #[arg(long, default_value_t = DEFAULT_GROUP)]
     group: Ipv4Addr,
     /// UDP port of the group.
-    #[arg(long, default_value_t = net::DEFAULT_PORT)]
+    #[arg(long, default_value_t = DEFAULT_PORT)]
     port: u16,
 }
 
@@ -102,7 +106,7 @@ struct SendArgs {
     #[arg(long, default_value_t = 30)]
     receiver_timeout: u64,
     /// Chunk size in bytes (multiple of 4096).
-    #[arg(long, default_value_t = imaging::manifest::DEFAULT_CHUNK_SIZE)]
+    #[arg(long, default_value_t = diskcast_proto::manifest::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
     /// Multicast TTL (1: this LAN only).
     #[arg(long, default_value_t = 1)]
@@ -170,29 +174,28 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Init => pid1::run(),
         Command::Send(args) => {
-            let opts = session::SendOptions {
-                source: args.source,
-                interface: args.session.interface,
-                group: args.session.group,
-                port: args.session.port,
-                ttl: args.ttl,
-                max_rate: (args.rate * 1e6) as u64,
-                min_receivers: args.min_receivers,
-                start_timeout: args.start_timeout.map(Duration::from_secs),
-                deadline: args.deadline.map(Duration::from_secs),
-                receiver_timeout: Duration::from_secs(args.receiver_timeout),
-                chunk_size: args.chunk_size,
-                session: None,
-            };
-            let summary = session::run_send(&opts, |progress| {
-                eprintln!("{}", session::progress_table(progress).join("\n"));
+            let mut opts = SendOptions::new(
+                args.session.interface,
+                args.session.group,
+                args.session.port,
+            );
+            opts.ttl = args.ttl;
+            opts.max_rate = Rate::from_mbps(args.rate);
+            opts.min_receivers = args.min_receivers;
+            opts.start_timeout = args.start_timeout.map(Duration::from_secs);
+            opts.deadline = args.deadline.map(Duration::from_secs);
+            opts.receiver_timeout = Duration::from_secs(args.receiver_timeout);
+            opts.chunk_size = args.chunk_size;
+            let summary = imaging::send::run_send(&args.source, &opts, |progress| {
+                let now = std::time::Instant::now();
+                eprintln!("{}", present::progress_table(progress, now).join("\n"));
             })?;
             print!("{}", summary.render());
             Ok(summary.result()?)
         }
         Command::Receive(args) => {
             let name = args.name.unwrap_or_else(host_name);
-            let opts = session::ReceiveOptions {
+            let opts = receive::ReceiveOptions {
                 target: args.target,
                 interface: args.session.interface,
                 group: args.session.group,
@@ -200,22 +203,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 name,
                 wait_timeout: args.wait.map(Duration::from_secs),
                 sender_timeout: Duration::from_secs(args.sender_timeout),
-                ..session::ReceiveOptions::default()
+                ..receive::ReceiveOptions::default()
             };
-            session::run_receive(&opts, |p| {
-                let pct = if p.chunks_total == 0 {
-                    0.0
-                } else {
-                    100.0 * f64::from(p.chunks_done) / f64::from(p.chunks_total)
-                };
-                eprintln!(
-                    "receiving: {pct:5.1}% ({}/{} chunks){} after {:.0} s",
-                    p.chunks_done,
-                    p.chunks_total,
-                    if p.verifying { ", verifying" } else { "" },
-                    p.elapsed.as_secs_f64()
-                );
-            })?;
+            receive::run_receive(&opts, |p| eprintln!("receiving: {}", p.line()))?;
             println!("copy verified: {}", opts.target.display());
             Ok(())
         }
@@ -239,15 +229,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 last = std::time::Instant::now();
                 eprintln!(
                     "capturing: {} read, {} uploaded",
-                    diskcast_agent::inventory::human_size(read),
-                    diskcast_agent::inventory::human_size(uploaded)
+                    human_size(read),
+                    human_size(uploaded)
                 );
             })?;
             println!(
                 "captured {} ({} of data, {} uploaded) in {:.1} s; the store says: {}",
                 opts.source.display(),
-                diskcast_agent::inventory::human_size(summary.manifest.data_bytes()),
-                diskcast_agent::inventory::human_size(summary.uploaded),
+                human_size(summary.manifest.data_bytes()),
+                human_size(summary.uploaded),
                 summary.elapsed.as_secs_f64(),
                 summary.server_says
             );
@@ -276,7 +266,7 @@ fn default_image_name(host: &str, source: &std::path::Path) -> Option<String> {
         .take(64)
         .collect();
     let name = name.trim_start_matches(['-', '.', '_']).to_string();
-    imaging::image_file::valid_image_name(&name).then_some(name)
+    diskcast_proto::image_file::valid_image_name(&name).then_some(name)
 }
 
 /// `ADDRESS` or `ADDRESS:PORT`; the port defaults to the bootserver's HTTP port.

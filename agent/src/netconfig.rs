@@ -1,10 +1,11 @@
 //! The DHCP client's I/O edge: picks an interface, brings it up, runs [`DhcpClient`] over a raw
 //! socket until a lease is bound, applies it, and keeps renewing it in a background thread.
 
-use crate::dhcp::{DhcpClient, Event, Lease};
 use crate::inventory::{self, Nic};
 use crate::sys::{self, RawIpSocket};
 use crate::udp_frame::UdpDatagram;
+use diskcast_proto::dhcp::{DhcpClient, Event, Lease};
+use diskcast_proto::mac::MacAddr;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -44,15 +45,6 @@ pub enum NetError {
     },
     #[error("{name} has no usable MAC address ({mac:?})")]
     BadMac { name: String, mac: String },
-}
-
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 fn names(nics: &[Nic]) -> String {
@@ -185,10 +177,14 @@ fn step(
 
 /// Gets a lease on `nic`, configures it and starts the renewal thread.
 pub fn configure(nic: &Nic, timeout: Duration) -> Result<Configured, NetError> {
-    let mac = parse_mac(&nic.mac).ok_or_else(|| NetError::BadMac {
-        name: nic.name.clone(),
-        mac: nic.mac.clone(),
-    })?;
+    let mac = nic
+        .mac
+        .parse::<MacAddr>()
+        .map(MacAddr::octets)
+        .map_err(|_| NetError::BadMac {
+            name: nic.name.clone(),
+            mac: nic.mac.clone(),
+        })?;
     let socket = RawIpSocket::open(&nic.name).map_err(|source| NetError::RawSocket {
         name: nic.name.clone(),
         source,
@@ -260,21 +256,5 @@ fn keep_lease(interface: &str, mut client: DhcpClient, socket: RawIpSocket) {
             }
             None => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_macs() {
-        assert_eq!(
-            parse_mac("52:54:00:12:34:5a"),
-            Some([0x52, 0x54, 0, 0x12, 0x34, 0x5a])
-        );
-        assert_eq!(parse_mac("52:54:00:12:34"), None);
-        assert_eq!(parse_mac("52:54:00:12:34:5a:00"), None);
-        assert_eq!(parse_mac("zz:54:00:12:34:5a"), None);
     }
 }

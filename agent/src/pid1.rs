@@ -7,6 +7,9 @@ use crate::inventory::Inventory;
 use crate::modules::{self, ModuleIndex, ModulesError};
 use crate::netconfig::{self, NetError};
 use crate::{logging, sys, READY_MARKER};
+use diskcast_proto::units::{human_size, Rate};
+use diskcast_transport::present;
+use diskcast_transport::send::SendOptions;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,8 +49,10 @@ pub enum Pid1Error {
     Capture(#[from] crate::imaging::capture::CaptureError),
     #[error("choosing the disk")]
     Disk(#[from] crate::inventory::SelectError),
-    #[error("the multicast session failed")]
-    Session(#[from] crate::imaging::session::SessionError),
+    #[error("sending this disk failed")]
+    Send(#[from] crate::imaging::send::SourceError),
+    #[error("receiving the image failed")]
+    Receive(#[from] crate::imaging::receive::ReceiveError),
 }
 
 const MOUNTS: [(&str, &str, &str, libc::c_ulong); 4] = [
@@ -110,7 +115,7 @@ pub fn run() -> ! {
     let on_error = config.on_error;
     // A panic must end like any other fatal error, never as a kernel panic.
     std::panic::set_hook(Box::new(move |info| {
-        if crate::dhcp::panic_is_guarded() {
+        if diskcast_proto::dhcp::panic_is_guarded() {
             return;
         }
         log::error!("FATAL: agent bug: {info}");
@@ -208,7 +213,7 @@ fn apply_stick_settings(
 fn boot(config: &mut BootConfig, booted: Instant) -> Result<(), Pid1Error> {
     let release = kernel_release();
     let module_dir = PathBuf::from("/lib/modules").join(&release);
-    let index = ModuleIndex::read(&module_dir).map_err(|source| Pid1Error::Modules {
+    let index = modules::read_index(&module_dir).map_err(|source| Pid1Error::Modules {
         release: release.clone(),
         source,
     })?;
@@ -276,7 +281,6 @@ fn capture(
     mac: &str,
 ) -> Result<(), Pid1Error> {
     use crate::imaging::capture::{run_capture, CaptureOptions};
-    use crate::inventory::human_size;
     let name = config.image.clone().ok_or(Pid1Error::NoImageName)?;
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
     let description = format!(
@@ -322,31 +326,22 @@ fn capture(
 }
 
 fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result<(), Pid1Error> {
-    use crate::imaging::session;
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
     print_console(&format!(
         "master: sending /dev/{} — model {:?}, serial {:?}, {}\n",
         disk.name,
         disk.model,
         disk.serial,
-        crate::inventory::human_size(disk.size_bytes)
+        human_size(disk.size_bytes)
     ));
-    let opts = session::SendOptions {
-        source: PathBuf::from("/dev").join(&disk.name),
-        interface: Some(interface.into()),
-        group: config.group,
-        port: config.port,
-        min_receivers: config.min_receivers,
-        start_timeout: config
-            .start_timeout_secs
-            .map(|s| Duration::from_secs(u64::from(s))),
-        max_rate: config
-            .rate_mbps
-            .map_or(session::SendOptions::default().max_rate, |r| {
-                u64::from(r) * 1_000_000
-            }),
-        ..session::SendOptions::default()
-    };
+    let mut opts = SendOptions::new(Some(interface.into()), config.group, config.port);
+    opts.min_receivers = config.min_receivers;
+    opts.start_timeout = config
+        .start_timeout_secs
+        .map(|s| Duration::from_secs(u64::from(s)));
+    if let Some(mbps) = config.rate_mbps {
+        opts.max_rate = Rate::from_mbps(f64::from(mbps));
+    }
     print_console(&format!(
         "master: waiting for {} slave(s){}; slaves join by network-booting\n",
         opts.min_receivers,
@@ -356,17 +351,20 @@ fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result
         ))
     ));
     let mut last = Instant::now();
-    let summary = session::run_send(&opts, |progress| {
+    let source = PathBuf::from("/dev").join(&disk.name);
+    let summary = crate::imaging::send::run_send(&source, &opts, |progress| {
         if last.elapsed() >= Duration::from_secs(3) {
             last = Instant::now();
             print_console(&format!(
                 "master:\n{}\n",
-                session::progress_table(progress).join("\n")
+                present::progress_table(progress, last).join("\n")
             ));
         }
     })?;
     print_console(&summary.render());
-    summary.result()?;
+    summary
+        .result()
+        .map_err(crate::imaging::send::SourceError::from)?;
     print_console("DISKCAST-MASTER-DONE every slave verified its copy\n");
     Ok(())
 }
@@ -377,45 +375,35 @@ fn slave(
     interface: &str,
     mac: &str,
 ) -> Result<(), Pid1Error> {
-    use crate::imaging::session;
+    use crate::imaging::receive::{run_receive, stable_receiver_id, ReceiveOptions};
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
     print_console(&format!(
         "slave: writing /dev/{} — model {:?}, serial {:?}, {}\n",
         disk.name,
         disk.model,
         disk.serial,
-        crate::inventory::human_size(disk.size_bytes)
+        human_size(disk.size_bytes)
     ));
     let target = PathBuf::from("/dev").join(&disk.name);
-    let opts = session::ReceiveOptions {
-        id: Some(session::stable_receiver_id(mac, &target)),
+    let opts = ReceiveOptions {
+        id: Some(stable_receiver_id(mac, &target)),
         target,
         interface: Some(interface.into()),
         group: config.group,
         port: config.port,
         name: mac.into(),
         serial: disk.serial.clone(),
-        ..session::ReceiveOptions::default()
+        ..ReceiveOptions::default()
     };
     let mut last = Instant::now();
     print_console(&format!(
         "slave: waiting for a session on {}:{}\n",
         config.group, config.port
     ));
-    session::run_receive(&opts, |p| {
+    run_receive(&opts, |p| {
         if p.chunks_total > 0 && last.elapsed() >= Duration::from_secs(5) {
             last = Instant::now();
-            let pct = if p.chunks_total == 0 {
-                0.0
-            } else {
-                100.0 * f64::from(p.chunks_done) / f64::from(p.chunks_total)
-            };
-            print_console(&format!(
-                "slave: {pct:.0}% ({}/{} chunks){}\n",
-                p.chunks_done,
-                p.chunks_total,
-                if p.verifying { ", verifying" } else { "" }
-            ));
+            print_console(&format!("slave: {}\n", p.line()));
         }
     })?;
     print_console(&format!(

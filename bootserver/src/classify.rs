@@ -72,7 +72,7 @@ pub fn vendor_class(msg: &Message) -> &[u8] {
 
 pub fn classify(msg: &Message) -> ClientKind {
     let class = vendor_class(msg);
-    if class == diskcast_agent::dhcp::AGENT_VENDOR_CLASS {
+    if class == diskcast_proto::dhcp::AGENT_VENDOR_CLASS {
         return ClientKind::Agent;
     }
     let arch = match msg.opts().get(OptionCode::ClientSystemArchitecture) {

@@ -1,8 +1,8 @@
 //! The bootserver's configuration: one TOML file (see `bootserver/bootserver.example.toml`),
 //! with a few settings that flags can override.
 
-use diskcast_agent::cmdline::{BootConfig, DiskSelector, Finish, Role};
-use diskcast_agent::imaging::image_file::{valid_image_name, IMAGE_NAME_RULE};
+use diskcast_proto::cmdline::{BootConfig, DiskSelector, Finish, Role};
+use diskcast_proto::image_file::{valid_image_name, IMAGE_NAME_RULE};
 use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -242,8 +242,8 @@ pub struct Machine {
 
 /// A MAC address in canonical lower-case colon form.
 pub fn canonical_mac(text: &str) -> Option<String> {
-    let bytes = diskcast_agent::netconfig::parse_mac(&text.replace('-', ":").to_ascii_lowercase())?;
-    Some(format_mac(&bytes))
+    let mac: diskcast_proto::mac::MacAddr = text.parse().ok()?;
+    Some(mac.to_string())
 }
 
 pub fn format_mac(bytes: &[u8]) -> String {

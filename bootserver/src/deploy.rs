@@ -2,8 +2,9 @@
 //! stored chunks travel as they are (zstd frames stay compressed); slaves decompress and check.
 
 use crate::store::{ImageSummary, Store, StoreError};
-use diskcast_agent::imaging::sender::Sender;
-use diskcast_agent::imaging::session::{self, SendOptions, SendSummary, SessionError};
+use diskcast_proto::sender::Sender;
+use diskcast_transport::present;
+use diskcast_transport::send::{self, SendError, SendOptions, SendSummary};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,7 +15,7 @@ pub enum DeployError {
     Session {
         name: String,
         #[source]
-        source: SessionError,
+        source: SendError,
     },
 }
 
@@ -35,7 +36,7 @@ pub fn deploy_once(
         name: name.into(),
         source,
     };
-    session::multicast(opts, manifest, &mut image, progress).map_err(session_err)
+    send::multicast(opts, manifest, &mut image, progress).map_err(session_err)
 }
 
 /// `[deploy]` in the server: session after session, so machines booted later are served too.
@@ -60,7 +61,7 @@ pub fn deploy_forever(store: Store, name: String, opts: SendOptions) {
             }
             last = std::time::Instant::now();
             log::info!("deploying {name}:");
-            for line in session::progress_table(progress) {
+            for line in present::progress_table(progress, std::time::Instant::now()) {
                 log::info!("{line}");
             }
         }) {
@@ -71,7 +72,7 @@ pub fn deploy_forever(store: Store, name: String, opts: SendOptions) {
                 }
             }
             Err(e) => {
-                log::error!("deploy {name}: {}", diskcast_agent::error_chain(&e));
+                log::error!("deploy {name}: {}", diskcast_proto::error_chain(&e));
                 std::thread::sleep(Duration::from_secs(5));
             }
         }

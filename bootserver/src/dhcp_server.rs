@@ -9,7 +9,7 @@ use crate::config::{canonical_mac, format_mac, DhcpMode, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use dhcproto::Encodable;
-use diskcast_agent::dhcp::decode_message;
+use diskcast_proto::dhcp::decode_message;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 

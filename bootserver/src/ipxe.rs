@@ -1,7 +1,7 @@
 //! The per-machine iPXE script, rendered from typed data. Its kernel line carries the agent's
 //! settings rendered by [`BootConfig::render`], which the agent parses back.
 
-use diskcast_agent::cmdline::BootConfig;
+use diskcast_proto::cmdline::BootConfig;
 
 #[derive(Debug, Clone)]
 pub struct BootScript {
@@ -51,7 +51,7 @@ impl BootScript {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diskcast_agent::cmdline::{Finish, Role};
+    use diskcast_proto::cmdline::{Finish, Role};
     use std::net::Ipv4Addr;
 
     #[test]

@@ -13,3 +13,10 @@ pub mod router_advert;
 pub mod serve;
 pub mod store;
 pub mod tftp;
+
+/// Seconds since the Unix epoch: lease expiry, image metadata, task times.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

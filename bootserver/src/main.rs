@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use diskcast_agent::imaging::session::SendOptions;
-use diskcast_agent::inventory::human_size;
 use diskcast_bootserver::deploy::deploy_once;
 use diskcast_bootserver::serve::short_hash;
 use diskcast_bootserver::store::Store;
+use diskcast_proto::units::human_size;
+use diskcast_proto::units::Rate;
+use diskcast_transport::send::SendOptions;
 
 fn age(created: u64) -> String {
     let now = std::time::SystemTime::now()
@@ -47,7 +48,7 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                         short_hash(&i.image_hash),
                         i.origin
                     ),
-                    Err(e) => println!("(unreadable) {}", diskcast_agent::error_chain(&e)),
+                    Err(e) => println!("(unreadable) {}", diskcast_proto::error_chain(&e)),
                 }
             }
             Ok(())
@@ -58,12 +59,12 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
             let zstd = m
                 .chunks
                 .iter()
-                .filter(|c| matches!(c, diskcast_agent::imaging::manifest::ChunkKind::Zstd { .. }))
+                .filter(|c| matches!(c, diskcast_proto::manifest::ChunkKind::Zstd { .. }))
                 .count();
             let zero = m
                 .chunks
                 .iter()
-                .filter(|c| **c == diskcast_agent::imaging::manifest::ChunkKind::Zero)
+                .filter(|c| **c == diskcast_proto::manifest::ChunkKind::Zero)
                 .count();
             println!("image:          {name}");
             println!(
@@ -265,7 +266,7 @@ enum ImagesCommand {
         raw: PathBuf,
         name: String,
         /// zstd level (1 fastest ... 19 smallest).
-        #[arg(long, default_value_t = diskcast_agent::imaging::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+        #[arg(long, default_value_t = diskcast_proto::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
         level: i32,
     },
     /// Write an image as a raw disk image (a file, a device, or `-` for stdout).
@@ -282,9 +283,9 @@ struct DeployArgs {
     #[arg(long, short)]
     interface: String,
     /// Multicast group and port (what the slaves were told).
-    #[arg(long, default_value_t = diskcast_agent::imaging::net::DEFAULT_GROUP)]
+    #[arg(long, default_value_t = diskcast_proto::wire::DEFAULT_GROUP)]
     group: Ipv4Addr,
-    #[arg(long, default_value_t = diskcast_agent::imaging::net::DEFAULT_PORT)]
+    #[arg(long, default_value_t = diskcast_proto::wire::DEFAULT_PORT)]
     port: u16,
     /// Start once this many slaves joined...
     #[arg(long, default_value_t = 1)]
@@ -326,7 +327,7 @@ fn main() -> ExitCode {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         // Caught and counted as a malformed packet; the default hook would print it as a crash.
-        if !diskcast_agent::dhcp::panic_is_guarded() {
+        if !diskcast_proto::dhcp::panic_is_guarded() {
             default_hook(info);
         }
     }));
@@ -366,22 +367,20 @@ fn main() -> ExitCode {
         }
         Command::Deploy(args) => {
             let store = args.store.open(false)?;
-            let opts = SendOptions {
-                source: store.dir().join(&args.image),
-                interface: Some(args.interface),
-                group: args.group,
-                port: args.port,
-                min_receivers: args.min_receivers,
-                start_timeout: args.start_timeout.map(Duration::from_secs),
-                deadline: args.deadline.map(Duration::from_secs),
-                max_rate: (args.rate * 1e6) as u64,
-                ..SendOptions::default()
-            };
+            let mut opts = SendOptions::new(Some(args.interface), args.group, args.port);
+            opts.min_receivers = args.min_receivers;
+            opts.start_timeout = args.start_timeout.map(Duration::from_secs);
+            opts.deadline = args.deadline.map(Duration::from_secs);
+            opts.max_rate = Rate::from_mbps(args.rate);
             let summary = deploy_once(&store, &args.image, &opts, |progress| {
                 eprintln!(
                     "deploying {}:\n{}",
                     args.image,
-                    diskcast_agent::imaging::session::progress_table(progress).join("\n")
+                    diskcast_transport::present::progress_table(
+                        progress,
+                        std::time::Instant::now()
+                    )
+                    .join("\n")
                 );
             })?;
             print!("{}", summary.render());
@@ -391,7 +390,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", diskcast_agent::error_chain(e.as_ref()));
+            eprintln!("error: {}", diskcast_proto::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -7,7 +7,8 @@ use crate::ipxe::{BootScript, INITRD_NAME};
 use crate::leases::{LeaseError, LeaseTable};
 use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError};
-use diskcast_agent::imaging::session::SendOptions;
+use diskcast_proto::units::Rate;
+use diskcast_transport::send::SendOptions;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -194,7 +195,7 @@ impl BootRoutes {
                     "stored_bytes": i.stored_bytes, "created": i.created,
                     "hash": short_hash(&i.image_hash), "origin": i.origin,
                 }),
-                Err(e) => serde_json::json!({ "error": diskcast_agent::error_chain(&e) }),
+                Err(e) => serde_json::json!({ "error": diskcast_proto::error_chain(&e) }),
             })
             .collect();
         let deploys: Vec<serde_json::Value> = self
@@ -419,7 +420,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             .name("tftp".into())
             .spawn(move || {
                 if let Err(e) = tftp::serve(tftp_root, tftp_addr) {
-                    diskcast_agent::pid1::report(&e);
+                    log::error!("tftp: {}", diskcast_proto::error_chain(&e));
                     std::process::exit(1);
                 }
             }),
@@ -444,19 +445,17 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         );
     }
     for (index, deploy) in config.deploys.iter().enumerate() {
-        let opts = SendOptions {
-            source: store.dir().join(&deploy.image),
-            interface: Some(config.interface.clone()),
-            group: config.session_group(),
-            port: config.deploy_port(index),
-            min_receivers: deploy.min_receivers,
-            start_timeout: deploy.start_timeout.map(|s| Duration::from_secs(s.into())),
-            deadline: deploy.deadline.map(|s| Duration::from_secs(s.into())),
-            max_rate: deploy
-                .rate
-                .map_or(1_000_000_000, |r| u64::from(r) * 1_000_000),
-            ..SendOptions::default()
-        };
+        let mut opts = SendOptions::new(
+            Some(config.interface.clone()),
+            config.session_group(),
+            config.deploy_port(index),
+        );
+        opts.min_receivers = deploy.min_receivers;
+        opts.start_timeout = deploy.start_timeout.map(|s| Duration::from_secs(s.into()));
+        opts.deadline = deploy.deadline.map(|s| Duration::from_secs(s.into()));
+        if let Some(mbps) = deploy.rate {
+            opts.max_rate = Rate::from_mbps(f64::from(mbps));
+        }
         let (store, name) = (store.clone(), deploy.image.clone());
         log::info!(
             "deploy: serving image {name:?} to its slaves on {}:{}",
@@ -503,7 +502,7 @@ fn store_refusal(e: StoreError) -> Response {
     Response::Status {
         code,
         reason,
-        body: format!("{}\n", diskcast_agent::error_chain(&e)),
+        body: format!("{}\n", diskcast_proto::error_chain(&e)),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The image store: a directory of image files (`NAME.dcimg`, format in
-//! `diskcast_agent::imaging::image_file`).
+//! `diskcast_proto::image_file`).
 //!
 //! An image appears only when complete and checked: uploads and imports are written to a hidden
 //! temporary file (`.NAME.PID.N.partial`), fsynced, fully verified, then linked to their final
@@ -7,11 +7,11 @@
 //! other — and the temporary name removed. A crash leaves at most a `.partial` file, never a
 //! listed image; the next server start removes partial files whose writer is gone.
 
-use diskcast_agent::imaging::image_file::{
+use diskcast_proto::image_file::{
     valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, EXTENSION, IMAGE_NAME_RULE,
 };
-use diskcast_agent::imaging::manifest::DEFAULT_CHUNK_SIZE;
-use diskcast_agent::inventory::human_size;
+use diskcast_proto::manifest::DEFAULT_CHUNK_SIZE;
+use diskcast_proto::units::human_size;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +36,17 @@ pub enum StoreError {
     Rejected(#[source] ImageFileError),
     #[error(transparent)]
     Image(#[from] ImageFileError),
+}
+
+/// Opens an image file and checks its structure.
+pub fn open_image_file(path: &Path) -> Result<ImageFile, ImageFileError> {
+    let io_err = |op: &'static str| {
+        let path = path.to_path_buf();
+        move |source| ImageFileError::Io { path, op, source }
+    };
+    let file = File::open(path).map_err(io_err("opening"))?;
+    let len = file.metadata().map_err(io_err("reading metadata"))?.len();
+    ImageFile::read(file, len, path)
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
@@ -87,7 +98,7 @@ impl Incoming {
             .get_ref()
             .sync_all()
             .map_err(io_err(&self.temp, "syncing"))?;
-        let image = ImageFile::open(&self.temp).map_err(StoreError::Rejected)?;
+        let image = open_image_file(&self.temp).map_err(StoreError::Rejected)?;
         image.verify().map_err(StoreError::Rejected)?;
         match fs::hard_link(&self.temp, &self.final_path) {
             Ok(()) => {}
@@ -217,7 +228,7 @@ impl Store {
                 dir: self.dir.clone(),
             });
         }
-        Ok(ImageFile::open(&path)?)
+        Ok(open_image_file(&path)?)
     }
 
     pub fn show(&self, name: &str) -> Result<(ImageSummary, ImageFile), StoreError> {
@@ -276,7 +287,7 @@ impl Store {
         writer
             .push_all(raw, level, |_| {})
             .map_err(io_err(Path::new(source_desc), "reading the raw image"))?;
-        let mut meta = Metadata::now("import", level);
+        let mut meta = Metadata::new("import", level, crate::unix_now());
         meta.source_disk = source_desc.into();
         writer.finish(&meta).map_err(io_err(&temp, "writing"))?;
         incoming.commit()
@@ -422,7 +433,7 @@ mod tests {
         let mut file_bytes = Vec::new();
         let mut writer = ImageWriter::new(&mut file_bytes, DEFAULT_CHUNK_SIZE);
         writer.push_all(&mut &raw[..], 3, |_| {}).unwrap();
-        writer.finish(&Metadata::now("capture", 3)).unwrap();
+        writer.finish(&Metadata::new("capture", 3, 1)).unwrap();
 
         // Cut off halfway: commit refuses, nothing listed, no temporary file left.
         let mut incoming = store.incoming("cut").unwrap();

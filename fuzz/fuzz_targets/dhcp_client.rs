@@ -1,5 +1,5 @@
 #![no_main]
-use diskcast_agent::dhcp::DhcpClient;
+use diskcast_proto::dhcp::DhcpClient;
 use libfuzzer_sys::fuzz_target;
 use std::time::Instant;
 

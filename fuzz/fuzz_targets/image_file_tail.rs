@@ -1,6 +1,6 @@
 #![no_main]
 //! The parts of an image file read before any chunk: footer and metadata.
-use diskcast_agent::imaging::image_file::{Footer, Metadata, FOOTER_LEN};
+use diskcast_proto::image_file::{Footer, Metadata, FOOTER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

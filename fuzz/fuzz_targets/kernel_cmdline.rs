@@ -1,5 +1,5 @@
 #![no_main]
-use diskcast_agent::cmdline::BootConfig;
+use diskcast_proto::cmdline::BootConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,5 +1,5 @@
 #![no_main]
-use diskcast_agent::imaging::manifest::Manifest;
+use diskcast_proto::manifest::Manifest;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

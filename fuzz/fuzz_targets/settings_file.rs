@@ -1,6 +1,6 @@
 #![no_main]
 //! A stick's diskcast.cfg, edited by hand on any computer.
-use diskcast_agent::cmdline::BootConfig;
+use diskcast_proto::cmdline::BootConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

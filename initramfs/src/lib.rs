@@ -5,7 +5,7 @@
 //! Reproducible: entries are sorted, inode numbers sequential, every time stamp zero.
 #![forbid(unsafe_code)]
 
-use diskcast_agent::modules::{normalize_name, ModuleIndex};
+use diskcast_proto::modindex::{normalize_name, ModuleIndex};
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Write};
@@ -25,7 +25,7 @@ pub enum InitramfsError {
     Index {
         dir: PathBuf,
         #[source]
-        source: diskcast_agent::modules::ModulesError,
+        source: io::Error,
     },
     #[error("module {0} is not in the kernel tree (and no other module of the set needs it)")]
     UnknownModule(String),
@@ -140,10 +140,13 @@ pub fn resolve(index: &ModuleIndex, wanted: &[String]) -> Result<BTreeSet<String
 pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
     let version = kernel_version(spec)?;
     let module_dir = spec.kernel_root.join("lib/modules").join(&version);
-    let index = ModuleIndex::read(&module_dir).map_err(|source| InitramfsError::Index {
-        dir: module_dir.clone(),
-        source,
-    })?;
+    let read_index = |name: &str| {
+        fs::read_to_string(module_dir.join(name)).map_err(|source| InitramfsError::Index {
+            dir: module_dir.clone(),
+            source,
+        })
+    };
+    let index = ModuleIndex::parse(&read_index("modules.alias")?, &read_index("modules.dep")?);
     let modules = resolve(&index, &spec.modules)?;
 
     let mut entries: std::collections::BTreeMap<String, Entry> = Default::default();

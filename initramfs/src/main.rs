@@ -55,12 +55,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            diskcast_agent::pid1::report(&e);
+            eprintln!("error: {}", diskcast_proto::error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
 fn env_logger_lite() {
-    diskcast_agent::logging::init(log::LevelFilter::Info, false);
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 }

@@ -3,11 +3,11 @@
 //! compressed size is known only at the end). The server checks the whole file before the image
 //! appears in its store, and answers with what it stored.
 
-use super::codec;
 use super::disk::{DiskError, Source};
-use super::image_file::{valid_image_name, ImageWriter, Metadata, IMAGE_NAME_RULE};
-use super::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
-use crate::inventory::human_size;
+use diskcast_proto::codec;
+use diskcast_proto::image_file::{valid_image_name, ImageWriter, Metadata, IMAGE_NAME_RULE};
+use diskcast_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
+use diskcast_proto::units::human_size;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -176,7 +176,7 @@ pub fn run_capture(
         written: 0,
     };
     let mut writer = ImageWriter::new(BufWriter::with_capacity(1 << 20, chunked), opts.chunk_size);
-    let count = super::manifest::chunk_count(source.size, opts.chunk_size) as u32;
+    let count = diskcast_proto::manifest::chunk_count(source.size, opts.chunk_size) as u32;
     let batch = codec::parallel_batch();
     let mut index = 0u32;
     let mut uploaded = 0u64;
@@ -206,7 +206,7 @@ pub fn run_capture(
             uploaded,
         );
     }
-    let mut meta = Metadata::now("capture", opts.level);
+    let mut meta = Metadata::new("capture", opts.level, crate::unix_now());
     meta.source_machine = opts.source_machine.clone();
     meta.source_disk = opts.source_disk.clone();
     let (manifest, buffered) = writer

@@ -1,14 +1,15 @@
 //! Disk side of imaging: sources and targets that are block devices or image files, an O_DIRECT
 //! writer thread fed through a bounded queue, zeroing, the final flush and the read-back check.
 
-use super::manifest::{classify, ChunkKind, Hash, Manifest};
-use super::receiver::ChunkWrite;
-use super::sender::ChunkSource;
 use crate::sys::{self, AlignedBuf};
+use diskcast_proto::manifest::{classify, ChunkKind, Hash, Manifest};
+use diskcast_proto::receiver::{ChunkWrite, DiskDone};
+use diskcast_proto::sender::ChunkSource;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
@@ -376,32 +377,33 @@ pub enum DiskOp {
     },
 }
 
-/// What the writer thread finished.
+/// The receiver's side of the writer thread: work goes in, completions come out, and `wake`
+/// becomes readable whenever a completion is waiting, so the network loop can sleep on its
+/// socket and this one descriptor instead of polling.
 #[derive(Debug)]
-pub enum DiskDone {
-    Written {
-        chunk: u32,
-    },
-    /// The chunk did not decode to its hash; nothing was written.
-    Rejected {
-        chunk: u32,
-        why: String,
-    },
-    Zeroed {
-        len: u64,
-    },
-    Verified(Result<Hash, String>),
-    Failed(String),
+pub struct WriterHandle {
+    pub ops: SyncSender<DiskOp>,
+    pub done: Receiver<DiskDone>,
+    pub wake: UnixDatagram,
+}
+
+impl WriterHandle {
+    /// The next completion, if one is waiting (and the wake-up that announced it consumed).
+    pub fn try_done(&self) -> Option<DiskDone> {
+        let mut byte = [0u8; 1];
+        while self.wake.recv(&mut byte).is_ok() {}
+        self.done.try_recv().ok()
+    }
 }
 
 /// Starts the writer thread. The op queue is bounded so a slow disk slows the receiver (and,
 /// through socket overflows, the sender) instead of filling memory.
-pub fn spawn_writer(
-    target: Target,
-    depth: usize,
-) -> io::Result<(SyncSender<DiskOp>, Receiver<DiskDone>)> {
+pub fn spawn_writer(target: Target, depth: usize) -> io::Result<WriterHandle> {
     let (op_tx, op_rx) = mpsc::sync_channel::<DiskOp>(depth);
     let (done_tx, done_rx) = mpsc::channel::<DiskDone>();
+    let (wake_tx, wake_rx) = UnixDatagram::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("disk-writer".into())
         .spawn(move || {
@@ -431,9 +433,15 @@ pub fn spawn_writer(
                 if done_tx.send(done).is_err() {
                     break;
                 }
+                // A full wake-up buffer already holds a wake-up: nothing is lost.
+                let _ = wake_tx.send(&[1]);
             }
         })?;
-    Ok((op_tx, done_rx))
+    Ok(WriterHandle {
+        ops: op_tx,
+        done: done_rx,
+        wake: wake_rx,
+    })
 }
 
 /// The writer thread's state.

@@ -1,7 +1,7 @@
 //! How a chunk is stored and sent: zero chunks not at all, data chunks as one zstd frame when that
 //! is smaller, raw otherwise. Decoding checks the raw bytes against the chunk's hash.
 
-use super::manifest::{classify, ChunkKind};
+use crate::manifest::{classify, ChunkKind};
 use std::borrow::Cow;
 
 /// zstd level for captures: level 3 compresses a typical disk to about a third at several hundred

@@ -2,17 +2,21 @@
 //! chunks block by block, merges the receivers' NAKs into one repair queue, paces itself, and ends
 //! when every receiver is done or failed.
 //!
-//! The caller feeds received datagrams to [`Sender::handle_datagram`], asks
-//! [`Sender::poll_transmit`] for the next datagram to multicast (giving it access to chunk bytes
-//! through [`ChunkSource`]), and sleeps no longer than [`Sender::poll_timeout`].
+//! The contract, shared with the receiver: the caller feeds received datagrams to
+//! [`Sender::handle_datagram`] and the time to [`Sender::handle_timeout`], takes datagrams to
+//! multicast from [`Sender::poll_transmit`] (giving it access to chunk bytes through
+//! [`ChunkSource`]) and what happened from [`Sender::poll_event`], and sleeps until
+//! [`Sender::poll_timeout`] or the next datagram.
 
-use super::bits::BitSet;
-use super::manifest::Manifest;
-use super::wire::{
+use crate::bits::BitSet;
+use crate::manifest::Manifest;
+use crate::pacer::Pacer;
+use crate::wire::{
     Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED,
     ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -45,7 +49,7 @@ impl Default for SenderConfig {
     fn default() -> Self {
         Self {
             session: 1,
-            block_size: super::wire::DEFAULT_BLOCK_SIZE,
+            block_size: crate::wire::DEFAULT_BLOCK_SIZE,
             min_receivers: 1,
             start_timeout: None,
             initial_rate: 40_000_000,
@@ -71,7 +75,7 @@ pub struct ReceiverReport {
     /// Blocks this receiver asked to be repaired.
     pub repairs_requested: u64,
     /// Why it failed, when it did.
-    pub failure: Option<String>,
+    pub failure: Option<ReceiverFailure>,
     /// Where its Join came from, for the progress table.
     pub address: Option<SocketAddr>,
     pub joined_at: Instant,
@@ -99,6 +103,51 @@ pub enum Phase {
     Ended,
 }
 
+/// Why the sender counts a receiver as failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverFailure {
+    /// Its disk cannot hold the image (it said so, or its size shows it).
+    TooSmall { disk_size: u64, image_size: u64 },
+    /// Nothing heard from it for this long.
+    Silent { timeout: Duration },
+    /// Not done this long after the data started ("drop" policy).
+    MissedDeadline {
+        deadline: Duration,
+        chunks_done: u32,
+        chunks_total: u32,
+    },
+    /// It reported verifying an image with another hash.
+    VerifiedAnotherImage,
+    /// It reported its own failure, in its words.
+    Reported(String),
+}
+
+impl fmt::Display for ReceiverFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooSmall {
+                disk_size,
+                image_size,
+            } => write!(
+                f,
+                "target too small: {disk_size} bytes for an image of {image_size} bytes"
+            ),
+            Self::Silent { timeout } => write!(f, "dropped: silent for {} s", timeout.as_secs()),
+            Self::MissedDeadline {
+                deadline,
+                chunks_done,
+                chunks_total,
+            } => write!(
+                f,
+                "dropped: not done {:.1} s after the data started (at {chunks_done} of {chunks_total} chunks)",
+                deadline.as_secs_f64()
+            ),
+            Self::VerifiedAnotherImage => f.write_str("verified a different image"),
+            Self::Reported(why) => f.write_str(why),
+        }
+    }
+}
+
 /// How the session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -109,7 +158,42 @@ pub enum Outcome {
     /// Nobody joined within the start timeout.
     NoReceivers,
     /// Reading the source failed.
-    SourceError(String),
+    SourceFailed {
+        chunk: u32,
+        offset: u64,
+        error: String,
+    },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AllDone => f.write_str("every receiver verified its copy"),
+            Self::SomeFailed => f.write_str("some receivers failed"),
+            Self::NoReceivers => f.write_str("no receiver joined within the start timeout"),
+            Self::SourceFailed {
+                chunk,
+                offset,
+                error,
+            } => write!(f, "reading chunk {chunk} at offset {offset}: {error}"),
+        }
+    }
+}
+
+/// What happened in the session, for logs and live views; taken with [`Sender::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// A receiver joined and was admitted (or re-admitted after a restart).
+    Admitted { receiver: u64 },
+    /// The start policy was met: the data flows.
+    DataStarted,
+    /// A receiver finished: verified, or failed and why.
+    ReceiverFinished {
+        receiver: u64,
+        result: Result<(), ReceiverFailure>,
+    },
+    /// The session ended.
+    Ended(Outcome),
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +206,8 @@ pub struct SenderStats {
     pub foreign: u64,
 }
 
-const PACING_BURST: f64 = 48.0;
+/// Datagrams the pacer lets out back to back.
+const PACING_BURST: usize = 48;
 const END_REPEATS: u32 = 5;
 
 #[derive(Debug)]
@@ -151,12 +236,10 @@ pub struct Sender {
     /// Sequence number of the last datagram sent for each chunk.
     chunk_last_seq: Vec<u64>,
     seq: u64,
-    rate: f64,
-    tokens: f64,
-    last_refill: Instant,
-    last_rate_change: Instant,
+    pacer: Pacer,
     end_sent: u32,
     outcome: Option<Outcome>,
+    events: VecDeque<SenderEvent>,
     pub stats: SenderStats,
 }
 
@@ -171,7 +254,12 @@ impl Sender {
         let data_chunks: Vec<u32> = manifest.data_chunks().collect();
         let blocks_per_chunk = (manifest.chunk_size as usize).div_ceil(usize::from(cfg.block_size));
         let chunk_last_seq = vec![0; manifest.chunks.len()];
-        let rate = cfg.initial_rate.min(cfg.max_rate) as f64;
+        let pacer = Pacer::new(
+            cfg.initial_rate,
+            cfg.max_rate,
+            PACING_BURST * MAX_DATAGRAM,
+            now,
+        );
         Self {
             manifest_bytes,
             compressed: manifest.is_compressed(),
@@ -191,12 +279,10 @@ impl Sender {
             repairs: BTreeMap::new(),
             chunk_last_seq,
             seq: 0,
-            rate,
-            tokens: PACING_BURST * 1500.0,
-            last_refill: now,
-            last_rate_change: now,
+            pacer,
             end_sent: 0,
             outcome: None,
+            events: VecDeque::new(),
             stats: SenderStats::default(),
             manifest,
             cfg,
@@ -228,8 +314,14 @@ impl Sender {
         self.image_hash
     }
 
+    /// The pacer's current rate in bytes per second.
     pub fn rate(&self) -> u64 {
-        self.rate as u64
+        self.pacer.rate()
+    }
+
+    /// What happened since the last call, oldest first.
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
     }
 
     pub fn receivers(&self) -> impl Iterator<Item = &ReceiverReport> {
@@ -351,7 +443,7 @@ impl Sender {
                 let overflowed = overflow > report.last_overflow;
                 report.last_overflow = overflow;
                 if overflowed {
-                    self.slow_down(now);
+                    self.pacer.on_overflow(now);
                 }
                 if manifest_missing != u32::MAX && self.phase == Phase::Sending {
                     let first = manifest_missing / part_size(self.cfg.block_size) as u32;
@@ -374,18 +466,23 @@ impl Sender {
                 };
                 report.last_heard = now;
                 if !report.is_final() {
-                    if ok && image_hash == self.image_hash {
+                    let result = if ok && image_hash == self.image_hash {
                         report.state = ReceiverState::Done;
                         report.chunks_done = report.chunks_total;
+                        Ok(())
                     } else {
                         report.state = ReceiverState::Failed;
-                        report.failure = Some(if ok {
-                            "verified a different image".into()
+                        let failure = if ok {
+                            ReceiverFailure::VerifiedAnotherImage
                         } else {
-                            reason
-                        });
-                    }
+                            ReceiverFailure::Reported(reason)
+                        };
+                        report.failure = Some(failure.clone());
+                        Err(failure)
+                    };
                     report.finished_at = Some(now);
+                    self.events
+                        .push_back(SenderEvent::ReceiverFinished { receiver, result });
                 }
                 report.done_acked = true;
                 self.control.push_back(Body::DoneAck { receiver });
@@ -444,11 +541,17 @@ impl Sender {
             _ => {}
         }
         let verdict = if refusal != 0 || disk_size < image_size {
+            let failure = ReceiverFailure::TooSmall {
+                disk_size,
+                image_size,
+            };
             report.state = ReceiverState::Failed;
-            report.failure = Some(format!(
-                "target too small: {disk_size} bytes for an image of {image_size} bytes"
-            ));
+            report.failure = Some(failure.clone());
             report.finished_at = Some(now);
+            self.events.push_back(SenderEvent::ReceiverFinished {
+                receiver: id,
+                result: Err(failure),
+            });
             Verdict::TooSmall
         } else if matches!(self.phase, Phase::Ending | Phase::Ended) {
             Verdict::Late
@@ -457,6 +560,8 @@ impl Sender {
         };
         report.accepted = verdict == Verdict::Accepted;
         if verdict == Verdict::Accepted {
+            self.events
+                .push_back(SenderEvent::Admitted { receiver: id });
             report.state = ReceiverState::Receiving;
             if self.phase == Phase::Sending {
                 self.manifest_queue.extend(0..self.manifest_parts());
@@ -517,30 +622,6 @@ impl Sender {
         count
     }
 
-    fn slow_down(&mut self, now: Instant) {
-        if now.duration_since(self.last_rate_change) >= Duration::from_millis(100) {
-            self.rate = (self.rate * 0.75).max(1_000_000.0);
-            self.last_rate_change = now;
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now
-            .saturating_duration_since(self.last_refill)
-            .as_secs_f64();
-        self.last_refill = now;
-        let burst = PACING_BURST * MAX_DATAGRAM as f64;
-        self.tokens = (self.tokens + elapsed * self.rate).min(burst);
-        // Increase while nobody reports socket overflows: by a quarter every 100 ms (the ceiling
-        // is reached within about a second), multiplicative decrease on overflow brings it back.
-        if now.duration_since(self.last_rate_change) >= Duration::from_millis(100) {
-            self.rate = (self.rate * 1.25)
-                .max(self.rate + self.cfg.max_rate as f64 / 50.0)
-                .min(self.cfg.max_rate as f64);
-            self.last_rate_change = now;
-        }
-    }
-
     fn update_phase(&mut self, now: Instant) {
         // Silent receivers and the deadline.
         let deadline_passed = match (self.cfg.deadline, self.data_started) {
@@ -551,29 +632,31 @@ impl Sender {
             if report.is_final() {
                 continue;
             }
-            let reason = if now.duration_since(report.last_heard) >= self.cfg.receiver_timeout {
-                Some(format!(
-                    "dropped: silent for {} s",
-                    self.cfg.receiver_timeout.as_secs()
-                ))
+            let failure = if now.duration_since(report.last_heard) >= self.cfg.receiver_timeout {
+                Some(ReceiverFailure::Silent {
+                    timeout: self.cfg.receiver_timeout,
+                })
             } else if deadline_passed {
-                Some(format!(
-                    "dropped: not done {:.1} s after the data started (at {} of {} chunks)",
-                    self.cfg.deadline.map_or(0.0, |d| d.as_secs_f64()),
-                    report.chunks_done,
-                    report.chunks_total
-                ))
+                Some(ReceiverFailure::MissedDeadline {
+                    deadline: self.cfg.deadline.unwrap_or_default(),
+                    chunks_done: report.chunks_done,
+                    chunks_total: report.chunks_total,
+                })
             } else {
                 None
             };
-            if let Some(reason) = reason {
-                log::warn!("receiver {} ({:016x}) {reason}", report.name, report.id);
+            if let Some(failure) = failure {
+                log::warn!("receiver {} ({:016x}) {failure}", report.name, report.id);
                 report.state = ReceiverState::Failed;
-                report.failure = Some(reason);
+                report.failure = Some(failure.clone());
                 report.finished_at = Some(now);
                 self.control.push_back(Body::Welcome {
                     receiver: report.id,
                     verdict: Verdict::Dropped,
+                });
+                self.events.push_back(SenderEvent::ReceiverFinished {
+                    receiver: report.id,
+                    result: Err(failure),
                 });
             }
         }
@@ -587,6 +670,7 @@ impl Sender {
                 if admitted as u32 >= self.cfg.min_receivers.max(1) || (timed_out && admitted > 0) {
                     self.phase = Phase::Sending;
                     self.data_started = Some(now);
+                    self.events.push_back(SenderEvent::DataStarted);
                     self.manifest_queue.extend(0..self.manifest_parts());
                     self.manifest_repeat = true;
                     self.next_announce = now;
@@ -619,10 +703,16 @@ impl Sender {
     }
 
     fn finish(&mut self, outcome: Outcome) {
+        self.events.push_back(SenderEvent::Ended(outcome.clone()));
         self.outcome = Some(outcome);
         self.phase = Phase::Ending;
         self.repairs.clear();
         self.manifest_queue.clear();
+    }
+
+    /// Timers: silent receivers, the deadline, the start policy.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.update_phase(now);
     }
 
     /// The next datagram to multicast, if one is due now.
@@ -654,8 +744,13 @@ impl Sender {
         if self.phase != Phase::Sending {
             return None;
         }
-        self.refill(now);
-        if self.tokens < (DATA_OVERHEAD + usize::from(self.cfg.block_size)) as f64 {
+        if !self.has_data_to_send() {
+            return None;
+        }
+        if !self
+            .pacer
+            .try_send(DATA_OVERHEAD + usize::from(self.cfg.block_size), now)
+        {
             return None;
         }
         if self.manifest_queue.is_empty() && self.manifest_repeat {
@@ -688,8 +783,15 @@ impl Sender {
         } else {
             return None;
         };
-        self.tokens -= datagram.len() as f64;
         Some(datagram)
+    }
+
+    fn has_data_to_send(&self) -> bool {
+        self.phase == Phase::Sending
+            && (!self.manifest_queue.is_empty()
+                || self.manifest_repeat
+                || !self.repairs.is_empty()
+                || !self.first_pass_done())
     }
 
     fn next_repair(&mut self) -> Option<(u32, usize)> {
@@ -720,9 +822,11 @@ impl Sender {
             Ok(bytes) => bytes,
             Err(e) => {
                 let (offset, _) = self.manifest.chunk_range(chunk);
-                self.finish(Outcome::SourceError(format!(
-                    "reading chunk {chunk} at offset {offset}: {e}"
-                )));
+                self.finish(Outcome::SourceFailed {
+                    chunk,
+                    offset,
+                    error: e.to_string(),
+                });
                 return None;
             }
         };
@@ -740,22 +844,44 @@ impl Sender {
             flags,
             bytes: payload,
         };
-        Some(super::wire::emit_data(self.cfg.session, &data))
+        Some(crate::wire::emit_data(self.cfg.session, &data))
     }
 
-    /// When [`Sender::poll_transmit`] should be called again at the latest.
-    pub fn poll_timeout(&self, now: Instant) -> Instant {
-        let mut next = self.next_announce;
-        if self.phase == Phase::Sending {
-            let needed = (DATA_OVERHEAD + usize::from(self.cfg.block_size)) as f64 - self.tokens;
-            let wait = if needed <= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(needed / self.rate)
-            };
-            next = next.min(now + wait);
+    /// When [`Sender::poll_transmit`] or [`Sender::handle_timeout`] has something to do next:
+    /// a datagram the pacer lets out, an announcement, a receiver falling silent, the start
+    /// timeout or the deadline. `None` once the session ended.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Ended {
+            return None;
         }
-        next.min(now + Duration::from_millis(100))
+        if !self.control.is_empty() {
+            return Some(self.created);
+        }
+        let mut next = self.next_announce;
+        if self.has_data_to_send() {
+            next = next.min(
+                self.pacer
+                    .ready_at(DATA_OVERHEAD + usize::from(self.cfg.block_size)),
+            );
+        }
+        for report in self.receivers.values().filter(|r| !r.is_final()) {
+            next = next.min(report.last_heard + self.cfg.receiver_timeout);
+        }
+        match (self.phase, self.data_started) {
+            (Phase::Waiting, _) => {
+                if let Some(timeout) = self.cfg.start_timeout {
+                    next = next.min(self.created + timeout);
+                }
+            }
+            (Phase::Sending, Some(started)) => {
+                if let Some(deadline) = self.cfg.deadline {
+                    next = next.min(started + deadline);
+                }
+            }
+            _ => {}
+        }
+        // Announcements recur, so a sender never sleeps longer than the announce interval.
+        Some(next)
     }
 
     /// Blocks per full chunk (for receivers' bitmaps).

@@ -202,8 +202,8 @@ impl Default for BootConfig {
             dhcp_timeout_secs: 60,
             log_level: log::LevelFilter::Info,
             disk: DiskSelector::Only,
-            group: Ipv4Addr::new(239, 255, 77, 77),
-            port: 7744,
+            group: crate::wire::DEFAULT_GROUP,
+            port: crate::wire::DEFAULT_PORT,
             min_receivers: 1,
             start_timeout_secs: None,
             rate_mbps: None,
@@ -331,12 +331,8 @@ impl BootConfig {
                 )
             }
             "image" => {
-                if !crate::imaging::image_file::valid_image_name(value) {
-                    return Err(invalid(
-                        key,
-                        value,
-                        crate::imaging::image_file::IMAGE_NAME_RULE,
-                    ));
+                if !crate::image_file::valid_image_name(value) {
+                    return Err(invalid(key, value, crate::image_file::IMAGE_NAME_RULE));
                 }
                 self.image = Some(value.into())
             }

@@ -20,13 +20,41 @@
 //! byte is covered by a check: chunks by their BLAKE3 hash (after decompression), the manifest by
 //! the image hash in the footer, manifest and metadata by a CRC, the footer by its own CRC.
 
-use super::codec::{self, CodecError, Encoded};
-use super::manifest::{ChunkKind, Manifest, ManifestError};
-use super::sender::ChunkSource;
-use std::fs::File;
+use crate::codec::{self, CodecError, Encoded};
+use crate::manifest::{ChunkKind, Manifest, ManifestError};
+use crate::sender::ChunkSource;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// Positioned reads: an image file is read chunk by chunk from anywhere, from several threads.
+/// The caller opens the file (or holds the bytes in memory).
+pub trait ReadAt: Sync {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for std::fs::File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let bytes = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+}
 
 pub const FOOTER_MAGIC: &[u8; 8] = b"DCIMAGE\0";
 pub const FILE_VERSION: u16 = 1;
@@ -205,11 +233,10 @@ impl Metadata {
         Ok(meta)
     }
 
-    pub fn now(origin: &str, level: i32) -> Self {
+    /// Metadata of an image made now (`created`, in Unix seconds) by this build.
+    pub fn new(origin: &str, level: i32, created: u64) -> Self {
         Metadata {
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created,
             origin: origin.into(),
             compression: format!("zstd-{level}"),
             writer: format!("diskcast {}", env!("CARGO_PKG_VERSION")),
@@ -315,9 +342,9 @@ impl<W: Write> ImageWriter<W> {
 
 /// An image file opened for reading: manifest, metadata and where each chunk is stored.
 #[derive(Debug)]
-pub struct ImageFile {
+pub struct ImageFile<R: ReadAt = std::fs::File> {
     path: PathBuf,
-    file: File,
+    file: R,
     pub manifest: Manifest,
     pub metadata: Metadata,
     /// File offset of each chunk's stored bytes (meaningful for data chunks).
@@ -352,10 +379,10 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-impl ImageFile {
-    /// Opens and checks the structure (footer, manifest, metadata); chunks are checked by
-    /// [`ImageFile::verify`].
-    pub fn open(path: &Path) -> Result<Self, ImageFileError> {
+impl<R: ReadAt> ImageFile<R> {
+    /// Checks the structure (footer, manifest, metadata) of the `file_len` bytes `file` holds;
+    /// chunks are checked by [`ImageFile::verify`]. `path` names the file in errors.
+    pub fn read(file: R, file_len: u64, path: &Path) -> Result<Self, ImageFileError> {
         let io_err = |op: &'static str| {
             let path = path.to_path_buf();
             move |source| ImageFileError::Io { path, op, source }
@@ -365,8 +392,6 @@ impl ImageFile {
             what,
             why,
         };
-        let file = File::open(path).map_err(io_err("opening"))?;
-        let file_len = file.metadata().map_err(io_err("reading metadata"))?.len();
         if file_len < FOOTER_LEN as u64 {
             return Err(ImageFileError::NotAnImage {
                 path: path.into(),
@@ -537,7 +562,7 @@ impl ImageFile {
     }
 }
 
-impl ChunkSource for ImageFile {
+impl<R: ReadAt> ChunkSource for ImageFile<R> {
     /// The stored bytes: compressed chunks travel compressed.
     fn chunk(&mut self, index: u32) -> io::Result<&[u8]> {
         // The sender asks for one block at a time: keep the chunk it is on.
@@ -584,29 +609,22 @@ mod tests {
         image
     }
 
-    fn write_image(dir: &Path, raw: &[u8], chunk_size: u32) -> PathBuf {
-        let path = dir.join("test.dcimg");
-        let mut writer = ImageWriter::new(File::create(&path).unwrap(), chunk_size);
+    fn write_image(raw: &[u8], chunk_size: u32) -> Vec<u8> {
+        let mut writer = ImageWriter::new(Vec::new(), chunk_size);
         writer.push_all(&mut &raw[..], 3, |_| {}).unwrap();
-        writer.finish(&Metadata::now("test", 3)).unwrap();
-        path
+        writer.finish(&Metadata::new("test", 3, 1)).unwrap().1
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("diskcast-image-file-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn open(bytes: Vec<u8>) -> Result<ImageFile<Vec<u8>>, ImageFileError> {
+        let len = bytes.len() as u64;
+        ImageFile::read(bytes, len, Path::new("test.dcimg"))
     }
 
     #[test]
     fn write_open_export_round_trips_and_compresses() {
-        let dir = temp_dir("round-trip");
         for size in [64 * 1024 * 5 + 777, 64 * 1024 * 3, 10] {
             let raw = disk_like(size);
-            let path = write_image(&dir, &raw, 64 * 1024);
-            let image = ImageFile::open(&path).unwrap();
+            let image = open(write_image(&raw, 64 * 1024)).unwrap();
             assert_eq!(image.manifest.image_size, raw.len() as u64);
             image.verify().unwrap();
             let mut out = Vec::new();
@@ -620,17 +638,13 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_detected_by_open_or_verify() {
-        let dir = temp_dir("flip");
         let raw = disk_like(4 * 16 * 1024 + 100);
-        let path = write_image(&dir, &raw, 16 * 1024);
-        let good = std::fs::read(&path).unwrap();
-        let damaged_path = dir.join("damaged.dcimg");
+        let good = write_image(&raw, 16 * 1024);
         let mut undetected = Vec::new();
         for at in 0..good.len() {
             let mut bytes = good.clone();
             bytes[at] ^= 0x04;
-            std::fs::write(&damaged_path, &bytes).unwrap();
-            let outcome = ImageFile::open(&damaged_path).and_then(|image| {
+            let outcome = open(bytes).and_then(|image| {
                 image.verify()?;
                 let mut out = Vec::new();
                 image.export(&mut out)?;
@@ -648,15 +662,12 @@ mod tests {
             "flips at {undetected:?} went unnoticed"
         );
         // Truncation and appended bytes are caught too.
-        std::fs::write(&damaged_path, &good[..good.len() - 1]).unwrap();
-        assert!(ImageFile::open(&damaged_path).is_err());
+        assert!(open(good[..good.len() - 1].to_vec()).is_err());
         let mut longer = good.clone();
         longer.push(0);
-        std::fs::write(&damaged_path, &longer).unwrap();
-        assert!(ImageFile::open(&damaged_path).is_err());
-        std::fs::write(&damaged_path, b"hello").unwrap();
+        assert!(open(longer).is_err());
         assert!(matches!(
-            ImageFile::open(&damaged_path),
+            open(b"hello".to_vec()),
             Err(ImageFileError::NotAnImage { .. })
         ));
     }

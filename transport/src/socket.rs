@@ -10,9 +10,6 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-/// Administratively scoped (RFC 2365): stays inside the site.
-pub const DEFAULT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 77);
-pub const DEFAULT_PORT: u16 = 7744;
 const RECEIVE_BUFFER: usize = 64 << 20;
 const SEND_BUFFER: usize = 8 << 20;
 
@@ -311,4 +308,14 @@ impl GsoBatch {
 /// Lets the kernel hand several datagrams of one GRO packet to a single receive.
 pub fn enable_gro(socket: &UdpSocket) -> bool {
     socket::setsockopt(socket, sockopt::UdpGroSegment, &true).is_ok()
+}
+
+/// Waits until any of `fds` is readable or `timeout` passes; true when one is readable.
+pub fn wait_readable_any(fds: &[std::os::fd::BorrowedFd<'_>], timeout: Duration) -> bool {
+    let mut polled: Vec<nix::poll::PollFd<'_>> = fds
+        .iter()
+        .map(|fd| nix::poll::PollFd::new(*fd, nix::poll::PollFlags::POLLIN))
+        .collect();
+    let spec = nix::sys::time::TimeSpec::from_duration(timeout);
+    matches!(nix::poll::ppoll(&mut polled, Some(spec), None), Ok(n) if n > 0)
 }

@@ -1,0 +1,236 @@
+//! The receiver's edge: a multicast socket, a disk writer thread and the clock, joined to
+//! [`Receiver`]. The loop sleeps until a datagram arrives, the disk finishes something, or the
+//! receiver's next timer is due.
+
+use super::disk::{self, DiskError, DiskOp, Target, WriterHandle};
+use diskcast_proto::receiver::{Event, Failure, Phase, Receiver, ReceiverConfig};
+use diskcast_proto::units::human_size;
+use diskcast_proto::wire::{DEFAULT_GROUP, DEFAULT_PORT};
+use diskcast_transport::present::ReceiveProgress;
+use diskcast_transport::socket::{self, NetError};
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("receiving on the session socket")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Failed(#[from] Failure),
+    #[error("the disk writer stopped unexpectedly")]
+    WriterGone,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    pub target: PathBuf,
+    pub interface: Option<String>,
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub id: Option<u64>,
+    pub name: String,
+    pub serial: String,
+    pub session: Option<u32>,
+    pub wait_timeout: Option<Duration>,
+    pub sender_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            target: PathBuf::new(),
+            interface: None,
+            group: DEFAULT_GROUP,
+            port: DEFAULT_PORT,
+            id: None,
+            name: String::new(),
+            serial: String::new(),
+            session: None,
+            wait_timeout: None,
+            sender_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A receiver identity that survives a restart of the same machine writing the same target.
+pub fn stable_receiver_id(name: &str, target: &std::path::Path) -> u64 {
+    let hash = blake3::hash(format!("{name}\0{}", target.display()).as_bytes());
+    u64::from_be_bytes(hash.as_bytes()[..8].try_into().unwrap_or_default())
+}
+
+/// How often the caller's progress view is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Receives in one go before the disk and the timers get a turn.
+const RECEIVE_BATCH: usize = 256;
+
+/// Joins a session and writes the image to the target; `Ok` only when the copy verified.
+pub fn run_receive(
+    opts: &ReceiveOptions,
+    mut progress: impl FnMut(ReceiveProgress),
+) -> Result<(), ReceiveError> {
+    let target = Target::open(&opts.target)?;
+    let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
+    let socket = socket::receiver_socket(opts.group, opts.port, address)?;
+    let cfg = ReceiverConfig {
+        id: opts
+            .id
+            .unwrap_or_else(|| stable_receiver_id(&opts.name, &opts.target)),
+        incarnation: diskcast_transport::random_u64() as u32,
+        name: opts.name.clone(),
+        serial: opts.serial.clone(),
+        disk_size: target.size,
+        logical_block: target.logical_block,
+        session: opts.session,
+        sender_timeout: opts.sender_timeout,
+        wait_timeout: opts.wait_timeout,
+        ..ReceiverConfig::default()
+    };
+    log::info!(
+        "waiting for a session on {}:{} via {interface} ({address}); target {} ({}{})",
+        opts.group,
+        opts.port,
+        opts.target.display(),
+        if target.size == u64::MAX {
+            "file".to_string()
+        } else {
+            human_size(target.size)
+        },
+        if target.direct { ", O_DIRECT" } else { "" }
+    );
+    let started = Instant::now();
+    let writer = disk::spawn_writer(target, 16)?;
+    socket.set_nonblocking(true)?;
+    socket::enable_gro(&socket);
+    let mut session = ReceiveLoop {
+        receiver: Receiver::new(cfg, started),
+        socket,
+        writer,
+        prepared: false,
+        buf: vec![0u8; 64 << 10],
+    };
+    let mut next_progress = started + PROGRESS_EVERY;
+    let snapshot = |receiver: &Receiver, now: Instant| {
+        let (chunks_done, chunks_total) = receiver.progress();
+        ReceiveProgress {
+            chunks_done,
+            chunks_total,
+            image_size: receiver.image_size().unwrap_or(0),
+            elapsed: now.duration_since(started),
+            verifying: receiver.phase() == Phase::Verifying,
+        }
+    };
+    loop {
+        session.receive()?;
+        session.disk_completions();
+        let now = Instant::now();
+        if session.receiver.poll_timeout().is_some_and(|t| t <= now) {
+            session.receiver.handle_timeout(now);
+        }
+        if let Some(result) = session.carry_out()? {
+            let stats = session.receiver.stats;
+            let (user, system) = diskcast_transport::cpu_seconds();
+            log::info!(
+                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows; cpu {user:.2} s user, {system:.2} s system",
+                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow
+            );
+            progress(snapshot(&session.receiver, Instant::now()));
+            return result.map_err(ReceiveError::Failed);
+        }
+        let now = Instant::now();
+        if now >= next_progress {
+            progress(snapshot(&session.receiver, now));
+            next_progress = now + PROGRESS_EVERY;
+        }
+        let wake = session
+            .receiver
+            .poll_timeout()
+            .map_or(next_progress, |t| t.min(next_progress));
+        if wake > now {
+            socket::wait_readable_any(
+                &[session.socket.as_fd(), session.writer.wake.as_fd()],
+                wake - now,
+            );
+        }
+    }
+}
+
+/// The receiver with its socket and disk.
+struct ReceiveLoop {
+    receiver: Receiver,
+    socket: UdpSocket,
+    writer: WriterHandle,
+    /// An image file was sized for the image.
+    prepared: bool,
+    buf: Vec<u8>,
+}
+
+impl ReceiveLoop {
+    /// Feeds what the socket holds (up to a batch) to the receiver.
+    fn receive(&mut self) -> Result<(), ReceiveError> {
+        for _ in 0..RECEIVE_BATCH {
+            let received = match socket::recv_counting_drops(&self.socket, &mut self.buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(drops) = received.drops {
+                self.receiver.set_overflow(drops);
+            }
+            let now = Instant::now();
+            let data = &self.buf[..received.len];
+            let segment = received.segment.unwrap_or(data.len()).max(1);
+            for datagram in data.chunks(segment) {
+                self.receiver
+                    .handle_datagram(datagram, received.from.into(), now);
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_completions(&mut self) {
+        while let Some(done) = self.writer.try_done() {
+            self.receiver.handle_disk(done, Instant::now());
+        }
+    }
+
+    /// Sends what the receiver has for the sender and hands disk work to the writer; returns the
+    /// result once the receiver finished.
+    fn carry_out(&mut self) -> Result<Option<Result<(), Failure>>, ReceiveError> {
+        while let Some(transmit) = self.receiver.poll_transmit() {
+            // A lost report is repeated at the next status interval.
+            let _ = self.socket.send_to(&transmit.bytes, transmit.to);
+        }
+        while let Some(event) = self.receiver.poll_event() {
+            let op = match event {
+                Event::Finished(result) => return Ok(Some(result)),
+                Event::Write(write) => DiskOp::Write(write),
+                Event::Zero { offset, len } => DiskOp::Zero { offset, len },
+                Event::FlushAndVerify { manifest } => {
+                    log::info!("all chunks written; flushing and reading the copy back");
+                    DiskOp::FlushAndVerify { manifest }
+                }
+            };
+            if !self.prepared {
+                // An image file gets its final size before the first write.
+                let image_size = self.receiver.image_size().unwrap_or(0);
+                self.send(DiskOp::Prepare { image_size })?;
+                self.prepared = true;
+            }
+            self.send(op)?;
+        }
+        Ok(None)
+    }
+
+    fn send(&self, op: DiskOp) -> Result<(), ReceiveError> {
+        self.writer
+            .ops
+            .send(op)
+            .map_err(|_| ReceiveError::WriterGone)
+    }
+}

@@ -1,0 +1,68 @@
+//! Sending a disk or image file from this machine (the peer master, `agent send`): read it once
+//! to list its chunks, then multicast it with `diskcast-transport`.
+
+use super::disk::{DiskError, Source};
+use diskcast_proto::manifest::{valid_chunk_size, ChunkKind};
+use diskcast_proto::sender::Sender;
+use diskcast_proto::units::human_size;
+use diskcast_transport::send::{self, SendError, SendOptions, SendSummary};
+use diskcast_transport::socket::{self, NetError};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("the source {path} is empty")]
+    Empty { path: PathBuf },
+    #[error("chunk size {0} must be a multiple of 4096 between 64 KiB and 64 MiB")]
+    ChunkSize(u32),
+}
+
+/// Reads `source`, then multicasts it until every receiver is done or failed.
+pub fn run_send(
+    source: &Path,
+    opts: &SendOptions,
+    progress: impl FnMut(&Sender),
+) -> Result<SendSummary, SourceError> {
+    if !valid_chunk_size(opts.chunk_size) || opts.chunk_size < 64 << 10 {
+        return Err(SourceError::ChunkSize(opts.chunk_size));
+    }
+    if !opts.group.is_multicast() {
+        return Err(NetError::NotMulticast(opts.group).into());
+    }
+    let mut disk = Source::open(source, opts.chunk_size)?;
+    if disk.size == 0 {
+        return Err(SourceError::Empty {
+            path: source.into(),
+        });
+    }
+    // A wrong interface should fail now, not after reading a whole disk.
+    socket::interface_ipv4(opts.interface.as_deref())?;
+    log::info!(
+        "reading {} ({}) to list its chunks",
+        source.display(),
+        human_size(disk.size)
+    );
+    let scan_started = Instant::now();
+    let manifest = disk.scan(|_| {})?;
+    log::info!(
+        "image: {} in {} chunks, {} of data in {} chunks ({} zero), scanned in {:.1} s",
+        human_size(manifest.image_size),
+        manifest.chunk_count(),
+        human_size(manifest.data_bytes()),
+        manifest.data_chunks().count(),
+        manifest
+            .chunks
+            .iter()
+            .filter(|c| **c == ChunkKind::Zero)
+            .count(),
+        scan_started.elapsed().as_secs_f64()
+    );
+    Ok(send::multicast(opts, manifest, &mut disk, progress)?)
+}

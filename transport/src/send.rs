@@ -1,0 +1,203 @@
+//! The sender's edge: a multicast socket, the clock, and [`Sender`] driven over them until every
+//! receiver is done or failed.
+
+use crate::socket::{self, NetError};
+use diskcast_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
+use diskcast_proto::sender::{ChunkSource, Outcome, Phase, ReceiverReport, Sender, SenderConfig};
+use diskcast_proto::units::Rate;
+use diskcast_proto::wire::ReceiverState;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("multicasting on the session socket")]
+    Io(#[from] std::io::Error),
+    #[error("no receiver joined within the start timeout")]
+    NoReceivers,
+    #[error("reading the source failed: {0}")]
+    Source(String),
+    #[error("{failed} of {total} receivers failed")]
+    ReceiversFailed { failed: usize, total: usize },
+}
+
+/// How a sender runs a session: where, how fast, and when to start and give up.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Interface to multicast on; the first with an IPv4 address when `None`.
+    pub interface: Option<String>,
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub ttl: u8,
+    /// Upper bound of the data rate.
+    pub max_rate: Rate,
+    /// Start once this many receivers joined...
+    pub min_receivers: u32,
+    /// ...or this long after starting, with whoever joined.
+    pub start_timeout: Option<Duration>,
+    /// Drop receivers not done this long after the data started ("drop" policy).
+    pub deadline: Option<Duration>,
+    pub receiver_timeout: Duration,
+    pub chunk_size: u32,
+    /// Session id; random when `None`.
+    pub session: Option<u32>,
+}
+
+impl SendOptions {
+    /// A session on `group:port` via `interface` with every other setting at its default: no
+    /// rate below the ceiling, start with the first receiver, wait for every receiver.
+    pub fn new(interface: Option<String>, group: Ipv4Addr, port: u16) -> Self {
+        Self {
+            interface,
+            group,
+            port,
+            ttl: 1,
+            max_rate: Rate::DEFAULT_CEILING,
+            min_receivers: 1,
+            start_timeout: None,
+            deadline: None,
+            receiver_timeout: Duration::from_secs(30),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            session: None,
+        }
+    }
+}
+
+/// What a finished send reports.
+#[derive(Debug, Clone)]
+pub struct SendSummary {
+    /// Waiting for receivers before the data started.
+    pub waited: Duration,
+    pub image_size: u64,
+    pub data_bytes: u64,
+    pub sent_bytes: u64,
+    pub elapsed: Duration,
+    pub receivers: Vec<ReceiverReport>,
+    pub outcome: Outcome,
+}
+
+impl SendSummary {
+    /// `Ok` only when every receiver verified its copy.
+    pub fn result(&self) -> Result<(), SendError> {
+        match &self.outcome {
+            Outcome::AllDone => Ok(()),
+            Outcome::NoReceivers => Err(SendError::NoReceivers),
+            Outcome::SourceFailed { .. } => Err(SendError::Source(self.outcome.to_string())),
+            Outcome::SomeFailed => Err(SendError::ReceiversFailed {
+                failed: self
+                    .receivers
+                    .iter()
+                    .filter(|r| r.state != ReceiverState::Done)
+                    .count(),
+                total: self.receivers.len(),
+            }),
+        }
+    }
+}
+
+/// How often the caller's progress view is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Datagrams sent between two looks at the receivers' reports.
+const LISTEN_EVERY: u32 = 64;
+
+/// Multicasts an image described by `manifest` whose chunks `source` serves (raw from a disk,
+/// or stored, possibly compressed, from an image file) until every receiver is done or failed.
+/// `progress` sees the sender about once a second.
+pub fn multicast(
+    opts: &SendOptions,
+    manifest: Manifest,
+    source: &mut dyn ChunkSource,
+    mut progress: impl FnMut(&Sender),
+) -> Result<SendSummary, SendError> {
+    if !opts.group.is_multicast() {
+        return Err(NetError::NotMulticast(opts.group).into());
+    }
+    let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
+    let socket = socket::sender_socket(&interface, address, opts.ttl)?;
+    socket.set_nonblocking(true)?;
+    let group = SocketAddrV4::new(opts.group, opts.port);
+    let session = opts.session.unwrap_or_else(|| crate::random_u64() as u32);
+    let max_rate = opts.max_rate.bytes_per_sec();
+    let cfg = SenderConfig {
+        session,
+        min_receivers: opts.min_receivers,
+        start_timeout: opts.start_timeout,
+        deadline: opts.deadline,
+        receiver_timeout: opts.receiver_timeout,
+        max_rate,
+        initial_rate: max_rate.min(100_000_000),
+        ..SenderConfig::default()
+    };
+    log::info!(
+        "session {session:08x} on {group} via {interface} ({address}); waiting for {} receiver(s){}",
+        opts.min_receivers,
+        opts.start_timeout
+            .map_or(String::new(), |t| format!(" or {} s", t.as_secs()))
+    );
+    let started = Instant::now();
+    let mut sender = Sender::new(cfg, manifest, started);
+    let mut buf = vec![0u8; 2048];
+    let mut batch = socket::GsoBatch::new(group);
+    let mut next_progress = started + PROGRESS_EVERY;
+    let hear = |sender: &mut Sender, buf: &mut [u8]| {
+        while let Ok((n, from)) = socket.recv_from(buf) {
+            sender.handle_datagram(&buf[..n], from, Instant::now());
+        }
+    };
+    loop {
+        let mut now = Instant::now();
+        sender.handle_timeout(now);
+        let mut sent = 0u32;
+        while let Some(datagram) = sender.poll_transmit(now, source) {
+            batch.push(&socket, &datagram)?;
+            sent += 1;
+            if sent.is_multiple_of(LISTEN_EVERY) {
+                hear(&mut sender, &mut buf);
+                now = Instant::now();
+            }
+        }
+        batch.flush(&socket)?;
+        while let Some(event) = sender.poll_event() {
+            log::debug!("session {session:08x}: {event:?}");
+        }
+        if sender.phase() == Phase::Ended {
+            break;
+        }
+        hear(&mut sender, &mut buf);
+        let now = Instant::now();
+        if now >= next_progress {
+            progress(&sender);
+            next_progress = now + PROGRESS_EVERY;
+        }
+        let wake = sender
+            .poll_timeout()
+            .map_or(next_progress, |t| t.min(next_progress));
+        if wake > now {
+            socket::wait_readable(&socket, wake - now);
+        }
+    }
+    let outcome = sender.outcome().cloned().unwrap_or(Outcome::SomeFailed);
+    let stats = sender.stats;
+    let (user, system) = crate::cpu_seconds();
+    log::info!(
+        "sent {} data datagrams ({} first pass, {} repairs), {} manifest datagrams; {} malformed and {} foreign datagrams dropped; cpu {user:.2} s user, {system:.2} s system",
+        stats.data_datagrams,
+        stats.data_datagrams - stats.repair_datagrams,
+        stats.repair_datagrams,
+        stats.manifest_datagrams,
+        stats.malformed,
+        stats.foreign
+    );
+    let data_started = sender.data_started().unwrap_or(started);
+    Ok(SendSummary {
+        waited: data_started.duration_since(started),
+        elapsed: data_started.elapsed(),
+        image_size: sender.manifest().image_size,
+        data_bytes: sender.manifest().data_bytes(),
+        sent_bytes: stats.data_bytes,
+        receivers: sender.receivers().cloned().collect(),
+        outcome,
+    })
+}

@@ -1,11 +1,17 @@
 //! IPv4 + UDP headers for the raw-socket DHCP client: the kernel gives and takes whole IP packets
 //! on an `AF_PACKET`/`SOCK_DGRAM` socket before the interface has an address.
 
+//!
+//! The header layouts and checksums are pnet's (`pnet_packet`); this module only decides what the
+//! DHCP client accepts: a whole, unfragmented IPv4/UDP datagram with valid checksums.
+
+use pnet_packet::ip::IpNextHeaderProtocols;
+use pnet_packet::ipv4::{self, Ipv4Flags, Ipv4Packet, MutableIpv4Packet};
+use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
 use std::net::Ipv4Addr;
 
 const IPV4_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
-const PROTO_UDP: u8 = 17;
 
 /// A parsed IPv4/UDP datagram borrowing its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,82 +24,72 @@ pub struct UdpDatagram<'a> {
 }
 
 impl<'a> UdpDatagram<'a> {
-    /// Parses an IPv4 packet; anything that is not a whole, unfragmented UDP datagram is `None`.
+    /// Parses an IPv4 packet; anything that is not a whole, unfragmented UDP datagram with valid
+    /// checksums is `None`.
     pub fn parse(packet: &'a [u8]) -> Option<Self> {
-        let version_ihl = *packet.first()?;
-        let header_len = usize::from(version_ihl & 0x0f) * 4;
-        if version_ihl >> 4 != 4 || header_len < IPV4_HEADER || packet.len() < header_len {
-            return None;
-        }
-        let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-        let fragment = u16::from_be_bytes([packet[6], packet[7]]);
-        let more_fragments_or_offset = fragment & 0x3fff;
-        if packet[9] != PROTO_UDP
-            || more_fragments_or_offset != 0
+        let ip = Ipv4Packet::new(packet)?;
+        let header_len = usize::from(ip.get_header_length()) * 4;
+        let total_len = usize::from(ip.get_total_length());
+        if ip.get_version() != 4
+            || header_len < IPV4_HEADER
+            || ip.get_next_level_protocol() != IpNextHeaderProtocols::Udp
+            || ip.get_flags() & Ipv4Flags::MoreFragments != 0
+            || ip.get_fragment_offset() != 0
             || total_len < header_len + UDP_HEADER
             || total_len > packet.len()
-            || checksum(&packet[..header_len]) != 0
+            || ipv4::checksum(&ip) != ip.get_checksum()
         {
             return None;
         }
-        let udp = &packet[header_len..total_len];
-        let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-        if udp_len < UDP_HEADER || udp_len > udp.len() {
+        let segment = &packet[header_len..total_len];
+        let datagram = UdpPacket::new(segment)?;
+        let udp_len = usize::from(datagram.get_length());
+        if udp_len < UDP_HEADER || udp_len > segment.len() {
+            return None;
+        }
+        let (src, dst) = (ip.get_source(), ip.get_destination());
+        let sum = datagram.get_checksum();
+        // A zero UDP checksum means "not computed" (RFC 768).
+        if sum != 0 && udp::ipv4_checksum(&UdpPacket::new(&segment[..udp_len])?, &src, &dst) != sum
+        {
             return None;
         }
         Some(Self {
-            src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
-            dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
-            src_port: u16::from_be_bytes([udp[0], udp[1]]),
-            dst_port: u16::from_be_bytes([udp[2], udp[3]]),
-            payload: &udp[UDP_HEADER..udp_len],
+            src,
+            dst,
+            src_port: datagram.get_source(),
+            dst_port: datagram.get_destination(),
+            payload: &segment[UDP_HEADER..udp_len],
         })
     }
 
     /// Emits the datagram as an IPv4 packet with valid header and UDP checksums.
     pub fn emit(&self) -> Vec<u8> {
         let udp_len = UDP_HEADER + self.payload.len();
-        let total = IPV4_HEADER + udp_len;
-        let mut out = Vec::with_capacity(total);
-        out.extend_from_slice(&[0x45, 0x10]);
-        out.extend_from_slice(&(total as u16).to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_UDP, 0, 0]);
-        out.extend_from_slice(&self.src.octets());
-        out.extend_from_slice(&self.dst.octets());
-        let header_sum = checksum(&out[..IPV4_HEADER]);
-        out[10..12].copy_from_slice(&header_sum.to_be_bytes());
-
-        out.extend_from_slice(&self.src_port.to_be_bytes());
-        out.extend_from_slice(&self.dst_port.to_be_bytes());
-        out.extend_from_slice(&(udp_len as u16).to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(self.payload);
-
-        let mut pseudo = Vec::with_capacity(12 + udp_len);
-        pseudo.extend_from_slice(&self.src.octets());
-        pseudo.extend_from_slice(&self.dst.octets());
-        pseudo.extend_from_slice(&[0, PROTO_UDP]);
-        pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
-        pseudo.extend_from_slice(&out[IPV4_HEADER..]);
-        let udp_sum = match checksum(&pseudo) {
-            0 => 0xffff,
-            sum => sum,
-        };
-        out[IPV4_HEADER + 6..IPV4_HEADER + 8].copy_from_slice(&udp_sum.to_be_bytes());
+        let mut out = vec![0u8; IPV4_HEADER + udp_len];
+        if let Some(mut datagram) = MutableUdpPacket::new(&mut out[IPV4_HEADER..]) {
+            datagram.set_source(self.src_port);
+            datagram.set_destination(self.dst_port);
+            datagram.set_length(udp_len as u16);
+            datagram.set_payload(self.payload);
+            let sum = udp::ipv4_checksum(&datagram.to_immutable(), &self.src, &self.dst);
+            datagram.set_checksum(if sum == 0 { 0xffff } else { sum });
+        }
+        if let Some(mut ip) = MutableIpv4Packet::new(&mut out) {
+            ip.set_version(4);
+            ip.set_header_length((IPV4_HEADER / 4) as u8);
+            ip.set_dscp(4);
+            ip.set_total_length((IPV4_HEADER + udp_len) as u16);
+            ip.set_flags(Ipv4Flags::DontFragment);
+            ip.set_ttl(64);
+            ip.set_next_level_protocol(IpNextHeaderProtocols::Udp);
+            ip.set_source(self.src);
+            ip.set_destination(self.dst);
+            let sum = ipv4::checksum(&ip.to_immutable());
+            ip.set_checksum(sum);
+        }
         out
     }
-}
-
-/// The Internet checksum (RFC 1071); zero when computed over data that includes a valid checksum.
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 #[cfg(test)]
@@ -132,5 +128,15 @@ mod tests {
         let mut fragment = bytes.clone();
         fragment[6] = 0x20; // more fragments
         assert_eq!(UdpDatagram::parse(&fragment), None);
+        let mut payload_flip = bytes.clone();
+        *payload_flip.last_mut().unwrap() ^= 0x40;
+        assert_eq!(UdpDatagram::parse(&payload_flip), None, "UDP checksum");
+        let mut no_checksum = bytes.clone();
+        no_checksum[26..28].copy_from_slice(&[0, 0]);
+        assert_eq!(
+            UdpDatagram::parse(&no_checksum).map(|d| d.payload),
+            Some(&[1, 2, 3, 4][..]),
+            "a zero UDP checksum is allowed"
+        );
     }
 }

@@ -5,11 +5,12 @@
 //! the reply to send and whether the lease table changed. Sockets and the lease file stay outside.
 
 use crate::classify::{classify, Arch, ClientKind};
-use crate::config::{canonical_mac, format_mac, DhcpMode, UefiLoader};
+use crate::config::{DhcpMode, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use dhcproto::Encodable;
 use diskcast_proto::dhcp::decode_message;
+use diskcast_proto::mac::MacAddr;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -154,7 +155,9 @@ impl DhcpServer {
             self.stats.malformed += 1;
             return Handled::default();
         };
-        let mac = format_mac(&request.chaddr()[..6]);
+        let mut hardware = [0u8; 6];
+        hardware.copy_from_slice(&request.chaddr()[..6]);
+        let mac = MacAddr(hardware).to_string();
         let client = classify(&request);
         let mut handled = match (self.settings.mode, port, kind) {
             (_, Port::PxeBoot, MessageType::Request) => self.boot_ack(&request, &mac, client, from),
@@ -456,11 +459,13 @@ fn encode(msg: &Message) -> Vec<u8> {
     msg.to_vec().unwrap_or_default()
 }
 
-/// Parses a configured reservation list into the settings' map, skipping nothing silently:
-/// the config was validated, so every MAC parses.
-pub fn reservation_map(list: &[crate::config::Reservation]) -> HashMap<String, Ipv4Addr> {
-    list.iter()
-        .filter_map(|r| Some((canonical_mac(&r.mac)?, r.address)))
+/// The config's reservations as the settings keep them.
+pub fn reservation_map(
+    reservations: &std::collections::BTreeMap<MacAddr, Ipv4Addr>,
+) -> HashMap<String, Ipv4Addr> {
+    reservations
+        .iter()
+        .map(|(mac, address)| (mac.to_string(), *address))
         .collect()
 }
 

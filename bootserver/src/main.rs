@@ -237,7 +237,7 @@ impl StoreArgs {
     fn open(&self, create: bool) -> Result<Store, Box<dyn std::error::Error>> {
         let dir = match (&self.store, &self.config) {
             (Some(dir), _) => dir.clone(),
-            (None, Some(config)) => Config::load(config)?.store_dir(),
+            (None, Some(config)) => Config::load(config)?.store_dir,
             (None, None) => return Err("give --store DIR or --config FILE".into()),
         };
         if !create && !dir.is_dir() {
@@ -303,19 +303,11 @@ struct DeployArgs {
 
 fn load(args: &ConfigArgs) -> Result<Config, diskcast_bootserver::config::ConfigError> {
     let mut config = Config::load(&args.config)?;
-    if let Some(interface) = &args.interface {
-        config.interface = interface.clone();
-    }
-    if let Some(mode) = args.mode {
-        config.dhcp.mode = match mode {
-            ModeArg::Full => DhcpMode::Full,
-            ModeArg::Proxy => DhcpMode::Proxy,
-        };
-    }
-    if let Some(dir) = &args.state_dir {
-        config.state_dir = dir.clone();
-    }
-    config.validate()?;
+    let mode = args.mode.map(|mode| match mode {
+        ModeArg::Full => DhcpMode::Full,
+        ModeArg::Proxy => DhcpMode::Proxy,
+    });
+    config.override_with(args.interface.clone(), mode, args.state_dir.clone())?;
     Ok(config)
 }
 
@@ -349,12 +341,11 @@ fn main() -> ExitCode {
             server,
         } => {
             let loaded = load(&config)?;
-            let mac = diskcast_bootserver::config::canonical_mac(&mac)
-                .ok_or(format!("{mac:?} is not a MAC address"))?;
-            let agent = loaded.agent_config_for(Some(&mac), Some(server))?;
+            let mac: diskcast_proto::mac::MacAddr = mac.parse()?;
+            let agent = loaded.agent_config_for(Some(mac), Some(server));
             let script = BootScript {
                 base_url: format!("http://{server}:{}", loaded.http_port),
-                mac,
+                mac: mac.to_string(),
                 kernel_args: loaded.boot.kernel_args.clone(),
                 agent,
             };

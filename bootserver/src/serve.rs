@@ -1,20 +1,19 @@
 //! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
 
-use crate::config::{canonical_mac, Config, ConfigError, DhcpMode};
+use crate::config::{Config, ConfigError, DhcpMode};
 use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
 use crate::http::{self, Response, Routes};
 use crate::ipxe::{BootScript, INITRD_NAME};
 use crate::leases::{LeaseError, LeaseTable};
 use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError};
-use diskcast_proto::units::Rate;
+use diskcast_proto::mac::MacAddr;
 use diskcast_transport::send::SendOptions;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -155,22 +154,15 @@ struct BootRoutes {
 
 impl BootRoutes {
     fn script(&self, mac_text: &str) -> Response {
-        let Some(mac) = canonical_mac(mac_text) else {
+        let Ok(mac) = mac_text.parse::<MacAddr>() else {
             return Response::NotFound;
         };
-        let agent = match self
+        let agent = self
             .config
-            .agent_config_for(Some(&mac), Some(self.server_ip))
-        {
-            Ok(agent) => agent,
-            Err(why) => {
-                log::error!("http: no script for {mac}: {why}");
-                return Response::NotFound;
-            }
-        };
+            .agent_config_for(Some(mac), Some(self.server_ip));
         let script = BootScript {
             base_url: format!("http://{}:{}", self.server_ip, self.config.http_port),
-            mac,
+            mac: mac.to_string(),
             kernel_args: self.config.boot.kernel_args.clone(),
             agent,
         };
@@ -202,12 +194,11 @@ impl BootRoutes {
             .config
             .deploys
             .iter()
-            .enumerate()
-            .map(|(index, d)| {
+            .map(|d| {
                 serde_json::json!({
                     "image": d.image,
                     "group": self.config.session_group().to_string(),
-                    "port": self.config.deploy_port(index),
+                    "port": d.port,
                     "min_receivers": d.min_receivers,
                 })
             })
@@ -369,7 +360,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let settings = Settings {
         mode: config.dhcp.mode,
         server: server_ip,
-        range: config.dhcp.range_start.zip(config.dhcp.range_end),
+        range: config.dhcp.range,
         netmask: config.dhcp.netmask,
         router: config.dhcp.router,
         dns: config.dhcp.dns.clone(),
@@ -437,24 +428,24 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         config.interface,
         config.boot.tftp_root.display()
     );
-    let store = Store::open(&config.store_dir())?;
+    let store = Store::open(&config.store_dir)?;
     for stale in store.clean_partials() {
         log::info!(
             "store: removed {} (an upload that never finished)",
             stale.display()
         );
     }
-    for (index, deploy) in config.deploys.iter().enumerate() {
+    for deploy in &config.deploys {
         let mut opts = SendOptions::new(
             Some(config.interface.clone()),
             config.session_group(),
-            config.deploy_port(index),
+            deploy.port,
         );
         opts.min_receivers = deploy.min_receivers;
-        opts.start_timeout = deploy.start_timeout.map(|s| Duration::from_secs(s.into()));
-        opts.deadline = deploy.deadline.map(|s| Duration::from_secs(s.into()));
-        if let Some(mbps) = deploy.rate {
-            opts.max_rate = Rate::from_mbps(f64::from(mbps));
+        opts.start_timeout = deploy.start_timeout;
+        opts.deadline = deploy.deadline;
+        if let Some(rate) = deploy.rate {
+            opts.max_rate = rate;
         }
         let (store, name) = (store.clone(), deploy.image.clone());
         log::info!(

@@ -83,6 +83,11 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Brings the database to version `target` (≤ [`SCHEMA_VERSION`]). Refuses a newer database.
 pub(crate) fn migrate(conn: &mut Connection, path: &Path, target: u32) -> Result<()> {
+    apply(conn, path, MIGRATIONS, target)
+}
+
+fn apply(conn: &mut Connection, path: &Path, migrations: &[&str], target: u32) -> Result<()> {
+    let known = u32::try_from(migrations.len()).unwrap_or(u32::MAX);
     loop {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -96,14 +101,14 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path, target: u32) -> Result
                 path: path.into(),
                 source,
             })?;
-        if found > SCHEMA_VERSION {
+        if found > known {
             return Err(Error::SchemaTooNew {
                 path: path.into(),
                 found,
-                known: SCHEMA_VERSION,
+                known,
             });
         }
-        if found >= target {
+        if found >= target.min(known) {
             return Ok(());
         }
         let version = found + 1;
@@ -112,10 +117,44 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path, target: u32) -> Result
             version,
             source,
         };
-        let sql = MIGRATIONS[found as usize];
+        let Some(sql) = migrations.get(found as usize) else {
+            return Ok(()); // found < known: not reached
+        };
         tx.execute_batch(sql).map_err(migrate_err)?;
         tx.pragma_update(None, "user_version", version)
             .map_err(migrate_err)?;
         tx.commit().map_err(migrate_err)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_version(conn: &Connection) -> u32 {
+        conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failing_migration_leaves_the_previous_version_whole() {
+        let path = Path::new(":memory:");
+        let mut conn = Connection::open_in_memory().unwrap();
+        let broken = [V1, "CREATE TABLE half (a); CREATE TABLE broken ("];
+        let err = apply(&mut conn, path, &broken, 2).unwrap_err();
+        assert!(matches!(err, Error::Migrate { version: 2, .. }), "{err:?}");
+        assert_eq!(user_version(&conn), 1);
+        let half: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'half'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(half, 0, "rolled back with its version bump");
+        // Fixed, it applies; applying again is a no-op.
+        apply(&mut conn, path, MIGRATIONS, SCHEMA_VERSION).unwrap();
+        apply(&mut conn, path, MIGRATIONS, SCHEMA_VERSION).unwrap();
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
     }
 }

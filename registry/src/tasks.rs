@@ -420,61 +420,88 @@ fn check_progress(task: TaskId, p: &Progress) -> Result<()> {
     Ok(())
 }
 
+/// Checks what can be checked without the database and draws the task's token.
+fn prepare(new: &NewTask) -> Result<[u8; 32]> {
+    check_json("task options", &new.options)?;
+    if let Some(image) = new.kind.image() {
+        if image.is_empty() || image.chars().any(char::is_control) {
+            return Err(Error::Invalid {
+                what: "image name",
+                value: image.into(),
+                why: "it is empty or has control characters",
+            });
+        }
+    }
+    random_token()
+}
+
+fn insert_task(c: &Connection, new: &NewTask, hash: &blake3::Hash, now: u64) -> Result<Task> {
+    let NewTask {
+        mac,
+        kind,
+        options,
+        timeout_secs,
+    } = new;
+    let mac = *mac;
+    if machines::get(c, mac)?.is_none() {
+        return Err(Error::NoSuchMachine { mac });
+    }
+    if let Some((task, state)) = open_task_id(c, mac)? {
+        return Err(Error::TaskOpen { mac, task, state });
+    }
+    c.prepare_cached(
+        "INSERT INTO tasks (mac, kind, image, state, options, timeout_secs,
+             created, updated, last_activity, token_hash)
+         VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?6, ?6, ?7)",
+    )?
+    .execute(params![
+        mac.to_string(),
+        kind.name(),
+        kind.image(),
+        options,
+        secs(*timeout_secs),
+        secs(now),
+        hash.as_bytes(),
+    ])?;
+    let id = c.last_insert_rowid();
+    let message = match kind.image() {
+        Some(image) => format!("{} {image}", kind.name()),
+        None => kind.name().to_owned(),
+    };
+    add_event(c, id, now, EventKind::Created, &message, None)?;
+    must_get(c, id)
+}
+
 impl Registry {
     /// Creates a pending task and returns it with its token (the only time the token is
     /// available). Refused when the machine is unknown or already has an open task.
     pub fn create_task(&self, new: NewTask, now: u64) -> Result<(Task, TaskToken)> {
-        let NewTask {
-            mac,
-            kind,
-            options,
-            timeout_secs,
-        } = new;
-        check_json("task options", &options)?;
-        if let Some(image) = kind.image() {
-            if image.is_empty() || image.chars().any(char::is_control) {
-                return Err(Error::Invalid {
-                    what: "image name",
-                    value: image.into(),
-                    why: "it is empty or has control characters",
-                });
-            }
-        }
-        let token = random_token()?;
-        let hash = blake3::hash(&token);
+        let token = prepare(&new)?;
         let task = self.write(
-            || format!("creating a {} task for {mac}", kind.name()),
-            |tx| {
-                if machines::get(tx, mac)?.is_none() {
-                    return Err(Error::NoSuchMachine { mac });
-                }
-                if let Some((task, state)) = open_task_id(tx, mac)? {
-                    return Err(Error::TaskOpen { mac, task, state });
-                }
-                tx.prepare_cached(
-                    "INSERT INTO tasks (mac, kind, image, state, options, timeout_secs,
-                         created, updated, last_activity, token_hash)
-                     VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?6, ?6, ?7)",
-                )?
-                .execute(params![
-                    mac.to_string(),
-                    kind.name(),
-                    kind.image(),
-                    options,
-                    secs(timeout_secs),
-                    secs(now),
-                    hash.as_bytes(),
-                ])?;
-                let id = tx.last_insert_rowid();
-                let message = match kind.image() {
-                    Some(image) => format!("{} {image}", kind.name()),
-                    None => kind.name().to_owned(),
-                };
-                add_event(tx, id, now, EventKind::Created, &message, None)?;
-                must_get(tx, id)
-            },
+            || format!("creating a {} task for {}", new.kind.name(), new.mac),
+            |tx| insert_task(tx, &new, &blake3::hash(&token), now),
         )?;
         Ok((task, TaskToken(hex(&token))))
+    }
+
+    /// Creates several tasks (e.g. one per member of a group) all or none: one unknown or busy
+    /// machine, or the same machine twice, refuses the whole list.
+    pub fn create_tasks(&self, news: Vec<NewTask>, now: u64) -> Result<Vec<(Task, TaskToken)>> {
+        let tokens = news.iter().map(prepare).collect::<Result<Vec<_>>>()?;
+        let tasks = self.write(
+            || format!("creating {} tasks", news.len()),
+            |tx| {
+                news.iter()
+                    .zip(&tokens)
+                    .map(|(new, token)| insert_task(tx, new, &blake3::hash(token), now))
+                    .collect::<Result<Vec<_>>>()
+            },
+        )?;
+        Ok(tasks
+            .into_iter()
+            .zip(tokens)
+            .map(|(task, token)| (task, TaskToken(hex(&token))))
+            .collect())
     }
 
     /// Applies an agent's report to task `id`: moves its state as the state machine allows,

@@ -425,3 +425,45 @@ fn tasks_are_listed_newest_first_with_filters() {
     assert_eq!(reg.task(t2.id).unwrap().unwrap(), t2);
     assert_eq!(reg.task(999).unwrap(), None);
 }
+
+#[test]
+fn tasks_for_a_group_are_created_all_or_none() {
+    let (_dir, reg) = registry("group-tasks");
+    for n in 1..=3 {
+        reg.register(mac(n), None, Some("room1"), 1).unwrap();
+    }
+    let news = |macs: Vec<_>| {
+        macs.into_iter()
+            .map(|m| deploy(m, "img"))
+            .collect::<Vec<_>>()
+    };
+    let (busy, _) = reg.create_task(deploy(mac(2), "other"), 5).unwrap();
+    let err = reg
+        .create_tasks(news(reg.resolve("@room1").unwrap()), 10)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TaskOpen { task, .. } if task == busy.id),
+        "{err:?}"
+    );
+    assert_eq!(
+        reg.tasks(TaskFilter::default()).unwrap().len(),
+        1,
+        "none created"
+    );
+    assert!(matches!(
+        reg.create_tasks(news(vec![mac(1), mac(1)]), 10),
+        Err(Error::TaskOpen { .. })
+    ));
+
+    reg.cancel(busy.id, 6).unwrap();
+    let created = reg
+        .create_tasks(news(reg.resolve("@room1").unwrap()), 10)
+        .unwrap();
+    assert_eq!(created.len(), 3);
+    for (task, token) in &created {
+        assert_eq!(
+            reg.task_by_token(token.as_str()).unwrap().as_ref(),
+            Some(task)
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! Server state of a diskcast lab in one embedded SQLite file (`state_dir/registry.sqlite`):
+//! the machines the bootserver knows, one-shot tasks for them with their history, and the DHCP
+//! leases of full mode (which used to live in `leases.json`).
+//!
+//! Everything goes through [`Registry`], a typed layer: no SQL outside this crate. Time is always a
+//! parameter (`now`, unix seconds), so callers and tests decide the clock.
+//!
+//! # Durability
+//!
+//! WAL journal, `synchronous=FULL` (a write whose call returned survives a crash or power loss),
+//! `foreign_keys=ON`, a busy timeout of [`BUSY_TIMEOUT`], and every write in one
+//! `BEGIN IMMEDIATE` transaction. [`Registry`] is `Clone + Send + Sync`: one connection for
+//! writes and one read-only connection for reads (WAL lets reads proceed during a write), each
+//! behind a mutex. Other processes may open the same file: they wait for each other's writes.
+//!
+//! # Schema (version [`SCHEMA_VERSION`], `PRAGMA user_version`)
+//!
+//! | table | what for |
+//! |---|---|
+//! | `machines` | one row per MAC: `name` (unique), `grp`, `first_seen`/`last_seen`, `firmware`, last `address` and how it booted (`last_via`), `known` (registered by an admin, else only discovered by network boot), `local_boot` override, `disk` selector, last `inventory` JSON and when |
+//! | `tasks` | one-shot jobs: `kind` (deploy/capture/inventory) + `image`, `state`, `reason`, `options` JSON, `timeout_secs`, `created`/`updated`/`finished`/`last_activity`, `token_hash` (BLAKE3 of the agent's token). A partial unique index allows one open task per machine |
+//! | `task_events` | the history of each task: every transition and report (`at`, `kind`, `message`, `progress` JSON); only the latest progress event of a task is kept |
+//! | `leases` | DHCP leases of full mode: `mac` → `address` (unique) until `expires` |
+//! | `declined` | addresses a client DECLINEd (RFC 2131), unusable `until` |
+//! | `settings` | small key-value pairs (admin token hash, key ids, the legacy-import mark) |
+//!
+//! Migration 1 created `machines`, `leases`, `declined`, `settings`; migration 2 `tasks` and
+//! `task_events`. A database newer than this code is refused ([`Error::SchemaTooNew`]).
+//!
+//! # Task states
+//!
+//! ```text
+//!            Booted             DiskChosen | Joined | Progress          Verified
+//!  pending ─────────► booted ───────────────────────────► running ───────────► verified
+//!                       │                                   ↺ DiskChosen | Joined | Progress
+//!                       └──── Verified (inventory tasks only) ───────────────► verified
+//!
+//!  pending | booted | running ── report Failed{reason} ──► failed
+//!                             ── cancel(id, now) ────────► cancelled
+//!                             ── expire(now) ────────────► timed-out  (silent > timeout_secs)
+//! ```
+//!
+//! `pending`, `booted` and `running` are open; `verified` (the one success state, also for
+//! capture and inventory), `failed`, `cancelled` and `timed-out` are final. Anything else is
+//! [`Error::IllegalTransition`]. `expire(now)` times out open tasks silent for more than their
+//! `timeout_secs` (silence counts from the last report, or creation).
+//!
+//! Every transition and report appends a row to `task_events`, except that a progress report
+//! replaces the task's previous progress event: a task's history stays a handful of rows however
+//! often its agent reports, and still shows where it last was.
+//!
+//! # Tokens
+//!
+//! [`Registry::create_task`] draws 32 bytes from the OS (`getrandom`) and returns them once as 64
+//! hex digits ([`TaskToken`]); the database keeps only their BLAKE3 hash. [`Registry::task_by_token`]
+//! hashes what it is given, finds the row by hash, and compares the hashes in constant time.
+#![forbid(unsafe_code)]
+
+mod error;
+mod leases;
+mod mac;
+mod machines;
+mod schema;
+mod tasks;
+
+pub use error::{Error, Result};
+pub use leases::Lease;
+pub use mac::{MacAddr, MacParseError};
+pub use machines::{Firmware, Inventory, Machine, MachinePatch, Sighting, Via};
+pub use schema::SCHEMA_VERSION;
+pub use tasks::{
+    EventKind, NewTask, Progress, Report, Step, Task, TaskEvent, TaskFilter, TaskId, TaskKind,
+    TaskState, TaskToken,
+};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// The database's file name in the bootserver's state directory.
+pub const FILE_NAME: &str = "registry.sqlite";
+
+/// How long a write waits for another connection's write lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The registry: a handle on the database, cheap to clone and share between threads.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date. The
+    /// directory must exist.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_at_version(path.as_ref(), SCHEMA_VERSION)
+    }
+
+    /// Opens `state_dir/`[`FILE_NAME`]. Callers moving from `leases.json` then call
+    /// [`Registry::import_legacy_leases`] with `state_dir/leases.json`.
+    pub fn open_in(state_dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open(state_dir.as_ref().join(FILE_NAME))
+    }
+
+    pub(crate) fn open_at_version(path: &Path, version: u32) -> Result<Self> {
+        let open_err = |source| Error::Open {
+            path: path.into(),
+            source,
+        };
+        let mut writer = Connection::open(path).map_err(open_err)?;
+        writer.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::NoWal {
+                path: path.into(),
+                mode,
+            });
+        }
+        writer
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        writer
+            .pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
+        schema::migrate(&mut writer, path, version)?;
+
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        reader.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.into(),
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<u32> {
+        self.read(
+            || "reading the schema version".into(),
+            |c| Ok(c.query_row("PRAGMA user_version", [], |row| row.get(0))?),
+        )
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer connection and commits.
+    /// `f`'s error (or a failed commit) rolls everything back. `op` names the operation in errors.
+    fn write<T>(
+        &self,
+        op: impl FnOnce() -> String,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = lock(&self.inner.writer);
+        let run = || {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        };
+        run().map_err(|e: Error| e.context(op))
+    }
+
+    /// Runs `f` in one read transaction (a consistent snapshot) on the reader connection.
+    fn read<T>(
+        &self,
+        op: impl FnOnce() -> String,
+        f: impl FnOnce(&Connection) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = lock(&self.inner.reader);
+        let run = || {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let value = f(&tx)?;
+            tx.finish()?;
+            Ok(value)
+        };
+        run().map_err(|e: Error| e.context(op))
+    }
+
+    // ---- settings -------------------------------------------------------------------------
+
+    /// The value of setting `key`.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.read(
+            || format!("reading setting {key:?}"),
+            |c| get_setting(c, key),
+        )
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.write(
+            || format!("writing setting {key:?}"),
+            |tx| put_setting(tx, key, value),
+        )
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn remove_setting(&self, key: &str) -> Result<bool> {
+        self.write(
+            || format!("removing setting {key:?}"),
+            |tx| Ok(tx.execute("DELETE FROM settings WHERE key = ?1", [key])? > 0),
+        )
+    }
+}
+
+/// A poisoned mutex only means another thread panicked while holding it; its transaction was
+/// rolled back when dropped, so the connection is still good.
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn get_setting(c: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(
+        c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
+            row.get(0)
+        })
+        .optional()?,
+    )
+}
+
+fn put_setting(c: &Connection, key: &str, value: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO settings (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// Unix seconds to SQLite's i64 (saturating: nothing realistic is past year 292 billion).
+fn secs(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// SQLite's i64 back to unix seconds (negative values, which this crate never writes, read as 0).
+fn unsecs(t: i64) -> u64 {
+    u64::try_from(t).unwrap_or(0)
+}
+
+/// Reads column `idx` as a `T` parsed from text, failing the row (not panicking) on bad text.
+fn parse_col<T: std::str::FromStr>(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let text: String = row.get(idx)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// Checks that `text` is JSON (`what` names it in the error).
+fn check_json(what: &'static str, text: &str) -> Result<()> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(drop)
+        .map_err(|source| Error::InvalidJson { what, source })
+}
+
+/// An enum stored as text.
+trait TextEnum: Sized + 'static {
+    const ALL: &'static [Self];
+    fn as_str(&self) -> &'static str;
+}
+
+/// Reads column `idx` as a [`TextEnum`], failing the row on an unknown value (only possible if
+/// someone edited the database by hand).
+fn enum_col<T: TextEnum + Copy>(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    T::ALL
+        .iter()
+        .find(|v| v.as_str() == text)
+        .copied()
+        .ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                idx,
+                rusqlite::types::Type::Text,
+                Box::new(BadValue(text)),
+            )
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected value {0:?} in the database")]
+struct BadValue(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "diskcast-registry-unit-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(FILE_NAME)
+    }
+
+    #[test]
+    fn connections_are_wal_full_sync_with_foreign_keys_and_a_busy_timeout() {
+        let path = temp_db("pragmas");
+        let reg = Registry::open(&path).unwrap();
+        let writer = lock(&reg.inner.writer);
+        let pragma = |name: &str| -> i64 {
+            writer
+                .query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("synchronous"), 2, "FULL");
+        assert_eq!(pragma("foreign_keys"), 1);
+        assert_eq!(pragma("busy_timeout"), 10_000);
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(writer);
+        let reader = lock(&reg.inner.reader);
+        let timeout: i64 = reader
+            .query_row("PRAGMA busy_timeout", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(timeout, 10_000);
+        assert!(
+            reader.execute("DELETE FROM settings", []).is_err(),
+            "read-only"
+        );
+        drop(reader);
+        drop(reg);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_v1_database_is_upgraded_keeping_its_data() {
+        let path = temp_db("upgrade");
+        let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let lease = Lease {
+            mac,
+            address: std::net::Ipv4Addr::new(10, 0, 0, 5),
+            expires: 1000,
+        };
+        let v1 = Registry::open_at_version(&path, 1).unwrap();
+        assert_eq!(v1.schema_version().unwrap(), 1);
+        v1.register(mac, Some("pc01"), Some("lab"), 5).unwrap();
+        v1.put_lease(lease, 0).unwrap();
+        v1.put_setting("admin_token_hash", "h").unwrap();
+        assert!(v1.tasks(TaskFilter::default()).is_err(), "no tasks in v1");
+        drop(v1);
+
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(SCHEMA_VERSION, 2);
+        let machine = reg.machine(mac).unwrap().unwrap();
+        assert_eq!(machine.name.as_deref(), Some("pc01"));
+        assert_eq!(reg.lease_for(mac).unwrap(), Some(lease));
+        assert_eq!(
+            reg.setting("admin_token_hash").unwrap().as_deref(),
+            Some("h")
+        );
+        let new = NewTask {
+            mac,
+            kind: TaskKind::Inventory,
+            options: "{}".into(),
+            timeout_secs: 60,
+        };
+        reg.create_task(new, 10).unwrap();
+        // Opening a v2 database at v1 does not downgrade it.
+        drop(reg);
+        let again = Registry::open_at_version(&path, 1).unwrap();
+        assert_eq!(again.schema_version().unwrap(), SCHEMA_VERSION);
+        drop(again);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_operation() {
+        let path = temp_db("op");
+        let reg = Registry::open_at_version(&path, 1).unwrap();
+        let err = reg.task(7).unwrap_err();
+        assert_eq!(err.to_string(), "registry: reading task 7");
+        assert!(!err.is_busy());
+        drop(reg);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

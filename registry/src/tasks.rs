@@ -1,0 +1,748 @@
+//! One-shot tasks, their state machine (see the crate documentation) and their event history.
+
+use crate::{
+    check_json, enum_col, machines, parse_col, secs, unsecs, Error, MacAddr, Registry, Result,
+    TextEnum,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A task's id (SQLite rowid; never reused).
+pub type TaskId = i64;
+
+/// What a task does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Write `image` to the machine's disk.
+    Deploy { image: String },
+    /// Read the machine's disk into `image`.
+    Capture { image: String },
+    /// Only report the machine's inventory.
+    Inventory,
+}
+
+impl TaskKind {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Deploy { .. } => "deploy",
+            Self::Capture { .. } => "capture",
+            Self::Inventory => "inventory",
+        }
+    }
+
+    fn image(&self) -> Option<&str> {
+        match self {
+            Self::Deploy { image } | Self::Capture { image } => Some(image),
+            Self::Inventory => None,
+        }
+    }
+}
+
+/// Where a task is. `Pending`, `Booted` and `Running` are open; the others are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskState {
+    /// Created; the machine has not booted into the agent yet.
+    Pending,
+    /// The agent booted and picked the task up.
+    Booted,
+    /// The agent is working (disk chosen, session joined, progress).
+    Running,
+    /// Finished successfully (deploy verified, capture stored, inventory reported).
+    Verified,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl TaskState {
+    /// Pending, booted or running.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Pending | Self::Booted | Self::Running)
+    }
+}
+
+impl TextEnum for TaskState {
+    const ALL: &'static [Self] = &[
+        Self::Pending,
+        Self::Booted,
+        Self::Running,
+        Self::Verified,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+    ];
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Booted => "booted",
+            Self::Running => "running",
+            Self::Verified => "verified",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed-out",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A task to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTask {
+    pub mac: MacAddr,
+    pub kind: TaskKind,
+    /// JSON text (disk selector, grow_last_partition, wake, ...), interpreted by the bootserver.
+    pub options: String,
+    /// The task times out after this many seconds without a report ([`Registry::expire`]).
+    pub timeout_secs: u64,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub mac: MacAddr,
+    pub kind: TaskKind,
+    pub state: TaskState,
+    /// Why it failed, timed out or was cancelled.
+    pub reason: Option<String>,
+    pub options: String,
+    pub timeout_secs: u64,
+    pub created: u64,
+    /// Its last change.
+    pub updated: u64,
+    /// When it reached a final state.
+    pub finished: Option<u64>,
+    /// Its creation or last report from the agent: silence is counted from here.
+    pub last_activity: u64,
+}
+
+/// The secret the agent of a task proves itself with: 32 random bytes as 64 hex digits. Only
+/// [`Registry::create_task`] returns it; the registry keeps only its BLAKE3 hash. Deliberately not
+/// `PartialEq` (secrets are compared by [`Registry::task_by_token`], in constant time) nor
+/// `Display`, and its `Debug` hides it, so it does not end up in logs by accident.
+#[derive(Clone)]
+pub struct TaskToken(String);
+
+impl TaskToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Debug for TaskToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TaskToken(<secret>)")
+    }
+}
+
+/// The agent's progress in a deploy or capture.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: f64,
+    pub mb_per_s: f64,
+    /// Chunks repaired (re-sent or re-read) so far.
+    pub repairs: u64,
+}
+
+/// What an agent reports about its task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// It booted and picked the task up: pending → booted.
+    Booted,
+    /// It chose the disk to work on: booted → running.
+    DiskChosen { disk: String },
+    /// It joined the multicast session: booted → running.
+    Joined,
+    /// Progress (booted → running; kept as the task's one latest progress event).
+    Progress(Progress),
+    /// Success: running → verified (inventory tasks also from booted).
+    Verified,
+    /// Failure: any open state → failed.
+    Failed { reason: String },
+}
+
+impl Step {
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Booted => "a booted report",
+            Self::DiskChosen { .. } => "a disk-chosen report",
+            Self::Joined => "a joined report",
+            Self::Progress(_) => "a progress report",
+            Self::Verified => "a verified report",
+            Self::Failed { .. } => "a failed report",
+        }
+    }
+}
+
+/// A report from the agent at time `at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub at: u64,
+    pub step: Step,
+}
+
+/// What a [`TaskEvent`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    Created,
+    Booted,
+    DiskChosen,
+    Joined,
+    Progress,
+    Verified,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl TextEnum for EventKind {
+    const ALL: &'static [Self] = &[
+        Self::Created,
+        Self::Booted,
+        Self::DiskChosen,
+        Self::Joined,
+        Self::Progress,
+        Self::Verified,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+    ];
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Booted => "booted",
+            Self::DiskChosen => "disk-chosen",
+            Self::Joined => "joined",
+            Self::Progress => "progress",
+            Self::Verified => "verified",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed-out",
+        }
+    }
+}
+
+/// One line of a task's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskEvent {
+    pub id: i64,
+    pub task_id: TaskId,
+    pub at: u64,
+    pub kind: EventKind,
+    pub message: String,
+    pub progress: Option<Progress>,
+}
+
+/// Which tasks [`Registry::tasks`] lists (newest first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    pub open_only: bool,
+    pub mac: Option<MacAddr>,
+    pub limit: Option<u32>,
+}
+
+/// The state `step` takes a task of `kind` in state `from` to, if allowed.
+fn next_state(kind: &TaskKind, from: TaskState, step: &Step) -> Option<TaskState> {
+    use TaskState::*;
+    match (from, step) {
+        (Pending, Step::Booted) => Some(Booted),
+        (Booted | Running, Step::DiskChosen { .. } | Step::Joined | Step::Progress(_)) => {
+            Some(Running)
+        }
+        (Running, Step::Verified) => Some(Verified),
+        (Booted, Step::Verified) if *kind == TaskKind::Inventory => Some(Verified),
+        (Pending | Booted | Running, Step::Failed { .. }) => Some(Failed),
+        _ => None,
+    }
+}
+
+const COLUMNS: &str = "id, mac, kind, image, state, reason, options, timeout_secs, created, \
+                       updated, finished, last_activity";
+const OPEN: &str = "('pending', 'booted', 'running')";
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
+    let kind: String = row.get(2)?;
+    let image: Option<String> = row.get(3)?;
+    let kind = match (kind.as_str(), image) {
+        ("deploy", Some(image)) => TaskKind::Deploy { image },
+        ("capture", Some(image)) => TaskKind::Capture { image },
+        ("inventory", None) => TaskKind::Inventory,
+        _ => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                2,
+                rusqlite::types::Type::Text,
+                format!("task kind {kind:?} with this image").into(),
+            ))
+        }
+    };
+    Ok(Task {
+        id: row.get(0)?,
+        mac: parse_col(row, 1)?,
+        kind,
+        state: enum_col(row, 4)?,
+        reason: row.get(5)?,
+        options: row.get(6)?,
+        timeout_secs: unsecs(row.get(7)?),
+        created: unsecs(row.get(8)?),
+        updated: unsecs(row.get(9)?),
+        finished: row.get::<_, Option<i64>>(10)?.map(unsecs),
+        last_activity: unsecs(row.get(11)?),
+    })
+}
+
+fn get(c: &Connection, id: TaskId) -> Result<Option<Task>> {
+    let sql = format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1");
+    Ok(c.prepare_cached(&sql)?
+        .query_row([id], from_row)
+        .optional()?)
+}
+
+fn must_get(c: &Connection, id: TaskId) -> Result<Task> {
+    get(c, id)?.ok_or(Error::NoSuchTask { task: id })
+}
+
+/// The open task of `mac`, if any.
+pub(crate) fn open_task_id(c: &Connection, mac: MacAddr) -> Result<Option<(TaskId, TaskState)>> {
+    let sql = format!("SELECT id, state FROM tasks WHERE mac = ?1 AND state IN {OPEN}");
+    Ok(c.prepare_cached(&sql)?
+        .query_row([mac.to_string()], |row| {
+            Ok((row.get(0)?, enum_col(row, 1)?))
+        })
+        .optional()?)
+}
+
+fn add_event(
+    c: &Connection,
+    task: TaskId,
+    at: u64,
+    kind: EventKind,
+    message: &str,
+    progress: Option<&Progress>,
+) -> Result<()> {
+    let progress = progress
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|source| Error::InvalidJson {
+            what: "progress",
+            source,
+        })?;
+    c.prepare_cached(
+        "INSERT INTO task_events (task_id, at, kind, message, progress)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![task, secs(at), kind.as_str(), message, progress])?;
+    Ok(())
+}
+
+/// Moves task `id` to `state` at `at` and records `event`.
+fn transition(
+    c: &Connection,
+    task: &Task,
+    state: TaskState,
+    reason: Option<&str>,
+    at: u64,
+    event: (EventKind, &str, Option<&Progress>),
+    from_agent: bool,
+) -> Result<()> {
+    let finished = (!state.is_open()).then_some(secs(at));
+    c.prepare_cached(
+        "UPDATE tasks SET state = ?2, reason = coalesce(?3, reason), finished = ?4, updated = ?5,
+             last_activity = CASE WHEN ?6 THEN max(last_activity, ?5) ELSE last_activity END
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        task.id,
+        state.as_str(),
+        reason,
+        finished,
+        secs(at),
+        from_agent
+    ])?;
+    let (kind, message, progress) = event;
+    add_event(c, task.id, at, kind, message, progress)
+}
+
+fn random_token() -> Result<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|source| Error::Token { source })?;
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn unhex32(text: &str) -> Option<[u8; 32]> {
+    let text = text.as_bytes();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        let pair = std::str::from_utf8(pair).ok()?;
+        if !pair.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn check_progress(task: TaskId, p: &Progress) -> Result<()> {
+    let valid = (0.0..=100.0).contains(&p.percent) && p.mb_per_s.is_finite() && p.mb_per_s >= 0.0;
+    if !valid {
+        return Err(Error::Invalid {
+            what: "progress",
+            value: format!("task {task}: {p:?}"),
+            why: "percent must be 0 to 100 and MB/s a number at least 0",
+        });
+    }
+    Ok(())
+}
+
+/// Checks what can be checked without the database and draws the task's token.
+fn prepare(new: &NewTask) -> Result<[u8; 32]> {
+    check_json("task options", &new.options)?;
+    if let Some(image) = new.kind.image() {
+        if image.is_empty() || image.chars().any(char::is_control) {
+            return Err(Error::Invalid {
+                what: "image name",
+                value: image.into(),
+                why: "it is empty or has control characters",
+            });
+        }
+    }
+    random_token()
+}
+
+fn insert_task(c: &Connection, new: &NewTask, hash: &blake3::Hash, now: u64) -> Result<Task> {
+    let NewTask {
+        mac,
+        kind,
+        options,
+        timeout_secs,
+    } = new;
+    let mac = *mac;
+    if machines::get(c, mac)?.is_none() {
+        return Err(Error::NoSuchMachine { mac });
+    }
+    if let Some((task, state)) = open_task_id(c, mac)? {
+        return Err(Error::TaskOpen { mac, task, state });
+    }
+    c.prepare_cached(
+        "INSERT INTO tasks (mac, kind, image, state, options, timeout_secs,
+             created, updated, last_activity, token_hash)
+         VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?6, ?6, ?7)",
+    )?
+    .execute(params![
+        mac.to_string(),
+        kind.name(),
+        kind.image(),
+        options,
+        secs(*timeout_secs),
+        secs(now),
+        hash.as_bytes(),
+    ])?;
+    let id = c.last_insert_rowid();
+    let message = match kind.image() {
+        Some(image) => format!("{} {image}", kind.name()),
+        None => kind.name().to_owned(),
+    };
+    add_event(c, id, now, EventKind::Created, &message, None)?;
+    must_get(c, id)
+}
+
+impl Registry {
+    /// Creates a pending task and returns it with its token (the only time the token is
+    /// available). Refused when the machine is unknown or already has an open task.
+    pub fn create_task(&self, new: NewTask, now: u64) -> Result<(Task, TaskToken)> {
+        let token = prepare(&new)?;
+        let task = self.write(
+            || format!("creating a {} task for {}", new.kind.name(), new.mac),
+            |tx| insert_task(tx, &new, &blake3::hash(&token), now),
+        )?;
+        Ok((task, TaskToken(hex(&token))))
+    }
+
+    /// Creates several tasks (e.g. one per member of a group) all or none: one unknown or busy
+    /// machine, or the same machine twice, refuses the whole list.
+    pub fn create_tasks(&self, news: Vec<NewTask>, now: u64) -> Result<Vec<(Task, TaskToken)>> {
+        let tokens = news.iter().map(prepare).collect::<Result<Vec<_>>>()?;
+        let tasks = self.write(
+            || format!("creating {} tasks", news.len()),
+            |tx| {
+                news.iter()
+                    .zip(&tokens)
+                    .map(|(new, token)| insert_task(tx, new, &blake3::hash(token), now))
+                    .collect::<Result<Vec<_>>>()
+            },
+        )?;
+        Ok(tasks
+            .into_iter()
+            .zip(tokens)
+            .map(|(task, token)| (task, TaskToken(hex(&token))))
+            .collect())
+    }
+
+    /// Applies an agent's report to task `id`: moves its state as the state machine allows,
+    /// refreshes `last_activity`, and records the event (a progress event replaces the task's
+    /// previous one). A report the state machine does not allow changes nothing.
+    pub fn report(&self, id: TaskId, report: Report) -> Result<Task> {
+        let Report { at, step } = report;
+        if let Step::Progress(p) = &step {
+            check_progress(id, p)?;
+        }
+        self.write(
+            || format!("recording a report on task {id}"),
+            |tx| {
+                let task = must_get(tx, id)?;
+                let state =
+                    next_state(&task.kind, task.state, &step).ok_or(Error::IllegalTransition {
+                        task: id,
+                        from: task.state,
+                        action: step.describe(),
+                    })?;
+                let progress_message;
+                let (kind, message, progress, reason) = match &step {
+                    Step::Booted => (EventKind::Booted, "the agent booted", None, None),
+                    Step::DiskChosen { disk } => (EventKind::DiskChosen, disk.as_str(), None, None),
+                    Step::Joined => (EventKind::Joined, "joined the session", None, None),
+                    Step::Progress(p) => {
+                        tx.prepare_cached(
+                            "DELETE FROM task_events WHERE task_id = ?1 AND kind = 'progress'",
+                        )?
+                        .execute([id])?;
+                        progress_message = format!(
+                            "{:.1}% at {:.1} MB/s, {} repairs",
+                            p.percent, p.mb_per_s, p.repairs
+                        );
+                        (
+                            EventKind::Progress,
+                            progress_message.as_str(),
+                            Some(p),
+                            None,
+                        )
+                    }
+                    Step::Verified => (EventKind::Verified, "verified", None, None),
+                    Step::Failed { reason } => (
+                        EventKind::Failed,
+                        reason.as_str(),
+                        None,
+                        Some(reason.as_str()),
+                    ),
+                };
+                transition(
+                    tx,
+                    &task,
+                    state,
+                    reason,
+                    at,
+                    (kind, message, progress),
+                    true,
+                )?;
+                must_get(tx, id)
+            },
+        )
+    }
+
+    /// Cancels open task `id`.
+    pub fn cancel(&self, id: TaskId, now: u64) -> Result<Task> {
+        self.write(
+            || format!("cancelling task {id}"),
+            |tx| {
+                let task = must_get(tx, id)?;
+                if !task.state.is_open() {
+                    return Err(Error::IllegalTransition {
+                        task: id,
+                        from: task.state,
+                        action: "cancelling",
+                    });
+                }
+                let event = (EventKind::Cancelled, "cancelled", None);
+                transition(
+                    tx,
+                    &task,
+                    TaskState::Cancelled,
+                    Some("cancelled"),
+                    now,
+                    event,
+                    false,
+                )?;
+                must_get(tx, id)
+            },
+        )
+    }
+
+    /// Times out the open tasks silent for more than their `timeout_secs` at `now`; returns them.
+    pub fn expire(&self, now: u64) -> Result<Vec<Task>> {
+        self.write(
+            || "timing out silent tasks".into(),
+            |tx| {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM tasks
+                     WHERE state IN {OPEN} AND ?1 - last_activity > timeout_secs ORDER BY id"
+                );
+                let silent = tx
+                    .prepare_cached(&sql)?
+                    .query_map([secs(now)], from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut expired = Vec::with_capacity(silent.len());
+                for task in silent {
+                    let reason = format!(
+                        "no report for {} s (timeout {} s)",
+                        now.saturating_sub(task.last_activity),
+                        task.timeout_secs
+                    );
+                    let event = (EventKind::TimedOut, reason.as_str(), None);
+                    transition(
+                        tx,
+                        &task,
+                        TaskState::TimedOut,
+                        Some(&reason),
+                        now,
+                        event,
+                        false,
+                    )?;
+                    expired.push(must_get(tx, task.id)?);
+                }
+                Ok(expired)
+            },
+        )
+    }
+
+    /// Task `id`.
+    pub fn task(&self, id: TaskId) -> Result<Option<Task>> {
+        self.read(|| format!("reading task {id}"), |c| get(c, id))
+    }
+
+    /// The open (pending, booted or running) task of `mac`.
+    pub fn open_task_for(&self, mac: MacAddr) -> Result<Option<Task>> {
+        self.read(
+            || format!("reading the open task of {mac}"),
+            |c| match open_task_id(c, mac)? {
+                Some((id, _)) => get(c, id),
+                None => Ok(None),
+            },
+        )
+    }
+
+    /// Tasks, newest first.
+    pub fn tasks(&self, filter: TaskFilter) -> Result<Vec<Task>> {
+        self.read(
+            || "listing tasks".into(),
+            |c| {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM tasks
+                     WHERE (NOT ?1 OR state IN {OPEN}) AND (?2 IS NULL OR mac = ?2)
+                     ORDER BY id DESC LIMIT ?3"
+                );
+                let limit = filter.limit.map_or(-1, i64::from);
+                let mac = filter.mac.map(|m| m.to_string());
+                let tasks = c
+                    .prepare_cached(&sql)?
+                    .query_map(params![filter.open_only, mac, limit], from_row)?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(tasks)
+            },
+        )
+    }
+
+    /// The task this token belongs to (in any state); `None` for an unknown or malformed token.
+    pub fn task_by_token(&self, token: &str) -> Result<Option<Task>> {
+        let Some(bytes) = unhex32(token) else {
+            return Ok(None);
+        };
+        let hash = blake3::hash(&bytes);
+        self.read(
+            || "looking up a task token".into(),
+            |c| {
+                let sql = format!("SELECT {COLUMNS}, token_hash FROM tasks WHERE token_hash = ?1");
+                let found = c
+                    .prepare_cached(&sql)?
+                    .query_row([hash.as_bytes()], |row| {
+                        Ok((from_row(row)?, row.get::<_, Vec<u8>>(12)?))
+                    })
+                    .optional()?;
+                // The index finds the row by hash; the secret-derived bytes are still compared
+                // in constant time (blake3::Hash's equality) before the task is handed out.
+                Ok(found.and_then(|(task, stored)| {
+                    let stored = blake3::Hash::from_bytes(<[u8; 32]>::try_from(stored).ok()?);
+                    (stored == hash).then_some(task)
+                }))
+            },
+        )
+    }
+
+    /// The history of task `id`, oldest first (empty for an unknown task).
+    pub fn events(&self, id: TaskId) -> Result<Vec<TaskEvent>> {
+        self.read(
+            || format!("reading the events of task {id}"),
+            |c| {
+                let events = c
+                    .prepare_cached(
+                        "SELECT id, task_id, at, kind, message, progress FROM task_events
+                         WHERE task_id = ?1 ORDER BY id",
+                    )?
+                    .query_map([id], |row| {
+                        let progress: Option<String> = row.get(5)?;
+                        let progress = progress
+                            .map(|p| serde_json::from_str(&p))
+                            .transpose()
+                            .map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    5,
+                                    rusqlite::types::Type::Text,
+                                    Box::new(e),
+                                )
+                            })?;
+                        Ok(TaskEvent {
+                            id: row.get(0)?,
+                            task_id: row.get(1)?,
+                            at: unsecs(row.get(2)?),
+                            kind: enum_col(row, 3)?,
+                            message: row.get(4)?,
+                            progress,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(events)
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
+        let text = hex(&bytes);
+        assert_eq!(text.len(), 64);
+        assert_eq!(unhex32(&text), Some(bytes));
+        assert_eq!(unhex32(&text.to_uppercase()), Some(bytes));
+        assert_eq!(unhex32(&text[1..]), None);
+        assert_eq!(unhex32(&format!("+{}", &text[1..])), None);
+    }
+}

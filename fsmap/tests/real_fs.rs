@@ -2,6 +2,7 @@
 //! whole images and in GPT and MBR partition tables. Each checks the map against the file
 //! system's own tool, that deleted garbage is not mapped, and that the file system still checks
 //! clean and its files read back when every unused chunk is overwritten.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

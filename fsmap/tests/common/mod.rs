@@ -1,4 +1,5 @@
 //! Helpers for the tests that build real images with Debian's tools.
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use diskcast_fsmap::{used_map, Options, Report, UsedMap};

@@ -37,8 +37,19 @@ pub fn garbage(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-fn kept_files(dir: &TempDir, tag: &str, seed: u64) -> Vec<(String, Vec<u8>, PathBuf)> {
-    [5_000usize, 300_000, 2_100_000]
+/// Three files of random data, smaller on file systems under 16 MiB.
+fn kept_files(
+    dir: &TempDir,
+    tag: &str,
+    seed: u64,
+    fs_size: u64,
+) -> Vec<(String, Vec<u8>, PathBuf)> {
+    let sizes = if fs_size < 16 * MIB {
+        [5_000usize, 30_000, 200_000]
+    } else {
+        [5_000, 300_000, 2_100_000]
+    };
+    sizes
         .iter()
         .enumerate()
         .map(|(i, &len)| {
@@ -69,7 +80,7 @@ pub fn build_ext(
     let p = path.to_str().unwrap();
     a.push(p);
     run(mkfs, &a);
-    let kept = kept_files(dir, tag, 10);
+    let kept = kept_files(dir, tag, 10, size);
     let big = dir.path(&format!("{tag}-big"));
     write_file(&big, &garbage(garbage_len, 99));
     let mut cmds = String::new();
@@ -101,7 +112,7 @@ pub fn build_fat(dir: &TempDir, tag: &str, size: u64, args: &[&str], garbage_len
     let mut a: Vec<&str> = args.to_vec();
     a.push(p);
     run("mkfs.vfat", &a);
-    let kept = kept_files(dir, tag, 20);
+    let kept = kept_files(dir, tag, 20, size);
     let big = dir.path(&format!("{tag}-big"));
     write_file(&big, &garbage(garbage_len, 98));
     run(
@@ -146,7 +157,7 @@ pub fn build_ntfs(dir: &TempDir, tag: &str, size: u64, garbage_len: usize, files
         let mnt = dir.path(&format!("{tag}-mnt"));
         fs::create_dir_all(&mnt).unwrap();
         run("ntfs-3g", &[p, mnt.to_str().unwrap()]);
-        let kept = kept_files(dir, tag, 30);
+        let kept = kept_files(dir, tag, 30, size);
         let write = || -> std::io::Result<()> {
             fs::write(mnt.join(&kept[0].0), &kept[0].1)?;
             fs::write(mnt.join("big"), garbage(garbage_len, 97))?;

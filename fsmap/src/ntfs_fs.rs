@@ -5,7 +5,7 @@
 //! the partition's last sector, outside the volume). Refused (whole partition) unless forced:
 //! $Volume's dirty flag.
 
-use crate::io::{Area, ReadAt};
+use crate::io::{le16, Area, ReadAt};
 use crate::map::{add_bitmap, RangeBuilder};
 use crate::{FsmapError, Options};
 use ntfs::structured_values::NtfsVolumeFlags;
@@ -20,6 +20,34 @@ pub(crate) fn probe(boot: &[u8]) -> bool {
     boot.get(3..11) == Some(b"NTFS    ")
 }
 
+/// The ntfs crate allocates a file (and index) record as large as the boot sector says, up to
+/// 2 MiB × 127: refuse records over 64 KiB (real volumes use 1 KiB or 4 KiB) before it does.
+fn check_record_sizes(boot: &[u8]) -> Result<(), FsmapError> {
+    let sector = u64::from(le16(boot, 0x0B));
+    let per_cluster = u64::from(boot.get(0x0D).copied().unwrap_or(0));
+    // From 0xF4 (-12) on, a negative exponent: 2^n sectors per cluster.
+    let cluster = if per_cluster > 0x80 {
+        sector << (256 - per_cluster).min(20)
+    } else {
+        sector * per_cluster
+    };
+    for (what, at) in [("file record", 0x40), ("index record", 0x44)] {
+        let info = boot.get(at).copied().unwrap_or(0) as i8;
+        let size = if info > 0 {
+            cluster * info as u64
+        } else {
+            1u64 << u32::from(info.unsigned_abs()).min(40)
+        };
+        if !(256..=65536).contains(&size) {
+            return Err(FsmapError::unsupported(
+                "NTFS boot sector",
+                format!("{what} size {size}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn err(op: &'static str) -> impl FnOnce(ntfs::NtfsError) -> FsmapError {
     move |source| FsmapError::Ntfs { op, source }
 }
@@ -31,6 +59,9 @@ pub(crate) fn map<D: ReadAt + ?Sized>(
     notes: &mut Vec<String>,
     out: &mut RangeBuilder,
 ) -> Result<(), FsmapError> {
+    let mut boot = [0u8; 512];
+    area.read("NTFS boot sector", 0, &mut boot)?;
+    check_record_sizes(&boot)?;
     let mut fs = area.cursor();
     let ntfs = Ntfs::new(&mut fs).map_err(err("reading the boot sector"))?;
     let size = ntfs.size();

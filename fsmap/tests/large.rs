@@ -32,14 +32,41 @@ fn one_tib_ext4_reads_little() {
     let dir = TempDir::new("large");
     let path = dir.path("tib.img");
     image(&path, 1 << 40);
-    run("mkfs.ext4", &["-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", path.to_str().unwrap()]);
-    let disk = Counting { file: File::open(&path).unwrap(), bytes: Cell::new(0), reads: Cell::new(0) };
-    let (map, report) = used_map(&disk, &Options { merge_gap: 0, ..Options::default() }).unwrap();
+    run(
+        "mkfs.ext4",
+        &[
+            "-F",
+            "-q",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            path.to_str().unwrap(),
+        ],
+    );
+    let disk = Counting {
+        file: File::open(&path).unwrap(),
+        bytes: Cell::new(0),
+        reads: Cell::new(0),
+    };
+    let (map, report) = used_map(
+        &disk,
+        &Options {
+            merge_gap: 0,
+            ..Options::default()
+        },
+    )
+    .unwrap();
     assert!(report.partitions[0].whole.is_none(), "{report:?}");
     let out = run("dumpe2fs", &["-h", path.to_str().unwrap()]);
-    let fs_used = (num(&out, "Block count:") - num(&out, "Free blocks:")) * num(&out, "Block size:");
+    let fs_used =
+        (num(&out, "Block count:") - num(&out, "Free blocks:")) * num(&out, "Block size:");
     assert_eq!(map.used_bytes(), fs_used);
     let (bytes, reads) = (disk.bytes.get(), disk.reads.get());
-    eprintln!("1 TiB ext4: {reads} reads, {bytes} bytes, {} ranges", map.ranges().len());
-    assert!(bytes < 8 << 20 && reads < 1000, "{reads} reads, {bytes} bytes");
+    eprintln!(
+        "1 TiB ext4: {reads} reads, {bytes} bytes, {} ranges",
+        map.ranges().len()
+    );
+    assert!(
+        bytes < 8 << 20 && reads < 1000,
+        "{reads} reads, {bytes} bytes"
+    );
 }

@@ -181,10 +181,14 @@ fn unclean_ext4_is_copied_whole_unless_forced() {
 
 /// Sets the dirty flag in $Volume's VOLUME_INFORMATION (found with the ntfs crate).
 fn set_ntfs_dirty(path: &Path) {
-    use ntfs::{structured_values::NtfsVolumeFlags, KnownNtfsFileRecordNumber, Ntfs, NtfsAttributeType};
+    use ntfs::{
+        structured_values::NtfsVolumeFlags, KnownNtfsFileRecordNumber, Ntfs, NtfsAttributeType,
+    };
     let mut f = File::open(path).unwrap();
     let ntfs = Ntfs::new(&mut f).unwrap();
-    let volume = ntfs.file(&mut f, KnownNtfsFileRecordNumber::Volume as u64).unwrap();
+    let volume = ntfs
+        .file(&mut f, KnownNtfsFileRecordNumber::Volume as u64)
+        .unwrap();
     let mut attributes = volume.attributes();
     let mut at = None;
     while let Some(item) = attributes.next(&mut f) {
@@ -196,7 +200,11 @@ fn set_ntfs_dirty(path: &Path) {
     }
     // The resident value's offset is at 0x14 of the attribute header; the flags at 10 of it.
     let at = at.unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut offset = [0u8; 2];
     f.read_exact_at(&mut offset, at + 0x14).unwrap();
     let flags_at = at + u64::from(u16::from_le_bytes(offset)) + 10;
@@ -212,14 +220,31 @@ fn dirty_ntfs_and_fat_are_copied_whole_unless_forced() {
     let ntfs = build_ntfs(&dir, "ntfs", 16 * MIB, 0, false);
     let fat = build_fat(&dir, "fat", 16 * MIB, &["-F", "16"], 1 << 20);
     set_ntfs_dirty(&ntfs.path);
-    let f = OpenOptions::new().read(true).write(true).open(&fat.path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fat.path)
+        .unwrap();
     f.write_all_at(&[1], 0x25).unwrap();
     for (b, word) in [(&ntfs, "volume is marked dirty"), (&fat, "dirty flag")] {
         let (m, report) = map(&b.path, &exact());
-        assert_eq!(report.partitions[0].whole, Some(WhyWhole::Unclean), "{report:?}");
+        assert_eq!(
+            report.partitions[0].whole,
+            Some(WhyWhole::Unclean),
+            "{report:?}"
+        );
         assert_eq!(m.used_bytes(), b.size);
-        assert!(report.warnings.iter().any(|w| w.contains(word)), "{report:?}");
-        let (m, report) = map(&b.path, &Options { force_unclean: true, ..exact() });
+        assert!(
+            report.warnings.iter().any(|w| w.contains(word)),
+            "{report:?}"
+        );
+        let (m, report) = map(
+            &b.path,
+            &Options {
+                force_unclean: true,
+                ..exact()
+            },
+        );
         assert_eq!(report.partitions[0].whole, None, "{report:?}");
         assert!(m.used_bytes() < b.size / 2, "{report:?}");
     }

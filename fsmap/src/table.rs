@@ -58,8 +58,22 @@ pub(crate) fn read<D: ReadAt + ?Sized>(
     let protective = mbr
         .as_ref()
         .is_ok_and(|h| h.iter().any(|(_, e)| e.sys == GPT_PROTECTIVE));
-    if protective || gpt_signature(&whole).is_some() {
+    if protective {
         return Ok(gpt(&whole, warnings));
+    }
+    if gpt_signature(&whole).is_some() {
+        // A GPT without a protective MBR: used if there is no MBR table (as gptman does), but
+        // beside a populated MBR it may be stale (Linux would use the MBR): no guess.
+        let populated = mbr
+            .as_ref()
+            .is_ok_and(|h| h.iter().any(|(_, e)| e.is_used()));
+        return Ok(if populated {
+            Table::Damaged(
+                "both a populated MBR (without a protective entry) and a GPT header".into(),
+            )
+        } else {
+            gpt(&whole, warnings)
+        });
     }
     let fs_found = !fs::probe(&whole).is_empty();
     let parts = match mbr {

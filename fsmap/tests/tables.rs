@@ -196,6 +196,32 @@ fn damaged_gpt_is_copied_whole() {
     drop(f);
     assert_whole_disk_damaged(&path, "overlapping partitions");
 
+    // A populated MBR beside a (stale) GPT.
+    let gpt = disk(
+        &dir,
+        "stale.img",
+        32 * MIB,
+        "label: gpt\nstart=2048, size=20480, type=L\n",
+    );
+    let path = disk(
+        &dir,
+        "mixed.img",
+        32 * MIB,
+        "label: dos\nstart=2048, size=40960, type=83\n",
+    );
+    let mut sectors = vec![0u8; 33 * 512];
+    File::open(&gpt)
+        .unwrap()
+        .read_exact_at(&mut sectors, 512)
+        .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&sectors, 512)
+        .unwrap();
+    assert_whole_disk_damaged(&path, "MBR and GPT");
+
     // An MBR partition past the end of the disk.
     let path = disk(
         &dir,

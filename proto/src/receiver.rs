@@ -14,7 +14,7 @@
 use crate::bits::BitSet;
 use crate::manifest::{ChunkKind, Hash, Manifest};
 use crate::wire::{
-    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED,
+    Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
     ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{HashMap, VecDeque};
@@ -43,6 +43,10 @@ const MAX_STATUS_DATAGRAMS: usize = 32;
 const MAX_REJECTIONS: u32 = 4;
 /// How long a verified (or failed) receiver repeats its result waiting for the sender's ack.
 const REPORT_FOR: Duration = Duration::from_secs(10);
+/// How far a Data datagram's sequence number may run ahead of the last announced one: far more
+/// than any link carries in an announce interval, far less than a forged `u64::MAX`, which would
+/// make every NAK look newer than any repair in flight.
+const SEQ_SLACK: u64 = 1 << 22;
 
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -82,13 +86,6 @@ impl Default for ReceiverConfig {
             wait_timeout: None,
         }
     }
-}
-
-/// A datagram for the sender.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub to: SocketAddr,
-    pub bytes: Vec<u8>,
 }
 
 /// Disk work and the end of the copy, for the caller.
@@ -159,6 +156,8 @@ pub enum Failure {
         chunks_done: u32,
         chunks_total: u32,
     },
+    /// The sender announced an image of zero bytes: there is nothing to copy or verify.
+    EmptyImage,
     /// One chunk kept arriving damaged: the sender's copy is bad.
     DamagedAtSource {
         chunk: u32,
@@ -221,6 +220,9 @@ impl fmt::Display for Failure {
                 "{why}, {times} times: the sender's copy of chunk {chunk} is damaged \
                  (on a bootserver, `bootserver images verify` names the image's damage)"
             ),
+            Self::EmptyImage => f.write_str(
+                "the sender announced an empty image (0 bytes): nothing was written; its source is broken",
+            ),
             Self::ReadBackDiffers => {
                 f.write_str("the copy read back from the target does not match the image")
             }
@@ -267,6 +269,8 @@ pub struct ReceiverStats {
     pub foreign: u64,
     pub duplicates: u64,
     pub dropped_for_memory: u64,
+    /// Datagrams of the joined session from another address than its sender's.
+    pub forged: u64,
     pub corrupt_chunks: u64,
     /// Data of a compressed image that came before the manifest (asked for again later).
     pub before_manifest: u64,
@@ -325,6 +329,10 @@ enum Chunks {
 struct Transfer {
     session: u32,
     sender: SocketAddr,
+    /// From the sender's Welcome: what this receiver's reports carry.
+    nonce: u64,
+    /// The highest sequence number an announcement named.
+    announced_seq: u64,
     geometry: Geometry,
     last_heard: Instant,
     next_status: Instant,
@@ -345,6 +353,7 @@ struct Transfer {
 struct Report {
     session: u32,
     sender: SocketAddr,
+    nonce: u64,
     image_hash: Hash,
     result: Result<(), Failure>,
     until: Instant,
@@ -480,20 +489,21 @@ impl Receiver {
             return;
         }
         log::error!("receive failed: {failure}");
-        let (session, sender) = match &self.state {
+        let link = match &self.state {
             State::Joining(t) | State::Receiving(t) | State::Verifying(t) => {
-                (Some(t.session), Some(t.sender))
+                Some((t.session, t.sender, t.nonce))
             }
-            State::Reporting(r) => (Some(r.session), Some(r.sender)),
-            _ => (None, None),
+            State::Reporting(r) => Some((r.session, r.sender, r.nonce)),
+            _ => None,
         };
-        if let (Some(session), Some(to)) = (session, sender) {
+        if let Some((session, to, nonce)) = link {
             self.out.transmits.push_back(Transmit {
-                to,
+                destination: Destination::Peer(to),
                 bytes: packet(
                     session,
                     Body::Done {
                         receiver: self.cfg.id,
+                        nonce,
                         ok: false,
                         image_hash: [0; 32],
                         reason: failure.to_string(),
@@ -524,8 +534,23 @@ impl Receiver {
         )
     }
 
+    /// The sender's address once a session was announced.
+    fn sender(&self) -> Option<SocketAddr> {
+        match &self.state {
+            State::Joining(t) | State::Receiving(t) | State::Verifying(t) => Some(t.sender),
+            State::Reporting(r) => Some(r.sender),
+            _ => None,
+        }
+    }
+
     /// Feeds one datagram received from `from`.
     pub fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Instant) {
+        if self.sender().is_some_and(|sender| sender != from) {
+            // Only the host that announced the session speaks for it: a stray or stale sender on
+            // the group cannot end, drop, or feed this copy.
+            self.stats.forged += 1;
+            return;
+        }
         let wanted = self.session().or(self.cfg.session);
         // The hot path: data is parsed in place, its payload copied once, into the chunk.
         if crate::wire::is_data(bytes) {
@@ -569,9 +594,13 @@ impl Receiver {
                         self.stats.malformed += 1;
                         return;
                     }
+                    if image_size == 0 {
+                        self.fail(Failure::EmptyImage);
+                        return;
+                    }
                     if image_size > self.cfg.disk_size {
                         self.out.transmits.push_back(Transmit {
-                            to: from,
+                            destination: Destination::Peer(from),
                             bytes: self.join_packet(packet.session, 1),
                         });
                         self.fail(Failure::TargetTooSmall {
@@ -604,12 +633,15 @@ impl Receiver {
                 }
                 t.last_heard = now;
                 t.highest_seq = t.highest_seq.max(seq);
+                t.announced_seq = t.announced_seq.max(seq);
                 t.front = t.front.max(front);
                 t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
             }
-            Body::Welcome { receiver, verdict } if receiver == self.cfg.id => {
-                self.on_welcome(verdict, now)
-            }
+            Body::Welcome {
+                receiver,
+                verdict,
+                nonce,
+            } if receiver == self.cfg.id => self.on_welcome(verdict, nonce, now),
             Body::ManifestPart { offset, bytes } => {
                 if let Some(t) = self.transfer_mut() {
                     t.last_heard = now;
@@ -665,9 +697,10 @@ impl Receiver {
         }
     }
 
-    fn on_welcome(&mut self, verdict: Verdict, now: Instant) {
+    fn on_welcome(&mut self, verdict: Verdict, nonce: u64, now: Instant) {
         if let Some(t) = self.transfer_mut() {
             t.last_heard = now;
+            t.nonce = nonce;
         }
         let joining = matches!(self.state, State::Joining(_));
         match verdict {
@@ -703,11 +736,7 @@ impl Receiver {
             return;
         };
         t.last_heard = now;
-        t.highest_seq = t.highest_seq.max(data.seq);
-        if data.flags & DATA_REPAIR == 0 {
-            t.front = t.front.max(data.chunk);
-        }
-        t.data(
+        let placed = t.data(
             data.chunk,
             data.block,
             data.bytes,
@@ -715,6 +744,14 @@ impl Receiver {
             &mut self.stats,
             &mut self.out,
         );
+        // Only a datagram that fits the image and whose sequence number is plausible may move
+        // what this receiver believes was sent.
+        if placed && data.seq <= t.announced_seq.saturating_add(SEQ_SLACK) {
+            t.highest_seq = t.highest_seq.max(data.seq);
+            if data.flags & DATA_REPAIR == 0 {
+                t.front = t.front.max(data.chunk);
+            }
+        }
         self.check_complete();
     }
 
@@ -800,6 +837,7 @@ impl Receiver {
         self.state = State::Reporting(Box::new(Report {
             session: t.session,
             sender: t.sender,
+            nonce: t.nonce,
             image_hash: t.geometry.image_hash,
             result,
             until: now + REPORT_FOR,
@@ -840,6 +878,7 @@ impl Receiver {
                 let ok = r.result.is_ok();
                 let body = Body::Done {
                     receiver: self.cfg.id,
+                    nonce: r.nonce,
                     ok,
                     image_hash: if ok { r.image_hash } else { [0; 32] },
                     reason: r
@@ -850,7 +889,7 @@ impl Receiver {
                         .unwrap_or_default(),
                 };
                 self.out.transmits.push_back(Transmit {
-                    to: r.sender,
+                    destination: Destination::Peer(r.sender),
                     bytes: packet(r.session, body),
                 });
             }
@@ -874,7 +913,10 @@ impl Receiver {
                     _ => self.status(),
                 };
                 for bytes in datagrams {
-                    self.out.transmits.push_back(Transmit { to: sender, bytes });
+                    self.out.transmits.push_back(Transmit {
+                        destination: Destination::Peer(sender),
+                        bytes,
+                    });
                 }
             }
         }
@@ -915,6 +957,7 @@ impl Receiver {
                     t.session,
                     Body::Status {
                         receiver: id,
+                        nonce: t.nonce,
                         state,
                         chunks_done,
                         chunks_total,
@@ -942,6 +985,8 @@ impl Transfer {
         Self {
             session,
             sender,
+            nonce: 0,
+            announced_seq: 0,
             geometry,
             last_heard: now,
             next_status: now,
@@ -1065,6 +1110,7 @@ impl Transfer {
         }
     }
 
+    /// Places one block; true when it fit the image (new, duplicate or held for memory).
     fn data(
         &mut self,
         chunk: u32,
@@ -1073,14 +1119,14 @@ impl Transfer {
         max_partial: usize,
         stats: &mut ReceiverStats,
         out: &mut Outbox,
-    ) {
+    ) -> bool {
         // The geometry from the announcement is enough to place a block: a receiver still
         // missing part of the manifest keeps collecting data and checks it once the manifest is in.
         let chunk_size = u64::from(self.geometry.chunk_size);
         let offset = u64::from(chunk) * chunk_size;
         if offset >= self.geometry.image_size {
             stats.malformed += 1;
-            return;
+            return false;
         }
         let (len, known_done, held_count) = match &self.chunks {
             Chunks::Known {
@@ -1095,7 +1141,7 @@ impl Transfer {
             Chunks::Collecting { .. } if self.geometry.compressed => {
                 // A compressed chunk's length is in the manifest.
                 stats.before_manifest += 1;
-                return;
+                return false;
             }
             Chunks::Collecting { held, .. } => (
                 (self.geometry.image_size - offset).min(chunk_size) as usize,
@@ -1105,18 +1151,18 @@ impl Transfer {
         };
         if known_done {
             stats.duplicates += 1;
-            return;
+            return true;
         }
         let block_size = usize::from(self.geometry.block_size);
         let start = usize::from(block) * block_size;
         let expected_len = len.saturating_sub(start).min(block_size);
         if start >= len || bytes.len() != expected_len {
             stats.malformed += 1;
-            return;
+            return false;
         }
         if !self.partial.contains_key(&chunk) && self.partial.len() + held_count >= max_partial {
             stats.dropped_for_memory += 1;
-            return;
+            return true;
         }
         let blocks = len.div_ceil(block_size);
         let partial = self.partial.entry(chunk).or_insert_with(|| Partial {
@@ -1125,14 +1171,14 @@ impl Transfer {
         });
         if !partial.have.insert(usize::from(block)) {
             stats.duplicates += 1;
-            return;
+            return true;
         }
         partial.data[start..start + bytes.len()].copy_from_slice(bytes);
         if partial.have.count() < blocks {
-            return;
+            return true;
         }
         let Some(partial) = self.partial.remove(&chunk) else {
-            return;
+            return true;
         };
         match &mut self.chunks {
             Chunks::Known { .. } => self.complete_chunk(chunk, partial.data, stats, out),
@@ -1140,6 +1186,7 @@ impl Transfer {
                 held.insert(chunk, partial.data);
             }
         }
+        true
     }
 
     /// A chunk with every block in: hand it to the disk side, which checks it before writing.

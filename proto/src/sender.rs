@@ -11,8 +11,9 @@
 use crate::bits::BitSet;
 use crate::manifest::Manifest;
 use crate::pacer::Pacer;
+use crate::rng::XorShift;
 use crate::wire::{
-    Body, DataRef, Nak, Packet, ReceiverState, Verdict, ANNOUNCE_COMPRESSED,
+    Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
     ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -43,6 +44,8 @@ pub struct SenderConfig {
     /// `None` waits for every receiver (the "wait" policy).
     pub deadline: Option<Duration>,
     pub announce_interval: Duration,
+    /// Seeds the receivers' nonces; the edge passes random bits, tests a fixed value.
+    pub nonce_seed: u64,
 }
 
 impl Default for SenderConfig {
@@ -57,6 +60,7 @@ impl Default for SenderConfig {
             receiver_timeout: Duration::from_secs(30),
             deadline: None,
             announce_interval: Duration::from_millis(200),
+            nonce_seed: 1,
         }
     }
 }
@@ -83,8 +87,13 @@ pub struct ReceiverReport {
     last_heard: Instant,
     last_overflow: u32,
     done_acked: bool,
-    /// Admitted to the session (a refused target never is), for the start policy.
+    /// Admitted to the session (a refused target never is).
     accepted: bool,
+    /// What its Status and Done must carry (sent in its Welcome only).
+    nonce: u64,
+    /// It answered with the nonce from the address it joined from: it is really there. Only
+    /// confirmed receivers count for the start policy.
+    confirmed: bool,
 }
 
 impl ReceiverReport {
@@ -118,9 +127,15 @@ pub enum ReceiverFailure {
     },
     /// It reported verifying an image with another hash.
     VerifiedAnotherImage,
+    /// It asked for more repairs than [`MAX_REPAIR_COPIES`] copies of the image: far too lossy,
+    /// or not a real receiver.
+    TooManyRepairs { requested: u64 },
     /// It reported its own failure, in its words.
     Reported(String),
 }
+
+/// A receiver may ask for this many copies of the image's data in repairs before it is dropped.
+pub const MAX_REPAIR_COPIES: u64 = 4;
 
 impl fmt::Display for ReceiverFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -143,6 +158,10 @@ impl fmt::Display for ReceiverFailure {
                 deadline.as_secs_f64()
             ),
             Self::VerifiedAnotherImage => f.write_str("verified a different image"),
+            Self::TooManyRepairs { requested } => write!(
+                f,
+                "dropped: asked for {requested} repairs, more than {MAX_REPAIR_COPIES} copies of the image"
+            ),
             Self::Reported(why) => f.write_str(why),
         }
     }
@@ -204,11 +223,26 @@ pub struct SenderStats {
     pub manifest_datagrams: u64,
     pub malformed: u64,
     pub foreign: u64,
+    /// Reports for a known receiver from another address or with the wrong nonce.
+    pub forged: u64,
+}
+
+/// A Join, as the sender weighs it.
+#[derive(Debug)]
+struct Joining {
+    id: u64,
+    incarnation: u32,
+    disk_size: u64,
+    refusal: u8,
+    name: String,
+    serial: String,
+    from: SocketAddr,
 }
 
 /// Datagrams the pacer lets out back to back.
 const PACING_BURST: usize = 48;
 const END_REPEATS: u32 = 5;
+const DROPPED_REPEATS: usize = 3;
 
 #[derive(Debug)]
 pub struct Sender {
@@ -224,7 +258,9 @@ pub struct Sender {
     created: Instant,
     data_started: Option<Instant>,
     receivers: BTreeMap<u64, ReceiverReport>,
-    control: VecDeque<Body>,
+    /// Control datagrams to send before any data, each to the group or to one receiver.
+    control: VecDeque<(Destination, Body)>,
+    nonces: XorShift,
     next_announce: Instant,
     /// First pass position: index into `data_chunks` and block within that chunk.
     pass_chunk: usize,
@@ -237,6 +273,11 @@ pub struct Sender {
     chunk_last_seq: Vec<u64>,
     seq: u64,
     pacer: Pacer,
+    /// While the first pass runs, whether the next data datagram may be a repair.
+    repair_turn: bool,
+    /// Blocks in the image's data: a receiver asking for more than a few times this many is
+    /// dropped.
+    data_blocks: u64,
     end_sent: u32,
     outcome: Option<Outcome>,
     events: VecDeque<SenderEvent>,
@@ -254,6 +295,10 @@ impl Sender {
         let data_chunks: Vec<u32> = manifest.data_chunks().collect();
         let blocks_per_chunk = (manifest.chunk_size as usize).div_ceil(usize::from(cfg.block_size));
         let chunk_last_seq = vec![0; manifest.chunks.len()];
+        let data_blocks = data_chunks
+            .iter()
+            .map(|&c| manifest.wire_len(c).div_ceil(usize::from(cfg.block_size)) as u64)
+            .sum();
         let pacer = Pacer::new(
             cfg.initial_rate,
             cfg.max_rate,
@@ -271,6 +316,7 @@ impl Sender {
             data_started: None,
             receivers: BTreeMap::new(),
             control: VecDeque::new(),
+            nonces: XorShift::new(cfg.nonce_seed),
             next_announce: now,
             pass_chunk: 0,
             pass_block: 0,
@@ -280,6 +326,8 @@ impl Sender {
             chunk_last_seq,
             seq: 0,
             pacer,
+            repair_turn: true,
+            data_blocks,
             end_sent: 0,
             outcome: None,
             events: VecDeque::new(),
@@ -287,6 +335,10 @@ impl Sender {
             manifest,
             cfg,
         }
+    }
+
+    pub fn session(&self) -> u32 {
+        self.cfg.session
     }
 
     pub fn min_receivers(&self) -> u32 {
@@ -403,14 +455,21 @@ impl Sender {
                 refusal,
                 name,
                 serial,
-            } => {
-                self.join(receiver, incarnation, disk_size, refusal, name, serial, now);
-                if let Some(report) = self.receivers.get_mut(&receiver) {
-                    report.address = Some(from);
-                }
-            }
+            } => self.join(
+                Joining {
+                    id: receiver,
+                    incarnation,
+                    disk_size,
+                    refusal,
+                    name,
+                    serial,
+                    from,
+                },
+                now,
+            ),
             Body::Status {
                 receiver,
+                nonce,
                 state,
                 chunks_done,
                 chunks_total,
@@ -420,20 +479,24 @@ impl Sender {
                 naks,
                 ..
             } => {
-                let Some(report) = self.receivers.get_mut(&receiver) else {
-                    self.stats.foreign += 1;
+                let Some(report) = self.reporter(receiver, nonce, from) else {
                     return;
                 };
                 if report.is_final() {
                     if report.state == ReceiverState::Failed {
                         // It still reports: tell it again that it was dropped.
-                        self.control.push_back(Body::Welcome {
-                            receiver,
-                            verdict: Verdict::Dropped,
-                        });
+                        self.control.push_back((
+                            Destination::Peer(from),
+                            Body::Welcome {
+                                receiver,
+                                verdict: Verdict::Dropped,
+                                nonce,
+                            },
+                        ));
                     }
                     return;
                 }
+                report.confirmed = true;
                 report.last_heard = now;
                 report.chunks_done = chunks_done;
                 report.chunks_total = chunks_total;
@@ -449,24 +512,35 @@ impl Sender {
                     let first = manifest_missing / part_size(self.cfg.block_size) as u32;
                     self.manifest_queue.extend(first..self.manifest_parts());
                 }
-                let requested = self.merge_naks(&naks, highest_seq);
+                // Nobody can have heard a datagram the sender has not sent yet.
+                let requested = self.merge_naks(&naks, highest_seq.min(self.seq));
+                let limit = MAX_REPAIR_COPIES * self.data_blocks + 1000;
                 if let Some(report) = self.receivers.get_mut(&receiver) {
                     report.repairs_requested += requested;
+                    if report.repairs_requested > limit {
+                        let failure = ReceiverFailure::TooManyRepairs {
+                            requested: report.repairs_requested,
+                        };
+                        self.drop_receiver(receiver, failure, now);
+                    }
                 }
             }
             Body::Done {
                 receiver,
+                nonce,
                 ok,
                 image_hash,
                 reason,
             } => {
-                let Some(report) = self.receivers.get_mut(&receiver) else {
-                    self.stats.foreign += 1;
+                let image_hash_expected = self.image_hash;
+                let Some(report) = self.reporter(receiver, nonce, from) else {
                     return;
                 };
                 report.last_heard = now;
-                if !report.is_final() {
-                    let result = if ok && image_hash == self.image_hash {
+                report.done_acked = true;
+                let result = (!report.is_final()).then(|| {
+                    report.finished_at = Some(now);
+                    if ok && image_hash == image_hash_expected {
                         report.state = ReceiverState::Done;
                         report.chunks_done = report.chunks_total;
                         Ok(())
@@ -479,57 +553,56 @@ impl Sender {
                         };
                         report.failure = Some(failure.clone());
                         Err(failure)
-                    };
-                    report.finished_at = Some(now);
+                    }
+                });
+                if let Some(result) = result {
                     self.events
                         .push_back(SenderEvent::ReceiverFinished { receiver, result });
                 }
-                report.done_acked = true;
-                self.control.push_back(Body::DoneAck { receiver });
+                self.control
+                    .push_back((Destination::Peer(from), Body::DoneAck { receiver }));
             }
             _ => self.stats.foreign += 1,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn join(
-        &mut self,
-        id: u64,
-        incarnation: u32,
-        disk_size: u64,
-        refusal: u8,
-        name: String,
-        serial: String,
-        now: Instant,
-    ) {
-        let image_size = self.manifest.image_size;
-        let mut report = ReceiverReport {
-            id,
-            incarnation,
-            name,
-            serial,
-            disk_size,
-            state: ReceiverState::Joining,
-            chunks_done: 0,
-            chunks_total: self.manifest.chunk_count(),
-            repairs_requested: 0,
-            failure: None,
-            address: None,
-            joined_at: now,
-            finished_at: None,
-            last_heard: now,
-            last_overflow: 0,
-            done_acked: false,
-            accepted: false,
-        };
+    /// The report of receiver `id` when a datagram from `from` carrying `nonce` may speak for it:
+    /// it joined from that address and was given that nonce. Anything else is counted as forged.
+    fn reporter(&mut self, id: u64, nonce: u64, from: SocketAddr) -> Option<&mut ReceiverReport> {
+        match self.receivers.get_mut(&id) {
+            Some(report) if report.address == Some(from) && report.nonce == nonce => Some(report),
+            Some(_) => {
+                self.stats.forged += 1;
+                None
+            }
+            None => {
+                self.stats.foreign += 1;
+                None
+            }
+        }
+    }
+
+    fn join(&mut self, join: Joining, now: Instant) {
+        let id = join.id;
         match self.receivers.get(&id) {
+            Some(known) if known.address.is_some_and(|a| a != join.from) && !known.is_final() => {
+                // Another host claims a receiver that is alive elsewhere: ignore it. A restart
+                // comes from the machine's own address.
+                self.stats.forged += 1;
+                return;
+            }
             Some(known) if known.state == ReceiverState::Done => return,
-            Some(known) if !known.is_final() && known.incarnation == incarnation => {
+            Some(known) if !known.is_final() && known.incarnation == join.incarnation => {
                 // The same receiver asking again (our Welcome crossed its Join or was lost).
-                self.control.push_back(Body::Welcome {
-                    receiver: id,
-                    verdict: Verdict::Accepted,
-                });
+                let nonce = known.nonce;
+                self.control.push_back((
+                    Destination::Peer(join.from),
+                    Body::Welcome {
+                        receiver: id,
+                        verdict: Verdict::Accepted,
+                        nonce,
+                    },
+                ));
                 return;
             }
             Some(known) if !known.is_final() => {
@@ -540,9 +613,31 @@ impl Sender {
             }
             _ => {}
         }
-        let verdict = if refusal != 0 || disk_size < image_size {
+        let image_size = self.manifest.image_size;
+        let mut report = ReceiverReport {
+            id,
+            incarnation: join.incarnation,
+            name: join.name,
+            serial: join.serial,
+            disk_size: join.disk_size,
+            state: ReceiverState::Joining,
+            chunks_done: 0,
+            chunks_total: self.manifest.chunk_count(),
+            repairs_requested: 0,
+            failure: None,
+            address: Some(join.from),
+            joined_at: now,
+            finished_at: None,
+            last_heard: now,
+            last_overflow: 0,
+            done_acked: false,
+            accepted: false,
+            nonce: self.nonces.next_u64(),
+            confirmed: false,
+        };
+        let verdict = if join.refusal != 0 || join.disk_size < image_size {
             let failure = ReceiverFailure::TooSmall {
-                disk_size,
+                disk_size: join.disk_size,
                 image_size,
             };
             report.state = ReceiverState::Failed;
@@ -567,13 +662,18 @@ impl Sender {
                 self.manifest_queue.extend(0..self.manifest_parts());
             }
         }
+        let nonce = report.nonce;
         if verdict != Verdict::Late {
             self.receivers.insert(id, report);
         }
-        self.control.push_back(Body::Welcome {
-            receiver: id,
-            verdict,
-        });
+        self.control.push_back((
+            Destination::Peer(join.from),
+            Body::Welcome {
+                receiver: id,
+                verdict,
+                nonce,
+            },
+        ));
     }
 
     /// Merges NAKs into the repair queue; returns how many blocks were asked for.
@@ -628,39 +728,37 @@ impl Sender {
             (Some(deadline), Some(started)) => now >= started + deadline,
             _ => false,
         };
-        for report in self.receivers.values_mut() {
-            if report.is_final() {
-                continue;
-            }
-            let failure = if now.duration_since(report.last_heard) >= self.cfg.receiver_timeout {
-                Some(ReceiverFailure::Silent {
-                    timeout: self.cfg.receiver_timeout,
-                })
-            } else if deadline_passed {
-                Some(ReceiverFailure::MissedDeadline {
-                    deadline: self.cfg.deadline.unwrap_or_default(),
-                    chunks_done: report.chunks_done,
-                    chunks_total: report.chunks_total,
-                })
-            } else {
-                None
-            };
-            if let Some(failure) = failure {
-                log::warn!("receiver {} ({:016x}) {failure}", report.name, report.id);
-                report.state = ReceiverState::Failed;
-                report.failure = Some(failure.clone());
-                report.finished_at = Some(now);
-                self.control.push_back(Body::Welcome {
-                    receiver: report.id,
-                    verdict: Verdict::Dropped,
-                });
-                self.events.push_back(SenderEvent::ReceiverFinished {
-                    receiver: report.id,
-                    result: Err(failure),
-                });
-            }
+        let dropped: Vec<(u64, ReceiverFailure)> = self
+            .receivers
+            .values()
+            .filter(|r| !r.is_final())
+            .filter_map(|r| {
+                let failure = if now.duration_since(r.last_heard) >= self.cfg.receiver_timeout {
+                    ReceiverFailure::Silent {
+                        timeout: self.cfg.receiver_timeout,
+                    }
+                } else if deadline_passed {
+                    ReceiverFailure::MissedDeadline {
+                        deadline: self.cfg.deadline.unwrap_or_default(),
+                        chunks_done: r.chunks_done,
+                        chunks_total: r.chunks_total,
+                    }
+                } else {
+                    return None;
+                };
+                Some((r.id, failure))
+            })
+            .collect();
+        for (id, failure) in dropped {
+            self.drop_receiver(id, failure, now);
         }
-        let admitted = self.receivers.values().filter(|r| r.accepted).count();
+        // Only receivers that answered from where they joined count: Joins alone are cheap to
+        // forge.
+        let admitted = self
+            .receivers
+            .values()
+            .filter(|r| r.accepted && r.confirmed)
+            .count();
         match self.phase {
             Phase::Waiting => {
                 let timed_out = self
@@ -702,6 +800,35 @@ impl Sender {
         }
     }
 
+    /// Ends a receiver as failed and tells it so.
+    fn drop_receiver(&mut self, id: u64, failure: ReceiverFailure, now: Instant) {
+        let Some(report) = self.receivers.get_mut(&id) else {
+            return;
+        };
+        log::warn!("receiver {} ({id:016x}) {failure}", report.name);
+        report.state = ReceiverState::Failed;
+        report.failure = Some(failure.clone());
+        report.finished_at = Some(now);
+        if let Some(address) = report.address {
+            // Told a few times: a receiver that misses it would only learn of its fate from the
+            // session's end, without the reason.
+            for _ in 0..DROPPED_REPEATS {
+                self.control.push_back((
+                    Destination::Peer(address),
+                    Body::Welcome {
+                        receiver: id,
+                        verdict: Verdict::Dropped,
+                        nonce: report.nonce,
+                    },
+                ));
+            }
+        }
+        self.events.push_back(SenderEvent::ReceiverFinished {
+            receiver: id,
+            result: Err(failure),
+        });
+    }
+
     fn finish(&mut self, outcome: Outcome) {
         self.events.push_back(SenderEvent::Ended(outcome.clone()));
         self.outcome = Some(outcome);
@@ -715,12 +842,26 @@ impl Sender {
         self.update_phase(now);
     }
 
-    /// The next datagram to multicast, if one is due now.
-    pub fn poll_transmit(&mut self, now: Instant, source: &mut dyn ChunkSource) -> Option<Vec<u8>> {
+    /// The next datagram to send, if one is due now: to the group, or a reply to one receiver.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        source: &mut dyn ChunkSource,
+    ) -> Option<Transmit> {
         self.update_phase(now);
-        if let Some(body) = self.control.pop_front() {
-            return Some(self.packet(body));
+        if let Some((destination, body)) = self.control.pop_front() {
+            return Some(Transmit {
+                destination,
+                bytes: self.packet(body),
+            });
         }
+        self.poll_group(now, source).map(|bytes| Transmit {
+            destination: Destination::Group,
+            bytes,
+        })
+    }
+
+    fn poll_group(&mut self, now: Instant, source: &mut dyn ChunkSource) -> Option<Vec<u8>> {
         match self.phase {
             Phase::Ended => return None,
             Phase::Ending => {
@@ -768,10 +909,11 @@ impl Sender {
                 offset: start as u32,
                 bytes: self.manifest_bytes[start..end].to_vec(),
             })
-        } else if let Some((chunk, block)) = self.next_repair() {
+        } else if let Some((chunk, block)) = self.next_repair_in_turn() {
             self.stats.repair_datagrams += 1;
             self.data_datagram(chunk, block, DATA_REPAIR, source)?
         } else if !self.first_pass_done() {
+            self.repair_turn = true;
             let chunk = self.data_chunks[self.pass_chunk];
             let block = self.pass_block;
             self.pass_block += 1;
@@ -792,6 +934,17 @@ impl Sender {
                 || self.manifest_repeat
                 || !self.repairs.is_empty()
                 || !self.first_pass_done())
+    }
+
+    /// A repair, if one is queued and it is a repair's turn: while the first pass runs, repairs
+    /// and first-pass data alternate, so no receiver's requests can starve the others' data.
+    fn next_repair_in_turn(&mut self) -> Option<(u32, usize)> {
+        if !self.first_pass_done() && !self.repair_turn {
+            return None;
+        }
+        let repair = self.next_repair()?;
+        self.repair_turn = false;
+        Some(repair)
     }
 
     fn next_repair(&mut self) -> Option<(u32, usize)> {

@@ -75,6 +75,28 @@ pub struct SimReceiver {
     pub writes: u64,
     /// First-pass data datagrams with these sequence numbers never reach this receiver.
     pub drop_first_pass_seqs: Option<std::ops::RangeInclusive<u64>>,
+    /// A bounded socket buffer drained at a fixed pace (a slow machine): what does not fit is
+    /// dropped and counted as the kernel's SO_RXQ_OVFL would count it. `None`: infinitely fast.
+    pub socket: Option<SocketModel>,
+}
+
+/// A receiver's socket buffer: `capacity` datagrams, of which `per_step` are read every step.
+pub struct SocketModel {
+    pub capacity: usize,
+    pub per_step: usize,
+    queue: std::collections::VecDeque<(Vec<u8>, SocketAddr)>,
+    pub overflows: u32,
+}
+
+impl SocketModel {
+    pub fn new(capacity: usize, per_step: usize) -> Self {
+        Self {
+            capacity,
+            per_step,
+            queue: std::collections::VecDeque::new(),
+            overflows: 0,
+        }
+    }
 }
 
 pub struct Sim {
@@ -190,6 +212,7 @@ impl Sim {
                     deaf_after: None,
                     writes: 0,
                     drop_first_pass_seqs: None,
+                    socket: None,
                 }
             })
             .collect();
@@ -268,7 +291,11 @@ impl Sim {
     fn drain_receiver(&mut self, i: usize) {
         loop {
             if let Some(transmit) = self.receivers[i].rx.poll_transmit() {
-                assert_eq!(transmit.to, sender_address(), "receivers answer the sender");
+                assert_eq!(
+                    transmit.destination,
+                    crate::wire::Destination::Peer(sender_address()),
+                    "receivers answer the sender"
+                );
                 let r = &self.receivers[i];
                 let deaf = r.deaf_after.is_some_and(|d| self.now >= self.start + d);
                 let loss = if deaf {
@@ -319,6 +346,45 @@ impl Sim {
         }
     }
 
+    /// A datagram arrives at receiver `i` from `from`: straight into the receiver, or into its
+    /// bounded socket buffer.
+    pub fn deliver(&mut self, i: usize, bytes: Vec<u8>, from: SocketAddr) {
+        let r = &mut self.receivers[i];
+        match &mut r.socket {
+            Some(socket) if socket.queue.len() >= socket.capacity => {
+                socket.overflows += 1;
+                r.rx.set_overflow(socket.overflows);
+            }
+            Some(socket) => socket.queue.push_back((bytes, from)),
+            None => {
+                r.rx.handle_datagram(&bytes, from, self.now);
+                self.drain_receiver(i);
+            }
+        }
+    }
+
+    /// A slow receiver reads what its pace allows from its socket buffer.
+    fn read_socket(&mut self, i: usize) {
+        for _ in 0..self.receivers[i].socket.as_ref().map_or(0, |s| s.per_step) {
+            let Some((bytes, from)) = self.receivers[i]
+                .socket
+                .as_mut()
+                .and_then(|s| s.queue.pop_front())
+            else {
+                return;
+            };
+            if self.active(i) {
+                self.receivers[i].rx.handle_datagram(&bytes, from, self.now);
+                self.drain_receiver(i);
+            }
+        }
+    }
+
+    /// A datagram from another host reaches the sender.
+    pub fn inject_to_sender(&mut self, bytes: &[u8], from: SocketAddr) {
+        self.sender.handle_datagram(bytes, from, self.now);
+    }
+
     /// Runs until the sender ended and every receiver finished, or `limit` of virtual time passed.
     pub fn run(&mut self, limit: Duration) {
         self.run_inner(limit, &|_| false);
@@ -344,10 +410,16 @@ impl Sim {
                     .is_some_and(|due| due <= self.now)
             {
                 self.sender.handle_timeout(self.now);
-                while let Some(datagram) = self.sender.poll_transmit(self.now, &mut self.source) {
+                while let Some(transmit) = self.sender.poll_transmit(self.now, &mut self.source) {
                     for i in 0..self.receivers.len() {
-                        let loss = self.receivers[i].loss;
-                        self.send(Dest::Receiver(i), datagram.clone(), loss);
+                        let to_this_one = match transmit.destination {
+                            crate::wire::Destination::Group => true,
+                            crate::wire::Destination::Peer(addr) => addr == receiver_address(i),
+                        };
+                        if to_this_one {
+                            let loss = self.receivers[i].loss;
+                            self.send(Dest::Receiver(i), transmit.bytes.clone(), loss);
+                        }
                     }
                 }
             }
@@ -369,12 +441,7 @@ impl Sim {
                             )
                         });
                         if self.active(i) && !deaf && !targeted {
-                            self.receivers[i].rx.handle_datagram(
-                                &flight.bytes,
-                                sender_address(),
-                                self.now,
-                            );
-                            self.drain_receiver(i);
+                            self.deliver(i, flight.bytes, sender_address());
                         }
                     }
                 }
@@ -391,6 +458,7 @@ impl Sim {
                 }
             }
             for i in 0..self.receivers.len() {
+                self.read_socket(i);
                 let due = self.receivers[i]
                     .rx
                     .poll_timeout()
@@ -607,21 +675,18 @@ fn losing_the_tail_of_the_last_chunk_is_still_repaired() {
     sim.assert_all_copies_exact();
 }
 
-#[test]
-fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
-    use crate::wire::{Body, Nak, Packet};
-    let image = test_image(8 * CHUNK as usize, 14);
-    let manifest =
-        Manifest::scan(&mut Cursor::new(&image), image.len() as u64, CHUNK, |_| {}).unwrap();
-    let t0 = Instant::now();
-    let mut sender = Sender::new(cfg(1), manifest, t0);
-    let join = |incarnation| {
+/// Hand-made datagrams for tests that play one side of a session.
+mod forge {
+    use super::*;
+    use crate::wire::{Body, Destination, Nak, Packet, Transmit, Verdict};
+
+    pub fn join(session: u32, receiver: u64, incarnation: u32, disk_size: u64) -> Vec<u8> {
         Packet {
-            session: 1,
+            session,
             body: Body::Join {
-                receiver: 5,
+                receiver,
                 incarnation,
-                disk_size: u64::MAX,
+                disk_size,
                 logical_block: 512,
                 refusal: 0,
                 name: "rx".into(),
@@ -629,36 +694,297 @@ fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
             },
         }
         .emit()
-    };
-    let status = Packet {
-        session: 1,
-        body: Body::Status {
-            receiver: 5,
-            state: ReceiverState::Receiving,
-            chunks_done: 3,
-            chunks_total: 8,
-            highest_seq: 0,
-            received: 0,
-            overflow: 0,
-            manifest_missing: u32::MAX,
-            naks: Vec::<Nak>::new(),
-        },
     }
-    .emit();
-    sender.handle_datagram(&join(77), receiver_address(0), t0);
-    sender.handle_datagram(&status, receiver_address(0), t0);
-    sender.handle_datagram(&join(77), receiver_address(0), t0);
+
+    pub fn status(session: u32, receiver: u64, nonce: u64, done: u32, naks: Vec<Nak>) -> Vec<u8> {
+        Packet {
+            session,
+            body: Body::Status {
+                receiver,
+                nonce,
+                state: ReceiverState::Receiving,
+                chunks_done: done,
+                chunks_total: 8,
+                highest_seq: u64::MAX,
+                received: 0,
+                overflow: 0,
+                manifest_missing: u32::MAX,
+                naks,
+            },
+        }
+        .emit()
+    }
+
+    pub fn done(session: u32, receiver: u64, nonce: u64, ok: bool, hash: [u8; 32]) -> Vec<u8> {
+        Packet {
+            session,
+            body: Body::Done {
+                receiver,
+                nonce,
+                ok,
+                image_hash: hash,
+                reason: if ok { String::new() } else { "forged".into() },
+            },
+        }
+        .emit()
+    }
+
+    /// Every accepting Welcome the sender queued: (to whom, nonce).
+    pub fn welcomes(sender: &mut Sender, now: Instant) -> Vec<(SocketAddr, u64)> {
+        let mut source = super::MemSource {
+            image: Vec::new(),
+            chunk_size: 1,
+            stored: None,
+        };
+        let mut found = Vec::new();
+        while let Some(Transmit { destination, bytes }) = sender.poll_transmit(now, &mut source) {
+            if let Ok(Packet {
+                body:
+                    Body::Welcome {
+                        verdict: Verdict::Accepted,
+                        nonce,
+                        ..
+                    },
+                ..
+            }) = Packet::parse(&bytes)
+            {
+                let Destination::Peer(to) = destination else {
+                    panic!("a Welcome went to the group");
+                };
+                found.push((to, nonce));
+            }
+        }
+        found
+    }
+
+    /// The nonce of the Welcome the sender queued for `to`, if any.
+    pub fn welcome_nonce(sender: &mut Sender, now: Instant, to: SocketAddr) -> Option<u64> {
+        welcomes(sender, now)
+            .into_iter()
+            .find(|(addr, _)| *addr == to)
+            .map(|(_, nonce)| nonce)
+    }
+}
+
+#[test]
+fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
+    let image = test_image(8 * CHUNK as usize, 14);
+    let manifest =
+        Manifest::scan(&mut Cursor::new(&image), image.len() as u64, CHUNK, |_| {}).unwrap();
+    let t0 = Instant::now();
+    let mut sender = Sender::new(cfg(1), manifest, t0);
+    let at = receiver_address(0);
+    sender.handle_datagram(&forge::join(1, 5, 77, u64::MAX), at, t0);
+    let nonce = forge::welcome_nonce(&mut sender, t0, at).expect("welcomed");
+    sender.handle_datagram(&forge::status(1, 5, nonce, 3, Vec::new()), at, t0);
+    sender.handle_datagram(&forge::join(1, 5, 77, u64::MAX), at, t0);
+    assert_eq!(forge::welcome_nonce(&mut sender, t0, at), Some(nonce));
     assert_eq!(
         sender.receivers().next().unwrap().chunks_done,
         3,
         "a repeated Join must not reset the receiver"
     );
-    sender.handle_datagram(&join(78), receiver_address(0), t0);
+    sender.handle_datagram(&forge::join(1, 5, 78, u64::MAX), at, t0);
     assert_eq!(
         sender.receivers().next().unwrap().chunks_done,
         0,
         "a restarted receiver starts over"
     );
+    assert_ne!(forge::welcome_nonce(&mut sender, t0, at), Some(nonce));
+}
+
+#[test]
+fn forged_reports_joins_and_sender_datagrams_from_other_hosts_change_nothing() {
+    let image = test_image(24 * CHUNK as usize, 31);
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.0, 31);
+    let attacker = SocketAddr::from(([10, 0, 9, 9], 7744));
+    let session = sim.sender.session();
+    let hash = sim.sender.image_hash();
+    sim.run_until(|sim| sim.sender.stats.data_datagrams > 100);
+    // A Done claiming receiver 0 verified, from the attacker's address with a guessed nonce.
+    let victim = 1000;
+    for nonce in [0, 1, u64::MAX] {
+        sim.inject_to_sender(&forge::done(session, victim, nonce, true, hash), attacker);
+        sim.inject_to_sender(&forge::done(session, victim, nonce, false, hash), attacker);
+    }
+    // A Join for the victim's id from elsewhere: neither "too small" for it, nor a takeover.
+    sim.inject_to_sender(&forge::join(session, victim, 999, 1), attacker);
+    // An End and a Welcome(Dropped) to the group, from the attacker.
+    let end = crate::wire::Packet {
+        session,
+        body: crate::wire::Body::End { aborted: true },
+    }
+    .emit();
+    let dropped = crate::wire::Packet {
+        session,
+        body: crate::wire::Body::Welcome {
+            receiver: victim,
+            verdict: crate::wire::Verdict::Dropped,
+            nonce: 0,
+        },
+    }
+    .emit();
+    for i in 0..2 {
+        sim.deliver(i, end.clone(), attacker);
+        sim.deliver(i, dropped.clone(), attacker);
+    }
+    let victim_report = sim.sender.receivers().find(|r| r.id == victim).unwrap();
+    assert_eq!(victim_report.state, ReceiverState::Receiving);
+    assert!(sim.sender.stats.forged >= 7, "{:?}", sim.sender.stats);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(sim.receivers.iter().all(|r| r.rx.stats.forged >= 2));
+}
+
+#[test]
+fn joins_that_never_answer_do_not_satisfy_the_start_policy() {
+    let image = test_image(8 * CHUNK as usize, 32);
+    let manifest =
+        Manifest::scan(&mut Cursor::new(&image), image.len() as u64, CHUNK, |_| {}).unwrap();
+    let t0 = Instant::now();
+    let mut sender = Sender::new(cfg(2), manifest, t0);
+    // Two Joins from spoofed addresses that will never see their Welcome.
+    for i in 0..2 {
+        sender.handle_datagram(
+            &forge::join(1, 50 + i, 1, u64::MAX),
+            receiver_address(40 + i as usize),
+            t0,
+        );
+    }
+    sender.handle_timeout(t0 + Duration::from_millis(10));
+    assert_eq!(sender.phase(), crate::sender::Phase::Waiting);
+    // Once both answer from where they joined, with their nonces, the data starts.
+    let welcomes = forge::welcomes(&mut sender, t0);
+    assert_eq!(welcomes.len(), 2);
+    for (i, (at, nonce)) in welcomes.into_iter().enumerate() {
+        assert_eq!(at, receiver_address(40 + i));
+        sender.handle_datagram(
+            &forge::status(1, 50 + i as u64, nonce, 0, Vec::new()),
+            at,
+            t0,
+        );
+    }
+    sender.handle_timeout(t0 + Duration::from_millis(20));
+    assert_eq!(sender.phase(), crate::sender::Phase::Sending);
+}
+
+#[test]
+fn a_receiver_asking_for_everything_neither_starves_the_others_nor_stays() {
+    use crate::wire::Nak;
+    let image = test_image(32 * CHUNK as usize, 33);
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.0, 33);
+    let session = sim.sender.session();
+    let greedy = SocketAddr::from(([10, 0, 9, 10], 7744));
+    let t0 = sim.now;
+    sim.inject_to_sender(&forge::join(session, 77, 1, u64::MAX), greedy);
+    let nonce = forge::welcome_nonce(&mut sim.sender, t0, greedy).expect("welcomed");
+    let everything = vec![Nak::Chunks {
+        start: 0,
+        count: u32::MAX,
+    }];
+    let mut dropped_at = None;
+    for step in 0..4000 {
+        sim.inject_to_sender(
+            &forge::status(session, 77, nonce, 0, everything.clone()),
+            greedy,
+        );
+        sim.run_until(|s| s.now >= t0 + Duration::from_millis(5 * (step + 1)));
+        let greedy_report = sim.sender.receivers().find(|r| r.id == 77).unwrap();
+        if greedy_report.is_final() {
+            dropped_at = Some(step);
+            break;
+        }
+    }
+    let report = sim.sender.receivers().find(|r| r.id == 77).unwrap();
+    assert!(
+        matches!(
+            report.failure,
+            Some(crate::sender::ReceiverFailure::TooManyRepairs { .. })
+        ),
+        "{report:?} (dropped at step {dropped_at:?})"
+    );
+    sim.run(Duration::from_secs(60));
+    for r in &sim.receivers {
+        assert_eq!(r.result, Some(Ok(())));
+    }
+    // Repairs alternate with the first pass while it runs: the honest receivers' data kept
+    // flowing at no less than half the pace.
+    assert!(sim.sender.stats.repair_datagrams > 0);
+}
+
+#[test]
+fn stray_data_with_absurd_sequence_numbers_does_not_disable_repair_suppression() {
+    // Three datagrams of the right session claiming sequence u64::MAX, before the real data:
+    // believed, they would make every NAK look newer than any repair in flight.
+    let run = |poison: bool| {
+        let image = test_image(48 * CHUNK as usize, 34);
+        let mut sim = Sim::new(image, CHUNK, cfg(3), 3, 0.05, 34);
+        // A path longer than the status interval: without suppression, every status would ask
+        // again for the repairs still on their way.
+        sim.latency = Duration::from_millis(25);
+        let session = sim.sender.session();
+        sim.run_until(|s| {
+            s.receivers
+                .iter()
+                .all(|r| r.rx.phase() == RxPhase::Receiving)
+        });
+        if poison {
+            for i in 0..3 {
+                for chunk in [0u32, 1, 2] {
+                    let data = crate::wire::DataRef {
+                        seq: u64::MAX,
+                        chunk,
+                        block: 0,
+                        flags: 0,
+                        bytes: &[0u8; 1408],
+                    };
+                    sim.deliver(i, crate::wire::emit_data(session, &data), sender_address());
+                }
+            }
+        }
+        sim.run(Duration::from_secs(120));
+        sim.assert_all_copies_exact();
+        sim.sender.stats.data_bytes as f64 / sim.sender.manifest().data_bytes() as f64
+    };
+    let clean = run(false);
+    let poisoned = run(true);
+    assert!(
+        poisoned < clean * 1.1,
+        "poisoned run sent {poisoned:.2}x the data, clean {clean:.2}x"
+    );
+}
+
+#[test]
+fn a_slow_receiver_overflows_its_socket_and_the_sender_slows_down() {
+    let image = test_image(64 * CHUNK as usize, 35);
+    let sender_cfg = SenderConfig {
+        initial_rate: 40_000_000,
+        max_rate: 40_000_000,
+        ..cfg(1)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 1, 0.0, 35);
+    // Reads 4 datagrams per 0.5 ms step (~11 MB/s) into a 256-datagram buffer: a quarter of
+    // the sender's ceiling.
+    sim.receivers[0].socket = Some(SocketModel::new(256, 4));
+    sim.run(Duration::from_secs(120));
+    sim.assert_all_copies_exact();
+    let overflows = sim.receivers[0].socket.as_ref().unwrap().overflows;
+    assert!(overflows > 0, "the buffer must overflow");
+    assert!(
+        sim.sender.rate() < 30_000_000,
+        "the sender kept its rate at {} B/s",
+        sim.sender.rate()
+    );
+    let sent = sim.sender.stats.data_bytes as f64 / sim.sender.manifest().data_bytes() as f64;
+    assert!(sent < 2.0, "sent {sent:.2}x the data");
+}
+
+#[test]
+fn an_empty_image_is_never_reported_verified() {
+    let mut sim = Sim::new(Vec::new(), CHUNK, cfg(1), 1, 0.0, 36);
+    sim.run(Duration::from_secs(10));
+    let result = sim.receivers[0].result.clone().expect("finished");
+    assert_eq!(result, Err(Failure::EmptyImage));
 }
 
 #[test]

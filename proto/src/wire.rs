@@ -1,4 +1,4 @@
-//! The multicast session's datagrams, version 1.
+//! The multicast session's datagrams, version 2.
 //!
 //! Every datagram:
 //!
@@ -6,7 +6,7 @@
 //!  0        2         3      4            8                       n-4        n
 //!  +--------+---------+------+------------+-----------------------+----------+
 //!  | 0xD1 5C| version | type | session id |  body (per type)      |  CRC32   |
-//!  |        |   = 1   |      |   (u32)    |                       | (of 0..n-4)
+//!  |        |   = 2   |      |   (u32)    |                       | (of 0..n-4)
 //!  +--------+---------+------+------------+-----------------------+----------+
 //! ```
 //!
@@ -16,16 +16,20 @@
 //! |---|---|---|---|
 //! | 1 | Announce | sender → group | image_size u64, chunk_size u32, block_size u16, manifest_len u32, image_hash [32], front u32, seq u64, flags u8 |
 //! | 2 | Join | receiver → sender | receiver u64, incarnation u32, disk_size u64, logical_block u32, refusal u8, name str8, serial str8 |
-//! | 3 | Welcome | sender → group | receiver u64, verdict u8 |
+//! | 3 | Welcome | sender → receiver (unicast) | receiver u64, verdict u8, nonce u64 |
 //! | 4 | ManifestPart | sender → group | offset u32, bytes |
 //! | 5 | Data | sender → group | seq u64, chunk u32, block u16, flags u8, bytes |
-//! | 6 | Status | receiver → sender | receiver u64, state u8, chunks_done u32, chunks_total u32, highest_seq u64, received u64, overflow u32, manifest_missing u32 (first missing offset or u32::MAX), nak count u16, naks |
-//! | 7 | Done | receiver → sender | receiver u64, ok u8, image_hash [32], reason str8 |
-//! | 8 | DoneAck | sender → group | receiver u64 |
+//! | 6 | Status | receiver → sender | receiver u64, nonce u64, state u8, chunks_done u32, chunks_total u32, highest_seq u64, received u64, overflow u32, manifest_missing u32 (first missing offset or u32::MAX), nak count u16, naks |
+//! | 7 | Done | receiver → sender | receiver u64, nonce u64, ok u8, image_hash [32], reason str8 |
+//! | 8 | DoneAck | sender → receiver (unicast) | receiver u64 |
 //! | 9 | End | sender → group | aborted u8 |
 //!
 //! A NAK is `0, start u32, count u32` (whole chunks missing) or `1, chunk u32, bitmap_len u16,
 //! bitmap` (bit b set: block b of the chunk is missing).
+//!
+//! The nonce is the sender's answer to one Join, sent only to the address that joined: Status and
+//! Done count only with it and from that address, so a host that merely sees the group's
+//! traffic, or spoofs a receiver's id, cannot report for it. Version 2 added it.
 //!
 //! Parsing never panics: anything malformed is an error the caller counts and drops.
 
@@ -37,7 +41,7 @@ pub const DEFAULT_GROUP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(239, 255, 
 pub const DEFAULT_PORT: u16 = 7744;
 
 pub const MAGIC: [u8; 2] = [0xd1, 0x5c];
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const HEADER: usize = 8;
 const TRAILER: usize = 4;
 /// Largest datagram the protocol sends: fits a 1500-byte Ethernet MTU after IP and UDP headers.
@@ -177,6 +181,8 @@ pub enum Body {
     Welcome {
         receiver: u64,
         verdict: Verdict,
+        /// What this receiver's Status and Done must carry.
+        nonce: u64,
     },
     ManifestPart {
         offset: u32,
@@ -191,6 +197,7 @@ pub enum Body {
     },
     Status {
         receiver: u64,
+        nonce: u64,
         state: ReceiverState,
         chunks_done: u32,
         chunks_total: u32,
@@ -202,6 +209,7 @@ pub enum Body {
     },
     Done {
         receiver: u64,
+        nonce: u64,
         ok: bool,
         image_hash: Hash,
         reason: String,
@@ -212,6 +220,21 @@ pub enum Body {
     End {
         aborted: bool,
     },
+}
+
+/// Where a datagram goes: to the session's group, or to one peer (a receiver's Welcome, a
+/// receiver's reports to the sender).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Group,
+    Peer(std::net::SocketAddr),
+}
+
+/// A datagram a state machine wants sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: Destination,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,9 +429,14 @@ impl Packet {
                 put_str8(&mut out, name);
                 put_str8(&mut out, serial);
             }
-            Body::Welcome { receiver, verdict } => {
+            Body::Welcome {
+                receiver,
+                verdict,
+                nonce,
+            } => {
                 out.extend_from_slice(&receiver.to_be_bytes());
                 out.push(*verdict as u8);
+                out.extend_from_slice(&nonce.to_be_bytes());
             }
             Body::ManifestPart { offset, bytes } => {
                 out.extend_from_slice(&offset.to_be_bytes());
@@ -417,6 +445,7 @@ impl Packet {
             Body::Data { .. } => {}
             Body::Status {
                 receiver,
+                nonce,
                 state,
                 chunks_done,
                 chunks_total,
@@ -427,6 +456,7 @@ impl Packet {
                 naks,
             } => {
                 out.extend_from_slice(&receiver.to_be_bytes());
+                out.extend_from_slice(&nonce.to_be_bytes());
                 out.push(*state as u8);
                 out.extend_from_slice(&chunks_done.to_be_bytes());
                 out.extend_from_slice(&chunks_total.to_be_bytes());
@@ -453,11 +483,13 @@ impl Packet {
             }
             Body::Done {
                 receiver,
+                nonce,
                 ok,
                 image_hash,
                 reason,
             } => {
                 out.extend_from_slice(&receiver.to_be_bytes());
+                out.extend_from_slice(&nonce.to_be_bytes());
                 out.push(u8::from(*ok));
                 out.extend_from_slice(image_hash);
                 put_str8(&mut out, reason);
@@ -523,6 +555,7 @@ impl Packet {
             DatagramType::Welcome => Body::Welcome {
                 receiver: r.u64()?,
                 verdict: Verdict::from_u8(r.u8()?).ok_or(WireError::Body(what))?,
+                nonce: r.u64()?,
             },
             DatagramType::ManifestPart => Body::ManifestPart {
                 offset: r.u32()?,
@@ -530,6 +563,7 @@ impl Packet {
             },
             DatagramType::Status => {
                 let receiver = r.u64()?;
+                let nonce = r.u64()?;
                 let state = ReceiverState::from_u8(r.u8()?).ok_or(WireError::Body(what))?;
                 let (chunks_done, chunks_total) = (r.u32()?, r.u32()?);
                 let (highest_seq, received) = (r.u64()?, r.u64()?);
@@ -555,6 +589,7 @@ impl Packet {
                 }
                 Body::Status {
                     receiver,
+                    nonce,
                     state,
                     chunks_done,
                     chunks_total,
@@ -567,6 +602,7 @@ impl Packet {
             }
             DatagramType::Done => Body::Done {
                 receiver: r.u64()?,
+                nonce: r.u64()?,
                 ok: r.bool()?,
                 image_hash: r.hash()?,
                 reason: r.str8()?,
@@ -681,6 +717,7 @@ mod tests {
             Body::Welcome {
                 receiver: 42,
                 verdict: Verdict::TooSmall,
+                nonce: 0x1234_5678_9abc_def0,
             },
             Body::ManifestPart {
                 offset: 1400,
@@ -695,6 +732,7 @@ mod tests {
             },
             Body::Status {
                 receiver: 42,
+                nonce: 0x1234_5678_9abc_def0,
                 state: ReceiverState::Receiving,
                 chunks_done: 10,
                 chunks_total: 20,
@@ -712,6 +750,7 @@ mod tests {
             },
             Body::Done {
                 receiver: 42,
+                nonce: 0x1234_5678_9abc_def0,
                 ok: false,
                 image_hash: [1; 32],
                 reason: "chunk 3 differs".into(),
@@ -759,8 +798,8 @@ mod tests {
             }
         }
         let mut other_version = samples()[0].emit();
-        other_version[2] = 2;
-        assert_eq!(Packet::parse(&other_version), Err(WireError::Version(2)));
+        other_version[2] = 1;
+        assert_eq!(Packet::parse(&other_version), Err(WireError::Version(1)));
     }
 
     #[test]
@@ -830,6 +869,7 @@ mod golden {
             Body::Welcome {
                 receiver: 0x0102_0304_0506_0708,
                 verdict: Verdict::Dropped,
+                nonce: 0x1122_3344_5566_7788,
             },
             Body::ManifestPart {
                 offset: 1408,
@@ -844,6 +884,7 @@ mod golden {
             },
             Body::Status {
                 receiver: 0x0102_0304_0506_0708,
+                nonce: 0x1122_3344_5566_7788,
                 state: ReceiverState::Receiving,
                 chunks_done: 10,
                 chunks_total: 20,
@@ -861,6 +902,7 @@ mod golden {
             },
             Body::Done {
                 receiver: 0x0102_0304_0506_0708,
+                nonce: 0x1122_3344_5566_7788,
                 ok: true,
                 image_hash: [0xcd; 32],
                 reason: String::new(),
@@ -889,22 +931,22 @@ mod golden {
             .collect()
     }
 
-    /// The bytes of version 1, fixed: a change to the format fails here, on purpose. Bump
+    /// The bytes of version 2, fixed: a change to the format fails here, on purpose. Bump
     /// [`VERSION`] and write new bytes when the format must change.
     const GOLDEN: [&str; 9] = [
-        "d15c0101cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e8033e9ebb62",
-        "d15c0102cafef00d010203040506070800000009000000040000000000000200000370633103532f4ec3dfa3f6",
-        "d15c0103cafef00d010203040506070803a439bd62",
-        "d15c0104cafef00d00000580dead9ea22235",
-        "d15c0105cafef00d000000000000002a0000000300050101020304ecf1c160",
-        "d15c0106cafef00d0102030405060708010000000a00000014000000000000002a000000000000002800000001ffffffff000200000000030000000201000000090001817498bf61",
-        "d15c0107cafef00d010203040506070801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd00e27518e9",
-        "d15c0108cafef00d010203040506070800dac0e0",
-        "d15c0109cafef00d00a3f26152",
+        "d15c0201cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e8039ae039a7",
+        "d15c0202cafef00d010203040506070800000009000000040000000000000200000370633103532f4e1044bf0d",
+        "d15c0203cafef00d010203040506070803112233445566778892433e6a",
+        "d15c0204cafef00d00000580deade93cf0c5",
+        "d15c0205cafef00d000000000000002a0000000300050101020304d91c7733",
+        "d15c0206cafef00d01020304050607081122334455667788010000000a00000014000000000000002a000000000000002800000001ffffffff00020000000003000000020100000009000181dfaa278a",
+        "d15c0207cafef00d0102030405060708112233445566778801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd008160aac7",
+        "d15c0208cafef00d01020304050607087cbbe53b",
+        "d15c0209cafef00d00921a7bcf",
     ];
 
     #[test]
-    fn version_1_bytes_are_fixed() {
+    fn version_2_bytes_are_fixed() {
         for (packet, golden) in packets().into_iter().zip(GOLDEN) {
             let name = packet.body.datagram_type().name();
             assert_eq!(hex(&packet.emit()), golden, "{name} emits other bytes");

@@ -5,7 +5,7 @@ use crate::socket::{self, NetError};
 use diskcast_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
 use diskcast_proto::sender::{ChunkSource, Outcome, Phase, ReceiverReport, Sender, SenderConfig};
 use diskcast_proto::units::Rate;
-use diskcast_proto::wire::ReceiverState;
+use diskcast_proto::wire::{Destination, ReceiverState};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,7 @@ pub fn multicast(
         receiver_timeout: opts.receiver_timeout,
         max_rate,
         initial_rate: max_rate.min(100_000_000),
+        nonce_seed: crate::random_u64(),
         ..SenderConfig::default()
     };
     log::info!(
@@ -150,8 +151,14 @@ pub fn multicast(
         let mut now = Instant::now();
         sender.handle_timeout(now);
         let mut sent = 0u32;
-        while let Some(datagram) = sender.poll_transmit(now, source) {
-            batch.push(&socket, &datagram)?;
+        while let Some(transmit) = sender.poll_transmit(now, source) {
+            match transmit.destination {
+                Destination::Group => batch.push(&socket, &transmit.bytes)?,
+                // Replies to one receiver: lost ones are asked for again.
+                Destination::Peer(to) => {
+                    let _ = socket.send_to(&transmit.bytes, to);
+                }
+            }
             sent += 1;
             if sent.is_multiple_of(LISTEN_EVERY) {
                 hear(&mut sender, &mut buf);

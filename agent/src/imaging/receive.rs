@@ -5,7 +5,7 @@
 use super::disk::{self, DiskError, DiskOp, Target, WriterHandle};
 use diskcast_proto::receiver::{Event, Failure, Phase, Receiver, ReceiverConfig};
 use diskcast_proto::units::human_size;
-use diskcast_proto::wire::{DEFAULT_GROUP, DEFAULT_PORT};
+use diskcast_proto::wire::{Destination, DEFAULT_GROUP, DEFAULT_PORT};
 use diskcast_transport::present::ReceiveProgress;
 use diskcast_transport::socket::{self, NetError};
 use std::net::{Ipv4Addr, UdpSocket};
@@ -204,7 +204,9 @@ impl ReceiveLoop {
     fn carry_out(&mut self) -> Result<Option<Result<(), Failure>>, ReceiveError> {
         while let Some(transmit) = self.receiver.poll_transmit() {
             // A lost report is repeated at the next status interval.
-            let _ = self.socket.send_to(&transmit.bytes, transmit.to);
+            if let Destination::Peer(to) = transmit.destination {
+                let _ = self.socket.send_to(&transmit.bytes, to);
+            }
         }
         while let Some(event) = self.receiver.poll_event() {
             let op = match event {

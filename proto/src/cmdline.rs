@@ -17,6 +17,10 @@ pub enum CmdlineError {
     UnknownKey { key: String, known: &'static str },
     #[error("kernel parameter `{PREFIX}{key}` has no value: write `{PREFIX}{key}=VALUE`")]
     MissingValue { key: String },
+    #[error(
+        "kernel parameter `{PREFIX}{key}` is given twice: one machine must not get two answers"
+    )]
+    Duplicate { key: String },
     #[error("kernel parameter `{PREFIX}{key}={value}` is invalid: expected {expected}")]
     InvalidValue {
         key: String,
@@ -221,6 +225,7 @@ impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
     pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
         let mut config = Self::default();
+        let mut seen = std::collections::BTreeSet::new();
         for word in cmdline.split_ascii_whitespace() {
             let Some(setting) = word.strip_prefix(PREFIX) else {
                 continue;
@@ -234,6 +239,9 @@ impl BootConfig {
                     })
                 }
             };
+            if !seen.insert(key) {
+                return Err(CmdlineError::Duplicate { key: key.into() });
+            }
             config.set(key, value)?;
         }
         Ok(config)
@@ -247,9 +255,13 @@ impl BootConfig {
                 expected,
             }
         }
-        if value.chars().any(char::is_whitespace) {
+        if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
             // The kernel command line splits at spaces: a value with one cannot travel there.
-            return Err(invalid(key, value, "a value without spaces"));
+            return Err(invalid(
+                key,
+                value,
+                "a value without spaces or control characters",
+            ));
         }
         match key {
             "role" => {
@@ -263,6 +275,13 @@ impl BootConfig {
                         .parse()
                         .map_err(|_| invalid(key, value, "an IPv4 address"))?,
                 )
+            }
+            "interface" if value.len() > 15 || value.contains('/') => {
+                return Err(invalid(
+                    key,
+                    value,
+                    "an interface name (at most 15 bytes, no `/`)",
+                ))
             }
             "interface" => self.interface = Some(value.into()),
             "on_error" => {
@@ -566,6 +585,19 @@ mod tests {
     fn foreign_parameters_are_ignored() {
         let config = BootConfig::parse("root=/dev/sda1 ro initrd=initramfs.img").unwrap();
         assert_eq!(config, BootConfig::default());
+    }
+
+    #[test]
+    fn a_parameter_given_twice_or_a_bad_interface_is_an_error() {
+        // "Last wins" would let a second `diskcast.role` hidden in a value take over.
+        let err = BootConfig::parse("diskcast.role=inventory diskcast.role=slave").unwrap_err();
+        assert_eq!(err, CmdlineError::Duplicate { key: "role".into() });
+        assert!(BootConfig::parse("diskcast.interface=a-very-long-ifname0").is_err());
+        assert!(BootConfig::parse("diskcast.interface=eth0").is_ok());
+        let mut config = BootConfig::default();
+        assert!(config
+            .apply_settings_file("disk = serial:A\u{7}B\n")
+            .is_err());
     }
 
     #[test]

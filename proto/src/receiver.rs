@@ -217,8 +217,9 @@ impl fmt::Display for Failure {
             ),
             Self::DamagedAtSource { chunk, times, why } => write!(
                 f,
-                "{why}, {times} times: the sender's copy of chunk {chunk} is damaged \
-                 (on a bootserver, `bootserver images verify` names the image's damage)"
+                "{why}, {times} times: the sender's chunk {chunk} does not match its manifest — \
+                 its source changed after it was scanned (a disk in use), or its stored image is \
+                 damaged (`bootserver images verify` names the damage)"
             ),
             Self::EmptyImage => f.write_str(
                 "the sender announced an empty image (0 bytes): nothing was written; its source is broken",

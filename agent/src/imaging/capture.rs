@@ -40,6 +40,14 @@ pub enum CaptureError {
         #[source]
         source: io::Error,
     },
+    #[error("the image store at {addr} did not answer within {} s", waited.as_secs())]
+    NoAnswer { addr: SocketAddr, waited: Duration },
+    #[error("reading the image store's answer from {addr}")]
+    Answer {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("a compression thread crashed; nothing was stored")]
     Compressor,
     #[error("the image store at {addr} refused the image: {status} {message}")]
@@ -148,11 +156,13 @@ pub fn run_capture(
     drop(head);
     // The store says now whether it takes the image (name free, store writable), before a whole
     // disk is read for nothing.
+    let first_answer = Duration::from_secs(30);
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(first_answer))
         .map_err(upload_err)?;
     let mut response = BufReader::new(stream.try_clone().map_err(upload_err)?);
-    let (status, message) = read_response(&mut response).map_err(upload_err)?;
+    let (status, message) =
+        read_response(&mut response).map_err(|e| answer_err(addr, first_answer, e))?;
     // A server that stops reading mid-upload (its disk is full, it restarts) may have said why:
     // prefer its answer to our broken pipe.
     let sending_failed =
@@ -230,7 +240,8 @@ pub fn run_capture(
     stream
         .set_read_timeout(Some(check_time))
         .map_err(upload_err)?;
-    let (status, message) = read_response(&mut response).map_err(upload_err)?;
+    let (status, message) =
+        read_response(&mut response).map_err(|e| answer_err(addr, check_time, e))?;
     if status != 201 {
         return Err(CaptureError::Refused {
             addr,
@@ -246,10 +257,43 @@ pub fn run_capture(
     })
 }
 
+/// A timeout is the store's silence; anything else a broken answer.
+fn answer_err(addr: SocketAddr, waited: Duration, source: io::Error) -> CaptureError {
+    match source.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            CaptureError::NoAnswer { addr, waited }
+        }
+        _ => CaptureError::Answer { addr, source },
+    }
+}
+
+/// Longest status or header line of an answer, and most header lines: a store (or anything
+/// pretending to be one) cannot make the agent, PID 1 on the machine, allocate without bound.
+const MAX_LINE: u64 = 8 << 10;
+const MAX_HEADERS: usize = 100;
+const MAX_BODY: u64 = 64 << 10;
+
+/// One line of at most [`MAX_LINE`] bytes, ending in a newline.
+fn bounded_line(reader: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    reader
+        .by_ref()
+        .take(MAX_LINE)
+        .read_until(b'\n', &mut line)?;
+    if !line.ends_with(b"\n") {
+        let why = if line.len() as u64 >= MAX_LINE {
+            "a line of the answer is longer than 8 KiB"
+        } else {
+            "the answer ended in the middle of a line"
+        };
+        return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
 /// Status code and body (trimmed) of an HTTP response; a `100 Continue` has no body.
-fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<(u16, String)> {
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line)?;
+fn read_response(reader: &mut impl BufRead) -> io::Result<(u16, String)> {
+    let status_line = bounded_line(reader)?;
     let status = status_line
         .split_ascii_whitespace()
         .nth(1)
@@ -261,10 +305,18 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<(u16, String)>
             )
         })?;
     let mut length = None;
+    let mut headers = 0;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+        let line = bounded_line(reader)?;
+        if line.trim().is_empty() {
             break;
+        }
+        headers += 1;
+        if headers > MAX_HEADERS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the answer has more than 100 header lines",
+            ));
         }
         if let Some((name, value)) = line.split_once(':') {
             if name.trim().eq_ignore_ascii_case("content-length") {
@@ -275,11 +327,11 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> io::Result<(u16, String)>
     if status == 100 {
         return Ok((status, String::new()));
     }
-    let mut body = String::new();
+    let mut body = Vec::new();
     reader
-        .take(length.unwrap_or(64 << 10).min(64 << 10))
-        .read_to_string(&mut body)?;
-    Ok((status, body.trim().to_string()))
+        .take(length.unwrap_or(MAX_BODY).min(MAX_BODY))
+        .read_to_end(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).trim().to_string()))
 }
 
 #[cfg(test)]
@@ -299,5 +351,58 @@ mod tests {
             [&b"c\r\nhello, world\r\n11\r\n"[..], &[b'x'; 17], b"\r\n"].concat()
         );
         assert_eq!(out.written, 29);
+    }
+
+    /// Endless bytes, as a hostile "store" would send them.
+    struct Endless(u8);
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(self.0);
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn answers_are_read_within_bounds() {
+        // "100 " and then a status line that never ends: refused after 8 KiB, not read forever.
+        let mut endless =
+            BufReader::new(io::Cursor::new(b"HTTP/1.1 100 ".to_vec()).chain(Endless(b'x')));
+        let err = read_response(&mut endless).unwrap_err();
+        assert!(err.to_string().contains("longer than 8 KiB"), "{err}");
+        let mut many = b"HTTP/1.1 201 Created\r\n".to_vec();
+        for _ in 0..200 {
+            many.extend_from_slice(b"X-A: b\r\n");
+        }
+        let err = read_response(&mut BufReader::new(&many[..])).unwrap_err();
+        assert!(err.to_string().contains("100 header lines"), "{err}");
+        let mut huge_body = BufReader::new(
+            io::Cursor::new(
+                b"HTTP/1.1 201 Created\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+            )
+            .chain(Endless(b'y')),
+        );
+        let (status, body) = read_response(&mut huge_body).unwrap();
+        assert_eq!((status, body.len()), (201, 64 << 10));
+        let ok = b"HTTP/1.1 201 Created\r\nContent-Length: 6\r\n\r\nstored";
+        assert_eq!(
+            read_response(&mut BufReader::new(&ok[..])).unwrap(),
+            (201, "stored".to_string())
+        );
+        let cut = b"HTTP/1.1 201 Crea";
+        assert!(read_response(&mut BufReader::new(&cut[..])).is_err());
+    }
+
+    #[test]
+    fn a_silent_store_is_named_as_silent_not_as_a_closed_connection() {
+        let addr = SocketAddr::from(([10, 77, 0, 1], 8080));
+        let waited = Duration::from_secs(30);
+        let silent = answer_err(addr, waited, io::ErrorKind::WouldBlock.into()).to_string();
+        assert!(silent.contains("did not answer within 30 s"), "{silent}");
+        let reset = answer_err(addr, waited, io::ErrorKind::ConnectionReset.into()).to_string();
+        assert!(
+            reset.contains("reading the image store's answer"),
+            "{reset}"
+        );
     }
 }

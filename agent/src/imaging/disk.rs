@@ -74,6 +74,10 @@ pub struct Source {
     file: File,
     chunk_size: usize,
     cache: VecDeque<(u32, Vec<u8>)>,
+    /// The hash each data chunk had at the scan, until the chunk is read again and found the
+    /// same: a source that changes while it is sent must stop the send, not reach the
+    /// receivers as "damaged".
+    unchecked: HashMap<u32, Hash>,
 }
 
 const SOURCE_CACHE_CHUNKS: usize = 8;
@@ -97,6 +101,7 @@ impl Source {
             file,
             chunk_size: chunk_size as usize,
             cache: VecDeque::new(),
+            unchecked: HashMap::new(),
         })
     }
 
@@ -110,13 +115,19 @@ impl Source {
                 offset: 0,
                 source,
             })?;
-        Manifest::scan(&mut reader, self.size, self.chunk_size as u32, progress).map_err(|source| {
-            DiskError::Read {
+        let manifest = Manifest::scan(&mut reader, self.size, self.chunk_size as u32, progress)
+            .map_err(|source| DiskError::Read {
                 path: self.path.clone(),
                 offset: 0,
                 source,
-            }
-        })
+            })?;
+        self.unchecked = manifest
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, kind)| Some((i as u32, *kind.hash()?)))
+            .collect();
+        Ok(manifest)
     }
 }
 
@@ -149,6 +160,14 @@ impl ChunkSource for Source {
         };
         data.resize(len, 0);
         self.file.read_exact_at(&mut data, offset)?;
+        if let Some(expected) = self.unchecked.remove(&index) {
+            if *blake3::hash(&data).as_bytes() != expected {
+                return Err(io::Error::other(format!(
+                    "its bytes changed since {} was scanned: something writes to it while it is sent (a mounted disk?); nothing sent from it can verify",
+                    self.path.display()
+                )));
+            }
+        }
         self.cache.push_back((index, data));
         Ok(self.cache.back().map_or(&[][..], |(_, v)| v.as_slice()))
     }
@@ -533,4 +552,29 @@ pub fn read_range(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0; len];
     file.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_that_changes_after_its_scan_is_caught_when_sent() {
+        let path = std::env::temp_dir().join(format!("diskcast-source-{}", std::process::id()));
+        let chunk = 64 << 10;
+        let mut image = vec![0u8; 4 * chunk];
+        image[..chunk].fill(7);
+        image[2 * chunk..3 * chunk].fill(9);
+        std::fs::write(&path, &image).unwrap();
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        let manifest = source.scan(|_| {}).unwrap();
+        assert_eq!(manifest.data_chunks().collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(source.chunk(0).unwrap()[0], 7);
+        // Something writes to the disk while it is being sent.
+        image[2 * chunk + 100] = 1;
+        std::fs::write(&path, &image).unwrap();
+        let err = source.chunk(2).unwrap_err().to_string();
+        assert!(err.contains("changed since"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -10,7 +10,7 @@ use diskcast_transport::present::ReceiveProgress;
 use diskcast_transport::socket::{self, NetError};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +58,27 @@ impl Default for ReceiveOptions {
     }
 }
 
-/// A receiver identity that survives a restart of the same machine writing the same target.
-pub fn stable_receiver_id(name: &str, target: &std::path::Path) -> u64 {
-    let hash = blake3::hash(format!("{name}\0{}", target.display()).as_bytes());
+/// A receiver identity that survives a restart of the same machine writing the same target
+/// (so the sender lets it start over instead of counting a new receiver), and differs between
+/// machines: `machine` must hold something no clone shares, such as a MAC address.
+pub fn stable_receiver_id(machine: &str, target: &std::path::Path) -> u64 {
+    let hash = blake3::hash(format!("{machine}\0{}", target.display()).as_bytes());
     u64::from_be_bytes(hash.as_bytes()[..8].try_into().unwrap_or_default())
+}
+
+/// What tells this host from its clones when it receives on `interface`: host name and
+/// `/etc/machine-id` (which cloned lab PCs often share) and the interface's MAC address (which
+/// they do not). No randomness: a restarted receiver must keep its identity. `root` is `/` but
+/// for tests.
+pub fn machine_identity(root: &Path, host_name: &str, interface: &str) -> String {
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let machine_id = read(root.join("etc/machine-id"));
+    let mac = read(root.join("sys/class/net").join(interface).join("address"));
+    format!("{host_name}\0{machine_id}\0{mac}")
 }
 
 /// How often the caller's progress view is refreshed.
@@ -78,9 +95,10 @@ pub fn run_receive(
     let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
     let socket = socket::receiver_socket(opts.group, opts.port, address)?;
     let cfg = ReceiverConfig {
-        id: opts
-            .id
-            .unwrap_or_else(|| stable_receiver_id(&opts.name, &opts.target)),
+        id: opts.id.unwrap_or_else(|| {
+            let identity = machine_identity(Path::new("/"), &opts.name, &interface);
+            stable_receiver_id(&identity, &opts.target)
+        }),
         incarnation: diskcast_transport::random_u64() as u32,
         name: opts.name.clone(),
         serial: opts.serial.clone(),
@@ -234,5 +252,33 @@ impl ReceiveLoop {
             .ops
             .send(op)
             .map_err(|_| ReceiveError::WriterGone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn cloned_hosts_get_different_ids_and_a_restart_keeps_its_own() {
+        // Two lab PCs cloned from one image: same host name, same machine-id, same /dev/sda;
+        // only their NICs differ.
+        let root = std::env::temp_dir().join(format!("diskcast-identity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (nic, mac) in [("eth0", "52:54:00:00:00:01"), ("eth1", "52:54:00:00:00:02")] {
+            let dir = root.join("sys/class/net").join(nic);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("address"), format!("{mac}\n")).unwrap();
+        }
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/machine-id"), "0123456789abcdef\n").unwrap();
+        let target = Path::new("/dev/sda");
+        let pc_a = stable_receiver_id(&machine_identity(&root, "lab-pc", "eth0"), target);
+        let pc_b = stable_receiver_id(&machine_identity(&root, "lab-pc", "eth1"), target);
+        assert_ne!(pc_a, pc_b, "clones must not share a receiver id");
+        let restarted = stable_receiver_id(&machine_identity(&root, "lab-pc", "eth0"), target);
+        assert_eq!(pc_a, restarted, "a restart is the same receiver");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -13,6 +13,7 @@ pub mod router_advert;
 pub mod serve;
 pub mod store;
 pub mod tftp;
+pub mod web;
 
 /// Seconds since the Unix epoch: lease expiry, image metadata, task times.
 pub fn unix_now() -> u64 {

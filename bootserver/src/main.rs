@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use diskcast_bootserver::deploy::deploy_once;
-use diskcast_bootserver::serve::short_hash;
 use diskcast_bootserver::store::Store;
+use diskcast_bootserver::web::short_hash;
 use diskcast_proto::units::human_size;
 use diskcast_proto::units::Rate;
 use diskcast_transport::send::SendOptions;

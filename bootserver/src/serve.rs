@@ -2,16 +2,15 @@
 
 use crate::config::{Config, ConfigError, DhcpMode};
 use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
-use crate::http::{self, Response, Routes};
-use crate::ipxe::{BootScript, INITRD_NAME};
+use crate::http::{self, HttpLimits};
 use crate::leases::{LeaseError, LeaseTable};
 use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError};
-use diskcast_proto::mac::MacAddr;
+use crate::web::{self, WebState};
 use diskcast_transport::send::SendOptions;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -55,6 +54,8 @@ pub enum ServeError {
     Tftp(#[from] TftpError),
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    #[error("starting the I/O runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// The line printed once every service listens; tests wait for it.
@@ -145,164 +146,6 @@ fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, leas
     }
 }
 
-struct BootRoutes {
-    config: Config,
-    server_ip: Ipv4Addr,
-    dhcp: Arc<Mutex<DhcpServer>>,
-    store: Store,
-}
-
-impl BootRoutes {
-    fn script(&self, mac_text: &str) -> Response {
-        let Ok(mac) = mac_text.parse::<MacAddr>() else {
-            return Response::NotFound;
-        };
-        let agent = self
-            .config
-            .agent_config_for(Some(mac), Some(self.server_ip));
-        let script = BootScript {
-            base_url: format!("http://{}:{}", self.server_ip, self.config.http_port),
-            mac: mac.to_string(),
-            kernel_args: self.config.boot.kernel_args.clone(),
-            agent,
-        };
-        Response::Text {
-            content_type: "text/plain",
-            body: script.render(),
-        }
-    }
-
-    fn status(&self) -> Response {
-        let Ok(dhcp) = self.dhcp.lock() else {
-            return Response::NotFound;
-        };
-        let images: Vec<serde_json::Value> = self
-            .store
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|entry| match entry {
-                Ok(i) => serde_json::json!({
-                    "name": i.name, "disk_bytes": i.raw_size, "data_bytes": i.data_bytes,
-                    "stored_bytes": i.stored_bytes, "created": i.created,
-                    "hash": short_hash(&i.image_hash), "origin": i.origin,
-                }),
-                Err(e) => serde_json::json!({ "error": diskcast_proto::error_chain(&e) }),
-            })
-            .collect();
-        let deploys: Vec<serde_json::Value> = self
-            .config
-            .deploys
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "image": d.image,
-                    "group": self.config.session_group().to_string(),
-                    "port": d.port,
-                    "min_receivers": d.min_receivers,
-                })
-            })
-            .collect();
-        let body = serde_json::json!({
-            "mode": format!("{:?}", dhcp.settings().mode).to_lowercase(),
-            "leases": dhcp.leases.leases,
-            "dhcp": {
-                "offers": dhcp.stats.offers, "acks": dhcp.stats.acks, "naks": dhcp.stats.naks,
-                "malformed": dhcp.stats.malformed, "ignored": dhcp.stats.ignored,
-            },
-            "images": images,
-            "deploys": deploys,
-        });
-        Response::Text {
-            content_type: "application/json",
-            body: format!("{body:#}\n"),
-        }
-    }
-}
-
-impl Routes for BootRoutes {
-    fn upload_check(&self, path: &str) -> Option<Response> {
-        let name = path.strip_prefix("/images/")?;
-        self.store.check_free(name).err().map(store_refusal)
-    }
-
-    /// `PUT /images/NAME`: a capture. The image is listed only once complete and verified.
-    fn upload(&self, path: &str, client: IpAddr, body: &mut dyn std::io::Read) -> Response {
-        let status = |code, reason, body: String| Response::Status { code, reason, body };
-        let Some(name) = path.strip_prefix("/images/") else {
-            return status(404, "Not Found", "uploads go to /images/NAME\n".into());
-        };
-        let mut incoming = match self.store.incoming(name) {
-            Ok(incoming) => incoming,
-            Err(e) => return store_refusal(e),
-        };
-        log::info!("store: receiving image {name:?} from {client}");
-        let started = std::time::Instant::now();
-        // Reading the network and writing the store fail for different reasons: say which.
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = match body.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!(
-                        "store: upload of {name:?} from {client} broke off: {e}; nothing stored"
-                    );
-                    return status(
-                        400,
-                        "Bad Request",
-                        format!("the upload broke off ({e}); nothing was stored\n"),
-                    );
-                }
-            };
-            if let Err(e) = std::io::Write::write_all(&mut incoming.file, &buf[..n]) {
-                log::error!(
-                    "store: writing image {name:?} into {}: {e}; nothing stored",
-                    self.store.dir().display()
-                );
-                return status(
-                    507,
-                    "Insufficient Storage",
-                    format!(
-                        "the image store could not write the image ({e}); nothing was stored\n"
-                    ),
-                );
-            }
-        }
-        match incoming.commit() {
-            Ok(summary) => {
-                let text = format!(
-                    "stored image {name}: {}, hash {}, in {:.1} s",
-                    summary.sizes(),
-                    short_hash(&summary.image_hash),
-                    started.elapsed().as_secs_f64()
-                );
-                log::info!("store: {text}");
-                status(201, "Created", format!("{text}\n"))
-            }
-            Err(e) => store_refusal(e),
-        }
-    }
-
-    fn route(&self, path: &str, _client: IpAddr) -> Response {
-        match path {
-            "/boot/vmlinuz" => Response::File(self.config.boot.kernel.clone()),
-            p if p == format!("/boot/{INITRD_NAME}") => {
-                Response::File(self.config.boot.initramfs.clone())
-            }
-            "/status" => self.status(),
-            p => match p
-                .strip_prefix("/boot/")
-                .and_then(|rest| rest.strip_suffix(".ipxe"))
-            {
-                Some(mac) => self.script(mac),
-                None => Response::NotFound,
-            },
-        }
-    }
-}
-
 fn check_boot_files(config: &Config) -> Result<(), ServeError> {
     let checks: [(&'static str, PathBuf, &'static str); 5] = [
         (
@@ -339,8 +182,23 @@ fn check_boot_files(config: &Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit: every TFTP transfer and HTTP
+/// connection costs descriptors, and running out silently breaks everything at once.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::info!("open files: limit raised from {soft} to {hard}"),
+            Err(e) => log::warn!("open files: limit stays {soft} (raising it to {hard}: {e})"),
+        },
+        Ok((soft, _)) => log::info!("open files: limit {soft}"),
+        Err(e) => log::warn!("open files: reading the limit: {e}"),
+    }
+}
+
 /// Starts every service and blocks for as long as they run.
 pub fn run(config: Config) -> Result<(), ServeError> {
+    raise_open_files_limit();
     check_boot_files(&config)?;
     let server_ip = match config.address {
         Some(ip) => ip,
@@ -418,7 +276,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     );
 
     let http_addr = SocketAddr::from((server_ip, config.http_port));
-    let listener = http::bind(http_addr)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bootserver-io")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let listener = runtime.block_on(http::bind(http_addr))?;
     let mode = match config.dhcp.mode {
         DhcpMode::Full => "full",
         DhcpMode::Proxy => "proxy",
@@ -459,17 +323,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
                 .spawn(move || crate::deploy::deploy_forever(store, name, opts)),
         );
     }
-    let routes: Arc<dyn Routes> = Arc::new(BootRoutes {
+    let app = web::router(Arc::new(WebState {
         config,
         server_ip,
         dhcp,
         store,
-    });
-    threads.push(
-        std::thread::Builder::new()
-            .name("http".into())
-            .spawn(move || http::serve(listener, routes)),
-    );
+    }));
+    runtime.spawn(http::serve(listener, app, HttpLimits::default()));
     for thread in &threads {
         if let Err(e) = thread {
             log::error!("starting a service thread: {e}");
@@ -481,23 +341,4 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         let _ = thread.join();
     }
     Ok(())
-}
-
-/// How an upload the store refuses is answered.
-fn store_refusal(e: StoreError) -> Response {
-    let (code, reason) = match e {
-        StoreError::Exists { .. } => (409, "Conflict"),
-        StoreError::Name(_) | StoreError::Rejected(_) => (400, "Bad Request"),
-        _ => (500, "Internal Server Error"),
-    };
-    Response::Status {
-        code,
-        reason,
-        body: format!("{}\n", diskcast_proto::error_chain(&e)),
-    }
-}
-
-/// The first 16 hex digits of an image hash, as `images list` shows them.
-pub fn short_hash(hash: &[u8; 32]) -> String {
-    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
 }

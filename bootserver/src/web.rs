@@ -1,0 +1,511 @@
+//! What the bootserver answers over HTTP: the kernel and initramfs, each machine's iPXE script,
+//! `/status`, and image uploads into the store (`PUT /images/NAME`, what a capture sends).
+
+use crate::config::Config;
+use crate::dhcp_server::DhcpServer;
+use crate::http::ClientAddr;
+use crate::ipxe::{BootScript, INITRD_NAME};
+use crate::store::{ImageSummary, Store, StoreError};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Extension, Router};
+use diskcast_proto::image_file::ImageFileError;
+use diskcast_proto::mac::MacAddr;
+use http_body_util::BodyExt;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tower_http::services::ServeFile;
+
+/// What the routes need.
+#[derive(Debug)]
+pub struct WebState {
+    pub config: Config,
+    pub server_ip: Ipv4Addr,
+    pub dhcp: Arc<Mutex<DhcpServer>>,
+    pub store: Store,
+}
+
+/// A capture pauses while it reads a region of zeros: an upload may be silent this long.
+const UPLOAD_IDLE: Duration = Duration::from_secs(300);
+
+pub fn router(state: Arc<WebState>) -> Router {
+    let boot = &state.config.boot;
+    Router::new()
+        .route_service("/boot/vmlinuz", ServeFile::new(&boot.kernel))
+        .route_service(
+            &format!("/boot/{INITRD_NAME}"),
+            ServeFile::new(&boot.initramfs),
+        )
+        .route("/boot/{script}", get(script))
+        .route("/status", get(status))
+        .route("/images/{name}", put(upload))
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// One log line per request: client, method, path, status.
+async fn log_request(
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let response = next.run(request).await;
+    log::info!(
+        "http: {} {method} {path} {}",
+        client.ip(),
+        response.status().as_u16()
+    );
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut body = body.into();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// `GET /boot/MAC.ipxe`: the machine's script, its agent settings on the kernel line.
+async fn script(State(state): State<Arc<WebState>>, Path(file): Path<String>) -> Response {
+    let Some(mac) = file
+        .strip_suffix(".ipxe")
+        .and_then(|m| m.parse::<MacAddr>().ok())
+    else {
+        return text(StatusCode::NOT_FOUND, "not found");
+    };
+    let agent = state
+        .config
+        .agent_config_for(Some(mac), Some(state.server_ip));
+    let script = BootScript {
+        base_url: format!("http://{}:{}", state.server_ip, state.config.http_port),
+        mac: mac.to_string(),
+        kernel_args: state.config.boot.kernel_args.clone(),
+        agent,
+    };
+    text(StatusCode::OK, script.render())
+}
+
+/// The first 16 hex digits of an image hash, as `images list` shows them.
+pub fn short_hash(hash: &[u8; 32]) -> String {
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `GET /status`: leases, DHCP counters, stored images, served deploys.
+async fn status(State(state): State<Arc<WebState>>) -> Response {
+    // Copy what DHCP knows and let go of its lock before touching the disk: listing a large
+    // store must not delay a single DHCP answer.
+    let dhcp = match state.dhcp.lock() {
+        Ok(dhcp) => serde_json::json!({
+            "mode": format!("{:?}", dhcp.settings().mode).to_lowercase(),
+            "leases": dhcp.leases.leases,
+            "dhcp": {
+                "offers": dhcp.stats.offers, "acks": dhcp.stats.acks, "naks": dhcp.stats.naks,
+                "malformed": dhcp.stats.malformed, "ignored": dhcp.stats.ignored,
+            },
+        }),
+        Err(_) => serde_json::json!({ "error": "the DHCP server crashed" }),
+    };
+    let listing = {
+        let store = state.store.clone();
+        tokio::task::spawn_blocking(move || store.list())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    };
+    let images: Vec<serde_json::Value> = listing
+        .into_iter()
+        .map(|entry| match entry {
+            Ok(i) => serde_json::json!({
+                "name": i.name, "disk_bytes": i.raw_size, "data_bytes": i.data_bytes,
+                "stored_bytes": i.stored_bytes, "created": i.created,
+                "hash": short_hash(&i.image_hash), "origin": i.origin,
+            }),
+            Err(e) => serde_json::json!({ "error": public_reason(&e) }),
+        })
+        .collect();
+    let deploys: Vec<serde_json::Value> = state
+        .config
+        .deploys
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "image": d.image,
+                "group": state.config.session_group().to_string(),
+                "port": d.port,
+                "min_receivers": d.min_receivers,
+            })
+        })
+        .collect();
+    let mut body = dhcp;
+    body["images"] = serde_json::Value::Array(images);
+    body["deploys"] = serde_json::Value::Array(deploys);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body:#}\n"),
+    )
+        .into_response()
+}
+
+/// What a store problem may tell a client: no server paths, no process ids (the log has them).
+pub fn public_reason(e: &StoreError) -> String {
+    let image = |e: &ImageFileError| match e {
+        ImageFileError::Io { op, source, .. } => format!("{op}: {source}"),
+        ImageFileError::NotAnImage { why, .. } => format!("not a diskcast image file ({why})"),
+        ImageFileError::Version { version, .. } => {
+            format!("image file version {version} is not supported")
+        }
+        ImageFileError::Damaged { what, why, .. } => format!("{what} is damaged ({why})"),
+        ImageFileError::Manifest { source, .. } => format!("bad manifest: {source}"),
+        ImageFileError::Chunk { offset, source, .. } => {
+            format!("the chunk at image offset {offset} is damaged: {source}")
+        }
+    };
+    match e {
+        StoreError::Name(_) => e.to_string(),
+        StoreError::Exists { name, .. } => {
+            format!("image {name:?} already exists: delete it first or choose another name")
+        }
+        StoreError::NotFound { name, .. } => format!("no image {name:?}"),
+        StoreError::Io { op, source, .. } => format!("the store failed {op}: {source}"),
+        StoreError::Rejected(inner) => format!(
+            "the uploaded image is incomplete or damaged; nothing was stored ({})",
+            image(inner)
+        ),
+        StoreError::Image(inner) => image(inner),
+    }
+}
+
+/// How a refusal of the store is answered.
+fn store_refusal(e: &StoreError) -> Response {
+    let status = match e {
+        StoreError::Exists { .. } => StatusCode::CONFLICT,
+        StoreError::Name(_) | StoreError::Rejected(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text(status, public_reason(e))
+}
+
+/// What the network side hands the thread that writes the store.
+enum Piece {
+    Data(Bytes),
+    /// The body ended properly: commit.
+    End,
+}
+
+/// Why an upload did not end stored.
+enum UploadEnd {
+    Stored(ImageSummary),
+    /// The store refused or failed; nothing stored.
+    Store(StoreError),
+    /// Writing the store failed (its disk is full...): nothing stored.
+    Write(std::io::Error),
+    /// The body did not end properly.
+    BrokenOff,
+}
+
+/// `PUT /images/NAME`: a capture. The image is listed only once complete and verified. The name
+/// is checked before a byte of the body is asked for, so a client that sent
+/// `Expect: 100-continue` learns of a refusal before it reads its disk.
+async fn upload(
+    State(state): State<Arc<WebState>>,
+    Path(name): Path<String>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
+    body: Body,
+) -> Response {
+    if let Err(e) = state.store.check_free(&name) {
+        return store_refusal(&e);
+    }
+    log::info!("store: receiving image {name:?} from {client}");
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(8);
+    let store = state.store.clone();
+    let image = name.clone();
+    let writer = tokio::task::spawn_blocking(move || write_upload(&store, &image, rx));
+    let mut body = body;
+    let network_problem = loop {
+        let frame = match tokio::time::timeout(UPLOAD_IDLE, body.frame()).await {
+            Err(_) => break Some(format!("silent for {} s", UPLOAD_IDLE.as_secs())),
+            Ok(None) => {
+                let _ = tx.send(Piece::End).await;
+                break None;
+            }
+            Ok(Some(Err(e))) => break Some(e.to_string()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if tx.send(Piece::Data(data)).await.is_err() {
+                // The writer stopped (the store failed): its result says why.
+                break None;
+            }
+        }
+    };
+    drop(tx);
+    let end = writer.await.unwrap_or_else(|e| {
+        UploadEnd::Write(std::io::Error::other(format!(
+            "the store writer crashed: {e}"
+        )))
+    });
+    match (end, network_problem) {
+        (UploadEnd::Stored(summary), _) => {
+            let line = format!(
+                "stored image {name}: {}, hash {}, in {:.1} s",
+                summary.sizes(),
+                short_hash(&summary.image_hash),
+                started.elapsed().as_secs_f64()
+            );
+            log::info!("store: {line}");
+            text(StatusCode::CREATED, line)
+        }
+        (UploadEnd::Write(e), _) => {
+            log::error!(
+                "store: writing image {name:?} into {}: {e}; nothing stored",
+                state.store.dir().display()
+            );
+            text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the image store could not write the image ({e}); nothing was stored"),
+            )
+        }
+        (UploadEnd::Store(e), _) => {
+            log::warn!(
+                "store: image {name:?} from {client} refused: {}",
+                diskcast_proto::error_chain(&e)
+            );
+            store_refusal(&e)
+        }
+        (UploadEnd::BrokenOff, problem) => {
+            let why = problem.unwrap_or_else(|| "the body ended early".into());
+            log::warn!("store: upload of {name:?} from {client} broke off: {why}; nothing stored");
+            text(
+                StatusCode::BAD_REQUEST,
+                format!("the upload broke off ({why}); nothing was stored"),
+            )
+        }
+    }
+}
+
+/// The store side of an upload, on a blocking thread: writes what arrives, commits at the end.
+fn write_upload(
+    store: &Store,
+    name: &str,
+    mut rx: tokio::sync::mpsc::Receiver<Piece>,
+) -> UploadEnd {
+    let mut incoming = match store.incoming(name) {
+        Ok(incoming) => incoming,
+        Err(e) => return UploadEnd::Store(e),
+    };
+    loop {
+        match rx.blocking_recv() {
+            Some(Piece::Data(bytes)) => {
+                if let Err(e) = std::io::Write::write_all(&mut incoming.file, &bytes) {
+                    return UploadEnd::Write(e);
+                }
+            }
+            Some(Piece::End) => break,
+            // Dropped without an end: the upload broke off; `incoming` removes its file.
+            None => return UploadEnd::BrokenOff,
+        }
+    }
+    match incoming.commit() {
+        Ok(summary) => UploadEnd::Stored(summary),
+        Err(StoreError::Io { source, .. }) => UploadEnd::Write(source),
+        Err(e) => UploadEnd::Store(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dhcp_server::{DhcpServer, Settings};
+    use crate::http::tests::{exchange_from, start};
+    use crate::http::HttpLimits;
+    use crate::leases::LeaseTable;
+    use diskcast_proto::image_file::{ImageWriter, Metadata};
+    use std::io::{Read, Write};
+
+    const EXAMPLE: &str = include_str!("../bootserver.example.toml");
+
+    /// A server with a store in a fresh directory; returns its address and the store.
+    fn server(tag: &str) -> (SocketAddr, Store) {
+        let dir = std::env::temp_dir().join(format!("diskcast-web-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = EXAMPLE.replace("/var/lib/diskcast", &dir.display().to_string());
+        let config = Config::from_text(&text, std::path::Path::new("test.toml")).unwrap();
+        let store = Store::open(&config.store_dir).unwrap();
+        let settings = Settings {
+            mode: config.dhcp.mode,
+            server: Ipv4Addr::new(10, 77, 0, 1),
+            range: config.dhcp.range,
+            netmask: config.dhcp.netmask,
+            router: None,
+            dns: Vec::new(),
+            lease_secs: 600,
+            reservations: Default::default(),
+            uefi_loader: config.boot.uefi_loader,
+            http_port: config.http_port,
+        };
+        let state = Arc::new(WebState {
+            config,
+            server_ip: Ipv4Addr::new(10, 77, 0, 1),
+            dhcp: Arc::new(Mutex::new(DhcpServer::new(settings, LeaseTable::default()))),
+            store: store.clone(),
+        });
+        (start(router(state), HttpLimits::default()), store)
+    }
+
+    use std::net::SocketAddr;
+
+    /// A small valid image file, as a capture would upload it.
+    fn image_bytes() -> Vec<u8> {
+        let mut raw = vec![0u8; 3 << 20];
+        raw[..1 << 20].fill(0x5a);
+        let mut writer = ImageWriter::new(Vec::new(), 1 << 20);
+        writer.push_all(&mut &raw[..], 3, |_| {}).unwrap();
+        writer.finish(&Metadata::new("capture", 3, 1)).unwrap().1
+    }
+
+    fn chunked(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in body.chunks(7000) {
+            out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            out.extend_from_slice(piece);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    fn put(addr: SocketAddr, name: &str, headers: &str, body: &[u8]) -> String {
+        let request = [
+            format!("PUT /images/{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n")
+                .as_bytes(),
+            body,
+        ]
+        .concat();
+        exchange_from([127, 0, 0, 1], addr, &request)
+    }
+
+    #[test]
+    fn uploads_in_chunks_or_with_a_length_are_stored_and_cut_offs_never_are() {
+        let (addr, store) = server("upload");
+        let image = image_bytes();
+        let ok = put(
+            addr,
+            "golden",
+            "Transfer-Encoding: chunked\r\n",
+            &chunked(&image),
+        );
+        assert!(ok.starts_with("HTTP/1.1 201"), "{ok}");
+        store.verify("golden").unwrap();
+        let sized = put(
+            addr,
+            "sized",
+            &format!("Content-Length: {}\r\n", image.len()),
+            &image,
+        );
+        assert!(sized.starts_with("HTTP/1.1 201"), "{sized}");
+        // Cut off: in a chunk, before the last chunk, a bad size line, short of the length.
+        let whole = chunked(&image);
+        let cuts: [(&str, Vec<u8>, &str); 4] = [
+            (
+                "a",
+                whole[..whole.len() / 2].to_vec(),
+                "Transfer-Encoding: chunked\r\n",
+            ),
+            (
+                "b",
+                whole[..whole.len() - 5].to_vec(),
+                "Transfer-Encoding: chunked\r\n",
+            ),
+            ("c", b"zz\r\n".to_vec(), "Transfer-Encoding: chunked\r\n"),
+            ("d", image[..100].to_vec(), "Content-Length: 100000\r\n"),
+        ];
+        for (name, body, headers) in cuts {
+            let request = [
+                format!("PUT /images/{name} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes(),
+                &body,
+            ]
+            .concat();
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(&request).unwrap();
+            // The client dies mid-upload.
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+                "{name}: {answer}"
+            );
+        }
+        // Nothing half-written is listed or left behind.
+        std::thread::sleep(Duration::from_millis(300));
+        let listed: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.unwrap().name)
+            .collect();
+        assert_eq!(listed, ["golden", "sized"]);
+        let leftovers = std::fs::read_dir(store.dir()).unwrap().count();
+        assert_eq!(leftovers, 2, "partial files were left behind");
+        // No body at all is an empty upload: not an image.
+        let none = put(addr, "x", "", b"");
+        assert!(none.starts_with("HTTP/1.1 400"), "{none}");
+    }
+
+    #[test]
+    fn a_taken_name_is_refused_before_the_body_and_the_answer_reaches_the_client() {
+        let (addr, store) = server("conflict");
+        let image = image_bytes();
+        let ok = put(
+            addr,
+            "golden",
+            "Transfer-Encoding: chunked\r\n",
+            &chunked(&image),
+        );
+        assert!(ok.starts_with("HTTP/1.1 201"), "{ok}");
+        // With Expect: the refusal comes instead of 100 Continue, before any body is sent.
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(b"PUT /images/golden HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut first = [0u8; 64];
+        let n = stream.read(&mut first).unwrap();
+        let first = String::from_utf8_lossy(&first[..n]);
+        assert!(first.starts_with("HTTP/1.1 409"), "{first}");
+        // Without Expect, the client is sending its body already: it still reads the 409.
+        let refused = put(
+            addr,
+            "golden",
+            "Transfer-Encoding: chunked\r\n",
+            &chunked(&image),
+        );
+        assert!(refused.starts_with("HTTP/1.1 409"), "{refused}");
+        assert!(refused.contains("already exists"), "{refused}");
+        // No server path or process id in what a client is told.
+        let dir = store.dir().display().to_string();
+        assert!(!refused.contains(&dir), "{refused}");
+        let damaged = put(
+            addr,
+            "damaged",
+            "Transfer-Encoding: chunked\r\n",
+            &chunked(&image[..image.len() - 1]),
+        );
+        assert!(damaged.starts_with("HTTP/1.1 400"), "{damaged}");
+        assert!(
+            !damaged.contains(&dir) && !damaged.contains(".partial"),
+            "{damaged}"
+        );
+    }
+}

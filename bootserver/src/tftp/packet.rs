@@ -496,3 +496,352 @@ pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
     }
     .to_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rrq(name: &str, options: Options) -> Packet<'static> {
+        Packet::Request(Request {
+            kind: RequestKind::Read,
+            filename: name.into(),
+            options,
+        })
+    }
+
+    fn samples() -> Vec<Packet<'static>> {
+        let all = Options {
+            blksize: Some(1468),
+            timeout: Some(255),
+            tsize: Some(0),
+            windowsize: Some(16),
+            unknown: vec![
+                ("Multicast".into(), String::new()),
+                ("x".into(), "y".into()),
+            ],
+        };
+        vec![
+            rrq("undionly.kpxe", Options::default()),
+            rrq("/boot/ipxe.efi", all.clone()),
+            Packet::Request(Request {
+                kind: RequestKind::Write,
+                filename: "up".into(),
+                options: Options {
+                    tsize: Some(123_456_789_012),
+                    ..Options::default()
+                },
+            }),
+            Packet::Data {
+                block: 1,
+                data: &[],
+            },
+            Packet::Data {
+                block: 65535,
+                data: &[0; 512],
+            },
+            Packet::Ack { block: 0 },
+            Packet::Ack { block: 65535 },
+            Packet::Error {
+                code: ErrorCode::FileNotFound,
+                message: "file not found".into(),
+            },
+            Packet::Error {
+                code: ErrorCode::Other(99),
+                message: String::new(),
+            },
+            Packet::Oack(all),
+            Packet::Oack(Options::default()),
+        ]
+    }
+
+    #[test]
+    fn round_trips() {
+        for packet in samples() {
+            let bytes = packet.to_bytes();
+            assert_eq!(parse(&bytes), Ok(packet.clone()), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let packet = rrq(
+            "a",
+            Options {
+                blksize: Some(1468),
+                tsize: Some(0),
+                ..Options::default()
+            },
+        );
+        assert_eq!(
+            packet.to_bytes(),
+            b"\0\x01a\0octet\0blksize\x001468\0tsize\x000\0".to_vec()
+        );
+        assert_eq!(
+            Packet::Data {
+                block: 258,
+                data: b"hi"
+            }
+            .to_bytes(),
+            b"\0\x03\x01\x02hi".to_vec()
+        );
+        assert_eq!(
+            error_packet(ErrorCode::NotDefined, "server busy, try again"),
+            b"\0\x05\0\0server busy, try again\0".to_vec()
+        );
+    }
+
+    #[test]
+    fn names_and_modes_are_case_insensitive_and_padding_is_tolerated() {
+        let parsed = parse(b"\0\x01f\0OcTeT\0BLKSIZE\x001024\0WindowSize\x004\0\0\0").unwrap();
+        assert_eq!(
+            parsed,
+            rrq(
+                "f",
+                Options {
+                    blksize: Some(1024),
+                    windowsize: Some(4),
+                    ..Options::default()
+                }
+            )
+        );
+        // Trailing bytes after an ACK's block number, and an ERROR without its NUL.
+        assert_eq!(parse(b"\0\x04\0\x07xyz"), Ok(Packet::Ack { block: 7 }));
+        assert_eq!(
+            parse(b"\0\x05\0\x08no tsize"),
+            Ok(Packet::Error {
+                code: ErrorCode::OptionNegotiation,
+                message: "no tsize".into()
+            })
+        );
+    }
+
+    /// Offsets just after a request's mode or after each option value: the only places a
+    /// request or OACK may be cut and still be a packet.
+    fn pair_boundaries(bytes: &[u8], fields_before_options: usize) -> Vec<usize> {
+        let nuls: Vec<usize> = (2..bytes.len()).filter(|&i| bytes[i] == 0).collect();
+        let mut ends = Vec::new();
+        if fields_before_options == 0 {
+            ends.push(2);
+        }
+        for (index, &at) in nuls.iter().enumerate() {
+            if index + 1 >= fields_before_options && (index + 1 - fields_before_options) % 2 == 0 {
+                ends.push(at + 1);
+            }
+        }
+        ends
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_unless_it_ends_a_field() {
+        for packet in samples() {
+            let bytes = packet.to_bytes();
+            let boundaries = match &packet {
+                Packet::Request(_) => pair_boundaries(&bytes, 2),
+                Packet::Oack(_) => pair_boundaries(&bytes, 0),
+                _ => Vec::new(),
+            };
+            for cut in 0..bytes.len() {
+                let prefix = &bytes[..cut];
+                let result = parse(prefix);
+                match (&packet, result) {
+                    (Packet::Request(_) | Packet::Oack(_), Ok(shorter)) => {
+                        assert!(
+                            boundaries.contains(&cut),
+                            "{prefix:?} parsed as {shorter:?}"
+                        );
+                        assert_eq!(shorter.to_bytes(), prefix);
+                    }
+                    (Packet::Request(_) | Packet::Oack(_), Err(_)) => {
+                        assert!(!boundaries.contains(&cut), "{prefix:?} refused");
+                    }
+                    // DATA may be shorter, an ERROR's text may be cut: only the header counts.
+                    (Packet::Data { .. } | Packet::Error { .. }, result) => {
+                        assert_eq!(result.is_ok(), cut >= 4, "{prefix:?}");
+                    }
+                    (_, result) => assert!(result.is_err(), "{prefix:?}"),
+                }
+            }
+        }
+    }
+
+    fn refused(datagram: &[u8]) -> (ErrorCode, String) {
+        let error = parse(datagram).unwrap_err();
+        assert!(error.is_request(), "{error:?}");
+        (error.reply_code(), error.to_string())
+    }
+
+    #[test]
+    fn bad_requests_get_a_reason() {
+        let long = format!("\0\x01{}\0octet\0", "a".repeat(300));
+        let cases: Vec<(Vec<u8>, ErrorCode, &str)> = vec![
+            (
+                b"\0\x01\xff\xfe.bin\0octet\0".to_vec(),
+                ErrorCode::NotDefined,
+                "not UTF-8",
+            ),
+            (
+                long.into_bytes(),
+                ErrorCode::NotDefined,
+                "300 bytes is too long",
+            ),
+            (
+                b"\0\x01\0octet\0".to_vec(),
+                ErrorCode::NotDefined,
+                "empty file name",
+            ),
+            (
+                b"\0\x01f\0netascii\0".to_vec(),
+                ErrorCode::IllegalOperation,
+                "\"netascii\" is not supported",
+            ),
+            (
+                b"\0\x02f\0mail\0".to_vec(),
+                ErrorCode::IllegalOperation,
+                "\"mail\" is not supported",
+            ),
+            (
+                b"\0\x01f\0octet".to_vec(),
+                ErrorCode::IllegalOperation,
+                "mode is not NUL-terminated",
+            ),
+            (
+                b"\0\x01f".to_vec(),
+                ErrorCode::IllegalOperation,
+                "file name is not NUL-terminated",
+            ),
+            (
+                b"\0\x01f\0octet\0blksize\0".to_vec(),
+                ErrorCode::IllegalOperation,
+                "\"blksize\" has no value",
+            ),
+            (
+                b"\0\x01f\0octet\0\0512\0".to_vec(),
+                ErrorCode::IllegalOperation,
+                "empty option name",
+            ),
+            (
+                b"\0\x01f\0octet\0b\xffz\0x\0".to_vec(),
+                ErrorCode::IllegalOperation,
+                "not UTF-8",
+            ),
+            (
+                b"\0\x01f\0octet\0blksize\0abc\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "not a decimal number",
+            ),
+            (
+                b"\0\x01f\0octet\0blksize\0-1\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "not a decimal number",
+            ),
+            (
+                b"\0\x01f\0octet\0blksize\x004\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "out of range",
+            ),
+            (
+                b"\0\x01f\0octet\0blksize\x0065465\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "out of range",
+            ),
+            (
+                b"\0\x01f\0octet\0timeout\x000\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "out of range",
+            ),
+            (
+                b"\0\x01f\0octet\0timeout\x00256\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "out of range",
+            ),
+            (
+                b"\0\x01f\0octet\0windowsize\x000\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "out of range",
+            ),
+            (
+                b"\0\x01f\0octet\0tsize\x0099999999999999999999\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "out of range",
+            ),
+            (
+                b"\0\x01f\0octet\0blksize\x00512\0BlkSize\x00512\0".to_vec(),
+                ErrorCode::OptionNegotiation,
+                "given twice",
+            ),
+        ];
+        for (datagram, code, text) in cases {
+            let (got_code, message) = refused(&datagram);
+            assert_eq!(got_code, code, "{datagram:?}: {message}");
+            assert!(
+                message.contains(text),
+                "{datagram:?}: {message:?} lacks {text:?}"
+            );
+            assert!(message.len() < 120, "{message:?}");
+        }
+        // A client's option value is quoted, not copied whole.
+        let huge = format!("\0\x01f\0octet\0blksize\0{}\0", "9".repeat(400));
+        assert!(refused(huge.as_bytes()).1.len() < 120);
+    }
+
+    #[test]
+    fn garbage_that_is_not_a_request_is_not_answered() {
+        for datagram in [
+            &b""[..],
+            b"\0",
+            b"\0\x07xx",
+            b"\xff\xff",
+            b"\0\x04\0",
+            b"\0\x03\x01",
+        ] {
+            let error = parse(datagram).unwrap_err();
+            assert!(!error.is_request(), "{datagram:?}: {error}");
+        }
+    }
+
+    /// xorshift64*: deterministic, dependency-free noise for the mutation test.
+    struct Noise(u64);
+
+    impl Noise {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_mutations_never_panic_and_reparse_identically() {
+        let seeds: Vec<Vec<u8>> = samples().iter().map(Packet::to_bytes).collect();
+        let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let mut bytes = seeds[noise.below(seeds.len())].clone();
+            for _ in 0..=noise.below(4) {
+                let at = noise.below(bytes.len() + 1);
+                match noise.below(5) {
+                    0 if at < bytes.len() => bytes[at] = noise.next() as u8,
+                    1 => bytes.insert(at, noise.next() as u8),
+                    2 => bytes.insert(at, 0),
+                    3 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.truncate(at),
+                }
+            }
+            if let Ok(packet) = parse(&bytes) {
+                accepted += 1;
+                assert_eq!(parse(&packet.to_bytes()), Ok(packet), "{bytes:?}");
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "mutations too destructive to test emit: {accepted}"
+        );
+    }
+}

@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
         // A refused request is answered with an ERROR that is itself a valid packet.
         Err(error) if error.is_request() => {
             let reply = packet::error_packet(error.reply_code(), &error.to_string());
-            assert!(matches!(packet::parse(&reply), Ok(packet::Packet::Error { .. })));
+            assert!(matches!(
+                packet::parse(&reply),
+                Ok(packet::Packet::Error { .. })
+            ));
         }
         Err(_) => {}
     }

@@ -615,20 +615,17 @@ mod tests {
         );
     }
 
-    /// Offsets just after a request's mode or after each option value: the only places a
-    /// request or OACK may be cut and still be a packet.
-    fn pair_boundaries(bytes: &[u8], fields_before_options: usize) -> Vec<usize> {
-        let nuls: Vec<usize> = (2..bytes.len()).filter(|&i| bytes[i] == 0).collect();
-        let mut ends = Vec::new();
-        if fields_before_options == 0 {
-            ends.push(2);
+    /// Offsets where a request (`is_request`: after file name and mode) or an OACK may be cut
+    /// and still be a packet: after its fixed part and after each option value.
+    fn pair_boundaries(bytes: &[u8], is_request: bool) -> Vec<usize> {
+        let nuls = (2..bytes.len()).filter(|&i| bytes[i] == 0);
+        // Every second NUL ends a pair (requests: the mode's, then each value's).
+        let ends = nuls.skip(1).step_by(2).map(|at| at + 1);
+        if is_request {
+            ends.collect()
+        } else {
+            std::iter::once(2).chain(ends).collect()
         }
-        for (index, &at) in nuls.iter().enumerate() {
-            if index + 1 >= fields_before_options && (index + 1 - fields_before_options) % 2 == 0 {
-                ends.push(at + 1);
-            }
-        }
-        ends
     }
 
     #[test]
@@ -636,8 +633,8 @@ mod tests {
         for packet in samples() {
             let bytes = packet.to_bytes();
             let boundaries = match &packet {
-                Packet::Request(_) => pair_boundaries(&bytes, 2),
-                Packet::Oack(_) => pair_boundaries(&bytes, 0),
+                Packet::Request(_) => pair_boundaries(&bytes, true),
+                Packet::Oack(_) => pair_boundaries(&bytes, false),
                 _ => Vec::new(),
             };
             for cut in 0..bytes.len() {
@@ -715,7 +712,7 @@ mod tests {
                 "\"blksize\" has no value",
             ),
             (
-                b"\0\x01f\0octet\0\0512\0".to_vec(),
+                b"\0\x01f\0octet\0\x00512\0".to_vec(),
                 ErrorCode::IllegalOperation,
                 "empty option name",
             ),

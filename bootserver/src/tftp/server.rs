@@ -2,8 +2,8 @@
 //! the caps, the counters and the throttled log.
 //!
 //! Everything the request socket refuses (write requests, malformed requests, busy, missing
-//! files, descriptor exhaustion) is answered with an ERROR packet from that socket. Garbage that
-//! is not even a request, and ERROR packets, get no answer. A repeated request from the same
+//! files, descriptor exhaustion) is answered with an ERROR packet from that socket. Anything else
+//! sent there (garbage, ERROR, stray DATA, ACK or OACK) gets no answer. A repeated request from the same
 //! client address and port while its transfer runs is dropped: the transfer retransmits itself.
 //! Transfer sockets are connected to their client, so the kernel drops datagrams from anyone
 //! else (instead of the ERROR 5 of RFC 1350), and an ICMP "port unreachable" ends the transfer.
@@ -308,12 +308,12 @@ impl Shared {
             }
             // An ERROR is never answered (two peers could bounce them forever).
             Ok(Packet::Error { .. }) => {}
-            Ok(Packet::Data { .. } | Packet::Ack { .. } | Packet::Oack(_)) => {
+            // Stray DATA, ACK or OACK: tftp-hpa's client, for one, ACKs the ERROR refusing its
+            // request. Answering would only start a ping-pong.
+            Ok(other @ (Packet::Data { .. } | Packet::Ack { .. } | Packet::Oack(_))) => {
                 self.log(log::Level::Debug, Event::NotRequest, peer.ip(), || {
-                    format!("tftp: {peer} sent a non-request to the request port")
+                    format!("tftp: {peer} sent {other:?} to the request port; dropped")
                 });
-                self.refuse(peer, ErrorCode::UnknownTransferId, "unknown transfer ID")
-                    .await;
             }
             Err(error) if error.is_request() => {
                 bump(&self.stats.requests);
@@ -644,6 +644,383 @@ impl Throttle {
                 self.last.insert(key, (now, 0));
                 Some(0)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket as StdSocket;
+
+    struct Fixture {
+        addr: SocketAddr,
+        stats: Arc<TftpStats>,
+        dir: PathBuf,
+        small: Vec<u8>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A server on 127.0.0.1, port 0, in a thread of its own, serving `small.bin` (100,000
+    /// bytes) and `exact.bin` (4 x 1468 bytes).
+    fn start(name: &str, limits: TftpLimits) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("diskcast-tftp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let small: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(dir.join("small.bin"), &small).unwrap();
+        std::fs::write(dir.join("exact.bin"), &small[..4 * 1468]).unwrap();
+        let root = ConfinedDir::new(&dir).unwrap();
+        let stats = Arc::new(TftpStats::default());
+        let server_stats = Arc::clone(&stats);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                tx.send(socket.local_addr().unwrap()).unwrap();
+                run(root, socket, limits, server_stats).await
+            })
+        });
+        let addr = rx.recv().unwrap();
+        Fixture {
+            addr,
+            stats,
+            dir,
+            small,
+        }
+    }
+
+    fn curl(fixture: &Fixture, file: &str, args: &[&str]) -> Vec<u8> {
+        let out = fixture.dir.join(format!("out-{file}-{}", args.len()));
+        let status = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "10", "-o"])
+            .arg(&out)
+            .args(args)
+            .arg(format!("tftp://{}/{file}", fixture.addr))
+            .status()
+            .expect("curl (with TFTP support) must be installed to run this test");
+        assert!(status.success(), "curl {file} {args:?}: {status}");
+        let data = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        data
+    }
+
+    fn client(ip: Ipv4Addr) -> StdSocket {
+        let socket = StdSocket::bind((ip, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket
+    }
+
+    fn rrq(name: &[u8], mode: &[u8], options: &[(&str, &str)]) -> Vec<u8> {
+        let mut datagram = vec![0, 1];
+        for field in [name, mode].into_iter().chain(
+            options
+                .iter()
+                .flat_map(|(n, v)| [n.as_bytes(), v.as_bytes()]),
+        ) {
+            datagram.extend_from_slice(field);
+            datagram.push(0);
+        }
+        datagram
+    }
+
+    fn receive(socket: &StdSocket) -> (Vec<u8>, SocketAddr) {
+        let mut buf = vec![0; 2048];
+        let (len, from) = socket.recv_from(&mut buf).expect("an answer");
+        buf.truncate(len);
+        (buf, from)
+    }
+
+    /// Waits up to `within` for `done` to hold on the counters.
+    fn wait_for(
+        stats: &TftpStats,
+        within: Duration,
+        done: impl Fn(&TftpStatsSnapshot) -> bool,
+    ) -> TftpStatsSnapshot {
+        let start = Instant::now();
+        loop {
+            let snapshot = stats.snapshot();
+            if done(&snapshot) || start.elapsed() > within {
+                return snapshot;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// UDP sockets (the kernel's count, `/proc/net/udp`) connected to one of `clients`: the
+    /// server's transfer sockets for them, whatever else runs on the machine.
+    fn sockets_connected_to(clients: &HashSet<SocketAddr>) -> usize {
+        let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+        let parse = |field: &str| -> Option<SocketAddr> {
+            // `0100007F:A1B2`: the IPv4 address as a native-endian u32, the port, both in hex.
+            let (ip, port) = field.split_once(':')?;
+            let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
+            Some(SocketAddr::from((ip, u16::from_str_radix(port, 16).ok()?)))
+        };
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(2).and_then(parse))
+            .filter(|remote| clients.contains(remote))
+            .count()
+    }
+
+    #[test]
+    fn curl_gets_byte_identical_files() {
+        let fixture = start("curl", TftpLimits::default());
+        assert_eq!(curl(&fixture, "small.bin", &[]), fixture.small);
+        let big_blocks = ["--tftp-blksize", "1468"];
+        assert_eq!(curl(&fixture, "small.bin", &big_blocks), fixture.small);
+        // An exact multiple of the block size: ends with an empty block.
+        assert_eq!(
+            curl(&fixture, "exact.bin", &big_blocks),
+            fixture.small[..4 * 1468]
+        );
+        let stats = wait_for(&fixture.stats, Duration::from_secs(2), |s| s.served == 3);
+        assert_eq!((stats.served, stats.active, stats.errors_sent), (3, 0, 0));
+    }
+
+    #[test]
+    fn bad_requests_are_answered_with_an_error_from_the_request_port() {
+        let fixture = start("bad", TftpLimits::default());
+        let socket = client(Ipv4Addr::LOCALHOST);
+        let long = vec![b'a'; 300];
+        let cases: [(Vec<u8>, u16); 7] = [
+            (rrq(b"\xff\xfe.bin", b"octet", &[]), 0),
+            (rrq(&long, b"octet", &[]), 0),
+            (rrq(b"small.bin", b"netascii", &[]), 4),
+            (rrq(b"small.bin", b"octet", &[("blksize", "abc")]), 8),
+            (
+                [&[0, 2][..], &rrq(b"up.bin", b"octet", &[])[2..]].concat(),
+                2,
+            ),
+            (rrq(b"missing.bin", b"octet", &[]), 1),
+            (rrq(b"../small.bin", b"octet", &[]), 1),
+        ];
+        for (request, code) in &cases {
+            socket.send_to(request, fixture.addr).unwrap();
+            let (answer, from) = receive(&socket);
+            assert_eq!(from, fixture.addr, "{request:?}");
+            match packet::parse(&answer) {
+                Ok(Packet::Error { code: got, message }) => {
+                    assert_eq!(got.to_u16(), *code, "{request:?}: {message}");
+                    assert!(!message.is_empty());
+                }
+                other => panic!("{request:?} got {other:?}"),
+            }
+        }
+        // Garbage, ERROR and stray ACKs get no answer.
+        for datagram in [&b"\0\x09junk"[..], b"\0\x05\0\0bye\0", b"\0\x04\0\x01"] {
+            socket.send_to(datagram, fixture.addr).unwrap();
+        }
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(
+            socket.recv_from(&mut [0; 64]).is_err(),
+            "no answer to garbage"
+        );
+        let stats = fixture.stats.snapshot();
+        assert_eq!((stats.errors_sent, stats.requests, stats.active), (7, 7, 0));
+    }
+
+    #[test]
+    fn a_size_probe_ends_at_the_clients_error_and_repeats_are_ignored() {
+        let fixture = start("probe", TftpLimits::default());
+        let socket = client(Ipv4Addr::LOCALHOST);
+        let request = rrq(
+            b"small.bin",
+            b"octet",
+            &[("tsize", "0"), ("blksize", "1468")],
+        );
+        socket.send_to(&request, fixture.addr).unwrap();
+        socket.send_to(&request, fixture.addr).unwrap(); // a firmware's impatient repeat
+        let (answer, transfer_port) = receive(&socket);
+        assert_ne!(
+            transfer_port, fixture.addr,
+            "answered from a transfer ID of its own"
+        );
+        let Ok(Packet::Oack(options)) = packet::parse(&answer) else {
+            panic!("expected an OACK, got {answer:?}");
+        };
+        assert_eq!(
+            (options.tsize, options.blksize),
+            (Some(100_000), Some(1468))
+        );
+        let probe_end = packet::error_packet(ErrorCode::OptionNegotiation, "tsize only");
+        socket.send_to(&probe_end, transfer_port).unwrap();
+        let stats = wait_for(&fixture.stats, Duration::from_secs(1), |s| s.active == 0);
+        assert_eq!(
+            (
+                stats.client_errors,
+                stats.active,
+                stats.peak_active,
+                stats.requests
+            ),
+            (1, 0, 1, 2)
+        );
+    }
+
+    #[test]
+    fn the_total_cap_refuses_with_an_error_and_frees_after_the_timeouts() {
+        let limits = TftpLimits {
+            max_transfers: 8,
+            max_per_client: 100,
+            timeout: Duration::from_millis(200),
+            retries: 2,
+            ..TftpLimits::default()
+        };
+        let fixture = start("cap", limits);
+        let sockets: Vec<StdSocket> = (0..20).map(|_| client(Ipv4Addr::LOCALHOST)).collect();
+        let request = rrq(b"small.bin", b"octet", &[]);
+        for socket in &sockets {
+            socket.send_to(&request, fixture.addr).unwrap();
+        }
+        let (mut data, mut busy) = (0, 0);
+        for socket in &sockets {
+            match packet::parse(&receive(socket).0) {
+                Ok(Packet::Data { block: 1, .. }) => data += 1,
+                Ok(Packet::Error { message, .. }) if message == BUSY => busy += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((data, busy), (8, 12));
+        let stats = wait_for(&fixture.stats, Duration::from_secs(2), |s| s.timeouts == 8);
+        assert_eq!(
+            (stats.timeouts, stats.active, stats.refused_busy),
+            (8, 0, 12)
+        );
+    }
+
+    /// 700 never-acknowledged requests with `timeout=255` from 12 addresses and 700 ports: the
+    /// server keeps answering, holds at most its caps, refuses the rest with an ERROR, and lets
+    /// everything go after `retries x timeout`.
+    #[test]
+    fn a_flood_of_silent_clients_costs_bounded_sockets_and_time() {
+        let limits = TftpLimits {
+            timeout: Duration::from_millis(500),
+            retries: 4,
+            ..TftpLimits::default()
+        };
+        let (cap, per_client) = (limits.max_transfers, limits.max_per_client);
+        let release = limits.timeout * limits.retries;
+        let fixture = start("flood", limits);
+        let addresses: Vec<Ipv4Addr> = (1..=12).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
+        let request = rrq(b"small.bin", b"octet", &[("timeout", "255")]);
+        let (mut held, mut refused, mut most_sockets) = (Vec::new(), 0, 0);
+        let mut clients = HashSet::new();
+        let started = Instant::now();
+        for batch in 0..7 {
+            let sockets: Vec<StdSocket> = (0..100)
+                .map(|i| client(addresses[(batch * 100 + i) % addresses.len()]))
+                .collect();
+            for socket in &sockets {
+                clients.insert(socket.local_addr().unwrap());
+                socket.send_to(&request, fixture.addr).unwrap();
+            }
+            for socket in sockets {
+                let (answer, from) = receive(&socket);
+                match packet::parse(&answer) {
+                    // timeout alone is not acknowledged: no OACK, DATA 1 at once.
+                    Ok(Packet::Data { block: 1, .. }) if from != fixture.addr => held.push(socket),
+                    Ok(Packet::Error { message, .. })
+                        if message == BUSY && from == fixture.addr =>
+                    {
+                        refused += 1
+                    }
+                    other => panic!("{other:?} from {from}"),
+                }
+            }
+            most_sockets = most_sockets.max(sockets_connected_to(&clients));
+            if batch == 3 {
+                assert_eq!(
+                    curl(&fixture, "small.bin", &[]),
+                    fixture.small,
+                    "mid-flood download"
+                );
+            }
+        }
+        let flood_took = started.elapsed();
+        assert_eq!(held.len() + refused, 700, "every request was answered");
+        // A counter moves once its ERROR is out: the client may be quicker.
+        let stats = wait_for(&fixture.stats, Duration::from_secs(1), |s| {
+            s.errors_sent >= refused as u64
+        });
+        assert_eq!(stats.refused_busy, refused as u64);
+        assert!(stats.errors_sent >= refused as u64);
+        assert!(
+            stats.peak_active <= addresses.len() * per_client + 1 && stats.peak_active <= cap,
+            "{stats:?}"
+        );
+        assert!(
+            most_sockets <= stats.peak_active && most_sockets > 0,
+            "{most_sockets} transfer sockets, {stats:?}"
+        );
+        let stats = wait_for(&fixture.stats, release + Duration::from_secs(2), |s| {
+            s.active == 0
+        });
+        let released_after = started.elapsed() - flood_took;
+        assert_eq!(stats.active, 0, "still holding transfers: {stats:?}");
+        assert!(
+            released_after <= release + Duration::from_secs(1),
+            "released {released_after:?} after the flood"
+        );
+        assert_eq!(stats.timeouts, held.len() as u64, "{stats:?}");
+        assert_eq!(stats.served, 1, "the mid-flood download");
+        assert_eq!(
+            sockets_connected_to(&clients),
+            0,
+            "every transfer socket closed"
+        );
+    }
+
+    #[test]
+    fn log_lines_are_throttled_per_client_and_event() {
+        let mut throttle = Throttle::new(Duration::from_secs(60));
+        let start = Instant::now();
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(throttle.admit(Event::Busy, ip, start), Some(0));
+        for second in 1..60 {
+            let at = start + Duration::from_secs(second);
+            assert_eq!(throttle.admit(Event::Busy, ip, at), None);
+        }
+        assert_eq!(throttle.admit(Event::Timeout, ip, start), Some(0));
+        assert_eq!(throttle.admit(Event::Busy, other, start), Some(0));
+        let later = start + Duration::from_secs(60);
+        assert_eq!(throttle.admit(Event::Busy, ip, later), Some(59));
+        // A flood from ever new addresses fills the table, then shares one line a minute.
+        let mut logged = 0;
+        for i in 0..10_000u32 {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i));
+            logged += usize::from(throttle.admit(Event::Busy, ip, later).is_some());
+        }
+        assert!(throttle.last.len() <= THROTTLE_ENTRIES + 1);
+        assert!(logged <= THROTTLE_ENTRIES, "{logged}");
+    }
+
+    #[test]
+    fn descriptor_exhaustion_is_recognised() {
+        let emfile = io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+        let enfile = io::Error::from_raw_os_error(nix::errno::Errno::ENFILE as i32);
+        let other = io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32);
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for (source, expected) in [(emfile, true), (enfile, true), (other, false)] {
+            let error = TftpError::TransferSocket { ip, source };
+            assert_eq!(error.is_descriptor_exhaustion(), expected, "{error}");
         }
     }
 }

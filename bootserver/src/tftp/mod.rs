@@ -21,7 +21,9 @@
 //!
 //! Files are read whole into memory when a transfer starts: TFTP carries iPXE binaries of a few
 //! hundred KiB to a few MiB, and a memory-resident file keeps the state machine free of I/O.
-//! [`TftpLimits::max_file_size`] bounds what one transfer may hold.
+//! [`TftpLimits::max_file_size`] bounds what one transfer may hold, so the worst case is
+//! `max_transfers x max_file_size` of memory (64 x 64 MiB by default; iPXE binaries make it
+//! 64 x ~1 MiB in practice).
 
 pub mod packet;
 pub mod server;

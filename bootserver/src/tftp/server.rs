@@ -791,6 +791,15 @@ mod tests {
         );
         let stats = wait_for(&fixture.stats, Duration::from_secs(2), |s| s.served == 3);
         assert_eq!((stats.served, stats.active, stats.errors_sent), (3, 0, 0));
+        // A refusal from the request port reaches curl as such: 68 is "TFTP: file not found".
+        let started = Instant::now();
+        let status = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "10", "-o", "/dev/null"])
+            .arg(format!("tftp://{}/missing.bin", fixture.addr))
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(68), "{status}");
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

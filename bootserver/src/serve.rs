@@ -5,7 +5,7 @@ use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Setting
 use crate::http::{self, HttpLimits};
 use crate::leases::{LeaseError, LeaseTable};
 use crate::store::{Store, StoreError};
-use crate::tftp::{self, ConfinedDir, TftpError};
+use crate::tftp::{self, ConfinedDir, TftpError, TftpLimits};
 use crate::web::{self, WebState};
 use diskcast_transport::send::SendOptions;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
@@ -263,18 +263,6 @@ pub fn run(config: Config) -> Result<(), ServeError> {
 
     let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
     let tftp_addr = SocketAddr::from((server_ip, config.tftp_port));
-    // Bind errors surface through the thread's log; TFTP is checked with a probe below.
-    threads.push(
-        std::thread::Builder::new()
-            .name("tftp".into())
-            .spawn(move || {
-                if let Err(e) = tftp::serve(tftp_root, tftp_addr) {
-                    log::error!("tftp: {}", diskcast_proto::error_chain(&e));
-                    std::process::exit(1);
-                }
-            }),
-    );
-
     let http_addr = SocketAddr::from((server_ip, config.http_port));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -282,6 +270,20 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
+    let tftp_socket = runtime
+        .block_on(tokio::net::UdpSocket::bind(tftp_addr))
+        .map_err(|source| TftpError::Bind {
+            addr: tftp_addr,
+            source,
+        })?;
+    let tftp_stats = Arc::new(tftp::TftpStats::default());
+    let stats = Arc::clone(&tftp_stats);
+    runtime.spawn(async move {
+        if let Err(e) = tftp::run(tftp_root, tftp_socket, TftpLimits::default(), stats).await {
+            log::error!("tftp: {}", diskcast_proto::error_chain(&e));
+            std::process::exit(1);
+        }
+    });
     let listener = runtime.block_on(http::bind(http_addr))?;
     let mode = match config.dhcp.mode {
         DhcpMode::Full => "full",
@@ -328,6 +330,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         server_ip,
         dhcp,
         store,
+        tftp: tftp_stats,
     }));
     runtime.spawn(http::serve(listener, app, HttpLimits::default()));
     for thread in &threads {

@@ -27,6 +27,7 @@ pub struct WebState {
     pub server_ip: Ipv4Addr,
     pub dhcp: Arc<Mutex<DhcpServer>>,
     pub store: Store,
+    pub tftp: Arc<crate::tftp::TftpStats>,
 }
 
 /// A capture pauses while it reads a region of zeros: an upload may be silent this long.
@@ -144,6 +145,7 @@ async fn status(State(state): State<Arc<WebState>>) -> Response {
         })
         .collect();
     let mut body = dhcp;
+    body["tftp"] = serde_json::to_value(state.tftp.snapshot()).unwrap_or_default();
     body["images"] = serde_json::Value::Array(images);
     body["deploys"] = serde_json::Value::Array(deploys);
     (
@@ -357,6 +359,7 @@ mod tests {
             server_ip: Ipv4Addr::new(10, 77, 0, 1),
             dhcp: Arc::new(Mutex::new(DhcpServer::new(settings, LeaseTable::default()))),
             store: store.clone(),
+            tftp: Default::default(),
         });
         (start(router(state), HttpLimits::default()), store)
     }

@@ -29,7 +29,7 @@ pub mod packet;
 pub mod server;
 pub mod transfer;
 
-pub use server::{run, serve, serve_blocking, TftpError, TftpStats, TftpStatsSnapshot};
+pub use server::{run, TftpError, TftpStats, TftpStatsSnapshot};
 
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;

@@ -34,11 +34,6 @@ pub enum TftpError {
         #[source]
         source: io::Error,
     },
-    #[error("starting the TFTP runtime")]
-    Runtime {
-        #[source]
-        source: io::Error,
-    },
     #[error("reading the TFTP socket's address")]
     LocalAddr {
         #[source]
@@ -206,31 +201,6 @@ pub async fn run(
             }
         }
     }
-}
-
-/// [`run`] on a current-thread runtime of its own, for a caller on a plain thread.
-pub fn serve_blocking(
-    root: ConfinedDir,
-    addr: SocketAddr,
-    limits: TftpLimits,
-    stats: Arc<TftpStats>,
-) -> Result<(), TftpError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| TftpError::Runtime { source })?;
-    runtime.block_on(async {
-        let socket = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| TftpError::Bind { addr, source })?;
-        run(root, socket, limits, stats).await
-    })
-}
-
-/// [`serve_blocking`] with the default limits and counters nobody reads: today's call in
-/// `serve.rs`, kept until it moves to `serve_blocking`.
-pub fn serve(root: ConfinedDir, addr: SocketAddr) -> Result<(), TftpError> {
-    serve_blocking(root, addr, TftpLimits::default(), Arc::default())
 }
 
 const LOG_PERIOD: Duration = Duration::from_secs(60);

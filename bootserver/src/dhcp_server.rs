@@ -63,12 +63,21 @@ pub struct Reply {
     pub to: Destination,
 }
 
+/// A change to the lease table the edge must save before it sends the reply: a lease the
+/// server cannot keep across a restart must not be granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseChange {
+    Granted { mac: MacAddr, lease: Lease },
+    Released { mac: MacAddr },
+    Declined { address: Ipv4Addr, until: u64 },
+}
+
 #[derive(Debug, Default)]
 pub struct Handled {
     pub reply: Option<Reply>,
     /// One line about what happened, for the log: MAC, xid, client kind, address, file.
     pub summary: Option<String>,
-    pub leases_changed: bool,
+    pub lease_change: Option<LeaseChange>,
     /// The type of the reply, for the counters.
     sent: Option<MessageType>,
 }
@@ -81,7 +90,7 @@ impl Handled {
                 to,
             }),
             summary: Some(summary),
-            leases_changed: false,
+            lease_change: None,
             sent: message.opts().msg_type(),
         }
     }
@@ -98,6 +107,14 @@ pub struct Stats {
 
 /// An address offered but not yet requested: held for this long so another client does not get it.
 const OFFER_HOLD_SECS: u64 = 30;
+/// A declined address (somebody else uses it) stays out of the pool this long.
+pub const DECLINE_HOLD_SECS: u64 = 3600;
+/// Largest DHCP message accepted; a datagram this long or longer may have been cut by the
+/// receive buffer and is dropped.
+pub const MAX_MESSAGE: usize = 4096;
+/// The magic cookie that opens the options of every DHCP message (RFC 2131 3).
+const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
+const COOKIE_AT: usize = 236;
 
 #[derive(Debug)]
 pub struct DhcpServer {
@@ -137,6 +154,21 @@ impl DhcpServer {
     }
 
     pub fn handle(&mut self, payload: &[u8], from: SocketAddrV4, port: Port, now: u64) -> Handled {
+        let cookie_ok = payload.get(COOKIE_AT..COOKIE_AT + 4) == Some(&MAGIC_COOKIE[..]);
+        if payload.len() >= MAX_MESSAGE || !cookie_ok {
+            self.stats.malformed += 1;
+            return Handled {
+                summary: Some(format!(
+                    "dhcp: {} from {from} dropped",
+                    if cookie_ok {
+                        "oversized packet"
+                    } else {
+                        "packet without the DHCP magic cookie"
+                    }
+                )),
+                ..Handled::default()
+            };
+        }
         let Some(request) = decode_message(payload) else {
             self.stats.malformed += 1;
             return Handled {
@@ -157,7 +189,18 @@ impl DhcpServer {
         };
         let mut hardware = [0u8; 6];
         hardware.copy_from_slice(&request.chaddr()[..6]);
-        let mac = MacAddr(hardware).to_string();
+        let hardware = MacAddr(hardware);
+        if !hardware.is_unicast_hardware() {
+            // All zero, broadcast or multicast: no real NIC; nothing to lease or boot.
+            self.stats.ignored += 1;
+            return Handled {
+                summary: Some(format!(
+                    "dhcp: request from hardware address {hardware} ignored (not a NIC's)"
+                )),
+                ..Handled::default()
+            };
+        }
+        let mac = hardware.to_string();
         let client = classify(&request);
         let mut handled = match (self.settings.mode, port, kind) {
             (_, Port::PxeBoot, MessageType::Request) => self.boot_ack(&request, &mac, client, from),
@@ -168,15 +211,10 @@ impl DhcpServer {
                 self.request(&request, &mac, client, now)
             }
             (DhcpMode::Full, Port::Dhcp, MessageType::Release) => {
-                let released = self.leases.leases.remove(&mac).is_some();
-                Handled {
-                    summary: Some(format!(
-                        "dhcp: {mac} xid={:#010x} released its address",
-                        request.xid()
-                    )),
-                    leases_changed: released,
-                    ..Handled::default()
-                }
+                self.release(&request, hardware, now)
+            }
+            (DhcpMode::Full, Port::Dhcp, MessageType::Decline) => {
+                self.decline(&request, hardware, now)
             }
             (DhcpMode::Proxy, Port::Dhcp, MessageType::Discover) if client.wants_boot() => {
                 self.proxy_offer(&request, &mac, client)
@@ -201,6 +239,72 @@ impl DhcpServer {
         handled
     }
 
+    /// RELEASE: only the holder of a lease, naming its address in `ciaddr`, gives it up.
+    fn release(&mut self, request: &Message, mac: MacAddr, now: u64) -> Handled {
+        let key = mac.to_string();
+        let holds = self
+            .leases
+            .leases
+            .get(&key)
+            .is_some_and(|l| l.address == request.ciaddr() && l.expires > now);
+        if !holds {
+            self.stats.ignored += 1;
+            return Handled {
+                summary: Some(format!(
+                    "dhcp: {mac} xid={:#010x} tried to release {} which it does not hold; ignored",
+                    request.xid(),
+                    request.ciaddr()
+                )),
+                ..Handled::default()
+            };
+        }
+        self.leases.leases.remove(&key);
+        Handled {
+            summary: Some(format!(
+                "dhcp: {mac} xid={:#010x} released {}",
+                request.xid(),
+                request.ciaddr()
+            )),
+            lease_change: Some(LeaseChange::Released { mac }),
+            ..Handled::default()
+        }
+    }
+
+    /// DECLINE: the client found its offered address in use (RFC 2131 4.3.3). The address is
+    /// kept out of the pool for a while, and the client asks again.
+    fn decline(&mut self, request: &Message, mac: MacAddr, now: u64) -> Handled {
+        let key = mac.to_string();
+        let address = match request.opts().get(OptionCode::RequestedIpAddress) {
+            Some(DhcpOption::RequestedIpAddress(ip)) => *ip,
+            _ => Ipv4Addr::UNSPECIFIED,
+        };
+        let assigned = self.leases.leases.get(&key).map(|l| l.address) == Some(address)
+            || self.offers.get(&key).map(|(a, _)| *a) == Some(address);
+        if !assigned {
+            self.stats.ignored += 1;
+            return Handled {
+                summary: Some(format!(
+                    "dhcp: {mac} xid={:#010x} declined {address}, which it was not given; ignored",
+                    request.xid()
+                )),
+                ..Handled::default()
+            };
+        }
+        self.leases.leases.remove(&key);
+        self.offers.remove(&key);
+        let until = now + DECLINE_HOLD_SECS;
+        self.leases.declined.insert(address, until);
+        Handled {
+            summary: Some(format!(
+                "dhcp: {mac} xid={:#010x} declined {address} (in use by another host?); kept out of the pool for {} s",
+                request.xid(),
+                DECLINE_HOLD_SECS
+            )),
+            lease_change: Some(LeaseChange::Declined { address, until }),
+            ..Handled::default()
+        }
+    }
+
     fn reserved_for(&self, mac: &str) -> Option<Ipv4Addr> {
         self.settings.reservations.get(mac).copied()
     }
@@ -213,7 +317,8 @@ impl DhcpServer {
     }
 
     fn taken_by_other(&self, address: Ipv4Addr, mac: &str, now: u64) -> bool {
-        self.leases.holder(address, now).is_some_and(|m| m != mac)
+        self.leases.is_declined(address, now)
+            || self.leases.holder(address, now).is_some_and(|m| m != mac)
             || self
                 .offers
                 .iter()
@@ -295,15 +400,16 @@ impl DhcpServer {
             return Handled::reply(&nak, Destination::Broadcast, summary);
         }
         self.offers.remove(mac);
-        self.leases.leases.insert(
-            mac.into(),
-            Lease {
-                address: requested,
-                expires: now + u64::from(self.settings.lease_secs),
-            },
-        );
+        let lease = Lease {
+            address: requested,
+            expires: now + u64::from(self.settings.lease_secs),
+        };
+        self.leases.leases.insert(mac.into(), lease);
         let mut handled = self.address_reply(request, mac, client, MessageType::Ack, requested);
-        handled.leases_changed = true;
+        handled.lease_change = mac
+            .parse()
+            .ok()
+            .map(|mac| LeaseChange::Granted { mac, lease });
         handled
     }
 

@@ -1,73 +1,28 @@
-//! The lease table of full DHCP mode, persisted as JSON so a restarted server hands every machine
-//! the address it had. Written to a temporary file and renamed, so a crash never leaves half a file.
+//! The lease table of full DHCP mode as the DHCP server works with it, in memory. The registry
+//! (`diskcast-registry`, one SQLite file in the state directory) keeps it across restarts: the
+//! server's edge saves each change there before it answers (see [`crate::dhcp_server::LeaseChange`]).
 
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
 
-#[derive(Debug, thiserror::Error)]
-pub enum LeaseError {
-    #[error("reading lease file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("lease file {path} is corrupt; move it away to start with no leases")]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("writing lease file {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Lease {
     pub address: Ipv4Addr,
     /// Unix time in seconds.
     pub expires: u64,
 }
 
-/// MAC (canonical form) → lease.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// MAC (canonical form) → lease, and addresses clients declined (RFC 2131 4.3.3: in use by
+/// somebody else, so not handed out until the time given).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LeaseTable {
     pub leases: BTreeMap<String, Lease>,
+    #[serde(skip)]
+    pub declined: HashMap<Ipv4Addr, u64>,
 }
 
 impl LeaseTable {
-    pub fn load(path: &Path) -> Result<Self, LeaseError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| LeaseError::Corrupt {
-                path: path.into(),
-                source,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(LeaseError::Read {
-                path: path.into(),
-                source,
-            }),
-        }
-    }
-
-    pub fn save(&self, path: &Path) -> Result<(), LeaseError> {
-        let write_err = |source| LeaseError::Write {
-            path: path.into(),
-            source,
-        };
-        let tmp = path.with_extension("tmp");
-        let json =
-            serde_json::to_vec_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, json).map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)
-    }
-
     /// The MAC holding `address` with a lease still valid at `now`.
     pub fn holder(&self, address: Ipv4Addr, now: u64) -> Option<&str> {
         self.leases
@@ -79,6 +34,22 @@ impl LeaseTable {
     pub fn ever_leased(&self, address: Ipv4Addr) -> bool {
         self.leases.values().any(|l| l.address == address)
     }
+
+    pub fn is_declined(&self, address: Ipv4Addr, now: u64) -> bool {
+        self.declined
+            .get(&address)
+            .is_some_and(|until| *until > now)
+    }
+
+    /// Forgets leases expired more than `keep_secs` ago (their holders may still come back for
+    /// the same address until then) and declines that ran out.
+    pub fn prune(&mut self, now: u64, keep_secs: u64) -> usize {
+        let before = self.leases.len();
+        self.leases
+            .retain(|_, l| l.expires.saturating_add(keep_secs) > now);
+        self.declined.retain(|_, until| *until > now);
+        before - self.leases.len()
+    }
 }
 
 #[cfg(test)]
@@ -86,31 +57,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn saves_and_loads_the_same_table() {
-        let dir = std::env::temp_dir().join(format!("diskcast-leases-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("leases.json");
-        assert_eq!(LeaseTable::load(&path).unwrap(), LeaseTable::default());
+    fn holders_expiry_declines_and_pruning() {
         let mut table = LeaseTable::default();
+        let address = Ipv4Addr::new(10, 0, 0, 5);
         table.leases.insert(
             "52:54:00:00:00:01".into(),
             Lease {
-                address: Ipv4Addr::new(10, 0, 0, 5),
+                address,
                 expires: 1000,
             },
         );
-        table.save(&path).unwrap();
-        assert_eq!(LeaseTable::load(&path).unwrap(), table);
-        assert_eq!(
-            table.holder(Ipv4Addr::new(10, 0, 0, 5), 999),
-            Some("52:54:00:00:00:01")
-        );
-        assert_eq!(table.holder(Ipv4Addr::new(10, 0, 0, 5), 1000), None);
-        std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(
-            LeaseTable::load(&path),
-            Err(LeaseError::Corrupt { .. })
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(table.holder(address, 999), Some("52:54:00:00:00:01"));
+        assert_eq!(table.holder(address, 1000), None);
+        assert!(table.ever_leased(address));
+        table.declined.insert(Ipv4Addr::new(10, 0, 0, 6), 2000);
+        assert!(table.is_declined(Ipv4Addr::new(10, 0, 0, 6), 1999));
+        assert_eq!(table.prune(1500, 1000), 0);
+        assert_eq!(table.prune(2500, 1000), 1);
+        assert!(table.leases.is_empty() && table.declined.is_empty());
     }
 }

@@ -15,6 +15,9 @@ pub mod store;
 pub mod tftp;
 pub mod web;
 
+#[cfg(test)]
+mod testing;
+
 /// Seconds since the Unix epoch: lease expiry, image metadata, task times.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

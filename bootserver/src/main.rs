@@ -145,13 +145,13 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
             println!("imported {name}: {}", summary.sizes());
             Ok(())
         }
-        ImagesCommand::Export { name, raw } => {
+        ImagesCommand::Export { name, raw, force } => {
             if raw.as_os_str() == "-" {
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 store.export_to(&name, &mut out)?;
             } else {
-                store.export(&name, &raw)?;
+                store.export(&name, &raw, force)?;
                 eprintln!("exported {name} to {}", raw.display());
             }
             Ok(())
@@ -270,7 +270,13 @@ enum ImagesCommand {
         level: i32,
     },
     /// Write an image as a raw disk image (a file, a device, or `-` for stdout).
-    Export { name: String, raw: PathBuf },
+    Export {
+        name: String,
+        raw: PathBuf,
+        /// Replace an existing regular file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

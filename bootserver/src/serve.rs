@@ -2,11 +2,13 @@
 
 use crate::config::{Config, ConfigError, DhcpMode};
 use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
+use crate::dhcp_server::{Handled, LeaseChange, Reply, MAX_MESSAGE};
 use crate::http::{self, HttpLimits};
-use crate::leases::{LeaseError, LeaseTable};
+use crate::leases::{Lease, LeaseTable};
 use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError, TftpLimits};
 use crate::web::{self, WebState};
+use diskcast_registry::{Error as RegistryError, Registry};
 use diskcast_transport::send::SendOptions;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
@@ -48,8 +50,8 @@ pub enum ServeError {
         path: PathBuf,
         hint: &'static str,
     },
-    #[error(transparent)]
-    Leases(#[from] LeaseError),
+    #[error("opening the server's registry")]
+    Registry(#[from] RegistryError),
     #[error(transparent)]
     Tftp(#[from] TftpError),
     #[error(transparent)]
@@ -107,8 +109,10 @@ fn dhcp_socket(interface: &str, ip: Ipv4Addr, port: u16) -> Result<UdpSocket, Se
     Ok(UdpSocket::from(fd))
 }
 
-fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, leases_path: PathBuf) {
-    let mut buf = vec![0u8; 4096];
+fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, registry: Registry) {
+    // One byte more than the largest message accepted: a longer datagram shows up as too long
+    // instead of silently cut.
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
     loop {
         let (n, from) = match socket.recv_from(&mut buf) {
             Ok((n, SocketAddr::V4(from))) => (n, from),
@@ -125,16 +129,12 @@ fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, leas
         }
         let Ok(mut dhcp) = server.lock() else { return };
         let handled = dhcp.handle(&buf[..n], from, port, unix_now());
+        drop(dhcp);
         if let Some(summary) = &handled.summary {
             log::info!("{summary}");
         }
-        if handled.leases_changed {
-            if let Err(e) = dhcp.leases.save(&leases_path) {
-                log::error!("{e}");
-            }
-        }
-        drop(dhcp);
-        if let Some(reply) = handled.reply {
+        let reply = answer_after_saving(handled, |change| save_lease(&registry, change));
+        if let Some(reply) = reply {
             let to = match reply.to {
                 Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
                 Destination::Unicast(addr) => addr,
@@ -144,6 +144,83 @@ fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, leas
             }
         }
     }
+}
+
+/// The reply to send once the lease change behind it is saved; none when saving failed, so a
+/// client is never promised an address the server would forget (it asks again).
+pub fn answer_after_saving(
+    handled: Handled,
+    save: impl FnOnce(&LeaseChange) -> Result<(), RegistryError>,
+) -> Option<Reply> {
+    if let Some(change) = &handled.lease_change {
+        if let Err(e) = save(change) {
+            log::error!(
+                "dhcp: not answering: the lease change ({change:?}) could not be saved: {}",
+                diskcast_proto::error_chain(&e)
+            );
+            return None;
+        }
+    }
+    handled.reply
+}
+
+fn save_lease(registry: &Registry, change: &LeaseChange) -> Result<(), RegistryError> {
+    match change {
+        LeaseChange::Granted { mac, lease } => registry.put_lease(
+            diskcast_registry::Lease {
+                mac: *mac,
+                address: lease.address,
+                expires: lease.expires,
+            },
+            unix_now(),
+        ),
+        LeaseChange::Released { mac } => registry.release(*mac).map(drop),
+        LeaseChange::Declined { address, until } => registry.decline(*address, *until),
+    }
+}
+
+/// Leases expired this long ago are forgotten: their holders get the same address back if they
+/// return within it.
+const LEASE_MEMORY_SECS: u64 = 7 * 24 * 3600;
+
+/// Forgets long-expired leases, in memory and in the registry, once an hour.
+fn prune_leases(server: Arc<Mutex<DhcpServer>>, registry: Registry) {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+        let now = unix_now();
+        if let Ok(mut dhcp) = server.lock() {
+            dhcp.leases.prune(now, LEASE_MEMORY_SECS);
+        }
+        if let Err(e) = registry.prune_expired(now, LEASE_MEMORY_SECS) {
+            log::warn!(
+                "dhcp: pruning old leases: {}",
+                diskcast_proto::error_chain(&e)
+            );
+        }
+    }
+}
+
+/// The lease table as the registry holds it; an old `leases.json` is moved in first, once.
+fn load_leases(registry: &Registry, state_dir: &std::path::Path) -> Result<LeaseTable, ServeError> {
+    let legacy = state_dir.join("leases.json");
+    if let Some(count) = registry.import_legacy_leases(&legacy)? {
+        log::info!(
+            "leases: {count} moved from {} into {}",
+            legacy.display(),
+            registry.path().display()
+        );
+    }
+    let mut table = LeaseTable::default();
+    for lease in registry.leases()? {
+        table.leases.insert(
+            lease.mac.to_string(),
+            Lease {
+                address: lease.address,
+                expires: lease.expires,
+            },
+        );
+    }
+    Ok(table)
 }
 
 fn check_boot_files(config: &Config) -> Result<(), ServeError> {
@@ -208,12 +285,12 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         path: config.state_dir.clone(),
         source,
     })?;
-    let leases_path = config.state_dir.join("leases.json");
-    let leases = LeaseTable::load(&leases_path)?;
+    let registry = Registry::open_in(&config.state_dir)?;
+    let leases = load_leases(&registry, &config.state_dir)?;
     log::info!(
         "leases: {} known from {}",
         leases.leases.len(),
-        leases_path.display()
+        registry.path().display()
     );
     let settings = Settings {
         mode: config.dhcp.mode,
@@ -237,13 +314,19 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             server_ip
         };
         let socket = dhcp_socket(&config.interface, bind_ip, port)?;
-        let (dhcp, path) = (Arc::clone(&dhcp), leases_path.clone());
+        let (dhcp, registry) = (Arc::clone(&dhcp), registry.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("dhcp-{port}"))
-                .spawn(move || dhcp_loop(socket, kind, dhcp, path)),
+                .spawn(move || dhcp_loop(socket, kind, dhcp, registry)),
         );
     }
+    let (pruned, registry_for_pruning) = (Arc::clone(&dhcp), registry.clone());
+    threads.push(
+        std::thread::Builder::new()
+            .name("lease-pruning".into())
+            .spawn(move || prune_leases(pruned, registry_for_pruning)),
+    );
 
     if config.boot.answer_router_solicitations {
         let advert = nix::net::if_::if_nametoindex(config.interface.as_str())

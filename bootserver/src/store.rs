@@ -34,6 +34,18 @@ pub enum StoreError {
     },
     #[error("the uploaded image is incomplete or damaged; nothing was stored")]
     Rejected(#[source] ImageFileError),
+    #[error("{source_desc} is empty (0 bytes): nothing to import (did the command before the pipe fail?)")]
+    EmptySource { source_desc: String },
+    #[error("reading {source_desc}")]
+    ReadSource {
+        source_desc: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{target} is the stored image {name:?} itself: exporting onto it would destroy it")]
+    ExportOntoItself { name: String, target: PathBuf },
+    #[error("{target} exists: give --force to replace it")]
+    TargetExists { target: PathBuf },
     #[error(transparent)]
     Image(#[from] ImageFileError),
 }
@@ -142,6 +154,47 @@ impl ImageSummary {
             self.data_bytes as f64 / self.stored_bytes.max(1) as f64
         )
     }
+}
+
+/// A reader that remembers its own failure, so a caller that also writes can tell a failed read
+/// from a failed write.
+struct TellingReader<'a> {
+    inner: &'a mut dyn Read,
+    failed: Option<io::Error>,
+}
+
+impl Read for TellingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            let marker = io::Error::new(e.kind(), "reading the source failed");
+            self.failed = Some(e);
+            marker
+        })
+    }
+}
+
+/// Writes every chunk of `image` to `file` (named `path` in errors), then syncs it. `sparse`:
+/// size the file and skip zero chunks (a regular file); otherwise write zeros too (a device).
+fn write_raw(image: &ImageFile, file: &File, path: &Path, sparse: bool) -> Result<(), StoreError> {
+    let manifest = &image.manifest;
+    if sparse {
+        file.set_len(manifest.image_size)
+            .map_err(io_err(path, "sizing"))?;
+    }
+    let zeros = vec![0u8; manifest.chunk_size as usize];
+    for index in 0..manifest.chunk_count() {
+        let (offset, len) = manifest.chunk_range(index);
+        let bytes = if manifest.chunks[index as usize].is_data() {
+            image.raw_chunk(index)?
+        } else if sparse {
+            continue;
+        } else {
+            zeros[..len].to_vec()
+        };
+        std::os::unix::fs::FileExt::write_all_at(file, &bytes, offset)
+            .map_err(io_err(path, "writing"))?;
+    }
+    file.sync_all().map_err(io_err(path, "syncing"))
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -284,53 +337,105 @@ impl Store {
         let mut incoming = self.incoming(name)?;
         let temp = incoming.temp.clone();
         let mut writer = ImageWriter::new(&mut incoming.file, DEFAULT_CHUNK_SIZE);
-        writer
-            .push_all(raw, level, |_| {})
-            .map_err(io_err(Path::new(source_desc), "reading the raw image"))?;
+        // Reading the source and writing the store fail for different reasons: keep them apart.
+        let mut source = TellingReader {
+            inner: raw,
+            failed: None,
+        };
+        let read = writer.push_all(&mut source, level, |_| {});
+        if let Some(source) = source.failed.take() {
+            return Err(StoreError::ReadSource {
+                source_desc: source_desc.into(),
+                source,
+            });
+        }
+        let read = read.map_err(io_err(&temp, "writing"))?;
+        if read == 0 {
+            return Err(StoreError::EmptySource {
+                source_desc: source_desc.into(),
+            });
+        }
         let mut meta = Metadata::new("import", level, crate::unix_now());
         meta.source_disk = source_desc.into();
         writer.finish(&meta).map_err(io_err(&temp, "writing"))?;
         incoming.commit()
     }
 
-    /// Writes image `name` as a raw disk image. Regular-file targets are made sparse: zero
-    /// chunks are skipped, not written.
-    pub fn export(&self, name: &str, target: &Path) -> Result<(), StoreError> {
+    /// Writes image `name` as a raw disk image to `target`: a block device is written in place;
+    /// a regular file is written beside its final name and renamed, sparse (zero chunks are
+    /// holes). An existing file is replaced only with `force`, and never when it is the stored
+    /// image itself (or a link to it).
+    pub fn export(&self, name: &str, target: &Path, force: bool) -> Result<(), StoreError> {
         let image = self.open_image(name)?;
-        let file = File::create(target).map_err(io_err(target, "creating"))?;
-        let is_regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        let mut out = BufWriter::with_capacity(1 << 20, &file);
-        if is_regular {
-            file.set_len(image.manifest.image_size)
-                .map_err(io_err(target, "sizing"))?;
-            let mut position = 0u64;
-            // Sparse export: write data chunks at their offsets, leave the rest as holes.
-            for index in 0..image.manifest.chunk_count() {
-                let (offset, _) = image.manifest.chunk_range(index);
-                if image.manifest.chunks[index as usize].is_data() {
-                    let raw = image.raw_chunk(index)?;
-                    if position != offset {
-                        out.flush().map_err(io_err(target, "writing"))?;
-                        io::Seek::seek(&mut out, io::SeekFrom::Start(offset))
-                            .map_err(io_err(target, "seeking"))?;
-                    }
-                    out.write_all(&raw).map_err(io_err(target, "writing"))?;
-                    position = offset + raw.len() as u64;
+        let stored = fs::metadata(self.path_of(name)?).map_err(io_err(target, "reading"))?;
+        match fs::metadata(target) {
+            Ok(existing) => {
+                use std::os::unix::fs::MetadataExt;
+                if existing.dev() == stored.dev() && existing.ino() == stored.ino() {
+                    return Err(StoreError::ExportOntoItself {
+                        name: name.into(),
+                        target: target.into(),
+                    });
+                }
+                let is_device = {
+                    use std::os::unix::fs::FileTypeExt;
+                    existing.file_type().is_block_device() || existing.file_type().is_char_device()
+                };
+                if is_device {
+                    let file = File::options()
+                        .write(true)
+                        .open(target)
+                        .map_err(io_err(target, "opening"))?;
+                    return write_raw(&image, &file, target, false);
+                }
+                if !force {
+                    return Err(StoreError::TargetExists {
+                        target: target.into(),
+                    });
                 }
             }
-        } else {
-            image.export(&mut out)?;
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(target, "reading")(e)),
         }
-        out.flush().map_err(io_err(target, "writing"))?;
-        drop(out);
-        file.sync_all().map_err(io_err(target, "syncing"))
+        let file_name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into());
+        let temp = target.with_file_name(format!(
+            ".{file_name}.{}.{}.partial",
+            std::process::id(),
+            PARTIAL_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(io_err(&temp, "creating"))?;
+        let written = write_raw(&image, &file, &temp, true).and_then(|()| {
+            fs::rename(&temp, target).map_err(io_err(target, "renaming into place"))
+        });
+        if written.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        written
     }
 
     /// Writes image `name` as a raw disk image to a stream (stdout).
     pub fn export_to(&self, name: &str, out: &mut dyn Write) -> Result<(), StoreError> {
         let image = self.open_image(name)?;
-        image.export(out)?;
-        Ok(())
+        let target = Path::new("the output stream");
+        let zeros = vec![0u8; image.manifest.chunk_size as usize];
+        for index in 0..image.manifest.chunk_count() {
+            let (_, len) = image.manifest.chunk_range(index);
+            if image.manifest.chunks[index as usize].is_data() {
+                let raw = image.raw_chunk(index)?;
+                out.write_all(&raw).map_err(io_err(target, "writing"))?;
+            } else {
+                out.write_all(&zeros[..len])
+                    .map_err(io_err(target, "writing"))?;
+            }
+        }
+        out.flush().map_err(io_err(target, "writing"))
     }
 }
 
@@ -372,7 +477,7 @@ mod tests {
         assert_eq!(summary.raw_size, raw.len() as u64);
         assert!(summary.stored_bytes < summary.data_bytes);
         let exported = store.dir().join("exported.raw");
-        store.export("golden", &exported).unwrap();
+        store.export("golden", &exported, false).unwrap();
         assert!(fs::read(&exported).unwrap() == raw);
         let mut streamed = Vec::new();
         store.export_to("golden", &mut streamed).unwrap();
@@ -475,5 +580,85 @@ mod tests {
             assert!(matches!(store.incoming(bad), Err(StoreError::Name(_))));
             assert!(matches!(store.open_image(bad), Err(StoreError::Name(_))));
         }
+    }
+
+    #[test]
+    fn export_never_destroys_the_stored_image_nor_silently_replaces_a_file() {
+        let store = temp_store("export-safety");
+        let raw = raw_disk(3 << 20, 5);
+        store.import("golden", &mut &raw[..], "test", 3).unwrap();
+        let stored = store.dir().join("golden.dcimg");
+        let before = fs::read(&stored).unwrap();
+        // Onto itself, and onto a hard link to it: refused, the image untouched.
+        let link = store.dir().join("link-to-golden");
+        fs::hard_link(&stored, &link).unwrap();
+        for target in [&stored, &link] {
+            for force in [false, true] {
+                assert!(matches!(
+                    store.export("golden", target, force),
+                    Err(StoreError::ExportOntoItself { .. })
+                ));
+            }
+        }
+        assert!(fs::read(&stored).unwrap() == before);
+        store.verify("golden").unwrap();
+        // An existing file needs --force; with it, it is replaced whole.
+        let target = store.dir().join("old.raw");
+        fs::write(&target, b"precious").unwrap();
+        assert!(matches!(
+            store.export("golden", &target, false),
+            Err(StoreError::TargetExists { .. })
+        ));
+        assert_eq!(fs::read(&target).unwrap(), b"precious");
+        store.export("golden", &target, true).unwrap();
+        assert!(fs::read(&target).unwrap() == raw);
+        // No temporary file stays behind.
+        let leftovers: Vec<_> = fs::read_dir(store.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn an_empty_source_is_not_an_image_and_failures_name_their_side() {
+        let store = temp_store("empty");
+        assert!(matches!(
+            store.import("golden", &mut &b""[..], "stdin", 3),
+            Err(StoreError::EmptySource { .. })
+        ));
+        assert!(store.list().unwrap().is_empty());
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("device gone"))
+            }
+        }
+        let err = store
+            .import("golden", &mut Broken, "/dev/sdz", 3)
+            .unwrap_err();
+        assert!(err.to_string().contains("reading /dev/sdz"), "{err}");
+        // A write into a full store is the store's failure, not the source's.
+        let disk = crate::testing::TinyFs::mount("store", "2m");
+        let small = Store::open(disk.path()).unwrap();
+        disk.fill();
+        let err = small
+            .import("golden", &mut &raw_disk(4 << 20, 7)[..], "/dev/sdz", 3)
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("writing") && !text.contains("/dev/sdz"),
+            "{text}"
+        );
+        drop(disk);
+        // An export that cannot write names its target, not the store's file.
+        let full = Path::new("/dev/full");
+        let err = store.export("none", full, false).unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+        let raw = raw_disk(2 << 20, 6);
+        store.import("golden", &mut &raw[..], "test", 3).unwrap();
+        let err = store.export("golden", full, false).unwrap_err();
+        assert!(err.to_string().contains("/dev/full"), "{err}");
     }
 }

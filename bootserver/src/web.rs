@@ -182,6 +182,13 @@ pub fn public_reason(e: &StoreError) -> String {
             image(inner)
         ),
         StoreError::Image(inner) => image(inner),
+        // Command-line work only; said without paths all the same.
+        StoreError::EmptySource { .. } => "the source is empty".into(),
+        StoreError::ReadSource { source, .. } => format!("reading the source: {source}"),
+        StoreError::ExportOntoItself { name, .. } => {
+            format!("exporting {name:?} onto itself is refused")
+        }
+        StoreError::TargetExists { .. } => "the export target exists".into(),
     }
 }
 

@@ -50,6 +50,19 @@ impl FromStr for MacAddr {
     }
 }
 
+impl serde::Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let [a, b, c, d, e, g] = self.0;
@@ -82,5 +95,17 @@ mod tests {
         assert!(!MacAddr([0; 6]).is_unicast_hardware());
         assert!(!MacAddr([0xff; 6]).is_unicast_hardware());
         assert!(!MacAddr([1, 0, 0x5e, 0, 0, 1]).is_unicast_hardware());
+    }
+
+    #[test]
+    fn serde_is_the_colon_string() {
+        let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let json = serde_json::to_string(&mac).unwrap();
+        assert_eq!(json, "\"52:54:00:00:00:01\"");
+        assert_eq!(
+            serde_json::from_str::<MacAddr>("\"52-54-00-00-00-01\"").unwrap(),
+            mac
+        );
+        assert!(serde_json::from_str::<MacAddr>("\"nope\"").is_err());
     }
 }

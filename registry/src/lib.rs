@@ -58,14 +58,13 @@
 
 mod error;
 mod leases;
-mod mac;
 mod machines;
 mod schema;
 mod tasks;
 
+pub use diskcast_proto::mac::{MacAddr, MacParseError};
 pub use error::{Error, Result};
 pub use leases::Lease;
-pub use mac::{MacAddr, MacParseError};
 pub use machines::{Firmware, Inventory, Machine, MachinePatch, Sighting, Via};
 pub use schema::SCHEMA_VERSION;
 pub use tasks::{

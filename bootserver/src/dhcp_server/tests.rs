@@ -89,7 +89,10 @@ fn full_exchange(server: &mut DhcpServer, who: Who, n: u8) -> Message {
         ],
     );
     let handled = server.handle(&request, from(), Port::Dhcp, NOW);
-    assert!(handled.leases_changed);
+    assert!(matches!(
+        handled.lease_change,
+        Some(LeaseChange::Granted { lease, .. }) if lease.address == offer.yiaddr()
+    ));
     let ack = reply_of(&handled);
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(ack.yiaddr(), offer.yiaddr());
@@ -337,4 +340,159 @@ fn captured_ovmf_ipxe_and_agent_discovers_get_the_right_answers() {
     }
     // The same machine gets the same address at every stage.
     assert_eq!(server.offers.len(), 1);
+}
+
+#[test]
+fn packets_without_the_magic_cookie_or_too_long_are_dropped() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    let mut discover = packet(Who::Bios, 1, MessageType::Discover, vec![]);
+    assert!(server
+        .handle(&discover, from(), Port::Dhcp, NOW)
+        .reply
+        .is_some());
+    discover[236] ^= 0xff;
+    let handled = server.handle(&discover, from(), Port::Dhcp, NOW);
+    assert!(handled.reply.is_none() && handled.summary.unwrap().contains("magic cookie"));
+    let mut long = packet(Who::Bios, 2, MessageType::Discover, vec![]);
+    long.resize(MAX_MESSAGE, 0);
+    assert!(server
+        .handle(&long, from(), Port::Dhcp, NOW)
+        .reply
+        .is_none());
+    assert_eq!(server.stats.malformed, 2);
+}
+
+#[test]
+fn no_lease_for_hardware_addresses_no_nic_has() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    for hardware in [[0u8; 6], [0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1]] {
+        let z = Ipv4Addr::UNSPECIFIED;
+        let mut msg = Message::new_with_id(7, z, z, z, z, &hardware);
+        msg.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Discover));
+        let handled = server.handle(&msg.to_vec().unwrap(), from(), Port::Dhcp, NOW);
+        assert!(handled.reply.is_none(), "{hardware:?} got an answer");
+    }
+    assert!(server.leases.leases.is_empty());
+}
+
+#[test]
+fn only_the_holder_releases_and_a_declined_address_stays_out_of_the_pool() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    let address = full_exchange(&mut server, Who::Plain, 1).yiaddr();
+    // A RELEASE for machine 1's MAC that names another address: not from the holder.
+    let z = Ipv4Addr::UNSPECIFIED;
+    let release = |ciaddr: Ipv4Addr| {
+        let mut msg = Message::new_with_id(9, ciaddr, z, z, z, &mac(1));
+        msg.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Release));
+        msg.to_vec().unwrap()
+    };
+    let forged = server.handle(
+        &release(Ipv4Addr::new(10, 77, 0, 1)),
+        from(),
+        Port::Dhcp,
+        NOW,
+    );
+    assert!(forged.lease_change.is_none());
+    assert!(server.leases.leases.contains_key("52:54:00:00:00:01"));
+    let real = server.handle(&release(address), from(), Port::Dhcp, NOW);
+    assert!(matches!(
+        real.lease_change,
+        Some(LeaseChange::Released { .. })
+    ));
+    assert!(server.leases.leases.is_empty());
+
+    // Machine 2 takes an address, finds it in use, declines it: nobody gets it for a while.
+    let taken = full_exchange(&mut server, Who::Plain, 2).yiaddr();
+    let decline = packet(
+        Who::Plain,
+        2,
+        MessageType::Decline,
+        vec![DhcpOption::RequestedIpAddress(taken)],
+    );
+    let handled = server.handle(&decline, from(), Port::Dhcp, NOW);
+    assert!(matches!(
+        handled.lease_change,
+        Some(LeaseChange::Declined { address, .. }) if address == taken
+    ));
+    // The range holds two addresses: machine 2 gets the other one, and with both out of the
+    // pool (one leased, one declined) a third machine gets nothing.
+    let next = full_exchange(&mut server, Who::Plain, 2).yiaddr();
+    assert_ne!(next, taken);
+    let third = server.handle(
+        &packet(Who::Plain, 3, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        NOW,
+    );
+    assert!(third.reply.is_none());
+    // An hour later the declined address is back.
+    let later = NOW + DECLINE_HOLD_SECS + 1;
+    let offer = reply_of(&server.handle(
+        &packet(Who::Plain, 3, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        later,
+    ));
+    assert_eq!(offer.yiaddr(), taken);
+    // A DECLINE for an address the client was never given changes nothing.
+    let stray = packet(
+        Who::Plain,
+        4,
+        MessageType::Decline,
+        vec![DhcpOption::RequestedIpAddress(next)],
+    );
+    assert!(server
+        .handle(&stray, from(), Port::Dhcp, NOW)
+        .lease_change
+        .is_none());
+}
+
+#[test]
+fn an_ack_whose_lease_cannot_be_saved_is_not_sent() {
+    // A real full disk: the registry on a tiny tmpfs, filled up.
+    let disk = crate::testing::TinyFs::mount("leases", "512k");
+    let registry = diskcast_registry::Registry::open_in(disk.path()).unwrap();
+    let filler = disk.fill();
+
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    let offer = reply_of(&server.handle(
+        &packet(Who::Plain, 1, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        NOW,
+    ));
+    let request = packet(
+        Who::Plain,
+        1,
+        MessageType::Request,
+        vec![
+            DhcpOption::RequestedIpAddress(offer.yiaddr()),
+            DhcpOption::ServerIdentifier(SERVER),
+        ],
+    );
+    let save = |change: &LeaseChange| match change {
+        LeaseChange::Granted { mac, lease } => registry.put_lease(
+            diskcast_registry::Lease {
+                mac: *mac,
+                address: lease.address,
+                expires: lease.expires,
+            },
+            NOW,
+        ),
+        _ => Ok(()),
+    };
+    let handled = server.handle(&request, from(), Port::Dhcp, NOW);
+    let full = crate::serve::answer_after_saving(handled, save);
+    // Room again: the client's next REQUEST is answered.
+    std::fs::remove_file(&filler).unwrap();
+    let handled = server.handle(&request, from(), Port::Dhcp, NOW);
+    let room = crate::serve::answer_after_saving(handled, save);
+    drop(registry);
+    assert!(
+        full.is_none(),
+        "an ACK was sent for a lease the disk could not hold"
+    );
+    assert!(room.is_some());
 }

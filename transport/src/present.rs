@@ -183,3 +183,57 @@ impl ReceiveProgress {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diskcast_proto::manifest::Manifest;
+    use diskcast_proto::sender::SenderConfig;
+    use diskcast_proto::wire::{Body, Packet};
+
+    #[test]
+    fn names_and_serials_from_the_network_cannot_drive_the_terminal() {
+        let image = vec![7u8; 1 << 20];
+        let manifest = Manifest::scan(
+            &mut std::io::Cursor::new(&image),
+            image.len() as u64,
+            1 << 20,
+            |_| {},
+        )
+        .unwrap();
+        let now = Instant::now();
+        let mut sender = Sender::new(SenderConfig::default(), manifest, now);
+        let join = Packet {
+            session: 1,
+            body: Body::Join {
+                receiver: 9,
+                incarnation: 1,
+                disk_size: 1 << 30,
+                logical_block: 512,
+                refusal: 0,
+                name: "\u{1b}[2J\u{1b}[Hall good\r".into(),
+                serial: "SN\u{7}\u{1b}]0;pwned\u{7}".into(),
+            },
+        }
+        .emit();
+        sender.handle_datagram(&join, "10.0.0.2:7744".parse().unwrap(), now);
+        let table = progress_table(&sender, now).join("\n");
+        assert!(table.contains("?[2J?[Hall good?"), "{table}");
+        let summary = SendSummary {
+            waited: Duration::ZERO,
+            image_size: 1 << 20,
+            data_bytes: 1 << 20,
+            sent_bytes: 0,
+            elapsed: Duration::from_secs(1),
+            receivers: sender.receivers().cloned().collect(),
+            outcome: diskcast_proto::sender::Outcome::SomeFailed,
+        }
+        .render();
+        for text in [&table, &summary] {
+            assert!(
+                !text.chars().any(|c| c.is_control() && c != '\n'),
+                "control characters reached the console: {text:?}"
+            );
+        }
+    }
+}

@@ -35,6 +35,7 @@
 //!                       │                                   ↺ DiskChosen | Joined | Progress
 //!                       └──── Verified (inventory tasks only) ───────────────► verified
 //!
+//!  pending | booted | running ── report Booted ──────────► booted     (the machine restarted)
 //!  pending | booted | running ── report Failed{reason} ──► failed
 //!                             ── cancel(id, now) ────────► cancelled
 //!                             ── expire(now) ────────────► timed-out  (silent > timeout_secs)

@@ -48,7 +48,7 @@ const V2: &str = "
 CREATE TABLE tasks (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     mac           TEXT NOT NULL REFERENCES machines (mac) ON DELETE CASCADE,
-    kind          TEXT NOT NULL CHECK (kind IN ('deploy', 'capture', 'inventory')),
+    kind          TEXT NOT NULL CHECK (kind IN ('deploy', 'capture', 'inventory', 'receive', 'master')),
     image         TEXT,
     state         TEXT NOT NULL CHECK (state IN
                       ('pending', 'booted', 'running', 'verified', 'failed', 'cancelled', 'timed-out')),

@@ -21,6 +21,10 @@ pub enum TaskKind {
     Capture { image: String },
     /// Only report the machine's inventory.
     Inventory,
+    /// Write what a peer master (a USB stick, a machine with a `master` task) multicasts.
+    Receive,
+    /// Multicast this machine's disk to peers with `receive` tasks.
+    Master,
 }
 
 impl TaskKind {
@@ -29,14 +33,21 @@ impl TaskKind {
             Self::Deploy { .. } => "deploy",
             Self::Capture { .. } => "capture",
             Self::Inventory => "inventory",
+            Self::Receive => "receive",
+            Self::Master => "master",
         }
     }
 
-    fn image(&self) -> Option<&str> {
+    pub fn image(&self) -> Option<&str> {
         match self {
             Self::Deploy { image } | Self::Capture { image } => Some(image),
-            Self::Inventory => None,
+            Self::Inventory | Self::Receive | Self::Master => None,
         }
+    }
+
+    /// Writes the machine's disk.
+    pub fn writes_disk(&self) -> bool {
+        matches!(self, Self::Deploy { .. } | Self::Receive)
     }
 }
 
@@ -259,7 +270,8 @@ pub struct TaskFilter {
 fn next_state(kind: &TaskKind, from: TaskState, step: &Step) -> Option<TaskState> {
     use TaskState::*;
     match (from, step) {
-        (Pending, Step::Booted) => Some(Booted),
+        // A machine that restarts during its task boots into it again.
+        (Pending | Booted | Running, Step::Booted) => Some(Booted),
         (Booted | Running, Step::DiskChosen { .. } | Step::Joined | Step::Progress(_)) => {
             Some(Running)
         }
@@ -281,6 +293,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         ("deploy", Some(image)) => TaskKind::Deploy { image },
         ("capture", Some(image)) => TaskKind::Capture { image },
         ("inventory", None) => TaskKind::Inventory,
+        ("receive", None) => TaskKind::Receive,
+        ("master", None) => TaskKind::Master,
         _ => {
             return Err(rusqlite::Error::FromSqlConversionFailure(
                 2,

@@ -46,7 +46,7 @@ fn pxe_uefi_ovmf() {
         "pxe_uefi_ovmf",
         Firmware::Uefi,
         "virtio-net-pci",
-        "read snponly.efi",
+        "got \"snponly.efi\"",
     );
 }
 

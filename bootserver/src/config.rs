@@ -5,7 +5,7 @@
 //! the server runs on — roles, disk selectors and MAC addresses parsed, ports assigned. Every
 //! problem is reported, each with its line, and nothing is parsed again per request.
 
-use diskcast_proto::cmdline::{BootConfig, DiskSelector, Finish, Role};
+use diskcast_proto::cmdline::{BootConfig, DiskSelector, Finish};
 use diskcast_proto::image_file::{valid_image_name, IMAGE_NAME_RULE};
 use diskcast_proto::mac::MacAddr;
 use diskcast_proto::units::Rate;
@@ -113,10 +113,15 @@ pub mod file {
         pub boot: Boot,
         #[serde(default)]
         pub agent: Agent,
+        #[serde(default)]
+        pub lab: Lab,
         #[serde(default, rename = "machine")]
         pub machines: Vec<Spanned<Machine>>,
+        #[serde(default, rename = "image")]
+        pub images: Vec<Spanned<Image>>,
+        /// Gone: sessions start from tasks now. Read only to say how to migrate.
         #[serde(default, rename = "deploy")]
-        pub deploys: Vec<Spanned<Deploy>>,
+        pub deploys: Vec<Spanned<toml::Value>>,
     }
 
     fn default_http_port() -> u16 {
@@ -171,6 +176,12 @@ pub mod file {
         pub kernel_args: Spanned<String>,
         #[serde(default = "default_true")]
         pub answer_router_solicitations: bool,
+        #[serde(default = "default_local_boot_efi")]
+        pub local_boot_efi: PathBuf,
+    }
+
+    fn default_local_boot_efi() -> PathBuf {
+        PathBuf::from("/usr/lib/diskcast/localboot.efi")
     }
 
     fn default_true() -> bool {
@@ -186,7 +197,10 @@ pub mod file {
     #[derive(Debug, Clone, Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     pub struct Agent {
+        /// Gone: a machine runs the agent only for a task. Read only to say how to migrate.
         pub role: Option<Spanned<String>>,
+        /// Gone with `role`.
+        pub image: Option<Spanned<String>>,
         pub on_error: Option<Spanned<String>>,
         pub on_done: Option<Spanned<String>>,
         pub log: Option<Spanned<String>>,
@@ -196,35 +210,45 @@ pub mod file {
         pub min_receivers: Option<u32>,
         pub start_timeout: Option<u32>,
         pub rate: Option<u32>,
-        pub image: Option<Spanned<String>>,
+    }
+
+    /// `[lab]`: what happens to machines that network-boot.
+    #[derive(Debug, Clone, Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Lab {
+        pub unknown_machines: Option<Spanned<String>>,
+        pub local_boot_bios: Option<Spanned<String>>,
+        pub local_boot_uefi: Option<Spanned<String>>,
+        pub task_timeout: Option<u32>,
+        pub start_timeout: Option<u32>,
     }
 
     #[derive(Debug, Clone, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Machine {
         pub mac: Spanned<String>,
-        pub role: Option<Spanned<String>>,
+        pub name: Option<Spanned<String>>,
+        pub group: Option<Spanned<String>>,
         pub disk: Option<Spanned<String>>,
+        pub local_boot: Option<Spanned<String>>,
+        /// Gone: see `Agent::role`.
+        pub role: Option<Spanned<String>>,
+        /// Gone: see `Agent::role`.
         pub image: Option<Spanned<String>>,
     }
 
+    /// `[[image]]`: how sessions of one stored image run.
     #[derive(Debug, Clone, Deserialize)]
     #[serde(deny_unknown_fields)]
-    pub struct Deploy {
-        pub image: Spanned<String>,
-        #[serde(default = "default_min_receivers")]
-        pub min_receivers: u32,
-        pub start_timeout: Option<u32>,
+    pub struct Image {
+        pub name: Spanned<String>,
+        pub group: Option<Spanned<Ipv4Addr>>,
+        pub port: Option<u16>,
         pub rate: Option<u32>,
         pub deadline: Option<u32>,
-        pub port: Option<u16>,
-    }
-
-    fn default_min_receivers() -> u32 {
-        1
+        pub start_timeout: Option<u32>,
     }
 }
-
 /// The validated configuration the server runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -239,11 +263,13 @@ pub struct Config {
     pub store_dir: PathBuf,
     pub dhcp: Dhcp,
     pub boot: Boot,
-    /// What every machine's agent is told unless its `[[machine]]` entry says otherwise.
+    /// What every agent is told: how to finish, which disk, the peer-to-peer session.
     pub agent: AgentPolicy,
-    pub machines: BTreeMap<MacAddr, MachinePolicy>,
-    /// Stored images the server multicasts, one session after another, each on its own port.
-    pub deploys: Vec<Deploy>,
+    pub lab: LabPolicy,
+    /// `[[machine]]` entries: registered in the registry at start.
+    pub machines: BTreeMap<MacAddr, MachineEntry>,
+    /// `[[image]]` entries: session settings per stored image.
+    pub images: BTreeMap<String, ImageSession>,
 }
 
 #[derive(Debug, Clone)]
@@ -269,41 +295,97 @@ pub struct Boot {
     pub kernel_args: String,
     /// Answer IPv6 router solicitations (router lifetime 0) so iPXE does not wait ~15 s for one.
     pub answer_router_solicitations: bool,
+    /// The GRUB image UEFI machines chain to boot their local disk (`scripts/make-localboot-efi`).
+    pub local_boot_efi: PathBuf,
 }
 
 #[derive(Debug, Clone)]
 pub struct AgentPolicy {
-    pub role: Role,
     pub on_error: Finish,
     pub on_done: Finish,
     pub log_level: log::LevelFilter,
     pub disk: DiskSelector,
+    /// The peer-to-peer session (`receive` and `master` tasks, a USB master).
     pub group: Ipv4Addr,
     pub port: u16,
+    /// A `master` task's start policy and rate, unless the task says otherwise.
     pub min_receivers: u32,
     pub start_timeout_secs: Option<u32>,
     pub rate_mbps: Option<u32>,
-    pub image: Option<String>,
 }
 
-/// A `[[machine]]` entry: what differs for one machine.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MachinePolicy {
-    pub role: Option<Role>,
-    pub disk: Option<DiskSelector>,
-    pub image: Option<String>,
+/// What a machine nobody registered gets when it network-boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownMachines {
+    /// Its local disk: nothing of it is touched.
+    LocalBoot,
+    /// The agent's inventory (it reads, never writes), then its local disk.
+    Inventory,
 }
 
-/// A `[[deploy]]` entry: one stored image served to its slaves.
+/// How iPXE hands a machine without a task to its local disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalBoot {
+    /// BIOS: `sanboot --no-describe --drive 0x80` (the first disk's MBR).
+    Sanboot,
+    /// Return to the firmware, which tries the next boot device (works on some firmware only:
+    /// OVMF opens its setup screen).
+    Exit,
+    /// UEFI: chain a small GRUB image that finds the local disk's EFI loader.
+    Grub,
+}
+
+impl LocalBoot {
+    pub const EXPECTED: &'static str = "sanboot, exit or grub";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sanboot => "sanboot",
+            Self::Exit => "exit",
+            Self::Grub => "grub",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "sanboot" => Some(Self::Sanboot),
+            "exit" => Some(Self::Exit),
+            "grub" => Some(Self::Grub),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
-pub struct Deploy {
-    pub image: String,
-    pub min_receivers: u32,
-    pub start_timeout: Option<Duration>,
+pub struct LabPolicy {
+    pub unknown_machines: UnknownMachines,
+    /// How machines boot locally, unless the registry says otherwise for one of them.
+    pub local_boot_bios: LocalBoot,
+    pub local_boot_uefi: LocalBoot,
+    /// A task whose machine stays silent this long times out.
+    pub task_timeout: Duration,
+    /// A deploy session waits this long for all its tasks' machines, then starts with whoever
+    /// joined.
+    pub start_timeout: Duration,
+}
+
+/// A `[[machine]]` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineEntry {
+    pub name: Option<String>,
+    pub group: Option<String>,
+    pub disk: Option<DiskSelector>,
+    pub local_boot: Option<LocalBoot>,
+}
+
+/// How the sessions of one stored image run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSession {
+    pub group: Ipv4Addr,
+    pub port: u16,
     pub rate: Option<Rate>,
     pub deadline: Option<Duration>,
-    /// UDP port of this image's sessions (on the agent's group).
-    pub port: u16,
+    pub start_timeout: Option<Duration>,
 }
 
 /// Collects problems with their lines while a file is checked.
@@ -449,33 +531,20 @@ impl Config {
             );
         }
         let agent = Self::check_agent(&shape.agent, c);
-        let mut machines = BTreeMap::new();
-        for entry in &shape.machines {
-            let m = entry.get_ref();
-            let Some(mac) = c.parse(
-                &m.mac,
-                "[[machine]] mac",
-                |s| s.parse().ok(),
-                "a MAC address (aa:bb:cc:dd:ee:ff)",
-            ) else {
-                continue;
-            };
-            let role = m
-                .role
-                .as_ref()
-                .and_then(|r| c.parse(r, "[[machine]] role", |s| s.parse().ok(), Role::EXPECTED));
-            let disk = m.disk.as_ref().and_then(|d| c.disk(d, "[[machine]] disk"));
-            let image = m
-                .image
-                .as_ref()
-                .and_then(|i| c.image_name(i, "[[machine]] image"));
-            let policy = MachinePolicy { role, disk, image };
-            if machines.insert(mac, policy).is_some() {
-                c.report(&entry.span(), format!("[[machine]] {mac} is listed twice"));
-            }
+        let lab = Self::check_lab(&shape.lab, c);
+        let machines = Self::check_machines(&shape.machines, c);
+        for deploy in &shape.deploys {
+            c.report(
+                &deploy.span(),
+                "[[deploy]] is gone: a session starts when machines have deploy tasks for its image \
+                 (`bootserver task deploy IMAGE --to MAC|NAME|@GROUP`); an image's session \
+                 settings (rate, deadline, port, start_timeout) go in an [[image]] entry with \
+                 `name = \"IMAGE\"`"
+                    .into(),
+            );
         }
-        let deploys = Self::check_deploys(&shape.deploys, agent.as_ref(), c);
-        let config = Config {
+        let images = Self::check_images(&shape.images, agent.as_ref(), c);
+        Some(Config {
             interface: shape.interface.into_inner(),
             address: shape.address,
             http_port: shape.http_port,
@@ -492,24 +561,107 @@ impl Config {
                 uefi_loader: shape.boot.uefi_loader,
                 kernel_args: shape.boot.kernel_args.into_inner(),
                 answer_router_solicitations: shape.boot.answer_router_solicitations,
+                local_boot_efi: shape.boot.local_boot_efi,
             },
             agent: agent?,
+            lab: lab?,
             machines,
-            deploys,
+            images,
+        })
+    }
+
+    fn check_lab(l: &file::Lab, c: &mut Checker<'_>) -> Option<LabPolicy> {
+        let unknown_machines = match &l.unknown_machines {
+            None => Some(UnknownMachines::LocalBoot),
+            Some(v) => c.parse(
+                v,
+                "[lab] unknown_machines",
+                |s| match s {
+                    "local" => Some(UnknownMachines::LocalBoot),
+                    "inventory" => Some(UnknownMachines::Inventory),
+                    _ => None,
+                },
+                "local or inventory (never a role that writes a disk)",
+            ),
         };
-        // What each machine would be told must be complete (a capture needs its image name).
-        for (mac, entry) in shape.machines.iter().filter_map(|e| {
-            let mac: MacAddr = e.get_ref().mac.get_ref().parse().ok()?;
-            Some((mac, e))
-        }) {
-            if let Err(why) = config.check_machine(Some(mac)) {
-                c.report(&entry.span(), format!("[[machine]] {mac}: {why}"));
+        let local = |c: &mut Checker<'_>, v: &Option<toml::Spanned<String>>, what, default| {
+            v.as_ref().map_or(Some(default), |v| {
+                c.parse(v, what, LocalBoot::parse, LocalBoot::EXPECTED)
+            })
+        };
+        let local_boot_bios = local(
+            c,
+            &l.local_boot_bios,
+            "[lab] local_boot_bios",
+            LocalBoot::Sanboot,
+        );
+        let local_boot_uefi = local(
+            c,
+            &l.local_boot_uefi,
+            "[lab] local_boot_uefi",
+            LocalBoot::Grub,
+        );
+        Some(LabPolicy {
+            unknown_machines: unknown_machines?,
+            local_boot_bios: local_boot_bios?,
+            local_boot_uefi: local_boot_uefi?,
+            task_timeout: Duration::from_secs(u64::from(l.task_timeout.unwrap_or(1800).max(60))),
+            start_timeout: Duration::from_secs(u64::from(l.start_timeout.unwrap_or(600).max(1))),
+        })
+    }
+
+    fn check_machines(
+        entries: &[toml::Spanned<file::Machine>],
+        c: &mut Checker<'_>,
+    ) -> BTreeMap<MacAddr, MachineEntry> {
+        let mut machines = BTreeMap::new();
+        for entry in entries {
+            let m = entry.get_ref();
+            for gone in [&m.role, &m.image].into_iter().flatten() {
+                c.report(
+                    &gone.span(),
+                    "[[machine]] role and image are gone: what a machine does is a task \
+                     (`bootserver task deploy IMAGE --to MAC`, `task capture MAC --image NAME`, \
+                     `task master MAC`, `task receive --to MAC`), carried out once"
+                        .into(),
+                );
+            }
+            let Some(mac) = c.parse(
+                &m.mac,
+                "[[machine]] mac",
+                |s| s.parse().ok(),
+                "a MAC address (aa:bb:cc:dd:ee:ff)",
+            ) else {
+                continue;
+            };
+            let label = |c: &mut Checker<'_>, v: &Option<toml::Spanned<String>>, what: &str| {
+                v.as_ref().and_then(|v| {
+                    c.parse(
+                        v,
+                        what,
+                        |s| valid_label(s).then(|| s.to_string()),
+                        "1 to 64 letters, digits, `.`, `_` or `-`, not a MAC address",
+                    )
+                })
+            };
+            let entry_policy = MachineEntry {
+                name: label(c, &m.name, "[[machine]] name"),
+                group: label(c, &m.group, "[[machine]] group"),
+                disk: m.disk.as_ref().and_then(|d| c.disk(d, "[[machine]] disk")),
+                local_boot: m.local_boot.as_ref().and_then(|v| {
+                    c.parse(
+                        v,
+                        "[[machine]] local_boot",
+                        LocalBoot::parse,
+                        LocalBoot::EXPECTED,
+                    )
+                }),
+            };
+            if machines.insert(mac, entry_policy).is_some() {
+                c.report(&entry.span(), format!("[[machine]] {mac} is listed twice"));
             }
         }
-        if let Err(why) = config.check_machine(None) {
-            c.report(&(0..0), format!("[agent]: {why}"));
-        }
-        Some(config)
+        machines
     }
 
     fn check_dhcp(spanned: &toml::Spanned<file::Dhcp>, c: &mut Checker<'_>) -> Option<Dhcp> {
@@ -575,17 +727,36 @@ impl Config {
     }
 
     fn check_agent(a: &file::Agent, c: &mut Checker<'_>) -> Option<AgentPolicy> {
+        if let Some(role) = &a.role {
+            c.report(
+                &role.span(),
+                format!(
+                    "[agent] role = {:?} is gone: a machine runs the agent only for a task, once \
+                     (`bootserver task deploy IMAGE --to @GROUP`, `task receive --to @GROUP` for \
+                     a USB master's slaves, `task capture MAC --image NAME`, `task inventory \
+                     TARGET`); machines without a task boot their local disk. To inventory \
+                     machines nobody registered, set [lab] unknown_machines = \"inventory\"",
+                    role.get_ref()
+                ),
+            );
+        }
+        if let Some(image) = &a.image {
+            c.report(
+                &image.span(),
+                "[agent] image is gone: name the image in the task \
+                 (`bootserver task capture MAC --image NAME`)"
+                    .into(),
+            );
+        }
         let defaults = BootConfig::default();
         let finish = |c: &mut Checker<'_>, value: &Option<toml::Spanned<String>>, what, default| {
             value.as_ref().map_or(Some(default), |v| {
                 c.parse(v, what, |s| s.parse().ok(), Finish::EXPECTED)
             })
         };
-        let role = a.role.as_ref().map_or(Some(Role::default()), |r| {
-            c.parse(r, "[agent] role", |s| s.parse().ok(), Role::EXPECTED)
-        });
         let on_error = finish(c, &a.on_error, "[agent] on_error", defaults.on_error);
-        let on_done = finish(c, &a.on_done, "[agent] on_done", defaults.on_done);
+        // A machine that finished its task reboots: with no task left it boots its new disk.
+        let on_done = finish(c, &a.on_done, "[agent] on_done", Finish::Reboot);
         let log_level = a.log.as_ref().map_or(Some(defaults.log_level), |l| {
             c.parse(
                 l,
@@ -598,100 +769,74 @@ impl Config {
             .disk
             .as_ref()
             .map_or(Some(DiskSelector::Only), |d| c.disk(d, "[agent] disk"));
-        let group = match &a.group {
-            Some(g) if !g.get_ref().is_multicast() => {
-                c.report(
-                    &g.span(),
-                    format!("[agent] group = {} is not a multicast address", g.get_ref()),
-                );
-                None
-            }
-            Some(g) => Some(*g.get_ref()),
-            None => Some(DEFAULT_GROUP),
-        };
-        let image = match &a.image {
-            Some(i) => Some(c.image_name(i, "[agent] image")?),
-            None => None,
-        };
+        let group = Self::check_group(a.group.as_ref(), "[agent] group", c);
         Some(AgentPolicy {
-            role: role?,
             on_error: on_error?,
             on_done: on_done?,
             log_level: log_level?,
             disk: disk?,
-            group: group?,
+            group: group?.unwrap_or(DEFAULT_GROUP),
             port: a.port.unwrap_or(DEFAULT_PORT),
             min_receivers: a.min_receivers.unwrap_or(1).max(1),
             start_timeout_secs: a.start_timeout,
             rate_mbps: a.rate,
-            image,
         })
     }
 
-    fn check_deploys(
-        entries: &[toml::Spanned<file::Deploy>],
-        agent: Option<&AgentPolicy>,
+    /// `Some(None)`: not given; `None`: given but not a multicast address (reported).
+    fn check_group(
+        group: Option<&toml::Spanned<Ipv4Addr>>,
+        what: &str,
         c: &mut Checker<'_>,
-    ) -> Vec<Deploy> {
-        let p2p_port = agent.map_or(DEFAULT_PORT, |a| a.port);
-        let mut deploys: Vec<Deploy> = Vec::new();
-        let mut ports = BTreeMap::new();
-        for (index, entry) in entries.iter().enumerate() {
-            let d = entry.get_ref();
-            let span = entry.span();
-            let Some(image) = c.image_name(&d.image, "[[deploy]] image") else {
-                continue;
-            };
-            if d.min_receivers == 0 {
+    ) -> Option<Option<Ipv4Addr>> {
+        match group {
+            Some(g) if !g.get_ref().is_multicast() => {
                 c.report(
-                    &span,
-                    format!("[[deploy]] {image}: min_receivers must be at least 1"),
+                    &g.span(),
+                    format!("{what} = {} is not a multicast address", g.get_ref()),
                 );
+                None
             }
-            if deploys.iter().any(|other| other.image == image) {
-                c.report(&span, format!("[[deploy]] image {image:?} is listed twice"));
-            }
-            let port = d
-                .port
-                .unwrap_or_else(|| p2p_port.wrapping_add(1).wrapping_add(index as u16));
-            if port == p2p_port {
-                c.report(
-                    &span,
-                    format!(
-                        "[[deploy]] {image} would use port {port}, the peer-to-peer masters' port: give it another `port`"
-                    ),
-                );
-            }
-            if let Some(other) = ports.insert(port, image.clone()) {
-                c.report(
-                    &span,
-                    format!(
-                        "[[deploy]] {image} and {other} would both use port {port}: give one a `port`"
-                    ),
-                );
-            }
-            deploys.push(Deploy {
-                image,
-                min_receivers: d.min_receivers.max(1),
-                start_timeout: d.start_timeout.map(|s| Duration::from_secs(s.into())),
-                rate: d.rate.map(|r| Rate::from_mbps(f64::from(r))),
-                deadline: d.deadline.map(|s| Duration::from_secs(s.into())),
-                port,
-            });
+            Some(g) => Some(Some(*g.get_ref())),
+            None => Some(None),
         }
-        deploys
     }
 
-    /// Why the settings for `mac` (or any machine without an entry) cannot be rendered, if so.
-    fn check_machine(&self, mac: Option<MacAddr>) -> Result<(), String> {
-        let agent = self.agent_config_for(mac, None);
-        if agent.role == Role::Capture && agent.image.is_none() {
-            return Err(
-                "role \"capture\" needs an image name: set [agent] image or the machine's image"
-                    .into(),
-            );
+    fn check_images(
+        entries: &[toml::Spanned<file::Image>],
+        agent: Option<&AgentPolicy>,
+        c: &mut Checker<'_>,
+    ) -> BTreeMap<String, ImageSession> {
+        let p2p_port = agent.map_or(DEFAULT_PORT, |a| a.port);
+        let mut images = BTreeMap::new();
+        for entry in entries {
+            let i = entry.get_ref();
+            let Some(name) = c.image_name(&i.name, "[[image]] name") else {
+                continue;
+            };
+            let Some(group) = Self::check_group(i.group.as_ref(), "[[image]] group", c) else {
+                continue;
+            };
+            let derived = session_for_image(&name, p2p_port);
+            let session = ImageSession {
+                group: group.unwrap_or(derived.group),
+                port: i.port.unwrap_or(derived.port),
+                rate: i.rate.map(|r| Rate::from_mbps(f64::from(r))),
+                deadline: i.deadline.map(|s| Duration::from_secs(s.into())),
+                start_timeout: i.start_timeout.map(|s| Duration::from_secs(s.into())),
+            };
+            if session.port == p2p_port && session.group == agent.map_or(DEFAULT_GROUP, |a| a.group)
+            {
+                c.report(
+                    &entry.span(),
+                    format!("[[image]] {name} would share the peer-to-peer session's group and port: give it another `group` or `port`"),
+                );
+            }
+            if images.insert(name.clone(), session).is_some() {
+                c.report(&entry.span(), format!("[[image]] {name:?} is listed twice"));
+            }
         }
-        Ok(())
+        images
     }
 
     /// Applies the command line's overrides and checks them like the file's values.
@@ -731,48 +876,45 @@ impl Config {
         Ok(())
     }
 
-    /// The multicast group every session uses.
-    pub fn session_group(&self) -> Ipv4Addr {
-        self.agent.group
+    /// Where the sessions of stored image `name` run and how: its `[[image]]` entry, or a
+    /// group of its own derived from its name (so switches with IGMP snooping keep concurrent
+    /// sessions apart) on the port after the peer-to-peer one.
+    pub fn image_session(&self, name: &str) -> ImageSession {
+        self.images
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| session_for_image(name, self.agent.port))
     }
 
-    /// The agent settings for one machine (its `[[machine]]` entry over `[agent]`), rendered
-    /// later onto its kernel command line.
-    pub fn agent_config_for(&self, mac: Option<MacAddr>, server: Option<Ipv4Addr>) -> BootConfig {
-        let machine = mac.and_then(|mac| self.machines.get(&mac));
-        let a = &self.agent;
-        let role = machine.and_then(|m| m.role).unwrap_or(a.role);
-        let image = machine
-            .and_then(|m| m.image.clone())
-            .or_else(|| a.image.clone());
-        // A slave whose image a [[deploy]] serves listens on that deploy's port; other slaves
-        // wait for a peer master on the agent's port.
-        let port = match &image {
-            Some(name) if role == Role::Slave => self
-                .deploys
-                .iter()
-                .find(|d| &d.image == name)
-                .map_or(a.port, |d| d.port),
-            _ => a.port,
-        };
-        BootConfig {
-            role,
-            server,
-            on_error: a.on_error,
-            on_done: a.on_done,
-            log_level: a.log_level,
-            disk: machine
-                .and_then(|m| m.disk.clone())
-                .unwrap_or_else(|| a.disk.clone()),
-            group: a.group,
-            port,
-            min_receivers: a.min_receivers,
-            start_timeout_secs: a.start_timeout_secs,
-            rate_mbps: a.rate_mbps,
-            image,
-            store_port: self.http_port,
-            ..BootConfig::default()
-        }
+    /// How `mac` boots its local disk on each firmware: its `[[machine]]` entry, else the lab's.
+    pub fn local_boot(&self, mac: MacAddr) -> (LocalBoot, LocalBoot) {
+        let entry = self.machines.get(&mac).and_then(|m| m.local_boot);
+        (
+            entry.unwrap_or(self.lab.local_boot_bios),
+            entry.unwrap_or(self.lab.local_boot_uefi),
+        )
+    }
+}
+
+/// Machine names and groups: what the registry accepts (never a MAC, so `--to` is unambiguous).
+pub fn valid_label(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && text.parse::<MacAddr>().is_err()
+}
+
+/// The default session of an image: group 239.255.78.0/23 picked by its name's hash.
+fn session_for_image(name: &str, p2p_port: u16) -> ImageSession {
+    let hash = crc32fast::hash(name.as_bytes());
+    let host = (hash % 510) as u16 + 1;
+    ImageSession {
+        group: Ipv4Addr::new(239, 255, 78 + (host >> 8) as u8, (host & 0xff) as u8),
+        port: p2p_port.wrapping_add(1),
+        rate: None,
+        deadline: None,
+        start_timeout: None,
     }
 }
 
@@ -797,106 +939,101 @@ mod tests {
         }
     }
 
-    #[test]
-    fn capture_needs_an_image_name_and_renders_where_to_upload() {
-        let base = EXAMPLE.replace("http_port = 8080", "http_port = 8181");
-        let text =
-            format!("{base}\n[[machine]]\nmac = \"52:54:00:aa:bb:cc\"\nrole = \"capture\"\n");
-        let found = issues(&text);
-        assert!(
-            found
-                .iter()
-                .any(|i| i.message.contains("needs an image name")),
-            "{found:?}"
-        );
-        let config = parse(&format!("{text}image = \"golden\"\n")).unwrap();
-        let agent = config.agent_config_for(
-            Some(mac("52:54:00:aa:bb:cc")),
-            Some(Ipv4Addr::new(10, 77, 0, 1)),
-        );
-        assert_eq!(agent.image.as_deref(), Some("golden"));
-        let line = agent.render();
-        assert!(
-            line.contains("diskcast.image=golden") && line.contains("diskcast.store_port=8181")
-        );
-        assert_eq!(BootConfig::parse(&line), Ok(agent));
-        assert!(parse(&format!("{text}image = \"../../etc\"\n")).is_err());
-        assert!(parse(&format!("{EXAMPLE}\n[[deploy]]\nimage = \"a b\"\n")).is_err());
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
     }
 
     #[test]
-    fn each_deployed_image_has_its_own_port_and_slaves_get_theirs() {
-        let text = format!(
-            "{EXAMPLE}\n[[machine]]\nmac = \"52:54:00:00:00:0a\"\nrole = \"slave\"\nimage = \"win11\"\n\
-             [[machine]]\nmac = \"52:54:00:00:00:0b\"\nrole = \"slave\"\nimage = \"ubuntu\"\n\
-             [[machine]]\nmac = \"52:54:00:00:00:0c\"\nrole = \"slave\"\n\
-             [[deploy]]\nimage = \"win11\"\nmin_receivers = 4\n\
-             [[deploy]]\nimage = \"ubuntu\"\n"
-        );
-        let config = parse(&text).unwrap();
-        assert_eq!(config.deploys[0].port, 7745);
-        assert_eq!(config.deploys[1].port, 7746);
-        let port_of = |m: &str| config.agent_config_for(Some(mac(m)), None).port;
-        assert_eq!(port_of("52:54:00:00:00:0a"), 7745);
-        assert_eq!(port_of("52:54:00:00:00:0b"), 7746);
-        // No image: waits for a peer master on the agent's port.
-        assert_eq!(port_of("52:54:00:00:00:0c"), 7744);
-
-        let clash = text.replace(
-            "[[deploy]]\nimage = \"ubuntu\"\n",
-            "[[deploy]]\nimage = \"ubuntu\"\nport = 7745\n",
-        );
-        let found = issues(&clash);
-        assert!(
-            found.iter().any(|i| i.message.contains("port 7745")),
-            "{found:?}"
-        );
-        let twice = format!("{text}[[deploy]]\nimage = \"win11\"\n");
-        assert!(parse(&twice).is_err());
-    }
-
-    #[test]
-    fn example_config_is_valid() {
+    fn example_config_is_valid_and_safe_by_default() {
         let config = parse(EXAMPLE).unwrap();
         assert_eq!(config.dhcp.mode, DhcpMode::Full);
         assert_eq!(config.store_dir, PathBuf::from("/var/lib/diskcast/images"));
+        assert_eq!(config.lab.unknown_machines, UnknownMachines::LocalBoot);
+        assert_eq!(config.agent.on_done, Finish::Reboot);
     }
 
     #[test]
-    fn machine_role_overrides_default_and_renders_for_the_agent() {
-        let text = EXAMPLE.replace("# min_receivers = 1 ", "min_receivers = 4 ")
-            + "\n[[machine]]\nmac = \"52-54-00-AA-BB-CC\"\nrole = \"slave\"\ndisk = \"serial:DISK-7\"\n";
+    fn standing_destructive_roles_are_refused_with_how_to_migrate() {
+        // What used to image every machine that network-booted.
+        let old = format!(
+            "{EXAMPLE}\n[[machine]]\nmac = \"52:54:00:aa:bb:cc\"\nrole = \"capture\"\nimage = \"golden\"\n\
+             [[deploy]]\nimage = \"golden\"\n"
+        )
+        .replace("[agent]\n", "[agent]\nrole = \"slave\"\n");
+        let found = issues(&old);
+        let about = |needle: &str| found.iter().find(|i| i.message.contains(needle)).cloned();
+        let agent = about("[agent] role").expect("[agent] role refused");
+        assert!(agent.message.contains("bootserver task deploy"), "{agent}");
+        assert_eq!(agent.line, line_of(&old, "role = \"slave\""));
+        let machine = about("[[machine]] role and image are gone").expect("machine role refused");
+        assert!(machine.message.contains("task capture"), "{machine}");
+        let deploy = about("[[deploy]] is gone").expect("[[deploy]] refused");
+        assert!(deploy.message.contains("[[image]]"), "{deploy}");
+        assert_eq!(deploy.line, line_of(&old, "[[deploy]]"));
+    }
+
+    #[test]
+    fn each_image_gets_a_session_of_its_own() {
+        let text = format!("{EXAMPLE}\n[[image]]\nname = \"win11\"\nport = 7800\nrate = 90\n");
         let config = parse(&text).unwrap();
-        let server = Some(Ipv4Addr::new(10, 77, 0, 1));
-        let slave = config.agent_config_for(Some(mac("52:54:00:aa:bb:cc")), server);
-        assert_eq!(slave.role, Role::Slave);
-        assert_eq!(slave.disk, DiskSelector::Serial("DISK-7".into()));
-        assert_eq!(slave.min_receivers, 4);
-        let other = config.agent_config_for(Some(mac("52:54:00:aa:bb:cd")), server);
-        assert_eq!(other.role, Role::Inventory);
-        // What the bootserver renders, the agent parses back to the same settings.
-        assert_eq!(BootConfig::parse(&slave.render()), Ok(slave));
+        let win = config.image_session("win11");
+        assert_eq!(win.port, 7800);
+        assert_eq!(win.rate, Some(Rate::from_mbps(90.0)));
+        let (a, b) = (
+            config.image_session("golden"),
+            config.image_session("ubuntu"),
+        );
+        assert!(a.group.is_multicast() && b.group.is_multicast());
+        assert_ne!(a.group, b.group, "two images, two groups");
+        assert_ne!(a.group, config.agent.group, "never the peer-to-peer group");
+        let clash =
+            format!("{EXAMPLE}\n[[image]]\nname = \"x\"\ngroup = \"239.255.77.77\"\nport = 7744\n");
+        assert!(issues(&clash)[0].message.contains("peer-to-peer"));
+    }
+
+    #[test]
+    fn machines_are_registered_with_names_groups_and_local_boot() {
+        let text = format!(
+            "{EXAMPLE}\n[[machine]]\nmac = \"52-54-00-AA-BB-CC\"\nname = \"pc-12\"\ngroup = \"room-1\"\n\
+             disk = \"serial:DISK-7\"\nlocal_boot = \"exit\"\n"
+        );
+        let config = parse(&text).unwrap();
+        let entry = &config.machines[&mac("52:54:00:aa:bb:cc")];
+        assert_eq!(entry.name.as_deref(), Some("pc-12"));
+        assert_eq!(entry.disk, Some(DiskSelector::Serial("DISK-7".into())));
+        assert_eq!(
+            config.local_boot(mac("52:54:00:aa:bb:cc")),
+            (LocalBoot::Exit, LocalBoot::Exit)
+        );
+        assert_eq!(
+            config.local_boot(mac("52:54:00:aa:bb:cd")),
+            (LocalBoot::Sanboot, LocalBoot::Grub)
+        );
+        let named_like_a_mac = text.replace("pc-12", "52:54:00:00:00:01");
+        assert!(parse(&named_like_a_mac).is_err());
     }
 
     #[test]
     fn every_problem_is_reported_with_its_line() {
         let text = EXAMPLE
-            .replace("role = \"inventory\"", "role = \"painter\"")
+            .replace("on_error = \"shell\"", "on_error = \"explode\"")
             .replace("range_end = \"10.77.0.199\"", "range_end = \"10.77.1.200\"")
+            .replace(
+                "unknown_machines = \"local\"",
+                "unknown_machines = \"slave\"",
+            )
             + "\n[[machine]]\nmac = \"52:54:00:zz:00:01\"\n\
                [[machine]]\nmac = \"52:54:00:00:00:02\"\ndisk = \"sideways\"\n";
         let found = issues(&text);
-        let line_of = |needle: &str| {
-            text.lines()
-                .position(|l| l.contains(needle))
-                .map(|i| i + 1)
-                .unwrap()
-        };
         let expect = [
-            ("painter", line_of("role = \"painter\"")),
-            ("52:54:00:zz:00:01", line_of("52:54:00:zz:00:01")),
-            ("sideways", line_of("sideways")),
-            ("subnet", line_of("[dhcp]")),
+            ("explode", line_of(&text, "explode")),
+            ("52:54:00:zz:00:01", line_of(&text, "52:54:00:zz:00:01")),
+            ("sideways", line_of(&text, "sideways")),
+            ("subnet", line_of(&text, "[dhcp]")),
+            (
+                "never a role that writes",
+                line_of(&text, "unknown_machines"),
+            ),
         ];
         for (needle, line) in expect {
             assert!(
@@ -907,7 +1044,7 @@ mod tests {
             );
         }
         let shown = parse(&text).unwrap_err().to_string();
-        assert!(shown.contains("4 problem(s)"), "{shown}");
+        assert!(shown.contains("5 problem(s)"), "{shown}");
         let err = parse(&EXAMPLE.replace("http_port", "htpp_port")).unwrap_err();
         assert!(err.to_string().contains("not valid"), "{err}");
     }

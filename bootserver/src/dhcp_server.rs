@@ -72,9 +72,19 @@ pub enum LeaseChange {
     Declined { address: Ipv4Addr, until: u64 },
 }
 
+/// A network-booting machine (or an agent) asked: the lab records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub mac: MacAddr,
+    pub kind: ClientKind,
+    /// The address it was offered or given, if any.
+    pub address: Option<Ipv4Addr>,
+}
+
 #[derive(Debug, Default)]
 pub struct Handled {
     pub reply: Option<Reply>,
+    pub seen: Option<Seen>,
     /// One line about what happened, for the log: MAC, xid, client kind, address, file.
     pub summary: Option<String>,
     pub lease_change: Option<LeaseChange>,
@@ -91,6 +101,7 @@ impl Handled {
             }),
             summary: Some(summary),
             lease_change: None,
+            seen: None,
             sent: message.opts().msg_type(),
         }
     }
@@ -224,6 +235,19 @@ impl DhcpServer {
                 Handled::default()
             }
         };
+        if !matches!(client, ClientKind::Other) {
+            let address = handled
+                .reply
+                .as_ref()
+                .and_then(|r| decode_message(&r.payload))
+                .map(|m| m.yiaddr())
+                .filter(|a| !a.is_unspecified());
+            handled.seen = Some(Seen {
+                mac: hardware,
+                kind: client,
+                address,
+            });
+        }
         match handled.sent {
             Some(MessageType::Offer) => self.stats.offers += 1,
             Some(MessageType::Ack) => self.stats.acks += 1,

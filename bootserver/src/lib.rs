@@ -2,12 +2,15 @@
 //! into the diskcast agent.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod api;
 pub mod classify;
 pub mod config;
 pub mod deploy;
 pub mod dhcp_server;
 pub mod http;
 pub mod ipxe;
+pub mod lab;
 pub mod leases;
 pub mod router_advert;
 pub mod serve;

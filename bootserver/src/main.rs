@@ -1,8 +1,8 @@
 //! `bootserver`: DHCP, TFTP and HTTP for network-booting the diskcast agent.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use diskcast_bootserver::admin;
 use diskcast_bootserver::config::{Config, DhcpMode};
-use diskcast_bootserver::ipxe::BootScript;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -198,16 +198,45 @@ enum Command {
     Serve(ConfigArgs),
     /// Check the configuration and exit.
     CheckConfig(ConfigArgs),
-    /// Print the iPXE script a machine would get.
+    /// Print the iPXE script a machine would get now (changes nothing).
     Script {
         #[command(flatten)]
         config: ConfigArgs,
         /// The machine's MAC address.
         #[arg(long)]
         mac: String,
-        /// The server address to put in the script.
-        #[arg(long, default_value = "10.77.0.1")]
-        server: Ipv4Addr,
+    },
+    /// The lab's machines: known (registered) and discovered.
+    Machines {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: admin::MachinesCommand,
+    },
+    /// Create, show or cancel a one-shot task.
+    Task {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        command: admin::TaskCommand,
+    },
+    /// Open tasks (--all: the history too).
+    Tasks {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print the API's admin token (made on first use, in the state directory).
+    Token {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Send Wake-on-LAN packets to machines (MAC, NAME or @GROUP).
+    Wake {
+        #[command(flatten)]
+        config: ConfigArgs,
+        target: String,
     },
     /// Manage the image store.
     Images {
@@ -341,23 +370,12 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Script {
-            config,
-            mac,
-            server,
-        } => {
-            let loaded = load(&config)?;
-            let mac: diskcast_proto::mac::MacAddr = mac.parse()?;
-            let agent = loaded.agent_config_for(Some(mac), Some(server));
-            let script = BootScript {
-                base_url: format!("http://{server}:{}", loaded.http_port),
-                mac: mac.to_string(),
-                kernel_args: loaded.boot.kernel_args.clone(),
-                agent,
-            };
-            print!("{}", script.render());
-            Ok(())
-        }
+        Command::Script { config, mac } => admin::script(load(&config)?, &mac),
+        Command::Machines { config, command } => admin::machines(load(&config)?, command),
+        Command::Task { config, command } => admin::task(load(&config)?, command),
+        Command::Tasks { config, all } => admin::tasks(load(&config)?, all),
+        Command::Token { config } => admin::token(&load(&config)?),
+        Command::Wake { config, target } => admin::wake(load(&config)?, &target),
         Command::Images { store, command } => {
             let create = matches!(command, ImagesCommand::Import { .. });
             images(&store.open(create)?, command)

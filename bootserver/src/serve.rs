@@ -2,14 +2,14 @@
 
 use crate::config::{Config, ConfigError, DhcpMode};
 use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
-use crate::dhcp_server::{Handled, LeaseChange, Reply, MAX_MESSAGE};
+use crate::dhcp_server::{Handled, LeaseChange, Reply, Seen, MAX_MESSAGE};
 use crate::http::{self, HttpLimits};
+use crate::lab::{Lab, LabError};
 use crate::leases::{Lease, LeaseTable};
 use crate::store::{Store, StoreError};
 use crate::tftp::{self, ConfinedDir, TftpError, TftpLimits};
 use crate::web::{self, WebState};
 use diskcast_registry::{Error as RegistryError, Registry};
-use diskcast_transport::send::SendOptions;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -52,6 +52,8 @@ pub enum ServeError {
     },
     #[error("opening the server's registry")]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Lab(#[from] LabError),
     #[error(transparent)]
     Tftp(#[from] TftpError),
     #[error(transparent)]
@@ -133,6 +135,9 @@ fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, regi
         if let Some(summary) = &handled.summary {
             log::info!("{summary}");
         }
+        if let Some(seen) = handled.seen {
+            record_sighting(&registry, seen);
+        }
         let reply = answer_after_saving(handled, |change| save_lease(&registry, change));
         if let Some(reply) = reply {
             let to = match reply.to {
@@ -162,6 +167,34 @@ pub fn answer_after_saving(
         }
     }
     handled.reply
+}
+
+/// Every machine that network-boots (and every agent) is in the registry, known or discovered.
+fn record_sighting(registry: &Registry, seen: Seen) {
+    use crate::classify::{Arch, ClientKind};
+    use diskcast_registry::{Firmware, Sighting, Via};
+    let firmware = |arch: Arch| match arch {
+        Arch::Bios => Firmware::Bios,
+        Arch::Uefi64 => Firmware::Uefi,
+        Arch::Other(_) => Firmware::Unknown,
+    };
+    let (firmware, via) = match seen.kind {
+        ClientKind::Pxe(arch) => (firmware(arch), Via::Pxe),
+        ClientKind::Ipxe(arch) => (firmware(arch), Via::Ipxe),
+        ClientKind::Agent | ClientKind::Other => (Firmware::Unknown, Via::Agent),
+    };
+    let sighting = Sighting {
+        firmware,
+        address: seen.address,
+        via,
+    };
+    if let Err(e) = registry.observe(seen.mac, sighting, unix_now()) {
+        log::error!(
+            "lab: recording {}: {}",
+            seen.mac,
+            diskcast_proto::error_chain(&e)
+        );
+    }
 }
 
 fn save_lease(registry: &Registry, change: &LeaseChange) -> Result<(), RegistryError> {
@@ -384,37 +417,29 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             stale.display()
         );
     }
-    for deploy in &config.deploys {
-        let mut opts = SendOptions::new(
-            Some(config.interface.clone()),
-            config.session_group(),
-            deploy.port,
-        );
-        opts.min_receivers = deploy.min_receivers;
-        opts.start_timeout = deploy.start_timeout;
-        opts.deadline = deploy.deadline;
-        if let Some(rate) = deploy.rate {
-            opts.max_rate = rate;
-        }
-        let (store, name) = (store.clone(), deploy.image.clone());
-        log::info!(
-            "deploy: serving image {name:?} to its slaves on {}:{}",
-            opts.group,
-            opts.port
-        );
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("deploy-{name}"))
-                .spawn(move || crate::deploy::deploy_forever(store, name, opts)),
-        );
-    }
-    let app = web::router(Arc::new(WebState {
-        config,
-        server_ip,
-        dhcp,
-        store,
-        tftp: tftp_stats,
-    }));
+    let interface = config.interface.clone();
+    let admin_token = crate::lab::admin_token(&config.state_dir)?;
+    let lab = Arc::new(Lab::new(config, registry, store, server_ip));
+    lab.register_configured_machines(unix_now())?;
+    let manager = Arc::clone(&lab);
+    threads.push(
+        std::thread::Builder::new()
+            .name("lab".into())
+            .spawn(move || crate::lab::sessions::manage(manager)),
+    );
+    let api = crate::api::ApiState {
+        lab: Arc::clone(&lab),
+        admin_token: admin_token.into(),
+    };
+    let app = web::router(
+        Arc::new(WebState {
+            lab,
+            dhcp,
+            tftp: tftp_stats,
+        }),
+        api,
+    );
+    log::info!("lab: serving on {interface}; `bootserver token` prints the API's admin token");
     runtime.spawn(http::serve(listener, app, HttpLimits::default()));
     for thread in &threads {
         if let Err(e) = thread {

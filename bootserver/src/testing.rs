@@ -45,3 +45,61 @@ impl Drop for TinyFs {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A whole HTTP side of the server (boot files, scripts, status, uploads, API) on 127.0.0.1
+/// with its state in a fresh directory, the example config plus `extra`. Returns its address,
+/// the lab and the admin token.
+pub fn web_server(
+    tag: &str,
+    extra: &str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<crate::lab::Lab>,
+    String,
+) {
+    use crate::config::Config;
+    use crate::dhcp_server::{DhcpServer, Settings};
+    use crate::leases::LeaseTable;
+    use std::net::Ipv4Addr;
+    use std::sync::{Arc, Mutex};
+    let dir = std::env::temp_dir().join(format!("diskcast-web-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = include_str!("../bootserver.example.toml")
+        .replace("/var/lib/diskcast", &dir.display().to_string())
+        + extra;
+    let config = Config::from_text(&text, Path::new("test.toml")).unwrap();
+    std::fs::create_dir_all(&config.state_dir).unwrap();
+    let store = crate::store::Store::open(&config.store_dir).unwrap();
+    let registry = diskcast_registry::Registry::open_in(&config.state_dir).unwrap();
+    let token = crate::lab::admin_token(&config.state_dir).unwrap();
+    let settings = Settings {
+        mode: config.dhcp.mode,
+        server: Ipv4Addr::new(10, 77, 0, 1),
+        range: config.dhcp.range,
+        netmask: config.dhcp.netmask,
+        router: None,
+        dns: Vec::new(),
+        lease_secs: 600,
+        reservations: Default::default(),
+        uefi_loader: config.boot.uefi_loader,
+        http_port: config.http_port,
+    };
+    let lab = Arc::new(crate::lab::Lab::new(
+        config,
+        registry,
+        store,
+        Ipv4Addr::new(10, 77, 0, 1),
+    ));
+    lab.register_configured_machines(1).unwrap();
+    let state = Arc::new(crate::web::WebState {
+        lab: Arc::clone(&lab),
+        dhcp: Arc::new(Mutex::new(DhcpServer::new(settings, LeaseTable::default()))),
+        tftp: Default::default(),
+    });
+    let api = crate::api::ApiState {
+        lab: Arc::clone(&lab),
+        admin_token: token.clone().into(),
+    };
+    let addr = crate::http::tests::start(crate::web::router(state, api), Default::default());
+    (addr, lab, token)
+}

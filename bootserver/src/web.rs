@@ -1,10 +1,10 @@
 //! What the bootserver answers over HTTP: the kernel and initramfs, each machine's iPXE script,
 //! `/status`, and image uploads into the store (`PUT /images/NAME`, what a capture sends).
 
-use crate::config::Config;
 use crate::dhcp_server::DhcpServer;
 use crate::http::ClientAddr;
-use crate::ipxe::{BootScript, INITRD_NAME};
+use crate::ipxe::INITRD_NAME;
+use crate::lab::Lab;
 use crate::store::{ImageSummary, Store, StoreError};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -15,7 +15,6 @@ use axum::{Extension, Router};
 use diskcast_proto::image_file::ImageFileError;
 use diskcast_proto::mac::MacAddr;
 use http_body_util::BodyExt;
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tower_http::services::ServeFile;
@@ -23,29 +22,29 @@ use tower_http::services::ServeFile;
 /// What the routes need.
 #[derive(Debug)]
 pub struct WebState {
-    pub config: Config,
-    pub server_ip: Ipv4Addr,
+    pub lab: Arc<Lab>,
     pub dhcp: Arc<Mutex<DhcpServer>>,
-    pub store: Store,
     pub tftp: Arc<crate::tftp::TftpStats>,
 }
 
 /// A capture pauses while it reads a region of zeros: an upload may be silent this long.
 const UPLOAD_IDLE: Duration = Duration::from_secs(300);
 
-pub fn router(state: Arc<WebState>) -> Router {
-    let boot = &state.config.boot;
+pub fn router(state: Arc<WebState>, api: crate::api::ApiState) -> Router {
+    let boot = &state.lab.config.boot;
     Router::new()
         .route_service("/boot/vmlinuz", ServeFile::new(&boot.kernel))
         .route_service(
             &format!("/boot/{INITRD_NAME}"),
             ServeFile::new(&boot.initramfs),
         )
+        .route_service("/boot/localboot.efi", ServeFile::new(&boot.local_boot_efi))
         .route("/boot/{script}", get(script))
         .route("/status", get(status))
         .route("/images/{name}", put(upload))
-        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+        .merge(crate::api::router(api))
+        .layer(axum::middleware::from_fn(log_request))
 }
 
 /// One log line per request: client, method, path, status.
@@ -72,7 +71,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
-/// `GET /boot/MAC.ipxe`: the machine's script, its agent settings on the kernel line.
+/// `GET /boot/MAC.ipxe`: the agent for the machine's open task, or its local disk.
 async fn script(State(state): State<Arc<WebState>>, Path(file): Path<String>) -> Response {
     let Some(mac) = file
         .strip_suffix(".ipxe")
@@ -80,16 +79,22 @@ async fn script(State(state): State<Arc<WebState>>, Path(file): Path<String>) ->
     else {
         return text(StatusCode::NOT_FOUND, "not found");
     };
-    let agent = state
-        .config
-        .agent_config_for(Some(mac), Some(state.server_ip));
-    let script = BootScript {
-        base_url: format!("http://{}:{}", state.server_ip, state.config.http_port),
-        mac: mac.to_string(),
-        kernel_args: state.config.boot.kernel_args.clone(),
-        agent,
-    };
-    text(StatusCode::OK, script.render())
+    let lab = Arc::clone(&state.lab);
+    let script = tokio::task::spawn_blocking(move || lab.boot_script(mac, crate::unix_now())).await;
+    match script {
+        Ok(Ok(script)) => text(StatusCode::OK, script),
+        Ok(Err(e)) => {
+            log::error!(
+                "lab: no boot script for {mac}: {}",
+                diskcast_proto::error_chain(&e)
+            );
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no boot script: the server's log says why",
+            )
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// The first 16 hex digits of an image hash, as `images list` shows them.
@@ -113,7 +118,7 @@ async fn status(State(state): State<Arc<WebState>>) -> Response {
         Err(_) => serde_json::json!({ "error": "the DHCP server crashed" }),
     };
     let listing = {
-        let store = state.store.clone();
+        let store = state.lab.store.clone();
         tokio::task::spawn_blocking(move || store.list())
             .await
             .ok()
@@ -131,23 +136,10 @@ async fn status(State(state): State<Arc<WebState>>) -> Response {
             Err(e) => serde_json::json!({ "error": public_reason(&e) }),
         })
         .collect();
-    let deploys: Vec<serde_json::Value> = state
-        .config
-        .deploys
-        .iter()
-        .map(|d| {
-            serde_json::json!({
-                "image": d.image,
-                "group": state.config.session_group().to_string(),
-                "port": d.port,
-                "min_receivers": d.min_receivers,
-            })
-        })
-        .collect();
     let mut body = dhcp;
     body["tftp"] = serde_json::to_value(state.tftp.snapshot()).unwrap_or_default();
     body["images"] = serde_json::Value::Array(images);
-    body["deploys"] = serde_json::Value::Array(deploys);
+    body["sessions"] = serde_json::to_value(state.lab.sessions.views()).unwrap_or_default();
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -229,13 +221,13 @@ async fn upload(
     Extension(ClientAddr(client)): Extension<ClientAddr>,
     body: Body,
 ) -> Response {
-    if let Err(e) = state.store.check_free(&name) {
+    if let Err(e) = state.lab.store.check_free(&name) {
         return store_refusal(&e);
     }
     log::info!("store: receiving image {name:?} from {client}");
     let started = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(8);
-    let store = state.store.clone();
+    let store = state.lab.store.clone();
     let image = name.clone();
     let writer = tokio::task::spawn_blocking(move || write_upload(&store, &image, rx));
     let mut body = body;
@@ -276,7 +268,7 @@ async fn upload(
         (UploadEnd::Write(e), _) => {
             log::error!(
                 "store: writing image {name:?} into {}: {e}; nothing stored",
-                state.store.dir().display()
+                state.lab.store.dir().display()
             );
             text(
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -333,42 +325,14 @@ fn write_upload(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dhcp_server::{DhcpServer, Settings};
-    use crate::http::tests::{exchange_from, start};
-    use crate::http::HttpLimits;
-    use crate::leases::LeaseTable;
+    use crate::http::tests::exchange_from;
     use diskcast_proto::image_file::{ImageWriter, Metadata};
     use std::io::{Read, Write};
 
-    const EXAMPLE: &str = include_str!("../bootserver.example.toml");
-
     /// A server with a store in a fresh directory; returns its address and the store.
     fn server(tag: &str) -> (SocketAddr, Store) {
-        let dir = std::env::temp_dir().join(format!("diskcast-web-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let text = EXAMPLE.replace("/var/lib/diskcast", &dir.display().to_string());
-        let config = Config::from_text(&text, std::path::Path::new("test.toml")).unwrap();
-        let store = Store::open(&config.store_dir).unwrap();
-        let settings = Settings {
-            mode: config.dhcp.mode,
-            server: Ipv4Addr::new(10, 77, 0, 1),
-            range: config.dhcp.range,
-            netmask: config.dhcp.netmask,
-            router: None,
-            dns: Vec::new(),
-            lease_secs: 600,
-            reservations: Default::default(),
-            uefi_loader: config.boot.uefi_loader,
-            http_port: config.http_port,
-        };
-        let state = Arc::new(WebState {
-            config,
-            server_ip: Ipv4Addr::new(10, 77, 0, 1),
-            dhcp: Arc::new(Mutex::new(DhcpServer::new(settings, LeaseTable::default()))),
-            store: store.clone(),
-            tftp: Default::default(),
-        });
-        (start(router(state), HttpLimits::default()), store)
+        let (addr, lab, _) = crate::testing::web_server(tag, "");
+        (addr, lab.store.clone())
     }
 
     use std::net::SocketAddr;

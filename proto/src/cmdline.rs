@@ -130,6 +130,32 @@ pub struct BootConfig {
     /// Read more settings from `diskcast.cfg` on the boot medium (a USB stick), which an admin
     /// edits on any computer; they override the kernel command line.
     pub settings_from_boot_medium: bool,
+    /// The bootserver's task this boot carries out, and the secret the agent's reports about it
+    /// prove themselves with (reported to `server:store_port`).
+    pub task: Option<TaskRef>,
+}
+
+/// A task of the bootserver's, as its agent knows it: `diskcast.task=ID` and `diskcast.token=HEX`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TaskRef {
+    pub id: u64,
+    /// 64 hex digits.
+    pub token: String,
+}
+
+impl fmt::Debug for TaskRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token is a secret: it stays out of logs and debug output.
+        write!(f, "TaskRef {{ id: {}, token: … }}", self.id)
+    }
+}
+
+/// A task token: 64 lower-case hex digits.
+pub fn valid_token(token: &str) -> bool {
+    token.len() == 64
+        && token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Which disk a role works on. Device order is not stable, so labs name disks by serial.
@@ -214,12 +240,13 @@ impl Default for BootConfig {
             image: None,
             store_port: 8080,
             settings_from_boot_medium: false,
+            task: None,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token";
 
 impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
@@ -244,7 +271,19 @@ impl BootConfig {
             }
             config.set(key, value)?;
         }
+        config.finish_task()?;
         Ok(config)
+    }
+
+    /// `task` and `token` come as a pair.
+    fn finish_task(&mut self) -> Result<(), CmdlineError> {
+        match &self.task {
+            Some(task) if task.token.is_empty() => Err(CmdlineError::MissingValue {
+                key: "token".into(),
+            }),
+            Some(task) if task.id == 0 => Err(CmdlineError::MissingValue { key: "task".into() }),
+            _ => Ok(()),
+        }
     }
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), CmdlineError> {
@@ -362,6 +401,30 @@ impl BootConfig {
                     _ => return Err(invalid(key, value, "`boot-medium` or `cmdline`")),
                 }
             }
+            "task" => {
+                let id = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| invalid(key, value, "a task number"))?;
+                self.task
+                    .get_or_insert(TaskRef {
+                        id: 0,
+                        token: String::new(),
+                    })
+                    .id = id;
+            }
+            "token" => {
+                if !valid_token(value) {
+                    return Err(invalid(key, "…", "64 lower-case hex digits"));
+                }
+                self.task
+                    .get_or_insert(TaskRef {
+                        id: 0,
+                        token: String::new(),
+                    })
+                    .token = value.into();
+            }
             "store_port" => {
                 self.store_port = value
                     .parse()
@@ -463,6 +526,10 @@ impl BootConfig {
         if self.settings_from_boot_medium {
             words.push(format!("{PREFIX}settings=boot-medium"));
         }
+        if let Some(task) = &self.task {
+            words.push(format!("{PREFIX}task={}", task.id));
+            words.push(format!("{PREFIX}token={}", task.token));
+        }
         words.join(" ")
     }
 }
@@ -490,6 +557,10 @@ mod tests {
             image: Some("golden-2026.11".into()),
             store_port: 8181,
             settings_from_boot_medium: true,
+            task: Some(TaskRef {
+                id: 42,
+                token: "ab".repeat(32),
+            }),
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -585,6 +656,27 @@ mod tests {
     fn foreign_parameters_are_ignored() {
         let config = BootConfig::parse("root=/dev/sda1 ro initrd=initramfs.img").unwrap();
         assert_eq!(config, BootConfig::default());
+    }
+
+    #[test]
+    fn a_task_needs_both_its_number_and_its_token() {
+        let token = "0f".repeat(32);
+        let both = BootConfig::parse(&format!("diskcast.task=7 diskcast.token={token}")).unwrap();
+        assert_eq!(both.task.as_ref().map(|t| t.id), Some(7));
+        assert!(
+            !format!("{both:?}").contains(&token),
+            "the token stays out of debug output"
+        );
+        assert!(BootConfig::parse("diskcast.task=7").is_err());
+        assert!(BootConfig::parse(&format!("diskcast.token={token}")).is_err());
+        assert!(BootConfig::parse("diskcast.task=7 diskcast.token=XYZ").is_err());
+        let err = BootConfig::parse(&format!(
+            "diskcast.task=7 diskcast.token={}",
+            "G".repeat(64)
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("GGGG"), "a bad token is not echoed: {err}");
     }
 
     #[test]

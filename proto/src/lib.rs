@@ -8,7 +8,7 @@
 //!   a simulator drives whole sessions through a lossy virtual network in the tests;
 //! - the boot contract: the agent's kernel command line ([`cmdline`]), the DHCP client and the
 //!   agent's vendor class ([`dhcp`]), the kernel module index the initramfs carries
-//!   ([`modindex`]);
+//!   ([`modindex`]), and what the agent reports about its task ([`report`]);
 //! - small shared types: [`mac::MacAddr`], [`units::human_size`], a seeded [`rng::XorShift`].
 //!
 //! No sockets, no files opened, no clock read here: callers pass `now` in and own every edge.
@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod modindex;
 pub mod pacer;
 pub mod receiver;
+pub mod report;
 pub mod rng;
 pub mod sender;
 pub mod units;

@@ -681,6 +681,30 @@ impl Registry {
         )
     }
 
+    /// A fresh token for open task `id`, replacing the one before: the bootserver issues one per
+    /// boot of the task's machine, so the registry never holds a usable secret and an agent of an
+    /// earlier boot can no longer report.
+    pub fn issue_token(&self, id: TaskId) -> Result<TaskToken> {
+        let token = random_token()?;
+        self.write(
+            || format!("issuing a token for task {id}"),
+            |tx| {
+                let task = must_get(tx, id)?;
+                if !task.state.is_open() {
+                    return Err(Error::IllegalTransition {
+                        task: id,
+                        from: task.state,
+                        action: "issuing a token",
+                    });
+                }
+                tx.prepare_cached("UPDATE tasks SET token_hash = ?2 WHERE id = ?1")?
+                    .execute(params![id, blake3::hash(&token).as_bytes()])?;
+                Ok(())
+            },
+        )?;
+        Ok(TaskToken(hex(&token)))
+    }
+
     /// The task this token belongs to (in any state); `None` for an unknown or malformed token.
     pub fn task_by_token(&self, token: &str) -> Result<Option<Task>> {
         let Some(bytes) = unhex32(token) else {

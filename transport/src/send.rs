@@ -3,7 +3,9 @@
 
 use crate::socket::{self, NetError};
 use diskcast_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
-use diskcast_proto::sender::{ChunkSource, Outcome, Phase, ReceiverReport, Sender, SenderConfig};
+use diskcast_proto::sender::{
+    ChunkSource, Outcome, Phase, ReceiverReport, Sender, SenderConfig, SenderEvent,
+};
 use diskcast_proto::units::Rate;
 use diskcast_proto::wire::{Destination, ReceiverState};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -17,6 +19,8 @@ pub enum SendError {
     Io(#[from] std::io::Error),
     #[error("no receiver joined within the start timeout")]
     NoReceivers,
+    #[error("the image is empty (0 bytes): there is nothing to send")]
+    EmptyImage,
     #[error("reading the source failed: {0}")]
     Source(String),
     #[error("{failed} of {total} receivers failed")]
@@ -97,6 +101,19 @@ impl SendSummary {
     }
 }
 
+/// What a caller watches of a running session: the sender about once a second, and each event
+/// as it happens. A closure `FnMut(&Sender)` watches progress only.
+pub trait Observer {
+    fn progress(&mut self, _sender: &Sender) {}
+    fn event(&mut self, _sender: &Sender, _event: &SenderEvent) {}
+}
+
+impl<F: FnMut(&Sender)> Observer for F {
+    fn progress(&mut self, sender: &Sender) {
+        self(sender)
+    }
+}
+
 /// How often the caller's progress view is refreshed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Datagrams sent between two looks at the receivers' reports.
@@ -104,13 +121,16 @@ const LISTEN_EVERY: u32 = 64;
 
 /// Multicasts an image described by `manifest` whose chunks `source` serves (raw from a disk,
 /// or stored, possibly compressed, from an image file) until every receiver is done or failed.
-/// `progress` sees the sender about once a second.
+/// `observer` sees the sender about once a second and every event.
 pub fn multicast(
     opts: &SendOptions,
     manifest: Manifest,
     source: &mut dyn ChunkSource,
-    mut progress: impl FnMut(&Sender),
+    mut observer: impl Observer,
 ) -> Result<SendSummary, SendError> {
+    if manifest.image_size == 0 {
+        return Err(SendError::EmptyImage);
+    }
     if !opts.group.is_multicast() {
         return Err(NetError::NotMulticast(opts.group).into());
     }
@@ -168,6 +188,7 @@ pub fn multicast(
         batch.flush(&socket)?;
         while let Some(event) = sender.poll_event() {
             log::debug!("session {session:08x}: {event:?}");
+            observer.event(&sender, &event);
         }
         if sender.phase() == Phase::Ended {
             break;
@@ -175,7 +196,7 @@ pub fn multicast(
         hear(&mut sender, &mut buf);
         let now = Instant::now();
         if now >= next_progress {
-            progress(&sender);
+            observer.progress(&sender);
             next_progress = now + PROGRESS_EVERY;
         }
         let wake = sender

@@ -468,3 +468,21 @@ fn tasks_for_a_group_are_created_all_or_none() {
         );
     }
 }
+
+#[test]
+fn a_token_issued_for_a_new_boot_replaces_the_old_one() {
+    let (_dir, reg) = registry("issue-token");
+    let mac = seen(&reg, 1);
+    let (task, first) = reg.create_task(deploy(mac, "golden"), 100).unwrap();
+    let second = reg.issue_token(task.id).unwrap();
+    assert!(reg.task_by_token(first.as_str()).unwrap().is_none());
+    assert_eq!(
+        reg.task_by_token(second.as_str()).unwrap().unwrap().id,
+        task.id
+    );
+    reg.cancel(task.id, 200).unwrap();
+    assert!(matches!(
+        reg.issue_token(task.id),
+        Err(Error::IllegalTransition { .. })
+    ));
+}

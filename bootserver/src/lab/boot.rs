@@ -1,0 +1,263 @@
+//! What a machine boots when its iPXE asks for its script: the agent for its open task, or its
+//! local disk.
+
+use super::{Lab, LabError};
+use crate::config::{LocalBoot, UnknownMachines};
+use crate::ipxe::BootScript;
+use diskcast_proto::cmdline::{BootConfig, DiskSelector, Role, TaskRef};
+use diskcast_proto::mac::MacAddr;
+use diskcast_registry::{Firmware, NewTask, Sighting, Task, TaskKind, Via};
+use serde::{Deserialize, Serialize};
+
+/// What a task was created with, beyond its kind: kept as JSON in the registry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskOptions {
+    /// The disk to work on (`serial:...`, `name:...`, `size:...`, `only`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// `master`: receivers to wait for, seconds to wait, MB/s at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_receivers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+}
+
+/// The answer to one machine's boot.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BootPlan {
+    /// The agent, carrying out `task`.
+    Agent { task: Task, agent: Box<BootConfig> },
+    /// No task: its local disk, by these methods on BIOS and UEFI.
+    Local {
+        bios: LocalBoot,
+        uefi: LocalBoot,
+        why: &'static str,
+    },
+}
+
+impl Lab {
+    /// Decides what `mac` boots now (and records that it asked).
+    pub fn boot_plan(&self, mac: MacAddr, now: u64) -> Result<BootPlan, LabError> {
+        let machine = match self.registry.machine(mac)? {
+            Some(machine) => machine,
+            None => self.registry.observe(
+                mac,
+                Sighting {
+                    firmware: Firmware::Unknown,
+                    address: None,
+                    via: Via::Ipxe,
+                },
+                now,
+            )?,
+        };
+        let task = match self.registry.open_task_for(mac)? {
+            Some(task) => Some(task),
+            // A machine nobody registered is never given work that writes; the lab may want to
+            // know what it has, once.
+            None if !machine.known
+                && self.config.lab.unknown_machines == UnknownMachines::Inventory
+                && machine.inventory.is_none() =>
+            {
+                let (task, _) = self.registry.create_task(
+                    NewTask {
+                        mac,
+                        kind: TaskKind::Inventory,
+                        options: "{}".into(),
+                        timeout_secs: self.config.lab.task_timeout.as_secs(),
+                    },
+                    now,
+                )?;
+                log::info!("lab: {mac} is unknown: inventory task {} for it", task.id);
+                Some(task)
+            }
+            None => None,
+        };
+        let Some(task) = task else {
+            let (bios, uefi) = self.local_boot(mac, machine.local_boot.as_deref());
+            let why = if machine.known {
+                "no task for this machine"
+            } else {
+                "this machine is not registered: nothing of it is touched"
+            };
+            return Ok(BootPlan::Local { bios, uefi, why });
+        };
+        let token = self.registry.issue_token(task.id)?;
+        let options: TaskOptions = serde_json::from_str(&task.options).unwrap_or_default();
+        let agent = self.agent_for(
+            &task,
+            &options,
+            machine.disk.as_deref(),
+            token.into_string(),
+        );
+        Ok(BootPlan::Agent {
+            task,
+            agent: Box::new(agent),
+        })
+    }
+
+    fn local_boot(&self, mac: MacAddr, registered: Option<&str>) -> (LocalBoot, LocalBoot) {
+        match registered.and_then(LocalBoot::parse) {
+            Some(method) => (method, method),
+            None => self.config.local_boot(mac),
+        }
+    }
+
+    /// The agent's settings for `task`: the role its kind means, where to report.
+    fn agent_for(
+        &self,
+        task: &Task,
+        options: &TaskOptions,
+        machine_disk: Option<&str>,
+        token: String,
+    ) -> BootConfig {
+        let a = &self.config.agent;
+        let disk = options
+            .disk
+            .as_deref()
+            .or(machine_disk)
+            .and_then(DiskSelector::parse)
+            .unwrap_or_else(|| a.disk.clone());
+        let mut agent = BootConfig {
+            role: Role::Inventory,
+            server: Some(self.server_ip),
+            on_error: a.on_error,
+            on_done: a.on_done,
+            log_level: a.log_level,
+            disk,
+            group: a.group,
+            port: a.port,
+            store_port: self.config.http_port,
+            task: Some(TaskRef {
+                id: task.id as u64,
+                token,
+            }),
+            ..BootConfig::default()
+        };
+        match &task.kind {
+            TaskKind::Deploy { image } => {
+                let session = self.config.image_session(image);
+                agent.role = Role::Slave;
+                agent.group = session.group;
+                agent.port = session.port;
+            }
+            TaskKind::Receive => agent.role = Role::Slave,
+            TaskKind::Capture { image } => {
+                agent.role = Role::Capture;
+                agent.image = Some(image.clone());
+            }
+            TaskKind::Master => {
+                agent.role = Role::Master;
+                agent.min_receivers = options.min_receivers.unwrap_or(a.min_receivers).max(1);
+                agent.start_timeout_secs = options.start_timeout.or(a.start_timeout_secs);
+                agent.rate_mbps = options.rate.or(a.rate_mbps);
+            }
+            TaskKind::Inventory => {}
+        }
+        agent
+    }
+
+    /// What `mac` would boot now, changing nothing (no token issued, no task created): for
+    /// `bootserver script`.
+    pub fn preview_script(&self, mac: MacAddr) -> Result<String, LabError> {
+        let base_url = format!("http://{}:{}", self.server_ip, self.config.http_port);
+        let machine = self.registry.machine(mac)?;
+        let known = machine.as_ref().is_some_and(|m| m.known);
+        match self.registry.open_task_for(mac)? {
+            Some(task) => {
+                let options: TaskOptions = serde_json::from_str(&task.options).unwrap_or_default();
+                let disk = machine.as_ref().and_then(|m| m.disk.as_deref());
+                // The real token is issued when the machine boots.
+                let agent = self.agent_for(&task, &options, disk, "0".repeat(64));
+                Ok(format!(
+                    "# task {} ({}); the token is issued when the machine boots\n{}",
+                    task.id,
+                    task_label(&task),
+                    BootScript {
+                        base_url,
+                        mac: mac.to_string(),
+                        kernel_args: self.config.boot.kernel_args.clone(),
+                        agent,
+                    }
+                    .render()
+                ))
+            }
+            None => {
+                let (bios, uefi) =
+                    self.local_boot(mac, machine.as_ref().and_then(|m| m.local_boot.as_deref()));
+                let why = if known {
+                    "no task for this machine"
+                } else if self.config.lab.unknown_machines == UnknownMachines::Inventory {
+                    "unknown: it would run an inventory first"
+                } else {
+                    "this machine is not registered: nothing of it is touched"
+                };
+                Ok(local_boot_script(&base_url, why, bios, uefi))
+            }
+        }
+    }
+
+    /// The iPXE script for `mac`.
+    pub fn boot_script(&self, mac: MacAddr, now: u64) -> Result<String, LabError> {
+        let base_url = format!("http://{}:{}", self.server_ip, self.config.http_port);
+        Ok(match self.boot_plan(mac, now)? {
+            BootPlan::Agent { task, agent } => {
+                log::info!(
+                    "lab: {mac} boots the agent for task {} ({})",
+                    task.id,
+                    task_label(&task)
+                );
+                BootScript {
+                    base_url,
+                    mac: mac.to_string(),
+                    kernel_args: self.config.boot.kernel_args.clone(),
+                    agent: *agent,
+                }
+                .render()
+            }
+            BootPlan::Local { bios, uefi, why } => {
+                log::info!("lab: {mac} boots its local disk ({why})");
+                local_boot_script(&base_url, why, bios, uefi)
+            }
+        })
+    }
+}
+
+/// `deploy golden`, `capture REF-1`, `inventory`...
+pub fn task_label(task: &Task) -> String {
+    match &task.kind {
+        TaskKind::Deploy { image } => format!("deploy {image}"),
+        TaskKind::Capture { image } => format!("capture as {image}"),
+        TaskKind::Inventory => "inventory".into(),
+        TaskKind::Receive => "receive from a peer master".into(),
+        TaskKind::Master => "master: send its disk".into(),
+    }
+}
+
+/// The iPXE script that hands a machine to its local disk: `sanboot` of the first BIOS disk, or
+/// on UEFI (where iPXE cannot sanboot a local disk) a GRUB image that finds the disk's EFI
+/// loader; `exit` returns to the firmware.
+pub fn local_boot_script(base_url: &str, why: &str, bios: LocalBoot, uefi: LocalBoot) -> String {
+    let step = |method: LocalBoot| match method {
+        LocalBoot::Sanboot => "sanboot --no-describe --drive 0x80 || goto failed".to_string(),
+        LocalBoot::Exit => "exit 1".to_string(),
+        LocalBoot::Grub => format!("chain {base_url}/boot/localboot.efi || goto failed"),
+    };
+    format!(
+        "#!ipxe\n\
+         echo diskcast: {why}: booting its local disk\n\
+         iseq ${{platform}} efi && goto efi ||\n\
+         {bios}\n\
+         goto failed\n\
+         :efi\n\
+         {uefi}\n\
+         :failed\n\
+         echo diskcast: booting the local disk failed\n\
+         sleep 30\n\
+         exit 1\n",
+        bios = step(bios),
+        uefi = step(uefi),
+    )
+}

@@ -1,0 +1,355 @@
+//! Deploy sessions started by tasks: while machines have open deploy tasks for an image, a
+//! session multicasts it to them. It starts when all of them joined (or after the start
+//! timeout, with whoever did), reports each machine's progress and result into its task, and
+//! ends; machines still left (they joined late, or failed) get the next session.
+
+use super::Lab;
+use crate::store::ImageSummary;
+use diskcast_proto::mac::MacAddr;
+use diskcast_proto::sender::{ReceiverFailure, Sender, SenderEvent};
+use diskcast_proto::wire::ReceiverState;
+use diskcast_registry::{Progress, Report, Step, TaskFilter, TaskKind};
+use diskcast_transport::send::{self, Observer, SendOptions};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Live views of the running sessions, by image: what the API and the web console show.
+#[derive(Debug, Default, Clone)]
+pub struct Sessions {
+    running: Arc<Mutex<BTreeMap<String, SessionView>>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionView {
+    pub image: String,
+    pub group: String,
+    pub port: u16,
+    /// `waiting` for its machines, `sending`, or `ended`.
+    pub phase: &'static str,
+    pub waiting_for: u32,
+    pub rate_mbps: f64,
+    pub receivers: Vec<ReceiverView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReceiverView {
+    pub mac: String,
+    pub address: Option<String>,
+    pub state: &'static str,
+    pub percent: f64,
+    pub mb_per_s: f64,
+    pub repairs: u64,
+    pub failure: Option<String>,
+}
+
+impl Sessions {
+    pub fn views(&self) -> Vec<SessionView> {
+        self.running
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn is_running(&self, image: &str) -> bool {
+        self.running.lock().is_ok_and(|r| r.contains_key(image))
+    }
+
+    fn update(&self, view: SessionView) {
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(view.image.clone(), view);
+        }
+    }
+
+    fn end(&self, image: &str) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(image);
+        }
+    }
+}
+
+/// How often the manager looks for deploy tasks without a session.
+const POLL: Duration = Duration::from_secs(2);
+/// A task's progress is written to the registry at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs forever: starts a session for every image with open deploy tasks and none running, and
+/// times out silent tasks.
+pub fn manage(lab: Arc<Lab>) {
+    let mut told_missing: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let now = crate::unix_now();
+        match lab.registry.expire(now) {
+            Ok(expired) => {
+                for task in expired {
+                    log::warn!(
+                        "lab: task {} for {} timed out ({} s without a word from the machine)",
+                        task.id,
+                        task.mac,
+                        task.timeout_secs
+                    );
+                }
+            }
+            Err(e) => log::error!("lab: timing out tasks: {}", diskcast_proto::error_chain(&e)),
+        }
+        let open = lab.registry.tasks(TaskFilter {
+            open_only: true,
+            ..TaskFilter::default()
+        });
+        let open = match open {
+            Ok(open) => open,
+            Err(e) => {
+                log::error!("lab: listing tasks: {}", diskcast_proto::error_chain(&e));
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let mut by_image: BTreeMap<String, Vec<MacAddr>> = BTreeMap::new();
+        for task in open {
+            if let TaskKind::Deploy { image } = task.kind {
+                by_image.entry(image).or_default().push(task.mac);
+            }
+        }
+        for (image, machines) in by_image {
+            if lab.sessions.is_running(&image) {
+                continue;
+            }
+            if lab.store.open_image(&image).is_err() {
+                let recently = told_missing
+                    .get(&image)
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+                if !recently {
+                    log::warn!(
+                        "lab: deploy tasks wait for image {image:?}, which is not in the store"
+                    );
+                    told_missing.insert(image, Instant::now());
+                }
+                continue;
+            }
+            let view = SessionView {
+                image: image.clone(),
+                phase: "waiting",
+                waiting_for: machines.len() as u32,
+                ..SessionView::default()
+            };
+            lab.sessions.update(view);
+            let lab = Arc::clone(&lab);
+            let spawned = std::thread::Builder::new()
+                .name(format!("deploy-{image}"))
+                .spawn(move || {
+                    run_session(&lab, &image, &machines);
+                    lab.sessions.end(&image);
+                });
+            if let Err(e) = spawned {
+                log::error!("lab: starting a deploy session: {e}");
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// One session of `image` for `machines` (their open deploy tasks).
+fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
+    let session = lab.config.image_session(image);
+    let mut opts = SendOptions::new(
+        Some(lab.config.interface.clone()),
+        session.group,
+        session.port,
+    );
+    opts.min_receivers = machines.len() as u32;
+    opts.start_timeout = Some(
+        session
+            .start_timeout
+            .unwrap_or(lab.config.lab.start_timeout),
+    );
+    opts.deadline = session.deadline;
+    if let Some(rate) = session.rate {
+        opts.max_rate = rate;
+    }
+    let mut stored = match lab.store.open_image(image) {
+        Ok(stored) => stored,
+        Err(e) => {
+            log::error!(
+                "lab: opening image {image:?}: {}",
+                diskcast_proto::error_chain(&e)
+            );
+            return;
+        }
+    };
+    log::info!(
+        "lab: session for image {image:?} ({}) on {}:{}, waiting for {} machine(s)",
+        ImageSummary::of(image, &stored).sizes(),
+        session.group,
+        session.port,
+        machines.len()
+    );
+    let manifest = stored.manifest.clone();
+    let mut observer = TaskObserver {
+        lab,
+        image,
+        group: session.group.to_string(),
+        port: session.port,
+        waiting_for: machines.len() as u32,
+        last_progress: HashMap::new(),
+        joined: Vec::new(),
+    };
+    match send::multicast(&opts, manifest, &mut stored, &mut observer) {
+        Ok(summary) => {
+            for line in summary.render().lines() {
+                log::info!("lab: deploy {image}: {line}");
+            }
+        }
+        Err(e) => log::error!("lab: deploy {image}: {}", diskcast_proto::error_chain(&e)),
+    }
+}
+
+/// Carries what the sender sees into the machines' tasks and the live view.
+struct TaskObserver<'a> {
+    lab: &'a Lab,
+    image: &'a str,
+    group: String,
+    port: u16,
+    waiting_for: u32,
+    last_progress: HashMap<MacAddr, Instant>,
+    joined: Vec<MacAddr>,
+}
+
+impl TaskObserver<'_> {
+    /// The open deploy task of this image for the receiver called `name` (slaves are named by
+    /// their MAC).
+    fn task_of(&self, name: &str) -> Option<(MacAddr, i64)> {
+        let mac: MacAddr = name.parse().ok()?;
+        let task = self.lab.registry.open_task_for(mac).ok()??;
+        match &task.kind {
+            TaskKind::Deploy { image } if image == self.image => Some((mac, task.id)),
+            _ => None,
+        }
+    }
+
+    fn report(&self, task: i64, step: Step) {
+        let at = crate::unix_now();
+        if let Err(e) = self.lab.registry.report(task, Report { at, step }) {
+            // The agent reports the same steps; whoever comes second is told it is late.
+            log::debug!("lab: task {task}: {}", diskcast_proto::error_chain(&e));
+        }
+    }
+}
+
+impl Observer for &mut TaskObserver<'_> {
+    fn progress(&mut self, sender: &Sender) {
+        let now = Instant::now();
+        let manifest = sender.manifest();
+        let data_chunks = manifest.data_chunks().count().max(1) as f64;
+        let other_chunks = manifest.chunk_count() as usize - manifest.data_chunks().count();
+        let mut receivers = Vec::new();
+        for r in sender.receivers() {
+            let data_done = (r.chunks_done as usize).saturating_sub(other_chunks) as f64;
+            let percent = if r.state == ReceiverState::Done {
+                100.0
+            } else {
+                (100.0 * data_done / data_chunks).min(100.0)
+            };
+            let seconds = r
+                .finished_at
+                .unwrap_or(now)
+                .saturating_duration_since(r.joined_at)
+                .as_secs_f64()
+                .max(1e-3);
+            let mb_per_s = data_done * f64::from(manifest.chunk_size) / seconds / 1e6;
+            receivers.push(ReceiverView {
+                mac: r.name.clone(),
+                address: r.address.map(|a| a.ip().to_string()),
+                state: state_name(r.state),
+                percent,
+                mb_per_s,
+                repairs: r.repairs_requested,
+                failure: r.failure.as_ref().map(ToString::to_string),
+            });
+            if r.is_final() {
+                continue;
+            }
+            let Some((mac, task)) = self.task_of(&r.name) else {
+                continue;
+            };
+            if !self.joined.contains(&mac) {
+                self.joined.push(mac);
+                self.report(task, Step::Joined);
+            }
+            let due = self
+                .last_progress
+                .get(&mac)
+                .is_none_or(|t| now.duration_since(*t) >= PROGRESS_EVERY);
+            if due && sender.data_started().is_some() {
+                self.last_progress.insert(mac, now);
+                self.report(
+                    task,
+                    Step::Progress(Progress {
+                        percent,
+                        mb_per_s,
+                        repairs: r.repairs_requested,
+                    }),
+                );
+            }
+        }
+        self.lab.sessions.update(SessionView {
+            image: self.image.to_string(),
+            group: self.group.clone(),
+            port: self.port,
+            phase: if sender.data_started().is_some() {
+                "sending"
+            } else {
+                "waiting"
+            },
+            waiting_for: self.waiting_for,
+            rate_mbps: sender.rate() as f64 / 1e6,
+            receivers,
+        });
+    }
+
+    fn event(&mut self, sender: &Sender, event: &SenderEvent) {
+        let SenderEvent::ReceiverFinished { receiver, result } = event else {
+            return;
+        };
+        let Some(name) = sender
+            .receivers()
+            .find(|r| r.id == *receiver)
+            .map(|r| r.name.clone())
+        else {
+            return;
+        };
+        let Some((mac, task)) = self.task_of(&name) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                log::info!(
+                    "lab: {mac} verified its copy of {} (task {task})",
+                    self.image
+                );
+                self.report(task, Step::Verified);
+            }
+            Err(failure) => {
+                log::warn!(
+                    "lab: {mac} failed to receive {} (task {task}): {failure}",
+                    self.image
+                );
+                let reason = match failure {
+                    ReceiverFailure::Reported(why) => why.clone(),
+                    other => other.to_string(),
+                };
+                self.report(task, Step::Failed { reason });
+            }
+        }
+    }
+}
+
+fn state_name(state: ReceiverState) -> &'static str {
+    match state {
+        ReceiverState::Joining => "joining",
+        ReceiverState::Receiving => "receiving",
+        ReceiverState::Verifying => "verifying",
+        ReceiverState::Done => "verified",
+        ReceiverState::Failed => "failed",
+    }
+}

@@ -1,0 +1,172 @@
+//! Creating tasks: what `bootserver task ...` and `POST /api/v1/tasks` both do.
+
+use super::boot::TaskOptions;
+use super::{Lab, LabError};
+use crate::config::valid_label;
+use diskcast_proto::cmdline::DiskSelector;
+use diskcast_proto::image_file::valid_image_name;
+use diskcast_proto::mac::MacAddr;
+use diskcast_registry::{NewTask, Task, TaskKind};
+use serde::Deserialize;
+
+/// What to create, as an admin asks for it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    /// `deploy`, `capture`, `inventory`, `receive`, `master`.
+    pub kind: String,
+    /// `deploy`: the stored image; `capture`: the name the image gets.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Machines: `MAC`, `NAME` or `@GROUP`, several separated by commas.
+    pub to: String,
+    #[serde(default)]
+    pub options: TaskOptions,
+    /// Send Wake-on-LAN packets to the machines.
+    #[serde(default)]
+    pub wake: bool,
+    /// Seconds of silence after which the task times out (default: the lab's).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+impl Lab {
+    /// Creates one task per machine the request names, all or none, and wakes them if asked.
+    /// Every machine named explicitly becomes known: naming it is the order.
+    pub fn create_tasks(&self, request: &TaskRequest, now: u64) -> Result<Vec<Task>, LabError> {
+        let kind = self.task_kind(request)?;
+        check_options(&request.options)?;
+        let mut macs: Vec<MacAddr> = Vec::new();
+        for target in request
+            .to
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            for mac in self.registry.resolve(target)? {
+                if !macs.contains(&mac) {
+                    macs.push(mac);
+                }
+            }
+        }
+        if macs.is_empty() {
+            return Err(LabError::Invalid(
+                "no machine named: give MAC, NAME or @GROUP".into(),
+            ));
+        }
+        if matches!(kind, TaskKind::Capture { .. } | TaskKind::Master) && macs.len() > 1 {
+            return Err(LabError::OneMachineOnly {
+                what: if matches!(kind, TaskKind::Master) {
+                    "a master task"
+                } else {
+                    "a capture task"
+                },
+                count: macs.len(),
+            });
+        }
+        for mac in &macs {
+            let known = self.registry.machine(*mac)?.is_some_and(|m| m.known);
+            if !known {
+                self.registry.register(*mac, None, None, now)?;
+            }
+        }
+        let options = serde_json::to_string(&request.options)
+            .map_err(|e| LabError::Invalid(format!("task options: {e}")))?;
+        let timeout_secs = request
+            .timeout
+            .unwrap_or(self.config.lab.task_timeout.as_secs())
+            .max(60);
+        let news = macs
+            .iter()
+            .map(|mac| NewTask {
+                mac: *mac,
+                kind: kind.clone(),
+                options: options.clone(),
+                timeout_secs,
+            })
+            .collect();
+        let tasks: Vec<Task> = self
+            .registry
+            .create_tasks(news, now)?
+            .into_iter()
+            .map(|(task, _)| task)
+            .collect();
+        for task in &tasks {
+            log::info!(
+                "lab: task {} for {}: {}",
+                task.id,
+                task.mac,
+                super::boot::task_label(task)
+            );
+        }
+        if request.wake {
+            super::wake::wake(&self.config.interface, &macs)?;
+        }
+        Ok(tasks)
+    }
+
+    fn task_kind(&self, request: &TaskRequest) -> Result<TaskKind, LabError> {
+        let image = || -> Result<String, LabError> {
+            match &request.image {
+                Some(name) if valid_image_name(name) => Ok(name.clone()),
+                Some(name) => Err(LabError::Invalid(format!(
+                    "image {name:?} is not a valid image name ({})",
+                    diskcast_proto::image_file::IMAGE_NAME_RULE
+                ))),
+                None => Err(LabError::Invalid(format!(
+                    "a {} task needs an image",
+                    request.kind
+                ))),
+            }
+        };
+        Ok(match request.kind.as_str() {
+            "deploy" => {
+                let image = image()?;
+                if self.store.open_image(&image).is_err() {
+                    return Err(LabError::NoImage { name: image });
+                }
+                TaskKind::Deploy { image }
+            }
+            "capture" => {
+                let image = image()?;
+                self.store.check_free(&image)?;
+                TaskKind::Capture { image }
+            }
+            "inventory" => TaskKind::Inventory,
+            "receive" => TaskKind::Receive,
+            "master" => TaskKind::Master,
+            other => {
+                return Err(LabError::Invalid(format!(
+                    "task kind {other:?} is not deploy, capture, inventory, receive or master"
+                )))
+            }
+        })
+    }
+}
+
+fn check_options(options: &TaskOptions) -> Result<(), LabError> {
+    if let Some(disk) = &options.disk {
+        let one_word = !disk.is_empty() && disk.bytes().all(|b| b.is_ascii_graphic());
+        if !one_word || DiskSelector::parse(disk).is_none() {
+            return Err(LabError::Invalid(format!(
+                "disk {disk:?} is not {}",
+                DiskSelector::EXPECTED
+            )));
+        }
+    }
+    if options.min_receivers == Some(0) {
+        return Err(LabError::Invalid("min_receivers must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// A name or group given to a machine: what the registry accepts, checked before it is asked.
+pub fn check_label(what: &str, text: &str) -> Result<(), LabError> {
+    if valid_label(text) {
+        Ok(())
+    } else {
+        Err(LabError::Invalid(format!(
+            "{what} {text:?} is not 1 to 64 letters, digits, `.`, `_` or `-` (and not a MAC address)"
+        )))
+    }
+}

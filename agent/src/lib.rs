@@ -3,12 +3,14 @@
 //! kernel modules, raw-socket DHCP, consoles. The protocol itself is `diskcast-proto`.
 #![deny(unsafe_code)]
 
+pub mod http_client;
 pub mod imaging;
 pub mod inventory;
 pub mod logging;
 pub mod modules;
 pub mod netconfig;
 pub mod pid1;
+pub mod report;
 pub mod stick;
 pub mod sys;
 pub mod udp_frame;

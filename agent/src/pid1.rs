@@ -6,7 +6,9 @@ use crate::cmdline::{BootConfig, Finish, Role};
 use crate::inventory::Inventory;
 use crate::modules::{self, ModuleIndex, ModulesError};
 use crate::netconfig::{self, NetError};
+use crate::report::Reporter;
 use crate::{logging, sys, READY_MARKER};
+use diskcast_proto::report::ReportStep;
 use diskcast_proto::units::{human_size, Rate};
 use diskcast_transport::present;
 use diskcast_transport::send::SendOptions;
@@ -127,7 +129,8 @@ pub fn run() -> ! {
         config.role
     );
     let mut config = config;
-    match boot(&mut config, booted) {
+    let mut reporter = None;
+    match boot(&mut config, booted, &mut reporter) {
         Ok(()) => {
             print_console(&format!(
                 "diskcast: finished; next: {}\n",
@@ -137,6 +140,11 @@ pub fn run() -> ! {
         }
         Err(e) => {
             report(&e);
+            if let Some(reporter) = &reporter {
+                reporter.send(ReportStep::Failed {
+                    reason: crate::error_chain(&e),
+                });
+            }
             print_console(&format!(
                 "diskcast: failed; next: {}\n",
                 next_step(config.on_error)
@@ -210,7 +218,13 @@ fn apply_stick_settings(
     Ok(())
 }
 
-fn boot(config: &mut BootConfig, booted: Instant) -> Result<(), Pid1Error> {
+/// Everything PID 1 does between mounting and finishing. `reporter` is set once the network is
+/// up and the boot carries a task, so the caller can report a failure too.
+fn boot(
+    config: &mut BootConfig,
+    booted: Instant,
+    reporter: &mut Option<Reporter>,
+) -> Result<(), Pid1Error> {
     let release = kernel_release();
     let module_dir = PathBuf::from("/lib/modules").join(&release);
     let index = modules::read_index(&module_dir).map_err(|source| Pid1Error::Modules {
@@ -261,16 +275,54 @@ fn boot(config: &mut BootConfig, booted: Instant) -> Result<(), Pid1Error> {
         booted.elapsed().as_millis()
     ));
 
+    *reporter = Reporter::new(config, &nic.mac);
+    let reporter = reporter.as_ref();
+    if let Some(reporter) = reporter {
+        let unclaimed = crate::inventory::pci_network_controllers(Path::new("/sys"));
+        reporter.send(ReportStep::Booted {
+            inventory: crate::report::inventory_report(&inventory, unclaimed),
+        });
+    }
     match config.role {
-        Role::Inventory => Ok(()),
-        Role::Master => master(config, &inventory, &configured.interface),
-        Role::Slave => slave(config, &inventory, &configured.interface, &nic.mac),
+        Role::Inventory => {}
+        Role::Master => master(config, &inventory, &configured.interface, reporter)?,
+        Role::Slave => slave(
+            config,
+            &inventory,
+            &configured.interface,
+            &nic.mac,
+            reporter,
+        )?,
         Role::Capture => capture(
             config,
             &inventory,
             config.server.unwrap_or(configured.lease.server),
             &nic.mac,
-        ),
+            reporter,
+        )?,
+    }
+    if let Some(reporter) = reporter {
+        reporter.send(ReportStep::Verified);
+    }
+    Ok(())
+}
+
+/// What the console and the server call the disk a task works on.
+fn describe(disk: &crate::inventory::Disk) -> String {
+    format!(
+        "/dev/{} model {:?} serial {:?} {}",
+        disk.name,
+        disk.model,
+        disk.serial,
+        human_size(disk.size_bytes)
+    )
+}
+
+fn disk_chosen(reporter: Option<&Reporter>, disk: &crate::inventory::Disk) {
+    if let Some(reporter) = reporter {
+        reporter.send(ReportStep::DiskChosen {
+            disk: describe(disk),
+        });
     }
 }
 
@@ -279,17 +331,13 @@ fn capture(
     inventory: &Inventory,
     server: std::net::Ipv4Addr,
     mac: &str,
+    reporter: Option<&Reporter>,
 ) -> Result<(), Pid1Error> {
     use crate::imaging::capture::{run_capture, CaptureOptions};
     let name = config.image.clone().ok_or(Pid1Error::NoImageName)?;
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
-    let description = format!(
-        "/dev/{} model {:?} serial {:?} {}",
-        disk.name,
-        disk.model,
-        disk.serial,
-        human_size(disk.size_bytes)
-    );
+    disk_chosen(reporter, disk);
+    let description = describe(disk);
     print_console(&format!(
         "capture: reading {description}
 "
@@ -303,7 +351,15 @@ fn capture(
     opts.source_disk = description;
     let started = Instant::now();
     let mut last = Instant::now();
+    let mut throttle = crate::report::Throttle::new();
     let summary = run_capture(&opts, |read, uploaded| {
+        if let Some(reporter) = reporter.filter(|_| throttle.due()) {
+            reporter.send(ReportStep::Progress {
+                percent: (100.0 * read as f64 / disk.size_bytes.max(1) as f64).min(100.0),
+                mb_per_s: read as f64 / started.elapsed().as_secs_f64().max(1e-3) / 1e6,
+                repairs: 0,
+            });
+        }
         if last.elapsed() >= Duration::from_secs(5) {
             last = Instant::now();
             let secs = started.elapsed().as_secs_f64();
@@ -325,8 +381,14 @@ fn capture(
     Ok(())
 }
 
-fn master(config: &BootConfig, inventory: &Inventory, interface: &str) -> Result<(), Pid1Error> {
+fn master(
+    config: &BootConfig,
+    inventory: &Inventory,
+    interface: &str,
+    reporter: Option<&Reporter>,
+) -> Result<(), Pid1Error> {
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
+    disk_chosen(reporter, disk);
     print_console(&format!(
         "master: sending /dev/{} — model {:?}, serial {:?}, {}\n",
         disk.name,
@@ -374,9 +436,11 @@ fn slave(
     inventory: &Inventory,
     interface: &str,
     mac: &str,
+    reporter: Option<&Reporter>,
 ) -> Result<(), Pid1Error> {
     use crate::imaging::receive::{run_receive, stable_receiver_id, ReceiveOptions};
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
+    disk_chosen(reporter, disk);
     print_console(&format!(
         "slave: writing /dev/{} — model {:?}, serial {:?}, {}\n",
         disk.name,
@@ -400,8 +464,27 @@ fn slave(
         "slave: waiting for a session on {}:{}\n",
         config.group, config.port
     ));
+    let mut joined = false;
+    let mut throttle = crate::report::Throttle::new();
     run_receive(&opts, |p| {
-        if p.chunks_total > 0 && last.elapsed() >= Duration::from_secs(5) {
+        if p.chunks_total == 0 {
+            return;
+        }
+        if let Some(reporter) = reporter {
+            if !joined {
+                joined = true;
+                reporter.send(ReportStep::Joined);
+            }
+            if throttle.due() {
+                let seconds = p.elapsed.as_secs_f64().max(1e-3);
+                reporter.send(ReportStep::Progress {
+                    percent: p.percent(),
+                    mb_per_s: p.percent() / 100.0 * p.image_size as f64 / seconds / 1e6,
+                    repairs: 0,
+                });
+            }
+        }
+        if last.elapsed() >= Duration::from_secs(5) {
             last = Instant::now();
             print_console(&format!("slave: {}\n", p.line()));
         }

@@ -399,3 +399,235 @@ fn record_report(lab: &Lab, report: AgentReport) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::http::tests::exchange_from;
+    use diskcast_proto::report::{AgentReport, InventoryReport, ReportStep};
+    use std::net::SocketAddr;
+
+    /// One request; the status and the body.
+    fn call(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = exchange_from([127, 0, 0, 1], addr, request.as_bytes());
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    }
+
+    fn json(body: &str) -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+    }
+
+    /// A 3 MiB image named `name` in the lab's store.
+    fn stored(lab: &crate::lab::Lab, name: &str) {
+        let mut raw = vec![0u8; 3 << 20];
+        raw[..1 << 20].fill(7);
+        lab.store.import(name, &mut &raw[..], "test", 3).unwrap();
+    }
+
+    const PC: &str = "52:54:00:00:00:21";
+
+    #[test]
+    fn writes_need_the_admin_token_and_bad_requests_store_nothing() {
+        let (addr, lab, token) = crate::testing::web_server("api-auth", "");
+        stored(&lab, "golden");
+        let deploy = format!(r#"{{"kind":"deploy","image":"golden","to":"{PC}"}}"#);
+        // Reading is open; writing is not.
+        assert_eq!(call(addr, "GET", "/api/v1/machines", None, "").0, 200);
+        for bad_token in [None, Some("nope"), Some(&token[1..])] {
+            let (status, body) = call(addr, "POST", "/api/v1/tasks", bad_token, &deploy);
+            assert_eq!(status, 401, "{body}");
+            assert!(json(&body)["error"].as_str().unwrap().contains("token"));
+        }
+        let t = Some(token.as_str());
+        let refused = [
+            ("{not json", 400),
+            (r#"{"kind":"deploy","image":"golden"}"#, 400),
+            (r#"{"kind":"paint","to":"52:54:00:00:00:21"}"#, 400),
+            (
+                r#"{"kind":"deploy","image":"nope","to":"52:54:00:00:00:21"}"#,
+                404,
+            ),
+            (
+                r#"{"kind":"deploy","image":"../x","to":"52:54:00:00:00:21"}"#,
+                400,
+            ),
+            (
+                r#"{"kind":"deploy","image":"golden","to":"no-such-name"}"#,
+                404,
+            ),
+            (r#"{"kind":"deploy","image":"golden","to":"@empty"}"#, 404),
+            (
+                r#"{"kind":"capture","image":"golden","to":"52:54:00:00:00:21"}"#,
+                409,
+            ),
+            (
+                r#"{"kind":"inventory","to":"52:54:00:00:00:21","colour":"red"}"#,
+                400,
+            ),
+            (
+                r#"{"kind":"deploy","image":"golden","to":"52:54:00:00:00:21","options":{"disk":"serial:A B"}}"#,
+                400,
+            ),
+        ];
+        for (body, want) in refused {
+            let (status, answer) = call(addr, "POST", "/api/v1/tasks", t, body);
+            assert_eq!(status, want, "{body} -> {answer}");
+            assert!(json(&answer)["error"].is_string(), "{answer}");
+        }
+        assert_eq!(lab.registry.tasks(Default::default()).unwrap().len(), 0);
+        assert_eq!(call(addr, "GET", "/api/v1/machines/zz", None, "").0, 400);
+        assert_eq!(call(addr, "GET", "/api/v1/tasks/999", None, "").0, 404);
+        // One open task per machine.
+        assert_eq!(call(addr, "POST", "/api/v1/tasks", t, &deploy).0, 201);
+        let (status, body) = call(addr, "POST", "/api/v1/tasks", t, &deploy);
+        assert_eq!(status, 409, "{body}");
+        // Machines: names are checked, a busy machine is not forgotten.
+        let path = format!("/api/v1/machines/{PC}");
+        assert_eq!(call(addr, "PATCH", &path, t, r#"{"name":"a b"}"#).0, 400);
+        assert_eq!(
+            call(addr, "PATCH", &path, t, r#"{"local_boot":"floppy"}"#).0,
+            400
+        );
+        let (status, body) = call(
+            addr,
+            "PATCH",
+            &path,
+            t,
+            r#"{"name":"pc-21","group":"room"}"#,
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["name"], "pc-21");
+        assert_eq!(call(addr, "DELETE", &path, t, "").0, 409);
+        assert_eq!(call(addr, "DELETE", &path, None, "").0, 401);
+    }
+
+    #[test]
+    fn a_deploy_task_boots_the_agent_once_and_its_reports_carry_it_to_verified() {
+        let (addr, lab, token) = crate::testing::web_server("api-task", "");
+        stored(&lab, "golden");
+        let body = format!(r#"{{"kind":"deploy","image":"golden","to":"{PC}"}}"#);
+        let (status, created) = call(addr, "POST", "/api/v1/tasks", Some(&token), &body);
+        assert_eq!(status, 201, "{created}");
+        let id = json(&created)[0]["id"].as_u64().unwrap();
+        let script = |lab: &crate::lab::Lab| lab.boot_script(PC.parse().unwrap(), 100).unwrap();
+        let first = script(&lab);
+        assert!(first.contains("diskcast.role=slave"), "{first}");
+        assert!(first.contains(&format!("diskcast.task={id}")), "{first}");
+        let agent_line = first.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let agent = diskcast_proto::cmdline::BootConfig::parse(agent_line).unwrap();
+        let task_token = agent.task.unwrap().token;
+        let session = lab.config.image_session("golden");
+        assert_eq!((agent.group, agent.port), (session.group, session.port));
+        let report = |token: &str, task: u64, step: ReportStep| {
+            let report = AgentReport {
+                mac: PC.parse().unwrap(),
+                task: Some(task),
+                token: token.to_string(),
+                step,
+            };
+            call(
+                addr,
+                "POST",
+                "/api/v1/agent/report",
+                None,
+                &serde_json::to_string(&report).unwrap(),
+            )
+            .0
+        };
+        // A wrong token, or the right one for another task number, is refused.
+        assert_eq!(report(&"0".repeat(64), id, ReportStep::Joined), 401);
+        assert_eq!(report(&task_token, id + 1, ReportStep::Joined), 401);
+        let booted = ReportStep::Booted {
+            inventory: InventoryReport::default(),
+        };
+        assert_eq!(report(&task_token, id, booted), 204);
+        let disk = ReportStep::DiskChosen { disk: "vda".into() };
+        assert_eq!(report(&task_token, id, disk), 204);
+        // A machine that reboots mid-task gets a new token; the old one stops working.
+        let second = script(&lab);
+        assert!(second.contains("diskcast.role=slave"));
+        assert_eq!(report(&task_token, id, ReportStep::Joined), 401);
+        let line = second.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let new_token = diskcast_proto::cmdline::BootConfig::parse(line)
+            .unwrap()
+            .task
+            .unwrap()
+            .token;
+        assert_eq!(report(&new_token, id, ReportStep::Joined), 204);
+        assert_eq!(report(&new_token, id, ReportStep::Verified), 204);
+        let (_, task) = call(addr, "GET", &format!("/api/v1/tasks/{id}"), None, "");
+        let task = json(&task);
+        assert_eq!(task["task"]["state"], "verified");
+        assert!(task["events"].as_array().unwrap().len() >= 5);
+        // Consumed: the next boot is the local disk.
+        let after = script(&lab);
+        assert!(
+            after.contains("sanboot") && after.contains("no task"),
+            "{after}"
+        );
+        assert!(!after.contains("diskcast.role"));
+    }
+
+    #[test]
+    fn an_unknown_machine_is_never_written_and_inventoried_once_if_asked() {
+        let (_, lab, _) = crate::testing::web_server("api-unknown", "");
+        let stranger = "52:54:00:00:00:99".parse().unwrap();
+        let script = lab.boot_script(stranger, 100).unwrap();
+        assert!(script.contains("not registered"), "{script}");
+        assert!(!script.contains("diskcast.role"));
+        let machine = lab.registry.machine(stranger).unwrap().unwrap();
+        assert!(!machine.known, "recorded as discovered");
+
+        let (_, lab, _) = crate::testing::web_server("api-unknown-inventory", "");
+        let mut config = lab.config.clone();
+        config.lab.unknown_machines = crate::config::UnknownMachines::Inventory;
+        let lab = crate::lab::Lab::new(
+            config,
+            lab.registry.clone(),
+            lab.store.clone(),
+            lab.server_ip,
+        );
+        let first = lab.boot_script(stranger, 100).unwrap();
+        assert!(first.contains("diskcast.role=inventory"), "{first}");
+        let task = lab.registry.open_task_for(stranger).unwrap().unwrap();
+        assert_eq!(task.kind, diskcast_registry::TaskKind::Inventory);
+        // Once it reported what it has, it boots locally.
+        lab.registry.record_inventory(stranger, "{}", 110).unwrap();
+        lab.registry
+            .report(
+                task.id,
+                diskcast_registry::Report {
+                    at: 110,
+                    step: diskcast_registry::Step::Booted,
+                },
+            )
+            .unwrap();
+        lab.registry
+            .report(
+                task.id,
+                diskcast_registry::Report {
+                    at: 111,
+                    step: diskcast_registry::Step::Verified,
+                },
+            )
+            .unwrap();
+        let next = lab.boot_script(stranger, 120).unwrap();
+        assert!(!next.contains("diskcast.role"), "{next}");
+    }
+}

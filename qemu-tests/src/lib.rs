@@ -240,6 +240,8 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     pub memory_mib: u32,
     pub boot: Boot,
+    /// A reboot restarts the VM (else QEMU exits, which tests see as the end).
+    pub reboots: bool,
 }
 
 impl VmSpec {
@@ -252,7 +254,14 @@ impl VmSpec {
             disks: Vec::new(),
             memory_mib: 512,
             boot: Boot::Network,
+            reboots: false,
         }
+    }
+
+    /// The VM restarts when it reboots, as a real machine does.
+    pub fn rebooting(mut self) -> Self {
+        self.reboots = true;
+        self
     }
 
     pub fn disk(mut self, size_mib: u64, serial: &str, device: &'static str) -> Self {
@@ -430,19 +439,10 @@ impl Lab {
         cmd
     }
 
-    /// Writes the bootserver config for this lab and returns its path.
+    /// Writes the bootserver config for this lab and returns its path. Machines power off when
+    /// their task ends (tests look at them then); machines nobody registered run an inventory
+    /// once. `extra` goes into `[agent]` and may add sections after it.
     pub fn bootserver_config(&self, mode: DhcpMode, extra: &str) -> PathBuf {
-        self.bootserver_config_for_role(mode, "inventory", extra)
-    }
-
-    /// Starts a bootserver that boots every machine as a slave (full DHCP); `extra` goes into
-    /// the config's `[agent]` section and may add sections after it.
-    pub fn start_bootserver_for_slaves(&mut self, extra: &str) -> usize {
-        let config = self.bootserver_config_for_role(DhcpMode::Full, "slave", extra);
-        self.start_bootserver_with(&config)
-    }
-
-    fn bootserver_config_for_role(&self, mode: DhcpMode, role: &str, extra: &str) -> PathBuf {
         let mode = match mode {
             DhcpMode::Full => "full",
             DhcpMode::Proxy => "proxy",
@@ -451,16 +451,52 @@ impl Lab {
             "interface = \"br0\"\naddress = \"{ip}\"\nhttp_port = 8080\nstate_dir = \"{state}\"\n\
              [dhcp]\nmode = \"{mode}\"\nrange_start = \"10.77.0.100\"\nrange_end = \"10.77.0.149\"\nlease_secs = 600\n\
              [boot]\nkernel = \"{kernel}\"\ninitramfs = \"{initrd}\"\ntftp_root = \"/usr/lib/ipxe\"\n\
-             kernel_args = \"console=ttyS0,115200 panic=-1\"\n\
-             [agent]\nrole = \"{role}\"\non_error = \"poweroff\"\non_done = \"poweroff\"\n{extra}\n",
+             kernel_args = \"console=ttyS0,115200 panic=-1\"\nlocal_boot_efi = \"{local_efi}\"\n\
+             [lab]\nunknown_machines = \"inventory\"\n\
+             [agent]\non_error = \"poweroff\"\non_done = \"poweroff\"\n{extra}\n",
             ip = self.server_ip,
             state = self.dir.join("state").display(),
             kernel = lab_file("vmlinuz").display(),
             initrd = lab_file("initramfs.img").display(),
+            local_efi = lab_dir().join("localboot.efi").display(),
         );
         let path = self.dir.join("bootserver.toml");
         fs::write(&path, text).unwrap();
         path
+    }
+
+    /// Runs `bootserver ARGS --config CONFIG` in the lab (the admin's commands: tasks,
+    /// machines, images); panics with its output unless it succeeds.
+    pub fn bootserver_cli(&self, args: &[&str]) -> String {
+        let out = self
+            .ns_command(&lab_file("bootserver"))
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.join("bootserver.toml"))
+            .output()
+            .expect("running bootserver");
+        assert!(
+            out.status.success(),
+            "bootserver {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `bootserver task ARGS`: one-shot work for machines.
+    pub fn task(&self, args: &[&str]) -> String {
+        let mut all = vec!["task"];
+        all.extend_from_slice(args);
+        self.bootserver_cli(&all)
+    }
+
+    /// `GET path` from the bootserver's HTTP API, inside the lab; the body.
+    pub fn api_get(&self, path: &str) -> String {
+        run(self
+            .ns_command(Path::new("curl"))
+            .args(["-sS", "--fail-with-body"])
+            .arg(format!("http://{}:8080{path}", self.server_ip)))
     }
 
     /// Starts the bootserver and waits until it listens.
@@ -609,15 +645,11 @@ impl Lab {
     pub fn boot_vm(&mut self, spec: VmSpec) -> usize {
         let tap = self.new_tap();
         let mut cmd = self.ns_command(Path::new("qemu-system-x86_64"));
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
+        cmd.args(["-accel", "tcg", "-nographic", "-nodefaults", "-serial", "stdio"]);
+        if !spec.reboots {
+            cmd.arg("-no-reboot");
+        }
+        cmd
         .args(["-m", &spec.memory_mib.to_string(), "-smp", "1"])
         .args([
             "-netdev",
@@ -698,6 +730,14 @@ impl Lab {
             child,
         });
         self.vms.len() - 1
+    }
+
+    /// The MACs `boot_bare_slaves` gives its VMs, as `--to` takes them.
+    pub fn slave_macs(count: u8) -> String {
+        (1..=count)
+            .map(|i| format!("52:54:00:dc:00:{:02x}", 0x20 + i))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Boots `count` bare VMs (`slave1`...) that network-boot, each with a blank 64 MiB disk.

@@ -190,12 +190,9 @@ fn client_server_capture_then_deploy() {
     let mut lab = Lab::new("client_server_capture");
     let reference_disk = lab.dir.join("reference.img");
     make_source_disk(&reference_disk, 64);
-    // The reference machine captures; every other machine is a slave of the stored image.
-    lab.start_bootserver_for_slaves(
-        "image = \"golden\"\n\
-         [[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
-         [[deploy]]\nimage = \"golden\"\nmin_receivers = 2\nstart_timeout = 120\n",
-    );
+    // The reference machine has a capture task; the slaves get deploy tasks once it is stored.
+    lab.start_bootserver(DhcpMode::Full, "");
+    lab.task(&["capture", "52:54:00:dc:00:10", "--image", "golden"]);
 
     let reference = lab.boot_vm(
         VmSpec::new("reference", Firmware::Bios, "virtio-net-pci", 0x10).disk_from(
@@ -223,6 +220,12 @@ fn client_server_capture_then_deploy() {
     assert!(stored_size < raw_size / 2, "the image is not compressed");
 
     // The reference machine is gone; two bare machines boot and get the stored image.
+    let tasks = lab.bootserver_cli(&["tasks", "--all"]);
+    assert!(
+        tasks.lines().any(|l| l.contains("capture as golden") && l.contains("verified")),
+        "{tasks}"
+    );
+    lab.task(&["deploy", "golden", "--to", &Lab::slave_macs(2)]);
     let started = Instant::now();
     let slaves = lab.boot_bare_slaves(Firmware::Bios, "virtio-net-pci", 2);
     lab.expect_done_and_off(

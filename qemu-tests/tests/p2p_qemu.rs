@@ -2,7 +2,7 @@
 //! to two bare VMs that network-boot from the bootserver as slaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{make_source_disk, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
+use diskcast_qemu_tests::{make_source_disk, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
 use std::time::Duration;
 
 #[test]
@@ -10,8 +10,9 @@ fn p2p_master_to_slaves() {
     let mut lab = Lab::new("p2p_master_to_slaves");
     let source = lab.dir.join("golden.img");
     make_source_disk(&source, 64);
-    // Every machine the bootserver boots is a slave; the master comes up from its own kernel.
-    lab.start_bootserver_for_slaves("");
+    // The slaves have receive tasks; the master comes up from its own kernel.
+    lab.start_bootserver(DhcpMode::Full, "");
+    lab.task(&["receive", "--to", &Lab::slave_macs(2)]);
 
     let master = lab.boot_vm(
         VmSpec::new("master", Firmware::Bios, "virtio-net-pci", 0x10)

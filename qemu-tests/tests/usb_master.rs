@@ -3,7 +3,9 @@
 //! from diskcast.cfg on the stick, and multicasts the disk to two VMs that network-boot as slaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{make_source_disk, project_root, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
+use diskcast_qemu_tests::{
+    make_source_disk, project_root, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -40,7 +42,8 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
     let source = lab.dir.join("source.img");
     make_source_disk(&source, 64);
     let stick = build_stick(&lab);
-    lab.start_bootserver_for_slaves("");
+    lab.start_bootserver(DhcpMode::Full, "");
+    lab.task(&["receive", "--to", &Lab::slave_macs(2)]);
 
     let master = lab.boot_vm(
         VmSpec::new("master", firmware, "virtio-net-pci", 0x10)

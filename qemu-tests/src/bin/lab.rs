@@ -109,12 +109,13 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
     let mut lab = new_lab();
     let source = lab.dir.join("reference.img");
     make_source_disk(&source, 64);
-    lab.start_bootserver_for_slaves(&format!(
-        "image = \"golden\"\n[[machine]]\nmac = \"52:54:00:dc:00:10\"\nrole = \"capture\"\n\
-             [[deploy]]\nimage = \"golden\"\nmin_receivers = {slaves}\n"
-    ));
+    lab.start_bootserver(DhcpMode::Full, "");
+    print!(
+        "{}",
+        lab.task(&["capture", "52:54:00:dc:00:10", "--image", "golden"])
+    );
     let started = Instant::now();
-    println!("lab: step 1: the reference VM network-boots in capture role");
+    println!("lab: step 1: the reference VM network-boots for its capture task");
     let reference = lab.boot_vm(VmSpec::new("reference", firmware, nic, 0x10).disk_from(
         &source,
         "REF-1",
@@ -138,6 +139,10 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
     println!(
         "lab: the image store now holds:\n{}",
         String::from_utf8_lossy(&list.stdout)
+    );
+    print!(
+        "{}",
+        lab.task(&["deploy", "golden", "--to", &Lab::slave_macs(slaves)])
     );
     println!("lab: step 2: the reference VM is off; {slaves} bare VMs network-boot and get the stored image");
     let slave_vms = lab.boot_bare_slaves(firmware, nic, slaves);
@@ -204,7 +209,11 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
     let mut lab = new_lab();
     let source = lab.dir.join("golden.img");
     make_source_disk(&source, 64);
-    lab.start_bootserver_for_slaves("");
+    lab.start_bootserver(DhcpMode::Full, "");
+    print!(
+        "{}",
+        lab.task(&["receive", "--to", &Lab::slave_macs(slaves)])
+    );
     let started = Instant::now();
     let spec =
         VmSpec::new("master", firmware, nic, 0x10).disk_from(&source, "GOLDEN-1", "virtio-blk-pci");

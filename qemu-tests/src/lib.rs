@@ -377,6 +377,9 @@ pub struct Lab {
     taps: u32,
     /// Echo consoles to stdout, for the interactive lab.
     pub echo: bool,
+    /// What agents do when their task is done: `poweroff` (tests look at the machine then) or
+    /// `reboot` (into the new disk).
+    pub on_done: &'static str,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -413,6 +416,7 @@ impl Lab {
             helpers: Vec::new(),
             taps: 0,
             echo: false,
+            on_done: "poweroff",
             _serial: serial,
         };
         for args in [
@@ -453,12 +457,13 @@ impl Lab {
              [boot]\nkernel = \"{kernel}\"\ninitramfs = \"{initrd}\"\ntftp_root = \"/usr/lib/ipxe\"\n\
              kernel_args = \"console=ttyS0,115200 panic=-1\"\nlocal_boot_efi = \"{local_efi}\"\n\
              [lab]\nunknown_machines = \"inventory\"\n\
-             [agent]\non_error = \"poweroff\"\non_done = \"poweroff\"\n{extra}\n",
+             [agent]\non_error = \"poweroff\"\non_done = \"{on_done}\"\n{extra}\n",
             ip = self.server_ip,
             state = self.dir.join("state").display(),
             kernel = lab_file("vmlinuz").display(),
             initrd = lab_file("initramfs.img").display(),
             local_efi = lab_dir().join("localboot.efi").display(),
+            on_done = self.on_done,
         );
         let path = self.dir.join("bootserver.toml");
         fs::write(&path, text).unwrap();
@@ -468,11 +473,14 @@ impl Lab {
     /// Runs `bootserver ARGS --config CONFIG` in the lab (the admin's commands: tasks,
     /// machines, images); panics with its output unless it succeeds.
     pub fn bootserver_cli(&self, args: &[&str]) -> String {
+        // The config belongs to the command (`task`, `images`...), before its subcommand.
+        let (command, rest) = args.split_first().expect("a bootserver command");
         let out = self
             .ns_command(&lab_file("bootserver"))
-            .args(args)
+            .arg(command)
             .arg("--config")
             .arg(self.dir.join("bootserver.toml"))
+            .args(rest)
             .output()
             .expect("running bootserver");
         assert!(

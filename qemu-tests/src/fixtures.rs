@@ -63,7 +63,7 @@ pub fn fixture_fat(path: &Path) -> String {
 /// - an MBR with syslinux's boot code and one active FAT32 partition (type `c`, from 1 MiB,
 ///   labelled [`FIXTURE_LABEL`]);
 /// - BIOS: syslinux in it, with `SERIAL 0 115200`, `SAY marker`, `PROMPT 1`, `TIMEOUT 10` (with
-///   `PROMPT 0` the serial line is cut); it then stays at its `boot:` prompt;
+///   `PROMPT 0` the serial line is cut); with no DEFAULT it then keeps returning to `boot:`;
 /// - UEFI: `\EFI\BOOT\BOOTX64.EFI`, a standalone GRUB whose grub.cfg echoes `marker` on the
 ///   serial port and the console, then sleeps.
 ///

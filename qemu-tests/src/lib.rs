@@ -10,6 +10,8 @@
     missing_debug_implementations
 )]
 
+pub mod fixtures;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

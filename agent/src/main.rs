@@ -1,7 +1,7 @@
 //! The `agent` binary: PID 1 of the diskcast initramfs, or a CLI on any Linux host.
 
 use clap::{Parser, Subcommand};
-use diskcast_agent::cmdline::BootConfig;
+use diskcast_agent::cmdline::{Blocks, BootConfig};
 use diskcast_agent::imaging::{self, receive};
 use diskcast_agent::inventory::Inventory;
 use diskcast_agent::{logging, pid1};
@@ -69,6 +69,30 @@ struct CaptureArgs {
     /// zstd level (1 fastest ... 19 smallest).
     #[arg(long, default_value_t = diskcast_proto::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     level: i32,
+    #[command(flatten)]
+    blocks: BlocksArgs,
+}
+
+/// Which blocks of a source are read: by default the blocks its file systems use.
+#[derive(Debug, clap::Args)]
+struct BlocksArgs {
+    /// Read every block, not only those the file systems use (only all-zero chunks are skipped).
+    #[arg(long, conflicts_with = "trust_unclean_fs")]
+    all_blocks: bool,
+    /// Map file systems that were not cleanly unmounted instead of reading them whole (only for
+    /// disks known to be consistent: blocks a journal replay would write are missed).
+    #[arg(long)]
+    trust_unclean_fs: bool,
+}
+
+impl BlocksArgs {
+    fn blocks(&self) -> Blocks {
+        match (self.all_blocks, self.trust_unclean_fs) {
+            (true, _) => Blocks::All,
+            (false, true) => Blocks::UsedTrustUnclean,
+            (false, false) => Blocks::Used,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,6 +135,8 @@ struct SendArgs {
     /// Multicast TTL (1: this LAN only).
     #[arg(long, default_value_t = 1)]
     ttl: u8,
+    #[command(flatten)]
+    blocks: BlocksArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +154,14 @@ struct ReceiveArgs {
     /// Fail when the sender is silent for this many seconds.
     #[arg(long, default_value_t = 30)]
     sender_timeout: u64,
+    /// On a block device larger than the image, extend the last GPT partition to the disk's
+    /// end once the copy verified (the file system inside is grown by the installed system).
+    #[arg(long)]
+    grow_last_partition: bool,
+    /// Discard (BLKDISCARD) the ranges the image skipped as unused, once the copy verified:
+    /// SSDs and thin volumes free them.
+    #[arg(long)]
+    discard: bool,
 }
 
 fn main() -> ExitCode {
@@ -186,10 +220,11 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             opts.deadline = args.deadline.map(Duration::from_secs);
             opts.receiver_timeout = Duration::from_secs(args.receiver_timeout);
             opts.chunk_size = args.chunk_size;
-            let summary = imaging::send::run_send(&args.source, &opts, |progress| {
-                let now = std::time::Instant::now();
-                eprintln!("{}", present::progress_table(progress, now).join("\n"));
-            })?;
+            let summary =
+                imaging::send::run_send(&args.source, &opts, args.blocks.blocks(), |progress| {
+                    let now = std::time::Instant::now();
+                    eprintln!("{}", present::progress_table(progress, now).join("\n"));
+                })?;
             print!("{}", summary.render());
             Ok(summary.result()?)
         }
@@ -203,6 +238,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 name,
                 wait_timeout: args.wait.map(Duration::from_secs),
                 sender_timeout: Duration::from_secs(args.sender_timeout),
+                grow_last_partition: args.grow_last_partition,
+                discard: args.discard,
                 ..receive::ReceiveOptions::default()
             };
             receive::run_receive(&opts, |p| eprintln!("receiving: {}", p.line()))?;
@@ -219,6 +256,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             };
             let mut opts = imaging::capture::CaptureOptions::new(args.source, server, name);
             opts.level = args.level;
+            opts.blocks = args.blocks.blocks();
             opts.source_machine = host_name();
             opts.source_disk = opts.source.display().to_string();
             let mut last = std::time::Instant::now();

@@ -349,6 +349,7 @@ fn capture(
     );
     opts.source_machine = format!("mac {mac}");
     opts.source_disk = description;
+    opts.blocks = config.blocks;
     let started = Instant::now();
     let mut last = Instant::now();
     let mut throttle = crate::report::Throttle::new();
@@ -414,7 +415,7 @@ fn master(
     ));
     let mut last = Instant::now();
     let source = PathBuf::from("/dev").join(&disk.name);
-    let summary = crate::imaging::send::run_send(&source, &opts, |progress| {
+    let summary = crate::imaging::send::run_send(&source, &opts, config.blocks, |progress| {
         if last.elapsed() >= Duration::from_secs(3) {
             last = Instant::now();
             print_console(&format!(
@@ -457,6 +458,7 @@ fn slave(
         port: config.port,
         name: mac.into(),
         serial: disk.serial.clone(),
+        grow_last_partition: config.grow_last_partition,
         ..ReceiveOptions::default()
     };
     let mut last = Instant::now();

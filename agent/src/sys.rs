@@ -285,6 +285,18 @@ pub fn block_zero_out(file: &std::fs::File, offset: u64, len: u64) -> io::Result
 // From <linux/fs.h>: _IO(0x12, 127).
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
+/// Tells a block device that a byte range holds nothing (BLKDISCARD): SSDs and thin volumes
+/// free it. What reads there afterwards is up to the device.
+pub fn block_discard(file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD reads two u64 (start, length) through the pointer, which is valid.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) })?;
+    Ok(())
+}
+
+// From <linux/fs.h>: _IO(0x12, 119).
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
 /// A heap buffer aligned for O_DIRECT I/O.
 #[derive(Debug)]
 pub struct AlignedBuf {

@@ -39,6 +39,9 @@ pub enum TaskCommand {
     /// Write a stored image to machines' disks, once; they then boot their new disk.
     Deploy {
         image: String,
+        /// On disks larger than the image, extend the last GPT partition to the disk's end.
+        #[arg(long)]
+        grow_last_partition: bool,
         #[command(flatten)]
         common: TaskArgs,
     },
@@ -47,6 +50,9 @@ pub enum TaskCommand {
         machine: String,
         #[arg(long)]
         image: String,
+        /// Read every block, not only those the file systems use.
+        #[arg(long)]
+        all_blocks: bool,
         #[command(flatten)]
         common: TaskArgs,
     },
@@ -57,12 +63,18 @@ pub enum TaskCommand {
     },
     /// Receive a peer master's disk (a USB stick, or a machine with a master task).
     Receive {
+        /// On disks larger than the image, extend the last GPT partition to the disk's end.
+        #[arg(long)]
+        grow_last_partition: bool,
         #[command(flatten)]
         common: TaskArgs,
     },
     /// Multicast one machine's disk to machines with receive tasks.
     Master {
         machine: String,
+        /// Read every block, not only those the file systems use.
+        #[arg(long)]
+        all_blocks: bool,
         #[arg(long)]
         min_receivers: Option<u32>,
         #[arg(long)]
@@ -281,26 +293,54 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
             );
             return Ok(());
         }
-        TaskCommand::Deploy { image, common } => {
-            ("deploy", Some(image), common, TaskOptions::default(), None)
-        }
+        TaskCommand::Deploy {
+            image,
+            grow_last_partition,
+            common,
+        } => (
+            "deploy",
+            Some(image),
+            common,
+            TaskOptions {
+                grow_last_partition,
+                ..TaskOptions::default()
+            },
+            None,
+        ),
         TaskCommand::Capture {
             machine,
             image,
+            all_blocks,
             common,
         } => (
             "capture",
             Some(image),
             common,
-            TaskOptions::default(),
+            TaskOptions {
+                all_blocks,
+                ..TaskOptions::default()
+            },
             Some(machine),
         ),
         TaskCommand::Inventory { common } => {
             ("inventory", None, common, TaskOptions::default(), None)
         }
-        TaskCommand::Receive { common } => ("receive", None, common, TaskOptions::default(), None),
+        TaskCommand::Receive {
+            grow_last_partition,
+            common,
+        } => (
+            "receive",
+            None,
+            common,
+            TaskOptions {
+                grow_last_partition,
+                ..TaskOptions::default()
+            },
+            None,
+        ),
         TaskCommand::Master {
             machine,
+            all_blocks,
             min_receivers,
             start_timeout,
             rate,
@@ -313,6 +353,7 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
                 min_receivers,
                 start_timeout,
                 rate,
+                all_blocks,
                 ..TaskOptions::default()
             },
             Some(machine),

@@ -321,7 +321,8 @@ async fn images(State(s): State<ApiState>) -> ApiResult {
         .into_iter()
         .map(|entry| match entry {
             Ok(i) => serde_json::json!({
-                "name": i.name, "disk_bytes": i.raw_size, "data_bytes": i.data_bytes,
+                "name": i.name, "disk_bytes": i.raw_size, "used_bytes": i.used_bytes,
+                "data_bytes": i.data_bytes,
                 "stored_bytes": i.stored_bytes, "created": i.created,
                 "hash": crate::web::short_hash(&i.image_hash), "origin": i.origin,
             }),

@@ -11,6 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use diskcast_bootserver::deploy::deploy_once;
 use diskcast_bootserver::store::Store;
 use diskcast_bootserver::web::short_hash;
+use diskcast_proto::cmdline::Blocks;
 use diskcast_proto::units::human_size;
 use diskcast_proto::units::Rate;
 use diskcast_transport::send::SendOptions;
@@ -32,15 +33,16 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
     match command {
         ImagesCommand::List => {
             println!(
-                "{:<24} {:>10} {:>10} {:>10} {:>6}  {:<16} {:<16} origin",
-                "name", "disk", "data", "stored", "ratio", "created", "hash"
+                "{:<24} {:>10} {:>10} {:>10} {:>10} {:>6}  {:<16} {:<16} origin",
+                "name", "disk", "used", "data", "stored", "ratio", "created", "hash"
             );
             for entry in store.list()? {
                 match entry {
                     Ok(i) => println!(
-                        "{:<24} {:>10} {:>10} {:>10} {:>5.2}x  {:<16} {:<16} {}",
+                        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>5.2}x  {:<16} {:<16} {}",
                         i.name,
                         human_size(i.raw_size),
+                        human_size(i.used_bytes),
                         human_size(i.data_bytes),
                         human_size(i.file_len),
                         i.data_bytes as f64 / i.stored_bytes.max(1) as f64,
@@ -77,13 +79,23 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                 human_size(m.image_size),
                 m.image_size
             );
+            let absent = m
+                .chunks
+                .iter()
+                .filter(|c| **c == diskcast_proto::manifest::ChunkKind::Absent)
+                .count();
             println!(
-                "chunks:         {} of {}: {} data ({} zstd, {} raw), {zero} zero",
+                "chunks:         {} of {}: {} data ({} zstd, {} raw), {zero} zero, {absent} unused",
                 m.chunk_count(),
                 human_size(u64::from(m.chunk_size)),
                 m.data_chunks().count(),
                 zstd,
                 m.data_chunks().count() - zstd
+            );
+            println!(
+                "used:           {} ({} unused: not stored, sent or written)",
+                human_size(m.image_size - m.absent_bytes()),
+                human_size(m.absent_bytes())
             );
             println!(
                 "data:           {} stored in {} ({:.2}x)",
@@ -134,13 +146,34 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
             println!("deleted {name}");
             Ok(())
         }
-        ImagesCommand::Import { raw, name, level } => {
+        ImagesCommand::Import {
+            raw,
+            name,
+            level,
+            all_blocks,
+            trust_unclean_fs,
+        } => {
             let summary = if raw.as_os_str() == "-" {
+                if !all_blocks {
+                    log::info!("stdin is read whole: a stream's used blocks cannot be mapped");
+                }
                 store.import(&name, &mut std::io::stdin().lock(), "stdin", level)?
             } else {
-                let mut file = std::fs::File::open(&raw)
+                let file = std::fs::File::open(&raw)
                     .map_err(|e| format!("opening {}: {e}", raw.display()))?;
-                store.import(&name, &mut file, &raw.display().to_string(), level)?
+                let blocks = match (all_blocks, trust_unclean_fs) {
+                    (true, _) => Blocks::All,
+                    (false, true) => Blocks::UsedTrustUnclean,
+                    (false, false) => Blocks::Used,
+                };
+                let used = diskcast_fsmap::chunks_to_read(
+                    &file,
+                    &raw,
+                    diskcast_proto::manifest::DEFAULT_CHUNK_SIZE,
+                    blocks,
+                );
+                let desc = raw.display().to_string();
+                store.import_disk(&name, &file, &desc, level, used.as_deref())?
             };
             println!("imported {name}: {}", summary.sizes());
             Ok(())
@@ -291,12 +324,19 @@ enum ImagesCommand {
     /// Remove an image.
     Delete { name: String },
     /// Store a raw disk image (a file, a device, or `-` for stdin).
+    /// Of a file or device, only the blocks its file systems use are read (see --all-blocks).
     Import {
         raw: PathBuf,
         name: String,
         /// zstd level (1 fastest ... 19 smallest).
         #[arg(long, default_value_t = diskcast_proto::codec::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
         level: i32,
+        /// Read every block, not only those the file systems use.
+        #[arg(long, conflicts_with = "trust_unclean_fs")]
+        all_blocks: bool,
+        /// Map file systems that were not cleanly unmounted instead of reading them whole.
+        #[arg(long)]
+        trust_unclean_fs: bool,
     },
     /// Write an image as a raw disk image (a file, a device, or `-` for stdout).
     Export {

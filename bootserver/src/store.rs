@@ -8,9 +8,11 @@
 //! listed image; the next server start removes partial files whose writer is gone.
 
 use diskcast_proto::image_file::{
-    valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, EXTENSION, IMAGE_NAME_RULE,
+    valid_image_name, ImageFile, ImageFileError, ImageWriter, Metadata, PushError, EXTENSION,
+    IMAGE_NAME_RULE,
 };
-use diskcast_proto::manifest::DEFAULT_CHUNK_SIZE;
+use diskcast_proto::manifest::{ChunkKind, DEFAULT_CHUNK_SIZE};
+use diskcast_proto::read_at::ReadAt;
 use diskcast_proto::units::human_size;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -71,6 +73,8 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError
 pub struct ImageSummary {
     pub name: String,
     pub raw_size: u64,
+    /// The disk's bytes that are part of the image (all but the unused, absent chunks).
+    pub used_bytes: u64,
     pub data_bytes: u64,
     pub stored_bytes: u64,
     pub file_len: u64,
@@ -135,6 +139,7 @@ impl ImageSummary {
         Self {
             name: name.into(),
             raw_size: image.manifest.image_size,
+            used_bytes: image.manifest.image_size - image.manifest.absent_bytes(),
             data_bytes: image.manifest.data_bytes(),
             stored_bytes: image.manifest.stored_bytes(),
             file_len: image.file_len,
@@ -144,16 +149,23 @@ impl ImageSummary {
         }
     }
 
-    /// `64.0 MiB raw, 13.0 MiB of data stored in 7.0 MiB (1.86x)`.
+    /// `64.0 MiB raw, 20.0 MiB used, 13.0 MiB of data stored in 7.0 MiB (1.86x)`.
     pub fn sizes(&self) -> String {
         format!(
-            "{} raw, {} of data stored in {} ({:.2}x)",
+            "{} raw, {} used, {} of data stored in {} ({:.2}x)",
             human_size(self.raw_size),
+            human_size(self.used_bytes),
             human_size(self.data_bytes),
             human_size(self.stored_bytes),
             self.data_bytes as f64 / self.stored_bytes.max(1) as f64
         )
     }
+}
+
+fn import_metadata(source_desc: &str, level: i32) -> Metadata {
+    let mut meta = Metadata::new("import", level, crate::unix_now());
+    meta.source_disk = source_desc.into();
+    meta
 }
 
 /// A reader that remembers its own failure, so a caller that also writes can tell a failed read
@@ -175,6 +187,7 @@ impl Read for TellingReader<'_> {
 
 /// Writes every chunk of `image` to `file` (named `path` in errors), then syncs it. `sparse`:
 /// size the file and skip zero chunks (a regular file); otherwise write zeros too (a device).
+/// Unused (absent) chunks are never written.
 fn write_raw(image: &ImageFile, file: &File, path: &Path, sparse: bool) -> Result<(), StoreError> {
     let manifest = &image.manifest;
     if sparse {
@@ -184,9 +197,11 @@ fn write_raw(image: &ImageFile, file: &File, path: &Path, sparse: bool) -> Resul
     let zeros = vec![0u8; manifest.chunk_size as usize];
     for index in 0..manifest.chunk_count() {
         let (offset, len) = manifest.chunk_range(index);
-        let bytes = if manifest.chunks[index as usize].is_data() {
+        let kind = manifest.chunks[index as usize];
+        let bytes = if kind.is_data() {
             image.raw_chunk(index)?
-        } else if sparse {
+        } else if sparse || kind == ChunkKind::Absent {
+            // Unused on the source: a device keeps what it holds there.
             continue;
         } else {
             zeros[..len].to_vec()
@@ -326,7 +341,8 @@ impl Store {
         }
     }
 
-    /// Converts a raw disk image (a file, a device, or a stream such as stdin) into a stored image.
+    /// Converts a raw disk image read as a stream (stdin) into a stored image: every block,
+    /// since a stream has no partition table to look up ahead of reading it.
     pub fn import(
         &self,
         name: &str,
@@ -355,9 +371,47 @@ impl Store {
                 source_desc: source_desc.into(),
             });
         }
-        let mut meta = Metadata::new("import", level, crate::unix_now());
-        meta.source_disk = source_desc.into();
-        writer.finish(&meta).map_err(io_err(&temp, "writing"))?;
+        writer
+            .finish(&import_metadata(source_desc, level))
+            .map_err(io_err(&temp, "writing"))?;
+        incoming.commit()
+    }
+
+    /// Converts a raw disk image file or device into a stored image, reading only the chunks
+    /// `used` marks (every chunk when `None`); the others are stored as absent.
+    pub fn import_disk(
+        &self,
+        name: &str,
+        disk: &(impl ReadAt + ?Sized),
+        source_desc: &str,
+        level: i32,
+        used: Option<&[bool]>,
+    ) -> Result<ImageSummary, StoreError> {
+        let read_err = |source| StoreError::ReadSource {
+            source_desc: source_desc.into(),
+            source,
+        };
+        let size = disk.size().map_err(read_err)?;
+        if size == 0 {
+            return Err(StoreError::EmptySource {
+                source_desc: source_desc.into(),
+            });
+        }
+        let mut incoming = self.incoming(name)?;
+        let temp = incoming.temp.clone();
+        let mut writer = ImageWriter::new(&mut incoming.file, DEFAULT_CHUNK_SIZE);
+        writer
+            .push_from(disk, size, used, level, |_, _| {})
+            .map_err(|e| match e {
+                PushError::Read(e) => read_err(io::Error::new(e.source.kind(), e)),
+                PushError::Write(e) => io_err(&temp, "writing")(e),
+                PushError::Compressor => {
+                    io_err(&temp, "compressing")(io::Error::other("a compression thread crashed"))
+                }
+            })?;
+        writer
+            .finish(&import_metadata(source_desc, level))
+            .map_err(io_err(&temp, "writing"))?;
         incoming.commit()
     }
 

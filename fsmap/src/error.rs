@@ -100,16 +100,4 @@ impl FsmapError {
             detail: detail.into(),
         }
     }
-
-    /// The message with all its causes, `a: b: c`.
-    pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(e) = cause {
-            text.push_str(": ");
-            text.push_str(&e.to_string());
-            cause = e.source();
-        }
-        text
-    }
 }

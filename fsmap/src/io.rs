@@ -3,70 +3,7 @@
 use crate::FsmapError;
 use std::io::{self, Read, Seek, SeekFrom};
 
-/// Positioned reads of a disk or image file.
-///
-/// Implemented for [`std::fs::File`] (regular files and block devices), and for byte slices and
-/// vectors (tests, fuzzing).
-pub trait ReadAt {
-    /// Fills `buf` from byte `offset`, or fails (a read past the end is an error).
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// The size in bytes.
-    fn size(&self) -> io::Result<u64>;
-}
-
-impl ReadAt for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| self.get(start..start.checked_add(buf.len())?))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end"))?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.len() as u64)
-    }
-}
-
-impl ReadAt for Vec<u8> {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.as_slice().read_exact_at(buf, offset)
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.len() as u64)
-    }
-}
-
-#[cfg(unix)]
-impl ReadAt for std::fs::File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-
-    /// A regular file's length; for a block device (whose metadata says 0), the end found by
-    /// seeking, which moves the file's position (positioned reads do not use it).
-    fn size(&self) -> io::Result<u64> {
-        let meta = self.metadata()?;
-        if meta.is_file() {
-            Ok(meta.len())
-        } else {
-            let mut file = self;
-            file.seek(SeekFrom::End(0))
-        }
-    }
-}
-
-impl<T: ReadAt + ?Sized> ReadAt for &T {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, offset)
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-}
+pub use diskcast_proto::read_at::ReadAt;
 
 /// The bytes `start..start + len` of a disk: every read is checked against these bounds.
 #[derive(Debug)]

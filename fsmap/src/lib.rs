@@ -42,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+mod chunks;
 mod error;
 mod ext;
 mod fat;
@@ -53,6 +54,7 @@ mod ntfs_fs;
 mod swap;
 mod table;
 
+pub use chunks::chunks_to_read;
 pub use error::FsmapError;
 pub use gpt_fit::{fit_gpt_to_disk, GptFix};
 pub use io::ReadAt;
@@ -277,7 +279,10 @@ pub fn used_map<D: ReadAt + ?Sized>(
                         start: p.start,
                         source: Box::new(e),
                     };
-                    warnings.push(format!("{where_} is copied whole: {}", e.chain()));
+                    warnings.push(format!(
+                        "{where_} is copied whole: {}",
+                        diskcast_proto::error_chain(&e)
+                    ));
                     WhyWhole::of(&e)
                 };
                 all.add(p.start, p.start + p.len);

@@ -294,7 +294,7 @@ fn logical_partitions<D: ReadAt + ?Sized>(
         let mut sector = [0u8; MBR_SECTOR as usize];
         whole
             .read("EBR", ebr_lba * MBR_SECTOR, &mut sector)
-            .map_err(|e| e.chain())?;
+            .map_err(|e| diskcast_proto::error_chain(&e))?;
         let ebr = match mbrman::MBRHeader::read_from(&mut Cursor::new(&sector[..])) {
             Ok(ebr) => ebr,
             // An empty extended partition need not hold an EBR (as in mbrman).

@@ -68,10 +68,14 @@ impl BitSet {
             .filter(|&i| i < self.len)
     }
 
-    pub fn union_with(&mut self, other: &BitSet) {
+    /// Adds `other`'s bits; returns how many were not set before.
+    pub fn union_with(&mut self, other: &BitSet) -> usize {
+        let mut added = 0;
         for (a, b) in self.words.iter_mut().zip(&other.words) {
+            added += (b & !*a).count_ones() as usize;
             *a |= b;
         }
+        added
     }
 
     /// Little-endian bit order within bytes: bit i is byte i/8, bit i%8.

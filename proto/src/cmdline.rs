@@ -96,6 +96,26 @@ keyword_enum!(Finish, "one of reboot, poweroff, shell", {
     Finish::Shell => "shell",
 });
 
+/// Which blocks of a source disk are read and sent (master, capture).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Blocks {
+    /// The blocks the file systems use, everything outside them, and every file system that
+    /// is not cleanly unmounted or not understood, whole.
+    #[default]
+    Used,
+    /// As `Used`, but file systems that were not cleanly unmounted are mapped too (only for
+    /// disks known to be consistent: blocks a journal replay would write are missed).
+    UsedTrustUnclean,
+    /// Every block (only all-zero chunks are skipped).
+    All,
+}
+
+keyword_enum!(Blocks, "one of used, used-trust-unclean, all", {
+    Blocks::Used => "used",
+    Blocks::UsedTrustUnclean => "used-trust-unclean",
+    Blocks::All => "all",
+});
+
 /// Typed form of the `diskcast.*` kernel parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootConfig {
@@ -133,6 +153,11 @@ pub struct BootConfig {
     /// The bootserver's task this boot carries out, and the secret the agent's reports about it
     /// prove themselves with (reported to `server:store_port`).
     pub task: Option<TaskRef>,
+    /// Master, capture: which blocks of the disk are read and sent.
+    pub blocks: Blocks,
+    /// Slave: after a verified copy onto a larger disk, extend the last GPT partition to the
+    /// disk's end (its file system is grown by the installed system, as cloud images do).
+    pub grow_last_partition: bool,
 }
 
 /// A task of the bootserver's, as its agent knows it: `diskcast.task=ID` and `diskcast.token=HEX`.
@@ -241,12 +266,14 @@ impl Default for BootConfig {
             store_port: 8080,
             settings_from_boot_medium: false,
             task: None,
+            blocks: Blocks::Used,
+            grow_last_partition: false,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow";
 
 impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
@@ -425,6 +452,18 @@ impl BootConfig {
                     })
                     .token = value.into();
             }
+            "blocks" => {
+                self.blocks = value
+                    .parse()
+                    .map_err(|()| invalid(key, value, Blocks::EXPECTED))?
+            }
+            "grow" => {
+                self.grow_last_partition = match value {
+                    "last-partition" => true,
+                    "none" => false,
+                    _ => return Err(invalid(key, value, "`last-partition` or `none`")),
+                }
+            }
             "store_port" => {
                 self.store_port = value
                     .parse()
@@ -526,6 +565,12 @@ impl BootConfig {
         if self.settings_from_boot_medium {
             words.push(format!("{PREFIX}settings=boot-medium"));
         }
+        if self.blocks != defaults.blocks {
+            words.push(format!("{PREFIX}blocks={}", self.blocks));
+        }
+        if self.grow_last_partition {
+            words.push(format!("{PREFIX}grow=last-partition"));
+        }
         if let Some(task) = &self.task {
             words.push(format!("{PREFIX}task={}", task.id));
             words.push(format!("{PREFIX}token={}", task.token));
@@ -561,6 +606,8 @@ mod tests {
                 id: 42,
                 token: "ab".repeat(32),
             }),
+            blocks: Blocks::UsedTrustUnclean,
+            grow_last_partition: true,
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -722,6 +769,8 @@ mod tests {
             "diskcast.min_receivers=0",
             "diskcast.image=../etc",
             "diskcast.store_port=0",
+            "diskcast.blocks=some",
+            "diskcast.grow=yes",
         ] {
             assert!(
                 matches!(

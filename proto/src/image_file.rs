@@ -26,34 +26,17 @@ use crate::sender::ChunkSource;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Positioned reads: an image file is read chunk by chunk from anywhere, from several threads.
-/// The caller opens the file (or holds the bytes in memory).
-pub trait ReadAt: Sync {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-}
+pub use crate::read_at::{ReadAt, ReadAtError};
 
-impl ReadAt for std::fs::File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
-
-impl ReadAt for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let bytes = start
-            .checked_add(buf.len())
-            .and_then(|end| self.get(start..end))
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(bytes);
-        Ok(())
-    }
-}
-
-impl ReadAt for Vec<u8> {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.as_slice().read_exact_at(buf, offset)
-    }
+/// Why [`ImageWriter::push_from`] failed: the disk, the output, or a compression thread.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Read(ReadAtError),
+    #[error("writing the image")]
+    Write(#[source] io::Error),
+    #[error("a compression thread crashed")]
+    Compressor,
 }
 
 pub const FOOTER_MAGIC: &[u8; 8] = b"DCIMAGE\0";
@@ -275,6 +258,62 @@ impl<W: Write> ImageWriter<W> {
         self.chunks.push(encoded.kind);
         self.image_size += raw_len as u64;
         Ok(())
+    }
+
+    /// Appends the first `image_size` bytes of `disk`, reading and compressing (on every core)
+    /// only the chunks `used` marks (every chunk when `None`); the others are recorded absent.
+    /// `progress` gets the position reached and the bytes stored so far.
+    pub fn push_from(
+        &mut self,
+        disk: &(impl ReadAt + ?Sized),
+        image_size: u64,
+        used: Option<&[bool]>,
+        level: i32,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(), PushError> {
+        let chunk_size = u64::from(self.chunk_size);
+        let count = crate::manifest::chunk_count(image_size, self.chunk_size) as u32;
+        let batch_len = codec::parallel_batch();
+        let mut index = 0u32;
+        while index < count {
+            // Up to `batch_len` used chunks (and the absent ones between them) per round.
+            let mut batch = Vec::with_capacity(batch_len);
+            let mut kinds = Vec::new();
+            while index < count && batch.len() < batch_len {
+                let offset = u64::from(index) * chunk_size;
+                let len = (image_size - offset).min(chunk_size) as usize;
+                if crate::manifest::chunk_is_used(used, index) {
+                    let mut buf = vec![0u8; len];
+                    disk.read_exact_at(&mut buf, offset)
+                        .map_err(|source| PushError::Read(ReadAtError { offset, source }))?;
+                    batch.push(buf);
+                    kinds.push(None);
+                } else {
+                    kinds.push(Some(len));
+                }
+                index += 1;
+            }
+            let encoded = codec::encode_parallel(&batch, level).ok_or(PushError::Compressor)?;
+            let mut encoded = encoded.iter().zip(&batch);
+            for absent in kinds {
+                match absent {
+                    Some(len) => self.push_absent(len),
+                    None => {
+                        if let Some((encoded, raw)) = encoded.next() {
+                            self.push(encoded, raw.len()).map_err(PushError::Write)?;
+                        }
+                    }
+                }
+            }
+            progress(self.image_size, self.data_len);
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk of `raw_len` bytes that is not part of the image.
+    pub fn push_absent(&mut self, raw_len: usize) {
+        self.chunks.push(ChunkKind::Absent);
+        self.image_size += raw_len as u64;
     }
 
     /// Reads `reader` to its end in chunks, compressing them on every core; returns the bytes
@@ -514,8 +553,9 @@ impl<R: ReadAt> ImageFile<R> {
             source,
         })
     }
+}
 
-    /// Decompresses and hashes every chunk; the first bad one is the error.
+impl<R: ReadAt + Sync> ImageFile<R> {
     /// Decompresses and hashes every chunk on every core; the first bad chunk (by position) is
     /// the error.
     pub fn verify(&self) -> Result<(), ImageFileError> {
@@ -634,6 +674,53 @@ mod tests {
                 assert!(image.file_len < raw.len() as u64 * 7 / 10);
             }
         }
+    }
+
+    #[test]
+    fn push_from_stores_only_used_chunks_and_exports_zeros_for_the_rest() {
+        let chunk = 64 * 1024;
+        let raw = disk_like(chunk * 6 + 500);
+        let used = [true, false, false, true, false];
+        let mut writer = ImageWriter::new(Vec::new(), chunk as u32);
+        let mut last = (0, 0);
+        writer
+            .push_from(&raw[..], raw.len() as u64, Some(&used), 3, |at, stored| {
+                last = (at, stored)
+            })
+            .unwrap();
+        let (manifest, bytes) = writer.finish(&Metadata::new("test", 3, 1)).unwrap();
+        assert_eq!(last.0, raw.len() as u64);
+        let scanned = Manifest::scan_at(
+            &raw[..],
+            raw.len() as u64,
+            chunk as u32,
+            Some(&used),
+            |_| {},
+        )
+        .unwrap();
+        // Stored chunks may be compressed; what they hold is what the scan found.
+        let content = |m: &Manifest| m.chunks.iter().map(ChunkKind::content).collect::<Vec<_>>();
+        assert_eq!(content(&manifest), content(&scanned));
+        let image = open(bytes).unwrap();
+        image.verify().unwrap();
+        assert_eq!(image.manifest.absent_bytes(), 3 * chunk as u64);
+        let mut out = Vec::new();
+        image.export(&mut out).unwrap();
+        let mut expected = raw.clone();
+        for (index, &used) in used.iter().enumerate() {
+            if !used {
+                expected[index * chunk..(index + 1) * chunk].fill(0);
+            }
+        }
+        assert!(out == expected);
+        // A failing read names its offset and is not a write error.
+        let mut writer = ImageWriter::new(Vec::new(), chunk as u32);
+        let err = writer
+            .push_from(&raw[..chunk * 2], raw.len() as u64, None, 3, |_, _| {})
+            .unwrap_err();
+        assert!(
+            matches!(err, PushError::Read(ReadAtError { offset, .. }) if offset == 2 * chunk as u64)
+        );
     }
 
     #[test]

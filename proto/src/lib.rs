@@ -23,6 +23,7 @@ pub mod mac;
 pub mod manifest;
 pub mod modindex;
 pub mod pacer;
+pub mod read_at;
 pub mod receiver;
 pub mod report;
 pub mod rng;

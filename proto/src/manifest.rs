@@ -21,6 +21,7 @@
 //! written as plain data, so neither signing a manifest later nor how its chunks are stored
 //! changes the hash an image is known by: a copy read back from a disk has the same hash.
 
+use crate::read_at::{ReadAt, ReadAtError};
 use std::io::{self, Read};
 
 pub const MAGIC: &[u8; 4] = b"DCMF";
@@ -122,6 +123,12 @@ pub fn classify(bytes: &[u8]) -> ChunkKind {
     }
 }
 
+/// Whether chunk `index` must be read, given a used-chunk map (`None`: every chunk). A map
+/// too short for the image counts the rest as used.
+pub fn chunk_is_used(used: Option<&[bool]>, index: u32) -> bool {
+    used.is_none_or(|used| used.get(index as usize).copied().unwrap_or(true))
+}
+
 pub fn is_zero(bytes: &[u8]) -> bool {
     // Comparing u64-sized words is an order of magnitude faster than byte by byte.
     let mut words = bytes.chunks_exact(8);
@@ -206,6 +213,58 @@ impl Manifest {
             chunks,
             signature: Vec::new(),
         })
+    }
+
+    /// Builds the manifest of the first `image_size` bytes of `disk`, reading only the chunks
+    /// `used` marks (every chunk when `None`, and any chunk past the end of `used`); the others
+    /// are absent: never read, sent or written, left as they are on a target. `progress` gets
+    /// the position reached.
+    pub fn scan_at(
+        disk: &(impl ReadAt + ?Sized),
+        image_size: u64,
+        chunk_size: u32,
+        used: Option<&[bool]>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Self, ReadAtError> {
+        if !valid_chunk_size(chunk_size) {
+            return Err(ReadAtError {
+                offset: 0,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    ManifestError::ChunkSize(chunk_size),
+                ),
+            });
+        }
+        let mut manifest = Self {
+            image_size,
+            chunk_size,
+            chunks: Vec::new(),
+            signature: Vec::new(),
+        };
+        let count = chunk_count(image_size, chunk_size) as u32;
+        manifest.chunks.reserve(count as usize);
+        let mut buf = vec![0u8; chunk_size as usize];
+        for index in 0..count {
+            let (offset, len) = manifest.chunk_range(index);
+            let kind = if chunk_is_used(used, index) {
+                disk.read_exact_at(&mut buf[..len], offset)
+                    .map_err(|source| ReadAtError { offset, source })?;
+                classify(&buf[..len])
+            } else {
+                ChunkKind::Absent
+            };
+            manifest.chunks.push(kind);
+            progress(offset + len as u64);
+        }
+        Ok(manifest)
+    }
+
+    /// Bytes of the image in absent chunks (skipped as unused).
+    pub fn absent_bytes(&self) -> u64 {
+        (0..self.chunk_count())
+            .filter(|&i| self.chunks[i as usize] == ChunkKind::Absent)
+            .map(|i| self.chunk_range(i).1 as u64)
+            .sum()
     }
 
     /// Re-reads an image written from this manifest and builds the manifest of what is really there
@@ -383,6 +442,45 @@ mod tests {
         signed.signature = vec![9; 64];
         assert_eq!(signed.image_hash(), manifest.image_hash());
         assert_eq!(Manifest::decode(&signed.encode()), Ok(signed));
+    }
+
+    #[test]
+    fn scan_at_reads_only_used_chunks_and_matches_scan() {
+        struct Counting<'a>(&'a [u8], std::cell::RefCell<Vec<u64>>);
+        impl ReadAt for Counting<'_> {
+            fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.1.borrow_mut().push(offset);
+                self.0.read_exact_at(buf, offset)
+            }
+            fn size(&self) -> io::Result<u64> {
+                Ok(self.0.len() as u64)
+            }
+        }
+        let image = sample_image();
+        let size = image.len() as u64;
+        let all = Manifest::scan(&mut &image[..], size, 8192, |_| {}).unwrap();
+        assert_eq!(
+            Manifest::scan_at(&image[..], size, 8192, None, |_| {}).unwrap(),
+            all
+        );
+        let disk = Counting(&image, Default::default());
+        // Chunk 4 lies past the end of the map: used.
+        let used = [false, true, false, true];
+        let mut reached = 0;
+        let some = Manifest::scan_at(&disk, size, 8192, Some(&used), |at| reached = at).unwrap();
+        assert_eq!(reached, size);
+        assert_eq!(*disk.1.borrow(), [8192, 3 * 8192, 4 * 8192]);
+        assert_eq!(some.chunks[0], ChunkKind::Absent);
+        assert_eq!(some.chunks[1], all.chunks[1]);
+        assert_eq!(some.chunks[2], ChunkKind::Absent);
+        assert_eq!(some.chunks[3], ChunkKind::Zero);
+        assert_eq!(some.chunks[4], all.chunks[4]);
+        assert_eq!(some.absent_bytes(), 2 * 8192);
+        assert_eq!(Manifest::decode(&some.encode()), Ok(some.clone()));
+        // A read failure names where.
+        let short = &image[..3 * 8192];
+        let err = Manifest::scan_at(short, size, 8192, None, |_| {}).unwrap_err();
+        assert_eq!(err.offset, 3 * 8192);
     }
 
     #[test]

@@ -710,16 +710,19 @@ impl Sender {
             return 0;
         }
         let blocks = blocks.unwrap_or_else(|| BitSet::full(self.blocks_in(chunk)));
-        let count = blocks.count() as u64;
-        match self.repairs.get_mut(&chunk) {
+        // Only blocks not already queued count: a receiver that repeats its request while the
+        // repair waits in the queue (a slow machine, a long queue) causes no extra traffic.
+        let added = match self.repairs.get_mut(&chunk) {
             Some(queued) => queued.union_with(&blocks),
             None => {
-                if !blocks.is_empty() {
+                let count = blocks.count();
+                if count > 0 {
                     self.repairs.insert(chunk, blocks);
                 }
+                count
             }
-        }
-        count
+        };
+        added as u64
     }
 
     fn update_phase(&mut self, now: Instant) {

@@ -913,6 +913,37 @@ fn a_receiver_asking_for_everything_neither_starves_the_others_nor_stays() {
 }
 
 #[test]
+fn repeating_a_request_while_its_repair_is_queued_is_not_counted_again() {
+    use crate::wire::Nak;
+    // A slow receiver repeats its NAKs at every status while the repair waits in the queue:
+    // that costs no extra traffic and must not get it dropped as too lossy.
+    let image = test_image(32 * CHUNK as usize, 35);
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.0, 35);
+    let session = sim.sender.session();
+    let slow = SocketAddr::from(([10, 0, 9, 11], 7744));
+    let t0 = sim.now;
+    sim.inject_to_sender(&forge::join(session, 78, 1, u64::MAX), slow);
+    let nonce = forge::welcome_nonce(&mut sim.sender, t0, slow).expect("welcomed");
+    let blocks_per_chunk = CHUNK as u64 / 1400 + 1;
+    sim.run_until(|s| s.sender.stats.data_datagrams > 2 * blocks_per_chunk);
+    let first_chunk = vec![Nak::Chunks { start: 0, count: 1 }];
+    for _ in 0..20_000 {
+        sim.sender.handle_datagram(
+            &forge::status(session, 78, nonce, 0, first_chunk.clone()),
+            slow,
+            sim.now,
+        );
+    }
+    let report = sim.sender.receivers().find(|r| r.id == 78).unwrap();
+    assert!(!report.is_final(), "{report:?}");
+    assert!(
+        report.repairs_requested <= blocks_per_chunk,
+        "{} blocks counted for one chunk asked 20000 times",
+        report.repairs_requested
+    );
+}
+
+#[test]
 fn stray_data_with_absurd_sequence_numbers_does_not_disable_repair_suppression() {
     // Three datagrams of the right session claiming sequence u64::MAX, before the real data:
     // believed, they would make every NAK look newer than any repair in flight.

@@ -170,6 +170,380 @@ pub fn make_bootable_disk(path: &Path, size_mib: u64, marker: &str) {
     let _ = fs::remove_dir_all(&work);
 }
 
+/// A file system of [`make_used_disk`]: where it lies and what it must keep.
+#[derive(Debug, Clone)]
+pub struct UsedPartition {
+    pub kind: FsKind,
+    /// Byte offset and length of the partition (and of its file system).
+    pub start: u64,
+    pub len: u64,
+    /// Files in the root directory and the BLAKE3 hash of each one's bytes.
+    pub files: Vec<(String, [u8; 32])>,
+    /// Bytes of the files written, then deleted, whose garbage stays in free space.
+    pub garbage: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    Fat32,
+    Ext4,
+    Ntfs,
+}
+
+/// A GPT disk made by [`make_used_disk`].
+#[derive(Debug, Clone)]
+pub struct UsedDisk {
+    pub size: u64,
+    pub partitions: Vec<UsedPartition>,
+}
+
+impl UsedDisk {
+    /// The bytes the file systems' own tools say are in use, plus everything outside the
+    /// partitions (table, gaps, backup table): what a used-block copy must carry.
+    pub fn tool_used_bytes(&self, disk: &Path) -> u64 {
+        let work = disk.with_extension("used.d");
+        fs::create_dir_all(&work).unwrap();
+        let mut used = self.size - self.partitions.iter().map(|p| p.len).sum::<u64>();
+        for (i, part) in self.partitions.iter().enumerate() {
+            let image = work.join(format!("part{}.img", i + 1));
+            extract(disk, part.start, part.len, &image);
+            used += fs_tool_used(part.kind, &image);
+        }
+        let _ = fs::remove_dir_all(&work);
+        used
+    }
+}
+
+/// Incompressible bytes from a seed (xorshift).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Makes a used lab disk of `size_mib` MiB (at least 208): a GPT with a FAT32 EFI system
+/// partition (40 MiB), an ext4 (96 MiB) and an NTFS (64 MiB) partition, each holding kept files
+/// and the garbage of a large file written and deleted (as a used disk's free space holds).
+/// Built on image files with mkfs.vfat/mtools, mkfs.ext4/debugfs and mkntfs/ntfs-3g (a FUSE
+/// mount: root), then placed at their offsets.
+pub fn make_used_disk(path: &Path, size_mib: u64, seed: u64) -> UsedDisk {
+    assert!(size_mib >= 208, "the used disk needs at least 208 MiB");
+    let layout = [
+        (FsKind::Fat32, 40 * MIB, 8 * MIB, 24 * MIB),
+        (FsKind::Ext4, 96 * MIB, 24 * MIB, 56 * MIB),
+        (FsKind::Ntfs, 64 * MIB, 12 * MIB, 36 * MIB),
+    ];
+    let work = path.with_extension("fixture.d");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    let _ = fs::remove_file(path);
+    let disk = fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    disk.set_len(size_mib * MIB).unwrap();
+
+    let mut table = String::from("label: gpt\n");
+    let mut start = MIB;
+    let mut partitions = Vec::new();
+    for (n, &(kind, len, kept, garbage)) in layout.iter().enumerate() {
+        let type_ = match kind {
+            FsKind::Fat32 => "U",
+            FsKind::Ext4 => "L",
+            FsKind::Ntfs => "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+        };
+        table += &format!("start={}, size={}, type={type_}\n", start / 512, len / 512);
+        let image = work.join(format!("part{}.img", n + 1));
+        let files = build_fs(kind, &image, len, kept, garbage, seed + n as u64, &work);
+        let bytes = fs::read(&image).unwrap();
+        disk.write_all_at(&bytes, start).unwrap();
+        partitions.push(UsedPartition {
+            kind,
+            start,
+            len,
+            files,
+            garbage,
+        });
+        start += len;
+    }
+    drop(disk);
+    sfdisk_write(path, &table);
+    let _ = fs::remove_dir_all(&work);
+    UsedDisk {
+        size: size_mib * MIB,
+        partitions,
+    }
+}
+
+fn sfdisk_write(path: &Path, table: &str) {
+    let mut child = Command::new(tool("sfdisk", "fdisk"))
+        .arg("--quiet")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running sfdisk: {e}"));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), table.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sfdisk {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes one file system on `image`: three kept files of `kept` bytes in all, and a file of
+/// `garbage` bytes written between them and deleted. Returns the kept files' names and hashes.
+fn build_fs(
+    kind: FsKind,
+    image: &Path,
+    len: u64,
+    kept: u64,
+    garbage: u64,
+    seed: u64,
+    work: &Path,
+) -> Vec<(String, [u8; 32])> {
+    let file = fs::File::create(image).unwrap();
+    file.set_len(len).unwrap();
+    drop(file);
+    let sizes = [kept / 8, kept / 2, kept - kept / 8 - kept / 2];
+    let files: Vec<(String, PathBuf, [u8; 32])> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            let name = format!("keep{i}.bin");
+            let data = random_bytes(size as usize, seed * 10 + i as u64);
+            let path = work.join(format!(
+                "{}-{name}",
+                image.file_stem().unwrap().to_string_lossy()
+            ));
+            fs::write(&path, &data).unwrap();
+            (name, path, *blake3::hash(&data).as_bytes())
+        })
+        .collect();
+    let big = work.join("big.bin");
+    fs::write(&big, random_bytes(garbage as usize, seed * 10 + 9)).unwrap();
+    let img = image.to_str().unwrap();
+    // Kept file 0, then the garbage, then the others: the garbage lies between used blocks.
+    let order: Vec<(&str, &Path)> = std::iter::once((files[0].0.as_str(), files[0].1.as_path()))
+        .chain(std::iter::once(("big.bin", big.as_path())))
+        .chain(files[1..].iter().map(|(n, p, _)| (n.as_str(), p.as_path())))
+        .collect();
+    match kind {
+        FsKind::Fat32 => {
+            run(Command::new(tool("mkfs.vfat", "dosfstools"))
+                .args(["-F", "32", "-s", "1", "-n", "DCESP"])
+                .arg(img));
+            for (name, src) in &order {
+                run(Command::new(tool("mcopy", "mtools"))
+                    .args(["-i", img])
+                    .arg(src)
+                    .arg(format!("::{name}")));
+            }
+            run(Command::new(tool("mdel", "mtools")).args(["-i", img, "::big.bin"]));
+        }
+        FsKind::Ext4 => {
+            run(Command::new(tool("mkfs.ext4", "e2fsprogs"))
+                .args(["-F", "-q", "-E", "nodiscard", "-L", "dcroot"])
+                .arg(img));
+            let mut cmds = String::new();
+            for (name, src) in &order {
+                cmds += &format!("write {} {name}\n", src.display());
+            }
+            cmds += "rm big.bin\n";
+            let script = work.join("debugfs.cmds");
+            fs::write(&script, cmds).unwrap();
+            run(Command::new(tool("debugfs", "e2fsprogs"))
+                .arg("-w")
+                .arg("-f")
+                .arg(&script)
+                .arg(img));
+        }
+        FsKind::Ntfs => {
+            run(Command::new(tool("mkntfs", "ntfs-3g"))
+                .args(["-F", "-Q", "-q", "-L", "dcdata"])
+                .arg(img));
+            let mnt = work.join("mnt");
+            fs::create_dir_all(&mnt).unwrap();
+            run(Command::new(tool("ntfs-3g", "ntfs-3g")).arg(img).arg(&mnt));
+            let copied = order
+                .iter()
+                .try_for_each(|(name, src)| fs::copy(src, mnt.join(name)).map(drop));
+            run(Command::new("umount").arg(&mnt));
+            copied.unwrap();
+            run(Command::new(tool("ntfs-3g", "ntfs-3g")).arg(img).arg(&mnt));
+            let removed = fs::remove_file(mnt.join("big.bin"));
+            run(Command::new("umount").arg(&mnt));
+            removed.unwrap();
+        }
+    }
+    let _ = fs::remove_file(&big);
+    files.into_iter().map(|(n, _, h)| (n, h)).collect()
+}
+
+fn extract(disk: &Path, offset: u64, len: u64, to: &Path) {
+    let src = fs::File::open(disk).unwrap();
+    let mut bytes = vec![0u8; len as usize];
+    src.read_exact_at(&mut bytes, offset)
+        .unwrap_or_else(|e| panic!("reading {} at {offset}: {e}", disk.display()));
+    fs::write(to, bytes).unwrap();
+}
+
+/// Bytes in use as the file system's own tool reports them (dumpe2fs, fsck.vfat, ntfsinfo).
+fn fs_tool_used(kind: FsKind, image: &Path) -> u64 {
+    let img = image.to_str().unwrap();
+    let num = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key:?} in:\n{text}"))
+    };
+    match kind {
+        FsKind::Ext4 => {
+            let out = run(Command::new(tool("dumpe2fs", "e2fsprogs")).args(["-h", img]));
+            (num(&out, "Block count:") - num(&out, "Free blocks:")) * num(&out, "Block size:")
+        }
+        FsKind::Ntfs => {
+            let out = run(Command::new(tool("ntfsinfo", "ntfs-3g")).args(["-m", img]));
+            (num(&out, "Volume Size in Clusters:") - num(&out, "Free Clusters:"))
+                * num(&out, "Cluster Size:")
+        }
+        FsKind::Fat32 => {
+            let out = run(Command::new(tool("fsck.vfat", "dosfstools")).args(["-n", "-v", img]));
+            // "DCESP: 5 files, 16384/81184 clusters" and "512 bytes per cluster".
+            let clusters: u64 = out
+                .lines()
+                .find(|l| l.contains(" clusters") && l.contains('/'))
+                .and_then(|l| l.rsplit(", ").next())
+                .and_then(|c| c.split('/').next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no cluster count in:\n{out}"));
+            let cluster: u64 = out
+                .lines()
+                .find(|l| l.contains("bytes per cluster"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no cluster size in:\n{out}"));
+            num(&out, "Data area starts at byte") + clusters * cluster
+        }
+    }
+}
+
+/// Checks a copy of `source` on `copy` (possibly a larger disk): `sfdisk --verify` is clean,
+/// every partition starts where it did (the last may have grown, with `grown`), each file
+/// system passes its checker read-only, and every kept file has its hash.
+pub fn check_used_copy(copy: &Path, source: &UsedDisk, grown: bool) {
+    let sfdisk = tool("sfdisk", "fdisk");
+    let verify = Command::new(&sfdisk)
+        .arg("--verify")
+        .arg(copy)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        verify.status.success()
+            && said.contains("No errors detected")
+            && !said.contains("not on the end"),
+        "sfdisk --verify {}:\n{said}",
+        copy.display()
+    );
+    let dump = run(Command::new(&sfdisk).arg("--json").arg(copy));
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let parts = dump["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), source.partitions.len(), "{dump}");
+    let copy_size = fs::metadata(copy).unwrap().len();
+    let last_lba = dump["partitiontable"]["lastlba"].as_u64().unwrap();
+    assert_eq!(
+        (last_lba + 34) * 512,
+        copy_size,
+        "the GPT's last usable sector is not the disk's: {dump}"
+    );
+    let work = copy.with_extension("check.d");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).unwrap();
+    for (i, (part, got)) in source.partitions.iter().zip(parts).enumerate() {
+        let start = got["start"].as_u64().unwrap() * 512;
+        let len = got["size"].as_u64().unwrap() * 512;
+        assert_eq!(start, part.start, "partition {} moved", i + 1);
+        let last = i + 1 == source.partitions.len();
+        if grown && last {
+            assert_eq!(
+                start + len,
+                (last_lba + 1) * 512,
+                "the last partition did not grow"
+            );
+        } else {
+            assert_eq!(len, part.len, "partition {} changed size", i + 1);
+        }
+        let image = work.join(format!("part{}.img", i + 1));
+        extract(copy, part.start, part.len, &image);
+        let img = image.to_str().unwrap();
+        let out = work.join("out.bin");
+        match part.kind {
+            FsKind::Ext4 => {
+                run(Command::new(tool("e2fsck", "e2fsprogs")).args(["-fn", img]));
+            }
+            FsKind::Ntfs => {
+                run(Command::new(tool("ntfsfix", "ntfs-3g")).args(["-n", img]));
+            }
+            FsKind::Fat32 => {
+                let said = run(Command::new(tool("fsck.vfat", "dosfstools")).args(["-n", img]));
+                assert!(!said.contains("Dirty"), "fsck.vfat -n {img}:\n{said}");
+            }
+        }
+        for (name, hash) in &part.files {
+            let _ = fs::remove_file(&out);
+            let o = out.to_str().unwrap();
+            match part.kind {
+                FsKind::Ext4 => {
+                    run(Command::new(tool("debugfs", "e2fsprogs"))
+                        .arg("-R")
+                        .arg(format!("dump /{name} {o}"))
+                        .arg(img));
+                }
+                FsKind::Ntfs => {
+                    let bytes = Command::new(tool("ntfscat", "ntfs-3g"))
+                        .arg(img)
+                        .arg(format!("/{name}"))
+                        .output()
+                        .unwrap()
+                        .stdout;
+                    fs::write(&out, bytes).unwrap();
+                }
+                FsKind::Fat32 => {
+                    run(Command::new(tool("mcopy", "mtools"))
+                        .args(["-n", "-i", img])
+                        .arg(format!("::{name}"))
+                        .arg(o));
+                }
+            }
+            let got = fs::read(&out).unwrap_or_default();
+            assert!(
+                blake3::hash(&got).as_bytes() == hash,
+                "partition {} ({:?}): /{name} differs on {}",
+                i + 1,
+                part.kind,
+                copy.display()
+            );
+        }
+    }
+    let _ = fs::remove_dir_all(&work);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

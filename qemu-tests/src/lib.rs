@@ -151,14 +151,22 @@ pub fn output_of(child: Child, what: &str) -> std::process::Output {
 /// Output of a child process collected line by line, with waiting for a line.
 #[derive(Clone, Default)]
 pub struct Console {
-    inner: Arc<(Mutex<String>, Condvar)>,
+    inner: Arc<(Mutex<Captured>, Condvar)>,
     /// Prefix to echo every line with on stdout (the interactive lab), or `None`.
     echo: Option<Arc<str>>,
+}
+
+/// What a console has captured, and how many of its streams are still open.
+#[derive(Default)]
+struct Captured {
+    text: String,
+    open_streams: usize,
 }
 
 impl Console {
     fn attach(&self, stream: impl Read + Send + 'static, log_file: PathBuf) {
         let inner = Arc::clone(&self.inner);
+        self.inner.0.lock().unwrap().open_streams += 1;
         let echo = self.echo.clone();
         std::thread::spawn(move || {
             let mut file = fs::File::create(&log_file).ok();
@@ -173,25 +181,35 @@ impl Console {
                     print!("{prefix}{text}");
                 }
                 let (lock, cvar) = &*inner;
-                lock.lock().unwrap().push_str(&text);
+                lock.lock().unwrap().text.push_str(&text);
                 cvar.notify_all();
                 line.clear();
             }
+            let (lock, cvar) = &*inner;
+            lock.lock().unwrap().open_streams -= 1;
+            cvar.notify_all();
         });
     }
 
     pub fn text(&self) -> String {
-        self.inner.0.lock().unwrap().clone()
+        self.inner.0.lock().unwrap().text.clone()
     }
 
-    /// Waits until a line containing `needle` appears; returns that line.
+    /// Waits until a line containing `needle` appears; returns that line. Fails at once when
+    /// every stream closed without it (the VM or process ended).
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let (lock, cvar) = &*self.inner;
-        let mut text = lock.lock().unwrap();
+        let mut captured = lock.lock().unwrap();
         loop {
-            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            if let Some(line) = captured.text.lines().find(|l| l.contains(needle)) {
                 return Ok(line.to_string());
+            }
+            if captured.open_streams == 0 && !captured.text.is_empty() {
+                return Err(format!(
+                    "the output ended without a line containing {needle:?}; its end:\n{}",
+                    tail(&captured.text, 15)
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -200,7 +218,7 @@ impl Console {
                     timeout.as_secs()
                 ));
             }
-            text = cvar.wait_timeout(text, deadline - now).unwrap().0;
+            captured = cvar.wait_timeout(captured, deadline - now).unwrap().0;
         }
     }
 }
@@ -655,16 +673,22 @@ impl Lab {
     pub fn boot_vm(&mut self, spec: VmSpec) -> usize {
         let tap = self.new_tap();
         let mut cmd = self.ns_command(Path::new("qemu-system-x86_64"));
-        cmd.args(["-accel", "tcg", "-nographic", "-nodefaults", "-serial", "stdio"]);
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nographic",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ]);
         if !spec.reboots {
             cmd.arg("-no-reboot");
         }
-        cmd
-        .args(["-m", &spec.memory_mib.to_string(), "-smp", "1"])
-        .args([
-            "-netdev",
-            &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
-        ]);
+        cmd.args(["-m", &spec.memory_mib.to_string(), "-smp", "1"])
+            .args([
+                "-netdev",
+                &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+            ]);
         if let Boot::Kernel { append } = &spec.boot {
             cmd.args(["-kernel", &lab_file("vmlinuz").display().to_string()])
                 .args(["-initrd", &lab_file("initramfs.img").display().to_string()])

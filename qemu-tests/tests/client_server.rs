@@ -222,7 +222,9 @@ fn client_server_capture_then_deploy() {
     // The reference machine is gone; two bare machines boot and get the stored image.
     let tasks = lab.bootserver_cli(&["tasks", "--all"]);
     assert!(
-        tasks.lines().any(|l| l.contains("capture as golden") && l.contains("verified")),
+        tasks
+            .lines()
+            .any(|l| l.contains("capture as golden") && l.contains("verified")),
         "{tasks}"
     );
     lab.task(&["deploy", "golden", "--to", &Lab::slave_macs(2)]);

@@ -41,14 +41,19 @@ fn deploy_then_local_boot(name: &str, firmware: Firmware) {
     );
     let console = lab.vm(vm).console.clone();
     console
-        .wait_for("DISKCAST-SLAVE-DONE", BOOT_TIMEOUT + Duration::from_secs(300))
+        .wait_for(
+            "DISKCAST-SLAVE-DONE",
+            BOOT_TIMEOUT + Duration::from_secs(300),
+        )
         .unwrap_or_else(|e| panic!("pc: {e}"));
     console
         .wait_for(MARKER, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("pc did not boot its new disk: {e}"));
     let log = lab.bootserver_log(0);
     assert!(
-        log.contains(&format!("lab: {PC} boots its local disk (no task for this machine)")),
+        log.contains(&format!(
+            "lab: {PC} boots its local disk (no task for this machine)"
+        )),
         "{log}"
     );
     assert_eq!(
@@ -59,7 +64,10 @@ fn deploy_then_local_boot(name: &str, firmware: Firmware) {
     let task = task_of(&lab, PC);
     assert_eq!(task["state"], "verified", "{task:#}");
     let disk = std::fs::read(lab.disk_path("pc", 0)).unwrap();
-    assert!(disk == std::fs::read(&image).unwrap(), "the disk is not the image");
+    assert!(
+        disk == std::fs::read(&image).unwrap(),
+        "the disk is not the image"
+    );
 }
 
 #[test]
@@ -83,11 +91,13 @@ fn unknown_machine_untouched() {
     lab.start_bootserver(DhcpMode::Full, "");
     lab.bootserver_cli(&["images", "import", &golden.display().to_string(), "golden"]);
     lab.task(&["deploy", "golden", "--to", PC]);
-    let pc = lab.boot_vm(VmSpec::new("pc", Firmware::Bios, "virtio-net-pci", 0x30).disk(
-        64,
-        "PC-DISK",
-        "virtio-blk-pci",
-    ));
+    let pc = lab.boot_vm(
+        VmSpec::new("pc", Firmware::Bios, "virtio-net-pci", 0x30).disk(
+            64,
+            "PC-DISK",
+            "virtio-blk-pci",
+        ),
+    );
     let stranger = lab.boot_vm(
         VmSpec::new("stranger", Firmware::Bios, "virtio-net-pci", 0x66).disk_from(
             &own,

@@ -171,3 +171,112 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
     assert!(untouched, "nothing may be written to a too-small disk");
     std::thread::sleep(Duration::from_millis(10));
 }
+
+/// A loop device over a file, detached when dropped (also when the test fails).
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    fn over(backing: &Path) -> Self {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap();
+        let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(path.starts_with("/dev/loop"), "losetup gave {path:?}");
+        LoopDevice { path }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
+#[test]
+fn used_blocks_to_larger_block_devices() {
+    use diskcast_qemu_tests::fixtures::{check_used_copy, make_used_disk};
+    let mut lab = Lab::new("p2p_used_blocks");
+    let sender = lab.add_host("snd", "10.77.0.10/24");
+    let receivers: Vec<String> = (1..=2)
+        .map(|i| lab.add_host(&format!("rx{i}"), &format!("10.77.0.{}/24", 10 + i)))
+        .collect();
+    let source_path = lab.dir.join("used.img");
+    let source = make_used_disk(&source_path, 208, 3);
+    // Disks 1.5x larger, holding old bytes that unused ranges keep.
+    let backings: Vec<PathBuf> = (1..=2)
+        .map(|i| {
+            let path = lab.dir.join(format!("large{i}.img"));
+            make_image(&path, 312, 40 + i);
+            path
+        })
+        .collect();
+    let devices: Vec<LoopDevice> = backings.iter().map(|b| LoopDevice::over(b)).collect();
+    let rx: Vec<_> = receivers
+        .iter()
+        .zip(&devices)
+        .enumerate()
+        .map(|(i, (ns, device))| {
+            let mut args = vec!["receive", "--interface", "eth0", "--wait", "60"];
+            // One grows its last partition, the other discards what the image skipped.
+            args.push(if i == 0 {
+                "--grow-last-partition"
+            } else {
+                "--discard"
+            });
+            args.push(&device.path);
+            spawn_agent(ns, &args, None)
+        })
+        .collect();
+    let send = spawn_agent(
+        &sender,
+        &[
+            "send",
+            "--interface",
+            "eth0",
+            "--min-receivers",
+            "2",
+            "--start-timeout",
+            "60",
+        ],
+        Some(&source_path),
+    );
+    let send_out = wait(send, "sender");
+    let rx_out: Vec<Output> = rx
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| wait(c, &format!("receiver {}", i + 1)))
+        .collect();
+    drop(devices);
+    assert!(send_out.status.success(), "sender failed");
+    let send_log = String::from_utf8_lossy(&send_out.stderr);
+    let image_line = send_log
+        .lines()
+        .find(|l| l.contains("unused and skipped"))
+        .unwrap_or_else(|| panic!("no image line in:\n{send_log}"));
+    eprintln!("{image_line}");
+    for (i, out) in rx_out.iter().enumerate() {
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "receiver {} failed:\n{log}", i + 1);
+        assert!(log.contains("skipped as unused"), "{log}");
+        assert!(log.contains("backup header moved"), "{log}");
+    }
+    check_used_copy(&backings[0], &source, true);
+    check_used_copy(&backings[1], &source, false);
+    // Both disks held random bytes: only the discarding one has the skipped ranges zeroed (a
+    // loop device punches holes in its file).
+    let zero_mib = |path: &Path| {
+        std::fs::read(path)
+            .unwrap()
+            .chunks(1 << 20)
+            .take(208)
+            .filter(|c| c.iter().all(|&b| b == 0))
+            .count()
+    };
+    let (kept, discarded) = (zero_mib(&backings[0]), zero_mib(&backings[1]));
+    eprintln!("all-zero MiB in the image's range: {kept} without --discard, {discarded} with");
+    assert!(discarded >= kept + 100, "{kept} vs {discarded}");
+}

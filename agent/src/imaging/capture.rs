@@ -5,8 +5,12 @@
 
 use super::disk::{DiskError, Source};
 use crate::http_client::read_response;
+use diskcast_fsmap::chunks_to_read;
+use diskcast_proto::cmdline::Blocks;
 use diskcast_proto::codec;
-use diskcast_proto::image_file::{valid_image_name, ImageWriter, Metadata, IMAGE_NAME_RULE};
+use diskcast_proto::image_file::{
+    valid_image_name, ImageWriter, Metadata, PushError, IMAGE_NAME_RULE,
+};
 use diskcast_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
 use diskcast_proto::units::human_size;
 use std::io::{self, BufReader, BufWriter, Write};
@@ -69,6 +73,8 @@ pub struct CaptureOptions {
     /// Describes the machine and disk in the image's metadata.
     pub source_machine: String,
     pub source_disk: String,
+    /// Which blocks of the source are read and stored.
+    pub blocks: Blocks,
 }
 
 impl CaptureOptions {
@@ -81,6 +87,7 @@ impl CaptureOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             source_machine: String::new(),
             source_disk: String::new(),
+            blocks: Blocks::default(),
         }
     }
 }
@@ -187,36 +194,24 @@ pub fn run_capture(
         written: 0,
     };
     let mut writer = ImageWriter::new(BufWriter::with_capacity(1 << 20, chunked), opts.chunk_size);
-    let count = diskcast_proto::manifest::chunk_count(source.size, opts.chunk_size) as u32;
-    let batch = codec::parallel_batch();
-    let mut index = 0u32;
-    let mut uploaded = 0u64;
-    while index < count {
-        let end = (index + batch as u32).min(count);
-        let mut raw = Vec::with_capacity(batch);
-        for i in index..end {
-            let offset = u64::from(i) * u64::from(opts.chunk_size);
-            raw.push(source.read_chunk(i).map_err(|e| CaptureError::Read {
+    let used = chunks_to_read(&source, &opts.source, opts.chunk_size, opts.blocks);
+    writer
+        .push_from(
+            &source,
+            source.size,
+            used.as_deref(),
+            opts.level,
+            |read, stored| progress(read, stored),
+        )
+        .map_err(|e| match e {
+            PushError::Read(e) => CaptureError::Read {
                 path: opts.source.clone(),
-                offset,
-                source: e,
-            })?);
-        }
-        let encoded = codec::encode_parallel(&raw, opts.level).ok_or(CaptureError::Compressor)?;
-        for (encoded, bytes) in encoded.iter().zip(&raw) {
-            if encoded.kind.is_data() {
-                uploaded += encoded.stored.len() as u64;
-            }
-            writer
-                .push(encoded, bytes.len())
-                .map_err(|e| sending_failed(e, &mut response))?;
-        }
-        index = end;
-        progress(
-            (u64::from(index) * u64::from(opts.chunk_size)).min(source.size),
-            uploaded,
-        );
-    }
+                offset: e.offset,
+                source: e.source,
+            },
+            PushError::Write(e) => sending_failed(e, &mut response),
+            PushError::Compressor => CaptureError::Compressor,
+        })?;
     let mut meta = Metadata::new("capture", opts.level, crate::unix_now());
     meta.source_machine = opts.source_machine.clone();
     meta.source_disk = opts.source_disk.clone();
@@ -232,9 +227,10 @@ pub fn run_capture(
         .and_then(|()| chunked.inner.flush())
         .map_err(upload_err)?;
     log::info!(
-        "uploaded {} for {} of data; waiting for the store to check it",
+        "uploaded {} for {} of data ({} unused and skipped); waiting for the store to check it",
         human_size(chunked.written),
-        human_size(manifest.data_bytes())
+        human_size(manifest.data_bytes()),
+        human_size(manifest.absent_bytes())
     );
     // The server re-reads and checks everything before answering: allow for a slow disk there.
     let check_time = Duration::from_secs(120 + chunked.written / 50_000_000);

@@ -1,10 +1,12 @@
 //! Disk side of imaging: sources and targets that are block devices or image files, an O_DIRECT
 //! writer thread fed through a bounded queue, zeroing, the final flush and the read-back check.
 
+use super::fit::{finish_copy, FinishOptions};
 use crate::sys::{self, AlignedBuf};
 use diskcast_proto::manifest::{classify, ChunkKind, Hash, Manifest};
 use diskcast_proto::receiver::{ChunkWrite, DiskDone};
 use diskcast_proto::sender::ChunkSource;
+use diskcast_proto::units::human_size;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -105,22 +107,25 @@ impl Source {
         })
     }
 
-    /// Reads the whole source once to build its manifest.
-    pub fn scan(&mut self, progress: impl FnMut(u64)) -> Result<Manifest, DiskError> {
-        let mut reader = io::BufReader::with_capacity(4 << 20, &self.file);
-        reader
-            .seek(SeekFrom::Start(0))
-            .map_err(|source| DiskError::Read {
-                path: self.path.clone(),
-                offset: 0,
-                source,
-            })?;
-        let manifest = Manifest::scan(&mut reader, self.size, self.chunk_size as u32, progress)
-            .map_err(|source| DiskError::Read {
-                path: self.path.clone(),
-                offset: 0,
-                source,
-            })?;
+    /// Reads the source once to build its manifest: the chunks `used` marks (every chunk when
+    /// `None`); the others become absent.
+    pub fn scan(
+        &mut self,
+        used: Option<&[bool]>,
+        progress: impl FnMut(u64),
+    ) -> Result<Manifest, DiskError> {
+        let manifest = Manifest::scan_at(
+            &self.file,
+            self.size,
+            self.chunk_size as u32,
+            used,
+            progress,
+        )
+        .map_err(|e| DiskError::Read {
+            path: self.path.clone(),
+            offset: e.offset,
+            source: e.source,
+        })?;
         self.unchecked = manifest
             .chunks
             .iter()
@@ -128,6 +133,17 @@ impl Source {
             .filter_map(|(i, kind)| Some((i as u32, *kind.hash()?)))
             .collect();
         Ok(manifest)
+    }
+}
+
+/// Positioned reads of the source as it was opened (its size is the one measured then).
+impl diskcast_proto::read_at::ReadAt for Source {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size)
     }
 }
 
@@ -417,7 +433,11 @@ impl WriterHandle {
 
 /// Starts the writer thread. The op queue is bounded so a slow disk slows the receiver (and,
 /// through socket overflows, the sender) instead of filling memory.
-pub fn spawn_writer(target: Target, depth: usize) -> io::Result<WriterHandle> {
+pub fn spawn_writer(
+    target: Target,
+    depth: usize,
+    finish: FinishOptions,
+) -> io::Result<WriterHandle> {
     let (op_tx, op_rx) = mpsc::sync_channel::<DiskOp>(depth);
     let (done_tx, done_rx) = mpsc::channel::<DiskDone>();
     let (wake_tx, wake_rx) = UnixDatagram::pair()?;
@@ -433,6 +453,7 @@ pub fn spawn_writer(target: Target, depth: usize) -> io::Result<WriterHandle> {
                 readback: AlignedBuf::new(1 << 20, DIRECT_ALIGN),
                 unchecked: Vec::new(),
                 checked: HashMap::new(),
+                finish,
             };
             for op in op_rx {
                 let done = match op {
@@ -474,6 +495,8 @@ struct Writer {
     /// What chunks read back as after a flush; a chunk read back stays valid, since nothing
     /// writes it again.
     checked: HashMap<u32, ChunkKind>,
+    /// What follows a verified read-back, before the copy counts as done.
+    finish: FinishOptions,
 }
 
 impl Writer {
@@ -534,7 +557,17 @@ impl Writer {
             .read_back(manifest, &self.checked)
             .map_err(|e| format!("reading back {path}: {e}"))?;
         match difference {
-            None => Ok(hash),
+            None => {
+                log::info!(
+                    "copy verified: {} written and read back, {} skipped as unused",
+                    human_size(manifest.image_size - manifest.absent_bytes()),
+                    human_size(manifest.absent_bytes())
+                );
+                // The sender hears "verified" only once the disk is finished too.
+                finish_copy(&self.target.path, manifest, self.finish)
+                    .map_err(|e| diskcast_proto::error_chain(&e))?;
+                Ok(hash)
+            }
             Some(chunk) => {
                 let (offset, _) = manifest.chunk_range(chunk);
                 Err(format!(
@@ -567,7 +600,7 @@ mod tests {
         image[2 * chunk..3 * chunk].fill(9);
         std::fs::write(&path, &image).unwrap();
         let mut source = Source::open(&path, chunk as u32).unwrap();
-        let manifest = source.scan(|_| {}).unwrap();
+        let manifest = source.scan(None, |_| {}).unwrap();
         assert_eq!(manifest.data_chunks().collect::<Vec<_>>(), [0, 2]);
         assert_eq!(source.chunk(0).unwrap()[0], 7);
         // Something writes to the disk while it is being sent.

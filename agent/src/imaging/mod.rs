@@ -7,5 +7,6 @@
 
 pub mod capture;
 pub mod disk;
+pub mod fit;
 pub mod receive;
 pub mod send;

@@ -3,6 +3,7 @@
 //! receiver's next timer is due.
 
 use super::disk::{self, DiskError, DiskOp, Target, WriterHandle};
+use super::fit::FinishOptions;
 use diskcast_proto::receiver::{Event, Failure, Phase, Receiver, ReceiverConfig};
 use diskcast_proto::units::human_size;
 use diskcast_proto::wire::{Destination, DEFAULT_GROUP, DEFAULT_PORT};
@@ -39,6 +40,10 @@ pub struct ReceiveOptions {
     pub session: Option<u32>,
     pub wait_timeout: Option<Duration>,
     pub sender_timeout: Duration,
+    /// After the copy verified on a larger block device, grow its last GPT partition.
+    pub grow_last_partition: bool,
+    /// After the copy verified, discard the ranges the image skipped as unused.
+    pub discard: bool,
 }
 
 impl Default for ReceiveOptions {
@@ -54,6 +59,8 @@ impl Default for ReceiveOptions {
             session: None,
             wait_timeout: None,
             sender_timeout: Duration::from_secs(30),
+            grow_last_partition: false,
+            discard: false,
         }
     }
 }
@@ -122,7 +129,11 @@ pub fn run_receive(
         if target.direct { ", O_DIRECT" } else { "" }
     );
     let started = Instant::now();
-    let writer = disk::spawn_writer(target, 16)?;
+    let finish = FinishOptions {
+        grow_last_partition: opts.grow_last_partition,
+        discard: opts.discard,
+    };
+    let writer = disk::spawn_writer(target, 16, finish)?;
     socket.set_nonblocking(true)?;
     socket::enable_gro(&socket);
     let mut session = ReceiveLoop {
@@ -133,6 +144,7 @@ pub fn run_receive(
         buf: vec![0u8; 64 << 10],
     };
     let mut next_progress = started + PROGRESS_EVERY;
+    let mut last_view: Option<ReceiveProgress> = None;
     let snapshot = |receiver: &Receiver, now: Instant| {
         let (chunks_done, chunks_total) = receiver.progress();
         ReceiveProgress {
@@ -157,12 +169,32 @@ pub fn run_receive(
                 "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows; cpu {user:.2} s user, {system:.2} s system",
                 stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow
             );
-            progress(snapshot(&session.receiver, Instant::now()));
+            // A finished receiver forgets its transfer: the last view stands, completed.
+            let mut view = snapshot(&session.receiver, Instant::now());
+            if let Some(last) = last_view.filter(|_| view.chunks_total == 0) {
+                view = ReceiveProgress {
+                    chunks_done: if result.is_ok() {
+                        last.chunks_total
+                    } else {
+                        last.chunks_done
+                    },
+                    verifying: false,
+                    elapsed: view.elapsed,
+                    ..last
+                };
+            }
+            if view.chunks_total > 0 {
+                progress(view);
+            }
             return result.map_err(ReceiveError::Failed);
         }
         let now = Instant::now();
         if now >= next_progress {
-            progress(snapshot(&session.receiver, now));
+            let view = snapshot(&session.receiver, now);
+            if view.chunks_total > 0 {
+                last_view = Some(view);
+            }
+            progress(view);
             next_progress = now + PROGRESS_EVERY;
         }
         let wake = session

@@ -2,6 +2,8 @@
 //! to list its chunks, then multicast it with `diskcast-transport`.
 
 use super::disk::{DiskError, Source};
+use diskcast_fsmap::chunks_to_read;
+use diskcast_proto::cmdline::Blocks;
 use diskcast_proto::manifest::{valid_chunk_size, ChunkKind};
 use diskcast_proto::sender::Sender;
 use diskcast_proto::units::human_size;
@@ -28,6 +30,7 @@ pub enum SourceError {
 pub fn run_send(
     source: &Path,
     opts: &SendOptions,
+    blocks: Blocks,
     progress: impl FnMut(&Sender),
 ) -> Result<SendSummary, SourceError> {
     if !valid_chunk_size(opts.chunk_size) || opts.chunk_size < 64 << 10 {
@@ -50,9 +53,10 @@ pub fn run_send(
         human_size(disk.size)
     );
     let scan_started = Instant::now();
-    let manifest = disk.scan(|_| {})?;
+    let used = chunks_to_read(&disk, source, opts.chunk_size, blocks);
+    let manifest = disk.scan(used.as_deref(), |_| {})?;
     log::info!(
-        "image: {} in {} chunks, {} of data in {} chunks ({} zero), scanned in {:.1} s",
+        "image: {} in {} chunks, {} of data in {} chunks ({} zero, {} unused and skipped), scanned in {:.1} s",
         human_size(manifest.image_size),
         manifest.chunk_count(),
         human_size(manifest.data_bytes()),
@@ -62,6 +66,7 @@ pub fn run_send(
             .iter()
             .filter(|c| **c == ChunkKind::Zero)
             .count(),
+        human_size(manifest.absent_bytes()),
         scan_started.elapsed().as_secs_f64()
     );
     Ok(send::multicast(opts, manifest, &mut disk, progress)?)

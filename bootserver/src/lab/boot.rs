@@ -4,7 +4,7 @@
 use super::{Lab, LabError};
 use crate::config::{LocalBoot, UnknownMachines};
 use crate::ipxe::BootScript;
-use diskcast_proto::cmdline::{BootConfig, DiskSelector, Role, TaskRef};
+use diskcast_proto::cmdline::{Blocks, BootConfig, DiskSelector, Role, TaskRef};
 use diskcast_proto::mac::MacAddr;
 use diskcast_registry::{Firmware, NewTask, Sighting, Task, TaskKind, Via};
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,20 @@ pub struct TaskOptions {
     pub start_timeout: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u32>,
+    /// `capture`, `master`: read every block, not only those the file systems use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_blocks: bool,
+    /// `deploy`, `receive`: on a disk larger than the image, extend the last GPT partition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grow_last_partition: bool,
+}
+
+fn blocks(options: &TaskOptions) -> Blocks {
+    if options.all_blocks {
+        Blocks::All
+    } else {
+        Blocks::Used
+    }
 }
 
 /// The answer to one machine's boot.
@@ -142,14 +156,20 @@ impl Lab {
                 agent.role = Role::Slave;
                 agent.group = session.group;
                 agent.port = session.port;
+                agent.grow_last_partition = options.grow_last_partition;
             }
-            TaskKind::Receive => agent.role = Role::Slave,
+            TaskKind::Receive => {
+                agent.role = Role::Slave;
+                agent.grow_last_partition = options.grow_last_partition;
+            }
             TaskKind::Capture { image } => {
                 agent.role = Role::Capture;
                 agent.image = Some(image.clone());
+                agent.blocks = blocks(options);
             }
             TaskKind::Master => {
                 agent.role = Role::Master;
+                agent.blocks = blocks(options);
                 agent.min_receivers = options.min_receivers.unwrap_or(a.min_receivers).max(1);
                 agent.start_timeout_secs = options.start_timeout.or(a.start_timeout_secs);
                 agent.rate_mbps = options.rate.or(a.rate_mbps);

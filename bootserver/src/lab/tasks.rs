@@ -35,7 +35,7 @@ impl Lab {
     /// Every machine named explicitly becomes known: naming it is the order.
     pub fn create_tasks(&self, request: &TaskRequest, now: u64) -> Result<Vec<Task>, LabError> {
         let kind = self.task_kind(request)?;
-        check_options(&request.options)?;
+        check_options(&kind, &request.options)?;
         let mut macs: Vec<MacAddr> = Vec::new();
         for target in request
             .to
@@ -144,7 +144,19 @@ impl Lab {
     }
 }
 
-fn check_options(options: &TaskOptions) -> Result<(), LabError> {
+fn check_options(kind: &TaskKind, options: &TaskOptions) -> Result<(), LabError> {
+    let reads = matches!(kind, TaskKind::Capture { .. } | TaskKind::Master);
+    let writes = matches!(kind, TaskKind::Deploy { .. } | TaskKind::Receive);
+    if options.all_blocks && !reads {
+        return Err(LabError::Invalid(
+            "all_blocks is for capture and master tasks (what is read)".into(),
+        ));
+    }
+    if options.grow_last_partition && !writes {
+        return Err(LabError::Invalid(
+            "grow_last_partition is for deploy and receive tasks (what is written)".into(),
+        ));
+    }
     if let Some(disk) = &options.disk {
         let one_word = !disk.is_empty() && disk.bytes().all(|b| b.is_ascii_graphic());
         if !one_word || DiskSelector::parse(disk).is_none() {

@@ -201,7 +201,7 @@ pub fn run_capture(
             source.size,
             used.as_deref(),
             opts.level,
-            |read, stored| progress(read, stored),
+            &mut progress,
         )
         .map_err(|e| match e {
             PushError::Read(e) => CaptureError::Read {

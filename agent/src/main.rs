@@ -46,7 +46,8 @@ enum Command {
         #[arg(long)]
         settings_file: Option<PathBuf>,
     },
-    /// Run as PID 1 (what happens automatically when the kernel starts the agent as /init).
+    /// Run as PID 1 (what happens automatically when the kernel starts the agent as /init);
+    /// refused anywhere else.
     Init,
     /// Multicast a disk or image file to every receiver on the network.
     Send(SendArgs),
@@ -206,7 +207,11 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("rendered: {}", config.render());
             Ok(())
         }
-        Command::Init => pid1::run(),
+        Command::Init => {
+            // As PID 1 main() never gets here; anywhere else init would mount, take interfaces
+            // down and power the host off.
+            Err("`agent init` runs only as PID 1 of the diskcast initramfs (the kernel starts it as /init)".into())
+        }
         Command::Send(args) => {
             let mut opts = SendOptions::new(
                 args.session.interface,

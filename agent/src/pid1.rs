@@ -524,11 +524,29 @@ pub fn finish(how: Finish) -> ! {
                     "powering off"
                 }
             );
+            quiesce_network();
             let error = sys::power(action);
             log::error!("{how} failed: {error}; dropping to the rescue prompt");
             rescue_shell()
         }
         Finish::Shell => rescue_shell(),
+    }
+}
+
+/// Takes every network interface down before the machine powers off or reboots: under QEMU a
+/// virtio NIC reset by the shutdown while its driver still polled transmit completions locked
+/// the guest up (seen once, the copy already verified); a stopped driver has nothing to poll.
+fn quiesce_network() {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "lo" {
+            if let Err(e) = sys::interface_down(&name) {
+                log::debug!("taking {name} down: {e}");
+            }
+        }
     }
 }
 

@@ -116,12 +116,28 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
 
 /// Sets IFF_UP on an interface.
 pub fn interface_up(name: &str) -> io::Result<()> {
+    set_interface_up(name, true)
+}
+
+/// Clears IFF_UP on an interface: its driver stops its queues.
+pub fn interface_down(name: &str) -> io::Result<()> {
+    set_interface_up(name, false)
+}
+
+fn set_interface_up(name: &str, up: bool) -> io::Result<()> {
     let sock = inet_socket()?;
     let mut req = ifreq_for(name)?;
     // SAFETY: req is a valid ifreq naming the interface; SIOCGIFFLAGS fills ifru_flags.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    let flag = libc::IFF_UP as libc::c_short;
     // SAFETY: the union member was just written by the kernel as flags.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    unsafe {
+        if up {
+            req.ifr_ifru.ifru_flags |= flag;
+        } else {
+            req.ifr_ifru.ifru_flags &= !flag;
+        }
+    };
     // SAFETY: as above; SIOCSIFFLAGS reads ifru_flags.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
     Ok(())

@@ -158,6 +158,12 @@ pub struct BootConfig {
     /// Slave: after a verified copy onto a larger disk, extend the last GPT partition to the
     /// disk's end (its file system is grown by the installed system, as cloud images do).
     pub grow_last_partition: bool,
+    /// Slave: whose sessions to join (`diskcast.trust=KEY[,KEY...]` or `any`). A slave without
+    /// it refuses to start: it would otherwise write whatever any host on the LAN multicasts.
+    pub trust: Option<crate::trust::Trust>,
+    /// Master: the key its sessions are signed with (`diskcast.sign=SEED`, 64 hex digits; a
+    /// secret, kept out of debug output).
+    pub sign: Option<crate::trust::SigningKey>,
 }
 
 /// A task of the bootserver's, as its agent knows it: `diskcast.task=ID` and `diskcast.token=HEX`.
@@ -268,12 +274,26 @@ impl Default for BootConfig {
             task: None,
             blocks: Blocks::Used,
             grow_last_partition: false,
+            trust: None,
+            sign: None,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign";
+
+/// `any`, or the keys joined by commas, as `diskcast.trust=` carries them.
+pub fn render_trust(trust: &crate::trust::Trust) -> String {
+    match trust {
+        crate::trust::Trust::Any => "any".into(),
+        crate::trust::Trust::Keys(keys) => keys
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
 
 impl BootConfig {
     /// Parses a whole kernel command line; parameters without the `diskcast.` prefix are ignored.
@@ -464,6 +484,30 @@ impl BootConfig {
                     _ => return Err(invalid(key, value, "`last-partition` or `none`")),
                 }
             }
+            "trust" => {
+                self.trust = Some(if value == "any" {
+                    crate::trust::Trust::Any
+                } else {
+                    let keys = crate::trust::parse_key_list(value).map_err(|_| {
+                        invalid(
+                            key,
+                            value,
+                            "`any` or public keys of 64 hex digits separated by commas",
+                        )
+                    })?;
+                    if keys.is_empty() {
+                        return Err(invalid(key, value, "at least one public key, or `any`"));
+                    }
+                    crate::trust::Trust::Keys(keys)
+                })
+            }
+            "sign" => {
+                self.sign = Some(
+                    crate::trust::SigningKey::from_hex(value)
+                        // The value is a secret: not echoed.
+                        .map_err(|_| invalid(key, "…", "64 hex digits"))?,
+                )
+            }
             "store_port" => {
                 self.store_port = value
                     .parse()
@@ -571,6 +615,12 @@ impl BootConfig {
         if self.grow_last_partition {
             words.push(format!("{PREFIX}grow=last-partition"));
         }
+        if let Some(trust) = &self.trust {
+            words.push(format!("{PREFIX}trust={}", render_trust(trust)));
+        }
+        if let Some(key) = &self.sign {
+            words.push(format!("{PREFIX}sign={}", key.secret_hex()));
+        }
         if let Some(task) = &self.task {
             words.push(format!("{PREFIX}task={}", task.id));
             words.push(format!("{PREFIX}token={}", task.token));
@@ -608,6 +658,11 @@ mod tests {
             }),
             blocks: Blocks::UsedTrustUnclean,
             grow_last_partition: true,
+            trust: Some(crate::trust::Trust::Keys(vec![
+                crate::trust::SigningKey::from_seed([1; 32]).public(),
+                crate::trust::SigningKey::from_seed([2; 32]).public(),
+            ])),
+            sign: Some(crate::trust::SigningKey::from_seed([3; 32])),
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -618,6 +673,29 @@ mod tests {
             BootConfig::parse(&BootConfig::default().render()),
             Ok(BootConfig::default())
         );
+        let any = BootConfig::parse("diskcast.trust=any").unwrap();
+        assert_eq!(any.trust, Some(crate::trust::Trust::Any));
+        assert_eq!(BootConfig::parse(&any.render()), Ok(any));
+    }
+
+    #[test]
+    fn trusted_keys_and_the_signing_key_are_checked_and_the_secret_never_echoed() {
+        let secret = crate::trust::SigningKey::from_seed([9; 32]);
+        let config = BootConfig::parse(&format!("diskcast.sign={}", secret.secret_hex())).unwrap();
+        assert!(!format!("{config:?}").contains(&secret.secret_hex()));
+        for bad in [
+            "diskcast.trust=",
+            "diskcast.trust=,",
+            "diskcast.trust=abcd",
+            "diskcast.trust=anyone",
+            "diskcast.sign=zz",
+        ] {
+            assert!(BootConfig::parse(bad).is_err(), "{bad}");
+        }
+        let err = BootConfig::parse(&format!("diskcast.sign={}x", &secret.secret_hex()[1..]))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(&secret.secret_hex()[1..]), "{err}");
     }
 
     #[test]

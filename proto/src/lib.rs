@@ -28,6 +28,7 @@ pub mod receiver;
 pub mod report;
 pub mod rng;
 pub mod sender;
+pub mod trust;
 pub mod units;
 pub mod wire;
 

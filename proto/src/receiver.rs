@@ -13,9 +13,11 @@
 
 use crate::bits::BitSet;
 use crate::manifest::{ChunkKind, Hash, Manifest};
+use crate::trust::{Trust, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM,
+    ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_TOO_SMALL, REFUSAL_UNSIGNED,
+    REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -47,6 +49,9 @@ const REPORT_FOR: Duration = Duration::from_secs(10);
 /// than any link carries in an announce interval, far less than a forged `u64::MAX`, which would
 /// make every NAK look newer than any repair in flight.
 const SEQ_SLACK: u64 = 1 << 22;
+/// Sessions refused recently, by (session, sender): each is refused aloud once, not at every
+/// announcement.
+const REMEMBERED_REFUSALS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -68,6 +73,10 @@ pub struct ReceiverConfig {
     pub sender_timeout: Duration,
     /// Give up waiting for a first announcement after this long.
     pub wait_timeout: Option<Duration>,
+    /// Whose sessions to join: announcements (and the sender's Welcome, DoneAck and End) that
+    /// do not verify against these keys are refused or dropped before anything is written.
+    /// The default trusts nobody.
+    pub trust: Trust,
 }
 
 impl Default for ReceiverConfig {
@@ -84,6 +93,7 @@ impl Default for ReceiverConfig {
             status_interval: Duration::from_millis(100),
             sender_timeout: Duration::from_secs(30),
             wait_timeout: None,
+            trust: Trust::default(),
         }
     }
 }
@@ -128,23 +138,17 @@ pub enum DiskDone {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// The announced image does not fit this target; nothing was written.
-    TargetTooSmall {
-        disk_size: u64,
-        image_size: u64,
-    },
+    TargetTooSmall { disk_size: u64, image_size: u64 },
     /// The sender refused this target as too small.
-    RefusedAsTooSmall {
-        disk_size: u64,
-    },
+    RefusedAsTooSmall { disk_size: u64 },
     /// The session was already ending when this receiver joined.
     TooLate,
     /// The sender gave up on this receiver.
-    Dropped {
-        chunks_done: u32,
-        chunks_total: u32,
-    },
+    Dropped { chunks_done: u32, chunks_total: u32 },
     NoSession {
         waited: Duration,
+        /// The last session refused meanwhile, and why, as the receiver said it.
+        refused: Option<String>,
     },
     SenderSilent {
         timeout: Duration,
@@ -159,11 +163,7 @@ pub enum Failure {
     /// The sender announced an image of zero bytes: there is nothing to copy or verify.
     EmptyImage,
     /// One chunk kept arriving damaged: the sender's copy is bad.
-    DamagedAtSource {
-        chunk: u32,
-        times: u32,
-        why: String,
-    },
+    DamagedAtSource { chunk: u32, times: u32, why: String },
     /// The copy read back after the final flush is not the image.
     ReadBackDiffers,
     /// Writing, zeroing, flushing or reading back failed (the disk side's words).
@@ -192,11 +192,17 @@ impl fmt::Display for Failure {
                 f,
                 "the sender dropped this receiver (too slow or too lossy; {chunks_done} of {chunks_total} chunks done)"
             ),
-            Self::NoSession { waited } => write!(
-                f,
-                "no sender announced a session within {} s",
-                waited.as_secs()
-            ),
+            Self::NoSession { waited, refused } => {
+                write!(
+                    f,
+                    "no sender announced a session within {} s",
+                    waited.as_secs()
+                )?;
+                if let Some(refused) = refused {
+                    write!(f, " that this receiver trusts (refused: {refused})")?;
+                }
+                Ok(())
+            }
             Self::SenderSilent {
                 timeout,
                 chunks_done,
@@ -270,8 +276,11 @@ pub struct ReceiverStats {
     pub foreign: u64,
     pub duplicates: u64,
     pub dropped_for_memory: u64,
-    /// Datagrams of the joined session from another address than its sender's.
+    /// Datagrams of the joined session from another address than its sender's, and the
+    /// sender's datagrams whose signature does not verify.
     pub forged: u64,
+    /// Announcements refused: unsigned, or not signed by a trusted key.
+    pub untrusted: u64,
     pub corrupt_chunks: u64,
     /// Data of a compressed image that came before the manifest (asked for again later).
     pub before_manifest: u64,
@@ -385,6 +394,9 @@ pub struct Receiver {
     state: State,
     out: Outbox,
     pub stats: ReceiverStats,
+    /// Sessions refused (session, sender), most recent last; and the last refusal in words.
+    refused: VecDeque<(u32, SocketAddr)>,
+    last_refusal: Option<String>,
 }
 
 fn packet(session: u32, body: Body) -> Vec<u8> {
@@ -398,7 +410,51 @@ impl Receiver {
             state: State::Listening { since: now },
             out: Outbox::default(),
             stats: ReceiverStats::default(),
+            refused: VecDeque::new(),
+            last_refusal: None,
         }
+    }
+
+    /// Whether `packet` from `from` carries a signature this receiver trusts (always, when it
+    /// trusts anyone). `incarnation`: for Welcome and DoneAck, whose signatures bind it.
+    fn trusted(&self, packet: &Packet, from: SocketAddr) -> Result<(), Untrusted> {
+        if self.cfg.trust.is_any() {
+            return Ok(());
+        }
+        let incarnation = match packet.body {
+            Body::Welcome { .. } | Body::DoneAck { .. } => Some(self.cfg.incarnation),
+            _ => None,
+        };
+        let statement =
+            crate::trust::datagram_statement(from, incarnation, &packet.signed_content());
+        self.cfg
+            .trust
+            .check(&statement, packet.signature())
+            .map(drop)
+    }
+
+    /// Refuses an announced session whose signature this receiver does not trust: says so in
+    /// its log and to the sender, once per session, and keeps listening.
+    fn refuse(&mut self, session: u32, from: SocketAddr, why: Untrusted) {
+        self.stats.untrusted += 1;
+        if self.refused.contains(&(session, from)) {
+            return;
+        }
+        if self.refused.len() >= REMEMBERED_REFUSALS {
+            self.refused.pop_front();
+        }
+        self.refused.push_back((session, from));
+        let words = format!("session {session:08x} from {from}: {why}");
+        log::warn!("refusing {words}; nothing written, still waiting for a trusted session");
+        self.last_refusal = Some(words);
+        let refusal = match why {
+            Untrusted::Unsigned => REFUSAL_UNSIGNED,
+            Untrusted::UnknownKey => REFUSAL_UNTRUSTED_KEY,
+        };
+        self.out.transmits.push_back(Transmit {
+            destination: Destination::Peer(from),
+            bytes: self.join_packet(session, refusal),
+        });
     }
 
     pub fn phase(&self) -> Phase {
@@ -577,6 +633,28 @@ impl Receiver {
             return;
         }
         self.stats.datagrams += 1;
+        // What the sender says to this receiver or the group; a Welcome or DoneAck for another
+        // receiver is ignored below anyway.
+        let steering = match packet.body {
+            Body::Announce { .. } | Body::End { .. } => true,
+            Body::Welcome { receiver, .. } | Body::DoneAck { receiver, .. } => {
+                receiver == self.cfg.id
+            }
+            _ => false,
+        };
+        if steering {
+            if let Err(why) = self.trusted(&packet, from) {
+                match (&self.state, &packet.body) {
+                    (State::Listening { .. }, Body::Announce { .. }) => {
+                        self.refuse(packet.session, from, why)
+                    }
+                    // Whatever its address: a sender's datagram without the sender's
+                    // signature changes nothing.
+                    _ => self.stats.forged += 1,
+                }
+                return;
+            }
+        }
         match packet.body {
             Body::Announce {
                 image_size,
@@ -587,6 +665,7 @@ impl Receiver {
                 front,
                 seq,
                 flags,
+                signature: _,
             } => {
                 if let State::Listening { .. } = self.state {
                     // Everything sized from here on comes from the network: bound it before
@@ -602,7 +681,7 @@ impl Receiver {
                     if image_size > self.cfg.disk_size {
                         self.out.transmits.push_back(Transmit {
                             destination: Destination::Peer(from),
-                            bytes: self.join_packet(packet.session, 1),
+                            bytes: self.join_packet(packet.session, REFUSAL_TOO_SMALL),
                         });
                         self.fail(Failure::TargetTooSmall {
                             disk_size: self.cfg.disk_size,
@@ -642,6 +721,7 @@ impl Receiver {
                 receiver,
                 verdict,
                 nonce,
+                ..
             } if receiver == self.cfg.id => self.on_welcome(verdict, nonce, now),
             Body::ManifestPart { offset, bytes } => {
                 if let Some(t) = self.transfer_mut() {
@@ -665,12 +745,12 @@ impl Receiver {
                 },
                 now,
             ),
-            Body::DoneAck { receiver } if receiver == self.cfg.id => {
+            Body::DoneAck { receiver, .. } if receiver == self.cfg.id => {
                 if let State::Reporting(_) = self.state {
                     self.end_report();
                 }
             }
-            Body::End { aborted } => match &self.state {
+            Body::End { aborted, .. } => match &self.state {
                 State::Reporting(_) => self.end_report(),
                 State::Joining(t) | State::Receiving(t) => {
                     let (chunks_done, chunks_total) = t.progress();
@@ -862,7 +942,11 @@ impl Receiver {
             State::Listening { since } => {
                 if let Some(wait) = self.cfg.wait_timeout {
                     if now >= *since + wait {
-                        self.fail(Failure::NoSession { waited: wait });
+                        let refused = self.last_refusal.clone();
+                        self.fail(Failure::NoSession {
+                            waited: wait,
+                            refused,
+                        });
                     }
                 }
             }

@@ -12,9 +12,11 @@ use crate::bits::BitSet;
 use crate::manifest::Manifest;
 use crate::pacer::Pacer;
 use crate::rng::XorShift;
+use crate::trust::{SigningKey, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
+    ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_UNSIGNED,
+    REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -46,6 +48,12 @@ pub struct SenderConfig {
     pub announce_interval: Duration,
     /// Seeds the receivers' nonces; the edge passes random bits, tests a fixed value.
     pub nonce_seed: u64,
+    /// Signs every Announce, Welcome, DoneAck and End (see [`crate::trust`]); `None` sends an
+    /// unsigned session, which only receivers that trust anyone join.
+    pub signing_key: Option<SigningKey>,
+    /// The sender's own address as receivers see it (its socket's): signatures bind it, so a
+    /// copy of the Announce replayed from another host does not verify.
+    pub address: SocketAddr,
 }
 
 impl Default for SenderConfig {
@@ -61,6 +69,8 @@ impl Default for SenderConfig {
             deadline: None,
             announce_interval: Duration::from_millis(200),
             nonce_seed: 1,
+            signing_key: None,
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
@@ -132,6 +142,9 @@ pub enum ReceiverFailure {
     TooManyRepairs { requested: u64 },
     /// It reported its own failure, in its words.
     Reported(String),
+    /// It refused the session before writing anything: unsigned, or signed by a key it does not
+    /// trust.
+    Refused(Untrusted),
 }
 
 /// A receiver may ask for this many copies of the image's data in repairs before it is dropped.
@@ -163,6 +176,12 @@ impl fmt::Display for ReceiverFailure {
                 "dropped: asked for {requested} repairs, more than {MAX_REPAIR_COPIES} copies of the image"
             ),
             Self::Reported(why) => f.write_str(why),
+            Self::Refused(Untrusted::Unsigned) => f.write_str(
+                "refused the session: it is unsigned (sign it with a key the receiver trusts)",
+            ),
+            Self::Refused(Untrusted::UnknownKey) => f.write_str(
+                "refused the session: it is not signed by a key this receiver trusts",
+            ),
         }
     }
 }
@@ -223,7 +242,8 @@ pub struct SenderStats {
     pub manifest_datagrams: u64,
     pub malformed: u64,
     pub foreign: u64,
-    /// Reports for a known receiver from another address or with the wrong nonce.
+    /// Reports for a known receiver from another address or with the wrong nonce, and Joins
+    /// that would take over or refuse for a receiver still reporting.
     pub forged: u64,
 }
 
@@ -243,6 +263,10 @@ struct Joining {
 const PACING_BURST: usize = 48;
 const END_REPEATS: u32 = 5;
 const DROPPED_REPEATS: usize = 3;
+/// A Join with a new incarnation restarts a receiver only once the old one has been silent
+/// this long: a live receiver keeps reporting (every 100 ms), so a Join forged in its name while
+/// it does is refused instead of resetting it.
+const RESTART_QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Sender {
@@ -258,8 +282,9 @@ pub struct Sender {
     created: Instant,
     data_started: Option<Instant>,
     receivers: BTreeMap<u64, ReceiverReport>,
-    /// Control datagrams to send before any data, each to the group or to one receiver.
-    control: VecDeque<(Destination, Body)>,
+    /// Control datagrams to send before any data, each to the group or to one receiver, with
+    /// that receiver's incarnation (which a Welcome's or DoneAck's signature binds).
+    control: VecDeque<(Destination, Body, Option<u32>)>,
     nonces: XorShift,
     next_announce: Instant,
     /// First pass position: index into `data_chunks` and block within that chunk.
@@ -405,11 +430,33 @@ impl Sender {
     }
 
     fn packet(&self, body: Body) -> Vec<u8> {
-        Packet {
+        self.signed_packet(body, None)
+    }
+
+    /// Emits `body`, signed when the sender has a key (types without a signature are emitted
+    /// as they are).
+    fn signed_packet(&self, body: Body, incarnation: Option<u32>) -> Vec<u8> {
+        let mut packet = Packet {
             session: self.cfg.session,
             body,
+        };
+        if let Some(key) = &self.cfg.signing_key {
+            if matches!(
+                packet.body,
+                Body::Announce { .. }
+                    | Body::Welcome { .. }
+                    | Body::DoneAck { .. }
+                    | Body::End { .. }
+            ) {
+                let statement = crate::trust::datagram_statement(
+                    self.cfg.address,
+                    incarnation,
+                    &packet.signed_content(),
+                );
+                packet.set_signature(key.sign(&statement).to_vec());
+            }
         }
-        .emit()
+        packet.emit()
     }
 
     fn announce(&self) -> Body {
@@ -430,6 +477,7 @@ impl Sender {
             } else {
                 0
             },
+            signature: Vec::new(),
         }
     }
 
@@ -485,13 +533,16 @@ impl Sender {
                 if report.is_final() {
                     if report.state == ReceiverState::Failed {
                         // It still reports: tell it again that it was dropped.
+                        let incarnation = report.incarnation;
                         self.control.push_back((
                             Destination::Peer(from),
                             Body::Welcome {
                                 receiver,
                                 verdict: Verdict::Dropped,
                                 nonce,
+                                signature: Vec::new(),
                             },
+                            Some(incarnation),
                         ));
                     }
                     return;
@@ -555,12 +606,19 @@ impl Sender {
                         Err(failure)
                     }
                 });
+                let incarnation = report.incarnation;
                 if let Some(result) = result {
                     self.events
                         .push_back(SenderEvent::ReceiverFinished { receiver, result });
                 }
-                self.control
-                    .push_back((Destination::Peer(from), Body::DoneAck { receiver }));
+                self.control.push_back((
+                    Destination::Peer(from),
+                    Body::DoneAck {
+                        receiver,
+                        signature: Vec::new(),
+                    },
+                    Some(incarnation),
+                ));
             }
             _ => self.stats.foreign += 1,
         }
@@ -601,8 +659,20 @@ impl Sender {
                         receiver: id,
                         verdict: Verdict::Accepted,
                         nonce,
+                        signature: Vec::new(),
                     },
+                    Some(join.incarnation),
                 ));
+                return;
+            }
+            Some(known)
+                if !known.is_final()
+                    && (join.refusal != 0
+                        || now.saturating_duration_since(known.last_heard) < RESTART_QUIET) =>
+            {
+                // A receiver that still reports has not restarted, whatever a Join from its
+                // address says (its address can be forged; its nonce cannot be guessed).
+                self.stats.forged += 1;
                 return;
             }
             Some(known) if !known.is_final() => {
@@ -635,6 +705,28 @@ impl Sender {
             nonce: self.nonces.next_u64(),
             confirmed: false,
         };
+        let refused = match join.refusal {
+            REFUSAL_UNSIGNED => Some(Untrusted::Unsigned),
+            REFUSAL_UNTRUSTED_KEY => Some(Untrusted::UnknownKey),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            // It will not take part and waits for another session: nothing to answer.
+            log::warn!(
+                "receiver {} ({id:016x}) at {} refused the session: {why}",
+                report.name,
+                join.from
+            );
+            report.state = ReceiverState::Failed;
+            report.failure = Some(ReceiverFailure::Refused(why));
+            report.finished_at = Some(now);
+            self.events.push_back(SenderEvent::ReceiverFinished {
+                receiver: id,
+                result: Err(ReceiverFailure::Refused(why)),
+            });
+            self.receivers.insert(id, report);
+            return;
+        }
         let verdict = if join.refusal != 0 || join.disk_size < image_size {
             let failure = ReceiverFailure::TooSmall {
                 disk_size: join.disk_size,
@@ -672,7 +764,9 @@ impl Sender {
                 receiver: id,
                 verdict,
                 nonce,
+                signature: Vec::new(),
             },
+            Some(join.incarnation),
         ));
     }
 
@@ -822,7 +916,9 @@ impl Sender {
                         receiver: id,
                         verdict: Verdict::Dropped,
                         nonce: report.nonce,
+                        signature: Vec::new(),
                     },
+                    Some(report.incarnation),
                 ));
             }
         }
@@ -852,10 +948,10 @@ impl Sender {
         source: &mut dyn ChunkSource,
     ) -> Option<Transmit> {
         self.update_phase(now);
-        if let Some((destination, body)) = self.control.pop_front() {
+        if let Some((destination, body, incarnation)) = self.control.pop_front() {
             return Some(Transmit {
                 destination,
-                bytes: self.packet(body),
+                bytes: self.signed_packet(body, incarnation),
             });
         }
         self.poll_group(now, source).map(|bytes| Transmit {
@@ -875,7 +971,10 @@ impl Sender {
                         self.phase = Phase::Ended;
                     }
                     let aborted = self.outcome != Some(Outcome::AllDone);
-                    return Some(self.packet(Body::End { aborted }));
+                    return Some(self.packet(Body::End {
+                        aborted,
+                        signature: Vec::new(),
+                    }));
                 }
                 return None;
             }

@@ -17,6 +17,11 @@ fn sender_address() -> SocketAddr {
     SocketAddr::from(([10, 0, 255, 1], 40000))
 }
 
+/// The key simulated sessions are signed with; simulated receivers trust it.
+fn session_key() -> crate::trust::SigningKey {
+    crate::trust::SigningKey::from_seed([0x5e; 32])
+}
+
 struct MemSource {
     image: Vec<u8>,
     chunk_size: usize,
@@ -114,6 +119,8 @@ pub struct Sim {
     pub latency: Duration,
     pub control_loss: f64,
     pub restart: Option<(usize, Duration)>,
+    /// What receivers sent to hosts other than the sender: (receiver, to, datagram).
+    pub elsewhere: Vec<(usize, SocketAddr, Vec<u8>)>,
 }
 
 pub fn test_image(size: usize, seed: u64) -> Vec<u8> {
@@ -235,6 +242,7 @@ impl Sim {
             latency: Duration::from_micros(300),
             control_loss: 0.0,
             restart: None,
+            elsewhere: Vec::new(),
         }
     }
 
@@ -248,6 +256,7 @@ impl Sim {
             sender_timeout: Duration::from_secs(5),
             status_interval: Duration::from_millis(20),
             max_partial_chunks: 64,
+            trust: crate::trust::Trust::Keys(vec![session_key().public()]),
             ..ReceiverConfig::default()
         }
     }
@@ -291,11 +300,14 @@ impl Sim {
     fn drain_receiver(&mut self, i: usize) {
         loop {
             if let Some(transmit) = self.receivers[i].rx.poll_transmit() {
-                assert_eq!(
-                    transmit.destination,
-                    crate::wire::Destination::Peer(sender_address()),
-                    "receivers answer the sender"
-                );
+                let crate::wire::Destination::Peer(to) = transmit.destination else {
+                    panic!("receivers never send to the group");
+                };
+                if to != sender_address() {
+                    // An answer to another host (a refusal to a rogue sender).
+                    self.elsewhere.push((i, to, transmit.bytes));
+                    continue;
+                }
                 let r = &self.receivers[i];
                 let deaf = r.deaf_after.is_some_and(|d| self.now >= self.start + d);
                 let loss = if deaf {
@@ -503,6 +515,8 @@ fn cfg(min_receivers: u32) -> SenderConfig {
         initial_rate: 50_000_000,
         max_rate: 100_000_000,
         receiver_timeout: Duration::from_secs(5),
+        signing_key: Some(session_key()),
+        address: sender_address(),
         ..SenderConfig::default()
     }
 }
@@ -784,13 +798,19 @@ fn a_repeated_join_is_welcomed_again_but_a_new_incarnation_starts_over() {
         3,
         "a repeated Join must not reset the receiver"
     );
+    // While it still reports, a new incarnation's Join is not believed (it may be forged)...
     sender.handle_datagram(&forge::join(1, 5, 78, u64::MAX), at, t0);
+    assert_eq!(sender.receivers().next().unwrap().chunks_done, 3);
+    assert_eq!(forge::welcome_nonce(&mut sender, t0, at), None);
+    // ...once the old one fell silent, the restarted receiver starts over.
+    let later = t0 + Duration::from_millis(1500);
+    sender.handle_datagram(&forge::join(1, 5, 78, u64::MAX), at, later);
     assert_eq!(
         sender.receivers().next().unwrap().chunks_done,
         0,
         "a restarted receiver starts over"
     );
-    assert_ne!(forge::welcome_nonce(&mut sender, t0, at), Some(nonce));
+    assert_ne!(forge::welcome_nonce(&mut sender, later, at), Some(nonce));
 }
 
 #[test]
@@ -812,7 +832,10 @@ fn forged_reports_joins_and_sender_datagrams_from_other_hosts_change_nothing() {
     // An End and a Welcome(Dropped) to the group, from the attacker.
     let end = crate::wire::Packet {
         session,
-        body: crate::wire::Body::End { aborted: true },
+        body: crate::wire::Body::End {
+            aborted: true,
+            signature: Vec::new(),
+        },
     }
     .emit();
     let dropped = crate::wire::Packet {
@@ -821,6 +844,7 @@ fn forged_reports_joins_and_sender_datagrams_from_other_hosts_change_nothing() {
             receiver: victim,
             verdict: crate::wire::Verdict::Dropped,
             nonce: 0,
+            signature: Vec::new(),
         },
     }
     .emit();
@@ -1060,11 +1084,16 @@ fn announcements_claiming_huge_sizes_are_dropped_before_any_allocation() {
                 front: 0,
                 seq: 0,
                 flags: 0,
+                signature: Vec::new(),
             },
         }
         .emit()
     };
-    let mut rx = Receiver::new(ReceiverConfig::default(), Instant::now());
+    let any = ReceiverConfig {
+        trust: crate::trust::Trust::Any,
+        ..ReceiverConfig::default()
+    };
+    let mut rx = Receiver::new(any, Instant::now());
     for bad in [
         announce(1 << 30, 1408, 100),
         announce(1 << 20, 1408, u32::MAX),
@@ -1141,4 +1170,248 @@ fn a_chunk_damaged_at_the_source_fails_the_copy_instead_of_looping() {
         let why = result.expect_err("a copy with a damaged chunk must not succeed");
         assert!(matches!(why, Failure::DamagedAtSource { .. }), "{why}");
     }
+}
+
+/// A second host on the LAN running its own sender: same session id, group and port as the
+/// real one, another image, another key (or none).
+fn rogue_sender(sim: &Sim, key: Option<crate::trust::SigningKey>, at: SocketAddr) -> Sender {
+    let image = test_image(4 * CHUNK as usize, 99);
+    let manifest =
+        Manifest::scan(&mut Cursor::new(&image), image.len() as u64, CHUNK, |_| {}).unwrap();
+    let rogue_cfg = SenderConfig {
+        session: sim.sender.session(),
+        signing_key: key,
+        address: at,
+        ..cfg(1)
+    };
+    Sender::new(rogue_cfg, manifest, sim.now)
+}
+
+/// The rogue's announcements and whatever else it has to send now.
+fn rogue_datagrams(rogue: &mut Sender, now: Instant) -> Vec<Vec<u8>> {
+    let mut source = MemSource {
+        image: vec![1; 4 * CHUNK as usize],
+        chunk_size: CHUNK as usize,
+        stored: None,
+    };
+    let mut out = Vec::new();
+    rogue.handle_timeout(now);
+    while let Some(t) = rogue.poll_transmit(now, &mut source) {
+        out.push(t.bytes);
+    }
+    out
+}
+
+#[test]
+fn a_rogue_sender_with_the_same_session_is_refused_before_any_write() {
+    let image = test_image(24 * CHUNK as usize, 41);
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.0, 41);
+    let rogue_at = SocketAddr::from(([10, 0, 9, 66], 40000));
+    let stranger = crate::trust::SigningKey::from_seed([0x66; 32]);
+    // Unsigned, signed by another key, and the real sender's own announcement replayed from
+    // the rogue's address: each reaches the receivers before the real sender says anything.
+    let mut unsigned = rogue_sender(&sim, None, rogue_at);
+    let mut foreign = rogue_sender(&sim, Some(stranger), rogue_at);
+    let real_announce = {
+        let mut real = rogue_sender(&sim, Some(session_key()), sender_address());
+        rogue_datagrams(&mut real, sim.now).remove(0)
+    };
+    for _ in 0..3 {
+        let mut datagrams = rogue_datagrams(&mut unsigned, sim.now);
+        datagrams.extend(rogue_datagrams(&mut foreign, sim.now));
+        datagrams.push(real_announce.clone());
+        for bytes in datagrams {
+            for i in 0..2 {
+                sim.deliver(i, bytes.clone(), rogue_at);
+            }
+        }
+    }
+    for r in &sim.receivers {
+        assert_eq!(
+            r.rx.phase(),
+            RxPhase::Listening,
+            "a receiver joined the rogue"
+        );
+        assert_eq!(r.writes, 0);
+        assert_eq!(r.rx.stats.untrusted, 5, "{:?}", r.rx.stats);
+    }
+    // Each receiver told the rogue once per refused session why (the replay counts as signed
+    // by an unknown key: the signature binds the real sender's address).
+    let refusals: Vec<u8> = sim
+        .elsewhere
+        .iter()
+        .filter(|(_, to, _)| *to == rogue_at)
+        .filter_map(|(_, _, bytes)| match crate::wire::Packet::parse(bytes) {
+            Ok(crate::wire::Packet {
+                body: crate::wire::Body::Join { refusal, .. },
+                ..
+            }) => Some(refusal),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        2,
+        "one refusal per receiver and session: {refusals:?}"
+    );
+    // The rogue's own sender names the receivers that refused it.
+    for (i, _, bytes) in std::mem::take(&mut sim.elsewhere) {
+        unsigned.handle_datagram(&bytes, receiver_address(i), sim.now);
+    }
+    let refused: Vec<_> = unsigned
+        .receivers()
+        .filter_map(|r| r.failure.clone())
+        .collect();
+    assert_eq!(
+        refused,
+        vec![crate::sender::ReceiverFailure::Refused(crate::trust::Untrusted::Unsigned); 2]
+    );
+    // The real session then runs undisturbed, while the rogue goes on announcing.
+    let mut spoiled = 0;
+    sim.run_until(|s| s.sender.stats.data_datagrams > 50);
+    for _ in 0..50 {
+        for bytes in rogue_datagrams(&mut foreign, sim.now) {
+            for i in 0..2 {
+                sim.deliver(i, bytes.clone(), rogue_at);
+                spoiled += 1;
+            }
+        }
+        let until = sim.now + Duration::from_millis(20);
+        sim.run_until(|s| s.now >= until);
+    }
+    assert!(spoiled > 0);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+}
+
+#[test]
+fn forged_sender_datagrams_from_the_senders_own_address_are_dropped() {
+    use crate::wire::{Body, Packet, Verdict};
+    let image = test_image(24 * CHUNK as usize, 42);
+    let mut sim = Sim::new(image, CHUNK, paced(cfg(2)), 2, 0.0, 42);
+    let session = sim.sender.session();
+    sim.run_until(|s| s.sender.stats.data_datagrams > 100);
+    let hash = sim.sender.image_hash();
+    let stranger = crate::trust::SigningKey::from_seed([0x77; 32]);
+    let forged = |body: Body, key: Option<&crate::trust::SigningKey>, incarnation: Option<u32>| {
+        let mut packet = Packet { session, body };
+        if let Some(key) = key {
+            let statement = crate::trust::datagram_statement(
+                sender_address(),
+                incarnation,
+                &packet.signed_content(),
+            );
+            packet.set_signature(key.sign(&statement).to_vec());
+        }
+        packet.emit()
+    };
+    for (i, receiver) in [(0usize, 1000u64), (1, 1001)] {
+        let incarnation = Some(i as u32);
+        for key in [None, Some(&stranger)] {
+            let datagrams = [
+                forged(
+                    Body::End {
+                        aborted: true,
+                        signature: Vec::new(),
+                    },
+                    key,
+                    None,
+                ),
+                forged(
+                    Body::Welcome {
+                        receiver,
+                        verdict: Verdict::Dropped,
+                        nonce: 0,
+                        signature: Vec::new(),
+                    },
+                    key,
+                    incarnation,
+                ),
+                forged(
+                    Body::DoneAck {
+                        receiver,
+                        signature: Vec::new(),
+                    },
+                    key,
+                    incarnation,
+                ),
+                forged(
+                    Body::Announce {
+                        image_size: 24 * u64::from(CHUNK),
+                        chunk_size: CHUNK,
+                        block_size: crate::wire::DEFAULT_BLOCK_SIZE,
+                        manifest_len: 100,
+                        image_hash: hash,
+                        front: u32::MAX,
+                        seq: u64::MAX,
+                        flags: crate::wire::ANNOUNCE_FIRST_PASS_DONE,
+                        signature: Vec::new(),
+                    },
+                    key,
+                    None,
+                ),
+            ];
+            // From the sender's own address, as a host that forges it would send them.
+            for bytes in datagrams {
+                sim.deliver(i, bytes, sender_address());
+            }
+        }
+        // A Welcome really signed by the sender's key, but for another run of this receiver.
+        let replayed = forged(
+            Body::Welcome {
+                receiver,
+                verdict: Verdict::Dropped,
+                nonce: 0,
+                signature: Vec::new(),
+            },
+            Some(&session_key()),
+            Some(i as u32 + 500),
+        );
+        sim.deliver(i, replayed, sender_address());
+    }
+    for r in &sim.receivers {
+        assert_eq!(r.rx.phase(), RxPhase::Receiving);
+        assert_eq!(r.rx.stats.forged, 9, "{:?}", r.rx.stats);
+    }
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+}
+
+#[test]
+fn an_unsigned_session_is_joined_only_by_receivers_that_trust_anyone() {
+    let image = test_image(8 * CHUNK as usize, 43);
+    let unsigned = SenderConfig {
+        signing_key: None,
+        ..cfg(1)
+    };
+    let mut sim = Sim::new(image.clone(), CHUNK, unsigned.clone(), 1, 0.0, 43);
+    sim.receivers[0].rx = Receiver::new(
+        ReceiverConfig {
+            wait_timeout: Some(Duration::from_secs(2)),
+            ..Sim::receiver_cfg(0, image.len() as u64)
+        },
+        sim.now,
+    );
+    sim.run(Duration::from_secs(10));
+    let err = sim.receivers[0].result.clone().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Failure::NoSession { refused: Some(why), .. } if why.contains("unsigned")),
+        "{err}"
+    );
+    assert_eq!(sim.receivers[0].writes, 0);
+    assert!(sim.sender.receivers().all(|r| r
+        .failure
+        .as_ref()
+        .is_some_and(|f| f.to_string().contains("unsigned"))));
+
+    let mut sim = Sim::new(image.clone(), CHUNK, unsigned, 1, 0.0, 43);
+    sim.receivers[0].rx = Receiver::new(
+        ReceiverConfig {
+            trust: crate::trust::Trust::Any,
+            ..Sim::receiver_cfg(0, image.len() as u64)
+        },
+        sim.now,
+    );
+    sim.run(Duration::from_secs(30));
+    sim.assert_all_copies_exact();
 }

@@ -1,4 +1,4 @@
-//! The multicast session's datagrams, version 2.
+//! The multicast session's datagrams, version 3.
 //!
 //! Every datagram:
 //!
@@ -6,7 +6,7 @@
 //!  0        2         3      4            8                       n-4        n
 //!  +--------+---------+------+------------+-----------------------+----------+
 //!  | 0xD1 5C| version | type | session id |  body (per type)      |  CRC32   |
-//!  |        |   = 2   |      |   (u32)    |                       | (of 0..n-4)
+//!  |        |   = 3   |      |   (u32)    |                       | (of 0..n-4)
 //!  +--------+---------+------+------------+-----------------------+----------+
 //! ```
 //!
@@ -14,15 +14,15 @@
 //!
 //! | type | name | direction | body |
 //! |---|---|---|---|
-//! | 1 | Announce | sender → group | image_size u64, chunk_size u32, block_size u16, manifest_len u32, image_hash [32], front u32, seq u64, flags u8 |
+//! | 1 | Announce | sender → group | image_size u64, chunk_size u32, block_size u16, manifest_len u32, image_hash [32], front u32, seq u64, flags u8, signature sig8 |
 //! | 2 | Join | receiver → sender | receiver u64, incarnation u32, disk_size u64, logical_block u32, refusal u8, name str8, serial str8 |
-//! | 3 | Welcome | sender → receiver (unicast) | receiver u64, verdict u8, nonce u64 |
+//! | 3 | Welcome | sender → receiver (unicast) | receiver u64, verdict u8, nonce u64, signature sig8 |
 //! | 4 | ManifestPart | sender → group | offset u32, bytes |
 //! | 5 | Data | sender → group | seq u64, chunk u32, block u16, flags u8, bytes |
 //! | 6 | Status | receiver → sender | receiver u64, nonce u64, state u8, chunks_done u32, chunks_total u32, highest_seq u64, received u64, overflow u32, manifest_missing u32 (first missing offset or u32::MAX), nak count u16, naks |
 //! | 7 | Done | receiver → sender | receiver u64, nonce u64, ok u8, image_hash [32], reason str8 |
-//! | 8 | DoneAck | sender → receiver (unicast) | receiver u64 |
-//! | 9 | End | sender → group | aborted u8 |
+//! | 8 | DoneAck | sender → receiver (unicast) | receiver u64, signature sig8 |
+//! | 9 | End | sender → group | aborted u8, signature sig8 |
 //!
 //! A NAK is `0, start u32, count u32` (whole chunks missing) or `1, chunk u32, bitmap_len u16,
 //! bitmap` (bit b set: block b of the chunk is missing).
@@ -30,6 +30,11 @@
 //! The nonce is the sender's answer to one Join, sent only to the address that joined: Status and
 //! Done count only with it and from that address, so a host that merely sees the group's
 //! traffic, or spoofs a receiver's id, cannot report for it. Version 2 added it.
+//!
+//! `sig8` is a u8 length, 0 (unsigned) or 64, then an Ed25519 signature over the datagram up to
+//! that field (see [`crate::trust`] for what else the statement binds: the sender's address, and
+//! for Welcome and DoneAck the receiver's incarnation). Version 3 added the signatures and the
+//! Join's refusal codes ([`REFUSAL_TOO_SMALL`], [`REFUSAL_UNSIGNED`], [`REFUSAL_UNTRUSTED_KEY`]).
 //!
 //! Parsing never panics: anything malformed is an error the caller counts and drops.
 
@@ -41,7 +46,7 @@ pub const DEFAULT_GROUP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(239, 255, 
 pub const DEFAULT_PORT: u16 = 7744;
 
 pub const MAGIC: [u8; 2] = [0xd1, 0x5c];
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 const HEADER: usize = 8;
 const TRAILER: usize = 4;
 /// Largest datagram the protocol sends: fits a 1500-byte Ethernet MTU after IP and UDP headers.
@@ -151,6 +156,14 @@ pub const ANNOUNCE_FIRST_PASS_DONE: u8 = 1;
 pub const ANNOUNCE_COMPRESSED: u8 = 2;
 pub const DATA_REPAIR: u8 = 1;
 
+/// Join refusals: why a receiver will not take part (it still tells the sender, so the
+/// sender's summary names it).
+pub const REFUSAL_TOO_SMALL: u8 = 1;
+/// The session is unsigned and the receiver trusts only signed sessions.
+pub const REFUSAL_UNSIGNED: u8 = 2;
+/// The session is signed, but not by a key the receiver trusts.
+pub const REFUSAL_UNTRUSTED_KEY: u8 = 3;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Announce {
@@ -165,6 +178,8 @@ pub enum Body {
         /// that hears it knows everything up to it was sent, even when the tail of the data was lost.
         seq: u64,
         flags: u8,
+        /// Empty, or the sender's signature (see [`crate::trust`]).
+        signature: Vec<u8>,
     },
     Join {
         receiver: u64,
@@ -173,7 +188,8 @@ pub enum Body {
         incarnation: u32,
         disk_size: u64,
         logical_block: u32,
-        /// Non-zero: the receiver refuses (its disk is too small) and says so before leaving.
+        /// Non-zero: the receiver refuses (`REFUSAL_*`: its disk is too small, the session is
+        /// unsigned or signed by a key it does not trust) and says so.
         refusal: u8,
         name: String,
         serial: String,
@@ -183,6 +199,7 @@ pub enum Body {
         verdict: Verdict,
         /// What this receiver's Status and Done must carry.
         nonce: u64,
+        signature: Vec<u8>,
     },
     ManifestPart {
         offset: u32,
@@ -216,9 +233,11 @@ pub enum Body {
     },
     DoneAck {
         receiver: u64,
+        signature: Vec<u8>,
     },
     End {
         aborted: bool,
+        signature: Vec<u8>,
     },
 }
 
@@ -257,6 +276,11 @@ pub enum WireError {
     Type(u8),
     #[error("malformed {0} body")]
     Body(&'static str),
+}
+
+/// Bytes a signature field may hold: none, or one Ed25519 signature.
+fn valid_signature_len(len: usize) -> bool {
+    len == 0 || len == crate::trust::SIGNATURE_LEN
 }
 
 struct Reader<'a> {
@@ -315,6 +339,13 @@ impl<'a> Reader<'a> {
         let len = usize::from(self.u8()?);
         String::from_utf8(self.take(len)?.to_vec()).map_err(|_| WireError::Body(self.what))
     }
+    fn sig8(&mut self) -> Result<Vec<u8>, WireError> {
+        let len = usize::from(self.u8()?);
+        if !valid_signature_len(len) {
+            return Err(WireError::Body(self.what));
+        }
+        Ok(self.take(len)?.to_vec())
+    }
     fn rest(&mut self) -> &'a [u8] {
         let rest = &self.bytes[self.at..];
         self.at = self.bytes.len();
@@ -327,6 +358,17 @@ impl<'a> Reader<'a> {
             Err(WireError::Body(self.what))
         }
     }
+}
+
+fn put_sig8(out: &mut Vec<u8>, signature: &[u8]) {
+    // Only 0 or 64 bytes parse: anything else is emitted as unsigned rather than unparseable.
+    let signature = if valid_signature_len(signature.len()) {
+        signature
+    } else {
+        &[]
+    };
+    out.push(signature.len() as u8);
+    out.extend_from_slice(signature);
 }
 
 fn put_str8(out: &mut Vec<u8>, s: &str) {
@@ -368,6 +410,41 @@ impl Verdict {
 
 impl Packet {
     pub fn emit(&self) -> Vec<u8> {
+        let mut out = self.content(true);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    /// What a signature covers: the datagram without its signature field and CRC.
+    pub fn signed_content(&self) -> Vec<u8> {
+        self.content(false)
+    }
+
+    /// The signature the datagram carries (empty for unsigned datagrams and types never signed).
+    pub fn signature(&self) -> &[u8] {
+        match &self.body {
+            Body::Announce { signature, .. }
+            | Body::Welcome { signature, .. }
+            | Body::DoneAck { signature, .. }
+            | Body::End { signature, .. } => signature,
+            _ => &[],
+        }
+    }
+
+    /// Sets the signature of a signed type (others have none).
+    pub fn set_signature(&mut self, new: Vec<u8>) {
+        match &mut self.body {
+            Body::Announce { signature, .. }
+            | Body::Welcome { signature, .. }
+            | Body::DoneAck { signature, .. }
+            | Body::End { signature, .. } => *signature = new,
+            _ => {}
+        }
+    }
+
+    /// The datagram without its CRC; with or without its signature field.
+    fn content(&self, with_signature: bool) -> Vec<u8> {
         if let Body::Data {
             seq,
             chunk,
@@ -376,7 +453,7 @@ impl Packet {
             bytes,
         } = &self.body
         {
-            return emit_data(
+            let mut out = emit_data(
                 self.session,
                 &DataRef {
                     seq: *seq,
@@ -386,6 +463,8 @@ impl Packet {
                     bytes,
                 },
             );
+            out.truncate(out.len() - TRAILER);
+            return out;
         }
         let mut out = Vec::with_capacity(MAX_DATAGRAM);
         out.extend_from_slice(&MAGIC);
@@ -402,6 +481,7 @@ impl Packet {
                 front,
                 seq,
                 flags,
+                signature,
             } => {
                 out.extend_from_slice(&image_size.to_be_bytes());
                 out.extend_from_slice(&chunk_size.to_be_bytes());
@@ -411,6 +491,9 @@ impl Packet {
                 out.extend_from_slice(&front.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
                 out.push(*flags);
+                if with_signature {
+                    put_sig8(&mut out, signature);
+                }
             }
             Body::Join {
                 receiver,
@@ -433,10 +516,14 @@ impl Packet {
                 receiver,
                 verdict,
                 nonce,
+                signature,
             } => {
                 out.extend_from_slice(&receiver.to_be_bytes());
                 out.push(*verdict as u8);
                 out.extend_from_slice(&nonce.to_be_bytes());
+                if with_signature {
+                    put_sig8(&mut out, signature);
+                }
             }
             Body::ManifestPart { offset, bytes } => {
                 out.extend_from_slice(&offset.to_be_bytes());
@@ -494,11 +581,22 @@ impl Packet {
                 out.extend_from_slice(image_hash);
                 put_str8(&mut out, reason);
             }
-            Body::DoneAck { receiver } => out.extend_from_slice(&receiver.to_be_bytes()),
-            Body::End { aborted } => out.push(u8::from(*aborted)),
+            Body::DoneAck {
+                receiver,
+                signature,
+            } => {
+                out.extend_from_slice(&receiver.to_be_bytes());
+                if with_signature {
+                    put_sig8(&mut out, signature);
+                }
+            }
+            Body::End { aborted, signature } => {
+                out.push(u8::from(*aborted));
+                if with_signature {
+                    put_sig8(&mut out, signature);
+                }
+            }
         }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_be_bytes());
         out
     }
 
@@ -542,6 +640,7 @@ impl Packet {
                 front: r.u32()?,
                 seq: r.u64()?,
                 flags: r.u8()?,
+                signature: r.sig8()?,
             },
             DatagramType::Join => Body::Join {
                 receiver: r.u64()?,
@@ -556,6 +655,7 @@ impl Packet {
                 receiver: r.u64()?,
                 verdict: Verdict::from_u8(r.u8()?).ok_or(WireError::Body(what))?,
                 nonce: r.u64()?,
+                signature: r.sig8()?,
             },
             DatagramType::ManifestPart => Body::ManifestPart {
                 offset: r.u32()?,
@@ -607,8 +707,14 @@ impl Packet {
                 image_hash: r.hash()?,
                 reason: r.str8()?,
             },
-            DatagramType::DoneAck => Body::DoneAck { receiver: r.u64()? },
-            DatagramType::End => Body::End { aborted: r.bool()? },
+            DatagramType::DoneAck => Body::DoneAck {
+                receiver: r.u64()?,
+                signature: r.sig8()?,
+            },
+            DatagramType::End => Body::End {
+                aborted: r.bool()?,
+                signature: r.sig8()?,
+            },
             // Handled above without copying its payload.
             DatagramType::Data => return Err(WireError::Type(type_code)),
         };
@@ -704,6 +810,7 @@ mod tests {
                 front: 99,
                 seq: 123_456,
                 flags: ANNOUNCE_FIRST_PASS_DONE,
+                signature: vec![0x11; 64],
             },
             Body::Join {
                 receiver: 42,
@@ -718,6 +825,7 @@ mod tests {
                 receiver: 42,
                 verdict: Verdict::TooSmall,
                 nonce: 0x1234_5678_9abc_def0,
+                signature: vec![0x22; 64],
             },
             Body::ManifestPart {
                 offset: 1400,
@@ -755,8 +863,14 @@ mod tests {
                 image_hash: [1; 32],
                 reason: "chunk 3 differs".into(),
             },
-            Body::DoneAck { receiver: 42 },
-            Body::End { aborted: true },
+            Body::DoneAck {
+                receiver: 42,
+                signature: vec![0x33; 64],
+            },
+            Body::End {
+                aborted: true,
+                signature: Vec::new(),
+            },
         ];
         body.into_iter()
             .map(|body| Packet {
@@ -798,8 +912,8 @@ mod tests {
             }
         }
         let mut other_version = samples()[0].emit();
-        other_version[2] = 1;
-        assert_eq!(Packet::parse(&other_version), Err(WireError::Version(1)));
+        other_version[2] = 2;
+        assert_eq!(Packet::parse(&other_version), Err(WireError::Version(2)));
     }
 
     #[test]
@@ -856,6 +970,7 @@ mod golden {
                 front: 7,
                 seq: 1000,
                 flags: ANNOUNCE_FIRST_PASS_DONE | ANNOUNCE_COMPRESSED,
+                signature: vec![0x5a; 64],
             },
             Body::Join {
                 receiver: 0x0102_0304_0506_0708,
@@ -870,6 +985,7 @@ mod golden {
                 receiver: 0x0102_0304_0506_0708,
                 verdict: Verdict::Dropped,
                 nonce: 0x1122_3344_5566_7788,
+                signature: Vec::new(),
             },
             Body::ManifestPart {
                 offset: 1408,
@@ -909,8 +1025,12 @@ mod golden {
             },
             Body::DoneAck {
                 receiver: 0x0102_0304_0506_0708,
+                signature: Vec::new(),
             },
-            Body::End { aborted: false },
+            Body::End {
+                aborted: false,
+                signature: Vec::new(),
+            },
         ]
         .into_iter()
         .map(|body| Packet {
@@ -931,22 +1051,22 @@ mod golden {
             .collect()
     }
 
-    /// The bytes of version 2, fixed: a change to the format fails here, on purpose. Bump
+    /// The bytes of version 3, fixed: a change to the format fails here, on purpose. Bump
     /// [`VERSION`] and write new bytes when the format must change.
     const GOLDEN: [&str; 9] = [
-        "d15c0201cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e8039ae039a7",
-        "d15c0202cafef00d010203040506070800000009000000040000000000000200000370633103532f4e1044bf0d",
-        "d15c0203cafef00d010203040506070803112233445566778892433e6a",
-        "d15c0204cafef00d00000580deade93cf0c5",
-        "d15c0205cafef00d000000000000002a0000000300050101020304d91c7733",
-        "d15c0206cafef00d01020304050607081122334455667788010000000a00000014000000000000002a000000000000002800000001ffffffff00020000000003000000020100000009000181dfaa278a",
-        "d15c0207cafef00d0102030405060708112233445566778801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd008160aac7",
-        "d15c0208cafef00d01020304050607087cbbe53b",
-        "d15c0209cafef00d00921a7bcf",
+        "d15c0301cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e803405a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5aca4c9d0a",
+        "d15c0302cafef00d010203040506070800000009000000040000000000000200000370633103532f4e5ecdb4a4",
+        "d15c0303cafef00d010203040506070803112233445566778800fed241d2",
+        "d15c0304cafef00d00000580dead7299bcaa",
+        "d15c0305cafef00d000000000000002a00000003000501010203047c97e73d",
+        "d15c0306cafef00d01020304050607081122334455667788010000000a00000014000000000000002a000000000000002800000001ffffffff0002000000000300000002010000000900018138e5c6d1",
+        "d15c0307cafef00d0102030405060708112233445566778801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd009cf5b910",
+        "d15c0308cafef00d010203040506070800da8e66a4",
+        "d15c0309cafef00d000015e12a49",
     ];
 
     #[test]
-    fn version_2_bytes_are_fixed() {
+    fn version_3_bytes_are_fixed() {
         for (packet, golden) in packets().into_iter().zip(GOLDEN) {
             let name = packet.body.datagram_type().name();
             assert_eq!(hex(&packet.emit()), golden, "{name} emits other bytes");

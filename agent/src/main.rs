@@ -55,6 +55,19 @@ enum Command {
     Receive(ReceiveArgs),
     /// Upload a disk or image file into a bootserver's image store.
     Capture(CaptureArgs),
+    /// Signing keys: make one, or show a key file's public key.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Make a new key file (readable by its owner only) and print its public key.
+    New { file: PathBuf },
+    /// Print the public key of a key file (what receivers `--trust`).
+    Show { file: PathBuf },
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +85,10 @@ struct CaptureArgs {
     level: i32,
     #[command(flatten)]
     blocks: BlocksArgs,
+    /// The store's admin token (`bootserver token`): uploads without one are refused. Read
+    /// from FILE with `--token @FILE` (keeps it out of the process list).
+    #[arg(long)]
+    token: String,
 }
 
 /// Which blocks of a source are read: by default the blocks its file systems use.
@@ -138,6 +155,10 @@ struct SendArgs {
     ttl: u8,
     #[command(flatten)]
     blocks: BlocksArgs,
+    /// Sign the session with this key file (`agent key new`); receivers `--trust` its public
+    /// key. Without it the session is unsigned and only `--trust-any` receivers join.
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -163,6 +184,41 @@ struct ReceiveArgs {
     /// SSDs and thin volumes free them.
     #[arg(long)]
     discard: bool,
+    /// Join only sessions signed by this public key (64 hex digits: `agent key show`,
+    /// `bootserver key show`); repeat it or separate keys by commas for several.
+    #[arg(long, value_name = "KEY", required_unless_present = "trust_any")]
+    trust: Vec<String>,
+    /// Join any session, signed or not, from any host: only on a network nobody else can reach.
+    #[arg(long, conflicts_with = "trust")]
+    trust_any: bool,
+}
+
+/// `--trust` keys (each may list several, separated by commas), or `--trust-any`.
+fn trust_from(keys: &[String], any: bool) -> Result<diskcast_proto::trust::Trust, String> {
+    if any {
+        return Ok(diskcast_proto::trust::Trust::Any);
+    }
+    let mut all = Vec::new();
+    for text in keys {
+        all.extend(
+            diskcast_proto::trust::parse_key_list(text)
+                .map_err(|e| format!("--trust {text:?}: {e}"))?,
+        );
+    }
+    if all.is_empty() {
+        return Err("--trust needs a public key (or give --trust-any)".into());
+    }
+    Ok(diskcast_proto::trust::Trust::Keys(all))
+}
+
+/// A `--token` value, or the first line of FILE for `@FILE`.
+fn token_from(arg: &str) -> Result<String, String> {
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("reading the token from {path}: {e}")),
+        None => Ok(arg.trim().to_string()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -225,6 +281,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             opts.deadline = args.deadline.map(Duration::from_secs);
             opts.receiver_timeout = Duration::from_secs(args.receiver_timeout);
             opts.chunk_size = args.chunk_size;
+            if let Some(path) = &args.key {
+                opts.signing_key = Some(diskcast_transport::keys::read_key(path)?);
+            }
             let summary =
                 imaging::send::run_send(&args.source, &opts, args.blocks.blocks(), |progress| {
                     let now = std::time::Instant::now();
@@ -245,6 +304,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 sender_timeout: Duration::from_secs(args.sender_timeout),
                 grow_last_partition: args.grow_last_partition,
                 discard: args.discard,
+                trust: trust_from(&args.trust, args.trust_any)?,
                 ..receive::ReceiveOptions::default()
             };
             receive::run_receive(&opts, |p| eprintln!("receiving: {}", p.line()))?;
@@ -264,6 +324,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             opts.blocks = args.blocks.blocks();
             opts.source_machine = host_name();
             opts.source_disk = opts.source.display().to_string();
+            opts.token = Some(token_from(&args.token)?);
             let mut last = std::time::Instant::now();
             let summary = imaging::capture::run_capture(&opts, |read, uploaded| {
                 if last.elapsed() < Duration::from_secs(1) {
@@ -286,6 +347,19 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             );
             Ok(())
         }
+        Command::Key { command } => match command {
+            KeyCommand::New { file } => {
+                let key = diskcast_transport::keys::new_key()?;
+                diskcast_transport::keys::write_key(&file, &key)?;
+                eprintln!("made {} (secret: keep it private)", file.display());
+                println!("{}", key.public());
+                Ok(())
+            }
+            KeyCommand::Show { file } => {
+                println!("{}", diskcast_transport::keys::read_key(&file)?.public());
+                Ok(())
+            }
+        },
     }
 }
 

@@ -55,6 +55,14 @@ pub enum Pid1Error {
     Send(#[from] crate::imaging::send::SourceError),
     #[error("receiving the image failed")]
     Receive(#[from] crate::imaging::receive::ReceiveError),
+    #[error("role slave needs to know whose sessions to trust: the bootserver puts diskcast.trust=KEY on the command line (`bootserver key show`); diskcast.trust=any accepts any sender on the network")]
+    NoTrust,
+    #[error("{path}: bad signing key ({})", crate::stick::KEY_FILE)]
+    StickKey {
+        path: String,
+        #[source]
+        source: diskcast_proto::trust::KeyError,
+    },
 }
 
 const MOUNTS: [(&str, &str, &str, libc::c_ulong); 4] = [
@@ -197,6 +205,19 @@ fn apply_stick_settings(
             path: format!("{}:{}", device.display(), crate::stick::SETTINGS_FILE),
             source,
         })?;
+    if let Some(text) = crate::stick::read_file(&device, start, crate::stick::KEY_FILE)? {
+        let key = diskcast_proto::trust::SigningKey::from_key_file(&text).map_err(|source| {
+            Pid1Error::StickKey {
+                path: device.display().to_string(),
+                source,
+            }
+        })?;
+        print_console(&format!(
+            "settings: sessions are signed with the stick's key {}\n",
+            key.public()
+        ));
+        config.sign = Some(key);
+    }
     log::set_max_level(config.log_level);
     print_console(&format!(
         "settings: {} from /dev/{} ({}, {}): {}\n",
@@ -211,7 +232,10 @@ fn apply_stick_settings(
         config
             .render_settings_file()
             .lines()
-            .filter(|l| !l.starts_with("settings ="))
+            // Secrets stay off the screen.
+            .filter(|l| !["settings =", "sign =", "token ="]
+                .iter()
+                .any(|p| l.starts_with(p)))
             .collect::<Vec<_>>()
             .join(", ")
     ));
@@ -350,6 +374,8 @@ fn capture(
     opts.source_machine = format!("mac {mac}");
     opts.source_disk = description;
     opts.blocks = config.blocks;
+    // The task's one-time token authorises this upload (and nothing else).
+    opts.token = config.task.as_ref().map(|t| t.token.clone());
     let started = Instant::now();
     let mut last = Instant::now();
     let mut throttle = crate::report::Throttle::new();
@@ -405,6 +431,16 @@ fn master(
     if let Some(mbps) = config.rate_mbps {
         opts.max_rate = Rate::from_mbps(f64::from(mbps));
     }
+    opts.signing_key = config.sign.clone();
+    match &opts.signing_key {
+        Some(key) => print_console(&format!(
+            "master: signing the session with key {}\n",
+            key.public()
+        )),
+        None => print_console(
+            "master: no signing key (diskcast.key on the stick, diskcast.sign): the session is unsigned and only slaves that trust any sender join\n",
+        ),
+    }
     print_console(&format!(
         "master: waiting for {} slave(s){}; slaves join by network-booting\n",
         opts.min_receivers,
@@ -440,6 +476,7 @@ fn slave(
     reporter: Option<&Reporter>,
 ) -> Result<(), Pid1Error> {
     use crate::imaging::receive::{run_receive, stable_receiver_id, ReceiveOptions};
+    let trust = config.trust.clone().ok_or(Pid1Error::NoTrust)?;
     let disk = crate::inventory::select_disk(&inventory.disks, &config.disk)?;
     disk_chosen(reporter, disk);
     print_console(&format!(
@@ -459,6 +496,7 @@ fn slave(
         name: mac.into(),
         serial: disk.serial.clone(),
         grow_last_partition: config.grow_last_partition,
+        trust,
         ..ReceiveOptions::default()
     };
     let mut last = Instant::now();

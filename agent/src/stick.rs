@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 /// The settings file at the root of the stick's FAT file system.
 pub const SETTINGS_FILE: &str = "diskcast.cfg";
+/// The master's signing key (a secret: whoever holds the stick signs sessions slaves trust).
+pub const KEY_FILE: &str = "diskcast.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StickError {
@@ -27,8 +29,8 @@ pub enum StickError {
         "{path}: no {SETTINGS_FILE} at the root of the stick (rebuild the stick or add the file)"
     )]
     NoSettings { path: PathBuf },
-    #[error("{path}: {SETTINGS_FILE} is not UTF-8 text")]
-    NotText { path: PathBuf },
+    #[error("{path}: {name} is not UTF-8 text")]
+    NotText { path: PathBuf, name: String },
 }
 
 /// A read-only window onto one partition of a device.
@@ -81,6 +83,14 @@ impl Seek for ReadOnlyPartition {
 
 /// Reads `SETTINGS_FILE` from the FAT file system starting at byte `start` of `device`.
 pub fn read_settings(device: &Path, start: u64) -> Result<String, StickError> {
+    read_file(device, start, SETTINGS_FILE)?.ok_or_else(|| StickError::NoSettings {
+        path: device.into(),
+    })
+}
+
+/// Reads file `name` (at most 64 KiB of UTF-8) from the root of the FAT file system starting at
+/// byte `start` of `device`; `None` when there is no such file.
+pub fn read_file(device: &Path, start: u64, name: &str) -> Result<Option<String>, StickError> {
     let io_err = |op| {
         let path = device.to_path_buf();
         move |source| StickError::Io { path, op, source }
@@ -97,23 +107,22 @@ pub fn read_settings(device: &Path, start: u64) -> Result<String, StickError> {
     };
     let fs = fatfs::FileSystem::new(partition, fatfs::FsOptions::new())
         .map_err(io_err("reading the FAT file system"))?;
-    let mut settings = match fs.root_dir().open_file(SETTINGS_FILE) {
+    let mut settings = match fs.root_dir().open_file(name) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(StickError::NoSettings {
-                path: device.into(),
-            })
-        }
-        Err(e) => return Err(io_err("opening the settings file")(e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("opening a file on the stick")(e)),
     };
     let mut bytes = Vec::new();
     Read::by_ref(&mut settings)
         .take(64 << 10)
         .read_to_end(&mut bytes)
-        .map_err(io_err("reading the settings file"))?;
-    String::from_utf8(bytes).map_err(|_| StickError::NotText {
-        path: device.into(),
-    })
+        .map_err(io_err("reading a file on the stick"))?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| StickError::NotText {
+            path: device.into(),
+            name: name.into(),
+        })
 }
 
 /// The boot medium and the offset of its DISKCAST file system. USB disks appear a while after

@@ -66,6 +66,14 @@ pub enum TaskCommand {
         /// On disks larger than the image, extend the last GPT partition to the disk's end.
         #[arg(long)]
         grow_last_partition: bool,
+        /// Join the session of the master with this public key (make-usb-stick prints the
+        /// stick's; several separated by commas). Master tasks' and [security] trusted_keys
+        /// are trusted too.
+        #[arg(long, value_name = "KEY")]
+        trust: Option<String>,
+        /// Join any peer session, signed or not: any host on the network could write the disks.
+        #[arg(long, conflicts_with = "trust")]
+        trust_any: bool,
         #[command(flatten)]
         common: TaskArgs,
     },
@@ -116,7 +124,8 @@ fn lab(config: Config) -> Result<Lab, Box<dyn Error>> {
     let registry = registry(&config)?;
     let store = Store::open(&config.store_dir)?;
     let server_ip = config.address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-    Ok(Lab::new(config, registry, store, server_ip))
+    let key = crate::lab::server_key(&config.state_dir)?;
+    Ok(Lab::new(config, registry, store, server_ip, key))
 }
 
 fn ago(at: Option<u64>) -> String {
@@ -327,6 +336,8 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
         }
         TaskCommand::Receive {
             grow_last_partition,
+            trust,
+            trust_any,
             common,
         } => (
             "receive",
@@ -334,6 +345,7 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
             common,
             TaskOptions {
                 grow_last_partition,
+                trust: if trust_any { Some("any".into()) } else { trust },
                 ..TaskOptions::default()
             },
             None,

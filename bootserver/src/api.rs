@@ -52,7 +52,9 @@ impl From<LabError> for ApiError {
                 return ApiError::new(StatusCode::CONFLICT, crate::web::public_reason(s))
             }
             LabError::OneMachineOnly { .. } | LabError::Invalid(_) => StatusCode::BAD_REQUEST,
-            LabError::Token { .. } | LabError::Wake { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            LabError::Token { .. } | LabError::Wake { .. } | LabError::Key(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         log::debug!("api: {}", diskcast_proto::error_chain(&e));
         ApiError::new(status, e.to_string())
@@ -603,6 +605,7 @@ mod tests {
             lab.registry.clone(),
             lab.store.clone(),
             lab.server_ip,
+            lab.key.clone(),
         );
         let first = lab.boot_script(stranger, 100).unwrap();
         assert!(first.contains("diskcast.role=inventory"), "{first}");

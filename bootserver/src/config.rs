@@ -119,6 +119,8 @@ pub mod file {
         pub machines: Vec<Spanned<Machine>>,
         #[serde(default, rename = "image")]
         pub images: Vec<Spanned<Image>>,
+        #[serde(default)]
+        pub security: Security,
         /// Gone: sessions start from tasks now. Read only to say how to migrate.
         #[serde(default, rename = "deploy")]
         pub deploys: Vec<Spanned<toml::Value>>,
@@ -126,6 +128,16 @@ pub mod file {
 
     fn default_http_port() -> u16 {
         8080
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Security {
+        /// Public keys besides the server's own that sign images and peer sessions.
+        #[serde(default)]
+        pub trusted_keys: Vec<Spanned<String>>,
+        /// Reads of the API and /status without the admin token.
+        pub public_reads: Option<bool>,
     }
     fn default_tftp_port() -> u16 {
         69
@@ -270,6 +282,27 @@ pub struct Config {
     pub machines: BTreeMap<MacAddr, MachineEntry>,
     /// `[[image]]` entries: session settings per stored image.
     pub images: BTreeMap<String, ImageSession>,
+    pub security: SecurityPolicy,
+}
+
+/// `[security]`: whom the server trusts besides itself, and who may read.
+#[derive(Debug, Clone)]
+pub struct SecurityPolicy {
+    /// Keys (besides the server's own, in `state_dir/signing-key`) whose image signatures the
+    /// store accepts and whose peer sessions `receive` tasks' slaves join: a USB stick
+    /// master's, an admin's.
+    pub trusted_keys: Vec<diskcast_proto::trust::PublicKey>,
+    /// `GET` of the API and `/status` without the admin token (default: open on the lab LAN).
+    pub public_reads: bool,
+}
+
+impl Default for SecurityPolicy {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Vec::new(),
+            public_reads: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -544,6 +577,17 @@ impl Config {
             );
         }
         let images = Self::check_images(&shape.images, agent.as_ref(), c);
+        let mut trusted_keys = Vec::new();
+        for key in &shape.security.trusted_keys {
+            match key.get_ref().parse() {
+                Ok(key) => trusted_keys.push(key),
+                Err(e) => c.report(&key.span(), format!("[security] trusted_keys: {e}")),
+            }
+        }
+        let security = SecurityPolicy {
+            trusted_keys,
+            public_reads: shape.security.public_reads.unwrap_or(true),
+        };
         Some(Config {
             interface: shape.interface.into_inner(),
             address: shape.address,
@@ -567,6 +611,7 @@ impl Config {
             lab: lab?,
             machines,
             images,
+            security,
         })
     }
 

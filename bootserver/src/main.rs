@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use diskcast_bootserver::deploy::deploy_once;
-use diskcast_bootserver::store::Store;
+use diskcast_bootserver::store::{Signature, Store, StoreError};
 use diskcast_bootserver::web::short_hash;
 use diskcast_proto::cmdline::Blocks;
 use diskcast_proto::units::human_size;
@@ -121,23 +121,29 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
             println!("source disk:    {}", image.metadata.source_disk);
             println!("compression:    {}", image.metadata.compression);
             println!("written by:     {}", image.metadata.writer);
-            println!(
-                "signature:      {}",
-                if m.signature.is_empty() {
-                    "none"
-                } else {
-                    "present (not checked)"
-                }
-            );
+            println!("signature:      {}", store.signature(&image));
             Ok(())
         }
         ImagesCommand::Verify { name } => {
             let started = std::time::Instant::now();
-            let summary = store.verify(&name)?;
+            let (summary, signature) = store.verify(&name)?;
             println!(
-                "{name}: ok, every chunk decompressed and matched its hash ({} in {:.1} s)",
+                "{name}: every chunk decompressed and matched its hash ({} in {:.1} s); {signature}",
                 human_size(summary.data_bytes),
                 started.elapsed().as_secs_f64()
+            );
+            match signature {
+                Signature::By(_) => Ok(()),
+                Signature::Untrusted(why) => Err(StoreError::Untrusted { name, why }.into()),
+                Signature::NotChecked => Err(StoreError::NoKeys { name }.into()),
+            }
+        }
+        ImagesCommand::Sign { name } => {
+            let summary = store.sign(&name)?;
+            println!(
+                "{name}: every chunk checked, signed ({}); {}",
+                summary.sizes(),
+                store.signature(&store.open_image(&name)?)
             );
             Ok(())
         }
@@ -265,6 +271,12 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// The server's signing key: `show` prints its public key (what agents trust), `new FILE`
+    /// makes a key file for a sender of your own.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Send Wake-on-LAN packets to machines (MAC, NAME or @GROUP).
     Wake {
         #[command(flatten)]
@@ -282,26 +294,59 @@ enum Command {
     Deploy(DeployArgs),
 }
 
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Print the server's public key (made on first use in the state directory).
+    Show {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Make a new key file (0600) and print its public key: for `--key` of `images` and
+    /// `deploy` by hand, or a peer master of your own.
+    New { file: PathBuf },
+}
+
 #[derive(Debug, clap::Args)]
-#[group(required = true, multiple = false)]
 struct StoreArgs {
     /// The image store directory.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
     store: Option<PathBuf>,
-    /// Or the server's config file (its `store_dir`, or STATE_DIR/images).
+    /// Or the server's config file (its `store_dir`, or STATE_DIR/images; its signing key).
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// With --store: the key file that signs imports and sessions (`bootserver key new`).
+    #[arg(long, requires = "store")]
+    key: Option<PathBuf>,
+    /// Also trust images signed by this public key (repeat for several).
+    #[arg(long, value_name = "KEY")]
+    trust: Vec<String>,
 }
 
 impl StoreArgs {
-    /// The store; only `create` makes a missing directory (a typo must not look like an empty
-    /// store).
+    /// The store, with the key that signs and the keys it trusts; only `create` makes a
+    /// missing directory (a typo must not look like an empty store).
     fn open(&self, create: bool) -> Result<Store, Box<dyn std::error::Error>> {
-        let dir = match (&self.store, &self.config) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(config)) => Config::load(config)?.store_dir,
+        let (dir, key, mut trusted) = match (&self.store, &self.config) {
+            (Some(dir), _) => {
+                let key = match &self.key {
+                    Some(path) => Some(diskcast_transport::keys::read_key(path)?),
+                    None => None,
+                };
+                (dir.clone(), key, Vec::new())
+            }
+            (None, Some(config)) => {
+                let config = Config::load(config)?;
+                let key = diskcast_bootserver::lab::server_key(&config.state_dir)?;
+                (config.store_dir, Some(key), config.security.trusted_keys)
+            }
             (None, None) => return Err("give --store DIR or --config FILE".into()),
         };
+        for text in &self.trust {
+            trusted.extend(
+                diskcast_proto::trust::parse_key_list(text)
+                    .map_err(|e| format!("--trust {text:?}: {e}"))?,
+            );
+        }
         if !create && !dir.is_dir() {
             return Err(format!(
                 "there is no image store at {} (check --store or the config's store_dir)",
@@ -309,7 +354,11 @@ impl StoreArgs {
             )
             .into());
         }
-        Ok(Store::open(&dir)?)
+        let mut store = Store::open(&dir)?.trusting(&trusted);
+        if let Some(key) = key {
+            store = store.with_signer(key);
+        }
+        Ok(store)
     }
 }
 
@@ -319,8 +368,12 @@ enum ImagesCommand {
     List,
     /// Everything known about one image.
     Show { name: String },
-    /// Decompress and hash every chunk of an image.
+    /// Decompress and hash every chunk of an image and check its signature (fails unless it is
+    /// signed by a trusted key).
     Verify { name: String },
+    /// Check every chunk of an image, then sign it with the store's key (an image imported
+    /// unsigned, or signed by a key no longer trusted).
+    Sign { name: String },
     /// Remove an image.
     Delete { name: String },
     /// Store a raw disk image (a file, a device, or `-` for stdin).
@@ -415,6 +468,21 @@ fn main() -> ExitCode {
         Command::Task { config, command } => admin::task(load(&config)?, command),
         Command::Tasks { config, all } => admin::tasks(load(&config)?, all),
         Command::Token { config } => admin::token(&load(&config)?),
+        Command::Key { command } => match command {
+            KeyCommand::Show { config } => {
+                let config = load(&config)?;
+                let key = diskcast_bootserver::lab::server_key(&config.state_dir)?;
+                println!("{}", key.public());
+                Ok(())
+            }
+            KeyCommand::New { file } => {
+                let key = diskcast_transport::keys::new_key()?;
+                diskcast_transport::keys::write_key(&file, &key)?;
+                eprintln!("made {} (secret: keep it private)", file.display());
+                println!("{}", key.public());
+                Ok(())
+            }
+        },
         Command::Wake { config, target } => admin::wake(load(&config)?, &target),
         Command::Images { store, command } => {
             let create = matches!(command, ImagesCommand::Import { .. });
@@ -423,6 +491,9 @@ fn main() -> ExitCode {
         Command::Deploy(args) => {
             let store = args.store.open(false)?;
             let mut opts = SendOptions::new(Some(args.interface), args.group, args.port);
+            opts.signing_key = Some(store.signer().cloned().ok_or(
+                "deploy signs its session: give --config (the server's key) or --key FILE",
+            )?);
             opts.min_receivers = args.min_receivers;
             opts.start_timeout = args.start_timeout.map(Duration::from_secs);
             opts.deadline = args.deadline.map(Duration::from_secs);

@@ -418,8 +418,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         );
     }
     let interface = config.interface.clone();
-    let admin_token = crate::lab::admin_token(&config.state_dir)?;
-    let lab = Arc::new(Lab::new(config, registry, store, server_ip));
+    let admin_token: Arc<str> = crate::lab::admin_token(&config.state_dir)?.into();
+    let key = crate::lab::server_key(&config.state_dir)?;
+    log::info!(
+        "lab: the server's signing key is {} (agents it boots trust it)",
+        key.public()
+    );
+    let lab = Arc::new(Lab::new(config, registry, store, server_ip, key));
     lab.register_configured_machines(unix_now())?;
     let manager = Arc::clone(&lab);
     threads.push(
@@ -429,14 +434,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     );
     let api = crate::api::ApiState {
         lab: Arc::clone(&lab),
-        admin_token: admin_token.into(),
+        admin_token: Arc::clone(&admin_token),
     };
     let app = web::router(
-        Arc::new(WebState {
-            lab,
-            dhcp,
-            tftp: tftp_stats,
-        }),
+        Arc::new(WebState::new(lab, dhcp, tftp_stats, admin_token)),
         api,
     );
     log::info!("lab: serving on {interface}; `bootserver token` prints the API's admin token");

@@ -13,11 +13,14 @@ use diskcast_proto::image_file::{
 };
 use diskcast_proto::manifest::{ChunkKind, DEFAULT_CHUNK_SIZE};
 use diskcast_proto::read_at::ReadAt;
+use diskcast_proto::trust::{PublicKey, SigningKey, Untrusted};
 use diskcast_proto::units::human_size;
+use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -50,6 +53,54 @@ pub enum StoreError {
     TargetExists { target: PathBuf },
     #[error(transparent)]
     Image(#[from] ImageFileError),
+    #[error("image {name:?} {why}: it is not deployed (`bootserver images verify {name}` checks it; `images sign {name}` vouches for an image you checked)")]
+    Untrusted { name: String, why: Untrusted },
+    #[error("no key to check image {name:?}'s signature with: give --config (the server's key) or --trust KEY")]
+    NoKeys { name: String },
+}
+
+/// What an image's signature says, against the keys the store knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signature {
+    /// Signed by this trusted key.
+    By(PublicKey),
+    Untrusted(Untrusted),
+    /// The store knows no key to check it with.
+    NotChecked,
+}
+
+impl std::fmt::Display for Signature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::By(key) => write!(f, "signed by {key}"),
+            Self::Untrusted(why) => write!(f, "NOT TRUSTED: {why}"),
+            Self::NotChecked => f.write_str("not checked (no key: give --config or --trust KEY)"),
+        }
+    }
+}
+
+/// Identifies one version of a file: any write changes its ctime, which no one can set back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
 }
 
 /// Opens an image file and checks its structure.
@@ -86,6 +137,12 @@ pub struct ImageSummary {
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// Signs what the store takes in (captures, imports); `None`: stored unsigned.
+    signer: Option<SigningKey>,
+    /// Whose image signatures are accepted (the signer's own key among them).
+    trusted: Vec<PublicKey>,
+    /// Images fully verified (signature and every chunk) in this version of their file.
+    verified: Arc<Mutex<HashMap<String, FileStamp>>>,
 }
 
 static PARTIAL_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -97,6 +154,7 @@ pub struct Incoming {
     temp: PathBuf,
     final_path: PathBuf,
     pub file: BufWriter<File>,
+    signer: Option<SigningKey>,
 }
 
 impl Drop for Incoming {
@@ -114,8 +172,13 @@ impl Incoming {
             .get_ref()
             .sync_all()
             .map_err(io_err(&self.temp, "syncing"))?;
-        let image = open_image_file(&self.temp).map_err(StoreError::Rejected)?;
+        let mut image = open_image_file(&self.temp).map_err(StoreError::Rejected)?;
         image.verify().map_err(StoreError::Rejected)?;
+        if let Some(key) = &self.signer {
+            // Checked, so the store vouches for it: every image it keeps is signed.
+            sign_in_place(&self.temp, &image, key)?;
+            image = open_image_file(&self.temp).map_err(StoreError::Rejected)?;
+        }
         match fs::hard_link(&self.temp, &self.final_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -212,6 +275,27 @@ fn write_raw(image: &ImageFile, file: &File, path: &Path, sparse: bool) -> Resul
     file.sync_all().map_err(io_err(path, "syncing"))
 }
 
+/// Rewrites the tail of the image file at `path` (not yet published, or a private copy) with
+/// its manifest signed by `key`; the stored chunks stay as they are.
+fn sign_in_place(path: &Path, image: &ImageFile, key: &SigningKey) -> Result<(), StoreError> {
+    let mut manifest = image.manifest.clone();
+    diskcast_proto::trust::sign_manifest(&mut manifest, key);
+    let data_len = manifest.stored_bytes();
+    let mut file = File::options()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path, "opening to sign"))?;
+    file.set_len(data_len).map_err(io_err(path, "signing"))?;
+    file.seek(io::SeekFrom::Start(data_len))
+        .map_err(io_err(path, "signing"))?;
+    let mut out = BufWriter::new(&mut file);
+    diskcast_proto::image_file::write_tail(&mut out, &manifest, &image.metadata, data_len)
+        .and_then(|()| out.flush())
+        .map_err(io_err(path, "signing"))?;
+    drop(out);
+    file.sync_all().map_err(io_err(path, "syncing"))
+}
+
 fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -219,7 +303,104 @@ fn process_alive(pid: u32) -> bool {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir, "creating the image store"))?;
-        Ok(Self { dir: dir.into() })
+        Ok(Self {
+            dir: dir.into(),
+            signer: None,
+            trusted: Vec::new(),
+            verified: Arc::default(),
+        })
+    }
+
+    /// The store signs what it takes in with `key` and trusts its signatures.
+    pub fn with_signer(mut self, key: SigningKey) -> Self {
+        self.trusted.push(key.public());
+        self.signer = Some(key);
+        self
+    }
+
+    /// The key the store signs with.
+    pub fn signer(&self) -> Option<&SigningKey> {
+        self.signer.as_ref()
+    }
+
+    /// The store also trusts these keys' image signatures.
+    pub fn trusting(mut self, keys: &[PublicKey]) -> Self {
+        self.trusted.extend_from_slice(keys);
+        self
+    }
+
+    /// What `image`'s signature says.
+    pub fn signature(&self, image: &ImageFile) -> Signature {
+        if self.trusted.is_empty() {
+            return Signature::NotChecked;
+        }
+        match diskcast_proto::trust::manifest_signer(&image.manifest, &self.trusted) {
+            Ok(key) => Signature::By(key),
+            Err(why) => Signature::Untrusted(why),
+        }
+    }
+
+    /// The image, once its signature is trusted and every chunk verified: what a deploy sends.
+    /// The full check runs once per version of the file (a changed file is checked again).
+    pub fn open_trusted(&self, name: &str) -> Result<ImageFile, StoreError> {
+        let path = self.path_of(name)?;
+        let stamp = FileStamp::of(&path);
+        let image = self.open_image(name)?;
+        match self.signature(&image) {
+            Signature::By(_) => {}
+            Signature::Untrusted(why) => {
+                return Err(StoreError::Untrusted {
+                    name: name.into(),
+                    why,
+                })
+            }
+            Signature::NotChecked => return Err(StoreError::NoKeys { name: name.into() }),
+        }
+        let known_good = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|v| v.get(name).copied())
+            .is_some_and(|s| Some(s) == stamp);
+        if !known_good {
+            image.verify()?;
+            // Checked against the version opened: a change since shows in its stamp.
+            if let (Some(stamp), Ok(mut verified)) = (stamp, self.verified.lock()) {
+                if FileStamp::of(&path) == Some(stamp) {
+                    verified.insert(name.into(), stamp);
+                }
+            }
+        }
+        Ok(image)
+    }
+
+    /// Signs an image already stored (one imported unsigned, or signed by a key no longer
+    /// trusted) after checking every chunk: a copy is signed and renamed over it.
+    pub fn sign(&self, name: &str) -> Result<ImageSummary, StoreError> {
+        let Some(key) = &self.signer else {
+            return Err(StoreError::NoKeys { name: name.into() });
+        };
+        let image = self.open_image(name)?;
+        image.verify()?;
+        let path = self.path_of(name)?;
+        let temp = self.dir.join(format!(
+            ".{name}.{}.{}.partial",
+            std::process::id(),
+            PARTIAL_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let signed = fs::copy(&path, &temp)
+            .map_err(io_err(&temp, "copying to sign"))
+            .and_then(|_| sign_in_place(&temp, &image, key))
+            .and_then(|()| {
+                let image = open_image_file(&temp)?;
+                image.verify()?;
+                fs::rename(&temp, &path).map_err(io_err(&path, "renaming into place"))?;
+                Ok(ImageSummary::of(name, &image))
+            });
+        if signed.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        signed
     }
 
     pub fn dir(&self) -> &Path {
@@ -285,6 +466,7 @@ impl Store {
             temp,
             final_path,
             file: BufWriter::with_capacity(1 << 20, file),
+            signer: self.signer.clone(),
         })
     }
 
@@ -323,10 +505,12 @@ impl Store {
             .collect())
     }
 
-    pub fn verify(&self, name: &str) -> Result<ImageSummary, StoreError> {
+    /// Checks every chunk; returns what the signature says (the caller decides whether an
+    /// unchecked or untrusted signature fails it).
+    pub fn verify(&self, name: &str) -> Result<(ImageSummary, Signature), StoreError> {
         let (summary, image) = self.show(name)?;
         image.verify()?;
-        Ok(summary)
+        Ok((summary, self.signature(&image)))
     }
 
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
@@ -549,6 +733,113 @@ mod tests {
             store.delete("golden"),
             Err(StoreError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn tampered_image_refused() {
+        let key = SigningKey::from_seed([4; 32]);
+        let store = temp_store("tampered").with_signer(key.clone());
+        let raw = raw_disk(3 * (1 << 20) + 100, 8);
+        store.import("golden", &mut &raw[..], "test", 3).unwrap();
+        let path = store.dir().join("golden.dcimg");
+        let good = fs::read(&path).unwrap();
+        assert_eq!(
+            store.verify("golden").unwrap().1,
+            Signature::By(key.public())
+        );
+        store.open_trusted("golden").unwrap();
+        // Another store trusting another key: not deployed, and `verify` says why.
+        let stranger = Store::open(store.dir())
+            .unwrap()
+            .with_signer(SigningKey::from_seed([5; 32]));
+        assert!(matches!(
+            stranger.open_trusted("golden"),
+            Err(StoreError::Untrusted {
+                why: Untrusted::UnknownKey,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Store::open(store.dir()).unwrap().open_trusted("golden"),
+            Err(StoreError::NoKeys { .. })
+        ));
+
+        // 1. A chunk changed on disk (after a deploy had checked the file): caught again.
+        let image = store.open_image("golden").unwrap();
+        let mut bytes = good.clone();
+        bytes[image.manifest.wire_len(1) / 2] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        assert!(store.verify("golden").is_err());
+        assert!(
+            store.open_trusted("golden").is_err(),
+            "a changed chunk was deployed"
+        );
+
+        // 2. The manifest rewritten to match other content, with every CRC and the footer's
+        // hash recomputed: only the signature tells.
+        let mut forged = image.manifest.clone();
+        let other = forged.data_chunks().next().unwrap();
+        forged.chunks[other as usize] = match forged.chunks[other as usize] {
+            ChunkKind::Data(_) => ChunkKind::Data([0xee; 32]),
+            ChunkKind::Zstd { stored_len, .. } => ChunkKind::Zstd {
+                hash: [0xee; 32],
+                stored_len,
+            },
+            kind => kind,
+        };
+        let data_len = forged.stored_bytes();
+        let mut bytes = good[..data_len as usize].to_vec();
+        diskcast_proto::image_file::write_tail(&mut bytes, &forged, &image.metadata, data_len)
+            .unwrap();
+        fs::write(&path, &bytes).unwrap();
+        let opened = store.open_image("golden").expect("structurally sound");
+        assert_eq!(
+            store.signature(&opened),
+            Signature::Untrusted(Untrusted::UnknownKey)
+        );
+        assert!(matches!(
+            store.open_trusted("golden"),
+            Err(StoreError::Untrusted { .. })
+        ));
+        // 3. The same with the signature removed: unsigned, refused.
+        forged.signature.clear();
+        let mut bytes = good[..data_len as usize].to_vec();
+        diskcast_proto::image_file::write_tail(&mut bytes, &forged, &image.metadata, data_len)
+            .unwrap();
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            store.open_trusted("golden"),
+            Err(StoreError::Untrusted {
+                why: Untrusted::Unsigned,
+                ..
+            })
+        ));
+        // A deploy refuses before it opens a socket.
+        let opts = diskcast_transport::send::SendOptions::new(
+            Some("lo".into()),
+            diskcast_proto::wire::DEFAULT_GROUP,
+            diskcast_proto::wire::DEFAULT_PORT,
+        );
+        let err = crate::deploy::deploy_once(&store, "golden", &opts, |_| {}).unwrap_err();
+        assert!(err.to_string().contains("unsigned"), "{err}");
+
+        // The good file again: trusted; `sign` vouches for an unsigned import after checking it.
+        fs::write(&path, &good).unwrap();
+        store.open_trusted("golden").unwrap();
+        let unsigned = temp_store("tampered-unsigned");
+        unsigned.import("plain", &mut &raw[..], "test", 3).unwrap();
+        let signer = Store::open(unsigned.dir())
+            .unwrap()
+            .with_signer(key.clone());
+        assert!(signer.open_trusted("plain").is_err());
+        signer.sign("plain").unwrap();
+        assert_eq!(
+            signer.verify("plain").unwrap().1,
+            Signature::By(key.public())
+        );
+        let exported = unsigned.dir().join("plain.raw");
+        signer.export("plain", &exported, false).unwrap();
+        assert!(fs::read(&exported).unwrap() == raw);
     }
 
     #[test]

@@ -84,18 +84,21 @@ pub fn web_server(
         uefi_loader: config.boot.uefi_loader,
         http_port: config.http_port,
     };
+    let key = crate::lab::server_key(&config.state_dir).unwrap();
     let lab = Arc::new(crate::lab::Lab::new(
         config,
         registry,
         store,
         Ipv4Addr::new(10, 77, 0, 1),
+        key,
     ));
     lab.register_configured_machines(1).unwrap();
-    let state = Arc::new(crate::web::WebState {
-        lab: Arc::clone(&lab),
-        dhcp: Arc::new(Mutex::new(DhcpServer::new(settings, LeaseTable::default()))),
-        tftp: Default::default(),
-    });
+    let state = Arc::new(crate::web::WebState::new(
+        Arc::clone(&lab),
+        Arc::new(Mutex::new(DhcpServer::new(settings, LeaseTable::default()))),
+        Default::default(),
+        token.clone().into(),
+    ));
     let api = crate::api::ApiState {
         lab: Arc::clone(&lab),
         admin_token: token.clone().into(),

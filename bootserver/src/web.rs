@@ -25,6 +25,27 @@ pub struct WebState {
     pub lab: Arc<Lab>,
     pub dhcp: Arc<Mutex<DhcpServer>>,
     pub tftp: Arc<crate::tftp::TftpStats>,
+    /// Authorises any upload (`agent capture --token` by hand).
+    pub admin_token: Arc<str>,
+    /// Capture tasks whose token has been used for an upload: each authorises one.
+    pub used_capture_tokens: Mutex<std::collections::HashSet<i64>>,
+}
+
+impl WebState {
+    pub fn new(
+        lab: Arc<Lab>,
+        dhcp: Arc<Mutex<DhcpServer>>,
+        tftp: Arc<crate::tftp::TftpStats>,
+        admin_token: Arc<str>,
+    ) -> Self {
+        Self {
+            lab,
+            dhcp,
+            tftp,
+            admin_token,
+            used_capture_tokens: Mutex::default(),
+        }
+    }
 }
 
 /// A capture pauses while it reads a region of zeros: an upload may be silent this long.
@@ -42,9 +63,34 @@ pub fn router(state: Arc<WebState>, api: crate::api::ApiState) -> Router {
         .route("/boot/{script}", get(script))
         .route("/status", get(status))
         .route("/images/{name}", put(upload))
-        .with_state(state)
+        .with_state(Arc::clone(&state))
         .merge(crate::api::router(api))
+        .layer(axum::middleware::from_fn_with_state(state, guard_reads))
         .layer(axum::middleware::from_fn(log_request))
+}
+
+/// With `[security] public_reads = false`, reading `/status` and the API needs the admin token
+/// too (writes always do; machines' boot files and agents' reports are not reads of this kind).
+async fn guard_reads(
+    State(state): State<Arc<WebState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let is_read =
+        request.method() == axum::http::Method::GET || request.method() == axum::http::Method::HEAD;
+    let guarded = path == "/status" || path.starts_with("/api/");
+    if is_read && guarded && !state.lab.config.security.public_reads {
+        let allowed = bearer(request.headers())
+            .is_some_and(|given| crate::lab::same_secret(given, &state.admin_token));
+        if !allowed {
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "reading needs the admin token here ([security] public_reads = false): send `Authorization: Bearer TOKEN` (see `bootserver token`)",
+            );
+        }
+    }
+    next.run(request).await
 }
 
 /// One log line per request: client, method, path, status.
@@ -181,6 +227,8 @@ pub fn public_reason(e: &StoreError) -> String {
             format!("exporting {name:?} onto itself is refused")
         }
         StoreError::TargetExists { .. } => "the export target exists".into(),
+        StoreError::Untrusted { name, why } => format!("image {name:?} {why}"),
+        StoreError::NoKeys { name } => format!("no key to check image {name:?}"),
     }
 }
 
@@ -212,18 +260,93 @@ enum UploadEnd {
     BrokenOff,
 }
 
-/// `PUT /images/NAME`: a capture. The image is listed only once complete and verified. The name
-/// is checked before a byte of the body is asked for, so a client that sent
-/// `Expect: 100-continue` learns of a refusal before it reads its disk.
+/// The `Authorization: Bearer TOKEN` of a request, if any.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Who may upload image `name`: the admin token, or the token of the open capture task for
+/// exactly that name, once. A used capture token is spent even if its upload then fails (the
+/// machine's next boot brings a new one). `Ok`: who authorised it; `Err`: why not.
+async fn authorise_upload(
+    state: &Arc<WebState>,
+    headers: &axum::http::HeaderMap,
+    name: &str,
+) -> Result<String, String> {
+    let refuse = |why: &str| Err(why.to_string());
+    let Some(given) = bearer(headers) else {
+        return refuse(
+            "uploads need a token: the capture task's (its agent has it) or the admin token              (`bootserver token`), as `Authorization: Bearer TOKEN`; nothing was stored",
+        );
+    };
+    if crate::lab::same_secret(given, &state.admin_token) {
+        return Ok("the admin token".into());
+    }
+    let lab = Arc::clone(&state.lab);
+    let token = given.to_string();
+    let task = tokio::task::spawn_blocking(move || lab.registry.task_by_token(&token))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let Some(task) = task.filter(|t| t.state.is_open()) else {
+        return refuse(
+            "the token is not the admin token nor an open capture task's; nothing was stored",
+        );
+    };
+    match &task.kind {
+        diskcast_registry::TaskKind::Capture { image } if image == name => {}
+        _ => {
+            return refuse(&format!(
+                "task {}'s token does not authorise an upload of {name:?}; nothing was stored",
+                task.id
+            ))
+        }
+    }
+    let first_use = state
+        .used_capture_tokens
+        .lock()
+        .is_ok_and(|mut used| used.insert(task.id));
+    if !first_use {
+        return refuse(&format!(
+            "task {}'s token was used for an upload already: each capture task uploads once; nothing was stored",
+            task.id
+        ));
+    }
+    Ok(format!("capture task {} of {}", task.id, task.mac))
+}
+
+/// `PUT /images/NAME`: a capture. The image is listed only once complete and verified. The
+/// token and the name are checked before a byte of the body is asked for, so a client that
+/// sent `Expect: 100-continue` learns of a refusal before it reads its disk, and no upload
+/// without a token takes a byte of the store's disk.
 async fn upload(
     State(state): State<Arc<WebState>>,
     Path(name): Path<String>,
     Extension(ClientAddr(client)): Extension<ClientAddr>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
     if let Err(e) = state.lab.store.check_free(&name) {
+        if !matches!(e, StoreError::Exists { .. }) {
+            return store_refusal(&e);
+        }
+    }
+    let who = match authorise_upload(&state, &headers, &name).await {
+        Ok(who) => who,
+        Err(why) => {
+            log::warn!("store: upload of {name:?} from {client} refused: no valid token");
+            return text(StatusCode::UNAUTHORIZED, why);
+        }
+    };
+    if let Err(e) = state.lab.store.check_free(&name) {
         return store_refusal(&e);
     }
+    log::info!("store: {who} authorises the upload of {name:?} from {client}");
     log::info!("store: receiving image {name:?} from {client}");
     let started = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(8);
@@ -331,8 +454,18 @@ mod tests {
 
     /// A server with a store in a fresh directory; returns its address and the store.
     fn server(tag: &str) -> (SocketAddr, Store) {
-        let (addr, lab, _) = crate::testing::web_server(tag, "");
+        let (addr, lab, token) = crate::testing::web_server(tag, "");
+        ADMIN.with(|a| *a.borrow_mut() = token);
         (addr, lab.store.clone())
+    }
+
+    thread_local! {
+        /// The admin token of the server this test thread started.
+        static ADMIN: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+
+    fn admin_header() -> String {
+        ADMIN.with(|a| format!("Authorization: Bearer {}\r\n", a.borrow()))
     }
 
     use std::net::SocketAddr;
@@ -357,7 +490,12 @@ mod tests {
         out
     }
 
+    /// `PUT /images/NAME` with the admin token.
     fn put(addr: SocketAddr, name: &str, headers: &str, body: &[u8]) -> String {
+        put_as(addr, name, &format!("{}{headers}", admin_header()), body)
+    }
+
+    fn put_as(addr: SocketAddr, name: &str, headers: &str, body: &[u8]) -> String {
         let request = [
             format!("PUT /images/{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n")
                 .as_bytes(),
@@ -365,6 +503,92 @@ mod tests {
         ]
         .concat();
         exchange_from([127, 0, 0, 1], addr, &request)
+    }
+
+    #[test]
+    fn unsigned_upload_refused() {
+        let (addr, lab, admin) = crate::testing::web_server("upload-token", "");
+        let image = image_bytes();
+        let body = chunked(&image);
+        let chunked_header = "Transfer-Encoding: chunked\r\n";
+        let store_files = || std::fs::read_dir(lab.store.dir()).unwrap().count();
+        // No token, a wrong one, an admin token cut short: 401, and not a byte on the disk.
+        for auth in [
+            String::new(),
+            "Authorization: Bearer nope\r\n".to_string(),
+            format!("Authorization: Bearer {}\r\n", &admin[1..]),
+            format!("Authorization: Basic {admin}\r\n"),
+        ] {
+            let answer = put_as(addr, "golden", &format!("{auth}{chunked_header}"), &body);
+            assert!(answer.starts_with("HTTP/1.1 401"), "{auth:?}: {answer}");
+            assert!(answer.contains("nothing was stored"), "{answer}");
+            assert!(!answer.contains(&admin), "the token is echoed: {answer}");
+        }
+        // With Expect: the refusal comes before the client sends its body.
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(b"PUT /images/golden HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut first = [0u8; 64];
+        let n = stream.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 401"));
+        drop(stream);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(store_files(), 0, "a refused upload left a file");
+
+        // A capture task's token authorises its image name, once.
+        let pc: diskcast_proto::mac::MacAddr = "52:54:00:00:00:31".parse().unwrap();
+        let request = crate::lab::tasks::TaskRequest {
+            kind: "capture".into(),
+            image: Some("golden".into()),
+            to: pc.to_string(),
+            options: Default::default(),
+            wake: false,
+            timeout: None,
+        };
+        lab.create_tasks(&request, 100).unwrap();
+        let script = lab.boot_script(pc, 101).unwrap();
+        let line = script.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let task_token = diskcast_proto::cmdline::BootConfig::parse(line)
+            .unwrap()
+            .task
+            .unwrap()
+            .token;
+        let with_task = format!("Authorization: Bearer {task_token}\r\n{chunked_header}");
+        let other_name = put_as(addr, "other", &with_task, &body);
+        assert!(other_name.starts_with("HTTP/1.1 401"), "{other_name}");
+        assert!(other_name.contains("does not authorise"), "{other_name}");
+        let stored = put_as(addr, "golden", &with_task, &body);
+        assert!(stored.starts_with("HTTP/1.1 201"), "{stored}");
+        let (_, signature) = lab.store.verify("golden").unwrap();
+        assert_eq!(signature, crate::store::Signature::By(lab.key.public()));
+        // Spent: the same token again is refused, whatever the name.
+        lab.store.delete("golden").unwrap();
+        let again = put_as(addr, "golden", &with_task, &body);
+        assert!(again.starts_with("HTTP/1.1 401"), "{again}");
+        assert!(again.contains("used for an upload already"), "{again}");
+        assert_eq!(store_files(), 0);
+    }
+
+    #[test]
+    fn reads_can_be_closed_to_everyone_but_the_admin() {
+        let (addr, _, admin) =
+            crate::testing::web_server("closed-reads", "\n[security]\npublic_reads = false\n");
+        let get = |path: &str, auth: &str| {
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n");
+            exchange_from([127, 0, 0, 1], addr, request.as_bytes())
+        };
+        for path in ["/status", "/api/v1/machines", "/api/v1/images"] {
+            assert!(get(path, "").starts_with("HTTP/1.1 401"), "{path}");
+            let ok = get(path, &format!("Authorization: Bearer {admin}\r\n"));
+            assert!(ok.starts_with("HTTP/1.1 200"), "{path}: {ok}");
+        }
+        // A machine's boot script is not a read of the lab: it stays reachable.
+        assert!(!get("/boot/52:54:00:00:00:99.ipxe", "").starts_with("HTTP/1.1 401"));
     }
 
     #[test]
@@ -404,7 +628,11 @@ mod tests {
         ];
         for (name, body, headers) in cuts {
             let request = [
-                format!("PUT /images/{name} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes(),
+                format!(
+                    "PUT /images/{name} HTTP/1.1\r\nHost: x\r\n{}{headers}\r\n",
+                    admin_header()
+                )
+                .as_bytes(),
                 &body,
             ]
             .concat();
@@ -449,7 +677,13 @@ mod tests {
         // With Expect: the refusal comes instead of 100 Continue, before any body is sent.
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         stream
-            .write_all(b"PUT /images/golden HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+            .write_all(
+                format!(
+                    "PUT /images/golden HTTP/1.1\r\nHost: x\r\n{}Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+                    admin_header()
+                )
+                .as_bytes(),
+            )
             .unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))

@@ -358,25 +358,36 @@ impl<W: Write> ImageWriter<W> {
             chunks: std::mem::take(&mut self.chunks),
             signature: Vec::new(),
         };
-        let manifest_bytes = manifest.encode();
-        let meta_bytes = meta.render().into_bytes();
-        let mut body_crc = crc32fast::Hasher::new();
-        body_crc.update(&manifest_bytes);
-        body_crc.update(&meta_bytes);
-        let footer = Footer {
-            data_len: self.data_len,
-            manifest_len: manifest_bytes.len() as u32,
-            metadata_len: meta_bytes.len() as u32,
-            image_hash: manifest.image_hash(),
-            body_crc: body_crc.finalize(),
-        }
-        .emit();
-        self.out.write_all(&manifest_bytes)?;
-        self.out.write_all(&meta_bytes)?;
-        self.out.write_all(&footer)?;
+        write_tail(&mut self.out, &manifest, meta, self.data_len)?;
         self.out.flush()?;
         Ok((manifest, self.out))
     }
+}
+
+/// Writes what follows the stored chunks (`data_len` bytes of them): manifest, metadata and
+/// footer. Signing a stored image rewrites its tail with this; the chunks stay as they are.
+pub fn write_tail(
+    out: &mut impl Write,
+    manifest: &Manifest,
+    meta: &Metadata,
+    data_len: u64,
+) -> io::Result<()> {
+    let manifest_bytes = manifest.encode();
+    let meta_bytes = meta.render().into_bytes();
+    let mut body_crc = crc32fast::Hasher::new();
+    body_crc.update(&manifest_bytes);
+    body_crc.update(&meta_bytes);
+    let footer = Footer {
+        data_len,
+        manifest_len: manifest_bytes.len() as u32,
+        metadata_len: meta_bytes.len() as u32,
+        image_hash: manifest.image_hash(),
+        body_crc: body_crc.finalize(),
+    }
+    .emit();
+    out.write_all(&manifest_bytes)?;
+    out.write_all(&meta_bytes)?;
+    out.write_all(&footer)
 }
 
 /// An image file opened for reading: manifest, metadata and where each chunk is stored.

@@ -125,6 +125,17 @@ impl SigningKey {
         PublicKey(self.0.verifying_key())
     }
 
+    /// A key of its own for `purpose`, derived from this one (BLAKE3 key derivation): whoever
+    /// holds this key can make it again, nobody else can. The bootserver gives each peer
+    /// master task one, so the server's own secret never leaves the server.
+    pub fn derive(&self, purpose: &str) -> SigningKey {
+        let seed = blake3::derive_key(
+            &format!("diskcast derived key: {purpose}"),
+            &self.0.to_bytes(),
+        );
+        Self::from_seed(seed)
+    }
+
     pub fn sign(&self, statement: &[u8]) -> [u8; SIGNATURE_LEN] {
         use ed25519_dalek::Signer;
         self.0.sign(statement).to_bytes()

@@ -4,6 +4,7 @@
 //! or in a log ([`present`]). The receiver's loop lives in the agent, beside the disk it writes.
 #![forbid(unsafe_code)]
 
+pub mod keys;
 pub mod present;
 pub mod send;
 pub mod socket;

@@ -2,7 +2,7 @@
 //! line. Plain text, the same on a console, a serial log and the server log.
 
 use crate::send::SendSummary;
-use diskcast_proto::sender::Sender;
+use diskcast_proto::sender::{ReceiverFailure, Sender};
 use diskcast_proto::units::human_size;
 use diskcast_proto::wire::ReceiverState;
 use std::time::{Duration, Instant};
@@ -146,6 +146,16 @@ impl SendSummary {
                     (_, Some(why)) => printable(&why.to_string()),
                     _ => "unknown".to_string(),
                 }
+            ));
+        }
+        let refused = self
+            .receivers
+            .iter()
+            .filter(|r| matches!(r.failure, Some(ReceiverFailure::Refused(_))))
+            .count();
+        if refused > 0 {
+            out.push_str(&format!(
+                "  {refused} receiver(s) refused this session before writing anything: they do not trust its signature\n"
             ));
         }
         out

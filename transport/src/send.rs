@@ -47,6 +47,9 @@ pub struct SendOptions {
     pub chunk_size: u32,
     /// Session id; random when `None`.
     pub session: Option<u32>,
+    /// Signs the session; receivers that trust its public key join it. `None`: an unsigned
+    /// session, which only receivers that trust anyone (`--trust-any`) join.
+    pub signing_key: Option<diskcast_proto::trust::SigningKey>,
 }
 
 impl SendOptions {
@@ -65,6 +68,7 @@ impl SendOptions {
             receiver_timeout: Duration::from_secs(30),
             chunk_size: DEFAULT_CHUNK_SIZE,
             session: None,
+            signing_key: None,
         }
     }
 }
@@ -137,6 +141,8 @@ pub fn multicast(
     let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
     let socket = socket::sender_socket(&interface, address, opts.ttl)?;
     socket.set_nonblocking(true)?;
+    // Receivers see the socket's own address: the signatures bind it.
+    let local = socket.local_addr()?;
     let group = SocketAddrV4::new(opts.group, opts.port);
     let session = opts.session.unwrap_or_else(|| crate::random_u64() as u32);
     let max_rate = opts.max_rate.bytes_per_sec();
@@ -149,8 +155,16 @@ pub fn multicast(
         max_rate,
         initial_rate: max_rate.min(100_000_000),
         nonce_seed: crate::random_u64(),
+        signing_key: opts.signing_key.clone(),
+        address: local,
         ..SenderConfig::default()
     };
+    match &opts.signing_key {
+        Some(key) => log::info!("session signed with key {}", key.public()),
+        None => log::warn!(
+            "the session is unsigned: only receivers that trust any sender (--trust-any, diskcast.trust=any) join it"
+        ),
+    }
     log::info!(
         "session {session:08x} on {group} via {interface} ({address}); waiting for {} receiver(s){}",
         opts.min_receivers,

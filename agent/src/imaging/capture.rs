@@ -75,6 +75,9 @@ pub struct CaptureOptions {
     pub source_disk: String,
     /// Which blocks of the source are read and stored.
     pub blocks: Blocks,
+    /// What proves the upload is wanted: the capture task's one-time token, or the store's
+    /// admin token. Sent in the `Authorization` header, never logged.
+    pub token: Option<String>,
 }
 
 impl CaptureOptions {
@@ -88,6 +91,7 @@ impl CaptureOptions {
             source_machine: String::new(),
             source_disk: String::new(),
             blocks: Blocks::default(),
+            token: None,
         }
     }
 }
@@ -151,10 +155,14 @@ pub fn run_capture(
     );
     let started = Instant::now();
     let mut head = BufWriter::new(stream.try_clone().map_err(upload_err)?);
+    let authorization = opts
+        .token
+        .as_deref()
+        .map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         head,
         "PUT /images/{} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: diskcast-agent/{}\r\n\
-         Content-Type: application/x-diskcast-image\r\nTransfer-Encoding: chunked\r\n\
+         {authorization}Content-Type: application/x-diskcast-image\r\nTransfer-Encoding: chunked\r\n\
          Expect: 100-continue\r\n\r\n",
         opts.name,
         env!("CARGO_PKG_VERSION")

@@ -44,6 +44,8 @@ pub struct ReceiveOptions {
     pub grow_last_partition: bool,
     /// After the copy verified, discard the ranges the image skipped as unused.
     pub discard: bool,
+    /// Whose sessions to join (the default trusts nobody).
+    pub trust: diskcast_proto::trust::Trust,
 }
 
 impl Default for ReceiveOptions {
@@ -61,6 +63,7 @@ impl Default for ReceiveOptions {
             sender_timeout: Duration::from_secs(30),
             grow_last_partition: false,
             discard: false,
+            trust: diskcast_proto::trust::Trust::default(),
         }
     }
 }
@@ -114,8 +117,21 @@ pub fn run_receive(
         session: opts.session,
         sender_timeout: opts.sender_timeout,
         wait_timeout: opts.wait_timeout,
+        trust: opts.trust.clone(),
         ..ReceiverConfig::default()
     };
+    match &opts.trust {
+        diskcast_proto::trust::Trust::Any => log::warn!(
+            "joining any session, signed or not: any host on this network can write this target"
+        ),
+        diskcast_proto::trust::Trust::Keys(keys) => log::info!(
+            "joining only sessions signed by {}",
+            keys.iter()
+                .map(|k| k.short())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
     log::info!(
         "waiting for a session on {}:{} via {interface} ({address}); target {} ({}{})",
         opts.group,
@@ -166,8 +182,8 @@ pub fn run_receive(
             let stats = session.receiver.stats;
             let (user, system) = diskcast_transport::cpu_seconds();
             log::info!(
-                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows; cpu {user:.2} s user, {system:.2} s system",
-                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow
+                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows, {} untrusted announcements refused, {} forged datagrams dropped; cpu {user:.2} s user, {system:.2} s system",
+                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow, stats.untrusted, stats.forged
             );
             // A finished receiver forgets its transfer: the last view stands, completed.
             let mut view = snapshot(&session.receiver, Instant::now());

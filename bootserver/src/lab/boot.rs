@@ -6,6 +6,7 @@ use crate::config::{LocalBoot, UnknownMachines};
 use crate::ipxe::BootScript;
 use diskcast_proto::cmdline::{Blocks, BootConfig, DiskSelector, Role, TaskRef};
 use diskcast_proto::mac::MacAddr;
+use diskcast_proto::trust::{PublicKey, Trust};
 use diskcast_registry::{Firmware, NewTask, Sighting, Task, TaskKind, Via};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,10 @@ pub struct TaskOptions {
     /// `deploy`, `receive`: on a disk larger than the image, extend the last GPT partition.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grow_last_partition: bool,
+    /// `receive`: whose peer session the machines join: public keys separated by commas, or
+    /// `any` (besides `[security] trusted_keys` and open master tasks' keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
 }
 
 fn blocks(options: &TaskOptions) -> Blocks {
@@ -53,6 +58,41 @@ pub enum BootPlan {
 }
 
 impl Lab {
+    /// The public keys of open master tasks (each signs with a key derived for it).
+    pub fn open_master_keys(&self) -> Result<Vec<PublicKey>, LabError> {
+        Ok(self
+            .registry
+            .tasks(diskcast_registry::TaskFilter {
+                open_only: true,
+                ..Default::default()
+            })?
+            .into_iter()
+            .filter(|t| matches!(t.kind, TaskKind::Master))
+            .map(|t| self.master_key(t.id).public())
+            .collect())
+    }
+
+    /// Whose session a receive task's machine joins: the task's keys (or anyone), the
+    /// config's trusted keys, and the open master tasks' keys.
+    fn receive_trust(&self, options: &TaskOptions) -> Trust {
+        let mut keys = match options.trust.as_deref().map(super::tasks::parse_task_trust) {
+            Some(Ok(Trust::Any)) => return Trust::Any,
+            Some(Ok(Trust::Keys(keys))) => keys,
+            // Checked when the task was made.
+            Some(Err(_)) | None => Vec::new(),
+        };
+        keys.extend(self.config.security.trusted_keys.iter().copied());
+        match self.open_master_keys() {
+            Ok(masters) => keys.extend(masters),
+            Err(e) => log::error!(
+                "lab: listing master tasks: {}",
+                diskcast_proto::error_chain(&e)
+            ),
+        }
+        keys.dedup();
+        Trust::Keys(keys)
+    }
+
     /// Decides what `mac` boots now (and records that it asked).
     pub fn boot_plan(&self, mac: MacAddr, now: u64) -> Result<BootPlan, LabError> {
         let machine = match self.registry.machine(mac)? {
@@ -157,10 +197,13 @@ impl Lab {
                 agent.group = session.group;
                 agent.port = session.port;
                 agent.grow_last_partition = options.grow_last_partition;
+                // The server signs its deploy sessions; nobody else's are joined.
+                agent.trust = Some(Trust::Keys(vec![self.key.public()]));
             }
             TaskKind::Receive => {
                 agent.role = Role::Slave;
                 agent.grow_last_partition = options.grow_last_partition;
+                agent.trust = Some(self.receive_trust(options));
             }
             TaskKind::Capture { image } => {
                 agent.role = Role::Capture;
@@ -169,6 +212,7 @@ impl Lab {
             }
             TaskKind::Master => {
                 agent.role = Role::Master;
+                agent.sign = Some(self.master_key(task.id));
                 agent.blocks = blocks(options);
                 agent.min_receivers = options.min_receivers.unwrap_or(a.min_receivers).max(1);
                 agent.start_timeout_secs = options.start_timeout.or(a.start_timeout_secs);

@@ -14,6 +14,7 @@ pub mod wake;
 use crate::config::Config;
 use crate::store::Store;
 use diskcast_proto::mac::MacAddr;
+use diskcast_proto::trust::SigningKey;
 use diskcast_registry::{Error as RegistryError, Registry};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -42,6 +43,8 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the server's signing key")]
+    Key(#[from] diskcast_transport::keys::KeyFileError),
 }
 
 /// What the lab's parts share.
@@ -49,20 +52,40 @@ pub enum LabError {
 pub struct Lab {
     pub config: Config,
     pub registry: Registry,
+    /// Signs what it takes in with the server's key; trusts that and `[security]
+    /// trusted_keys`.
     pub store: Store,
     pub server_ip: Ipv4Addr,
     pub sessions: sessions::Sessions,
+    /// The server's key: signs stored images and deploy sessions; agents it boots trust it.
+    pub key: SigningKey,
 }
 
 impl Lab {
-    pub fn new(config: Config, registry: Registry, store: Store, server_ip: Ipv4Addr) -> Self {
+    pub fn new(
+        config: Config,
+        registry: Registry,
+        store: Store,
+        server_ip: Ipv4Addr,
+        key: SigningKey,
+    ) -> Self {
+        let store = store
+            .with_signer(key.clone())
+            .trusting(&config.security.trusted_keys);
         Self {
             config,
             registry,
             store,
             server_ip,
             sessions: sessions::Sessions::default(),
+            key,
         }
+    }
+
+    /// The key a peer master task signs its session with: derived from the server's key for
+    /// that task only, so its secret (on the master's command line) is worth one task.
+    pub fn master_key(&self, task: i64) -> SigningKey {
+        self.key.derive(&format!("master task {task}"))
     }
 
     /// Registers the config's `[[machine]]` entries (known machines, their names, groups, disks
@@ -82,6 +105,21 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// The server's signing key (`STATE_DIR/signing-key`, 0600): made on first use, then read.
+/// `bootserver key show` prints its public half, which agents trust.
+pub fn server_key(state_dir: &Path) -> Result<SigningKey, LabError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| {
+        LabError::Key(diskcast_transport::keys::KeyFileError::Io {
+            path: state_dir.into(),
+            op: "creating the state directory",
+            source,
+        })
+    })?;
+    Ok(diskcast_transport::keys::load_or_create(
+        &state_dir.join("signing-key"),
+    )?)
 }
 
 /// The admin token: made once in the state directory (readable by root only), then read.

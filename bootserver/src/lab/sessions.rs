@@ -167,13 +167,29 @@ fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
     if let Some(rate) = session.rate {
         opts.max_rate = rate;
     }
-    let mut stored = match lab.store.open_image(image) {
+    opts.signing_key = Some(lab.key.clone());
+    // Its signature and every chunk are checked before any machine hears of it: an image
+    // changed on disk, unsigned or signed by an unknown key is never sent, and the tasks that
+    // wait for it fail saying why (instead of waiting for it forever).
+    let mut stored = match lab.store.open_trusted(image) {
         Ok(stored) => stored,
         Err(e) => {
-            log::error!(
-                "lab: opening image {image:?}: {}",
-                diskcast_proto::error_chain(&e)
-            );
+            let reason = diskcast_proto::error_chain(&e);
+            log::error!("lab: image {image:?} is not deployed: {reason}");
+            for mac in machines {
+                let task = lab.registry.open_task_for(*mac).ok().flatten();
+                if let Some(task) =
+                    task.filter(|t| matches!(&t.kind, TaskKind::Deploy { image: i } if i == image))
+                {
+                    let step = Step::Failed {
+                        reason: format!("image {image:?} is not deployed: {reason}"),
+                    };
+                    let at = crate::unix_now();
+                    if let Err(e) = lab.registry.report(task.id, Report { at, step }) {
+                        log::error!("lab: task {}: {}", task.id, diskcast_proto::error_chain(&e));
+                    }
+                }
+            }
             return;
         }
     };

@@ -36,6 +36,18 @@ impl Lab {
     pub fn create_tasks(&self, request: &TaskRequest, now: u64) -> Result<Vec<Task>, LabError> {
         let kind = self.task_kind(request)?;
         check_options(&kind, &request.options)?;
+        if matches!(kind, TaskKind::Receive)
+            && request.options.trust.is_none()
+            && self.config.security.trusted_keys.is_empty()
+            && self.open_master_keys()?.is_empty()
+        {
+            return Err(LabError::Invalid(
+                "a receive task's machines must know whose session to join: give the peer \
+                 master's public key (--trust KEY: make-usb-stick prints the stick's), list it \
+                 in [security] trusted_keys, create the master task first, or --trust-any"
+                    .into(),
+            ));
+        }
         let mut macs: Vec<MacAddr> = Vec::new();
         for target in request
             .to
@@ -169,7 +181,31 @@ fn check_options(kind: &TaskKind, options: &TaskOptions) -> Result<(), LabError>
     if options.min_receivers == Some(0) {
         return Err(LabError::Invalid("min_receivers must be at least 1".into()));
     }
+    if let Some(trust) = &options.trust {
+        if !matches!(kind, TaskKind::Receive) {
+            return Err(LabError::Invalid(
+                "trust is for receive tasks (whose peer master they join); deploy sessions are signed by the server"
+                    .into(),
+            ));
+        }
+        parse_task_trust(trust)?;
+    }
     Ok(())
+}
+
+/// A receive task's `trust` option: `any`, or public keys separated by commas.
+pub fn parse_task_trust(text: &str) -> Result<diskcast_proto::trust::Trust, LabError> {
+    if text == "any" {
+        return Ok(diskcast_proto::trust::Trust::Any);
+    }
+    let keys = diskcast_proto::trust::parse_key_list(text)
+        .map_err(|e| LabError::Invalid(format!("trust {text:?}: {e}")))?;
+    if keys.is_empty() {
+        return Err(LabError::Invalid(
+            "trust needs a public key (64 hex digits) or `any`".into(),
+        ));
+    }
+    Ok(diskcast_proto::trust::Trust::Keys(keys))
 }
 
 /// A name or group given to a machine: what the registry accepts, checked before it is asked.

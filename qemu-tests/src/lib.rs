@@ -122,6 +122,14 @@ pub fn host_agent() -> PathBuf {
     path
 }
 
+/// Makes a signing key file at `path` (`agent key new`) and returns its public key.
+pub fn make_key(path: &Path) -> String {
+    let _ = fs::remove_file(path);
+    run(Command::new(host_agent()).args(["key", "new"]).arg(path))
+        .trim()
+        .to_string()
+}
+
 /// Starts `agent ARGS [PATH]` on host `netns` (see [`Lab::add_host`]) with its output piped,
 /// for [`output_of`].
 pub fn spawn_agent(netns: &str, args: &[&str], path: Option<&Path>) -> Child {

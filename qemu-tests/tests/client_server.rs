@@ -13,18 +13,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// `bootserver images ...` on the lab's store.
+/// `bootserver images ...` on the lab's store, with the server's key (`--config`).
 fn images(lab: &Lab, args: &[&str]) -> Output {
     let child = Command::new(lab_file("bootserver"))
         .arg("images")
-        .arg("--store")
-        .arg(store_dir(lab))
+        .arg("--config")
+        .arg(lab.dir.join("bootserver.toml"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     finish(child, &format!("images {args:?}"))
+}
+
+/// The lab server's public key (`bootserver key show`).
+fn server_key(lab: &Lab) -> String {
+    let out = Command::new(lab_file("bootserver"))
+        .args(["key", "show", "--config"])
+        .arg(lab.dir.join("bootserver.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn store_dir(lab: &Lab) -> PathBuf {
@@ -41,10 +56,18 @@ fn listed_names(lab: &Lab) -> Vec<String> {
         .collect()
 }
 
-fn capture(lab_host: &str, source: &Path, name: &str) -> Child {
+fn capture(lab_host: &str, source: &Path, name: &str, token: &str) -> Child {
     spawn_agent(
         lab_host,
-        &["capture", "--to", "10.77.0.1:8080", "--name", name],
+        &[
+            "capture",
+            "--to",
+            "10.77.0.1:8080",
+            "--name",
+            name,
+            "--token",
+            token,
+        ],
         Some(source),
     )
 }
@@ -60,6 +83,17 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     Lab::add_ingress_loss(&receivers[1], 3.0);
     let source = lab.dir.join("reference.img");
     make_source_disk(&source, 64);
+    let admin = lab.bootserver_cli(&["token"]).trim().to_string();
+    let server_key = server_key(&lab);
+
+    // Without the admin token, nothing is stored.
+    let refused = finish(
+        capture(&reference, &source, "golden", &"0".repeat(64)),
+        "capture",
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+    assert!(listed_names(&lab).is_empty());
 
     // An interrupted capture leaves nothing listed and no partial file.
     let big = lab.dir.join("big.img");
@@ -69,7 +103,7 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut cut = capture(&reference, &big, "golden");
+    let mut cut = capture(&reference, &big, "golden", &admin);
     lab.bootservers_console(0)
         .wait_for("store: receiving image \"golden\"", Duration::from_secs(30))
         .unwrap();
@@ -84,13 +118,16 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
 
     // The retry succeeds.
-    let out = finish(capture(&reference, &source, "golden"), "capture");
+    let out = finish(capture(&reference, &source, "golden", &admin), "capture");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("stored image golden"));
     assert_eq!(listed_names(&lab), ["golden"]);
     assert!(images(&lab, &["verify", "golden"]).status.success());
     // The same name again is refused, clearly.
-    let again = finish(capture(&reference, &source, "golden"), "capture again");
+    let again = finish(
+        capture(&reference, &source, "golden", &admin),
+        "capture again",
+    );
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
@@ -113,7 +150,15 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
         .map(|(ns, target)| {
             spawn_agent(
                 ns,
-                &["receive", "--interface", "eth0", "--wait", "60"],
+                &[
+                    "receive",
+                    "--interface",
+                    "eth0",
+                    "--wait",
+                    "60",
+                    "--trust",
+                    &server_key,
+                ],
                 Some(target),
             )
         })
@@ -128,8 +173,8 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
             "--min-receivers",
             "2",
         ])
-        .arg("--store")
-        .arg(store_dir(&lab))
+        .arg("--config")
+        .arg(lab.dir.join("bootserver.toml"))
         .args(["--start-timeout", "60"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -161,14 +206,16 @@ fn capture_from_a_host_then_deploy_from_the_store_to_two_receivers() {
             "60",
             "--sender-timeout",
             "5",
+            "--trust",
+            &server_key,
         ],
         Some(&target),
     );
     let mut deploy = lab
         .command_in_lab(lab_file("bootserver").to_str().unwrap())
         .args(["deploy", "golden", "--interface", "br0", "--rate", "1"])
-        .arg("--store")
-        .arg(store_dir(&lab))
+        .arg("--config")
+        .arg(lab.dir.join("bootserver.toml"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -2,7 +2,7 @@
 //! private network namespaces (one host each, on a bridge), with image files as disks.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{output_of as wait, spawn_agent, Lab};
+use diskcast_qemu_tests::{make_key, output_of as wait, spawn_agent, Lab};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -44,6 +44,8 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
         .map(|i| lab.dir.join(format!("target{i}.img")))
         .collect();
     make_image(&targets[2], 48, 99);
+    let key = lab.dir.join("sender.key");
+    let public = make_key(&key);
 
     let rx: Vec<_> = receivers
         .iter()
@@ -60,6 +62,8 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
                     &format!("rx{}", i + 1),
                     "--wait",
                     "60",
+                    "--trust",
+                    &public,
                 ],
                 Some(target),
             )
@@ -77,6 +81,8 @@ fn p2p_send_to_three_receivers_one_with_5_percent_loss() {
             "60",
             "--rate",
             "200",
+            "--key",
+            key.to_str().unwrap(),
         ],
         Some(&source),
     );
@@ -141,7 +147,16 @@ fn p2p_receiver_refuses_a_too_small_disk_and_the_sender_fails_it() {
     );
     let rx = spawn_agent(
         &receiver,
-        &["receive", "--interface", "eth0", "--wait", "60", &loop_dev],
+        // Unsigned on purpose: this test is about the size check, which --trust-any keeps.
+        &[
+            "receive",
+            "--interface",
+            "eth0",
+            "--wait",
+            "60",
+            "--trust-any",
+            &loop_dev,
+        ],
         None,
     );
     let send = spawn_agent(
@@ -215,12 +230,22 @@ fn used_blocks_to_larger_block_devices() {
         })
         .collect();
     let devices: Vec<LoopDevice> = backings.iter().map(|b| LoopDevice::over(b)).collect();
+    let key = lab.dir.join("sender.key");
+    let public = make_key(&key);
     let rx: Vec<_> = receivers
         .iter()
         .zip(&devices)
         .enumerate()
         .map(|(i, (ns, device))| {
-            let mut args = vec!["receive", "--interface", "eth0", "--wait", "60"];
+            let mut args = vec![
+                "receive",
+                "--interface",
+                "eth0",
+                "--wait",
+                "60",
+                "--trust",
+                &public,
+            ];
             // One grows its last partition, the other discards what the image skipped.
             args.push(if i == 0 {
                 "--grow-last-partition"
@@ -241,6 +266,8 @@ fn used_blocks_to_larger_block_devices() {
             "2",
             "--start-timeout",
             "60",
+            "--key",
+            key.to_str().unwrap(),
         ],
         Some(&source_path),
     );
@@ -279,4 +306,142 @@ fn used_blocks_to_larger_block_devices() {
     let (kept, discarded) = (zero_mib(&backings[0]), zero_mib(&backings[1]));
     eprintln!("all-zero MiB in the image's range: {kept} without --discard, {discarded} with");
     assert!(discarded >= kept + 100, "{kept} vs {discarded}");
+}
+
+#[test]
+fn rogue_sender_refused() {
+    // Two hosts on the LAN announce sessions on the same group and port before the real sender
+    // does: one signs with a key of its own, one signs nothing. The receivers trust only the
+    // real sender's key.
+    let mut lab = Lab::new("rogue_sender");
+    let real = lab.add_host("real", "10.77.0.10/24");
+    let rogues: Vec<String> = (1..=2)
+        .map(|i| lab.add_host(&format!("rogue{i}"), &format!("10.77.0.{}/24", 30 + i)))
+        .collect();
+    let receivers: Vec<String> = (1..=2)
+        .map(|i| lab.add_host(&format!("rx{i}"), &format!("10.77.0.{}/24", 10 + i)))
+        .collect();
+    let source = lab.dir.join("source.img");
+    make_image(&source, 24, 5);
+    let rogue_image = lab.dir.join("rogue.img");
+    make_image(&rogue_image, 24, 66);
+    let real_key = lab.dir.join("real.key");
+    let trusted = make_key(&real_key);
+    let rogue_key = lab.dir.join("rogue.key");
+    make_key(&rogue_key);
+    // The receivers' disks hold old data: a single block of the rogue's would show.
+    let targets: Vec<PathBuf> = (1..=2)
+        .map(|i| {
+            let path = lab.dir.join(format!("target{i}.img"));
+            make_image(&path, 24, 90 + i);
+            path
+        })
+        .collect();
+
+    let rogue_args = |key: Option<&Path>| {
+        let mut args = vec![
+            "send".to_string(),
+            "--interface".into(),
+            "eth0".into(),
+            "--min-receivers".into(),
+            "1".into(),
+            "--start-timeout".into(),
+            "25".into(),
+        ];
+        if let Some(key) = key {
+            args.extend(["--key".into(), key.display().to_string()]);
+        }
+        args
+    };
+    let signed_args = rogue_args(Some(&rogue_key));
+    let unsigned_args = rogue_args(None);
+    let rogue_procs: Vec<_> = [signed_args, unsigned_args]
+        .iter()
+        .zip(&rogues)
+        .map(|(args, ns)| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            spawn_agent(ns, &args, Some(&rogue_image))
+        })
+        .collect();
+    // The rogues announce for a while before anyone listens.
+    std::thread::sleep(Duration::from_secs(2));
+    let rx: Vec<_> = receivers
+        .iter()
+        .zip(&targets)
+        .map(|(ns, target)| {
+            spawn_agent(
+                ns,
+                &[
+                    "receive",
+                    "--interface",
+                    "eth0",
+                    "--wait",
+                    "60",
+                    "--trust",
+                    &trusted,
+                ],
+                Some(target),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let send = spawn_agent(
+        &real,
+        &[
+            "send",
+            "--interface",
+            "eth0",
+            "--min-receivers",
+            "2",
+            "--start-timeout",
+            "60",
+            "--rate",
+            "50",
+            "--key",
+            real_key.to_str().unwrap(),
+        ],
+        Some(&source),
+    );
+    let send_out = wait(send, "real sender");
+    let rx_out: Vec<Output> = rx
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| wait(c, &format!("receiver {}", i + 1)))
+        .collect();
+    let rogue_out: Vec<Output> = rogue_procs
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| wait(c, &format!("rogue {}", i + 1)))
+        .collect();
+
+    assert!(send_out.status.success(), "the real session failed");
+    let summary = String::from_utf8_lossy(&send_out.stdout);
+    assert_eq!(summary.matches("verified").count(), 2, "{summary}");
+    let expected = std::fs::read(&source).unwrap();
+    for (i, (out, target)) in rx_out.iter().zip(&targets).enumerate() {
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "receiver {} failed", i + 1);
+        assert!(
+            std::fs::read(target).unwrap() == expected,
+            "receiver {}'s copy is not the real sender's image",
+            i + 1
+        );
+        // It said why it refused each rogue, and counted what it dropped.
+        assert!(log.contains("is unsigned"), "{log}");
+        assert!(
+            log.contains("not signed by a key this receiver trusts"),
+            "{log}"
+        );
+        assert!(!log.contains(" 0 untrusted announcements refused"), "{log}");
+    }
+    // Each rogue failed, and its summary names the receivers that refused it.
+    for (i, out) in rogue_out.iter().enumerate() {
+        let summary = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "rogue {} reported success", i + 1);
+        assert!(
+            summary.contains("2 receiver(s) refused this session"),
+            "rogue {}: {summary}",
+            i + 1
+        );
+    }
 }

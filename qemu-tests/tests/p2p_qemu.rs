@@ -12,15 +12,24 @@ fn p2p_master_to_slaves() {
     make_source_disk(&source, 64);
     // The slaves have receive tasks; the master comes up from its own kernel.
     lab.start_bootserver(DhcpMode::Full, "");
-    lab.task(&["receive", "--to", &Lab::slave_macs(2)]);
+    // The master signs with a key of its own; the slaves' tasks trust it.
+    let key = diskcast_proto::trust::SigningKey::from_seed([0x42; 32]);
+    lab.task(&[
+        "receive",
+        "--to",
+        &Lab::slave_macs(2),
+        "--trust",
+        &key.public().to_string(),
+    ]);
 
     let master = lab.boot_vm(
         VmSpec::new("master", Firmware::Bios, "virtio-net-pci", 0x10)
             .disk_from(&source, "GOLDEN-1", "virtio-blk-pci")
-            .kernel(
+            .kernel(&format!(
                 "console=ttyS0,115200 panic=-1 diskcast.role=master diskcast.min_receivers=2 \
-                 diskcast.on_done=poweroff diskcast.on_error=poweroff",
-            ),
+                 diskcast.on_done=poweroff diskcast.on_error=poweroff diskcast.sign={}",
+                key.secret_hex()
+            )),
     );
     let slaves = lab.boot_bare_slaves(Firmware::Bios, "virtio-net-pci", 2);
 

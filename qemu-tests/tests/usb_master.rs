@@ -11,7 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Builds the stick with test settings (two slaves, power off after).
-fn build_stick(lab: &Lab) -> PathBuf {
+/// The stick image and the public key its master signs with.
+fn build_stick(lab: &Lab) -> (PathBuf, String) {
     let settings = lab.dir.join("diskcast.cfg");
     std::fs::write(
         &settings,
@@ -34,16 +35,23 @@ fn build_stick(lab: &Lab) -> PathBuf {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    stick
+    let said = String::from_utf8_lossy(&out.stdout);
+    let public = said
+        .lines()
+        .find_map(|l| l.strip_prefix("public-key: "))
+        .unwrap_or_else(|| panic!("make-usb-stick printed no public key: {said}"))
+        .trim()
+        .to_string();
+    (stick, public)
 }
 
 fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
     let mut lab = Lab::new(name);
     let source = lab.dir.join("source.img");
     make_source_disk(&source, 64);
-    let stick = build_stick(&lab);
+    let (stick, public) = build_stick(&lab);
     lab.start_bootserver(DhcpMode::Full, "");
-    lab.task(&["receive", "--to", &Lab::slave_macs(2)]);
+    lab.task(&["receive", "--to", &Lab::slave_macs(2), "--trust", &public]);
 
     let master = lab.boot_vm(
         VmSpec::new("master", firmware, "virtio-net-pci", 0x10)

@@ -119,6 +119,24 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The key diskcast's senders sign with in the bench (made once in `dir`), and its public key.
+fn bench_key(dir: &Path) -> (PathBuf, String) {
+    let path = dir.join("bench.key");
+    if !path.exists() {
+        diskcast_qemu_tests::make_key(&path);
+    }
+    let out = Command::new(project_root().join("target/release/agent"))
+        .args(["key", "show"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "agent key show failed: {out:?}");
+    (
+        path,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
 fn run_tool(
     tool: Tool,
     lab: &Lab,
@@ -143,6 +161,8 @@ fn run_tool(
     let before = tx_bytes(sender);
     let src = source.to_str().unwrap();
     let min = n.to_string();
+    let (key, public) = bench_key(dir);
+    let key = key.to_str().unwrap();
     let mut rx: Vec<Child> = receivers
         .iter()
         .zip(&targets)
@@ -154,7 +174,9 @@ fn run_tool(
                 Tool::Diskcast | Tool::Deploy => spawn(
                     ns,
                     agent,
-                    &["receive", "-i", "eth0", "--wait", "120", t],
+                    &[
+                        "receive", "-i", "eth0", "--wait", "120", "--trust", &public, t,
+                    ],
                     &log(&format!("rx{i}")),
                 ),
                 Tool::Udpcast => spawn(
@@ -185,6 +207,8 @@ fn run_tool(
                 "bench",
                 "--store",
                 store.to_str().unwrap(),
+                "--key",
+                key,
                 "-i",
                 "eth0",
                 "--min-receivers",
@@ -205,6 +229,8 @@ fn run_tool(
                 &min,
                 "--start-timeout",
                 "60",
+                "--key",
+                key,
                 src,
             ],
             &log("sender"),
@@ -330,8 +356,11 @@ fn main() {
             if with_deploy {
                 let store = work.join("store");
                 let _ = std::fs::remove_dir_all(&store);
+                let (key, _) = bench_key(&work);
                 let out = Command::new(project_root().join("target/release/bootserver"))
-                    .args(["images", "--store", store.to_str().unwrap(), "import"])
+                    .args(["images", "--store", store.to_str().unwrap(), "--key"])
+                    .arg(&key)
+                    .arg("import")
                     .arg(&source)
                     .arg("bench")
                     .output()

@@ -210,13 +210,27 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
     let source = lab.dir.join("golden.img");
     make_source_disk(&source, 64);
     lab.start_bootserver(DhcpMode::Full, "");
-    print!(
-        "{}",
-        lab.task(&["receive", "--to", &Lab::slave_macs(slaves)])
-    );
     let started = Instant::now();
     let spec =
         VmSpec::new("master", firmware, nic, 0x10).disk_from(&source, "GOLDEN-1", "virtio-blk-pci");
+    // The master signs its session (the stick's key, or one on its command line); the slaves'
+    // receive tasks trust that key.
+    let key = lab.dir.join("master.key");
+    let public = diskcast_qemu_tests::make_key(&key);
+    print!(
+        "{}",
+        lab.task(&[
+            "receive",
+            "--to",
+            &Lab::slave_macs(slaves),
+            "--trust",
+            &public
+        ])
+    );
+    let secret =
+        diskcast_proto::trust::SigningKey::from_key_file(&std::fs::read_to_string(&key).unwrap())
+            .unwrap()
+            .secret_hex();
     let spec = if usb {
         let settings = lab.dir.join("diskcast.cfg");
         std::fs::write(
@@ -232,6 +246,8 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
         .arg(&stick)
         .arg("--settings")
         .arg(&settings)
+        .arg("--key")
+        .arg(&key)
         .status()
         .unwrap();
         assert!(built.success(), "make-usb-stick failed");
@@ -239,7 +255,7 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
     } else {
         spec.kernel(&format!(
             "console=ttyS0,115200 panic=-1 diskcast.role=master diskcast.min_receivers={slaves} \
-             diskcast.on_done=poweroff diskcast.on_error=poweroff"
+             diskcast.on_done=poweroff diskcast.on_error=poweroff diskcast.sign={secret}"
         ))
     };
     let master = lab.boot_vm(spec);

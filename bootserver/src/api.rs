@@ -588,6 +588,54 @@ mod tests {
     }
 
     #[test]
+    fn agents_trust_only_the_keys_their_task_names_and_masters_sign() {
+        let (addr, lab, token) = crate::testing::web_server("api-trust", "");
+        stored(&lab, "golden");
+        let t = Some(token.as_str());
+        let agent_of = |mac: &str| {
+            let script = lab.boot_script(mac.parse().unwrap(), 100).unwrap();
+            let line = script.lines().find(|l| l.starts_with("kernel ")).unwrap();
+            diskcast_proto::cmdline::BootConfig::parse(line).unwrap()
+        };
+        // Deploy: the server's key and nothing else.
+        let deploy = format!(r#"{{"kind":"deploy","image":"golden","to":"{PC}"}}"#);
+        assert_eq!(call(addr, "POST", "/api/v1/tasks", t, &deploy).0, 201);
+        let server = diskcast_proto::trust::Trust::Keys(vec![lab.key.public()]);
+        assert_eq!(agent_of(PC).trust, Some(server));
+        // Receive: refused while nobody says whose session to join.
+        let slave = "52:54:00:00:00:22";
+        let receive = format!(r#"{{"kind":"receive","to":"{slave}"}}"#);
+        let (status, body) = call(addr, "POST", "/api/v1/tasks", t, &receive);
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("--trust"), "{body}");
+        let bad = format!(r#"{{"kind":"receive","to":"{slave}","options":{{"trust":"12ab"}}}}"#);
+        assert_eq!(call(addr, "POST", "/api/v1/tasks", t, &bad).0, 400);
+        let wrong_kind = format!(
+            r#"{{"kind":"capture","image":"new","to":"{slave}","options":{{"trust":"any"}}}}"#
+        );
+        assert_eq!(call(addr, "POST", "/api/v1/tasks", t, &wrong_kind).0, 400);
+        // A master task first: it signs with a key of its own, which receive tasks trust.
+        let master = "52:54:00:00:00:23";
+        let body = format!(r#"{{"kind":"master","to":"{master}"}}"#);
+        assert_eq!(call(addr, "POST", "/api/v1/tasks", t, &body).0, 201);
+        let (status, body) = call(addr, "POST", "/api/v1/tasks", t, &receive);
+        assert_eq!(status, 201, "{body}");
+        let signer = agent_of(master).sign.expect("a master task signs");
+        assert_ne!(
+            signer.public(),
+            lab.key.public(),
+            "never the server's own secret"
+        );
+        let script = lab.boot_script(master.parse().unwrap(), 101).unwrap();
+        assert!(!script.contains(&lab.key.secret_hex()));
+        let trust = agent_of(slave).trust.unwrap();
+        assert_eq!(
+            trust,
+            diskcast_proto::trust::Trust::Keys(vec![signer.public()])
+        );
+    }
+
+    #[test]
     fn an_unknown_machine_is_never_written_and_inventoried_once_if_asked() {
         let (_, lab, _) = crate::testing::web_server("api-unknown", "");
         let stranger = "52:54:00:00:00:99".parse().unwrap();

@@ -207,6 +207,9 @@ mod tests {
         );
         assert!(has_boot_label(&image, &[0]));
 
+        // A stick without a key file: the master has no key (and says so), nothing fails here.
+        assert_eq!(read_file(&image, 0, KEY_FILE).unwrap(), None);
+
         let empty = fat_image_with(None).unwrap();
         assert!(matches!(
             read_settings(&empty, 0),

@@ -4,8 +4,9 @@
 //! token. Bad requests get a 4xx with `{"error": "..."}` naming the problem, and nothing of them
 //! is stored.
 
+use crate::lab::checks::CheckState;
 use crate::lab::tasks::{check_label, TaskRequest};
-use crate::lab::{parse_mac, same_secret, Lab, LabError};
+use crate::lab::{parse_mac, Lab, LabError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -98,25 +99,10 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
         .map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))
 }
 
-/// Writes need the admin token.
+/// Writes need the admin token (or the web console's login, see `console::login`).
 fn admin(lab: &Lab, headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
-    let _ = lab;
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(given) if same_secret(given, token) => Ok(()),
-        Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "the admin token is wrong (see `bootserver token`)",
-        )),
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "writes need the admin token: send `Authorization: Bearer TOKEN` (see `bootserver token`)",
-        )),
-    }
+    crate::console::login::check(lab, headers, token, crate::console::login::Intent::Write)
+        .map_err(|why| ApiError::new(StatusCode::UNAUTHORIZED, why))
 }
 
 /// The API's state: the lab and the admin token.
@@ -137,6 +123,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/tasks/{id}", get(task))
         .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/api/v1/images", get(images))
+        .route("/api/v1/images/{name}/verify", post(verify_image))
+        .route("/api/v1/wake", post(wake))
         .route("/api/v1/sessions", get(sessions))
         .route(
             "/api/v1/agent/report",
@@ -327,11 +315,100 @@ async fn images(State(s): State<ApiState>) -> ApiResult {
                 "data_bytes": i.data_bytes,
                 "stored_bytes": i.stored_bytes, "created": i.created,
                 "hash": crate::web::short_hash(&i.image_hash), "origin": i.origin,
+                "check": s.lab.image_checks.get(&i.name, &i.image_hash),
             }),
             Err(e) => serde_json::json!({ "error": crate::web::public_reason(&e) }),
         })
         .collect();
     Ok(Json(images).into_response())
+}
+
+/// `POST /api/v1/images/NAME/verify`: decompresses and hashes every chunk of a stored image
+/// again, in the background (a large image takes minutes); `GET /api/v1/images` shows the
+/// result as its `check`.
+async fn verify_image(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    admin(&s.lab, &headers, &s.admin_token)?;
+    let store = s.lab.store.clone();
+    let opened = {
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || store.show(&name).map(|(summary, _)| summary))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    let summary = opened.map_err(|e| {
+        let status = match e {
+            crate::store::StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            crate::store::StoreError::Name(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, crate::web::public_reason(&e))
+    })?;
+    let hash = summary.image_hash;
+    if !s.lab.image_checks.start(&name, hash, crate::unix_now()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("image {name:?} is being verified already"),
+        ));
+    }
+    log::info!("store: verifying image {name:?} (asked through the API)");
+    let lab = Arc::clone(&s.lab);
+    tokio::task::spawn_blocking(move || {
+        let state = match lab.store.verify(&name) {
+            Ok(_) => {
+                log::info!("store: image {name:?} verified");
+                CheckState::Verified {
+                    at: crate::unix_now(),
+                }
+            }
+            Err(e) => {
+                log::warn!(
+                    "store: image {name:?} failed its check: {}",
+                    diskcast_proto::error_chain(&e)
+                );
+                CheckState::Failed {
+                    at: crate::unix_now(),
+                    reason: crate::web::public_reason(&e),
+                }
+            }
+        };
+        lab.image_checks.finish(&name, hash, state);
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "state": "running" })),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WakeRequest {
+    /// `MAC`, `NAME` or `@GROUP`, several separated by commas.
+    to: String,
+}
+
+/// `POST /api/v1/wake` `{"to": "..."}`: Wake-on-LAN packets for the machines named.
+async fn wake(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<WakeRequest>, JsonRejection>,
+) -> ApiResult {
+    admin(&s.lab, &headers, &s.admin_token)?;
+    let request = json_body(body)?;
+    let lab = Arc::clone(&s.lab);
+    let woken = tokio::task::spawn_blocking(move || {
+        let macs = lab.resolve_targets(&request.to)?;
+        crate::lab::wake::wake(&lab.config.interface, &macs)?;
+        Ok::<_, LabError>(macs)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let woken: Vec<String> = woken.iter().map(ToString::to_string).collect();
+    Ok(Json(serde_json::json!({ "woken": woken })).into_response())
 }
 
 async fn sessions(State(s): State<ApiState>) -> ApiResult {

@@ -995,6 +995,7 @@ mod tests {
         assert_eq!(config.store_dir, PathBuf::from("/var/lib/diskcast/images"));
         assert_eq!(config.lab.unknown_machines, UnknownMachines::LocalBoot);
         assert_eq!(config.agent.on_done, Finish::Reboot);
+        assert!(config.security.public_reads, "reads stay open as they were");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod classify;
 pub mod config;
+pub mod console;
 pub mod deploy;
 pub mod dhcp_server;
 pub mod http;

@@ -63,34 +63,14 @@ pub fn router(state: Arc<WebState>, api: crate::api::ApiState) -> Router {
         .route("/boot/{script}", get(script))
         .route("/status", get(status))
         .route("/images/{name}", put(upload))
-        .with_state(Arc::clone(&state))
-        .merge(crate::api::router(api))
-        .layer(axum::middleware::from_fn_with_state(state, guard_reads))
+        .with_state(state)
+        .merge(crate::api::router(api.clone()))
+        .merge(crate::console::router(api.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            api,
+            crate::console::read_access,
+        ))
         .layer(axum::middleware::from_fn(log_request))
-}
-
-/// With `[security] public_reads = false`, reading `/status` and the API needs the admin token
-/// too (writes always do; machines' boot files and agents' reports are not reads of this kind).
-async fn guard_reads(
-    State(state): State<Arc<WebState>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let path = request.uri().path();
-    let is_read =
-        request.method() == axum::http::Method::GET || request.method() == axum::http::Method::HEAD;
-    let guarded = path == "/status" || path.starts_with("/api/");
-    if is_read && guarded && !state.lab.config.security.public_reads {
-        let allowed = bearer(request.headers())
-            .is_some_and(|given| crate::lab::same_secret(given, &state.admin_token));
-        if !allowed {
-            return text(
-                StatusCode::UNAUTHORIZED,
-                "reading needs the admin token here ([security] public_reads = false): send `Authorization: Bearer TOKEN` (see `bootserver token`)",
-            );
-        }
-    }
-    next.run(request).await
 }
 
 /// One log line per request: client, method, path, status.

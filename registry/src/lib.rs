@@ -202,6 +202,15 @@ impl Registry {
         run().map_err(|e: Error| e.context(op))
     }
 
+    /// A number that changes whenever a change was committed since the last call, by this
+    /// handle's writes or by another process on the same file (the admin's commands): what a
+    /// live view polls to know it should read again. Cheap: no table is read.
+    pub fn data_version(&self) -> Result<i64> {
+        let conn = lock(&self.inner.reader);
+        conn.query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(|e| Error::from(e).context(|| "reading the data version".into()))
+    }
+
     // ---- settings -------------------------------------------------------------------------
 
     /// The value of setting `key`.
@@ -320,6 +329,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join(FILE_NAME)
+    }
+
+    #[test]
+    fn the_data_version_moves_with_every_commit_of_any_connection() {
+        let path = temp_db("data-version");
+        let reg = Registry::open(&path).unwrap();
+        let first = reg.data_version().unwrap();
+        assert_eq!(reg.data_version().unwrap(), first, "nothing changed");
+        reg.put_setting("a", "1").unwrap();
+        let after_own = reg.data_version().unwrap();
+        assert_ne!(after_own, first, "this handle's write");
+        // Another process (here: another handle on the same file), as `bootserver task` is.
+        Registry::open(&path)
+            .unwrap()
+            .put_setting("b", "2")
+            .unwrap();
+        let after_other = reg.data_version().unwrap();
+        assert_ne!(after_other, after_own, "another connection's write");
+        reg.setting("a").unwrap();
+        assert_eq!(
+            reg.data_version().unwrap(),
+            after_other,
+            "reads change nothing"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! discovered and, if the lab says so, inventoried once — never written.
 
 pub mod boot;
+pub mod checks;
 pub mod sessions;
 pub mod tasks;
 pub mod wake;
@@ -59,6 +60,10 @@ pub struct Lab {
     pub sessions: sessions::Sessions,
     /// The server's key: signs stored images and deploy sessions; agents it boots trust it.
     pub key: SigningKey,
+    /// Verifications of stored images asked for after they were stored.
+    pub image_checks: checks::ImageChecks,
+    /// The web console's logins (see `console::login`).
+    pub logins: crate::console::login::Logins,
 }
 
 impl Lab {
@@ -79,6 +84,8 @@ impl Lab {
             server_ip,
             sessions: sessions::Sessions::default(),
             key,
+            image_checks: checks::ImageChecks::default(),
+            logins: crate::console::login::Logins::default(),
         }
     }
 

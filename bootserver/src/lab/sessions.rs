@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Default, Clone)]
 pub struct Sessions {
     running: Arc<Mutex<BTreeMap<String, SessionView>>>,
+    /// Counts changes of the views; the console's event stream waits on it.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -41,6 +43,8 @@ pub struct ReceiverView {
     pub percent: f64,
     pub mb_per_s: f64,
     pub repairs: u64,
+    /// At the rate so far; `None` until data moved, and once final.
+    pub seconds_left: Option<f64>,
     pub failure: Option<String>,
 }
 
@@ -52,6 +56,15 @@ impl Sessions {
             .unwrap_or_default()
     }
 
+    /// Wakes up whenever a view changes (a session's progress, about once a second).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn is_running(&self, image: &str) -> bool {
         self.running.lock().is_ok_and(|r| r.contains_key(image))
     }
@@ -60,12 +73,14 @@ impl Sessions {
         if let Ok(mut running) = self.running.lock() {
             running.insert(view.image.clone(), view);
         }
+        self.changed();
     }
 
     fn end(&self, image: &str) {
         if let Ok(mut running) = self.running.lock() {
             running.remove(image);
         }
+        self.changed();
     }
 }
 
@@ -273,6 +288,9 @@ impl Observer for &mut TaskObserver<'_> {
                 .as_secs_f64()
                 .max(1e-3);
             let mb_per_s = data_done * f64::from(manifest.chunk_size) / seconds / 1e6;
+            let data_left = (data_chunks - data_done).max(0.0) * f64::from(manifest.chunk_size);
+            let seconds_left =
+                (!r.is_final() && mb_per_s > 0.0).then(|| data_left / (mb_per_s * 1e6));
             receivers.push(ReceiverView {
                 mac: r.name.clone(),
                 address: r.address.map(|a| a.ip().to_string()),
@@ -280,6 +298,7 @@ impl Observer for &mut TaskObserver<'_> {
                 percent,
                 mb_per_s,
                 repairs: r.repairs_requested,
+                seconds_left,
                 failure: r.failure.as_ref().map(ToString::to_string),
             });
             if r.is_final() {

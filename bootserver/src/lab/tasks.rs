@@ -48,24 +48,7 @@ impl Lab {
                     .into(),
             ));
         }
-        let mut macs: Vec<MacAddr> = Vec::new();
-        for target in request
-            .to
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
-            for mac in self.registry.resolve(target)? {
-                if !macs.contains(&mac) {
-                    macs.push(mac);
-                }
-            }
-        }
-        if macs.is_empty() {
-            return Err(LabError::Invalid(
-                "no machine named: give MAC, NAME or @GROUP".into(),
-            ));
-        }
+        let macs = self.resolve_targets(&request.to)?;
         if matches!(kind, TaskKind::Capture { .. } | TaskKind::Master) && macs.len() > 1 {
             return Err(LabError::OneMachineOnly {
                 what: if matches!(kind, TaskKind::Master) {
@@ -115,6 +98,25 @@ impl Lab {
             super::wake::wake(&self.config.interface, &macs)?;
         }
         Ok(tasks)
+    }
+
+    /// The machines `to` names (`MAC`, `NAME` or `@GROUP`, several separated by commas), each
+    /// once, in order; at least one.
+    pub fn resolve_targets(&self, to: &str) -> Result<Vec<MacAddr>, LabError> {
+        let mut macs: Vec<MacAddr> = Vec::new();
+        for target in to.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            for mac in self.registry.resolve(target)? {
+                if !macs.contains(&mac) {
+                    macs.push(mac);
+                }
+            }
+        }
+        if macs.is_empty() {
+            return Err(LabError::Invalid(
+                "no machine named: give MAC, NAME or @GROUP".into(),
+            ));
+        }
+        Ok(macs)
     }
 
     fn task_kind(&self, request: &TaskRequest) -> Result<TaskKind, LabError> {

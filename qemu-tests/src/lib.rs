@@ -10,6 +10,7 @@
     missing_debug_implementations
 )]
 
+pub mod browser;
 pub mod fixtures;
 
 use std::fs;

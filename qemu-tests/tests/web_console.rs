@@ -336,7 +336,6 @@ fn web_console_fits_a_phone() {
         "the page scrolls sideways: {layout:#}"
     );
     for row in layout["rows"].as_array().unwrap() {
-        let text = row["text"].as_str().unwrap();
         assert!(
             row["left"].as_f64().unwrap() >= 0.0 && row["right"].as_f64().unwrap() <= width,
             "a row leaves the screen: {row:#}"

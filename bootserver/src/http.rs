@@ -244,6 +244,14 @@ pub(crate) mod tests {
             exchange_from([127, 0, 0, 1], addr, &request)
         };
         assert!(get("/nope").starts_with("HTTP/1.1 404"));
+        // Keep-alive: two requests on one connection, two answers (the console's page, its
+        // script and its API reads share one).
+        let kept = exchange_from(
+            [127, 0, 0, 1],
+            addr,
+            b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\nGET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(kept.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{kept}");
         let post = exchange_from(
             [127, 0, 0, 1],
             addr,

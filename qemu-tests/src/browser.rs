@@ -60,7 +60,9 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("starting chromedriver (run scripts/setup: packages chromium, chromium-driver)");
+            .expect(
+                "starting chromedriver (run scripts/setup: packages chromium, chromium-driver)",
+            );
         let capabilities = capabilities(viewport, &profile);
         let netns = Path::new("/run/netns").join(&lab.netns);
         let (jobs, receive) = mpsc::channel::<Job>();

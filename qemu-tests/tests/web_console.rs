@@ -79,8 +79,18 @@ fn web_console_shows_live_progress() {
     let (status, body) = curl(&lab, &[&url(&lab, "/api/v1/machines")]);
     assert_eq!(status, 401, "{body}");
     let task = r#"{"kind":"inventory","to":"@room"}"#;
-    let post = ["-X", "POST", "-H", "Content-Type: application/json", "-d", task];
-    let (status, body) = curl(&lab, &[&post[..], &[url(&lab, "/api/v1/tasks").as_str()]].concat());
+    let post = [
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        task,
+    ];
+    let (status, body) = curl(
+        &lab,
+        &[&post[..], &[url(&lab, "/api/v1/tasks").as_str()]].concat(),
+    );
     assert_eq!(status, 401, "{body}");
 
     let browser = Browser::start(
@@ -153,8 +163,19 @@ fn web_console_shows_live_progress() {
     );
     let first = bars(&browser.wait_until(&both_receiving, BOOT_TIMEOUT + Duration::from_secs(300)));
     let row_text = browser.eval("document.querySelector('#progress-rows tr').innerText");
-    std::thread::sleep(Duration::from_secs(3));
-    let second = bars(&browser.eval(BARS));
+    // The second read: once every bar moved past its first value (no fixed pause, so a slow
+    // host waits longer instead of failing); a bar that never grows fails here.
+    let grown: Vec<String> = first
+        .iter()
+        .map(|(mac, before, _)| format!("b.some(([m, v]) => m === '{mac}' && v > {before})"))
+        .collect();
+    let second = bars(&browser.wait_until(
+        &format!(
+            "(() => {{ const b = {BARS}; return b.length === 2 && {} && b; }})()",
+            grown.join(" && ")
+        ),
+        Duration::from_secs(300),
+    ));
     eprintln!("progress bars: {first:?} then {second:?}; a row: {row_text}");
     for (mac, before, _) in &first {
         let (_, after, state) = second.iter().find(|(m, _, _)| m == mac).unwrap();
@@ -236,7 +257,12 @@ fn web_console_fits_a_phone() {
     for (mac, name) in machines {
         lab.bootserver_cli(&["machines", "set", mac, "--name", name, "--group", "physics"]);
     }
-    lab.task(&["deploy", "golden", "--to", "pc-42,room-2-physics-workstation-41"]);
+    lab.task(&[
+        "deploy",
+        "golden",
+        "--to",
+        "pc-42,room-2-physics-workstation-41",
+    ]);
     lab.task(&["capture", "pc-43", "--image", "pc43-disk"]);
     lab.task(&["inventory", "--to", "pc-44"]);
     let inventory = serde_json::json!({
@@ -364,8 +390,9 @@ fn web_console_fits_a_phone() {
         "{rows:#?}"
     );
     assert!(
-        rows.iter()
-            .any(|t| t.contains("pc-44") && t.contains("failed") && t.contains("DISK-B-9876543210")),
+        rows.iter().any(|t| t.contains("pc-44")
+            && t.contains("failed")
+            && t.contains("DISK-B-9876543210")),
         "the reason is not shown whole: {rows:#?}"
     );
 }

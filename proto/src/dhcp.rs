@@ -468,6 +468,22 @@ mod tests {
         assert!(client.lease().is_none());
     }
 
+    /// Found by the dhcp_client and dhcp_server fuzz targets: dhcproto asserts the length of some
+    /// options (here the bulk-leasequery time, option 153, with length 0) instead of refusing them.
+    #[test]
+    fn an_option_whose_length_dhcproto_asserts_is_a_malformed_packet() {
+        let t0 = Instant::now();
+        let mut client = DhcpClient::new(MAC, 9, t0);
+        let discover = client.handle(None, t0).transmit.unwrap();
+        let mut offer = reply(&discover, MessageType::Offer, 10);
+        let end = offer.iter().rposition(|&b| b == 255).unwrap();
+        offer.splice(end..end, [153, 0]);
+        assert!(decode_message(&offer).is_none());
+        client.handle(Some(&offer), t0);
+        assert_eq!(client.dropped.malformed, 1);
+        assert!(client.lease().is_none());
+    }
+
     #[test]
     fn nak_sends_the_client_back_to_discover() {
         let t0 = Instant::now();

@@ -105,11 +105,10 @@ fn bootserver_restart_keeps_leases() {
     lab.kill_bootserver(first_server);
 
     let server = lab.start_bootserver(DhcpMode::Full, "");
-    assert!(
-        lab.bootserver_log(server).contains("leases: 1 known"),
-        "{}",
-        lab.bootserver_log(server)
-    );
+    // The log (stderr) is read by another thread than "ready" (stdout): wait for it.
+    lab.bootservers_console(server)
+        .wait_for("leases: 1 known", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.bootserver_log(server)));
     // Another machine must not get the address the first one holds...
     let other = lab.boot_vm(VmSpec::new("other", Firmware::Bios, "virtio-net-pci", 4));
     let other_address = lab.wait_ready(other).get("address").to_string();

@@ -107,20 +107,26 @@ fn used_blocks_to_larger_disk_p2p() {
     let source_path = lab.dir.join("used.img");
     let source = make_used_disk(&source_path, SOURCE_MIB, 2);
     lab.start_bootserver(DhcpMode::Full, "");
+    // The master signs with a key of its own; the slaves' tasks trust it.
+    let key = diskcast_proto::trust::SigningKey::from_seed([0x43; 32]);
+    let trusted = key.public().to_string();
     lab.task(&[
         "receive",
         "--to",
         "52:54:00:dc:00:21",
         "--grow-last-partition",
+        "--trust",
+        &trusted,
     ]);
-    lab.task(&["receive", "--to", "52:54:00:dc:00:22"]);
+    lab.task(&["receive", "--to", "52:54:00:dc:00:22", "--trust", &trusted]);
     let master = lab.boot_vm(
         VmSpec::new("master", Firmware::Bios, "virtio-net-pci", 0x10)
             .disk_from(&source_path, "USED-2", "virtio-blk-pci")
-            .kernel(
+            .kernel(&format!(
                 "console=ttyS0,115200 panic=-1 diskcast.role=master diskcast.min_receivers=2 \
-                 diskcast.on_done=poweroff diskcast.on_error=poweroff",
-            ),
+                 diskcast.on_done=poweroff diskcast.on_error=poweroff diskcast.sign={}",
+                key.secret_hex()
+            )),
     );
     let slaves = boot_large_slaves(&mut lab);
     lab.expect_done_and_off(

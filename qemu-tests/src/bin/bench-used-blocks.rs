@@ -15,9 +15,11 @@
 //! source's, the partition's boot sector and ldlinux.sys's block list equal the source's (what
 //! extlinux needs to boot), `e2fsck -fn` clean, and every file, link, device and directory equal
 //! to the source's (type, mode, owner, size, mtime, content). `--boot N` also boots N copies per
-//! tool and loss in QEMU (TCG, under /tmp/diskcast-qemu.lock) until Debian's login prompt.
+//! tool and loss (of the first run) in QEMU (TCG, under /tmp/diskcast-qemu.lock, a snapshot: the
+//! copy is not changed) until Debian's login prompt; 0 skips that.
 //!
-//! `scripts/bench-used-blocks [--receivers 3] [--loss 0,5] [--runs 1] [--boot 1] [--keep]`
+//! `scripts/bench-used-blocks [--receivers 3] [--loss 0,5] [--runs 1] [--boot 1] [--keep]
+//!  [--only pipeline,diskcast,deploy] [--udp-sender-opts "--max-bitrate 600m"]`
 //!
 //! The source disk is cached as target/bench/used-disk.img (delete it to rebuild). Loop devices
 //! stand for disks (this kernel reads no partition tables: partitions are loop devices at the
@@ -53,7 +55,6 @@ fn describe(cmd: &Command) -> String {
 /// Runs a command; its stdout, or why it failed.
 fn try_run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
-        .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("{}: {e}", describe(cmd)))?;
     if out.status.success() {
@@ -75,7 +76,7 @@ fn must(cmd: &mut Command) -> String {
 
 fn cmd(program: &str, args: &[&str]) -> Command {
     let mut c = Command::new(program);
-    c.args(args);
+    c.args(args).stdin(Stdio::null());
     c
 }
 
@@ -88,7 +89,9 @@ fn p(path: &Path) -> &str {
 fn spawn_ns(netns: &str, script: &str, log: &Path) -> Child {
     let file = fs::File::create(log).unwrap();
     Command::new("ip")
-        .args(["netns", "exec", netns, "bash", "-o", "pipefail", "-c", script])
+        .args([
+            "netns", "exec", netns, "bash", "-o", "pipefail", "-c", script,
+        ])
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())
         .stderr(file)
@@ -170,7 +173,10 @@ struct Loop {
 
 impl Loop {
     fn attach(file: &Path, offset: u64, size: Option<u64>, read_only: bool) -> Self {
-        let mut c = cmd("losetup", &["--find", "--show", "--offset", &offset.to_string()]);
+        let mut c = cmd(
+            "losetup",
+            &["--find", "--show", "--offset", &offset.to_string()],
+        );
         if let Some(size) = size {
             c.args(["--sizelimit", &size.to_string()]);
         }
@@ -248,7 +254,8 @@ fn clean_leftovers(work: &Path, disk: &Path) {
         eprintln!("cleaning up an old mount: {m}");
         let _ = cmd("umount", &["-l", m]).status();
     }
-    let list = try_run(&mut cmd("losetup", &["-n", "-l", "-O", "NAME,BACK-FILE"])).unwrap_or_default();
+    let list =
+        try_run(&mut cmd("losetup", &["-n", "-l", "-O", "NAME,BACK-FILE"])).unwrap_or_default();
     let disk_tmp = disk.with_extension("img.part");
     for line in list.lines() {
         let mut it = line.split_whitespace();
@@ -376,7 +383,8 @@ fn build_source_disk(path: &Path, work: &Path, keep: bool) {
     let tmp = path.with_extension("img.part");
     let _ = fs::remove_file(&tmp);
     fs::File::create(&tmp).unwrap().set_len(DISK_SIZE).unwrap();
-    let table = format!("label: dos\nlabel-id: {DISK_ID}\nstart={PART_START_SECTOR}, type=83, bootable\n");
+    let table =
+        format!("label: dos\nlabel-id: {DISK_ID}\nstart={PART_START_SECTOR}, type=83, bootable\n");
     let mut sfdisk = Command::new("sfdisk")
         .args(["-q", p(&tmp)])
         .stdin(Stdio::piped())
@@ -402,7 +410,17 @@ fn build_source_disk(path: &Path, work: &Path, keep: bool) {
     eprintln!("source: mkfs.ext4 -d (the Debian tree, no mounting)");
     must(&mut cmd(
         "mkfs.ext4",
-        &["-q", "-F", "-L", "debian", "-U", ROOT_UUID, "-d", p(&tree), &part.dev],
+        &[
+            "-q",
+            "-F",
+            "-L",
+            "debian",
+            "-U",
+            ROOT_UUID,
+            "-d",
+            p(&tree),
+            &part.dev,
+        ],
     ));
     {
         let mnt = Mount::new(&part.dev, &work.join("mnt-build"), "rw");
@@ -410,7 +428,9 @@ fn build_source_disk(path: &Path, work: &Path, keep: bool) {
             "extlinux",
             &["--install", p(&mnt.dir.join("boot/extlinux"))],
         ));
-        eprintln!("source: writing {GARBAGE_MIB} MiB of random data into files, then deleting them");
+        eprintln!(
+            "source: writing {GARBAGE_MIB} MiB of random data into files, then deleting them"
+        );
         let garbage = mnt.dir.join("garbage");
         fs::create_dir_all(&garbage).unwrap();
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -441,7 +461,7 @@ fn build_source_disk(path: &Path, work: &Path, keep: bool) {
 
 /// Samples free blocks of the file system: how much of its free space holds the deleted data.
 fn check_garbage(disk: &Path, dev: &str) -> f64 {
-    let dump = must(&mut cmd("dumpe2fs", &[dev]).stderr(Stdio::null()));
+    let dump = must(cmd("dumpe2fs", &[dev]).stderr(Stdio::null()));
     let block_size: u64 = dump
         .lines()
         .find_map(|l| l.strip_prefix("Block size:"))
@@ -512,12 +532,9 @@ struct Reference {
 }
 
 fn ldlinux_blocks(dev: &str) -> String {
-    must(&mut cmd(
-        "debugfs",
-        &["-R", "blocks /boot/extlinux/ldlinux.sys", dev],
-    ).stderr(Stdio::null()))
-    .trim()
-    .to_string()
+    must(cmd("debugfs", &["-R", "blocks /boot/extlinux/ldlinux.sys", dev]).stderr(Stdio::null()))
+        .trim()
+        .to_string()
 }
 
 impl Reference {
@@ -667,7 +684,13 @@ impl CopyCheck {
     }
 }
 
-fn verify_copy(target: &Path, reference: &Reference, work: &Path, transfer: bool, log: &Path) -> CopyCheck {
+fn verify_copy(
+    target: &Path,
+    reference: &Reference,
+    work: &Path,
+    transfer: bool,
+    log: &Path,
+) -> CopyCheck {
     let mut check = CopyCheck {
         transfer,
         boot_structure: Ok(()),
@@ -698,10 +721,16 @@ fn verify_copy(target: &Path, reference: &Reference, work: &Path, transfer: bool
     let mut text = String::from_utf8_lossy(&fsck.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&fsck.stderr));
     let _ = fs::write(log, text);
-    if try_run(cmd("debugfs", &["-R", "blocks /boot/extlinux/ldlinux.sys", &part.dev]).stderr(Stdio::null()))
-        .map(|s| s.trim().to_string())
-        .ok()
-        .as_deref()
+    if try_run(
+        cmd(
+            "debugfs",
+            &["-R", "blocks /boot/extlinux/ldlinux.sys", &part.dev],
+        )
+        .stderr(Stdio::null()),
+    )
+    .map(|s| s.trim().to_string())
+    .ok()
+    .as_deref()
         != Some(reference.ldlinux_blocks.as_str())
     {
         structure.push("ldlinux.sys is not where the boot sector looks for it");
@@ -746,8 +775,19 @@ fn boot_copy(target: &Path, log: &Path) -> (bool, f64) {
         .expect("starting qemu-system-x86_64");
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let booted = loop {
-        if fs::read(log).is_ok_and(|t| t.windows(6).any(|w| w == b"login:")) {
+        let text = fs::read(log).unwrap_or_default();
+        let says = |what: &[u8]| text.windows(what.len()).any(|w| w == what);
+        if says(b"login:") {
             break true;
+        }
+        // SeaBIOS, the syslinux MBR and the kernel giving up: no need to wait for the timeout.
+        if says(b"No bootable device")
+            || says(b"Boot failed")
+            || says(b"Missing operating system")
+            || says(b"Kernel panic")
+            || says(b"Failed to load ldlinux")
+        {
+            break false;
         }
         if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
             break false;
@@ -774,7 +814,7 @@ impl Tool {
 
     fn label(self) -> &'static str {
         match self {
-            Tool::Pipeline => "partclone|zstd|udpcast",
+            Tool::Pipeline => "partclone+zstd+udpcast",
             Tool::Diskcast => "diskcast p2p",
             Tool::Deploy => "diskcast deploy",
         }
@@ -810,12 +850,21 @@ struct Bench {
     logs: PathBuf,
     keep: bool,
     boot: usize,
+    /// Added to udp-sender's command line (`--udp-sender-opts`, e.g. Clonezilla's tuning advice
+    /// `--max-bitrate 150m`); none by default, as Clonezilla's `udp_sender_extra_opt_default`.
+    udp_sender_opts: String,
 }
 
 fn partclone_used(log: &Path) -> Option<String> {
     let text = fs::read_to_string(log).ok()?;
     let line = text.lines().find(|l| l.starts_with("Space in use:"))?;
-    let blocks: u64 = line.split('=').nth(1)?.split_whitespace().next()?.parse().ok()?;
+    let blocks: u64 = line
+        .split('=')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     let block_size: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("Block size:"))?
@@ -831,14 +880,27 @@ fn partclone_used(log: &Path) -> Option<String> {
 
 fn agent_used(log: &Path) -> Option<String> {
     let text = fs::read_to_string(log).ok()?;
-    let line = text.lines().find(|l| l.contains("image: ") && l.contains(" of data"))?;
+    let line = text
+        .lines()
+        .find(|l| l.contains("image: ") && l.contains(" of data"))?;
     let rest = line.split("image: ").nth(1)?;
     Some(rest.split(", scanned").next()?.to_string())
 }
 
 impl Bench {
-    fn run(&self, tool: Tool, sender: &str, receivers: &[String], tag: &str) -> RunResult {
-        let dir = self.work.join("runs").join(format!("{tag}-{}", tool.slug()));
+    /// One transfer to every receiver, then the checks; `boot` copies are booted too.
+    fn run(
+        &self,
+        tool: Tool,
+        sender: &str,
+        receivers: &[String],
+        tag: &str,
+        boot: usize,
+    ) -> RunResult {
+        let dir = self
+            .work
+            .join("runs")
+            .join(format!("{tag}-{}", tool.slug()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let n = receivers.len();
@@ -854,46 +916,74 @@ impl Bench {
             let table = dir.join("source.sfdisk");
             let mbr = dir.join("source-mbr.bin");
             fs::write(&table, must(&mut cmd("sfdisk", &["--dump", source]))).unwrap();
-            must(&mut cmd("dd", &[&format!("if={source}"), &format!("of={}", p(&mbr)), "bs=446", "count=1", "status=none"]));
+            must(&mut cmd(
+                "dd",
+                &[
+                    &format!("if={source}"),
+                    &format!("of={}", p(&mbr)),
+                    "bs=446",
+                    "count=1",
+                    "status=none",
+                ],
+            ));
             for t in &targets {
                 fs::File::create(t).unwrap().set_len(DISK_SIZE).unwrap();
-                must(Command::new("sfdisk")
-                    .args(["-q", p(t)])
-                    .stdin(fs::File::open(&table).unwrap()));
-                must(&mut cmd("dd", &[&format!("if={}", p(&mbr)), &format!("of={}", p(t)), "bs=446", "count=1", "conv=notrunc", "status=none"]));
+                must(
+                    Command::new("sfdisk")
+                        .args(["-q", p(t)])
+                        .stdin(fs::File::open(&table).unwrap()),
+                );
+                must(&mut cmd(
+                    "dd",
+                    &[
+                        &format!("if={}", p(&mbr)),
+                        &format!("of={}", p(t)),
+                        "bs=446",
+                        "count=1",
+                        "conv=notrunc",
+                        "status=none",
+                    ],
+                ));
                 rx_parts.push(Loop::partition(t, false));
             }
         }
-        let prep_seconds = if tool == Tool::Pipeline { prep_started.elapsed().as_secs_f64() } else { 0.0 };
+        let prep_seconds = if tool == Tool::Pipeline {
+            prep_started.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
 
         let before = tx_bytes(sender);
-        let mut rx = Procs((0..n)
-            .map(|i| {
-                let script = match tool {
-                    Tool::Pipeline => format!(
-                        "udp-receiver --interface eth0 --nokbd | zstd -d -q | \
+        let mut rx = Procs(
+            (0..n)
+                .map(|i| {
+                    let script = match tool {
+                        Tool::Pipeline => format!(
+                            "udp-receiver --interface eth0 --nokbd | zstd -d -q | \
                          partclone.ext4 -r -z 10485760 -s - -o {} -L {}",
-                        rx_parts[i].dev,
-                        p(&log(&format!("rx{i}-partclone")))
-                    ),
-                    Tool::Diskcast | Tool::Deploy => format!(
-                        "exec {} receive -i eth0 --wait 120 {}",
-                        p(&self.agent),
-                        p(&targets[i])
-                    ),
-                };
-                spawn_ns(&receivers[i], &script, &log(&format!("rx{i}")))
-            })
-            .collect());
+                            rx_parts[i].dev,
+                            p(&log(&format!("rx{i}-partclone")))
+                        ),
+                        Tool::Diskcast | Tool::Deploy => format!(
+                            "exec {} receive -i eth0 --wait 120 {}",
+                            p(&self.agent),
+                            p(&targets[i])
+                        ),
+                    };
+                    spawn_ns(&receivers[i], &script, &log(&format!("rx{i}")))
+                })
+                .collect(),
+        );
         std::thread::sleep(Duration::from_millis(700));
         let started = Instant::now();
         let sender_log = log("sender");
         let script = match tool {
             Tool::Pipeline => format!(
                 "partclone.ext4 -c -z 10485760 -s {} -o - -L {} | zstd -1 -T0 -q | \
-                 udp-sender --interface eth0 --nokbd --min-receivers {min} --nopointopoint",
+                 udp-sender --interface eth0 --nokbd --min-receivers {min} --nopointopoint {}",
                 self.source_part.dev,
-                p(&log("sender-partclone"))
+                p(&log("sender-partclone")),
+                self.udp_sender_opts
             ),
             Tool::Diskcast => format!(
                 "exec {} send -i eth0 --min-receivers {min} --start-timeout 60 {source}",
@@ -922,13 +1012,22 @@ impl Bench {
             .enumerate()
             .map(|(i, t)| {
                 let transfer = sender_ok && status[i].is_some_and(|s| s.success());
-                verify_copy(t, &self.reference, &self.work, transfer, &log(&format!("rx{i}-fsck")))
+                verify_copy(
+                    t,
+                    &self.reference,
+                    &self.work,
+                    transfer,
+                    &log(&format!("rx{i}-fsck")),
+                )
             })
             .collect();
-        for (i, c) in copies.iter_mut().enumerate().take(self.boot) {
+        for (i, c) in copies.iter_mut().enumerate().take(boot) {
             if c.ok() {
                 let (booted, secs) = boot_copy(&targets[i], &log(&format!("rx{i}-boot")));
-                eprintln!("  booted copy rx{i}: {} in {secs:.0} s", if booted { "login prompt" } else { "FAILED" });
+                eprintln!(
+                    "  booted copy rx{i}: {} in {secs:.0} s",
+                    if booted { "login prompt" } else { "FAILED" }
+                );
                 c.booted = Some(booted);
             }
         }
@@ -961,7 +1060,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let receivers: usize = arg(&args, "--receivers", "3").parse().expect("--receivers N");
+    let receivers: usize = arg(&args, "--receivers", "3")
+        .parse()
+        .expect("--receivers N");
     let losses: Vec<f64> = arg(&args, "--loss", "0,5")
         .split(',')
         .map(|v| v.parse().expect("--loss L,L"))
@@ -969,6 +1070,16 @@ fn main() {
     let runs: usize = arg(&args, "--runs", "1").parse().expect("--runs N");
     let boot: usize = arg(&args, "--boot", "1").parse().expect("--boot N");
     let keep = args.iter().any(|a| a == "--keep");
+    let udp_sender_opts = arg(&args, "--udp-sender-opts", "").to_string();
+    let tools: Vec<Tool> = arg(&args, "--only", "pipeline,diskcast,deploy")
+        .split(',')
+        .map(|t| {
+            *Tool::ALL
+                .iter()
+                .find(|x| x.slug() == t)
+                .unwrap_or_else(|| panic!("--only: {t}? (pipeline, diskcast, deploy)"))
+        })
+        .collect();
     assert!(
         must(&mut cmd("id", &["-u"])).trim() == "0",
         "this bench needs root (loop devices, mounts, namespaces)"
@@ -987,7 +1098,11 @@ fn main() {
     if !disk.exists() {
         let started = Instant::now();
         build_source_disk(&disk, &work, keep);
-        eprintln!("source: built {} in {:.0} s", disk.display(), started.elapsed().as_secs_f64());
+        eprintln!(
+            "source: built {} in {:.0} s",
+            disk.display(),
+            started.elapsed().as_secs_f64()
+        );
     }
     let reference = Reference::new(&disk, &work);
     eprintln!(
@@ -1001,18 +1116,31 @@ fn main() {
     let store = work.join("store");
     let _ = fs::remove_dir_all(&store);
     let bootserver = root.join("target/release/bootserver");
-    let started = Instant::now();
-    let import = must(&mut cmd(
-        p(&bootserver),
-        &["images", "--store", p(&store), "import", p(&disk), STORE_NAME],
-    ));
-    let import_seconds = started.elapsed().as_secs_f64();
-    let show = must(&mut cmd(p(&bootserver), &["images", "--store", p(&store), "show", STORE_NAME]));
-    let stored = show
-        .lines()
-        .find_map(|l| l.strip_prefix("data:"))
-        .map_or_else(|| import.trim().to_string(), |s| s.trim().to_string());
-    eprintln!("import: {:.1} s, {}", import_seconds, import.trim());
+    let (mut stored, mut import_seconds) = ("(not imported)".to_string(), 0.0);
+    if tools.contains(&Tool::Deploy) {
+        let started = Instant::now();
+        let import = must(&mut cmd(
+            p(&bootserver),
+            &[
+                "images",
+                "--store",
+                p(&store),
+                "import",
+                p(&disk),
+                STORE_NAME,
+            ],
+        ));
+        import_seconds = started.elapsed().as_secs_f64();
+        let show = must(&mut cmd(
+            p(&bootserver),
+            &["images", "--store", p(&store), "show", STORE_NAME],
+        ));
+        stored = show
+            .lines()
+            .find_map(|l| l.strip_prefix("data:"))
+            .map_or_else(|| import.trim().to_string(), |s| s.trim().to_string());
+        eprintln!("import: {:.1} s, {}", import_seconds, import.trim());
+    }
 
     let bench = Bench {
         agent: root.join("target/release/agent"),
@@ -1024,6 +1152,7 @@ fn main() {
         logs: logs.clone(),
         keep,
         boot,
+        udp_sender_opts,
     };
 
     let mut rows: Vec<(f64, Tool, Vec<RunResult>)> = Vec::new();
@@ -1039,10 +1168,13 @@ fn main() {
                 Lab::add_ingress_loss(r, loss);
             }
         }
-        let mut results: Vec<(Tool, Vec<RunResult>)> = Tool::ALL.iter().map(|&t| (t, Vec::new())).collect();
+        let mut results: Vec<(Tool, Vec<RunResult>)> =
+            tools.iter().map(|&t| (t, Vec::new())).collect();
         for run in 0..runs {
             for (tool, list) in &mut results {
-                let r = bench.run(*tool, &sender, &rx, &format!("loss{loss}-run{run}"));
+                // Booting takes half a minute a copy: the first run's copies only.
+                let boot = if run == 0 { bench.boot } else { 0 };
+                let r = bench.run(*tool, &sender, &rx, &format!("loss{loss}-run{run}"), boot);
                 let ok = r.copies.iter().filter(|c| c.ok()).count();
                 eprintln!(
                     "loss {loss}% run {run}: {}: {:.1} s, wire {:.2}x the disk, {ok}/{receivers} copies ok{}",
@@ -1071,13 +1203,20 @@ fn main() {
     );
     println!("| tool | loss | wall s | MB/s of disk | wire / disk | copies ok | ÷ pipeline |");
     println!("|---|---|---|---|---|---|---|");
-    let med = |list: &[RunResult], f: &dyn Fn(&RunResult) -> f64| median(list.iter().map(f).collect());
+    let med =
+        |list: &[RunResult], f: &dyn Fn(&RunResult) -> f64| median(list.iter().map(f).collect());
     for (loss, tool, list) in &rows {
         let secs = med(list, &|r| r.seconds);
         let wire = med(list, &|r| r.wire_bytes as f64 / DISK_SIZE as f64);
         let total: usize = list.iter().map(|r| r.copies.len()).sum();
-        let ok: usize = list.iter().map(|r| r.copies.iter().filter(|c| c.ok()).count()).sum();
-        let booted: usize = list.iter().map(|r| r.copies.iter().filter(|c| c.booted == Some(true)).count()).sum();
+        let ok: usize = list
+            .iter()
+            .map(|r| r.copies.iter().filter(|c| c.ok()).count())
+            .sum();
+        let booted: usize = list
+            .iter()
+            .map(|r| r.copies.iter().filter(|c| c.booted == Some(true)).count())
+            .sum();
         let pipeline = rows
             .iter()
             .find(|(l, t, _)| l == loss && *t == Tool::Pipeline)
@@ -1116,13 +1255,17 @@ fn main() {
     println!(
         "copies ok = the tool exited 0 (the agent: copy verified), partition table + MBR boot code + partition boot \
          sector + ldlinux.sys blocks equal to the source's, e2fsck -fn clean, all {} file system entries equal; \
-         booted = QEMU reached Debian's login prompt (first {boot} ok copies per tool and loss)",
+         booted = QEMU reached Debian's login prompt (the first {boot} ok copies per tool and loss, first run)",
         bench.reference.files
     );
     println!("logs: {}", logs.display());
     drop(bench);
     if keep {
-        eprintln!("kept: {} and the copies under {}", disk.display(), work.join("runs").display());
+        eprintln!(
+            "kept: {} and the copies under {}",
+            disk.display(),
+            work.join("runs").display()
+        );
     } else {
         let _ = fs::remove_dir_all(work.join("store"));
     }

@@ -42,8 +42,10 @@ const GARBAGE_MIB: u64 = 1536;
 const ROOT_UUID: &str = "5e1ec7ed-d15c-4a57-9000-000000000001";
 const DISK_ID: &str = "0x5e1ec7ed";
 const STORE_NAME: &str = "used-disk";
-const TOOL_TIMEOUT: Duration = Duration::from_secs(900);
+const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
+const AFTER_SENDER: Duration = Duration::from_secs(60);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const LOCK_WAIT: Duration = Duration::from_secs(1800);
 
 // ---------------------------------------------------------------------------------------------
 // Commands
@@ -122,9 +124,12 @@ impl Drop for Procs {
     }
 }
 
-/// Waits for every child; those still running at the deadline are killed (status `None`).
+/// Waits for every child; those still running at the deadline are killed (status `None`). The
+/// last child is the sender: once it is gone, the receivers get [`AFTER_SENDER`] to finish (a
+/// receiver udp-sender dropped may wait forever).
 fn wait_all(children: &mut [Child], timeout: Duration) -> Vec<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
+    let mut sender_gone = false;
     let mut status: Vec<Option<ExitStatus>> = vec![None; children.len()];
     loop {
         for (c, s) in children.iter_mut().zip(status.iter_mut()) {
@@ -134,6 +139,10 @@ fn wait_all(children: &mut [Child], timeout: Duration) -> Vec<Option<ExitStatus>
         }
         if status.iter().all(Option::is_some) {
             return status;
+        }
+        if !sender_gone && status.last().is_some_and(Option::is_some) {
+            sender_gone = true;
+            deadline = deadline.min(Instant::now() + AFTER_SENDER);
         }
         if Instant::now() > deadline {
             for (c, s) in children.iter_mut().zip(&status) {
@@ -217,9 +226,18 @@ struct Mount {
 
 impl Mount {
     fn new(dev: &str, dir: &Path, options: &str) -> Self {
+        Self::try_new(dev, dir, options).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_new(dev: &str, dir: &Path, options: &str) -> Result<Self, String> {
         fs::create_dir_all(dir).unwrap();
-        must(&mut cmd("mount", &["-o", options, dev, p(dir)]));
-        Self { dir: dir.into() }
+        match try_run(&mut cmd("mount", &["-o", options, dev, p(dir)])) {
+            Ok(_) => Ok(Self { dir: dir.into() }),
+            Err(e) => {
+                let _ = fs::remove_dir(dir);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -738,20 +756,31 @@ fn verify_copy(
     if !structure.is_empty() {
         check.boot_structure = Err(structure.join(", "));
     }
-    let mount = Mount::new(&part.dev, &work.join("mnt-copy"), "ro,noload");
-    let copy = Mounted { mount, _part: part };
-    check.files = compare_trees(&reference.mounted.mount.dir, &copy.mount.dir);
-    drop(copy);
+    check.files = match Mount::try_new(&part.dev, &work.join("mnt-copy"), "ro,noload") {
+        Ok(mount) => {
+            let copy = Mounted { mount, _part: part };
+            compare_trees(&reference.mounted.mount.dir, &copy.mount.dir)
+        }
+        Err(_) => Err("the file system does not mount".into()),
+    };
     check
 }
 
 /// Boots a copy (read-only: QEMU's snapshot) until Debian's login prompt.
 fn boot_copy(target: &Path, log: &Path) -> (bool, f64) {
+    const LOCKED: &[u8] = b"bench-used-blocks: QEMU lock taken";
     let file = fs::File::create(log).unwrap();
-    let started = Instant::now();
+    // Other checkouts' QEMU tests hold the same lock, sometimes for minutes: the boot's own time
+    // runs from when the lock is ours.
     let mut child = Command::new("flock")
         .args([
+            "-w",
+            &LOCK_WAIT.as_secs().to_string(),
             "/tmp/diskcast-qemu.lock",
+            "sh",
+            "-c",
+            &format!("echo '{}'; exec \"$@\"", String::from_utf8_lossy(LOCKED)),
+            "sh",
             "qemu-system-x86_64",
             "-accel",
             "tcg",
@@ -773,10 +802,14 @@ fn boot_copy(target: &Path, log: &Path) -> (bool, f64) {
         .process_group(0)
         .spawn()
         .expect("starting qemu-system-x86_64");
-    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut started = None;
+    let waiting_since = Instant::now();
     let booted = loop {
         let text = fs::read(log).unwrap_or_default();
         let says = |what: &[u8]| text.windows(what.len()).any(|w| w == what);
+        if started.is_none() && says(LOCKED) {
+            started = Some(Instant::now());
+        }
         if says(b"login:") {
             break true;
         }
@@ -789,12 +822,16 @@ fn boot_copy(target: &Path, log: &Path) -> (bool, f64) {
         {
             break false;
         }
-        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+        let late = match started {
+            Some(t) => t.elapsed() > BOOT_TIMEOUT,
+            None => waiting_since.elapsed() > LOCK_WAIT + Duration::from_secs(5),
+        };
+        if late || child.try_wait().ok().flatten().is_some() {
             break false;
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     stop_group(&mut child);
     (booted, seconds)
 }
@@ -1025,7 +1062,7 @@ impl Bench {
             if c.ok() {
                 let (booted, secs) = boot_copy(&targets[i], &log(&format!("rx{i}-boot")));
                 eprintln!(
-                    "  booted copy rx{i}: {} in {secs:.0} s",
+                    "  booted copy rx{i}: {} after {secs:.0} s",
                     if booted { "login prompt" } else { "FAILED" }
                 );
                 c.booted = Some(booted);

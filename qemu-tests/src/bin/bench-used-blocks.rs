@@ -1121,6 +1121,7 @@ fn main() {
         must(&mut cmd("id", &["-u"])).trim() == "0",
         "this bench needs root (loop devices, mounts, namespaces)"
     );
+    let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let root = project_root();
     let bench_dir = root.join("target/bench");
     let work = bench_dir.join("used-blocks");
@@ -1294,6 +1295,16 @@ fn main() {
          sector + ldlinux.sys blocks equal to the source's, e2fsck -fn clean, all {} file system entries equal; \
          booted = QEMU reached Debian's login prompt (the first {boot} ok copies per tool and loss, first run)",
         bench.reference.files
+    );
+    println!(
+        "load average (1, 5, 15 min) at the start: {}, at the end: {} (2 cores, shared)",
+        load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!("logs: {}", logs.display());
     drop(bench);

@@ -255,8 +255,23 @@ struct Mounted {
     _part: Loop,
 }
 
-/// Unmounts and detaches what a killed earlier run of this bench left under `work` or on `disk`.
+/// Unmounts and detaches what a killed earlier run of this bench left under `work` or on `disk`,
+/// and removes the namespaces of its labs (`dc-used-LOSS-PID...`) whose process is gone.
 fn clean_leftovers(work: &Path, disk: &Path) {
+    let names: Vec<String> = fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for name in names.iter().filter(|n| n.starts_with("dc-used-")) {
+        let pid = name.split('-').nth(3).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            eprintln!("cleaning up an old namespace: {name}");
+            let _ = cmd("ip", &["netns", "del", name]).status();
+        }
+    }
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
     let mut ours: Vec<&str> = mounts
         .lines()
@@ -870,6 +885,8 @@ struct RunResult {
     copies: Vec<CopyCheck>,
     /// What the tool said it took as used: partclone's "Space in use", the agent's data bytes.
     used: Option<String>,
+    /// Copies to boot when every transfer is done: receiver index and where the copy was put.
+    to_boot: Vec<(usize, PathBuf)>,
 }
 
 struct Bench {
@@ -921,7 +938,8 @@ fn agent_used(log: &Path) -> Option<String> {
 }
 
 impl Bench {
-    /// One transfer to every receiver, then the checks; `boot` copies are booted too.
+    /// One transfer to every receiver, then the checks; the first `boot` good copies are put
+    /// aside to be booted at the end.
     fn run(
         &self,
         tool: Tool,
@@ -1040,7 +1058,7 @@ impl Bench {
             Tool::Diskcast => agent_used(&sender_log),
             Tool::Deploy => None,
         };
-        let mut copies: Vec<CopyCheck> = targets
+        let copies: Vec<CopyCheck> = targets
             .iter()
             .enumerate()
             .map(|(i, t)| {
@@ -1054,16 +1072,21 @@ impl Bench {
                 )
             })
             .collect();
-        for (i, c) in copies.iter_mut().enumerate().take(boot) {
-            if c.ok() {
-                let (booted, secs) = boot_copy(&targets[i], &log(&format!("rx{i}-boot")));
-                eprintln!(
-                    "  booted copy rx{i}: {} after {secs:.0} s",
-                    if booted { "login prompt" } else { "FAILED" }
-                );
-                c.booted = Some(booted);
-            }
-        }
+        // Booted after every transfer (the QEMU lock may be held by others for minutes): moved
+        // aside until then.
+        let queue = self.work.join("boot-queue");
+        fs::create_dir_all(&queue).unwrap();
+        let to_boot = copies
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.ok())
+            .take(boot)
+            .map(|(i, _)| {
+                let kept = queue.join(format!("{tag}-{}-rx{i}.img", tool.slug()));
+                fs::rename(&targets[i], &kept).unwrap();
+                (i, kept)
+            })
+            .collect();
         if !self.keep {
             let _ = fs::remove_dir_all(&dir);
         }
@@ -1073,6 +1096,7 @@ impl Bench {
             wire_bytes,
             copies,
             used,
+            to_boot,
         }
     }
 }
@@ -1125,6 +1149,7 @@ fn main() {
     fs::create_dir_all(&work).unwrap();
     clean_leftovers(&work, &disk);
     let _ = fs::remove_dir_all(work.join("runs"));
+    let _ = fs::remove_dir_all(work.join("boot-queue"));
     let logs = work.join("logs");
     let _ = fs::remove_dir_all(&logs);
     fs::create_dir_all(&logs).unwrap();
@@ -1206,7 +1231,7 @@ fn main() {
             tools.iter().map(|&t| (t, Vec::new())).collect();
         for run in 0..runs {
             for (tool, list) in &mut results {
-                // Booting takes half a minute a copy: the first run's copies only.
+                // Booting takes a minute a copy: the first run's copies only.
                 let boot = if run == 0 { bench.boot } else { 0 };
                 let r = bench.run(*tool, &sender, &rx, &format!("loss{loss}-run{run}"), boot);
                 let ok = r.copies.iter().filter(|c| c.ok()).count();
@@ -1227,6 +1252,24 @@ fn main() {
             rows.push((loss, tool, list));
         }
         drop(lab);
+    }
+
+    for (_, tool, list) in &mut rows {
+        for r in list.iter_mut() {
+            for (i, copy) in std::mem::take(&mut r.to_boot) {
+                let name = copy.file_stem().unwrap().to_string_lossy().into_owned();
+                let (booted, secs) = boot_copy(&copy, &logs.join(format!("{name}-boot.log")));
+                eprintln!(
+                    "boot {} copy {name}: {} after {secs:.0} s",
+                    tool.label(),
+                    if booted { "login prompt" } else { "FAILED" }
+                );
+                r.copies[i].booted = Some(booted);
+                if !keep {
+                    let _ = fs::remove_file(&copy);
+                }
+            }
+        }
     }
 
     println!(
@@ -1310,11 +1353,13 @@ fn main() {
     drop(bench);
     if keep {
         eprintln!(
-            "kept: {} and the copies under {}",
+            "kept: {} and the copies under {} and {}",
             disk.display(),
-            work.join("runs").display()
+            work.join("runs").display(),
+            work.join("boot-queue").display()
         );
     } else {
         let _ = fs::remove_dir_all(work.join("store"));
+        let _ = fs::remove_dir(work.join("boot-queue"));
     }
 }

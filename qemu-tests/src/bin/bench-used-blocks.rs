@@ -891,6 +891,10 @@ struct RunResult {
 
 struct Bench {
     agent: PathBuf,
+    /// diskcast's senders sign with this key (`--key`); its receivers trust only its public key
+    /// (`--trust`), as a real deployment would since sessions are signed.
+    key: PathBuf,
+    public_key: String,
     bootserver: PathBuf,
     reference: Reference,
     /// The source's partition, read-only, not mounted (partclone's source).
@@ -1016,8 +1020,9 @@ impl Bench {
                             p(&log(&format!("rx{i}-partclone")))
                         ),
                         Tool::Diskcast | Tool::Deploy => format!(
-                            "exec {} receive -i eth0 --wait 120 {}",
+                            "exec {} receive -i eth0 --wait 120 --trust {} {}",
                             p(&self.agent),
+                            self.public_key,
                             p(&targets[i])
                         ),
                     };
@@ -1037,13 +1042,15 @@ impl Bench {
                 self.udp_sender_opts
             ),
             Tool::Diskcast => format!(
-                "exec {} send -i eth0 --min-receivers {min} --start-timeout 60 {source}",
-                p(&self.agent)
+                "exec {} send -i eth0 --min-receivers {min} --start-timeout 60 --key {} {source}",
+                p(&self.agent),
+                p(&self.key)
             ),
             Tool::Deploy => format!(
-                "exec {} deploy {STORE_NAME} --store {} -i eth0 --min-receivers {min} --start-timeout 60",
+                "exec {} deploy {STORE_NAME} --store {} --key {} -i eth0 --min-receivers {min} --start-timeout 60",
                 p(&self.bootserver),
-                p(&self.store)
+                p(&self.store),
+                p(&self.key)
             ),
         };
         rx.0.push(spawn_ns(sender, &script, &sender_log));
@@ -1171,6 +1178,15 @@ fn main() {
     );
     let source_part = Loop::partition(&disk, true);
 
+    // The signing key of diskcast's senders, and the public key its receivers trust.
+    let agent = root.join("target/release/agent");
+    let key = work.join("bench.key");
+    let _ = fs::remove_file(&key);
+    must(&mut cmd(p(&agent), &["key", "new", p(&key)]));
+    let public_key = must(&mut cmd(p(&agent), &["key", "show", p(&key)]))
+        .trim()
+        .to_string();
+
     // The image store, imported once; its time is reported apart.
     let store = work.join("store");
     let _ = fs::remove_dir_all(&store);
@@ -1184,6 +1200,8 @@ fn main() {
                 "images",
                 "--store",
                 p(&store),
+                "--key",
+                p(&key),
                 "import",
                 p(&disk),
                 STORE_NAME,
@@ -1202,7 +1220,9 @@ fn main() {
     }
 
     let bench = Bench {
-        agent: root.join("target/release/agent"),
+        agent,
+        key,
+        public_key,
         bootserver,
         reference,
         source_part,

@@ -373,6 +373,7 @@ struct Report {
     until: Instant,
     next_status: Instant,
     progress: (u32, u32),
+    data_written: u64,
 }
 
 #[derive(Debug)]
@@ -518,7 +519,10 @@ impl Receiver {
     /// Bytes of data chunks written to the disk so far, for rates (zeroed and absent chunks
     /// take no network time and are left out); 0 before the manifest and once finished.
     pub fn data_written(&self) -> u64 {
-        self.transfer().map_or(0, |t| t.data_written)
+        match &self.state {
+            State::Reporting(r) => r.data_written,
+            _ => self.transfer().map_or(0, |t| t.data_written),
+        }
     }
 
     /// The next datagram for the sender.
@@ -927,6 +931,7 @@ impl Receiver {
             until: now + REPORT_FOR,
             next_status: now,
             progress: t.progress(),
+            data_written: t.data_written,
         }));
         self.handle_timeout(now);
     }

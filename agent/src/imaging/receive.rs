@@ -213,12 +213,14 @@ pub fn run_receive(
             }
             return result.map_err(ReceiveError::Failed);
         }
+        // Looked at every round (it is cheap), shown once a second: a small image may be
+        // copied between two refreshes, and its rate and final view must still be right.
         let now = Instant::now();
+        let view = snapshot(&session.receiver, now);
+        if view.chunks_total > 0 {
+            last_view = Some(view);
+        }
         if now >= next_progress {
-            let view = snapshot(&session.receiver, now);
-            if view.chunks_total > 0 {
-                last_view = Some(view);
-            }
             progress(view);
             next_progress = now + PROGRESS_EVERY;
         }

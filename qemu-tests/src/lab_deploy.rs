@@ -322,6 +322,12 @@ pub fn run(args: &[String]) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if !is_root() {
+        eprintln!(
+            "lab deploy: run it as root: it creates a network namespace, a bridge and tap devices for the machines (in CI: a runner whose job is root)"
+        );
+        return ExitCode::from(2);
+    }
     match deploy(&args, disk_mib) {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {
@@ -329,6 +335,17 @@ pub fn run(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether this process runs with effective user id 0 (read from /proc: no libc binding needed).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
 }
 
 fn deploy(args: &DeployArgs, disk_mib: u64) -> Result<(), String> {

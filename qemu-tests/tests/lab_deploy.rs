@@ -134,5 +134,17 @@ fn lab_deploy_command() {
     let bad = lab_deploy(&["--image", &dir.join("missing.raw").display().to_string()]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("missing.raw"));
+    // Not root (a CI job as an ordinary user): told so before anything starts.
+    let user = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_lab"))
+        .args(["deploy", "--image", &image_arg])
+        .output()
+        .unwrap();
+    assert_eq!(user.status.code(), Some(2), "{user:?}");
+    assert!(
+        String::from_utf8_lossy(&user.stderr).contains("run it as root"),
+        "{user:?}"
+    );
     let _ = std::fs::remove_file(&image);
 }

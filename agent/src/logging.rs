@@ -6,13 +6,45 @@
 //! kernel hands PID 1 only the last one as `/dev/console`, but the admin in front of the machine
 //! watches the screen and a lab's log server the serial line; both must see the progress.
 
+use diskcast_transport::present::{LiveView, Output};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-static CONSOLES: OnceLock<Vec<Mutex<File>>> = OnceLock::new();
+/// One of the kernel's consoles, with the live view (the sender's table, a receiver's line) it
+/// shows: redrawn in place on a virtual terminal, printed line by line on a serial console.
+#[derive(Debug)]
+struct Console {
+    file: File,
+    view: LiveView,
+}
+
+static CONSOLES: OnceLock<Vec<Mutex<Console>>> = OnceLock::new();
+/// The live view on stderr, for the host CLI (no kernel consoles taken over).
+static HOST_VIEW: Mutex<Option<LiveView>> = Mutex::new(None);
+
+/// Whether the console called `name` (as in `/sys/class/tty/console/active`) is a screen: the
+/// kernel's virtual terminals `tty0`, `tty1`... are; serial ports (`ttyS0`, `ttyAMA0`,
+/// `ttyUSB0`), hypervisor consoles (`hvc0`) and the like are lines of text that a log server or
+/// a serial concentrator records: no cursor movements there.
+pub fn is_virtual_terminal(name: &str) -> bool {
+    name.strip_prefix("tty")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// How a live view is shown on the console `name` opened as `file`.
+fn console_output(name: &str, file: &File) -> Output {
+    if is_virtual_terminal(name) {
+        Output::Screen {
+            rows: crate::sys::terminal_rows(file.as_fd()),
+        }
+    } else {
+        Output::Lines
+    }
+}
 
 /// From now on, console output goes to every active console (`/sys/class/tty/console/active`).
 /// Returns their names. Without that file (a host CLI), output stays on stdout and stderr.
@@ -23,13 +55,16 @@ pub fn use_all_consoles(sys: &Path, dev: &Path) -> Vec<String> {
         .filter(|n| !n.contains('/') && !n.starts_with('.'))
         .map(String::from)
         .collect();
-    let files: Vec<Mutex<File>> = names
+    let consoles: Vec<Mutex<Console>> = names
         .iter()
-        .filter_map(|n| OpenOptions::new().write(true).open(dev.join(n)).ok())
-        .map(Mutex::new)
+        .filter_map(|n| {
+            let file = OpenOptions::new().write(true).open(dev.join(n)).ok()?;
+            let view = LiveView::new(console_output(n, &file));
+            Some(Mutex::new(Console { file, view }))
+        })
         .collect();
-    if !files.is_empty() {
-        let _ = CONSOLES.set(files);
+    if !consoles.is_empty() {
+        let _ = CONSOLES.set(consoles);
     }
     names
 }
@@ -40,17 +75,57 @@ pub fn console_write(text: &str, is_log: bool) {
         Some(consoles) => {
             for console in consoles {
                 if let Ok(mut console) = console.lock() {
-                    let _ = console.write_all(text.as_bytes());
+                    let _ = console.file.write_all(text.as_bytes());
+                    console.view.interrupted();
                 }
             }
         }
-        None if is_log => {
-            let _ = std::io::stderr().write_all(text.as_bytes());
+        None => {
+            if let Ok(mut view) = HOST_VIEW.lock() {
+                if let Some(view) = view.as_mut() {
+                    view.interrupted();
+                }
+            }
+            if is_log {
+                let _ = std::io::stderr().write_all(text.as_bytes());
+            } else {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+        }
+    }
+}
+
+/// Shows the next update of the live view (`lines`, without line breaks) on every console:
+/// redrawn over the previous update on a screen, as new lines on a serial console. On a host
+/// it goes to stderr, redrawn when stderr is a terminal.
+pub fn console_live(lines: &[String]) {
+    match CONSOLES.get() {
+        Some(consoles) => {
+            for console in consoles {
+                if let Ok(mut console) = console.lock() {
+                    let text = console.view.update(lines);
+                    let _ = console.file.write_all(text.as_bytes());
+                }
+            }
         }
         None => {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
+            let Ok(mut view) = HOST_VIEW.lock() else {
+                return;
+            };
+            let view = view.get_or_insert_with(|| {
+                let stderr = std::io::stderr();
+                LiveView::new(if stderr.is_terminal() {
+                    Output::Screen {
+                        rows: crate::sys::terminal_rows(stderr.as_fd()),
+                    }
+                } else {
+                    Output::Lines
+                })
+            });
+            let text = view.update(lines);
+            let _ = std::io::stderr().write_all(text.as_bytes());
         }
     }
 }
@@ -161,5 +236,24 @@ mod tests {
         assert_eq!(use_all_consoles(&sys, &dev), ["tty0", "ttyS0"]);
         // No device nodes here: nothing was switched, output stays on stdout/stderr.
         assert!(CONSOLES.get().is_none());
+    }
+
+    #[test]
+    fn virtual_terminals_are_screens_and_serial_ports_are_lines() {
+        for screen in ["tty0", "tty1", "tty12"] {
+            assert!(is_virtual_terminal(screen), "{screen}");
+        }
+        for lines in [
+            "ttyS0", "ttyAMA0", "ttyUSB0", "hvc0", "tty", "console", "ttyS", "lp0",
+        ] {
+            assert!(!is_virtual_terminal(lines), "{lines}");
+        }
+        // A serial console (here: any file that is no VT) never gets cursor movements.
+        let path = std::env::temp_dir().join(format!("diskcast-serial-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        assert_eq!(console_output("ttyS0", &file), Output::Lines);
+        // A VT's height comes from the device; a file has none, and then nothing is cut.
+        assert_eq!(console_output("tty0", &file), Output::Screen { rows: None });
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -287,7 +287,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let summary =
                 imaging::send::run_send(&args.source, &opts, args.blocks.blocks(), |progress| {
                     let now = std::time::Instant::now();
-                    eprintln!("{}", present::progress_table(progress, now).join("\n"));
+                    // Redrawn in place when stderr is a terminal, line by line into a log.
+                    logging::console_live(&present::progress_table(progress, now));
                 })?;
             print!("{}", summary.render());
             Ok(summary.result()?)
@@ -307,7 +308,10 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 trust: trust_from(&args.trust, args.trust_any)?,
                 ..receive::ReceiveOptions::default()
             };
-            receive::run_receive(&opts, |p| eprintln!("receiving: {}", p.line()))?;
+            // One line, redrawn in place on a terminal.
+            receive::run_receive(&opts, |p| {
+                logging::console_live(&[format!("receiving: {}", p.line())])
+            })?;
             println!("copy verified: {}", opts.target.display());
             Ok(())
         }

@@ -454,10 +454,9 @@ fn master(
     let summary = crate::imaging::send::run_send(&source, &opts, config.blocks, |progress| {
         if last.elapsed() >= Duration::from_secs(3) {
             last = Instant::now();
-            print_console(&format!(
-                "master:\n{}\n",
-                present::progress_table(progress, last).join("\n")
-            ));
+            let mut view = vec!["master:".to_string()];
+            view.extend(present::progress_table(progress, last));
+            crate::logging::console_live(&view);
         }
     })?;
     print_console(&summary.render());
@@ -506,6 +505,7 @@ fn slave(
     ));
     let mut joined = false;
     let mut throttle = crate::report::Throttle::new();
+    let mut printed_stage = (false, false);
     run_receive(&opts, |p| {
         if p.chunks_total == 0 {
             return;
@@ -516,16 +516,19 @@ fn slave(
                 reporter.send(ReportStep::Joined);
             }
             if throttle.due() {
-                let seconds = p.elapsed.as_secs_f64().max(1e-3);
                 reporter.send(ReportStep::Progress {
                     percent: p.percent(),
-                    mb_per_s: p.percent() / 100.0 * p.image_size as f64 / seconds / 1e6,
-                    repairs: 0,
+                    mb_per_s: p.mb_per_s(),
+                    repairs: p.repairs,
                 });
             }
         }
-        if last.elapsed() >= Duration::from_secs(5) {
+        // Every few seconds, and whenever the copy moves on (verifying, complete): the admin in
+        // front of the machine and the serial log both see how far it got.
+        let stage = (p.verifying, p.chunks_done == p.chunks_total);
+        if last.elapsed() >= Duration::from_secs(SLAVE_PROGRESS_SECS) || stage != printed_stage {
             last = Instant::now();
+            printed_stage = stage;
             print_console(&format!("slave: {}\n", p.line()));
         }
     })?;
@@ -535,6 +538,9 @@ fn slave(
     ));
     Ok(())
 }
+
+/// How often a slave prints its progress line on its consoles.
+const SLAVE_PROGRESS_SECS: u64 = 5;
 
 fn print_console(text: &str) {
     crate::logging::console_write(text, false);

@@ -313,6 +313,21 @@ pub fn block_discard(file: &std::fs::File, offset: u64, len: u64) -> io::Result<
 // From <linux/fs.h>: _IO(0x12, 119).
 const BLKDISCARD: libc::c_ulong = 0x1277;
 
+/// The number of text rows of the terminal `fd` refers to (TIOCGWINSZ), when it is a terminal
+/// that knows its size (a virtual console does; a serial line usually says 0).
+pub fn terminal_rows(fd: std::os::fd::BorrowedFd<'_>) -> Option<u16> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize through the pointer, which is valid; a descriptor
+    // that is no terminal makes it fail with ENOTTY and write nothing.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+    (ret == 0 && size.ws_row > 0).then_some(size.ws_row)
+}
+
 /// A heap buffer aligned for O_DIRECT I/O.
 #[derive(Debug)]
 pub struct AlignedBuf {

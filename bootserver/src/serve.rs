@@ -27,7 +27,7 @@ pub enum ServeError {
         #[source]
         source: nix::Error,
     },
-    #[error("opening the DHCP socket on {interface} port {port} (is another DHCP server running? are we root?)")]
+    #[error("opening the DHCP socket on {interface} port {port} (is another DHCP server running? ports below 1024 need root or CAP_NET_BIND_SERVICE)")]
     DhcpSocket {
         interface: String,
         port: u16,
@@ -367,13 +367,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             .and_then(|index| {
                 crate::router_advert::open(&config.interface, index)
                     .map(|fd| (fd, index))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| diskcast_proto::error_chain(&e))
             });
         match advert {
             Ok((fd, index)) => threads.push(
                 std::thread::Builder::new().name("router-advert".into()).spawn(move || crate::router_advert::serve(fd, index)),
             ),
-            Err(e) => log::warn!("not answering IPv6 router solicitations ({e}); iPXE will wait for IPv6 before booting"),
+            Err(e) => log::warn!("not answering IPv6 router solicitations ({e}; its raw ICMPv6 socket needs root or CAP_NET_RAW); iPXE will wait for IPv6 before booting"),
         }
     }
 

@@ -286,6 +286,8 @@ pub struct ReceiverStats {
     pub before_manifest: u64,
     /// Socket buffer overflows reported by the caller.
     pub overflow: u32,
+    /// Blocks this receiver lacked that came in a repair (a retransmission someone asked for).
+    pub repaired_blocks: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +358,8 @@ struct Transfer {
     first_pass_done: bool,
     highest_seq: u64,
     nak_cursor: u32,
+    /// Bytes of the image's data chunks written so far (zeroed and absent chunks not counted).
+    data_written: u64,
 }
 
 /// The verified or failed result, repeated until the sender acknowledges it.
@@ -369,6 +373,7 @@ struct Report {
     until: Instant,
     next_status: Instant,
     progress: (u32, u32),
+    data_written: u64,
 }
 
 #[derive(Debug)]
@@ -509,6 +514,15 @@ impl Receiver {
 
     pub fn image_size(&self) -> Option<u64> {
         self.transfer().map(|t| t.geometry.image_size)
+    }
+
+    /// Bytes of data chunks written to the disk so far, for rates (zeroed and absent chunks
+    /// take no network time and are left out); 0 before the manifest and once finished.
+    pub fn data_written(&self) -> u64 {
+        match &self.state {
+            State::Reporting(r) => r.data_written,
+            _ => self.transfer().map_or(0, |t| t.data_written),
+        }
     }
 
     /// The next datagram for the sender.
@@ -817,14 +831,7 @@ impl Receiver {
             return;
         };
         t.last_heard = now;
-        let placed = t.data(
-            data.chunk,
-            data.block,
-            data.bytes,
-            max_partial,
-            &mut self.stats,
-            &mut self.out,
-        );
+        let placed = t.data(&data, max_partial, &mut self.stats, &mut self.out);
         // Only a datagram that fits the image and whose sequence number is plausible may move
         // what this receiver believes was sent.
         if placed && data.seq <= t.announced_seq.saturating_add(SEQ_SLACK) {
@@ -924,6 +931,7 @@ impl Receiver {
             until: now + REPORT_FOR,
             next_status: now,
             progress: t.progress(),
+            data_written: t.data_written,
         }));
         self.handle_timeout(now);
     }
@@ -1087,6 +1095,7 @@ impl Transfer {
             first_pass_done: false,
             highest_seq: 0,
             nak_cursor: 0,
+            data_written: 0,
         }
     }
 
@@ -1198,15 +1207,14 @@ impl Transfer {
     /// Places one block; true when it fit the image (new, duplicate or held for memory).
     fn data(
         &mut self,
-        chunk: u32,
-        block: u16,
-        bytes: &[u8],
+        data: &DataRef<'_>,
         max_partial: usize,
         stats: &mut ReceiverStats,
         out: &mut Outbox,
     ) -> bool {
         // The geometry from the announcement is enough to place a block: a receiver still
         // missing part of the manifest keeps collecting data and checks it once the manifest is in.
+        let (chunk, block, bytes) = (data.chunk, data.block, data.bytes);
         let chunk_size = u64::from(self.geometry.chunk_size);
         let offset = u64::from(chunk) * chunk_size;
         if offset >= self.geometry.image_size {
@@ -1259,6 +1267,9 @@ impl Transfer {
             return true;
         }
         partial.data[start..start + bytes.len()].copy_from_slice(bytes);
+        if data.flags & DATA_REPAIR != 0 {
+            stats.repaired_blocks += 1;
+        }
         if partial.have.count() < blocks {
             return true;
         }
@@ -1312,7 +1323,10 @@ impl Transfer {
 
     fn chunk_written(&mut self, chunk: u32) {
         let Chunks::Known {
-            states, data_left, ..
+            manifest,
+            states,
+            data_left,
+            ..
         } = &mut self.chunks
         else {
             return;
@@ -1322,6 +1336,7 @@ impl Transfer {
                 *state = ChunkState::Written;
                 self.chunks_done += 1;
                 *data_left -= 1;
+                self.data_written += manifest.chunk_range(chunk).1 as u64;
             }
         }
     }

@@ -552,6 +552,45 @@ fn lossless_session_copies_exactly_and_skips_zero_chunks() {
     // No loss: nothing repaired, data sent once.
     assert_eq!(sim.sender.stats.repair_datagrams, 0);
     assert_eq!(sim.sender.stats.data_bytes, data);
+    for r in &sim.receivers {
+        assert_eq!(r.rx.stats.repaired_blocks, 0);
+    }
+}
+
+#[test]
+fn receivers_count_their_repairs_and_the_data_they_wrote() {
+    let image = test_image(24 * CHUNK as usize, 11);
+    let mut sim = Sim::new(image, CHUNK, cfg(3), 3, 0.05, 11);
+    // What receiver 0's progress view would show along the way.
+    let seen = std::cell::RefCell::new(Vec::new());
+    sim.run_until(|s| {
+        seen.borrow_mut().push(s.receivers[0].rx.data_written());
+        false
+    });
+    sim.assert_all_copies_exact();
+    let data = sim.sender.manifest().data_bytes();
+    let seen = seen.into_inner();
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1] || w[1] == 0),
+        "data written went backwards"
+    );
+    // Zero chunks are not data: the count moves a chunk at a time and ends at the data's size
+    // (still shown while the receiver reports its result).
+    assert_eq!(seen.iter().copied().max(), Some(data));
+    assert!(seen.iter().all(|&w| w % u64::from(CHUNK) == 0));
+    assert!(
+        seen.iter().any(|&w| w > 0 && w < data),
+        "never seen mid-way"
+    );
+    // Each receiver lost about 5 % of the first pass and got those blocks back as repairs.
+    let repair_datagrams = sim.sender.stats.repair_datagrams;
+    for (i, r) in sim.receivers.iter().enumerate() {
+        let repaired = r.rx.stats.repaired_blocks;
+        assert!(
+            repaired > 0 && repaired <= repair_datagrams,
+            "receiver {i}: {repaired} repaired blocks, {repair_datagrams} repairs sent"
+        );
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 pub mod browser;
 pub mod fixtures;
+pub mod lab_deploy;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};

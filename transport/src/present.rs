@@ -168,8 +168,15 @@ pub struct ReceiveProgress {
     pub chunks_done: u32,
     pub chunks_total: u32,
     pub image_size: u64,
+    /// Since the receive started (waiting for a session included).
     pub elapsed: Duration,
     pub verifying: bool,
+    /// Bytes of data chunks written (zeroed and absent chunks cost no network time).
+    pub data_written: u64,
+    /// Since the image's manifest was known: the time the data took.
+    pub receiving_for: Duration,
+    /// Blocks this receiver missed and got back from a repair.
+    pub repairs: u64,
 }
 
 impl ReceiveProgress {
@@ -181,17 +188,110 @@ impl ReceiveProgress {
         }
     }
 
-    /// `42.0% (420/1000 chunks), verifying after 12 s`
+    /// Data written per second since the data started, in MB/s.
+    pub fn mb_per_s(&self) -> f64 {
+        if self.receiving_for.is_zero() {
+            0.0
+        } else {
+            mb_per_s(self.data_written, self.receiving_for)
+        }
+    }
+
+    /// `42.0% (420/1000 chunks), 35.2 MB/s, 12 repairs, verifying after 12 s`
     pub fn line(&self) -> String {
         format!(
-            "{:5.1}% ({}/{} chunks){} after {:.0} s",
+            "{:5.1}% ({}/{} chunks), {:.1} MB/s, {} repair{}{} after {:.0} s",
             self.percent(),
             self.chunks_done,
             self.chunks_total,
+            self.mb_per_s(),
+            self.repairs,
+            if self.repairs == 1 { "" } else { "s" },
             if self.verifying { ", verifying" } else { "" },
             self.elapsed.as_secs_f64()
         )
     }
+}
+
+/// Where a live view (the sender's table, a receiver's line) is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A screen (a virtual terminal, a terminal emulator): each update redraws the previous one
+    /// in place. `rows` is its height when known; a taller view is cut to fit.
+    Screen { rows: Option<u16> },
+    /// A serial console, a pipe, a log file: each update is printed below the last, whole.
+    Lines,
+}
+
+/// Cursor up `n` lines (CUU), to the first column, then erase to the end of the screen (ED):
+/// what the Linux console and every terminal emulator understand.
+fn erase_last_lines(n: usize) -> String {
+    format!("\x1b[{n}A\r\x1b[J")
+}
+
+/// Successive updates of one live view on one output. On a [`Output::Screen`] an update
+/// replaces the lines the previous one drew, unless something else was printed below them
+/// meanwhile ([`LiveView::interrupted`]): then it starts afresh underneath.
+#[derive(Debug, Clone)]
+pub struct LiveView {
+    output: Output,
+    /// Lines the previous update left at the bottom of the screen.
+    drawn: usize,
+}
+
+impl LiveView {
+    pub fn new(output: Output) -> Self {
+        Self { output, drawn: 0 }
+    }
+
+    pub fn output(&self) -> Output {
+        self.output
+    }
+
+    /// Other text went to the output after the last update: the next one must not erase it.
+    pub fn interrupted(&mut self) {
+        self.drawn = 0;
+    }
+
+    /// The text to write for an update showing `lines` (no line breaks inside a line).
+    pub fn update(&mut self, lines: &[String]) -> String {
+        let mut out = String::new();
+        let shown = match self.output {
+            Output::Lines => lines.to_vec(),
+            Output::Screen { rows } => {
+                if self.drawn > 0 {
+                    out.push_str(&erase_last_lines(self.drawn));
+                }
+                fit_rows(lines, rows)
+            }
+        };
+        for line in &shown {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if let Output::Screen { .. } = self.output {
+            self.drawn = shown.len();
+        }
+        out
+    }
+}
+
+/// Keeps a view within a screen of `rows` lines (one left for the cursor): its first lines (the
+/// title and the first receivers), a line saying how many were left out, and its last line (the
+/// totals).
+fn fit_rows(lines: &[String], rows: Option<u16>) -> Vec<String> {
+    let room = rows.map_or(usize::MAX, |r| usize::from(r).saturating_sub(1).max(3));
+    if lines.len() <= room {
+        return lines.to_vec();
+    }
+    let head = room - 2;
+    let mut shown = lines[..head].to_vec();
+    shown.push(format!(
+        "  ... {} more line(s) than this screen holds: the serial console and the log show all",
+        lines.len() - head - 1
+    ));
+    shown.extend(lines.last().cloned());
+    shown
 }
 
 #[cfg(test)]
@@ -245,5 +345,219 @@ mod tests {
                 "control characters reached the console: {text:?}"
             );
         }
+    }
+
+    /// A screen as a VT draws it, for what the live view writes: text, `\n`, `\r`, cursor up
+    /// (`ESC [ n A`) and erase to the end of the screen (`ESC [ J`).
+    #[derive(Default)]
+    struct Screen {
+        rows: Vec<String>,
+        row: usize,
+        col: usize,
+    }
+
+    impl Screen {
+        fn write(&mut self, text: &str) {
+            let mut chars = text.chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\n' => {
+                        self.row += 1;
+                        self.col = 0;
+                    }
+                    '\r' => self.col = 0,
+                    '\x1b' => {
+                        assert_eq!(chars.next(), Some('['), "only CSI sequences: {text:?}");
+                        let mut n = String::new();
+                        let command = loop {
+                            match chars.next() {
+                                Some(d) if d.is_ascii_digit() => n.push(d),
+                                Some(other) => break other,
+                                None => panic!("cut CSI sequence in {text:?}"),
+                            }
+                        };
+                        let n: usize = n.parse().unwrap_or(1);
+                        match command {
+                            'A' => self.row = self.row.saturating_sub(n),
+                            'J' => {
+                                self.rows.truncate(self.row + 1);
+                                if let Some(line) = self.rows.get_mut(self.row) {
+                                    line.truncate(self.col);
+                                }
+                            }
+                            other => panic!("unexpected CSI {other:?} in {text:?}"),
+                        }
+                    }
+                    c => {
+                        while self.rows.len() <= self.row {
+                            self.rows.push(String::new());
+                        }
+                        let line = &mut self.rows[self.row];
+                        assert_eq!(line.len(), self.col, "overwriting mid-line");
+                        line.push(c);
+                        self.col += 1;
+                    }
+                }
+            }
+        }
+
+        fn text(&self) -> Vec<&str> {
+            let mut rows: Vec<&str> = self.rows.iter().map(String::as_str).collect();
+            while rows.last() == Some(&"") {
+                rows.pop();
+            }
+            rows
+        }
+    }
+
+    fn table(title: &str, receivers: usize) -> Vec<String> {
+        std::iter::once(format!("{title}:"))
+            .chain((0..receivers).map(|i| format!("  receiver {i}  {title}")))
+            .chain(std::iter::once(format!("  total: {receivers}")))
+            .collect()
+    }
+
+    #[test]
+    fn a_screen_redraws_the_table_in_place() {
+        let mut view = LiveView::new(Output::Screen { rows: None });
+        let mut screen = Screen::default();
+        screen.write("master: sending /dev/vda\n");
+        let first = view.update(&table("first", 3));
+        assert!(!first.contains('\x1b'), "nothing to erase yet: {first:?}");
+        screen.write(&first);
+        let second = view.update(&table("second", 3));
+        assert!(second.starts_with("\x1b[5A\r\x1b[J"), "{second:?}");
+        screen.write(&second);
+        // Fewer lines than before: the old table's rest is erased too.
+        screen.write(&view.update(&table("third", 1)));
+        let mut expected = vec!["master: sending /dev/vda"];
+        let third = table("third", 1);
+        expected.extend(third.iter().map(String::as_str));
+        assert_eq!(screen.text(), expected);
+    }
+
+    #[test]
+    fn text_printed_between_updates_stays_on_the_screen() {
+        let mut view = LiveView::new(Output::Screen { rows: None });
+        let mut screen = Screen::default();
+        screen.write(&view.update(&table("first", 2)));
+        screen.write("diskcast[  3.000] INFO  a receiver was dropped\n");
+        view.interrupted();
+        let next = view.update(&table("second", 2));
+        assert!(!next.contains('\x1b'), "{next:?}");
+        screen.write(&next);
+        let rows = screen.text();
+        assert_eq!(rows.len(), 4 + 1 + 4, "{rows:#?}");
+        assert_eq!(rows[4], "diskcast[  3.000] INFO  a receiver was dropped");
+        assert_eq!(rows[5], "second:");
+    }
+
+    #[test]
+    fn a_serial_line_or_a_log_gets_every_update_as_plain_lines() {
+        let mut view = LiveView::new(Output::Lines);
+        let mut all = String::new();
+        for title in ["first", "second", "third"] {
+            let text = view.update(&table(title, 2));
+            assert_eq!(text, table(title, 2).join("\n") + "\n");
+            all.push_str(&text);
+        }
+        assert!(!all.chars().any(|c| c.is_control() && c != '\n'), "{all:?}");
+        assert_eq!(all.lines().count(), 3 * 4);
+    }
+
+    #[test]
+    fn a_table_taller_than_the_screen_is_cut_to_fit() {
+        let mut view = LiveView::new(Output::Screen { rows: Some(10) });
+        let lines = table("big", 30);
+        let first = view.update(&lines);
+        let shown: Vec<&str> = first.lines().collect();
+        assert_eq!(shown.len(), 9, "{first}");
+        assert_eq!(
+            shown[..7],
+            lines[..7].iter().map(String::as_str).collect::<Vec<_>>()[..]
+        );
+        assert!(shown[7].contains("24 more line(s)"), "{}", shown[7]);
+        assert_eq!(shown[8], "  total: 30");
+        // The next update erases exactly what was drawn.
+        assert!(view.update(&lines).starts_with("\x1b[9A\r\x1b[J"));
+        let mut screen = Screen::default();
+        let mut view = LiveView::new(Output::Screen { rows: Some(10) });
+        for _ in 0..3 {
+            screen.write(&view.update(&lines));
+        }
+        assert_eq!(screen.text(), shown);
+    }
+
+    #[test]
+    fn the_sender_table_redraws_as_one_table() {
+        let image = vec![7u8; 4 << 20];
+        let manifest = Manifest::scan(
+            &mut std::io::Cursor::new(&image),
+            image.len() as u64,
+            1 << 20,
+            |_| {},
+        )
+        .unwrap();
+        let now = Instant::now();
+        let mut sender = Sender::new(SenderConfig::default(), manifest, now);
+        let mut screen = Screen::default();
+        let mut view = LiveView::new(Output::Screen { rows: Some(25) });
+        for receiver in 1..=3u64 {
+            let join = Packet {
+                session: 1,
+                body: Body::Join {
+                    receiver,
+                    incarnation: 1,
+                    disk_size: 1 << 30,
+                    logical_block: 512,
+                    refusal: 0,
+                    name: format!("pc-{receiver}"),
+                    serial: String::new(),
+                },
+            }
+            .emit();
+            let from = format!("10.0.0.{receiver}:7744").parse().unwrap();
+            sender.handle_datagram(&join, from, now);
+            screen.write(&view.update(&progress_table(&sender, now)));
+        }
+        let rows = screen.text();
+        assert_eq!(rows.len(), 1 + 3 + 1, "{rows:#?}");
+        assert!(rows[0].contains("receiver") && rows[0].contains("repairs"));
+        for (row, name) in rows[1..4].iter().zip(["pc-1", "pc-2", "pc-3"]) {
+            assert!(row.contains(name), "{rows:#?}");
+        }
+        assert!(
+            rows[4].contains("waiting for receivers: 3 joined"),
+            "{rows:#?}"
+        );
+    }
+
+    #[test]
+    fn the_receiver_line_shows_rate_and_repairs() {
+        let progress = ReceiveProgress {
+            chunks_done: 21,
+            chunks_total: 50,
+            image_size: 50 << 20,
+            elapsed: Duration::from_secs(12),
+            verifying: false,
+            data_written: 40_000_000,
+            receiving_for: Duration::from_secs(4),
+            repairs: 17,
+        };
+        assert_eq!(
+            progress.line(),
+            " 42.0% (21/50 chunks), 10.0 MB/s, 17 repairs after 12 s"
+        );
+        let waiting = ReceiveProgress {
+            receiving_for: Duration::ZERO,
+            data_written: 0,
+            repairs: 1,
+            verifying: true,
+            ..progress
+        };
+        assert_eq!(
+            waiting.line(),
+            " 42.0% (21/50 chunks), 0.0 MB/s, 1 repair, verifying after 12 s"
+        );
     }
 }

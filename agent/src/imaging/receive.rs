@@ -161,14 +161,22 @@ pub fn run_receive(
     };
     let mut next_progress = started + PROGRESS_EVERY;
     let mut last_view: Option<ReceiveProgress> = None;
-    let snapshot = |receiver: &Receiver, now: Instant| {
+    // When the image's manifest was first known: rates count from there, not from the wait.
+    let mut receiving_since: Option<Instant> = None;
+    let mut snapshot = |receiver: &Receiver, now: Instant| {
         let (chunks_done, chunks_total) = receiver.progress();
+        if chunks_total > 0 && receiving_since.is_none() {
+            receiving_since = Some(now);
+        }
         ReceiveProgress {
             chunks_done,
             chunks_total,
             image_size: receiver.image_size().unwrap_or(0),
             elapsed: now.duration_since(started),
             verifying: receiver.phase() == Phase::Verifying,
+            data_written: receiver.data_written(),
+            receiving_for: receiving_since.map_or(Duration::ZERO, |s| now.duration_since(s)),
+            repairs: receiver.stats.repaired_blocks,
         }
     };
     loop {
@@ -196,6 +204,7 @@ pub fn run_receive(
                     },
                     verifying: false,
                     elapsed: view.elapsed,
+                    repairs: view.repairs,
                     ..last
                 };
             }
@@ -204,12 +213,14 @@ pub fn run_receive(
             }
             return result.map_err(ReceiveError::Failed);
         }
+        // Looked at every round (it is cheap), shown once a second: a small image may be
+        // copied between two refreshes, and its rate and final view must still be right.
         let now = Instant::now();
+        let view = snapshot(&session.receiver, now);
+        if view.chunks_total > 0 {
+            last_view = Some(view);
+        }
         if now >= next_progress {
-            let view = snapshot(&session.receiver, now);
-            if view.chunks_total > 0 {
-                last_view = Some(view);
-            }
             progress(view);
             next_progress = now + PROGRESS_EVERY;
         }

@@ -28,7 +28,7 @@ pub enum TftpError {
         #[source]
         source: io::Error,
     },
-    #[error("binding the TFTP socket {addr}")]
+    #[error("binding the TFTP socket {addr} (is another TFTP server running? ports below 1024 need root or CAP_NET_BIND_SERVICE)")]
     Bind {
         addr: SocketAddr,
         #[source]

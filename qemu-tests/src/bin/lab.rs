@@ -8,6 +8,7 @@
 //!   bootserver's image store; then N bare VMs network-boot and get the stored image by multicast.
 //! - `--usb`: the master boots from the USB stick image (scripts/make-usb-stick) instead.
 //! - `--inventory`: bare VMs network-boot into the agent, print their inventory and power off.
+//! - `deploy --image FILE ...`: does an image deploy and boot? (see `lab_deploy`; for CI).
 //!
 //! Options: `--slaves N` (default 2), `--uefi`, `--e1000`. scripts/lab builds everything first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,9 +20,13 @@ use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "deploy") {
+        return diskcast_qemu_tests::lab_deploy::run(&args[1..]);
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: lab [--client-server | --usb | --inventory] [--slaves N] [--uefi] [--e1000]\n  \
+            "usage: lab [--client-server | --usb | --inventory] [--slaves N] [--uefi] [--e1000]\n       \
+             lab deploy --image FILE [--vms N] [--uefi] [--expect TEXT] [--timeout S] (lab deploy --help)\n  \
              default: a master VM multicasts its disk to N network-booted slaves (N=2)\n  \
              --client-server: a VM captures its disk into the image store, then N bare VMs get it\n  \
              --usb: the master boots from the USB stick image\n  \

@@ -124,6 +124,15 @@ pub fn receiver_socket(
     socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(fail)?;
     let membership = IpMembershipRequest::new(group, Some(interface_addr));
     socket::setsockopt(&fd, sockopt::IpAddMembership, &membership).map_err(fail)?;
+    // Only this group's datagrams: by default Linux hands a socket bound to the wildcard address
+    // every group any socket of the host joined on that port (another session's, too).
+    socket2::SockRef::from(&fd)
+        .set_multicast_all_v4(false)
+        .map_err(|e| {
+            fail(nix::Error::from_raw(
+                e.raw_os_error().unwrap_or(libc::EINVAL),
+            ))
+        })?;
     Ok(UdpSocket::from(fd))
 }
 

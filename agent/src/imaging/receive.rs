@@ -182,8 +182,9 @@ pub fn run_receive(
             let stats = session.receiver.stats;
             let (user, system) = diskcast_transport::cpu_seconds();
             log::info!(
-                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows, {} untrusted announcements refused, {} forged datagrams dropped; cpu {user:.2} s user, {system:.2} s system",
-                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow, stats.untrusted, stats.forged
+                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows, {} untrusted announcements refused, {} forged datagrams dropped; {} foreign (another session or sender) and {} malformed dropped; cpu {user:.2} s user, {system:.2} s system",
+                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow, stats.untrusted, stats.forged,
+                stats.foreign, stats.malformed
             );
             // A finished receiver forgets its transfer: the last view stands, completed.
             let mut view = snapshot(&session.receiver, Instant::now());

@@ -136,6 +136,18 @@ pub fn receiver_socket(
     Ok(UdpSocket::from(fd))
 }
 
+/// A receiver's socket for its reports to the sender and the sender's answers to it: a port of
+/// its own, so that two sessions received on one host (their group sockets share the session
+/// port) never take each other's answers.
+pub fn report_socket(interface_addr: Ipv4Addr) -> Result<UdpSocket, NetError> {
+    let addr = SocketAddrV4::new(interface_addr, 0);
+    UdpSocket::bind(addr).map_err(|e| NetError::Socket {
+        what: "report",
+        addr: addr.into(),
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
+    })
+}
+
 /// One receive: its length, its source, the kernel's count of datagrams dropped for lack of
 /// buffer space (when reported), and the segment size when the kernel coalesced several datagrams
 /// into this buffer (UDP GRO).

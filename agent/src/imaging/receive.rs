@@ -104,6 +104,7 @@ pub fn run_receive(
     let target = Target::open(&opts.target)?;
     let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
     let socket = socket::receiver_socket(opts.group, opts.port, address)?;
+    let reports = socket::report_socket(address)?;
     let cfg = ReceiverConfig {
         id: opts.id.unwrap_or_else(|| {
             let identity = machine_identity(Path::new("/"), &opts.name, &interface);
@@ -151,10 +152,12 @@ pub fn run_receive(
     };
     let writer = disk::spawn_writer(target, 16, finish)?;
     socket.set_nonblocking(true)?;
+    reports.set_nonblocking(true)?;
     socket::enable_gro(&socket);
     let mut session = ReceiveLoop {
         receiver: Receiver::new(cfg, started),
         socket,
+        reports,
         writer,
         prepared: false,
         buf: vec![0u8; 64 << 10],
@@ -220,7 +223,11 @@ pub fn run_receive(
             .map_or(next_progress, |t| t.min(next_progress));
         if wake > now {
             socket::wait_readable_any(
-                &[session.socket.as_fd(), session.writer.wake.as_fd()],
+                &[
+                    session.socket.as_fd(),
+                    session.reports.as_fd(),
+                    session.writer.wake.as_fd(),
+                ],
                 wake - now,
             );
         }
@@ -230,7 +237,10 @@ pub fn run_receive(
 /// The receiver with its socket and disk.
 struct ReceiveLoop {
     receiver: Receiver,
+    /// The group's datagrams.
     socket: UdpSocket,
+    /// Reports to the sender, and its answers.
+    reports: UdpSocket,
     writer: WriterHandle,
     /// An image file was sized for the image.
     prepared: bool,
@@ -238,15 +248,21 @@ struct ReceiveLoop {
 }
 
 impl ReceiveLoop {
-    /// Feeds what the socket holds (up to a batch) to the receiver.
+    /// Feeds what the sockets hold (up to a batch each) to the receiver.
     fn receive(&mut self) -> Result<(), ReceiveError> {
+        self.receive_from(false)?;
+        self.receive_from(true)
+    }
+
+    fn receive_from(&mut self, reports: bool) -> Result<(), ReceiveError> {
         for _ in 0..RECEIVE_BATCH {
-            let received = match socket::recv_counting_drops(&self.socket, &mut self.buf) {
+            let from = if reports { &self.reports } else { &self.socket };
+            let received = match socket::recv_counting_drops(from, &mut self.buf) {
                 Ok(received) => received,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e.into()),
             };
-            if let Some(drops) = received.drops {
+            if let (Some(drops), false) = (received.drops, reports) {
                 self.receiver.set_overflow(drops);
             }
             let now = Instant::now();
@@ -272,7 +288,7 @@ impl ReceiveLoop {
         while let Some(transmit) = self.receiver.poll_transmit() {
             // A lost report is repeated at the next status interval.
             if let Destination::Peer(to) = transmit.destination {
-                let _ = self.socket.send_to(&transmit.bytes, to);
+                let _ = self.reports.send_to(&transmit.bytes, to);
             }
         }
         while let Some(event) = self.receiver.poll_event() {

@@ -85,8 +85,9 @@ impl Lab {
 
     /// The session of `image` for `machines`: its interface is the image's, else the one their
     /// subnets are reached through; its TTL the image's, else the largest their subnets need
-    /// (1 when none says). Machines behind a router with TTL 1, or on another interface, are
-    /// named in the warnings.
+    /// (1 when none says; the largest of the interface's subnets while some machine was never
+    /// seen). Machines behind a router with TTL 1, or on another interface, are named in the
+    /// warnings.
     pub fn session_plan(&self, image: &str, machines: &[MacAddr]) -> SessionPlan {
         let session = self.image_session(image);
         let placed: Vec<(MacAddr, &crate::subnets::Site)> = machines
@@ -106,9 +107,23 @@ impl Lab {
                 [only] => (*only).to_string(),
                 _ => self.config.interface.clone(),
             });
+        // A machine not seen yet (its first boot is still to come) may sit on any subnet the
+        // interface reaches, and a session's TTL is fixed when it starts: reach the farthest.
+        let unseen = placed.len() < machines.len();
         let ttl = session
             .ttl
-            .or_else(|| placed.iter().filter_map(|(_, s)| s.ttl).max())
+            .or_else(|| {
+                let anywhere = self
+                    .sites
+                    .iter()
+                    .filter(|s| unseen && s.interface == interface);
+                placed
+                    .iter()
+                    .map(|(_, s)| *s)
+                    .chain(anywhere)
+                    .filter_map(|s| s.ttl)
+                    .max()
+            })
             .unwrap_or(1);
         let mut warnings = Vec::new();
         for (mac, site) in &placed {
@@ -252,6 +267,12 @@ mod tests {
         let plan = lab.session_plan("golden", &[far]);
         assert_eq!(plan.ttl, 3);
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        // A machine never seen may boot on the far subnet: the session reaches it there too,
+        // while machines all seen on the server's link keep TTL 1.
+        let near = at(&lab, "52:54:00:00:00:01", [10, 77, 0, 100]);
+        let unseen: MacAddr = "52:54:00:00:00:04".parse().unwrap();
+        assert_eq!(lab.session_plan("golden", &[near, unseen]).ttl, 3);
+        assert_eq!(lab.session_plan("golden", &[near]).ttl, 1);
         let lab = self::lab(
             "ttl-image",
             &format!("{SUBNETS}[[image]]\nname = \"golden\"\nttl = 5\n"),

@@ -424,6 +424,7 @@ fn master(
         human_size(disk.size_bytes)
     ));
     let mut opts = SendOptions::new(Some(interface.into()), config.group, config.port);
+    opts.ttl = config.ttl;
     opts.min_receivers = config.min_receivers;
     opts.start_timeout = config
         .start_timeout_secs

@@ -124,6 +124,30 @@ pub mod file {
         /// Gone: sessions start from tasks now. Read only to say how to migrate.
         #[serde(default, rename = "deploy")]
         pub deploys: Vec<Spanned<toml::Value>>,
+        /// `[[subnet]]`: more subnets, on another interface or behind a router that relays DHCP.
+        #[serde(default, rename = "subnet")]
+        pub subnets: Vec<Spanned<Subnet>>,
+    }
+
+    /// `[[subnet]]`: one subnet the server boots machines on.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Subnet {
+        /// `10.78.0.0/24`.
+        pub network: Spanned<String>,
+        /// The server's interface that reaches it, directly or through its router.
+        pub interface: Option<Spanned<String>>,
+        /// The address its machines reach the server at (default: the interface's address).
+        pub server_address: Option<Ipv4Addr>,
+        pub range_start: Option<Ipv4Addr>,
+        pub range_end: Option<Ipv4Addr>,
+        pub router: Option<Ipv4Addr>,
+        #[serde(default)]
+        pub dns: Vec<Ipv4Addr>,
+        /// Multicast TTL a deploy session needs to reach it: routers on the way plus one.
+        pub ttl: Option<Spanned<u8>>,
+        #[serde(default, rename = "reservation")]
+        pub reservations: Vec<Spanned<Reservation>>,
     }
 
     fn default_http_port() -> u16 {
@@ -222,6 +246,8 @@ pub mod file {
         pub min_receivers: Option<u32>,
         pub start_timeout: Option<u32>,
         pub rate: Option<u32>,
+        /// Master tasks: multicast TTL.
+        pub ttl: Option<Spanned<u8>>,
     }
 
     /// `[lab]`: what happens to machines that network-boot.
@@ -259,6 +285,10 @@ pub mod file {
         pub rate: Option<u32>,
         pub deadline: Option<u32>,
         pub start_timeout: Option<u32>,
+        /// Multicast TTL of its sessions (default: what its machines' subnets need, else 1).
+        pub ttl: Option<Spanned<u8>>,
+        /// The interface its sessions multicast on (default: its machines' subnets' interface).
+        pub interface: Option<Spanned<String>>,
     }
 }
 /// The validated configuration the server runs on.
@@ -283,6 +313,26 @@ pub struct Config {
     /// `[[image]]` entries: session settings per stored image.
     pub images: BTreeMap<String, ImageSession>,
     pub security: SecurityPolicy,
+    /// `[[subnet]]` entries: subnets besides the one `[dhcp]` describes on `interface`.
+    pub subnets: Vec<Subnet>,
+}
+
+/// A `[[subnet]]`: machines on it are booted by this server, either directly on one of its
+/// interfaces or behind a router that relays their DHCP requests (`ip helper-address`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subnet {
+    pub network: ipnet::Ipv4Net,
+    /// The server's interface towards it; `None`: [`Config::interface`].
+    pub interface: Option<String>,
+    /// The address its machines reach the server at; `None`: the interface's address.
+    pub server_address: Option<Ipv4Addr>,
+    /// First and last address handed out (full mode).
+    pub range: Option<(Ipv4Addr, Ipv4Addr)>,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub reservations: BTreeMap<MacAddr, Ipv4Addr>,
+    /// Multicast TTL a deploy session needs to reach it.
+    pub ttl: Option<u8>,
 }
 
 /// `[security]`: whom the server trusts besides itself, and who may read.
@@ -307,6 +357,8 @@ impl Default for SecurityPolicy {
 
 #[derive(Debug, Clone)]
 pub struct Dhcp {
+    /// Where `[dhcp]` is in the file, for problems found later.
+    span: std::ops::Range<usize>,
     pub mode: DhcpMode,
     /// First and last address handed out (full mode).
     pub range: Option<(Ipv4Addr, Ipv4Addr)>,
@@ -345,6 +397,8 @@ pub struct AgentPolicy {
     pub min_receivers: u32,
     pub start_timeout_secs: Option<u32>,
     pub rate_mbps: Option<u32>,
+    /// A `master` task's multicast TTL.
+    pub ttl: u8,
 }
 
 /// What a machine nobody registered gets when it network-boots.
@@ -415,10 +469,17 @@ pub struct MachineEntry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSession {
     pub group: Ipv4Addr,
+    /// The group was derived from the image's name (not configured): another may be used
+    /// while an image whose name gives the same group has a session.
+    pub group_derived: bool,
     pub port: u16,
     pub rate: Option<Rate>,
     pub deadline: Option<Duration>,
     pub start_timeout: Option<Duration>,
+    /// Multicast TTL; `None`: what the machines' subnets need (else 1).
+    pub ttl: Option<u8>,
+    /// Interface to multicast on; `None`: the machines' subnets' interface.
+    pub interface: Option<String>,
 }
 
 /// Collects problems with their lines while a file is checked.
@@ -549,7 +610,9 @@ impl Config {
         if let Some(problem) = interface_name_problem(shape.interface.get_ref()) {
             c.report(&shape.interface.span(), problem);
         }
-        let dhcp = Self::check_dhcp(&shape.dhcp, c);
+        let dhcp = Self::check_dhcp(&shape.dhcp, !shape.subnets.is_empty(), c);
+        let mut subnets = Self::check_subnets(&shape.subnets, shape.dhcp.get_ref().mode, c);
+        let dhcp = dhcp.map(|d| Self::place_reservations(d, &mut subnets, shape.address, c));
         if !shape.boot.kernel_args.get_ref().is_ascii()
             || shape
                 .boot
@@ -612,7 +675,204 @@ impl Config {
             machines,
             images,
             security,
+            subnets,
         })
+    }
+
+    fn check_subnets(
+        entries: &[toml::Spanned<file::Subnet>],
+        mode: DhcpMode,
+        c: &mut Checker<'_>,
+    ) -> Vec<Subnet> {
+        let mut subnets: Vec<Subnet> = Vec::new();
+        for entry in entries {
+            let s = entry.get_ref();
+            let span = entry.span();
+            let Some(network) = c.parse(
+                &s.network,
+                "[[subnet]] network",
+                |text| text.parse::<ipnet::Ipv4Net>().ok(),
+                "a network with its prefix length, like 10.78.0.0/24",
+            ) else {
+                continue;
+            };
+            let what = format!("[[subnet]] {network}");
+            if network.trunc() != network {
+                c.report(
+                    &s.network.span(),
+                    format!(
+                        "{what}: host bits are set; did you mean {}?",
+                        network.trunc()
+                    ),
+                );
+                continue;
+            }
+            if let Some(other) = subnets.iter().find(|o| overlap(&o.network, &network)) {
+                c.report(
+                    &span,
+                    format!("{what} overlaps [[subnet]] {}", other.network),
+                );
+                continue;
+            }
+            let interface =
+                s.interface
+                    .as_ref()
+                    .and_then(|i| match interface_name_problem(i.get_ref()) {
+                        Some(problem) => {
+                            c.report(&i.span(), format!("{what}: {problem}"));
+                            None
+                        }
+                        None => Some(i.get_ref().clone()),
+                    });
+            let outside = |address: Ipv4Addr| !network.contains(&address);
+            let range = match (s.range_start, s.range_end) {
+                (Some(start), Some(end)) if start > end => {
+                    c.report(
+                        &span,
+                        format!("{what}: range_start {start} is after range_end {end}"),
+                    );
+                    None
+                }
+                (Some(start), Some(end)) if outside(start) || outside(end) => {
+                    c.report(
+                        &span,
+                        format!("{what}: range {start}-{end} is not inside {network}"),
+                    );
+                    None
+                }
+                (Some(start), Some(end))
+                    if network.prefix_len() < 31
+                        && (start == network.network() || end == network.broadcast()) =>
+                {
+                    c.report(
+                        &span,
+                        format!(
+                            "{what}: range {start}-{end} includes the network or broadcast address"
+                        ),
+                    );
+                    None
+                }
+                (Some(start), Some(end)) => Some((start, end)),
+                (None, None) => None,
+                _ => {
+                    c.report(
+                        &span,
+                        format!("{what}: give both range_start and range_end"),
+                    );
+                    None
+                }
+            };
+            if let Some(router) = s.router.filter(|r| outside(*r)) {
+                c.report(
+                    &span,
+                    format!("{what}: router {router} is not inside {network} (its machines reach it directly)"),
+                );
+            }
+            let ttl = s.ttl.as_ref().and_then(|t| match *t.get_ref() {
+                0 => {
+                    c.report(&t.span(), format!("{what}: ttl = 0 reaches nobody (1: the server's own link, plus one per router)"));
+                    None
+                }
+                ttl => Some(ttl),
+            });
+            let mut reservations = BTreeMap::new();
+            for r in &s.reservations {
+                let r = r.get_ref();
+                let Some(mac) = c.parse(
+                    &r.mac,
+                    "[[subnet.reservation]] mac",
+                    |text| text.parse().ok(),
+                    "a MAC address (aa:bb:cc:dd:ee:ff)",
+                ) else {
+                    continue;
+                };
+                if outside(r.address) {
+                    c.report(
+                        &r.mac.span(),
+                        format!(
+                            "{what}: reservation {} for {mac} is not inside {network}",
+                            r.address
+                        ),
+                    );
+                    continue;
+                }
+                if reservations.insert(mac, r.address).is_some() {
+                    c.report(&r.mac.span(), format!("{what}: {mac} is reserved twice"));
+                }
+            }
+            if mode == DhcpMode::Full && range.is_none() && reservations.is_empty() {
+                c.report(
+                    &span,
+                    format!(
+                        "{what} hands out no address in full mode: give range_start and range_end"
+                    ),
+                );
+            }
+            subnets.push(Subnet {
+                network,
+                interface,
+                server_address: s.server_address,
+                range,
+                router: s.router,
+                dns: s.dns.clone(),
+                reservations,
+                ttl,
+            });
+        }
+        subnets
+    }
+
+    /// The `[dhcp]` subnet must not overlap a `[[subnet]]`; a `[[dhcp.reservation]]` inside a
+    /// `[[subnet]]` belongs to it. No address is reserved twice.
+    fn place_reservations(
+        mut dhcp: Dhcp,
+        subnets: &mut [Subnet],
+        address: Option<Ipv4Addr>,
+        c: &mut Checker<'_>,
+    ) -> Dhcp {
+        let first = dhcp
+            .range
+            .map(|(start, _)| start)
+            .or(address)
+            .and_then(|a| ipnet::Ipv4Net::with_netmask(a, dhcp.netmask).ok())
+            .map(|n| n.trunc());
+        if let Some(first) = first {
+            for s in subnets.iter().filter(|s| overlap(&s.network, &first)) {
+                c.report(
+                    &dhcp.span,
+                    format!(
+                        "[dhcp] serves {first}, which overlaps [[subnet]] {}: describe each subnet once",
+                        s.network
+                    ),
+                );
+            }
+        }
+        let in_first = |a: &Ipv4Addr| first.is_some_and(|n| n.contains(a));
+        let reservations = std::mem::take(&mut dhcp.reservations);
+        for (mac, reserved) in reservations {
+            match subnets.iter_mut().find(|s| s.network.contains(&reserved)) {
+                Some(subnet) if !in_first(&reserved) => {
+                    subnet.reservations.entry(mac).or_insert(reserved);
+                }
+                _ => {
+                    dhcp.reservations.insert(mac, reserved);
+                }
+            }
+        }
+        let mut seen: BTreeMap<Ipv4Addr, MacAddr> = BTreeMap::new();
+        let all = dhcp
+            .reservations
+            .iter()
+            .chain(subnets.iter().flat_map(|s| s.reservations.iter()));
+        for (mac, reserved) in all {
+            if let Some(other) = seen.insert(*reserved, *mac).filter(|o| o != mac) {
+                c.report(
+                    &dhcp.span,
+                    format!("{reserved} is reserved for both {other} and {mac}"),
+                );
+            }
+        }
+        dhcp
     }
 
     fn check_lab(l: &file::Lab, c: &mut Checker<'_>) -> Option<LabPolicy> {
@@ -709,7 +969,11 @@ impl Config {
         machines
     }
 
-    fn check_dhcp(spanned: &toml::Spanned<file::Dhcp>, c: &mut Checker<'_>) -> Option<Dhcp> {
+    fn check_dhcp(
+        spanned: &toml::Spanned<file::Dhcp>,
+        has_subnets: bool,
+        c: &mut Checker<'_>,
+    ) -> Option<Dhcp> {
         let d = spanned.get_ref();
         let span = spanned.span();
         let mut range = None;
@@ -733,9 +997,12 @@ impl Config {
                     range = Some((start, end));
                 }
             }
+            // Every subnet may be a [[subnet]] of its own.
+            (DhcpMode::Full, None, None) if has_subnets => {}
             (DhcpMode::Full, _, _) => c.report(
                 &span,
-                "[dhcp] mode = \"full\" needs range_start and range_end".into(),
+                "[dhcp] mode = \"full\" needs range_start and range_end (or [[subnet]] entries)"
+                    .into(),
             ),
             (DhcpMode::Proxy, start, end) => range = start.zip(end),
         }
@@ -761,6 +1028,7 @@ impl Config {
             }
         }
         Some(Dhcp {
+            span: span.clone(),
             mode: d.mode,
             range,
             netmask: d.netmask,
@@ -815,6 +1083,7 @@ impl Config {
             .as_ref()
             .map_or(Some(DiskSelector::Only), |d| c.disk(d, "[agent] disk"));
         let group = Self::check_group(a.group.as_ref(), "[agent] group", c);
+        let ttl = Self::check_ttl(a.ttl.as_ref(), "[agent] ttl", c);
         Some(AgentPolicy {
             on_error: on_error?,
             on_done: on_done?,
@@ -825,7 +1094,29 @@ impl Config {
             min_receivers: a.min_receivers.unwrap_or(1).max(1),
             start_timeout_secs: a.start_timeout,
             rate_mbps: a.rate,
+            ttl: ttl?.unwrap_or(1),
         })
+    }
+
+    /// `Some(None)`: not given; `None`: given as 0 (reported).
+    fn check_ttl(
+        ttl: Option<&toml::Spanned<u8>>,
+        what: &str,
+        c: &mut Checker<'_>,
+    ) -> Option<Option<u8>> {
+        match ttl {
+            Some(t) if *t.get_ref() == 0 => {
+                c.report(
+                    &t.span(),
+                    format!(
+                        "{what} = 0 reaches nobody (1: the server's own link, plus one per router)"
+                    ),
+                );
+                None
+            }
+            Some(t) => Some(Some(*t.get_ref())),
+            None => Some(None),
+        }
     }
 
     /// `Some(None)`: not given; `None`: given but not a multicast address (reported).
@@ -862,8 +1153,24 @@ impl Config {
             let Some(group) = Self::check_group(i.group.as_ref(), "[[image]] group", c) else {
                 continue;
             };
+            let Some(ttl) = Self::check_ttl(i.ttl.as_ref(), "[[image]] ttl", c) else {
+                continue;
+            };
+            let interface = match &i.interface {
+                Some(value) => match interface_name_problem(value.get_ref()) {
+                    Some(problem) => {
+                        c.report(&value.span(), format!("[[image]] {name}: {problem}"));
+                        continue;
+                    }
+                    None => Some(value.get_ref().clone()),
+                },
+                None => None,
+            };
             let derived = session_for_image(&name, p2p_port);
             let session = ImageSession {
+                ttl,
+                interface,
+                group_derived: group.is_none(),
                 group: group.unwrap_or(derived.group),
                 port: i.port.unwrap_or(derived.port),
                 rate: i.rate.map(|r| Rate::from_mbps(f64::from(r))),
@@ -904,7 +1211,7 @@ impl Config {
             self.interface = interface;
         }
         if let Some(mode) = mode {
-            if mode == DhcpMode::Full && self.dhcp.range.is_none() {
+            if mode == DhcpMode::Full && self.dhcp.range.is_none() && self.subnets.is_empty() {
                 return Err(ConfigError::Invalid {
                     path: PathBuf::from("--mode"),
                     issues: vec![Issue {
@@ -950,17 +1257,30 @@ pub fn valid_label(text: &str) -> bool {
         && text.parse::<MacAddr>().is_err()
 }
 
+/// Where derived session groups come from: 239.255.78.1 to 239.255.79.254.
+pub const DERIVED_GROUPS: (Ipv4Addr, Ipv4Addr) = (
+    Ipv4Addr::new(239, 255, 78, 1),
+    Ipv4Addr::new(239, 255, 79, 254),
+);
+
 /// The default session of an image: group 239.255.78.0/23 picked by its name's hash.
 fn session_for_image(name: &str, p2p_port: u16) -> ImageSession {
     let hash = crc32fast::hash(name.as_bytes());
     let host = (hash % 510) as u16 + 1;
     ImageSession {
         group: Ipv4Addr::new(239, 255, 78 + (host >> 8) as u8, (host & 0xff) as u8),
+        group_derived: true,
         port: p2p_port.wrapping_add(1),
         rate: None,
         deadline: None,
         start_timeout: None,
+        ttl: None,
+        interface: None,
     }
+}
+
+fn overlap(a: &ipnet::Ipv4Net, b: &ipnet::Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 #[cfg(test)]
@@ -1122,5 +1442,89 @@ mod tests {
         assert!(config
             .override_with(Some("eth0 extra".into()), None, None)
             .is_err());
+    }
+
+    #[test]
+    fn subnets_behind_routers_and_on_other_interfaces() {
+        let text = format!(
+            "{EXAMPLE}\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:07\"\naddress = \"10.78.0.7\"\n\
+             [[subnet]]\nnetwork = \"10.78.0.0/24\"\nrange_start = \"10.78.0.100\"\n\
+             range_end = \"10.78.0.199\"\nrouter = \"10.78.0.1\"\nttl = 3\n\
+             [[subnet.reservation]]\nmac = \"52:54:00:00:00:08\"\naddress = \"10.78.0.8\"\n\
+             [[subnet]]\nnetwork = \"10.79.0.0/16\"\ninterface = \"eth1\"\n\
+             range_start = \"10.79.1.1\"\nrange_end = \"10.79.1.250\"\n\
+             [[image]]\nname = \"golden\"\nttl = 4\ninterface = \"eth1\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.subnets.len(), 2);
+        let far = &config.subnets[0];
+        assert_eq!(far.network.to_string(), "10.78.0.0/24");
+        assert_eq!(far.ttl, Some(3));
+        assert_eq!(far.interface, None, "reached through the main interface");
+        // The [dhcp] reservation inside the far subnet belongs to it.
+        assert_eq!(
+            far.reservations[&mac("52:54:00:00:00:07")],
+            Ipv4Addr::new(10, 78, 0, 7)
+        );
+        assert_eq!(
+            far.reservations[&mac("52:54:00:00:00:08")],
+            Ipv4Addr::new(10, 78, 0, 8)
+        );
+        assert!(config.dhcp.reservations.is_empty());
+        assert_eq!(config.subnets[1].interface.as_deref(), Some("eth1"));
+        let golden = config.image_session("golden");
+        assert_eq!(
+            (golden.ttl, golden.interface.as_deref()),
+            (Some(4), Some("eth1"))
+        );
+        assert!(golden.group_derived);
+        // Every subnet as a [[subnet]]: [dhcp] keeps the mode and lease time only.
+        let only = text
+            .replace("range_start = \"10.77.0.100\"\n", "")
+            .replace("range_end = \"10.77.0.199\"\n", "");
+        assert!(parse(&only).unwrap().dhcp.range.is_none());
+    }
+
+    #[test]
+    fn bad_subnets_are_refused_with_what_to_change() {
+        let cases = [
+            ("network = \"10.78.0.1/24\"\nrange_start = \"10.78.0.100\"\nrange_end = \"10.78.0.199\"", "did you mean 10.78.0.0/24"),
+            ("network = \"10.78.0.0\"", "prefix length"),
+            ("network = \"10.78.0.0/24\"\nrange_start = \"10.78.1.100\"\nrange_end = \"10.78.1.199\"", "not inside 10.78.0.0/24"),
+            ("network = \"10.78.0.0/24\"\nrange_start = \"10.78.0.0\"\nrange_end = \"10.78.0.9\"", "network or broadcast"),
+            ("network = \"10.78.0.0/24\"\nrange_start = \"10.78.0.100\"", "both range_start and range_end"),
+            ("network = \"10.78.0.0/24\"", "hands out no address"),
+            ("network = \"10.78.0.0/24\"\nrange_start = \"10.78.0.100\"\nrange_end = \"10.78.0.199\"\nrouter = \"10.77.0.254\"", "router 10.77.0.254 is not inside"),
+            ("network = \"10.78.0.0/24\"\nrange_start = \"10.78.0.100\"\nrange_end = \"10.78.0.199\"\nttl = 0", "reaches nobody"),
+            ("network = \"10.77.0.0/16\"\nrange_start = \"10.77.5.100\"\nrange_end = \"10.77.5.199\"", "overlaps [[subnet]] 10.77.0.0/16"),
+            ("network = \"10.78.0.0/24\"\ninterface = \"a b\"\nrange_start = \"10.78.0.100\"\nrange_end = \"10.78.0.199\"", "not an interface name"),
+            ("network = \"10.78.0.0/24\"\nrange_start = \"10.78.0.100\"\nrange_end = \"10.78.0.199\"\n[[subnet.reservation]]\nmac = \"52:54:00:00:00:01\"\naddress = \"10.79.0.1\"", "not inside"),
+        ];
+        for (subnet, expected) in cases {
+            let text = format!("{EXAMPLE}\n[[subnet]]\n{subnet}\n");
+            let found = issues(&text);
+            assert!(
+                found
+                    .iter()
+                    .any(|i| i.message.contains(expected) && i.line > 0),
+                "{subnet:?}: {expected:?} not in {found:?}"
+            );
+        }
+        // Twice the same range as a [[subnet]] on top of [dhcp]'s, and two machines for one address.
+        let text = format!(
+            "{EXAMPLE}\n[[subnet]]\nnetwork = \"10.78.0.0/23\"\nrange_start = \"10.78.0.100\"\nrange_end = \"10.78.0.199\"\n\
+             [[subnet.reservation]]\nmac = \"52:54:00:00:00:01\"\naddress = \"10.78.0.5\"\n\
+             [[subnet.reservation]]\nmac = \"52:54:00:00:00:02\"\naddress = \"10.78.0.5\"\n\
+             [[subnet]]\nnetwork = \"10.77.0.0/25\"\nrange_start = \"10.77.0.10\"\nrange_end = \"10.77.0.19\"\n"
+        );
+        let found = issues(&text);
+        for expected in ["reserved for both", "overlaps [[subnet]] 10.77.0.0/25"] {
+            assert!(
+                found.iter().any(|i| i.message.contains(expected)),
+                "{expected:?} not in {found:?}"
+            );
+        }
+        let zero = format!("{EXAMPLE}\n[[image]]\nname = \"x\"\nttl = 0\n");
+        assert!(issues(&zero)[0].message.contains("reaches nobody"));
     }
 }

@@ -1,12 +1,20 @@
 //! Sans-IO DHCP server for booting: full mode (addresses plus boot information) and proxyDHCP
 //! mode (boot information only, beside the lab's own DHCP server, on ports 67 and 4011).
 //!
-//! [`DhcpServer::handle`] takes one received payload, where it came from and the time, and returns
-//! the reply to send and whether the lease table changed. Sockets and the lease file stay outside.
+//! [`DhcpServer::handle_on`] takes one received payload, where it came from, the interface it
+//! arrived on and the time, and returns the reply to send and whether the lease table changed.
+//! Sockets and the lease file stay outside.
+//!
+//! Several subnets ([`Site`]s): a request relayed by a router (`giaddr` set, RFC 2131 4.1) is
+//! answered from the pool of the subnet `giaddr` is in, unicast to the relay's port 67, with the
+//! relay's option 82 copied back (RFC 3046 2.2); a request from the server's own link from the
+//! pool of the subnet on the interface it arrived on. A relayed request from a subnet nobody
+//! configured is logged and ignored, never answered from another pool.
 
 use crate::classify::{classify, Arch, ClientKind};
 use crate::config::{DhcpMode, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
+use crate::subnets::Site;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use dhcproto::Encodable;
 use diskcast_proto::dhcp::decode_message;
@@ -18,27 +26,27 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub mode: DhcpMode,
-    pub server: Ipv4Addr,
-    pub range: Option<(Ipv4Addr, Ipv4Addr)>,
-    pub netmask: Ipv4Addr,
-    pub router: Option<Ipv4Addr>,
-    pub dns: Vec<Ipv4Addr>,
+    /// The subnets served, each with its pool and the server's address there.
+    pub sites: Vec<Site>,
     pub lease_secs: u32,
-    /// MAC (canonical) → reserved address.
-    pub reservations: HashMap<String, Ipv4Addr>,
     pub uefi_loader: UefiLoader,
     pub http_port: u16,
 }
 
 impl Settings {
-    /// URL of the iPXE script for one machine; the MAC is in the path so no iPXE expansion is needed.
-    pub fn script_url(&self, mac: &str) -> String {
+    /// URL of the iPXE script for one machine at the server's address `server`; the MAC is in
+    /// the path so no iPXE expansion is needed.
+    pub fn script_url(&self, server: Ipv4Addr, mac: &str) -> String {
         format!(
-            "http://{}:{}/boot/{}.ipxe",
-            self.server,
+            "http://{server}:{}/boot/{}.ipxe",
             self.http_port,
             mac.replace(':', "-")
         )
+    }
+
+    /// The interface requests arrive on when the caller does not say (the first site's).
+    pub fn primary_interface(&self) -> &str {
+        self.sites.first().map_or("", |s| s.interface.as_str())
     }
 }
 
@@ -114,6 +122,8 @@ pub struct Stats {
     pub offers: u64,
     pub acks: u64,
     pub naks: u64,
+    /// Relayed requests from a subnet no `[[subnet]]` describes (or on the wrong interface).
+    pub unknown_relay: u64,
 }
 
 /// An address offered but not yet requested: held for this long so another client does not get it.
@@ -135,8 +145,48 @@ pub struct DhcpServer {
     pub stats: Stats,
 }
 
+/// Where the reply to `request` goes: a relay's port 67 when one forwarded it (RFC 2131 4.1),
+/// else the client's link as a broadcast.
+fn destination(request: &Message) -> Destination {
+    if request.giaddr().is_unspecified() {
+        Destination::Broadcast
+    } else {
+        Destination::Unicast(SocketAddrV4::new(request.giaddr(), 67))
+    }
+}
+
+/// The data of option `code` in a raw DHCP message (several instances concatenated, RFC 3396),
+/// for copying it back unchanged; `None` when absent or when the options do not parse.
+fn raw_option(payload: &[u8], code: u8) -> Option<Vec<u8>> {
+    let mut options = payload.get(COOKIE_AT + 4..)?;
+    let mut found: Option<Vec<u8>> = None;
+    while let Some((&tag, rest)) = options.split_first() {
+        match tag {
+            0 => options = rest,
+            255 => break,
+            _ => {
+                let (&len, rest) = rest.split_first()?;
+                let data = rest.get(..usize::from(len))?;
+                if tag == code {
+                    found.get_or_insert_with(Vec::new).extend_from_slice(data);
+                }
+                options = &rest[usize::from(len)..];
+            }
+        }
+    }
+    found
+}
+
+/// Option 82, Relay Agent Information: its code.
+const RELAY_AGENT_INFORMATION: u8 = 82;
+
 /// The boot file a client gets, if any.
-fn boot_file(settings: &Settings, kind: ClientKind, mac: &str) -> Result<Option<String>, String> {
+fn boot_file(
+    settings: &Settings,
+    site: &Site,
+    kind: ClientKind,
+    mac: &str,
+) -> Result<Option<String>, String> {
     Ok(match kind {
         ClientKind::Pxe(Arch::Bios) => Some("undionly.kpxe".into()),
         ClientKind::Pxe(Arch::Uefi64) => Some(settings.uefi_loader.file_name().into()),
@@ -145,7 +195,7 @@ fn boot_file(settings: &Settings, kind: ClientKind, mac: &str) -> Result<Option<
                 "architecture {code} has no loader (only BIOS and x86-64 UEFI)"
             ))
         }
-        ClientKind::Ipxe(_) => Some(settings.script_url(mac)),
+        ClientKind::Ipxe(_) => Some(settings.script_url(site.server, mac)),
         ClientKind::Agent | ClientKind::Other => None,
     })
 }
@@ -164,7 +214,61 @@ impl DhcpServer {
         &self.settings
     }
 
+    /// [`Self::handle_on`] for a request that arrived on the first site's interface.
     pub fn handle(&mut self, payload: &[u8], from: SocketAddrV4, port: Port, now: u64) -> Handled {
+        let interface = self.settings.primary_interface().to_string();
+        self.handle_on(payload, from, port, &interface, now)
+    }
+
+    /// The site a request is answered from: the subnet its relay is in, or the one on the
+    /// interface it arrived on; `Err` says why none.
+    fn site_for(
+        &self,
+        request: &Message,
+        from: SocketAddrV4,
+        port: Port,
+        interface: &str,
+    ) -> Result<Site, String> {
+        let sites = &self.settings.sites;
+        let relay = request.giaddr();
+        if !relay.is_unspecified() {
+            let Some(site) = sites.iter().find(|s| s.contains(relay)) else {
+                return Err(format!(
+                    "relayed by {relay}, which is in no configured subnet (add a [[subnet]] for it)"
+                ));
+            };
+            if site.interface != interface {
+                return Err(format!(
+                    "relayed by {relay} for {} but arrived on {interface}, not {} (set `interface` \
+                     in its [[subnet]])",
+                    site.network, site.interface
+                ));
+            }
+            return Ok(site.clone());
+        }
+        // Port 4011 is unicast to us, from a client that has its address (possibly routed).
+        let client = *from.ip();
+        let routed = (port == Port::PxeBoot && !client.is_unspecified())
+            .then(|| sites.iter().find(|s| s.contains(client)))
+            .flatten();
+        routed
+            .or_else(|| {
+                sites
+                    .iter()
+                    .find(|s| s.attached && s.interface == interface)
+            })
+            .cloned()
+            .ok_or_else(|| format!("arrived on {interface}, which has no subnet of its own"))
+    }
+
+    pub fn handle_on(
+        &mut self,
+        payload: &[u8],
+        from: SocketAddrV4,
+        port: Port,
+        interface: &str,
+        now: u64,
+    ) -> Handled {
         let cookie_ok = payload.get(COOKIE_AT..COOKIE_AT + 4) == Some(&MAGIC_COOKIE[..]);
         if payload.len() >= MAX_MESSAGE || !cookie_ok {
             self.stats.malformed += 1;
@@ -213,13 +317,39 @@ impl DhcpServer {
         }
         let mac = hardware.to_string();
         let client = classify(&request);
+        let site = match self.site_for(&request, from, port, interface) {
+            Ok(site) => site,
+            Err(why) => {
+                let relayed = !request.giaddr().is_unspecified();
+                if relayed {
+                    self.stats.unknown_relay += 1;
+                } else {
+                    self.stats.ignored += 1;
+                }
+                return Handled {
+                    summary: (relayed || client.wants_boot()).then(|| {
+                        format!(
+                            "dhcp: {mac} xid={:#010x} {client} {kind:?} {why}; ignored",
+                            request.xid()
+                        )
+                    }),
+                    ..Handled::default()
+                };
+            }
+        };
+        let relay_information = (!request.giaddr().is_unspecified())
+            .then(|| raw_option(payload, RELAY_AGENT_INFORMATION))
+            .flatten();
+        let site = &site;
         let mut handled = match (self.settings.mode, port, kind) {
-            (_, Port::PxeBoot, MessageType::Request) => self.boot_ack(&request, &mac, client, from),
+            (_, Port::PxeBoot, MessageType::Request) => {
+                self.boot_ack(&request, site, &mac, client, from)
+            }
             (DhcpMode::Full, Port::Dhcp, MessageType::Discover) => {
-                self.offer(&request, &mac, client, now)
+                self.offer(&request, site, &mac, client, now)
             }
             (DhcpMode::Full, Port::Dhcp, MessageType::Request) => {
-                self.request(&request, &mac, client, now)
+                self.request(&request, site, &mac, client, now)
             }
             (DhcpMode::Full, Port::Dhcp, MessageType::Release) => {
                 self.release(&request, hardware, now)
@@ -228,13 +358,16 @@ impl DhcpServer {
                 self.decline(&request, hardware, now)
             }
             (DhcpMode::Proxy, Port::Dhcp, MessageType::Discover) if client.wants_boot() => {
-                self.proxy_offer(&request, &mac, client)
+                self.proxy_offer(&request, site, &mac, client)
             }
             _ => {
                 self.stats.ignored += 1;
                 Handled::default()
             }
         };
+        if let (Some(reply), Some(info)) = (handled.reply.as_mut(), relay_information) {
+            echo_relay_information(reply, info);
+        }
         if !matches!(client, ClientKind::Other) {
             let address = handled
                 .reply
@@ -329,15 +462,18 @@ impl DhcpServer {
         }
     }
 
-    fn reserved_for(&self, mac: &str) -> Option<Ipv4Addr> {
-        self.settings.reservations.get(mac).copied()
+    fn reserved_for(site: &Site, mac: &str) -> Option<Ipv4Addr> {
+        let mac: MacAddr = mac.parse().ok()?;
+        site.reservations.get(&mac).copied()
     }
 
     fn is_reserved_for_other(&self, address: Ipv4Addr, mac: &str) -> bool {
+        let mac: Option<MacAddr> = mac.parse().ok();
         self.settings
-            .reservations
+            .sites
             .iter()
-            .any(|(m, a)| *a == address && m != mac)
+            .flat_map(|s| s.reservations.iter())
+            .any(|(m, a)| *a == address && Some(*m) != mac)
     }
 
     fn taken_by_other(&self, address: Ipv4Addr, mac: &str, now: u64) -> bool {
@@ -350,22 +486,27 @@ impl DhcpServer {
             || self.is_reserved_for_other(address, mac)
     }
 
-    /// The address this MAC gets: its reservation, its previous lease, or a free one.
-    fn address_for(&self, mac: &str, now: u64) -> Option<Ipv4Addr> {
-        if let Some(reserved) = self.reserved_for(mac) {
+    /// The address this MAC gets on `site`: its reservation there, its previous lease or offer
+    /// if on that subnet, or a free one from the site's range.
+    fn address_for(&self, site: &Site, mac: &str, now: u64) -> Option<Ipv4Addr> {
+        if let Some(reserved) = Self::reserved_for(site, mac) {
             return Some(reserved);
         }
+        let in_pool = |address: Ipv4Addr| {
+            site.range
+                .is_some_and(|(start, end)| (start..=end).contains(&address))
+        };
         if let Some(lease) = self.leases.leases.get(mac) {
-            if !self.taken_by_other(lease.address, mac, now) {
+            if in_pool(lease.address) && !self.taken_by_other(lease.address, mac, now) {
                 return Some(lease.address);
             }
         }
         if let Some((address, until)) = self.offers.get(mac) {
-            if *until > now {
+            if *until > now && in_pool(*address) {
                 return Some(*address);
             }
         }
-        let (start, end) = self.settings.range?;
+        let (start, end) = site.range?;
         let candidates = || (u32::from(start)..=u32::from(end)).map(Ipv4Addr::from);
         // Never-used addresses first, so expired leases keep their owner as long as possible.
         candidates()
@@ -373,32 +514,42 @@ impl DhcpServer {
             .or_else(|| candidates().find(|a| !self.taken_by_other(*a, mac, now)))
     }
 
-    fn in_subnet(&self, address: Ipv4Addr) -> bool {
-        let mask = u32::from(self.settings.netmask);
-        u32::from(address) & mask == u32::from(self.settings.server) & mask
-    }
-
-    fn offer(&mut self, request: &Message, mac: &str, client: ClientKind, now: u64) -> Handled {
-        let Some(address) = self.address_for(mac, now) else {
+    fn offer(
+        &mut self,
+        request: &Message,
+        site: &Site,
+        mac: &str,
+        client: ClientKind,
+        now: u64,
+    ) -> Handled {
+        let Some(address) = self.address_for(site, mac, now) else {
             return Handled {
                 summary: Some(format!(
-                    "dhcp: {mac} xid={:#010x} {client}: address range exhausted, no offer",
-                    request.xid()
+                    "dhcp: {mac} xid={:#010x} {client}: address range of {} exhausted, no offer",
+                    request.xid(),
+                    site.network
                 )),
                 ..Handled::default()
             };
         };
         self.offers
             .insert(mac.into(), (address, now + OFFER_HOLD_SECS));
-        self.address_reply(request, mac, client, MessageType::Offer, address)
+        self.address_reply(request, site, mac, client, MessageType::Offer, address)
     }
 
-    fn request(&mut self, request: &Message, mac: &str, client: ClientKind, now: u64) -> Handled {
+    fn request(
+        &mut self,
+        request: &Message,
+        site: &Site,
+        mac: &str,
+        client: ClientKind,
+        now: u64,
+    ) -> Handled {
         let server_id = match request.opts().get(OptionCode::ServerIdentifier) {
             Some(DhcpOption::ServerIdentifier(id)) => Some(*id),
             _ => None,
         };
-        if server_id.is_some_and(|id| id != self.settings.server) {
+        if server_id.is_some_and(|id| id != site.server) {
             // The client took another server's offer.
             self.offers.remove(mac);
             self.stats.ignored += 1;
@@ -408,20 +559,25 @@ impl DhcpServer {
             Some(DhcpOption::RequestedIpAddress(ip)) => *ip,
             _ => request.ciaddr(),
         };
-        let assigned = self.address_for(mac, now);
+        let assigned = self.address_for(site, mac, now);
         if assigned != Some(requested) || requested.is_unspecified() {
-            if !self.in_subnet(requested) && server_id.is_none() {
+            if !site.contains(requested) && server_id.is_none() {
                 // Not ours to judge (INIT-REBOOT on another network).
                 self.stats.ignored += 1;
                 return Handled::default();
             }
-            let mut nak = self.base_reply(request, MessageType::Nak);
+            let mut nak = self.base_reply(request, site, MessageType::Nak);
             nak.set_yiaddr(Ipv4Addr::UNSPECIFIED);
+            if !request.giaddr().is_unspecified() {
+                // The relay broadcasts it: the client has no address to be reached at.
+                nak.set_flags(request.flags().set_broadcast());
+            }
             let summary = format!(
-                "dhcp: {mac} xid={:#010x} {client} asked for {requested}, NAK",
-                request.xid()
+                "dhcp: {mac} xid={:#010x} {client} asked for {requested} on {}, NAK",
+                request.xid(),
+                site.network
             );
-            return Handled::reply(&nak, Destination::Broadcast, summary);
+            return Handled::reply(&nak, destination(request), summary);
         }
         self.offers.remove(mac);
         let lease = Lease {
@@ -429,7 +585,8 @@ impl DhcpServer {
             expires: now + u64::from(self.settings.lease_secs),
         };
         self.leases.leases.insert(mac.into(), lease);
-        let mut handled = self.address_reply(request, mac, client, MessageType::Ack, requested);
+        let mut handled =
+            self.address_reply(request, site, mac, client, MessageType::Ack, requested);
         handled.lease_change = mac
             .parse()
             .ok()
@@ -440,56 +597,66 @@ impl DhcpServer {
     fn address_reply(
         &self,
         request: &Message,
+        site: &Site,
         mac: &str,
         client: ClientKind,
         kind: MessageType,
         address: Ipv4Addr,
     ) -> Handled {
-        let mut reply = self.base_reply(request, kind);
+        let mut reply = self.base_reply(request, site, kind);
         reply.set_yiaddr(address);
-        let s = &self.settings;
+        let lease_secs = self.settings.lease_secs;
         let opts = reply.opts_mut();
-        opts.insert(DhcpOption::AddressLeaseTime(s.lease_secs));
-        opts.insert(DhcpOption::Renewal(s.lease_secs / 2));
-        opts.insert(DhcpOption::Rebinding(s.lease_secs / 8 * 7));
-        opts.insert(DhcpOption::SubnetMask(s.netmask));
-        if let Some(router) = s.router {
+        opts.insert(DhcpOption::AddressLeaseTime(lease_secs));
+        opts.insert(DhcpOption::Renewal(lease_secs / 2));
+        opts.insert(DhcpOption::Rebinding(lease_secs / 8 * 7));
+        opts.insert(DhcpOption::SubnetMask(site.network.netmask()));
+        if let Some(router) = site.router {
             opts.insert(DhcpOption::Router(vec![router]));
         }
-        if !s.dns.is_empty() {
-            opts.insert(DhcpOption::DomainNameServer(s.dns.clone()));
+        if !site.dns.is_empty() {
+            opts.insert(DhcpOption::DomainNameServer(site.dns.clone()));
         }
-        let file = self.add_boot_options(&mut reply, mac, client);
+        let file = self.add_boot_options(&mut reply, site, mac, client);
         let summary = format!(
-            "dhcp: {mac} xid={:#010x} {client} {kind:?} {address}{}",
+            "dhcp: {mac} xid={:#010x} {client} {kind:?} {address}{}{}",
             request.xid(),
+            describe_relay(request),
             describe_file(&file)
         );
-        Handled::reply(&reply, Destination::Broadcast, summary)
+        Handled::reply(&reply, destination(request), summary)
     }
 
     /// proxyDHCP OFFER: no address, only the PXE vendor class and boot file.
-    fn proxy_offer(&self, request: &Message, mac: &str, client: ClientKind) -> Handled {
-        let mut reply = self.base_reply(request, MessageType::Offer);
-        let file = self.add_boot_options(&mut reply, mac, client);
+    fn proxy_offer(
+        &self,
+        request: &Message,
+        site: &Site,
+        mac: &str,
+        client: ClientKind,
+    ) -> Handled {
+        let mut reply = self.base_reply(request, site, MessageType::Offer);
+        let file = self.add_boot_options(&mut reply, site, mac, client);
         let summary = format!(
-            "dhcp: {mac} xid={:#010x} {client} proxy Offer{}",
+            "dhcp: {mac} xid={:#010x} {client} proxy Offer{}{}",
             request.xid(),
+            describe_relay(request),
             describe_file(&file)
         );
-        Handled::reply(&reply, Destination::Broadcast, summary)
+        Handled::reply(&reply, destination(request), summary)
     }
 
     /// Answer on port 4011: an ACK with the boot file, straight back to the client.
     fn boot_ack(
         &self,
         request: &Message,
+        site: &Site,
         mac: &str,
         client: ClientKind,
         from: SocketAddrV4,
     ) -> Handled {
-        let mut reply = self.base_reply(request, MessageType::Ack);
-        let file = self.add_boot_options(&mut reply, mac, client);
+        let mut reply = self.base_reply(request, site, MessageType::Ack);
+        let file = self.add_boot_options(&mut reply, site, mac, client);
         let to = if from.ip().is_unspecified() {
             Destination::Broadcast
         } else {
@@ -503,13 +670,13 @@ impl DhcpServer {
         Handled::reply(&reply, to, summary)
     }
 
-    fn base_reply(&self, request: &Message, kind: MessageType) -> Message {
+    fn base_reply(&self, request: &Message, site: &Site, kind: MessageType) -> Message {
         let z = Ipv4Addr::UNSPECIFIED;
         let mut reply = Message::new_with_id(
             request.xid(),
             z,
             z,
-            self.settings.server,
+            site.server,
             request.giaddr(),
             &request.chaddr()[..6],
         );
@@ -523,7 +690,7 @@ impl DhcpServer {
         reply.opts_mut().insert(DhcpOption::MessageType(kind));
         reply
             .opts_mut()
-            .insert(DhcpOption::ServerIdentifier(self.settings.server));
+            .insert(DhcpOption::ServerIdentifier(site.server));
         reply
     }
 
@@ -531,10 +698,11 @@ impl DhcpServer {
     fn add_boot_options(
         &self,
         reply: &mut Message,
+        site: &Site,
         mac: &str,
         client: ClientKind,
     ) -> Result<Option<String>, String> {
-        let file = boot_file(&self.settings, client, mac);
+        let file = boot_file(&self.settings, site, client, mac);
         if let Ok(Some(name)) = &file {
             // The header field holds 128 bytes; option 67 carries longer names.
             if name.len() < 128 {
@@ -576,6 +744,26 @@ impl DhcpServer {
     }
 }
 
+fn describe_relay(request: &Message) -> String {
+    match request.giaddr() {
+        relay if relay.is_unspecified() => String::new(),
+        relay => format!(" via relay {relay}"),
+    }
+}
+
+/// Copies the relay's option 82 into an encoded reply, unchanged and last (RFC 3046 2.2).
+fn echo_relay_information(reply: &mut Reply, info: Vec<u8>) {
+    let Ok(data_len) = u8::try_from(info.len()) else {
+        // Longer than one option holds: the relay's own data is not ours to split.
+        return;
+    };
+    if let Some(end) = reply.payload.iter().rposition(|&b| b == 255) {
+        let mut option = vec![RELAY_AGENT_INFORMATION, data_len];
+        option.extend_from_slice(&info);
+        reply.payload.splice(end..end, option);
+    }
+}
+
 fn describe_file(file: &Result<Option<String>, String>) -> String {
     match file {
         Ok(Some(name)) => format!(" file={name}"),
@@ -587,16 +775,6 @@ fn describe_file(file: &Result<Option<String>, String>) -> String {
 fn encode(msg: &Message) -> Vec<u8> {
     // Replies are built from valid parts; encoding cannot fail for them.
     msg.to_vec().unwrap_or_default()
-}
-
-/// The config's reservations as the settings keep them.
-pub fn reservation_map(
-    reservations: &std::collections::BTreeMap<MacAddr, Ipv4Addr>,
-) -> HashMap<String, Ipv4Addr> {
-    reservations
-        .iter()
-        .map(|(mac, address)| (mac.to_string(), *address))
-        .collect()
 }
 
 #[cfg(test)]

@@ -52,6 +52,11 @@ impl Default for HttpLimits {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// The server's address the client reached (`Extension<ServerAddr>`): with several subnets,
+/// what the client is told to come back to.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerAddr(pub SocketAddr);
+
 /// Counts open connections per client; a [`Slot`] frees its place when dropped.
 #[derive(Debug, Default)]
 struct Connections {
@@ -146,8 +151,14 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpL
             drop(stream);
             continue;
         };
-        let service =
-            TowerToHyperService::new(app.clone().layer(axum::Extension(ClientAddr(peer))));
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let service = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(ClientAddr(peer)))
+                .layer(axum::Extension(ServerAddr(local))),
+        );
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = hyper::server::conn::http1::Builder::new();

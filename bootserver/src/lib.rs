@@ -16,6 +16,7 @@ pub mod leases;
 pub mod router_advert;
 pub mod serve;
 pub mod store;
+pub mod subnets;
 pub mod tftp;
 pub mod web;
 

@@ -427,6 +427,9 @@ struct DeployArgs {
     /// MB/s at most.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
+    /// Multicast TTL: the routers between the server and the slaves, plus one (1: this LAN only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    ttl: u8,
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, diskcast_bootserver::config::ConfigError> {
@@ -498,6 +501,7 @@ fn main() -> ExitCode {
             opts.start_timeout = args.start_timeout.map(Duration::from_secs);
             opts.deadline = args.deadline.map(Duration::from_secs);
             opts.max_rate = Rate::from_mbps(args.rate);
+            opts.ttl = args.ttl;
             let summary = deploy_once(&store, &args.image, &opts, |progress| {
                 eprintln!(
                     "deploying {}:\n{}",

@@ -1,12 +1,13 @@
 //! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
 
 use crate::config::{Config, ConfigError, DhcpMode};
-use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
+use crate::dhcp_server::{Destination, DhcpServer, Port, Settings};
 use crate::dhcp_server::{Handled, LeaseChange, Reply, Seen, MAX_MESSAGE};
 use crate::http::{self, HttpLimits};
 use crate::lab::{Lab, LabError};
 use crate::leases::{Lease, LeaseTable};
 use crate::store::{Store, StoreError};
+use crate::subnets;
 use crate::tftp::{self, ConfinedDir, TftpError, TftpLimits};
 use crate::web::{self, WebState};
 use diskcast_registry::{Error as RegistryError, Registry};
@@ -60,6 +61,8 @@ pub enum ServeError {
     Http(#[from] http::HttpError),
     #[error("starting the I/O runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Subnets(#[from] crate::subnets::SiteError),
 }
 
 /// The line printed once every service listens; tests wait for it.
@@ -111,7 +114,13 @@ fn dhcp_socket(interface: &str, ip: Ipv4Addr, port: u16) -> Result<UdpSocket, Se
     Ok(UdpSocket::from(fd))
 }
 
-fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, registry: Registry) {
+fn dhcp_loop(
+    socket: UdpSocket,
+    port: Port,
+    interface: String,
+    server: Arc<Mutex<DhcpServer>>,
+    registry: Registry,
+) {
     // One byte more than the largest message accepted: a longer datagram shows up as too long
     // instead of silently cut.
     let mut buf = vec![0u8; MAX_MESSAGE + 1];
@@ -120,17 +129,17 @@ fn dhcp_loop(socket: UdpSocket, port: Port, server: Arc<Mutex<DhcpServer>>, regi
             Ok((n, SocketAddr::V4(from))) => (n, from),
             Ok(_) => continue,
             Err(e) => {
-                log::error!("dhcp: receive on {port:?}: {e}");
+                log::error!("dhcp: receive on {interface} {port:?}: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
         };
         if log::log_enabled!(log::Level::Trace) {
             let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
-            log::trace!("dhcp: {n} bytes from {from} on {port:?}: {hex}");
+            log::trace!("dhcp: {n} bytes from {from} on {interface} {port:?}: {hex}");
         }
         let Ok(mut dhcp) = server.lock() else { return };
-        let handled = dhcp.handle(&buf[..n], from, port, unix_now());
+        let handled = dhcp.handle_on(&buf[..n], from, port, &interface, unix_now());
         drop(dhcp);
         if let Some(summary) = &handled.summary {
             log::info!("{summary}");
@@ -325,33 +334,42 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         leases.leases.len(),
         registry.path().display()
     );
+    let sites = subnets::resolve(&config, &subnets::interface_addresses()?)?;
+    for site in &sites {
+        log::info!("dhcp: subnet {}", site.describe());
+    }
+    let interfaces = subnets::interfaces(&sites, &config.interface);
+    let mut addresses = subnets::server_addresses(&sites);
+    if !addresses.iter().any(|(_, a)| *a == server_ip) {
+        addresses.insert(0, (config.interface.clone(), server_ip));
+    }
     let settings = Settings {
         mode: config.dhcp.mode,
-        server: server_ip,
-        range: config.dhcp.range,
-        netmask: config.dhcp.netmask,
-        router: config.dhcp.router,
-        dns: config.dhcp.dns.clone(),
+        sites: sites.clone(),
         lease_secs: config.dhcp.lease_secs,
-        reservations: reservation_map(&config.dhcp.reservations),
         uefi_loader: config.boot.uefi_loader,
         http_port: config.http_port,
     };
     let dhcp = Arc::new(Mutex::new(DhcpServer::new(settings, leases)));
 
     let mut threads = Vec::new();
-    for (port, kind) in [(67, Port::Dhcp), (4011, Port::PxeBoot)] {
-        let bind_ip = if kind == Port::Dhcp {
-            Ipv4Addr::UNSPECIFIED
-        } else {
-            server_ip
-        };
-        let socket = dhcp_socket(&config.interface, bind_ip, port)?;
+    // Port 67 on every interface (relayed requests arrive unicast, others broadcast); port 4011
+    // on each of the server's addresses.
+    let dhcp_sockets = interfaces
+        .iter()
+        .map(|i| (i.clone(), Ipv4Addr::UNSPECIFIED, 67, Port::Dhcp))
+        .chain(
+            addresses
+                .iter()
+                .map(|(i, a)| (i.clone(), *a, 4011, Port::PxeBoot)),
+        );
+    for (interface, bind_ip, port, kind) in dhcp_sockets {
+        let socket = dhcp_socket(&interface, bind_ip, port)?;
         let (dhcp, registry) = (Arc::clone(&dhcp), registry.clone());
         threads.push(
             std::thread::Builder::new()
-                .name(format!("dhcp-{port}"))
-                .spawn(move || dhcp_loop(socket, kind, dhcp, registry)),
+                .name(format!("dhcp-{port}-{interface}"))
+                .spawn(move || dhcp_loop(socket, kind, interface, dhcp, registry)),
         );
     }
     let (pruned, registry_for_pruning) = (Arc::clone(&dhcp), registry.clone());
@@ -362,53 +380,70 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     );
 
     if config.boot.answer_router_solicitations {
-        let advert = nix::net::if_::if_nametoindex(config.interface.as_str())
-            .map_err(|e| e.to_string())
-            .and_then(|index| {
-                crate::router_advert::open(&config.interface, index)
-                    .map(|fd| (fd, index))
-                    .map_err(|e| diskcast_proto::error_chain(&e))
-            });
-        match advert {
-            Ok((fd, index)) => threads.push(
-                std::thread::Builder::new().name("router-advert".into()).spawn(move || crate::router_advert::serve(fd, index)),
-            ),
-            Err(e) => log::warn!("not answering IPv6 router solicitations ({e}; its raw ICMPv6 socket needs root or CAP_NET_RAW); iPXE will wait for IPv6 before booting"),
+        // On the links the server shares with its machines; a router answers behind it.
+        let mut linked: Vec<&str> = vec![config.interface.as_str()];
+        for site in sites.iter().filter(|s| s.attached) {
+            if !linked.contains(&site.interface.as_str()) {
+                linked.push(&site.interface);
+            }
+        }
+        for interface in linked {
+            let advert = nix::net::if_::if_nametoindex(interface)
+                .map_err(|e| e.to_string())
+                .and_then(|index| {
+                    crate::router_advert::open(interface, index)
+                        .map(|fd| (fd, index))
+                        .map_err(|e| diskcast_proto::error_chain(&e))
+                });
+            match advert {
+                Ok((fd, index)) => threads.push(
+                    std::thread::Builder::new().name(format!("router-advert-{interface}")).spawn(move || crate::router_advert::serve(fd, index)),
+                ),
+                Err(e) => log::warn!("not answering IPv6 router solicitations on {interface} ({e}; its raw ICMPv6 socket needs root or CAP_NET_RAW); iPXE will wait for IPv6 before booting"),
+            }
         }
     }
 
-    let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
-    let tftp_addr = SocketAddr::from((server_ip, config.tftp_port));
-    let http_addr = SocketAddr::from((server_ip, config.http_port));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("bootserver-io")
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    let tftp_socket = runtime
-        .block_on(tokio::net::UdpSocket::bind(tftp_addr))
-        .map_err(|source| TftpError::Bind {
-            addr: tftp_addr,
-            source,
-        })?;
     let tftp_stats = Arc::new(tftp::TftpStats::default());
-    let stats = Arc::clone(&tftp_stats);
-    runtime.spawn(async move {
-        if let Err(e) = tftp::run(tftp_root, tftp_socket, TftpLimits::default(), stats).await {
-            log::error!("tftp: {}", diskcast_proto::error_chain(&e));
-            std::process::exit(1);
-        }
-    });
-    let listener = runtime.block_on(http::bind(http_addr))?;
+    // TFTP and HTTP listen on each address machines are given, so every subnet reaches them.
+    let mut listeners = Vec::new();
+    for (_, address) in &addresses {
+        let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
+        let tftp_addr = SocketAddr::from((*address, config.tftp_port));
+        let tftp_socket = runtime
+            .block_on(tokio::net::UdpSocket::bind(tftp_addr))
+            .map_err(|source| TftpError::Bind {
+                addr: tftp_addr,
+                source,
+            })?;
+        let stats = Arc::clone(&tftp_stats);
+        runtime.spawn(async move {
+            if let Err(e) = tftp::run(tftp_root, tftp_socket, TftpLimits::default(), stats).await {
+                log::error!("tftp: {}", diskcast_proto::error_chain(&e));
+                std::process::exit(1);
+            }
+        });
+        let http_addr = SocketAddr::from((*address, config.http_port));
+        listeners.push(runtime.block_on(http::bind(http_addr))?);
+    }
     let mode = match config.dhcp.mode {
         DhcpMode::Full => "full",
         DhcpMode::Proxy => "proxy",
     };
+    let listed: Vec<String> = addresses.iter().map(|(_, a)| a.to_string()).collect();
     log::info!(
-        "dhcp {mode} on {} ({server_ip}), tftp {tftp_addr} root {}, http {http_addr}",
-        config.interface,
-        config.boot.tftp_root.display()
+        "dhcp {mode} on {}, tftp port {} root {}, http port {}, on {}",
+        interfaces.join(", "),
+        config.tftp_port,
+        config.boot.tftp_root.display(),
+        config.http_port,
+        listed.join(", ")
     );
     let store = Store::open(&config.store_dir)?;
     for stale in store.clean_partials() {
@@ -424,7 +459,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         "lab: the server's signing key is {} (agents it boots trust it)",
         key.public()
     );
-    let lab = Arc::new(Lab::new(config, registry, store, server_ip, key));
+    let mut lab = Lab::new(config, registry, store, server_ip, key);
+    lab.sites = sites;
+    let lab = Arc::new(lab);
     lab.register_configured_machines(unix_now())?;
     let manager = Arc::clone(&lab);
     threads.push(
@@ -441,7 +478,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         api,
     );
     log::info!("lab: serving on {interface}; `bootserver token` prints the API's admin token");
-    runtime.spawn(http::serve(listener, app, HttpLimits::default()));
+    for listener in listeners {
+        runtime.spawn(http::serve(listener, app.clone(), HttpLimits::default()));
+    }
     for thread in &threads {
         if let Err(e) = thread {
             log::error!("starting a service thread: {e}");

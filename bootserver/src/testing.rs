@@ -72,15 +72,16 @@ pub fn web_server(
     let store = crate::store::Store::open(&config.store_dir).unwrap();
     let registry = diskcast_registry::Registry::open_in(&config.state_dir).unwrap();
     let token = crate::lab::admin_token(&config.state_dir).unwrap();
+    let mut site = crate::subnets::Site::on_link(
+        &config.interface,
+        ipnet::Ipv4Net::new(Ipv4Addr::new(10, 77, 0, 0), 24).unwrap(),
+        Ipv4Addr::new(10, 77, 0, 1),
+    );
+    site.range = config.dhcp.range;
     let settings = Settings {
         mode: config.dhcp.mode,
-        server: Ipv4Addr::new(10, 77, 0, 1),
-        range: config.dhcp.range,
-        netmask: config.dhcp.netmask,
-        router: None,
-        dns: Vec::new(),
+        sites: vec![site],
         lease_secs: 600,
-        reservations: Default::default(),
         uefi_loader: config.boot.uefi_loader,
         http_port: config.http_port,
     };

@@ -2,7 +2,7 @@
 //! `/status`, and image uploads into the store (`PUT /images/NAME`, what a capture sends).
 
 use crate::dhcp_server::DhcpServer;
-use crate::http::ClientAddr;
+use crate::http::{ClientAddr, ServerAddr};
 use crate::ipxe::INITRD_NAME;
 use crate::lab::Lab;
 use crate::store::{ImageSummary, Store, StoreError};
@@ -97,8 +97,13 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
-/// `GET /boot/MAC.ipxe`: the agent for the machine's open task, or its local disk.
-async fn script(State(state): State<Arc<WebState>>, Path(file): Path<String>) -> Response {
+/// `GET /boot/MAC.ipxe`: the agent for the machine's open task, or its local disk, pointing at
+/// the server's address the machine reached.
+async fn script(
+    State(state): State<Arc<WebState>>,
+    Extension(ServerAddr(local)): Extension<ServerAddr>,
+    Path(file): Path<String>,
+) -> Response {
     let Some(mac) = file
         .strip_suffix(".ipxe")
         .and_then(|m| m.parse::<MacAddr>().ok())
@@ -106,7 +111,13 @@ async fn script(State(state): State<Arc<WebState>>, Path(file): Path<String>) ->
         return text(StatusCode::NOT_FOUND, "not found");
     };
     let lab = Arc::clone(&state.lab);
-    let script = tokio::task::spawn_blocking(move || lab.boot_script(mac, crate::unix_now())).await;
+    let server = match local.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+        _ => lab.server_ip,
+    };
+    let script =
+        tokio::task::spawn_blocking(move || lab.boot_script_at(mac, crate::unix_now(), server))
+            .await;
     match script {
         Ok(Ok(script)) => text(StatusCode::OK, script),
         Ok(Err(e)) => {
@@ -139,6 +150,7 @@ async fn status(State(state): State<Arc<WebState>>) -> Response {
             "dhcp": {
                 "offers": dhcp.stats.offers, "acks": dhcp.stats.acks, "naks": dhcp.stats.naks,
                 "malformed": dhcp.stats.malformed, "ignored": dhcp.stats.ignored,
+                "unknown_relay": dhcp.stats.unknown_relay,
             },
         }),
         Err(_) => serde_json::json!({ "error": "the DHCP server crashed" }),

@@ -2,6 +2,7 @@
 use diskcast_bootserver::config::{DhcpMode, UefiLoader};
 use diskcast_bootserver::dhcp_server::{DhcpServer, Port, Settings};
 use diskcast_bootserver::leases::LeaseTable;
+use diskcast_bootserver::subnets::Site;
 use libfuzzer_sys::fuzz_target;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -20,21 +21,34 @@ fuzz_target!(
     },
     |data: &[u8]| {
         for mode in [DhcpMode::Full, DhcpMode::Proxy] {
+            let network = |a, b, c| {
+                diskcast_bootserver::subnets::Ipv4Net::new(Ipv4Addr::new(a, b, c, 0), 24).unwrap()
+            };
+            let mut link = Site::on_link("eth0", network(10, 0, 0), Ipv4Addr::new(10, 0, 0, 1));
+            link.range = Some((Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 20)));
+            // Behind a router: what relayed requests (giaddr in 10.0.1.0/24) are answered from.
+            let mut relayed = Site::on_link("eth0", network(10, 0, 1), Ipv4Addr::new(10, 0, 0, 1));
+            relayed.attached = false;
+            relayed.range = Some((Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 1, 20)));
+            relayed.router = Some(Ipv4Addr::new(10, 0, 1, 1));
             let settings = Settings {
                 mode,
-                server: Ipv4Addr::new(10, 0, 0, 1),
-                range: Some((Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 20))),
-                netmask: Ipv4Addr::new(255, 255, 255, 0),
-                router: None,
-                dns: vec![],
+                sites: vec![link, relayed],
                 lease_secs: 600,
-                reservations: Default::default(),
                 uefi_loader: UefiLoader::Snponly,
                 http_port: 8080,
             };
             let mut server = DhcpServer::new(settings, LeaseTable::default());
             for port in [Port::Dhcp, Port::PxeBoot] {
-                let _ = server.handle(data, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), port, 1_000);
+                for interface in ["eth0", "eth1"] {
+                    let _ = server.handle_on(
+                        data,
+                        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                        port,
+                        interface,
+                        1_000,
+                    );
+                }
             }
         }
     }

@@ -164,6 +164,8 @@ pub struct BootConfig {
     /// Master: the key its sessions are signed with (`diskcast.sign=SEED`, 64 hex digits; a
     /// secret, kept out of debug output).
     pub sign: Option<crate::trust::SigningKey>,
+    /// Master: multicast TTL, the routers a session may cross plus one (1: this LAN only).
+    pub ttl: u8,
 }
 
 /// A task of the bootserver's, as its agent knows it: `diskcast.task=ID` and `diskcast.token=HEX`.
@@ -276,12 +278,13 @@ impl Default for BootConfig {
             grow_last_partition: false,
             trust: None,
             sign: None,
+            ttl: 1,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign, ttl";
 
 /// `any`, or the keys joined by commas, as `diskcast.trust=` carries them.
 pub fn render_trust(trust: &crate::trust::Trust) -> String {
@@ -409,6 +412,13 @@ impl BootConfig {
                     .ok()
                     .filter(|&p| p > 0)
                     .ok_or_else(|| invalid(key, value, "a UDP port"))?
+            }
+            "ttl" => {
+                self.ttl = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| invalid(key, value, "a multicast TTL from 1 to 255"))?
             }
             "min_receivers" => {
                 self.min_receivers = value
@@ -591,6 +601,9 @@ impl BootConfig {
         if self.port != defaults.port {
             words.push(format!("{PREFIX}port={}", self.port));
         }
+        if self.ttl != defaults.ttl {
+            words.push(format!("{PREFIX}ttl={}", self.ttl));
+        }
         if self.min_receivers != defaults.min_receivers {
             words.push(format!("{PREFIX}min_receivers={}", self.min_receivers));
         }
@@ -663,6 +676,7 @@ mod tests {
                 crate::trust::SigningKey::from_seed([2; 32]).public(),
             ])),
             sign: Some(crate::trust::SigningKey::from_seed([3; 32])),
+            ttl: 4,
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -849,6 +863,8 @@ mod tests {
             "diskcast.store_port=0",
             "diskcast.blocks=some",
             "diskcast.grow=yes",
+            "diskcast.ttl=0",
+            "diskcast.ttl=256",
         ] {
             assert!(
                 matches!(

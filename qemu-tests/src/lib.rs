@@ -391,6 +391,21 @@ impl Ready {
     }
 }
 
+/// A running IGMP querier ([`Lab::start_igmp_querier`]).
+pub struct IgmpQuerier {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for IgmpQuerier {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 pub struct Bootserver {
     pub console: Console,
     child: Child,
@@ -671,17 +686,159 @@ impl Lab {
             ]));
     }
 
-    fn new_tap(&mut self) -> String {
+    fn new_tap(&mut self, bridge: &str) -> String {
         let tap = format!("tap{}", self.taps);
         self.taps += 1;
         self.ip(&format!("tuntap add dev {tap} mode tap"));
-        self.ip(&format!("link set {tap} master br0 up"));
+        self.ip(&format!("link set {tap} master {bridge} up"));
         tap
+    }
+
+    /// Starts an IGMP querier on `bridge` in the lab's namespace: a general query (IGMPv2) every
+    /// second from `address`, as a lab's router or switch sends them. A bridge that snoops IGMP
+    /// forwards a group only to its members while a querier is present (on this kernel the
+    /// bridge's own `mcast_querier` does not make it so). Stops when the returned value drops.
+    pub fn start_igmp_querier(&self, address: &str) -> IgmpQuerier {
+        let netns = Path::new("/run/netns").join(&self.netns);
+        let address: std::net::Ipv4Addr = address.parse().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let namespace = fs::File::open(&netns).unwrap();
+            nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(2)),
+            )
+            .unwrap();
+            socket.set_multicast_if_v4(&address).unwrap();
+            socket.set_multicast_ttl_v4(1).unwrap();
+            // Type 0x11 (membership query), max response 1 s, group 0 (general), checksum.
+            let mut query = [0x11u8, 10, 0, 0, 0, 0, 0, 0];
+            let sum = query
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum::<u32>();
+            let checksum = !((sum & 0xffff) + (sum >> 16)) as u16;
+            query[2..4].copy_from_slice(&checksum.to_be_bytes());
+            let all_hosts = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(224, 0, 0, 1), 0);
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = socket.send_to(&query, &all_hosts.into());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        IgmpQuerier {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Another subnet's switch: a bridge in the lab's namespace that the server has no address
+    /// on, so it reaches the machines there only through a router ([`Lab::add_router`]). VMs
+    /// join it with [`Lab::boot_vm_on`].
+    pub fn add_subnet(&mut self, bridge: &str) {
+        self.ip(&format!("link add {bridge} type bridge mcast_snooping 0"));
+        self.ip(&format!("link set {bridge} up"));
+    }
+
+    /// A router namespace between br0 (its address `near`, e.g. `10.77.0.254/24`) and the
+    /// subnet bridge `bridge` (its address `far`, e.g. `10.78.0.1/24`): it forwards IPv4, and
+    /// the server's namespace routes the far subnet through it. Its interfaces are `r-near`
+    /// and `r-far`; returns its namespace, for [`Lab::start_dhcp_relay`] and
+    /// [`Lab::start_multicast_router`].
+    pub fn add_router(&mut self, name: &str, bridge: &str, near: &str, far: &str) -> String {
+        let netns = format!("{}-{name}", self.netns);
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        for (side, bridge) in [("near", "br0"), ("far", bridge)] {
+            let peer = format!("v-{name}-{side}");
+            self.ip(&format!(
+                "link add {peer} type veth peer name r-{side} netns {netns}"
+            ));
+            self.ip(&format!("link set {peer} master {bridge} up"));
+        }
+        let in_router = |args: &[&str]| {
+            run(Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .args(args));
+        };
+        for args in [
+            "link set lo up".to_string(),
+            format!("addr add {near} brd + dev r-near"),
+            format!("addr add {far} brd + dev r-far"),
+            "link set r-near up".into(),
+            "link set r-far up".into(),
+        ] {
+            in_router(
+                &["ip"]
+                    .into_iter()
+                    .chain(args.split_whitespace())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        for sysctl in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.r-near.rp_filter=0",
+            "net.ipv4.conf.r-far.rp_filter=0",
+        ] {
+            in_router(&["sysctl", "-q", "-w", sysctl]);
+        }
+        let far_net = format!(
+            "{}/{}",
+            network_of(far),
+            far.split_once('/').map_or("24", |(_, len)| len)
+        );
+        let gateway = near.split_once('/').map_or(near, |(a, _)| a);
+        self.ip(&format!("route add {far_net} via {gateway}"));
+        netns
+    }
+
+    /// Runs Debian's `dhcrelay` in router `netns`: DHCP requests on its far side are relayed to
+    /// `server` with `giaddr` set, the answers back (measured: /work/shared/DESIGN.md section 8).
+    pub fn start_dhcp_relay(&mut self, netns: &str, server: &str) -> Console {
+        let pid_file = self.dir.join(format!("{netns}-dhcrelay.pid"));
+        let mut cmd = Lab::in_host(netns, Path::new("dhcrelay"));
+        cmd.args(["-d", "-4", "-iu", "r-near", "-id", "r-far", "-pf"])
+            .arg(&pid_file)
+            .arg(server);
+        self.start_helper("dhcrelay", cmd)
+    }
+
+    /// Runs `smcrouted` in router `netns`, forwarding multicast for `groups` (`G/LEN`) from
+    /// its near side to its far side (its control socket and pid file are the lab's own: the
+    /// defaults in /run are shared by every namespace).
+    pub fn start_multicast_router(&mut self, netns: &str, groups: &str) -> Console {
+        let conf = self.dir.join(format!("{netns}-smcroute.conf"));
+        fs::write(
+            &conf,
+            format!(
+                "phyint r-near enable
+phyint r-far enable
+mroute from r-near group {groups} to r-far
+"
+            ),
+        )
+        .unwrap();
+        let mut cmd = Lab::in_host(netns, Path::new("smcrouted"));
+        cmd.args(["-n", "-N", "-f"])
+            .arg(&conf)
+            .args(["-i", &format!("smcroute-{}", std::process::id()), "-u"])
+            .arg(self.dir.join(format!("{netns}-smcroute.sock")))
+            .arg("-P")
+            .arg(self.dir.join(format!("{netns}-smcroute.pid")));
+        self.start_helper("smcrouted", cmd)
     }
 
     /// Creates a VM's disks and starts it network-booting.
     pub fn boot_vm(&mut self, spec: VmSpec) -> usize {
-        let tap = self.new_tap();
+        self.boot_vm_on(spec, "br0")
+    }
+
+    /// [`Lab::boot_vm`] with the VM's NIC on `bridge` (see [`Lab::add_subnet`]).
+    pub fn boot_vm_on(&mut self, spec: VmSpec, bridge: &str) -> usize {
+        let tap = self.new_tap(bridge);
         let mut cmd = self.ns_command(Path::new("qemu-system-x86_64"));
         cmd.args([
             "-accel",
@@ -894,6 +1051,15 @@ impl Lab {
             );
         }
     }
+}
+
+/// `10.78.0.0` for `10.78.0.1/24`.
+fn network_of(cidr: &str) -> std::net::Ipv4Addr {
+    let (address, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    let address: std::net::Ipv4Addr = address.parse().unwrap();
+    let len: u32 = len.parse().unwrap();
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    std::net::Ipv4Addr::from(u32::from(address) & mask)
 }
 
 fn tail(text: &str, lines: usize) -> String {

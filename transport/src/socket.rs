@@ -124,7 +124,28 @@ pub fn receiver_socket(
     socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(fail)?;
     let membership = IpMembershipRequest::new(group, Some(interface_addr));
     socket::setsockopt(&fd, sockopt::IpAddMembership, &membership).map_err(fail)?;
+    // Only this group's datagrams: by default Linux hands a socket bound to the wildcard address
+    // every group any socket of the host joined on that port (another session's, too).
+    socket2::SockRef::from(&fd)
+        .set_multicast_all_v4(false)
+        .map_err(|e| {
+            fail(nix::Error::from_raw(
+                e.raw_os_error().unwrap_or(libc::EINVAL),
+            ))
+        })?;
     Ok(UdpSocket::from(fd))
+}
+
+/// A receiver's socket for its reports to the sender and the sender's answers to it: a port of
+/// its own, so that two sessions received on one host (their group sockets share the session
+/// port) never take each other's answers.
+pub fn report_socket(interface_addr: Ipv4Addr) -> Result<UdpSocket, NetError> {
+    let addr = SocketAddrV4::new(interface_addr, 0);
+    UdpSocket::bind(addr).map_err(|e| NetError::Socket {
+        what: "report",
+        addr: addr.into(),
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
+    })
 }
 
 /// One receive: its length, its source, the kernel's count of datagrams dropped for lack of

@@ -104,6 +104,7 @@ pub fn run_receive(
     let target = Target::open(&opts.target)?;
     let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
     let socket = socket::receiver_socket(opts.group, opts.port, address)?;
+    let reports = socket::report_socket(address)?;
     let cfg = ReceiverConfig {
         id: opts.id.unwrap_or_else(|| {
             let identity = machine_identity(Path::new("/"), &opts.name, &interface);
@@ -151,10 +152,12 @@ pub fn run_receive(
     };
     let writer = disk::spawn_writer(target, 16, finish)?;
     socket.set_nonblocking(true)?;
+    reports.set_nonblocking(true)?;
     socket::enable_gro(&socket);
     let mut session = ReceiveLoop {
         receiver: Receiver::new(cfg, started),
         socket,
+        reports,
         writer,
         prepared: false,
         buf: vec![0u8; 64 << 10],
@@ -190,8 +193,9 @@ pub fn run_receive(
             let stats = session.receiver.stats;
             let (user, system) = diskcast_transport::cpu_seconds();
             log::info!(
-                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows, {} untrusted announcements refused, {} forged datagrams dropped; cpu {user:.2} s user, {system:.2} s system",
-                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow, stats.untrusted, stats.forged
+                "received {} datagrams: {} duplicates, {} dropped for memory, {} corrupt chunks, {} kernel overflows, {} untrusted announcements refused, {} forged datagrams dropped; {} foreign (another session or sender) and {} malformed dropped; cpu {user:.2} s user, {system:.2} s system",
+                stats.datagrams, stats.duplicates, stats.dropped_for_memory, stats.corrupt_chunks, stats.overflow, stats.untrusted, stats.forged,
+                stats.foreign, stats.malformed
             );
             // A finished receiver forgets its transfer: the last view stands, completed.
             let mut view = snapshot(&session.receiver, Instant::now());
@@ -230,7 +234,11 @@ pub fn run_receive(
             .map_or(next_progress, |t| t.min(next_progress));
         if wake > now {
             socket::wait_readable_any(
-                &[session.socket.as_fd(), session.writer.wake.as_fd()],
+                &[
+                    session.socket.as_fd(),
+                    session.reports.as_fd(),
+                    session.writer.wake.as_fd(),
+                ],
                 wake - now,
             );
         }
@@ -240,7 +248,10 @@ pub fn run_receive(
 /// The receiver with its socket and disk.
 struct ReceiveLoop {
     receiver: Receiver,
+    /// The group's datagrams.
     socket: UdpSocket,
+    /// Reports to the sender, and its answers.
+    reports: UdpSocket,
     writer: WriterHandle,
     /// An image file was sized for the image.
     prepared: bool,
@@ -248,15 +259,21 @@ struct ReceiveLoop {
 }
 
 impl ReceiveLoop {
-    /// Feeds what the socket holds (up to a batch) to the receiver.
+    /// Feeds what the sockets hold (up to a batch each) to the receiver.
     fn receive(&mut self) -> Result<(), ReceiveError> {
+        self.receive_from(false)?;
+        self.receive_from(true)
+    }
+
+    fn receive_from(&mut self, reports: bool) -> Result<(), ReceiveError> {
         for _ in 0..RECEIVE_BATCH {
-            let received = match socket::recv_counting_drops(&self.socket, &mut self.buf) {
+            let from = if reports { &self.reports } else { &self.socket };
+            let received = match socket::recv_counting_drops(from, &mut self.buf) {
                 Ok(received) => received,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e.into()),
             };
-            if let Some(drops) = received.drops {
+            if let (Some(drops), false) = (received.drops, reports) {
                 self.receiver.set_overflow(drops);
             }
             let now = Instant::now();
@@ -282,7 +299,7 @@ impl ReceiveLoop {
         while let Some(transmit) = self.receiver.poll_transmit() {
             // A lost report is repeated at the next status interval.
             if let Destination::Peer(to) = transmit.destination {
-                let _ = self.socket.send_to(&transmit.bytes, to);
+                let _ = self.reports.send_to(&transmit.bytes, to);
             }
         }
         while let Some(event) = self.receiver.poll_event() {

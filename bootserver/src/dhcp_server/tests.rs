@@ -1,23 +1,38 @@
 use super::*;
+use crate::subnets::Site;
 use dhcproto::v4::{Architecture, Flags};
 use dhcproto::Decodable;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const NOW: u64 = 1_700_000_000;
 
+const RELAY: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+
+fn net(text: &str) -> crate::subnets::Ipv4Net {
+    text.parse().unwrap()
+}
+
+/// br0 with 10.77.0.0/24 (two addresses to hand out and a reservation), 10.78.0.0/24 behind a
+/// router that relays (reached through br0), and 10.79.0.0/24 on eth1.
 fn settings(mode: DhcpMode) -> Settings {
+    let mut link = Site::on_link("br0", net("10.77.0.0/24"), SERVER);
+    link.range = Some((Ipv4Addr::new(10, 77, 0, 100), Ipv4Addr::new(10, 77, 0, 101)));
+    link.reservations = [(
+        "52:54:00:00:00:99".parse().unwrap(),
+        Ipv4Addr::new(10, 77, 0, 50),
+    )]
+    .into();
+    let mut relayed = Site::on_link("br0", net("10.78.0.0/24"), SERVER);
+    relayed.attached = false;
+    relayed.range = Some((Ipv4Addr::new(10, 78, 0, 100), Ipv4Addr::new(10, 78, 0, 101)));
+    relayed.router = Some(RELAY);
+    relayed.dns = vec![Ipv4Addr::new(10, 78, 0, 53)];
+    let mut other = Site::on_link("eth1", net("10.79.0.0/24"), Ipv4Addr::new(10, 79, 0, 1));
+    other.range = Some((Ipv4Addr::new(10, 79, 0, 100), Ipv4Addr::new(10, 79, 0, 109)));
     Settings {
         mode,
-        server: SERVER,
-        range: Some((Ipv4Addr::new(10, 77, 0, 100), Ipv4Addr::new(10, 77, 0, 101))),
-        netmask: Ipv4Addr::new(255, 255, 255, 0),
-        router: None,
-        dns: vec![],
+        sites: vec![link, relayed, other],
         lease_secs: 600,
-        reservations: HashMap::from([(
-            "52:54:00:00:00:99".to_string(),
-            Ipv4Addr::new(10, 77, 0, 50),
-        )]),
         uefi_loader: UefiLoader::Snponly,
         http_port: 8080,
     }
@@ -495,4 +510,205 @@ fn an_ack_whose_lease_cannot_be_saved_is_not_sent() {
         "an ACK was sent for a lease the disk could not hold"
     );
     assert!(room.is_some());
+}
+
+/// `bytes` as a relay agent forwards it: `giaddr` set, option 82 appended when given.
+fn relayed(bytes: &[u8], giaddr: Ipv4Addr, agent_information: Option<&[u8]>) -> Vec<u8> {
+    let mut msg = Message::from_bytes(bytes).unwrap();
+    msg.set_giaddr(giaddr);
+    msg.set_hops(1);
+    let mut bytes = msg.to_vec().unwrap();
+    // By hand: dhcproto 0.15 encodes an option 82 given as raw bytes twice.
+    if let Some(info) = agent_information {
+        let end = bytes.iter().rposition(|&b| b == 255).unwrap();
+        let option = [&[82, info.len() as u8][..], info].concat();
+        bytes.splice(end..end, option);
+    }
+    bytes
+}
+
+fn relay_from() -> SocketAddrV4 {
+    SocketAddrV4::new(RELAY, 67)
+}
+
+/// Sub-option 1 (circuit id "eth1") and 2 (remote id), as a relay such as dhcrelay adds them.
+const AGENT_INFORMATION: &[u8] = &[1, 4, b'e', b't', b'h', b'1', 2, 3, 0xaa, 0xbb, 0xcc];
+
+#[test]
+fn a_relayed_request_is_answered_from_its_subnets_pool_unicast_to_the_relay() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    let discover = relayed(
+        &packet(Who::Ipxe, 7, MessageType::Discover, vec![]),
+        RELAY,
+        Some(AGENT_INFORMATION),
+    );
+    let handled = server.handle(&discover, relay_from(), Port::Dhcp, NOW);
+    let reply = handled.reply.as_ref().expect("an offer");
+    assert_eq!(reply.to, Destination::Unicast(SocketAddrV4::new(RELAY, 67)));
+    // Option 82 comes back byte for byte, as the last option.
+    assert_eq!(
+        raw_option(&reply.payload, 82).as_deref(),
+        Some(AGENT_INFORMATION)
+    );
+    let end = reply.payload.iter().rposition(|&b| b == 255).unwrap();
+    assert_eq!(
+        &reply.payload[end - AGENT_INFORMATION.len() - 2..end],
+        [&[82, AGENT_INFORMATION.len() as u8][..], AGENT_INFORMATION].concat()
+    );
+    let offer = reply_of(&handled);
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 78, 0, 100));
+    assert_eq!(offer.giaddr(), RELAY);
+    assert_eq!(offer.siaddr(), SERVER, "TFTP through the router");
+    assert_eq!(
+        offer.opts().get(OptionCode::Router),
+        Some(&DhcpOption::Router(vec![RELAY]))
+    );
+    assert_eq!(
+        offer.opts().get(OptionCode::DomainNameServer),
+        Some(&DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+            10, 78, 0, 53
+        )]))
+    );
+    assert_eq!(
+        offer.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "http://10.77.0.1:8080/boot/52-54-00-00-00-07.ipxe"
+    );
+    assert!(handled.summary.unwrap().contains("via relay 10.78.0.1"));
+    let request = relayed(
+        &packet(
+            Who::Ipxe,
+            7,
+            MessageType::Request,
+            vec![
+                DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                DhcpOption::ServerIdentifier(SERVER),
+            ],
+        ),
+        RELAY,
+        Some(AGENT_INFORMATION),
+    );
+    let handled = server.handle(&request, relay_from(), Port::Dhcp, NOW);
+    assert!(matches!(
+        handled.lease_change,
+        Some(LeaseChange::Granted { lease, .. }) if lease.address == Ipv4Addr::new(10, 78, 0, 100)
+    ));
+    let reply = handled.reply.as_ref().unwrap();
+    assert_eq!(reply.to, Destination::Unicast(SocketAddrV4::new(RELAY, 67)));
+    assert_eq!(reply_of(&handled).opts().msg_type(), Some(MessageType::Ack));
+    // A request for an address of the server's own link, relayed from the far subnet: NAK,
+    // to the relay, flagged for broadcast (the client has no address yet).
+    let mut wrong = Message::from_bytes(&request).unwrap();
+    wrong
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+            10, 77, 0, 100,
+        )));
+    wrong.set_flags(Flags::default());
+    let handled = server.handle(&wrong.to_vec().unwrap(), relay_from(), Port::Dhcp, NOW);
+    let nak = reply_of(&handled);
+    assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+    assert!(nak.flags().broadcast());
+    assert_eq!(
+        handled.reply.unwrap().to,
+        Destination::Unicast(SocketAddrV4::new(RELAY, 67))
+    );
+}
+
+#[test]
+fn a_relayed_request_from_an_unknown_subnet_is_logged_and_ignored() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    for giaddr in [Ipv4Addr::new(192, 168, 5, 1), Ipv4Addr::new(10, 77, 1, 1)] {
+        let discover = relayed(
+            &packet(Who::Bios, 8, MessageType::Discover, vec![]),
+            giaddr,
+            None,
+        );
+        let handled = server.handle(&discover, SocketAddrV4::new(giaddr, 67), Port::Dhcp, NOW);
+        assert!(handled.reply.is_none(), "answered from another pool");
+        let summary = handled.summary.expect("logged");
+        assert!(summary.contains(&giaddr.to_string()), "{summary}");
+        assert!(summary.contains("no configured subnet"), "{summary}");
+    }
+    // The known far subnet's relay, but on an interface that does not lead there.
+    let discover = relayed(
+        &packet(Who::Bios, 8, MessageType::Discover, vec![]),
+        RELAY,
+        None,
+    );
+    let handled = server.handle_on(&discover, relay_from(), Port::Dhcp, "eth1", NOW);
+    assert!(handled.reply.is_none());
+    assert!(handled.summary.unwrap().contains("arrived on eth1"));
+    assert_eq!(server.stats.unknown_relay, 3);
+    assert!(server.offers.is_empty() && server.leases.leases.is_empty());
+}
+
+#[test]
+fn each_interface_answers_from_its_own_subnet_with_its_own_address() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Full), LeaseTable::default());
+    let handled = server.handle_on(
+        &packet(Who::Ipxe, 9, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        "eth1",
+        NOW,
+    );
+    let offer = reply_of(&handled);
+    assert_eq!(handled.reply.as_ref().unwrap().to, Destination::Broadcast);
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 79, 0, 100));
+    assert_eq!(offer.siaddr(), Ipv4Addr::new(10, 79, 0, 1));
+    assert_eq!(
+        offer.opts().get(OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 79, 0, 1)))
+    );
+    assert_eq!(
+        offer.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "http://10.79.0.1:8080/boot/52-54-00-00-00-09.ipxe"
+    );
+    // The machine moves to the server's first link: an address from there, not its old one.
+    let ack = full_exchange(&mut server, Who::Ipxe, 9);
+    assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 77, 0, 100));
+    // An interface with no subnet of its own answers nobody.
+    let stray = server.handle_on(
+        &packet(Who::Bios, 10, MessageType::Discover, vec![]),
+        from(),
+        Port::Dhcp,
+        "eth2",
+        NOW,
+    );
+    assert!(stray.reply.is_none());
+    assert!(stray.summary.unwrap().contains("no subnet of its own"));
+}
+
+#[test]
+fn proxy_mode_answers_relayed_pxe_clients_through_their_relay() {
+    let mut server = DhcpServer::new(settings(DhcpMode::Proxy), LeaseTable::default());
+    let discover = relayed(
+        &packet(Who::Uefi, 11, MessageType::Discover, vec![]),
+        RELAY,
+        Some(AGENT_INFORMATION),
+    );
+    let handled = server.handle(&discover, relay_from(), Port::Dhcp, NOW);
+    let reply = handled.reply.as_ref().expect("a proxy offer");
+    assert_eq!(reply.to, Destination::Unicast(SocketAddrV4::new(RELAY, 67)));
+    assert_eq!(
+        raw_option(&reply.payload, 82).as_deref(),
+        Some(AGENT_INFORMATION)
+    );
+    let offer = reply_of(&handled);
+    assert_eq!(offer.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(offer.siaddr(), SERVER);
+    assert_eq!(
+        offer.fname_str().unwrap().unwrap().trim_end_matches('\0'),
+        "snponly.efi"
+    );
+    // Its boot server request on port 4011 comes routed, from its own address.
+    let client = SocketAddrV4::new(Ipv4Addr::new(10, 78, 0, 120), 68);
+    let ack = server.handle(
+        &packet(Who::Ipxe, 11, MessageType::Request, vec![]),
+        client,
+        Port::PxeBoot,
+        NOW,
+    );
+    assert_eq!(ack.reply.as_ref().unwrap().to, Destination::Unicast(client));
+    assert!(server.leases.leases.is_empty());
 }

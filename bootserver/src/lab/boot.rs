@@ -9,6 +9,7 @@ use diskcast_proto::mac::MacAddr;
 use diskcast_proto::trust::{PublicKey, Trust};
 use diskcast_registry::{Firmware, NewTask, Sighting, Task, TaskKind, Via};
 use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
 
 /// What a task was created with, beyond its kind: kept as JSON in the registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -95,6 +96,16 @@ impl Lab {
 
     /// Decides what `mac` boots now (and records that it asked).
     pub fn boot_plan(&self, mac: MacAddr, now: u64) -> Result<BootPlan, LabError> {
+        self.boot_plan_at(mac, now, self.server_ip)
+    }
+
+    /// [`Self::boot_plan`] for a machine that reaches the server at `server`.
+    pub fn boot_plan_at(
+        &self,
+        mac: MacAddr,
+        now: u64,
+        server: Ipv4Addr,
+    ) -> Result<BootPlan, LabError> {
         let machine = match self.registry.machine(mac)? {
             Some(machine) => machine,
             None => self.registry.observe(
@@ -140,12 +151,13 @@ impl Lab {
         };
         let token = self.registry.issue_token(task.id)?;
         let options: TaskOptions = serde_json::from_str(&task.options).unwrap_or_default();
-        let agent = self.agent_for(
+        let mut agent = self.agent_for(
             &task,
             &options,
             machine.disk.as_deref(),
             token.into_string(),
         );
+        agent.server = Some(server);
         Ok(BootPlan::Agent {
             task,
             agent: Box::new(agent),
@@ -192,7 +204,7 @@ impl Lab {
         };
         match &task.kind {
             TaskKind::Deploy { image } => {
-                let session = self.config.image_session(image);
+                let session = self.image_session(image);
                 agent.role = Role::Slave;
                 agent.group = session.group;
                 agent.port = session.port;
@@ -217,6 +229,7 @@ impl Lab {
                 agent.min_receivers = options.min_receivers.unwrap_or(a.min_receivers).max(1);
                 agent.start_timeout_secs = options.start_timeout.or(a.start_timeout_secs);
                 agent.rate_mbps = options.rate.or(a.rate_mbps);
+                agent.ttl = a.ttl;
             }
             TaskKind::Inventory => {}
         }
@@ -265,8 +278,19 @@ impl Lab {
 
     /// The iPXE script for `mac`.
     pub fn boot_script(&self, mac: MacAddr, now: u64) -> Result<String, LabError> {
-        let base_url = format!("http://{}:{}", self.server_ip, self.config.http_port);
-        Ok(match self.boot_plan(mac, now)? {
+        self.boot_script_at(mac, now, self.server_ip)
+    }
+
+    /// The iPXE script for `mac`, which reached the server at `server`: the agent is told that
+    /// address, the one its subnet reaches.
+    pub fn boot_script_at(
+        &self,
+        mac: MacAddr,
+        now: u64,
+        server: Ipv4Addr,
+    ) -> Result<String, LabError> {
+        let base_url = format!("http://{server}:{}", self.config.http_port);
+        Ok(match self.boot_plan_at(mac, now, server)? {
             BootPlan::Agent { task, agent } => {
                 log::info!(
                     "lab: {mac} boots the agent for task {} ({})",

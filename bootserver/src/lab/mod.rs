@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod checks;
+pub mod session_plan;
 pub mod sessions;
 pub mod tasks;
 pub mod wake;
@@ -64,6 +65,9 @@ pub struct Lab {
     pub image_checks: checks::ImageChecks,
     /// The web console's logins (see `console::login`).
     pub logins: crate::console::login::Logins,
+    /// The subnets served, as resolved against the server's interfaces (empty when that
+    /// failed: then nothing is known about where machines sit).
+    pub sites: Vec<crate::subnets::Site>,
 }
 
 impl Lab {
@@ -77,6 +81,9 @@ impl Lab {
         let store = store
             .with_signer(key.clone())
             .trusting(&config.security.trusted_keys);
+        let sites = crate::subnets::interface_addresses()
+            .and_then(|found| crate::subnets::resolve(&config, &found))
+            .unwrap_or_default();
         Self {
             config,
             registry,
@@ -86,6 +93,7 @@ impl Lab {
             key,
             image_checks: checks::ImageChecks::default(),
             logins: crate::console::login::Logins::default(),
+            sites,
         }
     }
 

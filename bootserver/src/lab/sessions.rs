@@ -21,6 +21,8 @@ pub struct Sessions {
     running: Arc<Mutex<BTreeMap<String, SessionView>>>,
     /// Counts changes of the views; the console's event stream waits on it.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The multicast group of each image with machines to serve.
+    pub groups: super::session_plan::Groups,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -28,6 +30,11 @@ pub struct SessionView {
     pub image: String,
     pub group: String,
     pub port: u16,
+    /// The interface it multicasts on and its TTL.
+    pub interface: String,
+    pub ttl: u8,
+    /// Machines it will not reach as configured (behind a router with TTL 1, another interface).
+    pub warnings: Vec<String>,
     /// `waiting` for its machines, `sending`, or `ended`.
     pub phase: &'static str,
     pub waiting_for: u32,
@@ -126,6 +133,14 @@ pub fn manage(lab: Arc<Lab>) {
                 by_image.entry(image).or_default().push(task.mac);
             }
         }
+        // An image's group stays its own while machines wait for it or a session runs.
+        let running: Vec<String> = lab.sessions.views().into_iter().map(|v| v.image).collect();
+        let active: Vec<&str> = by_image
+            .keys()
+            .chain(&running)
+            .map(String::as_str)
+            .collect();
+        lab.sessions.groups.keep_only(&active);
         for (image, machines) in by_image {
             if lab.sessions.is_running(&image) {
                 continue;
@@ -166,12 +181,13 @@ pub fn manage(lab: Arc<Lab>) {
 
 /// One session of `image` for `machines` (their open deploy tasks).
 fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
-    let session = lab.config.image_session(image);
-    let mut opts = SendOptions::new(
-        Some(lab.config.interface.clone()),
-        session.group,
-        session.port,
-    );
+    let plan = lab.session_plan(image, machines);
+    for warning in &plan.warnings {
+        log::warn!("lab: {warning}");
+    }
+    let session = plan.session.clone();
+    let mut opts = SendOptions::new(Some(plan.interface.clone()), session.group, session.port);
+    opts.ttl = plan.ttl;
     opts.min_receivers = machines.len() as u32;
     opts.start_timeout = Some(
         session
@@ -209,10 +225,12 @@ fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
         }
     };
     log::info!(
-        "lab: session for image {image:?} ({}) on {}:{}, waiting for {} machine(s)",
+        "lab: session for image {image:?} ({}) on {}:{} via {} with TTL {}, waiting for {} machine(s)",
         ImageSummary::of(image, &stored).sizes(),
         session.group,
         session.port,
+        plan.interface,
+        plan.ttl,
         machines.len()
     );
     let manifest = stored.manifest.clone();
@@ -221,6 +239,9 @@ fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
         image,
         group: session.group.to_string(),
         port: session.port,
+        interface: plan.interface.clone(),
+        ttl: plan.ttl,
+        warnings: plan.warnings.clone(),
         waiting_for: machines.len() as u32,
         last_progress: HashMap::new(),
         joined: Vec::new(),
@@ -241,6 +262,9 @@ struct TaskObserver<'a> {
     image: &'a str,
     group: String,
     port: u16,
+    interface: String,
+    ttl: u8,
+    warnings: Vec<String>,
     waiting_for: u32,
     last_progress: HashMap<MacAddr, Instant>,
     joined: Vec<MacAddr>,
@@ -331,6 +355,9 @@ impl Observer for &mut TaskObserver<'_> {
             image: self.image.to_string(),
             group: self.group.clone(),
             port: self.port,
+            interface: self.interface.clone(),
+            ttl: self.ttl,
+            warnings: self.warnings.clone(),
             phase: if sender.data_started().is_some() {
                 "sending"
             } else {

@@ -94,6 +94,11 @@ impl Lab {
                 super::boot::task_label(task)
             );
         }
+        if let TaskKind::Deploy { image } = &kind {
+            for warning in self.session_plan(image, &macs).warnings {
+                log::warn!("lab: {warning}");
+            }
+        }
         if request.wake {
             super::wake::wake(&self.config.interface, &macs)?;
         }

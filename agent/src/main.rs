@@ -157,6 +157,10 @@ struct SendArgs {
     /// on a network known to lose about 5 %); 0 sends parity only for reported losses.
     #[arg(long, default_value_t = 0.0)]
     proactive_parity: f64,
+    /// Repair with exact blocks only, never parity (parity spares the link when receivers lose
+    /// different blocks, and costs each receiver the decoding).
+    #[arg(long)]
+    no_parity: bool,
     /// Send chunks raw instead of compressing them (with zstd, on every core, where it pays).
     #[arg(long)]
     no_compress: bool,
@@ -299,6 +303,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 .into());
             }
             opts.proactive_parity = args.proactive_parity;
+            opts.parity = !args.no_parity;
             if args.no_compress {
                 opts.compress = None;
             }

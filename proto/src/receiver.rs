@@ -16,8 +16,8 @@ use crate::manifest::{ChunkKind, Hash, Manifest};
 use crate::trust::{Trust, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_TOO_SMALL, REFUSAL_UNSIGNED,
-    REFUSAL_UNTRUSTED_KEY,
+    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_TOO_SMALL,
+    REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -382,6 +382,8 @@ struct Transfer {
     first_pass_done: bool,
     highest_seq: u64,
     nak_cursor: u32,
+    /// The sender asks for parity requests (the latest announcement says so).
+    parity_naks: bool,
 }
 
 /// The verified or failed result, repeated until the sender acknowledges it.
@@ -753,6 +755,7 @@ impl Receiver {
                 t.announced_seq = t.announced_seq.max(seq);
                 t.front = t.front.max(front);
                 t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
+                t.parity_naks = flags & ANNOUNCE_PARITY != 0;
             }
             Body::Welcome {
                 receiver,
@@ -1145,6 +1148,7 @@ impl Transfer {
             first_pass_done: false,
             highest_seq: 0,
             nak_cursor: 0,
+            parity_naks: false,
         }
     }
 
@@ -1535,7 +1539,8 @@ impl Transfer {
             }
             let nak = match self.partial.get(&chunk) {
                 Some(partial)
-                    if crate::fec::usable(partial.have.len(), block_size)
+                    if (self.parity_naks || !partial.parity.is_empty())
+                        && crate::fec::usable(partial.have.len(), block_size)
                         && partial.have.len() - partial.have.count()
                             <= crate::fec::recovery_count(partial.have.len()) =>
                 {

@@ -16,8 +16,8 @@ use crate::rng::XorShift;
 use crate::trust::{SigningKey, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM, PARITY_PROACTIVE,
-    REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
+    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
+    PARITY_PROACTIVE, REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -55,6 +55,9 @@ pub struct SenderConfig {
     /// The sender's own address as receivers see it (its socket's): signatures bind it, so a
     /// copy of the Announce replayed from another host does not verify.
     pub address: SocketAddr,
+    /// Whether receivers are asked to request parity when at least two take part (see
+    /// [`ANNOUNCE_PARITY`]); without it every repair is an exact block.
+    pub parity: bool,
     /// Parity shards sent with every chunk in the first pass, as a fraction of its blocks (0:
     /// parity only on request). For networks known to lose that much: receivers then complete
     /// most chunks without asking.
@@ -76,6 +79,7 @@ impl Default for SenderConfig {
             nonce_seed: 1,
             signing_key: None,
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            parity: true,
             proactive_parity: 0.0,
         }
     }
@@ -497,9 +501,32 @@ impl Sender {
                 ANNOUNCE_COMPRESSED
             } else {
                 0
+            } | if self.parity_wanted() {
+                ANNOUNCE_PARITY
+            } else {
+                0
             },
             signature: Vec::new(),
         }
+    }
+
+    /// Parity pays when losses differ between receivers: with one receiver the union of losses
+    /// is the largest loss, and parity would only add decoding. While waiting, the start policy
+    /// says how many will take part: a receiver that misses the announcement at the start of
+    /// the data keeps what the waiting ones told it, so several receivers ask for parity from
+    /// the first chunk on.
+    fn parity_wanted(&self) -> bool {
+        let taking_part = self
+            .receivers
+            .values()
+            .filter(|r| r.accepted && !r.is_final())
+            .count();
+        let expected = if self.phase == Phase::Waiting {
+            taking_part.max(self.cfg.min_receivers as usize)
+        } else {
+            taking_part
+        };
+        self.cfg.parity && expected >= 2
     }
 
     /// Feeds one datagram received on the sender's socket from `from`.

@@ -1501,3 +1501,24 @@ fn parity_beyond_the_code_or_of_the_wrong_size_is_dropped() {
     sim.run(Duration::from_secs(60));
     sim.assert_all_copies_exact();
 }
+
+#[test]
+fn parity_only_where_receivers_lose_different_blocks() {
+    // One receiver: the union of losses is its own loss, parity would only add its decoding.
+    let image = test_image(16 * CHUNK as usize, 43);
+    let mut sim = Sim::new(image.clone(), CHUNK, cfg(1), 1, 0.05, 43);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(sim.sender.stats.repair_datagrams > 0);
+    assert_eq!(sim.sender.stats.parity_datagrams, 0);
+    // Several receivers, parity turned off by the operator: exact blocks only.
+    let sender_cfg = SenderConfig {
+        parity: false,
+        ..cfg(3)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 3, 0.05, 43);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(sim.sender.stats.repair_datagrams > 0);
+    assert_eq!(sim.sender.stats.parity_datagrams, 0);
+}

@@ -176,6 +176,10 @@ pub const ANNOUNCE_FIRST_PASS_DONE: u8 = 1;
 /// Some chunks travel as zstd frames: their lengths are in the manifest, so a receiver cannot
 /// place data before it has the manifest.
 pub const ANNOUNCE_COMPRESSED: u8 = 2;
+/// Ask for parity ("k more shards") rather than exact blocks where a chunk's parity can cover
+/// the loss: set while at least two receivers take part, or are expected to while the sender
+/// waits (for one, parity saves nothing on the wire and costs it the decoding).
+pub const ANNOUNCE_PARITY: u8 = 4;
 pub const DATA_REPAIR: u8 = 1;
 /// A Parity datagram sent with the first pass, before anybody asked.
 pub const PARITY_PROACTIVE: u8 = 2;

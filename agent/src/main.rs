@@ -153,6 +153,17 @@ struct SendArgs {
     /// Multicast TTL (1: this LAN only).
     #[arg(long, default_value_t = 1)]
     ttl: u8,
+    /// Parity sent with every chunk before anybody asks, as a fraction of its blocks (e.g. 0.05
+    /// on a network known to lose about 5 %); 0 sends parity only for reported losses.
+    #[arg(long, default_value_t = 0.0)]
+    proactive_parity: f64,
+    /// Repair with exact blocks only, never parity (parity spares the link when receivers lose
+    /// different blocks, and costs each receiver the decoding).
+    #[arg(long)]
+    no_parity: bool,
+    /// Send chunks raw instead of compressing them (with zstd, on every core, where it pays).
+    #[arg(long)]
+    no_compress: bool,
     #[command(flatten)]
     blocks: BlocksArgs,
     /// Sign the session with this key file (`agent key new`); receivers `--trust` its public
@@ -283,6 +294,18 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             opts.chunk_size = args.chunk_size;
             if let Some(path) = &args.key {
                 opts.signing_key = Some(diskcast_transport::keys::read_key(path)?);
+            }
+            if !(0.0..=0.25).contains(&args.proactive_parity) {
+                return Err(format!(
+                    "--proactive-parity {} is out of range: give a fraction from 0 to 0.25 of each chunk",
+                    args.proactive_parity
+                )
+                .into());
+            }
+            opts.proactive_parity = args.proactive_parity;
+            opts.parity = !args.no_parity;
+            if args.no_compress {
+                opts.compress = None;
             }
             let summary =
                 imaging::send::run_send(&args.source, &opts, args.blocks.blocks(), |progress| {

@@ -20,6 +20,12 @@ pub enum CodecError {
     },
     #[error("chunk {chunk}: the bytes do not match the manifest's hash")]
     Hash { chunk: u32 },
+    #[error("chunk {chunk}: rebuilding lost blocks from parity")]
+    Rebuild {
+        chunk: u32,
+        #[source]
+        source: crate::fec::FecError,
+    },
     #[error("chunk {chunk}: a {kind} chunk has no stored bytes")]
     NotStored { chunk: u32, kind: &'static str },
 }

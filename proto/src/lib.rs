@@ -18,6 +18,7 @@ pub mod bits;
 pub mod cmdline;
 pub mod codec;
 pub mod dhcp;
+pub mod fec;
 pub mod image_file;
 pub mod mac;
 pub mod manifest;

@@ -16,10 +16,10 @@ use crate::manifest::{ChunkKind, Hash, Manifest};
 use crate::trust::{Trust, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_TOO_SMALL, REFUSAL_UNSIGNED,
-    REFUSAL_UNTRUSTED_KEY,
+    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_TOO_SMALL,
+    REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -249,11 +249,21 @@ pub struct ChunkWrite {
     pub stored: Vec<u8>,
     pub kind: ChunkKind,
     pub raw_len: usize,
+    /// Blocks lost on the way, to rebuild from parity first (`stored` holds zeros there).
+    pub repair: Option<Box<crate::fec::Repair>>,
 }
 
 impl ChunkWrite {
     /// The raw bytes to write at `self.offset`, or why they cannot be trusted.
-    pub fn decode(self) -> Result<Vec<u8>, crate::codec::CodecError> {
+    pub fn decode(mut self) -> Result<Vec<u8>, crate::codec::CodecError> {
+        if let Some(repair) = &self.repair {
+            repair.rebuild(&mut self.stored).map_err(|source| {
+                crate::codec::CodecError::Rebuild {
+                    chunk: self.chunk,
+                    source,
+                }
+            })?;
+        }
         crate::codec::decode_owned(self.chunk, &self.kind, self.stored, self.raw_len)
     }
 }
@@ -286,7 +296,7 @@ pub struct ReceiverStats {
     pub before_manifest: u64,
     /// Socket buffer overflows reported by the caller.
     pub overflow: u32,
-    /// Blocks this receiver lacked that came in a repair (a retransmission someone asked for).
+    /// Blocks this receiver lacked that came in a repair (a retransmission or a parity shard).
     pub repaired_blocks: u64,
 }
 
@@ -305,6 +315,22 @@ enum ChunkState {
 struct Partial {
     data: Vec<u8>,
     have: BitSet,
+    /// Parity shards by index (see `fec.rs`): with the data blocks, any `blocks` complete it.
+    parity: BTreeMap<u16, Vec<u8>>,
+}
+
+impl Partial {
+    fn new(len: usize, blocks: usize) -> Self {
+        Self {
+            data: vec![0; len],
+            have: BitSet::new(blocks),
+            parity: BTreeMap::new(),
+        }
+    }
+
+    fn shards(&self) -> usize {
+        self.have.count() + self.parity.len()
+    }
 }
 
 /// What the announcement told: enough to place blocks before the manifest is in.
@@ -360,6 +386,8 @@ struct Transfer {
     nak_cursor: u32,
     /// Bytes of the image's data chunks written so far (zeroed and absent chunks not counted).
     data_written: u64,
+    /// The sender asks for parity requests (the latest announcement says so).
+    parity_naks: bool,
 }
 
 /// The verified or failed result, repeated until the sender acknowledges it.
@@ -635,6 +663,17 @@ impl Receiver {
             }
             return;
         }
+        if crate::wire::is_parity(bytes) {
+            match crate::wire::parse_parity(bytes) {
+                Err(_) => self.stats.malformed += 1,
+                Ok((session, _)) if wanted.is_some_and(|s| s != session) => self.stats.foreign += 1,
+                Ok((_, parity)) => {
+                    self.stats.datagrams += 1;
+                    self.on_parity(parity, now);
+                }
+            }
+            return;
+        }
         let packet = match Packet::parse(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -730,6 +769,7 @@ impl Receiver {
                 t.announced_seq = t.announced_seq.max(seq);
                 t.front = t.front.max(front);
                 t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
+                t.parity_naks = flags & ANNOUNCE_PARITY != 0;
             }
             Body::Welcome {
                 receiver,
@@ -839,6 +879,27 @@ impl Receiver {
             if data.flags & DATA_REPAIR == 0 {
                 t.front = t.front.max(data.chunk);
             }
+        }
+        self.check_complete();
+    }
+
+    /// A parity shard: `parity.block` is its index.
+    fn on_parity(&mut self, parity: DataRef<'_>, now: Instant) {
+        let max_partial = self.cfg.max_partial_chunks;
+        let (State::Joining(t) | State::Receiving(t)) = &mut self.state else {
+            return;
+        };
+        t.last_heard = now;
+        let placed = t.parity(
+            parity.chunk,
+            parity.block,
+            parity.bytes,
+            max_partial,
+            &mut self.stats,
+            &mut self.out,
+        );
+        if placed && parity.seq <= t.announced_seq.saturating_add(SEQ_SLACK) {
+            t.highest_seq = t.highest_seq.max(parity.seq);
         }
         self.check_complete();
     }
@@ -1096,6 +1157,7 @@ impl Transfer {
             highest_seq: 0,
             nak_cursor: 0,
             data_written: 0,
+            parity_naks: false,
         }
     }
 
@@ -1200,28 +1262,23 @@ impl Transfer {
             zero_pending,
         };
         for (chunk, data) in held {
-            self.complete_chunk(chunk, data, stats, out);
+            self.complete_chunk(chunk, data, None, stats, out);
         }
     }
 
-    /// Places one block; true when it fit the image (new, duplicate or held for memory).
-    fn data(
-        &mut self,
-        data: &DataRef<'_>,
-        max_partial: usize,
-        stats: &mut ReceiverStats,
-        out: &mut Outbox,
-    ) -> bool {
+    /// Where a block or shard of `chunk` goes: the chunk's length as it travels, whether it is
+    /// already complete, and how many chunks are held for the manifest. `None` when it cannot be
+    /// placed (counted).
+    fn slot(&self, chunk: u32, stats: &mut ReceiverStats) -> Option<(usize, bool, usize)> {
         // The geometry from the announcement is enough to place a block: a receiver still
         // missing part of the manifest keeps collecting data and checks it once the manifest is in.
-        let (chunk, block, bytes) = (data.chunk, data.block, data.bytes);
         let chunk_size = u64::from(self.geometry.chunk_size);
         let offset = u64::from(chunk) * chunk_size;
         if offset >= self.geometry.image_size {
             stats.malformed += 1;
-            return false;
+            return None;
         }
-        let (len, known_done, held_count) = match &self.chunks {
+        Some(match &self.chunks {
             Chunks::Known {
                 manifest, states, ..
             } => (
@@ -1234,13 +1291,27 @@ impl Transfer {
             Chunks::Collecting { .. } if self.geometry.compressed => {
                 // A compressed chunk's length is in the manifest.
                 stats.before_manifest += 1;
-                return false;
+                return None;
             }
             Chunks::Collecting { held, .. } => (
                 (self.geometry.image_size - offset).min(chunk_size) as usize,
                 held.contains_key(&chunk),
                 held.len(),
             ),
+        })
+    }
+
+    /// Places one block; true when it fit the image (new, duplicate or held for memory).
+    fn data(
+        &mut self,
+        data: &DataRef<'_>,
+        max_partial: usize,
+        stats: &mut ReceiverStats,
+        out: &mut Outbox,
+    ) -> bool {
+        let (chunk, block, bytes) = (data.chunk, data.block, data.bytes);
+        let Some((len, known_done, held_count)) = self.slot(chunk, stats) else {
+            return false;
         };
         if known_done {
             stats.duplicates += 1;
@@ -1258,10 +1329,10 @@ impl Transfer {
             return true;
         }
         let blocks = len.div_ceil(block_size);
-        let partial = self.partial.entry(chunk).or_insert_with(|| Partial {
-            data: vec![0; len],
-            have: BitSet::new(blocks),
-        });
+        let partial = self
+            .partial
+            .entry(chunk)
+            .or_insert_with(|| Partial::new(len, blocks));
         if !partial.have.insert(usize::from(block)) {
             stats.duplicates += 1;
             return true;
@@ -1270,19 +1341,94 @@ impl Transfer {
         if data.flags & DATA_REPAIR != 0 {
             stats.repaired_blocks += 1;
         }
-        if partial.have.count() < blocks {
-            return true;
-        }
-        let Some(partial) = self.partial.remove(&chunk) else {
-            return true;
-        };
-        match &mut self.chunks {
-            Chunks::Known { .. } => self.complete_chunk(chunk, partial.data, stats, out),
-            Chunks::Collecting { held, .. } => {
-                held.insert(chunk, partial.data);
-            }
+        if partial.shards() >= blocks {
+            self.assemble(chunk, stats, out);
         }
         true
+    }
+
+    /// Places one parity shard; true when it fit the image (new, duplicate or held for memory).
+    fn parity(
+        &mut self,
+        chunk: u32,
+        index: u16,
+        bytes: &[u8],
+        max_partial: usize,
+        stats: &mut ReceiverStats,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some((len, known_done, held_count)) = self.slot(chunk, stats) else {
+            return false;
+        };
+        if known_done {
+            stats.duplicates += 1;
+            return true;
+        }
+        let block_size = usize::from(self.geometry.block_size);
+        let blocks = len.div_ceil(block_size);
+        if !crate::fec::usable(blocks, block_size)
+            || usize::from(index) >= crate::fec::recovery_count(blocks)
+            || bytes.len() != block_size
+        {
+            stats.malformed += 1;
+            return false;
+        }
+        if !self.partial.contains_key(&chunk) && self.partial.len() + held_count >= max_partial {
+            stats.dropped_for_memory += 1;
+            return true;
+        }
+        let partial = self
+            .partial
+            .entry(chunk)
+            .or_insert_with(|| Partial::new(len, blocks));
+        if partial.parity.contains_key(&index) || partial.shards() >= blocks {
+            stats.duplicates += 1;
+            return true;
+        }
+        partial.parity.insert(index, bytes.to_vec());
+        stats.repaired_blocks += 1;
+        if partial.shards() >= blocks {
+            self.assemble(chunk, stats, out);
+        }
+        true
+    }
+
+    /// A partial chunk with enough shards: handed on (or held until the manifest is in), with
+    /// its parity when blocks are missing.
+    fn assemble(&mut self, chunk: u32, stats: &mut ReceiverStats, out: &mut Outbox) {
+        let Some(partial) = self.partial.remove(&chunk) else {
+            return;
+        };
+        let repair = (partial.have.count() < partial.have.len()).then(|| {
+            Box::new(crate::fec::Repair {
+                block_size: usize::from(self.geometry.block_size),
+                have: partial.have,
+                parity: partial.parity,
+            })
+        });
+        let data = match repair {
+            None => partial.data,
+            Some(repair) => {
+                // Rebuilt here only when the manifest is still missing (rare: the chunk waits
+                // anyway); otherwise on the disk side with the hash check.
+                if let Chunks::Known { .. } = self.chunks {
+                    self.complete_chunk(chunk, partial.data, Some(repair), stats, out);
+                    return;
+                }
+                let mut data = partial.data;
+                if repair.rebuild(&mut data).is_err() {
+                    stats.corrupt_chunks += 1;
+                    return;
+                }
+                data
+            }
+        };
+        match &mut self.chunks {
+            Chunks::Known { .. } => self.complete_chunk(chunk, data, None, stats, out),
+            Chunks::Collecting { held, .. } => {
+                held.insert(chunk, data);
+            }
+        }
     }
 
     /// A chunk with every block in: hand it to the disk side, which checks it before writing.
@@ -1290,6 +1436,7 @@ impl Transfer {
         &mut self,
         chunk: u32,
         stored: Vec<u8>,
+        repair: Option<Box<crate::fec::Repair>>,
         stats: &mut ReceiverStats,
         out: &mut Outbox,
     ) {
@@ -1318,6 +1465,7 @@ impl Transfer {
             stored,
             kind,
             raw_len,
+            repair,
         }));
     }
 
@@ -1406,6 +1554,20 @@ impl Transfer {
                 continue;
             }
             let nak = match self.partial.get(&chunk) {
+                Some(partial)
+                    if (self.parity_naks || !partial.parity.is_empty())
+                        && crate::fec::usable(partial.have.len(), block_size)
+                        && partial.have.len() - partial.have.count()
+                            <= crate::fec::recovery_count(partial.have.len()) =>
+                {
+                    // Few blocks missing: any shards will do, so one parity datagram can serve
+                    // every receiver missing some other block of this chunk.
+                    let needed = partial.have.len().saturating_sub(partial.shards());
+                    Nak::Shards {
+                        chunk,
+                        needed: needed.min(usize::from(u16::MAX)) as u16,
+                    }
+                }
                 Some(partial) => {
                     let blocks = manifest.wire_len(chunk).div_ceil(block_size);
                     let mut missing = BitSet::new(blocks);
@@ -1437,7 +1599,7 @@ impl Transfer {
             budget -= nak.encoded_len();
             let advance = match &nak {
                 Nak::Chunks { count, .. } => *count,
-                Nak::Blocks { .. } => 1,
+                Nak::Blocks { .. } | Nak::Shards { .. } => 1,
             };
             naks.push(nak);
             visited += advance;

@@ -9,14 +9,15 @@
 //! [`Sender::poll_timeout`] or the next datagram.
 
 use crate::bits::BitSet;
+use crate::fec::{self, ParityQueue};
 use crate::manifest::Manifest;
 use crate::pacer::Pacer;
 use crate::rng::XorShift;
 use crate::trust::{SigningKey, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_UNSIGNED,
-    REFUSAL_UNTRUSTED_KEY,
+    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
+    PARITY_PROACTIVE, REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -54,6 +55,13 @@ pub struct SenderConfig {
     /// The sender's own address as receivers see it (its socket's): signatures bind it, so a
     /// copy of the Announce replayed from another host does not verify.
     pub address: SocketAddr,
+    /// Whether receivers are asked to request parity when at least two take part (see
+    /// [`ANNOUNCE_PARITY`]); without it every repair is an exact block.
+    pub parity: bool,
+    /// Parity shards sent with every chunk in the first pass, as a fraction of its blocks (0:
+    /// parity only on request). For networks known to lose that much: receivers then complete
+    /// most chunks without asking.
+    pub proactive_parity: f64,
 }
 
 impl Default for SenderConfig {
@@ -71,6 +79,8 @@ impl Default for SenderConfig {
             nonce_seed: 1,
             signing_key: None,
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            parity: true,
+            proactive_parity: 0.0,
         }
     }
 }
@@ -239,6 +249,8 @@ pub struct SenderStats {
     pub data_datagrams: u64,
     pub repair_datagrams: u64,
     pub data_bytes: u64,
+    /// Parity datagrams among the data datagrams (repairs and proactive).
+    pub parity_datagrams: u64,
     pub manifest_datagrams: u64,
     pub malformed: u64,
     pub foreign: u64,
@@ -257,6 +269,13 @@ struct Joining {
     name: String,
     serial: String,
     from: SocketAddr,
+}
+
+/// A repair datagram to send: an exact block, or a parity shard of a chunk.
+#[derive(Debug, Clone, Copy)]
+enum Repair {
+    Block(u32, usize),
+    Parity(u32, u16),
 }
 
 /// Datagrams the pacer lets out back to back.
@@ -294,12 +313,16 @@ pub struct Sender {
     manifest_queue: BTreeSet<u32>,
     manifest_repeat: bool,
     repairs: BTreeMap<u32, BitSet>,
+    /// Parity repairs: per chunk, as many shards as the neediest receiver lacks.
+    parity: ParityQueue,
     /// Sequence number of the last datagram sent for each chunk.
     chunk_last_seq: Vec<u64>,
     seq: u64,
     pacer: Pacer,
     /// While the first pass runs, whether the next data datagram may be a repair.
     repair_turn: bool,
+    /// Whether the next repair should be parity rather than an exact block.
+    parity_turn: bool,
     /// Blocks in the image's data: a receiver asking for more than a few times this many is
     /// dropped.
     data_blocks: u64,
@@ -348,10 +371,12 @@ impl Sender {
             manifest_queue: BTreeSet::new(),
             manifest_repeat: false,
             repairs: BTreeMap::new(),
+            parity: ParityQueue::default(),
             chunk_last_seq,
             seq: 0,
             pacer,
             repair_turn: true,
+            parity_turn: false,
             data_blocks,
             end_sent: 0,
             outcome: None,
@@ -476,9 +501,32 @@ impl Sender {
                 ANNOUNCE_COMPRESSED
             } else {
                 0
+            } | if self.parity_wanted() {
+                ANNOUNCE_PARITY
+            } else {
+                0
             },
             signature: Vec::new(),
         }
+    }
+
+    /// Parity pays when losses differ between receivers: with one receiver the union of losses
+    /// is the largest loss, and parity would only add decoding. While waiting, the start policy
+    /// says how many will take part: a receiver that misses the announcement at the start of
+    /// the data keeps what the waiting ones told it, so several receivers ask for parity from
+    /// the first chunk on.
+    fn parity_wanted(&self) -> bool {
+        let taking_part = self
+            .receivers
+            .values()
+            .filter(|r| r.accepted && !r.is_final())
+            .count();
+        let expected = if self.phase == Phase::Waiting {
+            taking_part.max(self.cfg.min_receivers as usize)
+        } else {
+            taking_part
+        };
+        self.cfg.parity && expected >= 2
     }
 
     /// Feeds one datagram received on the sender's socket from `from`.
@@ -788,6 +836,11 @@ impl Sender {
                         requested += self.request_blocks(*chunk, Some(set), highest_seq);
                     }
                 }
+                Nak::Shards { chunk, needed } => {
+                    if *chunk < chunk_count {
+                        requested += self.request_shards(*chunk, *needed, highest_seq);
+                    }
+                }
             }
         }
         requested
@@ -817,6 +870,26 @@ impl Sender {
             }
         };
         added as u64
+    }
+
+    /// A receiver lacks `needed` shards of `chunk`: parity, unless the chunk cannot carry it
+    /// (then every block is sent again). Returns how many shards that adds to the queue.
+    fn request_shards(&mut self, chunk: u32, needed: u16, highest_seq: u64) -> u64 {
+        if !self.manifest.chunks[chunk as usize].is_data() {
+            return 0;
+        }
+        let last = self.chunk_last_seq[chunk as usize];
+        if last == 0 || last > highest_seq {
+            return 0;
+        }
+        let blocks = self.blocks_in(chunk);
+        if !fec::usable(blocks, usize::from(self.cfg.block_size)) {
+            return self.request_blocks(chunk, None, highest_seq);
+        }
+        // More than the chunk's parity cannot be used by anybody: the receiver asks for exact
+        // blocks then.
+        let needed = u32::from(needed).min(fec::recovery_count(blocks) as u32);
+        u64::from(self.parity.request(chunk, needed))
     }
 
     fn update_phase(&mut self, now: Instant) {
@@ -933,6 +1006,7 @@ impl Sender {
         self.outcome = Some(outcome);
         self.phase = Phase::Ending;
         self.repairs.clear();
+        self.parity.clear();
         self.manifest_queue.clear();
     }
 
@@ -1011,19 +1085,32 @@ impl Sender {
                 offset: start as u32,
                 bytes: self.manifest_bytes[start..end].to_vec(),
             })
-        } else if let Some((chunk, block)) = self.next_repair_in_turn() {
+        } else if let Some(repair) = self.next_repair_in_turn() {
             self.stats.repair_datagrams += 1;
-            self.data_datagram(chunk, block, DATA_REPAIR, source)?
+            match repair {
+                Repair::Block(chunk, block) => {
+                    self.data_datagram(chunk, block, DATA_REPAIR, source)?
+                }
+                Repair::Parity(chunk, index) => {
+                    self.parity_datagram(chunk, index, DATA_REPAIR, source)?
+                }
+            }
         } else if !self.first_pass_done() {
             self.repair_turn = true;
             let chunk = self.data_chunks[self.pass_chunk];
             let block = self.pass_block;
+            let blocks = self.blocks_in(chunk);
             self.pass_block += 1;
-            if self.pass_block >= self.blocks_in(chunk) {
+            if self.pass_block >= blocks + self.proactive_parity(blocks) {
                 self.pass_block = 0;
                 self.pass_chunk += 1;
             }
-            self.data_datagram(chunk, block, 0, source)?
+            if block < blocks {
+                self.data_datagram(chunk, block, 0, source)?
+            } else {
+                let index = self.parity.take_index(chunk, fec::recovery_count(blocks));
+                self.parity_datagram(chunk, index, PARITY_PROACTIVE, source)?
+            }
         } else {
             return None;
         };
@@ -1035,18 +1122,89 @@ impl Sender {
             && (!self.manifest_queue.is_empty()
                 || self.manifest_repeat
                 || !self.repairs.is_empty()
+                || !self.parity.is_empty()
                 || !self.first_pass_done())
+    }
+
+    /// Parity shards the first pass sends with a chunk of `blocks` blocks.
+    fn proactive_parity(&self, blocks: usize) -> usize {
+        let ratio = self.cfg.proactive_parity;
+        if ratio <= 0.0 || !fec::usable(blocks, usize::from(self.cfg.block_size)) {
+            return 0;
+        }
+        ((blocks as f64 * ratio).ceil() as usize).min(fec::recovery_count(blocks))
     }
 
     /// A repair, if one is queued and it is a repair's turn: while the first pass runs, repairs
     /// and first-pass data alternate, so no receiver's requests can starve the others' data.
-    fn next_repair_in_turn(&mut self) -> Option<(u32, usize)> {
+    /// Exact blocks (for receivers that lack too much for parity) and parity take turns too,
+    /// so a receiver that keeps asking for whole chunks cannot starve everybody's parity.
+    fn next_repair_in_turn(&mut self) -> Option<Repair> {
         if !self.first_pass_done() && !self.repair_turn {
             return None;
         }
-        let repair = self.next_repair()?;
+        let parity_first = self.parity_turn && !self.parity.is_empty();
+        let repair = if parity_first {
+            self.next_parity()
+        } else {
+            self.next_repair()
+                .map(|(chunk, block)| Repair::Block(chunk, block))
+                .or_else(|| self.next_parity())
+        }?;
+        self.parity_turn = matches!(repair, Repair::Block(..));
         self.repair_turn = false;
         Some(repair)
+    }
+
+    fn next_parity(&mut self) -> Option<Repair> {
+        let block_size = usize::from(self.cfg.block_size);
+        let manifest = &self.manifest;
+        let (chunk, index) = self
+            .parity
+            .next(|chunk| fec::recovery_count(manifest.wire_len(chunk).div_ceil(block_size)))?;
+        Some(Repair::Parity(chunk, index))
+    }
+
+    fn parity_datagram(
+        &mut self,
+        chunk: u32,
+        index: u16,
+        flags: u8,
+        source: &mut dyn ChunkSource,
+    ) -> Option<Vec<u8>> {
+        let block_size = usize::from(self.cfg.block_size);
+        let shard = match source.chunk(chunk) {
+            Ok(bytes) => self
+                .parity
+                .shard(chunk, index, bytes, block_size)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let shard = match shard {
+            Ok(shard) => shard,
+            Err(error) => {
+                let (offset, _) = self.manifest.chunk_range(chunk);
+                self.finish(Outcome::SourceFailed {
+                    chunk,
+                    offset,
+                    error,
+                });
+                return None;
+            }
+        };
+        self.seq += 1;
+        self.chunk_last_seq[chunk as usize] = self.seq;
+        self.stats.data_datagrams += 1;
+        self.stats.parity_datagrams += 1;
+        self.stats.data_bytes += shard.len() as u64;
+        let parity = DataRef {
+            seq: self.seq,
+            chunk,
+            block: index,
+            flags,
+            bytes: shard,
+        };
+        Some(crate::wire::emit_parity(self.cfg.session, &parity))
     }
 
     fn next_repair(&mut self) -> Option<(u32, usize)> {

@@ -23,9 +23,16 @@
 //! | 7 | Done | receiver → sender | receiver u64, nonce u64, ok u8, image_hash [32], reason str8 |
 //! | 8 | DoneAck | sender → receiver (unicast) | receiver u64, signature sig8 |
 //! | 9 | End | sender → group | aborted u8, signature sig8 |
+//! | 10 | Parity | sender → group | seq u64, chunk u32, index u16, flags u8, bytes (one block) |
 //!
 //! A NAK is `0, start u32, count u32` (whole chunks missing) or `1, chunk u32, bitmap_len u16,
-//! bitmap` (bit b set: block b of the chunk is missing).
+//! bitmap` (bit b set: block b of the chunk is missing), or `2, chunk u32, needed u16` (that many
+//! more shards of the chunk, data or parity, complete it: see `fec.rs`).
+//!
+//! A Parity datagram carries Reed–Solomon parity shard `index` of a chunk (`fec.rs`): any `n` of
+//! a chunk's `n` data blocks and its parity shards rebuild it. Like Data it is not signed: a
+//! rebuilt chunk must match its hash in the manifest, which the signed Announce binds. Version 3
+//! added it and the `needed` NAK.
 //!
 //! The nonce is the sender's answer to one Join, sent only to the address that joined: Status and
 //! Done count only with it and from that address, so a host that merely sees the group's
@@ -69,6 +76,7 @@ pub enum DatagramType {
     Done = 7,
     DoneAck = 8,
     End = 9,
+    Parity = 10,
 }
 
 impl DatagramType {
@@ -83,6 +91,7 @@ impl DatagramType {
             7 => Self::Done,
             8 => Self::DoneAck,
             9 => Self::End,
+            10 => Self::Parity,
             _ => return None,
         })
     }
@@ -99,6 +108,7 @@ impl DatagramType {
             Self::Done => "done",
             Self::DoneAck => "done-ack",
             Self::End => "end",
+            Self::Parity => "parity",
         }
     }
 }
@@ -137,8 +147,19 @@ pub enum Verdict {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nak {
-    Chunks { start: u32, count: u32 },
-    Blocks { chunk: u32, bitmap: Vec<u8> },
+    Chunks {
+        start: u32,
+        count: u32,
+    },
+    Blocks {
+        chunk: u32,
+        bitmap: Vec<u8>,
+    },
+    /// `needed` more shards of any kind (data blocks or parity) complete the chunk.
+    Shards {
+        chunk: u32,
+        needed: u16,
+    },
 }
 
 impl Nak {
@@ -146,6 +167,7 @@ impl Nak {
         match self {
             Nak::Chunks { .. } => 9,
             Nak::Blocks { bitmap, .. } => 7 + bitmap.len(),
+            Nak::Shards { .. } => 7,
         }
     }
 }
@@ -154,7 +176,13 @@ pub const ANNOUNCE_FIRST_PASS_DONE: u8 = 1;
 /// Some chunks travel as zstd frames: their lengths are in the manifest, so a receiver cannot
 /// place data before it has the manifest.
 pub const ANNOUNCE_COMPRESSED: u8 = 2;
+/// Ask for parity ("k more shards") rather than exact blocks where a chunk's parity can cover
+/// the loss: set while at least two receivers take part, or are expected to while the sender
+/// waits (for one, parity saves nothing on the wire and costs it the decoding).
+pub const ANNOUNCE_PARITY: u8 = 4;
 pub const DATA_REPAIR: u8 = 1;
+/// A Parity datagram sent with the first pass, before anybody asked.
+pub const PARITY_PROACTIVE: u8 = 2;
 
 /// Join refusals: why a receiver will not take part (it still tells the sender, so the
 /// sender's summary names it).
@@ -238,6 +266,14 @@ pub enum Body {
     End {
         aborted: bool,
         signature: Vec<u8>,
+    },
+    /// Parity shard `index` of `chunk` (one block long).
+    Parity {
+        seq: u64,
+        chunk: u32,
+        index: u16,
+        flags: u8,
+        bytes: Vec<u8>,
     },
 }
 
@@ -392,6 +428,7 @@ impl Body {
             Body::Done { .. } => DatagramType::Done,
             Body::DoneAck { .. } => DatagramType::DoneAck,
             Body::End { .. } => DatagramType::End,
+            Body::Parity { .. } => DatagramType::Parity,
         }
     }
 }
@@ -445,6 +482,27 @@ impl Packet {
 
     /// The datagram without its CRC; with or without its signature field.
     fn content(&self, with_signature: bool) -> Vec<u8> {
+        if let Body::Parity {
+            seq,
+            chunk,
+            index,
+            flags,
+            bytes,
+        } = &self.body
+        {
+            let mut out = emit_parity(
+                self.session,
+                &DataRef {
+                    seq: *seq,
+                    chunk: *chunk,
+                    block: *index,
+                    flags: *flags,
+                    bytes,
+                },
+            );
+            out.truncate(out.len() - TRAILER);
+            return out;
+        }
         if let Body::Data {
             seq,
             chunk,
@@ -529,7 +587,7 @@ impl Packet {
                 out.extend_from_slice(&offset.to_be_bytes());
                 out.extend_from_slice(bytes);
             }
-            Body::Data { .. } => {}
+            Body::Data { .. } | Body::Parity { .. } => {}
             Body::Status {
                 receiver,
                 nonce,
@@ -564,6 +622,11 @@ impl Packet {
                             out.extend_from_slice(&chunk.to_be_bytes());
                             out.extend_from_slice(&(bitmap.len() as u16).to_be_bytes());
                             out.extend_from_slice(bitmap);
+                        }
+                        Nak::Shards { chunk, needed } => {
+                            out.push(2);
+                            out.extend_from_slice(&chunk.to_be_bytes());
+                            out.extend_from_slice(&needed.to_be_bytes());
                         }
                     }
                 }
@@ -620,6 +683,19 @@ impl Packet {
                     block,
                     flags,
                     bytes: bytes.to_vec(),
+                },
+            });
+        }
+        if kind == DatagramType::Parity {
+            let (session, parity) = parse_parity(datagram)?;
+            return Ok(Self {
+                session,
+                body: Body::Parity {
+                    seq: parity.seq,
+                    chunk: parity.chunk,
+                    index: parity.block,
+                    flags: parity.flags,
+                    bytes: parity.bytes.to_vec(),
                 },
             });
         }
@@ -684,6 +760,10 @@ impl Packet {
                                 bitmap: r.take(len)?.to_vec(),
                             }
                         }
+                        2 => Nak::Shards {
+                            chunk: r.u32()?,
+                            needed: r.u16()?,
+                        },
                         _ => return Err(WireError::Body(what)),
                     });
                 }
@@ -716,7 +796,7 @@ impl Packet {
                 signature: r.sig8()?,
             },
             // Handled above without copying its payload.
-            DatagramType::Data => return Err(WireError::Type(type_code)),
+            DatagramType::Data | DatagramType::Parity => return Err(WireError::Type(type_code)),
         };
         r.finish()?;
         Ok(Self { session, body })
@@ -757,16 +837,30 @@ pub fn is_data(datagram: &[u8]) -> bool {
     datagram.get(3) == Some(&(DatagramType::Data as u8))
 }
 
+/// True when a datagram claims to be Parity (checked properly by [`parse_parity`]).
+pub fn is_parity(datagram: &[u8]) -> bool {
+    datagram.get(3) == Some(&(DatagramType::Parity as u8))
+}
+
 /// Parses a Data datagram without copying its payload; returns the session too.
 pub fn parse_data(datagram: &[u8]) -> Result<(u32, DataRef<'_>), WireError> {
+    parse_block(datagram, DatagramType::Data)
+}
+
+/// Parses a Parity datagram without copying its shard (`block` is the parity index).
+pub fn parse_parity(datagram: &[u8]) -> Result<(u32, DataRef<'_>), WireError> {
+    parse_block(datagram, DatagramType::Parity)
+}
+
+fn parse_block(datagram: &[u8], kind: DatagramType) -> Result<(u32, DataRef<'_>), WireError> {
     let (session, type_code, body) = open(datagram)?;
-    if type_code != DatagramType::Data as u8 {
+    if type_code != kind as u8 {
         return Err(WireError::Type(type_code));
     }
     let mut r = Reader {
         bytes: body,
         at: 0,
-        what: "data",
+        what: kind.name(),
     };
     let data = DataRef {
         seq: r.u64()?,
@@ -780,10 +874,19 @@ pub fn parse_data(datagram: &[u8]) -> Result<(u32, DataRef<'_>), WireError> {
 
 /// Emits a Data datagram straight from a slice of the chunk (the send path's only copy).
 pub fn emit_data(session: u32, data: &DataRef<'_>) -> Vec<u8> {
+    emit_block(session, DatagramType::Data, data)
+}
+
+/// Emits a Parity datagram (`block` is the parity index); same layout as Data.
+pub fn emit_parity(session: u32, parity: &DataRef<'_>) -> Vec<u8> {
+    emit_block(session, DatagramType::Parity, parity)
+}
+
+fn emit_block(session: u32, kind: DatagramType, data: &DataRef<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(DATA_OVERHEAD + data.bytes.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    out.push(DatagramType::Data as u8);
+    out.push(kind as u8);
     out.extend_from_slice(&session.to_be_bytes());
     out.extend_from_slice(&data.seq.to_be_bytes());
     out.extend_from_slice(&data.chunk.to_be_bytes());
@@ -854,6 +957,10 @@ mod tests {
                         chunk: 9,
                         bitmap: vec![0x81; 94],
                     },
+                    Nak::Shards {
+                        chunk: 11,
+                        needed: 37,
+                    },
                 ],
             },
             Body::Done {
@@ -870,6 +977,13 @@ mod tests {
             Body::End {
                 aborted: true,
                 signature: Vec::new(),
+            },
+            Body::Parity {
+                seq: 1 << 41,
+                chunk: 7,
+                index: 185,
+                flags: DATA_REPAIR,
+                bytes: vec![3; 1408],
             },
         ];
         body.into_iter()
@@ -926,7 +1040,10 @@ mod tests {
         for packet in samples() {
             let bytes = packet.emit();
             let kind = packet.body.datagram_type();
-            let open_ended = matches!(kind, DatagramType::ManifestPart | DatagramType::Data);
+            let open_ended = matches!(
+                kind,
+                DatagramType::ManifestPart | DatagramType::Data | DatagramType::Parity
+            );
             for _ in 0..2000 {
                 let mut m = bytes[..bytes.len() - 4].to_vec();
                 let cut = rng.below(m.len() as u64 + 1) as usize;
@@ -1014,6 +1131,10 @@ mod golden {
                         chunk: 9,
                         bitmap: vec![0x81],
                     },
+                    Nak::Shards {
+                        chunk: 12,
+                        needed: 3,
+                    },
                 ],
             },
             Body::Done {
@@ -1030,6 +1151,13 @@ mod golden {
             Body::End {
                 aborted: false,
                 signature: Vec::new(),
+            },
+            Body::Parity {
+                seq: 43,
+                chunk: 3,
+                index: 2,
+                flags: PARITY_PROACTIVE,
+                bytes: vec![5, 6],
             },
         ]
         .into_iter()
@@ -1053,16 +1181,17 @@ mod golden {
 
     /// The bytes of version 3, fixed: a change to the format fails here, on purpose. Bump
     /// [`VERSION`] and write new bytes when the format must change.
-    const GOLDEN: [&str; 9] = [
+    const GOLDEN: [&str; 10] = [
         "d15c0301cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e803405a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5aca4c9d0a",
         "d15c0302cafef00d010203040506070800000009000000040000000000000200000370633103532f4e5ecdb4a4",
         "d15c0303cafef00d010203040506070803112233445566778800fed241d2",
         "d15c0304cafef00d00000580dead7299bcaa",
         "d15c0305cafef00d000000000000002a00000003000501010203047c97e73d",
-        "d15c0306cafef00d01020304050607081122334455667788010000000a00000014000000000000002a000000000000002800000001ffffffff0002000000000300000002010000000900018138e5c6d1",
+        "d15c0306cafef00d01020304050607081122334455667788010000000a00000014000000000000002a000000000000002800000001ffffffff00030000000003000000020100000009000181020000000c000320c59b3e",
         "d15c0307cafef00d0102030405060708112233445566778801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd009cf5b910",
         "d15c0308cafef00d010203040506070800da8e66a4",
         "d15c0309cafef00d000015e12a49",
+        "d15c030acafef00d000000000000002b000000030002020506a6751bca",
     ];
 
     #[test]

@@ -80,7 +80,42 @@ pub struct Source {
     /// same: a source that changes while it is sent must stop the send, not reach the
     /// receivers as "damaged".
     unchecked: HashMap<u32, Hash>,
+    /// zstd frames of the chunks compressed at the scan: they travel as they are.
+    stored: HashMap<u32, Vec<u8>>,
 }
+
+/// How a scan for the wire compresses (see [`Source::scan_for_wire`]).
+#[derive(Debug, Clone, Copy)]
+pub struct WireCompression {
+    pub level: i32,
+    /// Bytes per second the link carries: compressing pays while it saves more link time than
+    /// it costs.
+    pub link_rate: u64,
+    /// Most bytes of frames kept in memory.
+    pub budget: usize,
+}
+
+/// What a scan for the wire did, for the log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanReport {
+    pub compressed_chunks: u32,
+    pub stored_bytes: u64,
+    /// Raw bytes of the chunks compressed.
+    pub raw_bytes: u64,
+    /// Batches that skipped compression because the CPU, not the link, was the limit.
+    pub batches_raw_for_cpu: u32,
+    pub batches_raw_for_memory: u32,
+}
+
+/// A frame is kept only when it is at most this share of the chunk (7/8): below that the link
+/// time saved is not worth the receivers' decompression.
+fn frame_pays(stored: usize, raw: usize) -> bool {
+    stored * 8 <= raw * 7
+}
+
+/// After this many batches without compression (the CPU was the limit), one batch compresses
+/// again to measure.
+const PROBE_EVERY: u32 = 16;
 
 const SOURCE_CACHE_CHUNKS: usize = 8;
 
@@ -104,6 +139,7 @@ impl Source {
             chunk_size: chunk_size as usize,
             cache: VecDeque::new(),
             unchecked: HashMap::new(),
+            stored: HashMap::new(),
         })
     }
 
@@ -136,6 +172,122 @@ impl Source {
     }
 }
 
+impl Source {
+    /// Reads the source once, on every core, to build its manifest for the wire: hashes every
+    /// used chunk and, while compressing pays, compresses it, keeping the frames in memory (up
+    /// to the budget) to send as they are. Compressing pays while a batch saves more link time
+    /// than it took (reading and hashing included); otherwise the chunks stay raw and a batch
+    /// now and then measures again. Chunks that zstd does not shrink enough stay raw.
+    pub fn scan_for_wire(
+        &mut self,
+        used: Option<&[bool]>,
+        compression: WireCompression,
+    ) -> Result<(Manifest, ScanReport), DiskError> {
+        let chunk_size = self.chunk_size as u32;
+        let count = diskcast_proto::manifest::chunk_count(self.size, chunk_size) as u32;
+        let mut chunks = vec![ChunkKind::Absent; count as usize];
+        let mut report = ScanReport::default();
+        let mut stored_total = 0usize;
+        let batch = diskcast_proto::codec::parallel_batch();
+        let wanted: Vec<u32> = (0..count)
+            .filter(|&i| used.is_none_or(|u| u.get(i as usize).copied().unwrap_or(true)))
+            .collect();
+        let mut compressing = true;
+        let mut raw_batches = 0u32;
+        for indexes in wanted.chunks(batch) {
+            let started = std::time::Instant::now();
+            let raw: Vec<Vec<u8>> = indexes
+                .iter()
+                .map(|&i| {
+                    self.read_chunk(i).map_err(|source| DiskError::Read {
+                        path: self.path.clone(),
+                        offset: u64::from(i) * u64::from(chunk_size),
+                        source,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let probe = !compressing && raw_batches >= PROBE_EVERY;
+            let compress = (compressing || probe) && stored_total < compression.budget;
+            let encoded: Vec<(ChunkKind, Option<Vec<u8>>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = raw
+                    .iter()
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            if !compress {
+                                return (classify(chunk), None);
+                            }
+                            let encoded = diskcast_proto::codec::encode(chunk, compression.level);
+                            match encoded.kind {
+                                ChunkKind::Zstd { hash, .. }
+                                    if !frame_pays(encoded.stored.len(), chunk.len()) =>
+                                {
+                                    (ChunkKind::Data(hash), None)
+                                }
+                                ChunkKind::Zstd { .. } => {
+                                    (encoded.kind, Some(encoded.stored.into_owned()))
+                                }
+                                kind => (kind, None),
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .zip(&raw)
+                    // A crashed encoder thread leaves its chunk raw, hashed here.
+                    .map(|(h, chunk)| h.join().unwrap_or_else(|_| (classify(chunk), None)))
+                    .collect()
+            });
+            let mut saved = 0u64;
+            for ((&index, (kind, frame)), chunk) in indexes.iter().zip(encoded).zip(&raw) {
+                let kind = match (kind, frame) {
+                    (ChunkKind::Zstd { hash, .. }, Some(_))
+                        if stored_total >= compression.budget =>
+                    {
+                        ChunkKind::Data(hash)
+                    }
+                    (kind, Some(frame)) => {
+                        saved += (chunk.len() - frame.len()) as u64;
+                        stored_total += frame.len();
+                        report.compressed_chunks += 1;
+                        report.stored_bytes += frame.len() as u64;
+                        report.raw_bytes += chunk.len() as u64;
+                        self.stored.insert(index, frame);
+                        kind
+                    }
+                    (kind, None) => kind,
+                };
+                chunks[index as usize] = kind;
+            }
+            if compress {
+                // Link time saved against the time this batch took.
+                let link_seconds = saved as f64 / compression.link_rate.max(1) as f64;
+                compressing = link_seconds > started.elapsed().as_secs_f64();
+                raw_batches = 0;
+            } else if stored_total >= compression.budget {
+                report.batches_raw_for_memory += 1;
+            } else {
+                report.batches_raw_for_cpu += 1;
+                raw_batches += 1;
+            }
+        }
+        let manifest = Manifest {
+            image_size: self.size,
+            chunk_size,
+            chunks,
+            signature: Vec::new(),
+        };
+        self.unchecked = manifest
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.stored.contains_key(&(*i as u32)))
+            .filter_map(|(i, kind)| Some((i as u32, *kind.hash()?)))
+            .collect();
+        Ok((manifest, report))
+    }
+}
+
 /// Positioned reads of the source as it was opened (its size is the one measured then).
 impl diskcast_proto::read_at::ReadAt for Source {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -165,6 +317,9 @@ impl Source {
 
 impl ChunkSource for Source {
     fn chunk(&mut self, index: u32) -> io::Result<&[u8]> {
+        if self.stored.contains_key(&index) {
+            return Ok(self.stored.get(&index).map_or(&[][..], Vec::as_slice));
+        }
         if let Some(pos) = self.cache.iter().position(|(i, _)| *i == index) {
             return Ok(&self.cache[pos].1);
         }
@@ -608,6 +763,84 @@ mod tests {
         std::fs::write(&path, &image).unwrap();
         let err = source.chunk(2).unwrap_err().to_string();
         assert!(err.contains("changed since"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn disk_like(chunks: usize, chunk: usize) -> Vec<u8> {
+        let mut image = vec![0u8; chunks * chunk];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for (i, block) in image.chunks_mut(chunk).enumerate() {
+            match i % 3 {
+                0 => {}
+                1 => block
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = b"usr/lib/x86_64-linux-gnu/ "[j % 26]),
+                _ => block.iter_mut().for_each(|b| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    *b = (state >> 24) as u8;
+                }),
+            }
+        }
+        image
+    }
+
+    #[test]
+    fn a_scan_for_the_wire_compresses_what_pays_and_serves_frames_that_decode() {
+        let path = std::env::temp_dir().join(format!("diskcast-wire-{}", std::process::id()));
+        let chunk = 64 << 10;
+        let image = disk_like(12, chunk);
+        std::fs::write(&path, &image).unwrap();
+        // A slow link: compressing always pays.
+        let slow = WireCompression {
+            level: 1,
+            link_rate: 1,
+            budget: 1 << 30,
+        };
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        let (manifest, report) = source.scan_for_wire(None, slow).unwrap();
+        assert_eq!(report.compressed_chunks, 4, "{report:?}");
+        let text = manifest.chunks[1];
+        assert!(matches!(text, ChunkKind::Zstd { .. }), "{text:?}");
+        assert!(
+            matches!(manifest.chunks[2], ChunkKind::Data(_)),
+            "random stays raw"
+        );
+        assert_eq!(manifest.chunks[0], ChunkKind::Zero);
+        for index in manifest.data_chunks() {
+            let (offset, len) = manifest.chunk_range(index);
+            let stored = source.chunk(index).unwrap().to_vec();
+            let kind = manifest.chunks[index as usize];
+            let raw = diskcast_proto::codec::decode(index, &kind, &stored, len).unwrap();
+            assert_eq!(&raw[..], &image[offset as usize..offset as usize + len]);
+        }
+        // The manifest says how chunks travel; what they hold is what a plain scan finds.
+        let plain = Source::open(&path, chunk as u32)
+            .unwrap()
+            .scan(None, |_| {})
+            .unwrap();
+        for (a, b) in manifest.chunks.iter().zip(&plain.chunks) {
+            assert_eq!(a.hash(), b.hash());
+        }
+
+        // A link faster than any CPU: after the first batch, chunks stay raw (a batch now and
+        // then measures again).
+        let fast = WireCompression {
+            link_rate: u64::MAX,
+            ..slow
+        };
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        let (_, report) = source.scan_for_wire(None, fast).unwrap();
+        assert!(report.batches_raw_for_cpu > 0, "{report:?}");
+
+        // No memory for frames: everything raw, still correct.
+        let tight = WireCompression { budget: 0, ..slow };
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        let (manifest, report) = source.scan_for_wire(None, tight).unwrap();
+        assert_eq!(report.compressed_chunks, 0);
+        assert!(!manifest.is_compressed());
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -1,7 +1,7 @@
 //! Sending a disk or image file from this machine (the peer master, `agent send`): read it once
 //! to list its chunks, then multicast it with `diskcast-transport`.
 
-use super::disk::{DiskError, Source};
+use super::disk::{DiskError, ScanReport, Source, WireCompression};
 use diskcast_fsmap::chunks_to_read;
 use diskcast_proto::cmdline::Blocks;
 use diskcast_proto::manifest::{valid_chunk_size, ChunkKind};
@@ -54,7 +54,28 @@ pub fn run_send(
     );
     let scan_started = Instant::now();
     let used = chunks_to_read(&disk, source, opts.chunk_size, blocks);
-    let manifest = disk.scan(used.as_deref(), |_| {})?;
+    let (manifest, report) = match opts.compress {
+        Some(level) => {
+            let (interface, _) = socket::interface_ipv4(opts.interface.as_deref())?;
+            let compression = WireCompression {
+                level,
+                link_rate: link_rate(&interface, opts.max_rate.bytes_per_sec()),
+                budget: frame_budget(),
+            };
+            disk.scan_for_wire(used.as_deref(), compression)?
+        }
+        None => (disk.scan(used.as_deref(), |_| {})?, ScanReport::default()),
+    };
+    if report.compressed_chunks > 0 || report.batches_raw_for_cpu > 0 {
+        log::info!(
+            "compressed {} chunks from {} to {}; {} batches sent raw because compressing cost more time than the link saves, {} for memory",
+            report.compressed_chunks,
+            human_size(report.raw_bytes),
+            human_size(report.stored_bytes),
+            report.batches_raw_for_cpu,
+            report.batches_raw_for_memory,
+        );
+    }
     log::info!(
         "image: {} in {} chunks, {} of data in {} chunks ({} zero, {} unused and skipped), scanned in {:.1} s",
         human_size(manifest.image_size),
@@ -70,4 +91,36 @@ pub fn run_send(
         scan_started.elapsed().as_secs_f64()
     );
     Ok(send::multicast(opts, manifest, &mut disk, progress)?)
+}
+
+/// Bytes per second the link carries: the interface's speed when the driver reports one, never
+/// more than the rate ceiling.
+fn link_rate(interface: &str, ceiling: u64) -> u64 {
+    let speed_mbit = std::fs::read_to_string(format!("/sys/class/net/{interface}/speed"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .filter(|&mbit| mbit > 0);
+    match speed_mbit {
+        Some(mbit) => ceiling.min(mbit as u64 * 1_000_000 / 8),
+        None => ceiling,
+    }
+}
+
+/// Memory for compressed frames: a quarter of what the kernel says is available (256 MiB when
+/// it does not say).
+fn frame_budget() -> usize {
+    let available_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemAvailable:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        });
+    available_kib.map_or(256 << 20, |kib| (kib * 1024 / 4) as usize)
 }

@@ -7,8 +7,20 @@
 //! (zstd), then multicast from the store by `bootserver deploy`. `--content disk` makes the
 //! image disk-like (a third zeros, a third text, a third random) instead of all random.
 //!
+//! Every tool runs with its manual's advice for speed: uftp in a closed group (`-H`, each
+//! `uftpd -U id`) with quiet receivers (`-q`) and 16 MiB socket buffers (`-B`) on both sides;
+//! udpcast with `--nokbd`, `--min-receivers N`, `--nopointopoint` (stays multicast with one
+//! receiver) and 16 MiB receive buffers (`--rcvbuf`). Beside MB/s it prints CPU seconds per GB
+//! of image for the sender and per receiver (from the kernel's accounting of the reaped
+//! processes) and the peak resident memory of a receiver (VmHWM, sampled while it runs).
+//!
+//! `--unshaped` (one receiver, no rate limit, no loss) also measures the same veth path with one
+//! TCP stream (iperf3) and the disk with `dd oflag=direct` of the same file, for the ratios the
+//! README reports.
+//!
 //! `scripts/bench-multicast [--size-mib 512] [--runs 1] [--receivers 1,3,8] [--loss 0,1,5]
-//!  [--only-diskcast] [--with-deploy] [--content random|disk]`
+//!  [--only-diskcast] [--with-deploy] [--content random|disk] [--unshaped]
+//!  [--diskcast-args "--proactive-parity 0.05"]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{project_root, Lab};
@@ -44,6 +56,60 @@ struct RunResult {
     seconds: f64,
     wire_bytes: u64,
     verified: usize,
+    /// CPU seconds (user + system) of the sender and of all receivers together.
+    sender_cpu: f64,
+    receivers_cpu: f64,
+    /// Largest VmHWM of a receiver, KiB.
+    receiver_peak_kib: u64,
+    image_bytes: u64,
+    /// diskcast's own session summary line (data rate, data sent).
+    summary: Option<String>,
+}
+
+/// CPU seconds the reaped children used so far.
+fn children_cpu() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
+/// A running process's peak resident memory (VmHWM), KiB.
+fn peak_kib(child: &Child) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (and reaps) until every child exited, sampling their peak memory; kills them all at the
+/// deadline. Returns whether they exited on their own.
+fn wait_group(children: &mut [Child], deadline: Instant, peak: &mut u64) -> bool {
+    let mut done = vec![false; children.len()];
+    loop {
+        for (c, d) in children.iter_mut().zip(done.iter_mut()) {
+            if !*d {
+                *peak = (*peak).max(peak_kib(c));
+                *d = c.try_wait().ok().flatten().is_some();
+            }
+        }
+        if done.iter().all(|d| *d) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn arg_list<T: std::str::FromStr>(args: &[String], name: &str, default: &str) -> Vec<T> {
@@ -92,26 +158,6 @@ fn spawn_in(cwd: &Path, netns: &str, program: &str, args: &[&str], log: &Path) -
         .unwrap_or_else(|e| panic!("starting {program}: {e}"))
 }
 
-fn wait_all(children: &mut [Child], timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if children
-            .iter_mut()
-            .all(|c| c.try_wait().ok().flatten().is_some())
-        {
-            return true;
-        }
-        if Instant::now() > deadline {
-            for c in children.iter_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::read(a), std::fs::read(b)) {
         (Ok(x), Ok(y)) => x == y,
@@ -144,6 +190,7 @@ fn run_tool(
     receivers: &[String],
     source: &Path,
     dir: &Path,
+    diskcast_args: &[String],
 ) -> RunResult {
     let agent = project_root().join("target/release/agent");
     let agent = agent.to_str().unwrap();
@@ -182,13 +229,32 @@ fn run_tool(
                 Tool::Udpcast => spawn(
                     ns,
                     "udp-receiver",
-                    &["--file", t, "--interface", "eth0", "--nokbd"],
+                    &[
+                        "--file",
+                        t,
+                        "--interface",
+                        "eth0",
+                        "--nokbd",
+                        "--rcvbuf",
+                        SOCKET_BUFFER,
+                    ],
                     &log(&format!("rx{i}")),
                 ),
                 Tool::Uftp => spawn(
                     ns,
                     "uftpd",
-                    &["-d", "-I", "eth0", "-D", dest],
+                    &[
+                        "-d",
+                        "-q",
+                        "-I",
+                        "eth0",
+                        "-U",
+                        &uftp_id(i),
+                        "-B",
+                        SOCKET_BUFFER,
+                        "-D",
+                        dest,
+                    ],
                     &log(&format!("rx{i}")),
                 ),
             }
@@ -218,10 +284,8 @@ fn run_tool(
             ],
             &log("sender"),
         ),
-        Tool::Diskcast => spawn(
-            sender,
-            agent,
-            &[
+        Tool::Diskcast => {
+            let mut args: Vec<&str> = vec![
                 "send",
                 "-i",
                 "eth0",
@@ -231,10 +295,11 @@ fn run_tool(
                 "60",
                 "--key",
                 key,
-                src,
-            ],
-            &log("sender"),
-        ),
+            ];
+            args.extend(diskcast_args.iter().map(String::as_str));
+            args.push(src);
+            spawn(sender, agent, &args, &log("sender"))
+        }
         Tool::Udpcast => spawn(
             sender,
             "udp-sender",
@@ -250,33 +315,69 @@ fn run_tool(
             ],
             &log("sender"),
         ),
-        // uftp sends the name it is given: a relative one, from the source's directory.
-        Tool::Uftp => spawn_in(
-            source.parent().unwrap(),
-            sender,
-            "uftp",
-            &["-I", "eth0", "-R", "-1", "source.img"],
-            &log("sender"),
-        ),
+        // uftp sends the name it is given: a relative one, from the source's directory. A
+        // closed group (-H) spares it the open group's announcements and waits.
+        Tool::Uftp => {
+            let ids: Vec<String> = (0..n).map(uftp_id).collect();
+            spawn_in(
+                source.parent().unwrap(),
+                sender,
+                "uftp",
+                &[
+                    "-I",
+                    "eth0",
+                    "-R",
+                    "-1",
+                    "-B",
+                    SOCKET_BUFFER,
+                    "-H",
+                    &ids.join(","),
+                    "source.img",
+                ],
+                &log("sender"),
+            )
+        }
     };
-    let seconds;
-    match tool {
+    let deadline = started + Duration::from_secs(150);
+    let mut receiver_peak_kib = 0;
+    let mut sender_peak = 0;
+    let cpu_before = children_cpu();
+    let (seconds, sender_cpu, receivers_cpu) = match tool {
         Tool::Uftp => {
             // uftpd never exits: the transfer ends when the sender does.
-            wait_all(std::slice::from_mut(&mut snd), Duration::from_secs(150));
-            seconds = started.elapsed().as_secs_f64();
+            wait_group(std::slice::from_mut(&mut snd), deadline, &mut sender_peak);
+            let seconds = started.elapsed().as_secs_f64();
+            let sender_done = children_cpu();
+            for c in &rx {
+                receiver_peak_kib = receiver_peak_kib.max(peak_kib(c));
+            }
             std::thread::sleep(Duration::from_millis(300));
             for c in &mut rx {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            (
+                seconds,
+                sender_done - cpu_before,
+                children_cpu() - sender_done,
+            )
         }
         _ => {
-            rx.push(snd);
-            wait_all(&mut rx, Duration::from_secs(150));
-            seconds = started.elapsed().as_secs_f64();
+            // Receivers first, then the sender, so the kernel's accounting splits them.
+            wait_group(&mut rx, deadline, &mut receiver_peak_kib);
+            let receivers_done = children_cpu();
+            wait_group(
+                std::slice::from_mut(&mut snd),
+                deadline.max(Instant::now() + Duration::from_secs(5)),
+                &mut sender_peak,
+            );
+            (
+                started.elapsed().as_secs_f64(),
+                children_cpu() - receivers_done,
+                receivers_done - cpu_before,
+            )
         }
-    }
+    };
     let wire_bytes = tx_bytes(sender) - before;
     let verified = targets.iter().filter(|t| same_file(t, source)).count();
     for t in &targets {
@@ -286,7 +387,26 @@ fn run_tool(
         seconds,
         wire_bytes,
         verified,
+        sender_cpu,
+        receivers_cpu,
+        receiver_peak_kib,
+        image_bytes: std::fs::metadata(source).map_or(1, |m| m.len()),
+        summary: std::fs::read_to_string(log("sender"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("session summary:"))
+                    .map(|l| l.trim_start_matches("session summary: ").to_string())
+            }),
     }
+}
+
+/// Socket buffers the peers are given (their manuals advise large ones for fast links).
+const SOCKET_BUFFER: &str = "16777216";
+
+/// uftpd's client id for receiver `i` (a closed group names its members).
+fn uftp_id(i: usize) -> String {
+    format!("0x{:08x}", 0x100 + i)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -315,13 +435,28 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .is_some_and(|c| c == "disk");
     let size = size_mib[0] << 20;
+    let unshaped = args.iter().any(|a| a == "--unshaped");
+    let (receiver_counts, losses) = if unshaped {
+        (vec![1], vec![0.0])
+    } else {
+        (receiver_counts, losses)
+    };
+    let diskcast_args: Vec<String> = args
+        .iter()
+        .position(|a| a == "--diskcast-args")
+        .and_then(|i| args.get(i + 1))
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut reference = None;
 
     let mut rows = Vec::new();
     for &n in &receiver_counts {
         for &loss in &losses {
             let mut lab = Lab::new(&format!("bench-{n}-{loss}"));
             let sender = lab.add_host("snd", "10.77.0.10/24");
-            Lab::limit_egress(&sender, "eth0", 1000);
+            if !unshaped {
+                Lab::limit_egress(&sender, "eth0", 1000);
+            }
             let receivers: Vec<String> = (0..n)
                 .map(|i| lab.add_host(&format!("r{i}"), &format!("10.77.0.{}/24", 20 + i)))
                 .collect();
@@ -370,43 +505,51 @@ fn main() {
             }
             let mut results: Vec<(Tool, Vec<RunResult>)> =
                 tools.iter().map(|&t| (t, Vec::new())).collect();
+            if unshaped {
+                reference = Some(reference_figures(&sender, &receivers[0], &source, &work));
+            }
             for run in 0..runs[0] {
                 for (tool, list) in &mut results {
-                    let r = run_tool(*tool, &lab, &sender, &receivers, &source, &work);
+                    let r = run_tool(
+                        *tool,
+                        &lab,
+                        &sender,
+                        &receivers,
+                        &source,
+                        &work,
+                        &diskcast_args,
+                    );
                     eprintln!(
-                        "N={n} loss={loss}% run {run}: {tool:?}: {:.1} s, {:.1} MB/s, wire {:.2}x, verified {}/{n}",
+                        "N={n} loss={loss}% run {run}: {tool:?}: {:.1} s, {:.1} MB/s, wire {:.2}x, verified {}/{n}, cpu s/GB sender {:.2} receiver {:.2}, receiver peak {} KiB{}",
                         r.seconds,
                         size as f64 / r.seconds / 1e6,
                         r.wire_bytes as f64 / size as f64,
-                        r.verified
+                        r.verified,
+                        r.sender_cpu / (size as f64 / 1e9),
+                        r.receivers_cpu / n as f64 / (size as f64 / 1e9),
+                        r.receiver_peak_kib,
+                        r.summary.as_deref().map_or(String::new(), |s| format!("; {s}")),
                     );
                     list.push(r);
                 }
             }
-            let summarize = |list: &Vec<RunResult>| {
-                let mbs = median(list.iter().map(|r| size as f64 / r.seconds / 1e6).collect());
-                let wire = median(
-                    list.iter()
-                        .map(|r| r.wire_bytes as f64 / size as f64)
-                        .collect(),
-                );
-                let ok: usize = list.iter().filter(|r| r.verified == n).count();
-                (mbs, wire, ok, list.len())
-            };
-            let s: Vec<_> = results.iter().map(|(t, l)| (*t, summarize(l))).collect();
+            let s: Vec<_> = results.iter().map(|(t, l)| (*t, summarize(l, n))).collect();
             rows.push((n, loss, s));
             drop(lab);
         }
     }
     println!(
-        "\nimage {} MiB of {} data; sender link 1 Gbit/s (tbf); median of {} run(s); MB/s = image / wall time",
+        "\nimage {} MiB of {} data; sender link {}; median of {} run(s); MB/s = image / wall time; \
+         wire = bytes the sender's interface sent / image; ok = runs with every copy verified; \
+         cpu = CPU seconds per GB of image, sender / each receiver; peak = largest receiver RSS",
         size_mib[0],
         if disk_like { "disk-like (1/3 zero, 1/3 text, 1/3 random)" } else { "random" },
+        if unshaped { "unshaped (veth)" } else { "1 Gbit/s (tbf)" },
         runs[0]
     );
     let header: Vec<String> = tools
         .iter()
-        .map(|t| format!("{} MB/s (wire, ok)", t.label()))
+        .map(|t| format!("{} MB/s (wire, ok; cpu; peak)", t.label()))
         .collect();
     println!(
         "| receivers | loss | {} | diskcast p2p / faster peer |",
@@ -416,14 +559,25 @@ fn main() {
     for (n, loss, s) in rows {
         let cells: Vec<String> = s
             .iter()
-            .map(|(_, (mbs, wire, ok, total))| format!("{mbs:.1} ({wire:.2}x, {ok}/{total})"))
+            .map(|(_, f)| {
+                format!(
+                    "{:.1} ({:.2}x, {}/{}; {:.2}/{:.2}; {} MiB)",
+                    f.mbs,
+                    f.wire,
+                    f.ok,
+                    f.total,
+                    f.sender_cpu,
+                    f.receiver_cpu,
+                    f.peak_kib / 1024
+                )
+            })
             .collect();
-        let ours = s[0].1 .0;
+        let ours = s[0].1.mbs;
         // Only a peer that verified every copy in every run sets a speed to beat.
         let best_peer = s
             .iter()
-            .filter(|(t, (_, _, ok, total))| t.is_peer() && ok == total)
-            .map(|(_, (mbs, _, _, _))| *mbs)
+            .filter(|(t, f)| t.is_peer() && f.ok == f.total)
+            .map(|(_, f)| f.mbs)
             .fold(0.0, f64::max);
         let ratio = if best_peer > 0.0 {
             format!("{:.2}x", ours / best_peer)
@@ -431,5 +585,93 @@ fn main() {
             "no peer verified".into()
         };
         println!("| {n} | {loss}% | {} | {ratio} |", cells.join(" | "));
+        for (tool, f) in &s {
+            if let Some(summary) = &f.summary {
+                println!("  {}: {summary}", tool.label());
+            }
+        }
     }
+    if let Some((tcp, dd)) = reference {
+        println!(
+            "\nsame path, same run: one TCP stream (iperf3) {tcp:.1} MB/s; dd oflag=direct of the image {dd:.1} MB/s"
+        );
+    }
+}
+
+struct Figures {
+    mbs: f64,
+    wire: f64,
+    ok: usize,
+    total: usize,
+    sender_cpu: f64,
+    receiver_cpu: f64,
+    peak_kib: u64,
+    summary: Option<String>,
+}
+
+fn summarize(list: &[RunResult], n: usize) -> Figures {
+    let size = |r: &RunResult| r.image_bytes as f64;
+    Figures {
+        mbs: median(list.iter().map(|r| size(r) / r.seconds / 1e6).collect()),
+        wire: median(list.iter().map(|r| r.wire_bytes as f64 / size(r)).collect()),
+        ok: list.iter().filter(|r| r.verified == n).count(),
+        total: list.len(),
+        sender_cpu: median(
+            list.iter()
+                .map(|r| r.sender_cpu / (size(r) / 1e9))
+                .collect(),
+        ),
+        receiver_cpu: median(
+            list.iter()
+                .map(|r| r.receivers_cpu / n as f64 / (size(r) / 1e9))
+                .collect(),
+        ),
+        peak_kib: list.iter().map(|r| r.receiver_peak_kib).max().unwrap_or(0),
+        summary: list.last().and_then(|r| r.summary.clone()),
+    }
+}
+
+/// One TCP stream over the same path (iperf3, 5 s) and `dd oflag=direct` of the image to the
+/// receivers' file system, in MB/s.
+fn reference_figures(sender: &str, receiver: &str, source: &Path, dir: &Path) -> (f64, f64) {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", receiver, "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 (scripts/setup installs it)");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            sender,
+            "iperf3",
+            "-c",
+            "10.77.0.20",
+            "-t",
+            "5",
+            "-J",
+        ])
+        .output()
+        .unwrap();
+    let _ = server.wait();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let tcp = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 8e6;
+    let target = dir.join("dd.img");
+    let started = Instant::now();
+    let status = Command::new("dd")
+        .arg(format!("if={}", source.display()))
+        .arg(format!("of={}", target.display()))
+        .args(["bs=1M", "oflag=direct", "conv=fsync", "status=none"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "dd failed");
+    let dd =
+        std::fs::metadata(source).unwrap().len() as f64 / started.elapsed().as_secs_f64() / 1e6;
+    let _ = std::fs::remove_file(&target);
+    (tcp, dd)
 }

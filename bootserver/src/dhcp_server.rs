@@ -5,7 +5,7 @@
 //! the reply to send and whether the lease table changed. Sockets and the lease file stay outside.
 
 use crate::classify::{classify, Arch, ClientKind};
-use crate::config::{DhcpMode, UefiLoader};
+use crate::config::{DhcpMode, UefiChain, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
 use dhcproto::Encodable;
@@ -13,7 +13,43 @@ use diskcast_proto::dhcp::decode_message;
 use diskcast_proto::mac::MacAddr;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
+/// Decides per machine what a UEFI PXE client boots (iPXE or the signed chain). The edge backs it
+/// with the config and the registry (a machine's group); tests with a fixed answer.
+#[derive(Clone)]
+pub struct ChainChooser(Arc<dyn Fn(MacAddr) -> UefiChain + Send + Sync>);
+
+impl ChainChooser {
+    pub fn new(choose: impl Fn(MacAddr) -> UefiChain + Send + Sync + 'static) -> Self {
+        Self(Arc::new(choose))
+    }
+
+    /// The same chain for every machine.
+    pub fn always(chain: UefiChain) -> Self {
+        Self::new(move |_| chain)
+    }
+
+    pub fn choose(&self, mac: MacAddr) -> UefiChain {
+        (self.0)(mac)
+    }
+}
+
+impl Default for ChainChooser {
+    fn default() -> Self {
+        Self::always(UefiChain::Ipxe)
+    }
+}
+
+impl std::fmt::Debug for ChainChooser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChainChooser")
+    }
+}
+
+/// The boot file a UEFI PXE client gets for the signed chain: shim, which then fetches
+/// `grubx64.efi` from the same TFTP directory.
+pub const SHIM_BOOT_FILE: &str = "shimx64.efi";
 /// Everything the server needs to answer; built from the config.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -28,6 +64,8 @@ pub struct Settings {
     pub reservations: HashMap<String, Ipv4Addr>,
     pub uefi_loader: UefiLoader,
     pub http_port: u16,
+    /// iPXE or the signed chain, per UEFI machine.
+    pub uefi_chain: ChainChooser,
 }
 
 impl Settings {
@@ -38,6 +76,16 @@ impl Settings {
             self.server,
             self.http_port,
             mac.replace(':', "-")
+        )
+    }
+
+    /// URL of the EFI loader UEFI HTTP boot clients fetch: iPXE, which then asks for its script.
+    pub fn http_boot_url(&self) -> String {
+        format!(
+            "http://{}:{}/boot/{}",
+            self.server,
+            self.http_port,
+            self.uefi_loader.file_name()
         )
     }
 }
@@ -139,13 +187,28 @@ pub struct DhcpServer {
 fn boot_file(settings: &Settings, kind: ClientKind, mac: &str) -> Result<Option<String>, String> {
     Ok(match kind {
         ClientKind::Pxe(Arch::Bios) => Some("undionly.kpxe".into()),
-        ClientKind::Pxe(Arch::Uefi64) => Some(settings.uefi_loader.file_name().into()),
+        ClientKind::Pxe(Arch::Uefi64) => {
+            let chain = mac
+                .parse()
+                .map_or(UefiChain::Ipxe, |mac| settings.uefi_chain.choose(mac));
+            Some(match chain {
+                UefiChain::Ipxe => settings.uefi_loader.file_name().into(),
+                UefiChain::Signed => SHIM_BOOT_FILE.into(),
+            })
+        }
         ClientKind::Pxe(Arch::Other(code)) => {
             return Err(format!(
                 "architecture {code} has no loader (only BIOS and x86-64 UEFI)"
             ))
         }
         ClientKind::Ipxe(_) => Some(settings.script_url(mac)),
+        // Debian 12's signed GRUB cannot fetch over HTTP: HTTP boot always starts iPXE.
+        ClientKind::Http(Arch::Uefi64) => Some(settings.http_boot_url()),
+        ClientKind::Http(arch) => {
+            return Err(format!(
+                "HTTP boot for {arch} has no loader (only x86-64 UEFI)"
+            ))
+        }
         ClientKind::Agent | ClientKind::Other => None,
     })
 }
@@ -569,6 +632,12 @@ impl DhcpServer {
                         .opts_mut()
                         .insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
                 }
+            }
+            ClientKind::Http(_) => {
+                // UEFI HTTP boot takes an offer only when it says "HTTPClient" (UEFI 2.x, 24.7).
+                reply
+                    .opts_mut()
+                    .insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
             }
             ClientKind::Agent | ClientKind::Other => {}
         }

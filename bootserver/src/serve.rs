@@ -1,7 +1,8 @@
 //! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
 
+use crate::boot_files::BootFiles;
 use crate::config::{Config, ConfigError, DhcpMode};
-use crate::dhcp_server::{reservation_map, Destination, DhcpServer, Port, Settings};
+use crate::dhcp_server::{reservation_map, ChainChooser, Destination, DhcpServer, Port, Settings};
 use crate::dhcp_server::{Handled, LeaseChange, Reply, Seen, MAX_MESSAGE};
 use crate::http::{self, HttpLimits};
 use crate::lab::{Lab, LabError};
@@ -181,6 +182,7 @@ fn record_sighting(registry: &Registry, seen: Seen) {
     let (firmware, via) = match seen.kind {
         ClientKind::Pxe(arch) => (firmware(arch), Via::Pxe),
         ClientKind::Ipxe(arch) => (firmware(arch), Via::Ipxe),
+        ClientKind::Http(arch) => (firmware(arch), Via::Pxe),
         ClientKind::Agent | ClientKind::Other => (Firmware::Unknown, Via::Agent),
     };
     let sighting = Sighting {
@@ -289,6 +291,25 @@ fn check_boot_files(config: &Config) -> Result<(), ServeError> {
             return Err(ServeError::MissingBootFile { what, path, hint });
         }
     }
+    if config.signed_chain_in_use() {
+        let signed: [(&'static str, PathBuf, &'static str); 2] = [
+            (
+                "boot.shim",
+                config.boot.shim.clone(),
+                " (install Debian's shim-signed package)",
+            ),
+            (
+                "boot.grub_net",
+                config.boot.grub_net.clone(),
+                " (install Debian's grub-efi-amd64-signed package)",
+            ),
+        ];
+        for (what, path, hint) in signed {
+            if !path.is_file() {
+                return Err(ServeError::MissingBootFile { what, path, hint });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -325,6 +346,18 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         leases.leases.len(),
         registry.path().display()
     );
+    let store = Store::open(&config.store_dir)?;
+    for stale in store.clean_partials() {
+        log::info!(
+            "store: removed {} (an upload that never finished)",
+            stale.display()
+        );
+    }
+    let admin_token = crate::lab::admin_token(&config.state_dir)?;
+    let lab = Arc::new(Lab::new(config, registry.clone(), store, server_ip));
+    lab.register_configured_machines(unix_now())?;
+    let config = &lab.config;
+    let chooser_lab = Arc::clone(&lab);
     let settings = Settings {
         mode: config.dhcp.mode,
         server: server_ip,
@@ -336,6 +369,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         reservations: reservation_map(&config.dhcp.reservations),
         uefi_loader: config.boot.uefi_loader,
         http_port: config.http_port,
+        uefi_chain: ChainChooser::new(move |mac| chooser_lab.uefi_chain(mac)),
     };
     let dhcp = Arc::new(Mutex::new(DhcpServer::new(settings, leases)));
 
@@ -377,7 +411,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         }
     }
 
-    let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
+    let tftp_files: Arc<dyn tftp::FileSource> = Arc::new(BootFiles::new(
+        Arc::clone(&lab),
+        ConfinedDir::new(&config.boot.tftp_root)?,
+    ));
     let tftp_addr = SocketAddr::from((server_ip, config.tftp_port));
     let http_addr = SocketAddr::from((server_ip, config.http_port));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -395,7 +432,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let tftp_stats = Arc::new(tftp::TftpStats::default());
     let stats = Arc::clone(&tftp_stats);
     runtime.spawn(async move {
-        if let Err(e) = tftp::run(tftp_root, tftp_socket, TftpLimits::default(), stats).await {
+        if let Err(e) = tftp::run(tftp_files, tftp_socket, TftpLimits::default(), stats).await {
             log::error!("tftp: {}", diskcast_proto::error_chain(&e));
             std::process::exit(1);
         }
@@ -406,17 +443,19 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         DhcpMode::Proxy => "proxy",
     };
     log::info!(
-        "dhcp {mode} on {} ({server_ip}), tftp {tftp_addr} root {}, http {http_addr}",
+        "dhcp {mode} on {} ({server_ip}), tftp {tftp_addr} root {}, http {http_addr}{}",
         config.interface,
-        config.boot.tftp_root.display()
+        config.boot.tftp_root.display(),
+        if config.signed_chain_in_use() {
+            format!(
+                "; Secure Boot chain: {} and {}",
+                config.boot.shim.display(),
+                config.boot.grub_net.display()
+            )
+        } else {
+            String::new()
+        }
     );
-    let store = Store::open(&config.store_dir)?;
-    for stale in store.clean_partials() {
-        log::info!(
-            "store: removed {} (an upload that never finished)",
-            stale.display()
-        );
-    }
     let interface = config.interface.clone();
     let admin_token: Arc<str> = crate::lab::admin_token(&config.state_dir)?.into();
     let key = crate::lab::server_key(&config.state_dir)?;

@@ -198,7 +198,7 @@ fn image_models(name: &str, firmware: Firmware, models: &[(&'static str, &'stati
         let expect = match *disk {
             "nvme" => "storage mode=nvme driver=nvme",
             "ide-hd" => "storage mode=sata-ahci driver=ahci",
-            "scsi-hd" => "driver=virtio-pci",
+            "scsi-hd" => "storage mode=scsi driver=virtio-pci",
             _ => "inventory: disk",
         };
         assert!(

@@ -249,7 +249,8 @@ fn matrix_other_models() {
 #[test]
 #[ignore = "scenario matrix: scripts/test --matrix"]
 fn matrix_uefi_models() {
-    // OVMF has drivers for virtio-net and (through their iPXE-free ROM-less path) e1000e only.
+    // The lab starts NICs under OVMF without QEMU's iPXE option ROM, so only NICs OVMF drives
+    // itself network-boot: virtio-net (e1000 has no OVMF driver without the ROM).
     image_models(
         "matrix_uefi_models",
         Firmware::Uefi,

@@ -353,8 +353,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             stale.display()
         );
     }
-    let admin_token = crate::lab::admin_token(&config.state_dir)?;
-    let lab = Arc::new(Lab::new(config, registry.clone(), store, server_ip));
+    let admin_token: Arc<str> = crate::lab::admin_token(&config.state_dir)?.into();
+    let key = crate::lab::server_key(&config.state_dir)?;
+    log::info!(
+        "lab: the server's signing key is {} (agents it boots trust it)",
+        key.public()
+    );
+    let lab = Arc::new(Lab::new(config, registry.clone(), store, server_ip, key));
     lab.register_configured_machines(unix_now())?;
     let config = &lab.config;
     let chooser_lab = Arc::clone(&lab);
@@ -457,14 +462,6 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         }
     );
     let interface = config.interface.clone();
-    let admin_token: Arc<str> = crate::lab::admin_token(&config.state_dir)?.into();
-    let key = crate::lab::server_key(&config.state_dir)?;
-    log::info!(
-        "lab: the server's signing key is {} (agents it boots trust it)",
-        key.public()
-    );
-    let lab = Arc::new(Lab::new(config, registry, store, server_ip, key));
-    lab.register_configured_machines(unix_now())?;
     let manager = Arc::clone(&lab);
     threads.push(
         std::thread::Builder::new()

@@ -3,6 +3,7 @@
 //! kernel modules, raw-socket DHCP, consoles. The protocol itself is `diskcast-proto`.
 #![deny(unsafe_code)]
 
+pub mod hardware;
 pub mod http_client;
 pub mod imaging;
 pub mod inventory;

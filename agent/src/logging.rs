@@ -163,6 +163,32 @@ impl log::Log for ConsoleLogger {
     fn flush(&self) {}
 }
 
+/// The kernel log as far as it holds, one `/dev/kmsg` record per line (`PRIO,SEQ,TIME,-;TEXT`);
+/// empty when it cannot be read. Non-blocking: it stops at the newest record.
+pub fn read_kernel_log() -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut kmsg) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return String::new();
+    };
+    let mut text = String::new();
+    // Each read returns one record; a record overwritten while we read is EPIPE: skip it.
+    let mut record = vec![0u8; 8192];
+    for _ in 0..100_000 {
+        match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&record[..n])),
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    text
+}
+
 /// Writes `message` into the kernel log: one `write` per line, since every write to /dev/kmsg
 /// is one record (formatting straight into the file writes each fragment as its own record).
 fn write_kmsg(kmsg: &mut impl Write, message: &str) -> std::io::Result<()> {

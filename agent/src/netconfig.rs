@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error(
-        "no network interface appeared; PCI network controllers present: {controllers} \
-             (their driver is probably missing from the initramfs)"
-    )]
+    #[error("no network interface appeared; PCI network controllers present: {controllers}")]
     NoInterface { controllers: String },
     #[error("interface {name} named by diskcast.interface does not exist (present: {present})")]
     UnknownInterface { name: String, present: String },
@@ -76,7 +73,10 @@ pub fn choose_interface(
         let controllers = if controllers.is_empty() {
             "none".into()
         } else {
-            controllers.join("; ")
+            format!(
+                "{} (their driver is probably missing from the initramfs)",
+                controllers.join("; ")
+            )
         };
         return Err(NetError::NoInterface { controllers });
     }

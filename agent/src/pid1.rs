@@ -3,6 +3,7 @@
 //! returns to the kernel (that would panic it): it ends in [`finish`].
 
 use crate::cmdline::{BootConfig, Finish, Role};
+use crate::hardware::{self, DriverCatalogue, Platform};
 use crate::inventory::Inventory;
 use crate::modules::{self, ModuleIndex, ModulesError};
 use crate::netconfig::{self, NetError};
@@ -94,6 +95,54 @@ fn mount_api_filesystems() -> Result<(), Pid1Error> {
     Ok(())
 }
 
+/// Where the firmware's variables and the kernel's lockdown state can be read: for the inventory
+/// only, so a failure (no UEFI, a kernel without securityfs) costs nothing but that line's detail.
+const OPTIONAL_MOUNTS: [(&str, &str, &str, libc::c_ulong); 2] = [
+    (
+        "securityfs",
+        "/sys/kernel/security",
+        "securityfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
+    (
+        "efivarfs",
+        "/sys/firmware/efi/efivars",
+        "efivarfs",
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
+];
+
+fn mount_optional_filesystems() {
+    for (source, target, fstype, flags) in OPTIONAL_MOUNTS {
+        if !Path::new(target).is_dir() {
+            continue;
+        }
+        if let Err(e) = sys::mount(source, target, fstype, flags) {
+            log::debug!("mounting {fstype} on {target}: {e}");
+        }
+    }
+}
+
+use diskcast_proto::modindex::DRIVER_CATALOGUE;
+
+fn driver_catalogue(index: &ModuleIndex, module_dir: &Path, release: &str) -> DriverCatalogue {
+    let all = std::fs::read_to_string(module_dir.join(DRIVER_CATALOGUE))
+        .map(|text| ModuleIndex::parse(&text, ""))
+        .unwrap_or_default();
+    DriverCatalogue {
+        packed: index.clone(),
+        all,
+        kernel: release.to_string(),
+    }
+}
+
+/// Firmware files drivers asked for and the initramfs lacks, from the kernel log.
+fn report_missing_firmware(log: &str) {
+    for missing in hardware::missing_firmware(log) {
+        log::warn!("{}", missing.advice());
+    }
+}
+
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -111,6 +160,7 @@ pub fn run() -> ! {
     }
     logging::init(log::LevelFilter::Info, true);
     logging::use_all_consoles(Path::new("/sys"), Path::new("/dev"));
+    mount_optional_filesystems();
     let config = match std::fs::read_to_string("/proc/cmdline")
         .map_err(Pid1Error::ReadCmdline)
         .and_then(|line| BootConfig::parse(&line).map_err(Pid1Error::from))
@@ -278,11 +328,30 @@ fn boot(
         apply_stick_settings(config, &index, &module_dir)?;
     }
     let config = &*config;
-    let nic = netconfig::choose_interface(
+    let catalogue = driver_catalogue(&index, &module_dir, &release);
+    let nic = match netconfig::choose_interface(
         Path::new("/sys"),
         config.interface.as_deref(),
         Duration::from_secs(20),
-    )?;
+    ) {
+        Err(NetError::NoInterface { controllers }) => {
+            report_missing_firmware(&crate::logging::read_kernel_log());
+            let network: Vec<_> = hardware::read_controllers(Path::new("/sys"))
+                .into_iter()
+                .filter(|c| c.kind == hardware::ControllerKind::Network)
+                .collect();
+            let explained = hardware::unclaimed(&network, &catalogue);
+            return Err(NetError::NoInterface {
+                controllers: if explained.is_empty() {
+                    controllers
+                } else {
+                    explained.join("; ")
+                },
+            }
+            .into());
+        }
+        other => other?,
+    };
     let configured = netconfig::configure(
         &nic,
         Duration::from_secs(u64::from(config.dhcp_timeout_secs)),
@@ -290,6 +359,18 @@ fn boot(
 
     let inventory = Inventory::read(Path::new("/sys"), Path::new("/dev"));
     print_console(&inventory.to_string());
+    let kernel_log = crate::logging::read_kernel_log();
+    let platform = Platform::read(Path::new("/sys"), &kernel_log);
+    let controllers = hardware::read_controllers(Path::new("/sys"));
+    print_console(&format!("inventory: {platform}\n"));
+    for controller in &controllers {
+        print_console(&format!("inventory: {controller}\n"));
+    }
+    let unclaimed = hardware::unclaimed(&controllers, &catalogue);
+    for why in &unclaimed {
+        log::warn!("{why}");
+    }
+    report_missing_firmware(&kernel_log);
     print_console(&format!(
         "{READY_MARKER} role={} interface={} mac={} address={} uptime_ms={}\n",
         config.role,
@@ -302,10 +383,10 @@ fn boot(
     *reporter = Reporter::new(config, &nic.mac);
     let reporter = reporter.as_ref();
     if let Some(reporter) = reporter {
-        let unclaimed = crate::inventory::pci_network_controllers(Path::new("/sys"));
-        reporter.send(ReportStep::Booted {
-            inventory: crate::report::inventory_report(&inventory, unclaimed),
-        });
+        let mut report = crate::report::inventory_report(&inventory, unclaimed);
+        report.platform = Some(platform.to_string());
+        report.controllers = controllers.iter().map(ToString::to_string).collect();
+        reporter.send(ReportStep::Booted { inventory: report });
     }
     match config.role {
         Role::Inventory => {}

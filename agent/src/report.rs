@@ -125,5 +125,7 @@ pub fn inventory_report(inventory: &Inventory, unclaimed: Vec<String>) -> Invent
             })
             .collect(),
         unclaimed_network_controllers: unclaimed,
+        platform: None,
+        controllers: Vec::new(),
     }
 }

@@ -1,5 +1,6 @@
-//! Who is asking: PXE firmware (BIOS or UEFI), iPXE, the diskcast agent, or any other client.
-//! Decided from options 60 (vendor class), 77 (user class), 93 (architecture) and 175 (iPXE).
+//! Who is asking: PXE firmware (BIOS or UEFI), UEFI HTTP boot firmware, iPXE, the diskcast agent,
+//! or any other client. Decided from options 60 (vendor class), 77 (user class), 93
+//! (architecture) and 175 (iPXE).
 
 use dhcproto::v4::{DhcpOption, Message, OptionCode};
 use std::fmt;
@@ -16,7 +17,8 @@ impl Arch {
     pub fn from_code(code: u16) -> Self {
         match code {
             0 => Self::Bios,
-            7 | 9 => Self::Uefi64,
+            // 16: x86-64 UEFI HTTP boot (RFC 4578's registry, "x64 UEFI HTTP").
+            7 | 9 | 16 => Self::Uefi64,
             other => Self::Other(other),
         }
     }
@@ -38,6 +40,9 @@ pub enum ClientKind {
     Pxe(Arch),
     /// iPXE (ours, chainloaded, or a NIC ROM): gets the per-machine script over HTTP.
     Ipxe(Arch),
+    /// UEFI HTTP boot firmware (vendor class `HTTPClient`): gets the URL of an EFI loader, no
+    /// TFTP at all.
+    Http(Arch),
     /// The diskcast agent inside the initramfs: an address, nothing to boot.
     Agent,
     /// Anything else: an address in full mode, nothing in proxy mode.
@@ -46,7 +51,7 @@ pub enum ClientKind {
 
 impl ClientKind {
     pub fn wants_boot(self) -> bool {
-        matches!(self, Self::Pxe(_) | Self::Ipxe(_))
+        matches!(self, Self::Pxe(_) | Self::Ipxe(_) | Self::Http(_))
     }
 }
 
@@ -55,6 +60,7 @@ impl fmt::Display for ClientKind {
         match self {
             Self::Pxe(arch) => write!(f, "pxe/{arch}"),
             Self::Ipxe(arch) => write!(f, "ipxe/{arch}"),
+            Self::Http(arch) => write!(f, "http/{arch}"),
             Self::Agent => f.write_str("agent"),
             Self::Other => f.write_str("other"),
         }
@@ -93,6 +99,9 @@ pub fn classify(msg: &Message) -> ClientKind {
     }
     if class.starts_with(b"PXEClient") {
         return ClientKind::Pxe(arch);
+    }
+    if class.starts_with(b"HTTPClient") {
+        return ClientKind::Http(arch);
     }
     ClientKind::Other
 }
@@ -138,6 +147,12 @@ mod tests {
             vec![177, 5, 1, 0x80, 0x86, 0x10, 0x0e],
         )));
         assert_eq!(classify(&request(ipxe175)), ClientKind::Ipxe(Arch::Bios));
+        // OVMF's HTTP boot client.
+        let http = vec![
+            DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003000".to_vec()),
+            DhcpOption::ClientSystemArchitecture(Architecture(16)),
+        ];
+        assert_eq!(classify(&request(http)), ClientKind::Http(Arch::Uefi64));
         let agent = vec![DhcpOption::ClassIdentifier(b"diskcast-agent".to_vec())];
         assert_eq!(classify(&request(agent)), ClientKind::Agent);
         assert_eq!(classify(&request(vec![])), ClientKind::Other);

@@ -16,6 +16,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use file::{default_grub_net, default_shim};
 pub use file::{DhcpMode, UefiLoader};
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +215,24 @@ pub mod file {
         pub answer_router_solicitations: bool,
         #[serde(default = "default_local_boot_efi")]
         pub local_boot_efi: PathBuf,
+        /// `ipxe` or `signed`: what UEFI PXE clients boot unless their machine or group says.
+        pub uefi_chain: Option<Spanned<String>>,
+        /// Groups whose UEFI machines get the signed chain.
+        #[serde(default)]
+        pub signed_chain_groups: Vec<Spanned<String>>,
+        /// Microsoft-signed shim (Debian's shim-signed).
+        #[serde(default = "default_shim")]
+        pub shim: PathBuf,
+        /// Debian-signed GRUB network image (Debian's grub-efi-amd64-signed).
+        #[serde(default = "default_grub_net")]
+        pub grub_net: PathBuf,
+    }
+
+    pub fn default_shim() -> PathBuf {
+        PathBuf::from("/usr/lib/shim/shimx64.efi.signed")
+    }
+    pub fn default_grub_net() -> PathBuf {
+        PathBuf::from("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed")
     }
 
     fn default_local_boot_efi() -> PathBuf {
@@ -269,6 +288,8 @@ pub mod file {
         pub group: Option<Spanned<String>>,
         pub disk: Option<Spanned<String>>,
         pub local_boot: Option<Spanned<String>>,
+        /// `ipxe` or `signed` (Secure Boot): what this machine boots on UEFI.
+        pub uefi_chain: Option<Spanned<String>>,
         /// Gone: see `Agent::role`.
         pub role: Option<Spanned<String>>,
         /// Gone: see `Agent::role`.
@@ -382,6 +403,43 @@ pub struct Boot {
     pub answer_router_solicitations: bool,
     /// The GRUB image UEFI machines chain to boot their local disk (`scripts/make-localboot-efi`).
     pub local_boot_efi: PathBuf,
+    /// What UEFI PXE clients boot unless their machine or group says otherwise.
+    pub uefi_chain: UefiChain,
+    /// Groups whose UEFI machines boot the signed chain.
+    pub signed_chain_groups: std::collections::BTreeSet<String>,
+    /// The signed chain's first two stages (served over TFTP as `shimx64.efi`, `grubx64.efi`).
+    pub shim: PathBuf,
+    pub grub_net: PathBuf,
+}
+
+/// What a UEFI machine network-boots into before the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UefiChain {
+    /// iPXE (`snponly.efi` or `ipxe.efi`) over TFTP, then the kernel over HTTP: unsigned, so
+    /// refused by firmware with Secure Boot on.
+    #[default]
+    Ipxe,
+    /// Secure Boot: Microsoft-signed shim, Debian-signed GRUB and kernel, all over TFTP.
+    Signed,
+}
+
+impl UefiChain {
+    pub const EXPECTED: &'static str = "ipxe or signed";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ipxe => "ipxe",
+            Self::Signed => "signed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "ipxe" => Some(Self::Ipxe),
+            "signed" => Some(Self::Signed),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -463,6 +521,7 @@ pub struct MachineEntry {
     pub group: Option<String>,
     pub disk: Option<DiskSelector>,
     pub local_boot: Option<LocalBoot>,
+    pub uefi_chain: Option<UefiChain>,
 }
 
 /// How the sessions of one stored image run.
@@ -626,6 +685,34 @@ impl Config {
                 "[boot] kernel_args must be printable ASCII".into(),
             );
         }
+        let uefi_chain = shape
+            .boot
+            .uefi_chain
+            .as_ref()
+            .map_or(Some(UefiChain::Ipxe), |v| {
+                c.parse(
+                    v,
+                    "[boot] uefi_chain",
+                    UefiChain::parse,
+                    UefiChain::EXPECTED,
+                )
+            });
+        let signed_chain_groups = shape
+            .boot
+            .signed_chain_groups
+            .iter()
+            .filter_map(|g| {
+                c.parse(
+                    g,
+                    "[boot] signed_chain_groups",
+                    |s| {
+                        valid_label(s.trim_start_matches('@'))
+                            .then(|| s.trim_start_matches('@').to_string())
+                    },
+                    "a group name (1 to 64 letters, digits, `.`, `_` or `-`)",
+                )
+            })
+            .collect();
         let agent = Self::check_agent(&shape.agent, c);
         let lab = Self::check_lab(&shape.lab, c);
         let machines = Self::check_machines(&shape.machines, c);
@@ -669,6 +756,10 @@ impl Config {
                 kernel_args: shape.boot.kernel_args.into_inner(),
                 answer_router_solicitations: shape.boot.answer_router_solicitations,
                 local_boot_efi: shape.boot.local_boot_efi,
+                uefi_chain: uefi_chain?,
+                signed_chain_groups,
+                shim: shape.boot.shim,
+                grub_net: shape.boot.grub_net,
             },
             agent: agent?,
             lab: lab?,
@@ -961,6 +1052,14 @@ impl Config {
                         LocalBoot::EXPECTED,
                     )
                 }),
+                uefi_chain: m.uefi_chain.as_ref().and_then(|v| {
+                    c.parse(
+                        v,
+                        "[[machine]] uefi_chain",
+                        UefiChain::parse,
+                        UefiChain::EXPECTED,
+                    )
+                }),
             };
             if machines.insert(mac, entry_policy).is_some() {
                 c.report(&entry.span(), format!("[[machine]] {mac} is listed twice"));
@@ -1248,6 +1347,32 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What `mac` (in `group`, as the registry knows it) boots on UEFI: its `[[machine]]`
+    /// entry, else the signed chain when its group is listed in `[boot] signed_chain_groups`,
+    /// else `[boot] uefi_chain`.
+    pub fn uefi_chain(&self, mac: MacAddr, group: Option<&str>) -> UefiChain {
+        if let Some(chain) = self.machines.get(&mac).and_then(|m| m.uefi_chain) {
+            return chain;
+        }
+        let group = group.or_else(|| self.machines.get(&mac).and_then(|m| m.group.as_deref()));
+        if group.is_some_and(|g| self.boot.signed_chain_groups.contains(g)) {
+            return UefiChain::Signed;
+        }
+        self.boot.uefi_chain
+    }
+
+    /// True when any machine may get the signed chain: its files must then exist.
+    pub fn signed_chain_in_use(&self) -> bool {
+        self.boot.uefi_chain == UefiChain::Signed
+            || !self.boot.signed_chain_groups.is_empty()
+            || self
+                .machines
+                .values()
+                .any(|m| m.uefi_chain == Some(UefiChain::Signed))
+    }
+}
+
 /// Machine names and groups: what the registry accepts (never a MAC, so `--to` is unambiguous).
 pub fn valid_label(text: &str) -> bool {
     (1..=64).contains(&text.len())
@@ -1377,6 +1502,46 @@ mod tests {
         );
         let named_like_a_mac = text.replace("pc-12", "52:54:00:00:00:01");
         assert!(parse(&named_like_a_mac).is_err());
+    }
+
+    #[test]
+    fn the_signed_chain_is_chosen_per_machine_group_or_for_every_uefi_client() {
+        let text = format!(
+            "{EXAMPLE}\n[[machine]]\nmac = \"52:54:00:00:00:01\"\nuefi_chain = \"signed\"\n\
+             [[machine]]\nmac = \"52:54:00:00:00:02\"\ngroup = \"room-2\"\n"
+        )
+        .replace("[boot]\n", "[boot]\nsigned_chain_groups = [\"@room-2\"]\n");
+        let config = parse(&text).unwrap();
+        assert!(config.signed_chain_in_use());
+        assert_eq!(config.boot.shim, default_shim());
+        assert_eq!(
+            config.uefi_chain(mac("52:54:00:00:00:01"), None),
+            UefiChain::Signed
+        );
+        // Its group in the config, or the group the registry knows for a machine.
+        assert_eq!(
+            config.uefi_chain(mac("52:54:00:00:00:02"), None),
+            UefiChain::Signed
+        );
+        assert_eq!(
+            config.uefi_chain(mac("52:54:00:00:00:03"), Some("room-2")),
+            UefiChain::Signed
+        );
+        assert_eq!(
+            config.uefi_chain(mac("52:54:00:00:00:03"), None),
+            UefiChain::Ipxe
+        );
+        let everyone =
+            parse(&EXAMPLE.replace("[boot]\n", "[boot]\nuefi_chain = \"signed\"\n")).unwrap();
+        assert_eq!(
+            everyone.uefi_chain(mac("52:54:00:00:00:09"), None),
+            UefiChain::Signed
+        );
+        assert!(!parse(EXAMPLE).unwrap().signed_chain_in_use());
+        let bad = EXAMPLE.replace("[boot]\n", "[boot]\nuefi_chain = \"shim\"\n");
+        let found = issues(&bad);
+        assert!(found[0].message.contains("ipxe or signed"), "{found:?}");
+        assert_eq!(found[0].line, line_of(&bad, "uefi_chain"));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! configured is logged and ignored, never answered from another pool.
 
 use crate::classify::{classify, Arch, ClientKind};
-use crate::config::{DhcpMode, UefiLoader};
+use crate::config::{DhcpMode, UefiChain, UefiLoader};
 use crate::leases::{Lease, LeaseTable};
 use crate::subnets::Site;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
@@ -21,7 +21,43 @@ use diskcast_proto::dhcp::decode_message;
 use diskcast_proto::mac::MacAddr;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
+/// Decides per machine what a UEFI PXE client boots (iPXE or the signed chain). The edge backs it
+/// with the config and the registry (a machine's group); tests with a fixed answer.
+#[derive(Clone)]
+pub struct ChainChooser(Arc<dyn Fn(MacAddr) -> UefiChain + Send + Sync>);
+
+impl ChainChooser {
+    pub fn new(choose: impl Fn(MacAddr) -> UefiChain + Send + Sync + 'static) -> Self {
+        Self(Arc::new(choose))
+    }
+
+    /// The same chain for every machine.
+    pub fn always(chain: UefiChain) -> Self {
+        Self::new(move |_| chain)
+    }
+
+    pub fn choose(&self, mac: MacAddr) -> UefiChain {
+        (self.0)(mac)
+    }
+}
+
+impl Default for ChainChooser {
+    fn default() -> Self {
+        Self::always(UefiChain::Ipxe)
+    }
+}
+
+impl std::fmt::Debug for ChainChooser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChainChooser")
+    }
+}
+
+/// The boot file a UEFI PXE client gets for the signed chain: shim, which then fetches
+/// `grubx64.efi` from the same TFTP directory.
+pub const SHIM_BOOT_FILE: &str = "shimx64.efi";
 /// Everything the server needs to answer; built from the config.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -31,6 +67,8 @@ pub struct Settings {
     pub lease_secs: u32,
     pub uefi_loader: UefiLoader,
     pub http_port: u16,
+    /// iPXE or the signed chain, per UEFI machine.
+    pub uefi_chain: ChainChooser,
 }
 
 impl Settings {
@@ -47,6 +85,16 @@ impl Settings {
     /// The interface requests arrive on when the caller does not say (the first site's).
     pub fn primary_interface(&self) -> &str {
         self.sites.first().map_or("", |s| s.interface.as_str())
+    }
+
+    /// URL of the EFI loader UEFI HTTP boot clients at the server's address `server` fetch:
+    /// iPXE, which then asks for its script.
+    pub fn http_boot_url(&self, server: Ipv4Addr) -> String {
+        format!(
+            "http://{server}:{}/boot/{}",
+            self.http_port,
+            self.uefi_loader.file_name()
+        )
     }
 }
 
@@ -189,13 +237,28 @@ fn boot_file(
 ) -> Result<Option<String>, String> {
     Ok(match kind {
         ClientKind::Pxe(Arch::Bios) => Some("undionly.kpxe".into()),
-        ClientKind::Pxe(Arch::Uefi64) => Some(settings.uefi_loader.file_name().into()),
+        ClientKind::Pxe(Arch::Uefi64) => {
+            let chain = mac
+                .parse()
+                .map_or(UefiChain::Ipxe, |mac| settings.uefi_chain.choose(mac));
+            Some(match chain {
+                UefiChain::Ipxe => settings.uefi_loader.file_name().into(),
+                UefiChain::Signed => SHIM_BOOT_FILE.into(),
+            })
+        }
         ClientKind::Pxe(Arch::Other(code)) => {
             return Err(format!(
                 "architecture {code} has no loader (only BIOS and x86-64 UEFI)"
             ))
         }
         ClientKind::Ipxe(_) => Some(settings.script_url(site.server, mac)),
+        // Debian 12's signed GRUB cannot fetch over HTTP: HTTP boot always starts iPXE.
+        ClientKind::Http(Arch::Uefi64) => Some(settings.http_boot_url(site.server)),
+        ClientKind::Http(arch) => {
+            return Err(format!(
+                "HTTP boot for {arch} has no loader (only x86-64 UEFI)"
+            ))
+        }
         ClientKind::Agent | ClientKind::Other => None,
     })
 }
@@ -737,6 +800,12 @@ impl DhcpServer {
                         .opts_mut()
                         .insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
                 }
+            }
+            ClientKind::Http(_) => {
+                // UEFI HTTP boot takes an offer only when it says "HTTPClient" (UEFI 2.x, 24.7).
+                reply
+                    .opts_mut()
+                    .insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
             }
             ClientKind::Agent | ClientKind::Other => {}
         }

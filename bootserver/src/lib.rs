@@ -4,11 +4,13 @@
 
 pub mod admin;
 pub mod api;
+pub mod boot_files;
 pub mod classify;
 pub mod config;
 pub mod console;
 pub mod deploy;
 pub mod dhcp_server;
+pub mod grub;
 pub mod http;
 pub mod ipxe;
 pub mod lab;

@@ -1,7 +1,8 @@
 //! Wires the sans-IO DHCP server, TFTP and HTTP to sockets and threads.
 
+use crate::boot_files::BootFiles;
 use crate::config::{Config, ConfigError, DhcpMode};
-use crate::dhcp_server::{Destination, DhcpServer, Port, Settings};
+use crate::dhcp_server::{ChainChooser, Destination, DhcpServer, Port, Settings};
 use crate::dhcp_server::{Handled, LeaseChange, Reply, Seen, MAX_MESSAGE};
 use crate::http::{self, HttpLimits};
 use crate::lab::{Lab, LabError};
@@ -190,6 +191,7 @@ fn record_sighting(registry: &Registry, seen: Seen) {
     let (firmware, via) = match seen.kind {
         ClientKind::Pxe(arch) => (firmware(arch), Via::Pxe),
         ClientKind::Ipxe(arch) => (firmware(arch), Via::Ipxe),
+        ClientKind::Http(arch) => (firmware(arch), Via::Pxe),
         ClientKind::Agent | ClientKind::Other => (Firmware::Unknown, Via::Agent),
     };
     let sighting = Sighting {
@@ -298,6 +300,25 @@ fn check_boot_files(config: &Config) -> Result<(), ServeError> {
             return Err(ServeError::MissingBootFile { what, path, hint });
         }
     }
+    if config.signed_chain_in_use() {
+        let signed: [(&'static str, PathBuf, &'static str); 2] = [
+            (
+                "boot.shim",
+                config.boot.shim.clone(),
+                " (install Debian's shim-signed package)",
+            ),
+            (
+                "boot.grub_net",
+                config.boot.grub_net.clone(),
+                " (install Debian's grub-efi-amd64-signed package)",
+            ),
+        ];
+        for (what, path, hint) in signed {
+            if !path.is_file() {
+                return Err(ServeError::MissingBootFile { what, path, hint });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -343,12 +364,32 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     if !addresses.iter().any(|(_, a)| *a == server_ip) {
         addresses.insert(0, (config.interface.clone(), server_ip));
     }
+    let store = Store::open(&config.store_dir)?;
+    for stale in store.clean_partials() {
+        log::info!(
+            "store: removed {} (an upload that never finished)",
+            stale.display()
+        );
+    }
+    let admin_token: Arc<str> = crate::lab::admin_token(&config.state_dir)?.into();
+    let key = crate::lab::server_key(&config.state_dir)?;
+    log::info!(
+        "lab: the server's signing key is {} (agents it boots trust it)",
+        key.public()
+    );
+    let mut lab = Lab::new(config, registry.clone(), store, server_ip, key);
+    lab.sites = sites.clone();
+    let lab = Arc::new(lab);
+    lab.register_configured_machines(unix_now())?;
+    let config = &lab.config;
+    let chooser_lab = Arc::clone(&lab);
     let settings = Settings {
         mode: config.dhcp.mode,
         sites: sites.clone(),
         lease_secs: config.dhcp.lease_secs,
         uefi_loader: config.boot.uefi_loader,
         http_port: config.http_port,
+        uefi_chain: ChainChooser::new(move |mac| chooser_lab.uefi_chain(mac)),
     };
     let dhcp = Arc::new(Mutex::new(DhcpServer::new(settings, leases)));
 
@@ -404,6 +445,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         }
     }
 
+    let tftp_files: Arc<dyn tftp::FileSource> = Arc::new(BootFiles::new(
+        Arc::clone(&lab),
+        ConfinedDir::new(&config.boot.tftp_root)?,
+    ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("bootserver-io")
@@ -414,7 +459,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     // TFTP and HTTP listen on each address machines are given, so every subnet reaches them.
     let mut listeners = Vec::new();
     for (_, address) in &addresses {
-        let tftp_root = ConfinedDir::new(&config.boot.tftp_root)?;
+        let files = Arc::clone(&tftp_files);
         let tftp_addr = SocketAddr::from((*address, config.tftp_port));
         let tftp_socket = runtime
             .block_on(tokio::net::UdpSocket::bind(tftp_addr))
@@ -424,7 +469,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             })?;
         let stats = Arc::clone(&tftp_stats);
         runtime.spawn(async move {
-            if let Err(e) = tftp::run(tftp_root, tftp_socket, TftpLimits::default(), stats).await {
+            if let Err(e) = tftp::run(files, tftp_socket, TftpLimits::default(), stats).await {
                 log::error!("tftp: {}", diskcast_proto::error_chain(&e));
                 std::process::exit(1);
             }
@@ -438,31 +483,23 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     };
     let listed: Vec<String> = addresses.iter().map(|(_, a)| a.to_string()).collect();
     log::info!(
-        "dhcp {mode} on {}, tftp port {} root {}, http port {}, on {}",
+        "dhcp {mode} on {}, tftp port {} root {}, http port {}, on {}{}",
         interfaces.join(", "),
         config.tftp_port,
         config.boot.tftp_root.display(),
         config.http_port,
-        listed.join(", ")
+        listed.join(", "),
+        if config.signed_chain_in_use() {
+            format!(
+                "; Secure Boot chain: {} and {}",
+                config.boot.shim.display(),
+                config.boot.grub_net.display()
+            )
+        } else {
+            String::new()
+        }
     );
-    let store = Store::open(&config.store_dir)?;
-    for stale in store.clean_partials() {
-        log::info!(
-            "store: removed {} (an upload that never finished)",
-            stale.display()
-        );
-    }
     let interface = config.interface.clone();
-    let admin_token: Arc<str> = crate::lab::admin_token(&config.state_dir)?.into();
-    let key = crate::lab::server_key(&config.state_dir)?;
-    log::info!(
-        "lab: the server's signing key is {} (agents it boots trust it)",
-        key.public()
-    );
-    let mut lab = Lab::new(config, registry, store, server_ip, key);
-    lab.sites = sites;
-    let lab = Arc::new(lab);
-    lab.register_configured_machines(unix_now())?;
     let manager = Arc::clone(&lab);
     threads.push(
         std::thread::Builder::new()

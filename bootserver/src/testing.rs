@@ -84,6 +84,7 @@ pub fn web_server(
         lease_secs: 600,
         uefi_loader: config.boot.uefi_loader,
         http_port: config.http_port,
+        uefi_chain: Default::default(),
     };
     let key = crate::lab::server_key(&config.state_dir).unwrap();
     let lab = Arc::new(crate::lab::Lab::new(

@@ -60,6 +60,15 @@ pub fn router(state: Arc<WebState>, api: crate::api::ApiState) -> Router {
             ServeFile::new(&boot.initramfs),
         )
         .route_service("/boot/localboot.efi", ServeFile::new(&boot.local_boot_efi))
+        // UEFI HTTP boot clients fetch iPXE itself over HTTP (no TFTP at all).
+        .route_service(
+            "/boot/snponly.efi",
+            ServeFile::new(boot.tftp_root.join("snponly.efi")),
+        )
+        .route_service(
+            "/boot/ipxe.efi",
+            ServeFile::new(boot.tftp_root.join("ipxe.efi")),
+        )
         .route("/boot/{script}", get(script))
         .route("/status", get(status))
         .route("/images/{name}", put(upload))

@@ -1,6 +1,12 @@
 //! Builds the diskcast initramfs: a reproducible, gzip-compressed newc cpio archive holding the
 //! agent as `/init`, `/dev/console`, and the kernel modules for lab hardware with their
-//! dependencies, plus a `modules.dep` and `modules.alias` trimmed to what the archive holds.
+//! dependencies, plus a `modules.dep` and `modules.alias` trimmed to what the archive holds,
+//! the driver catalogue (`diskcast.drivers`: the PCI aliases of every network and storage
+//! driver of the kernel, so the agent can name the module a controller lacks), and firmware
+//! files an admin adds (`--firmware DIR`, under `/lib/firmware`).
+//!
+//! Modules are copied byte for byte: under Secure Boot the kernel is in lockdown and loads only
+//! modules whose signature (appended by Debian's build) is intact.
 //!
 //! Reproducible: entries are sorted, inode numbers sequential, every time stamp zero.
 #![forbid(unsafe_code)]
@@ -54,11 +60,17 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "ixgbe",
     "r8169",
     "tg3",
+    // QEMU's and VMware's other NIC models
+    "8139cp",
+    "8139too",
+    "vmxnet3",
     // disks
     "ahci",
     "ata_piix",
     "nvme",
     "sd_mod",
+    // NVMe disks behind Intel VMD ("RAID" mode of business laptops and desktops)
+    "vmd",
     // USB sticks and their host controllers
     "xhci_pci",
     "ehci_pci",
@@ -69,7 +81,26 @@ pub const DEFAULT_MODULES: &[&str] = &[
 ];
 
 /// Modules that are convenient but need not exist in every kernel build.
-const OPTIONAL: &[&str] = &["ata_piix", "uhci_hcd", "ohci_pci"];
+const OPTIONAL: &[&str] = &[
+    "ata_piix", "uhci_hcd", "ohci_pci", "vmd", "8139too", "8139cp",
+];
+
+/// Where the drivers the catalogue lists live in the module tree: network and storage
+/// controllers, and the buses disks hang on.
+const CATALOGUE_DIRS: &[&str] = &[
+    "/net/ethernet/",
+    "/net/vmxnet3/",
+    "/ata/",
+    "/nvme/",
+    "/scsi/",
+    "/pci/controller/",
+    "/virtio/",
+    "/message/",
+    "/block/",
+    "/usb/host/",
+];
+
+pub use diskcast_proto::modindex::DRIVER_CATALOGUE;
 
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -79,12 +110,18 @@ pub struct Spec {
     pub version: Option<String>,
     pub agent: PathBuf,
     pub modules: Vec<String>,
+    /// Modules left out even when the set (or a dependency) names them.
+    pub without: Vec<String>,
+    /// Directories whose files go under `/lib/firmware` (keeping their relative paths).
+    pub firmware: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub version: String,
     pub modules: Vec<String>,
+    /// Firmware files packed.
+    pub firmware_files: usize,
     pub uncompressed_bytes: u64,
     pub compressed_bytes: u64,
 }
@@ -147,7 +184,10 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
         })
     };
     let index = ModuleIndex::parse(&read_index("modules.alias")?, &read_index("modules.dep")?);
-    let modules = resolve(&index, &spec.modules)?;
+    let mut modules = resolve(&index, &spec.modules)?;
+    for left_out in &spec.without {
+        modules.remove(&normalize_name(left_out));
+    }
 
     let mut entries: std::collections::BTreeMap<String, Entry> = Default::default();
     let add_dirs = |entries: &mut std::collections::BTreeMap<String, Entry>, path: &str| {
@@ -232,6 +272,39 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
             data: (alias_lines.join("\n") + "\n").into_bytes(),
         },
     );
+    let catalogue: Vec<&str> = alias_text
+        .lines()
+        .filter(|line| {
+            let mut words = line.split_ascii_whitespace();
+            words.next() == Some("alias")
+                && words.next().is_some_and(|a| a.starts_with("pci:"))
+                && words
+                    .next()
+                    .and_then(|m| index.path_of(m))
+                    .is_some_and(|p| {
+                        let path = format!("/{}", p.to_string_lossy());
+                        CATALOGUE_DIRS.iter().any(|dir| path.contains(dir))
+                    })
+        })
+        .collect();
+    entries.insert(
+        format!("{base}/{DRIVER_CATALOGUE}"),
+        Entry::File {
+            mode: 0o644,
+            data: (catalogue.join("\n") + "\n").into_bytes(),
+        },
+    );
+    let mut firmware_files = 0;
+    for dir in &spec.firmware {
+        for (relative, data) in firmware_files_in(dir)? {
+            let archive_path = format!("lib/firmware/{relative}");
+            if let Some(parent) = Path::new(&archive_path).parent() {
+                add_dirs(&mut entries, &parent.to_string_lossy());
+            }
+            entries.insert(archive_path, Entry::File { mode: 0o644, data });
+            firmware_files += 1;
+        }
+    }
 
     let cpio = write_newc(&entries)?;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -248,9 +321,36 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Summary, InitramfsError> {
     Ok(Summary {
         version,
         modules: modules.into_iter().collect(),
+        firmware_files,
         uncompressed_bytes: cpio.len() as u64,
         compressed_bytes: compressed.len() as u64,
     })
+}
+
+/// Every regular file under `dir` (links followed), by path relative to it, sorted.
+fn firmware_files_in(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, InitramfsError> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let entries = fs::read_dir(&current).map_err(|source| InitramfsError::Read {
+            path: current.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.is_file() {
+                let relative = path
+                    .strip_prefix(dir)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                found.push((relative, read(&path)?));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 fn write_newc(
@@ -344,6 +444,8 @@ mod tests {
             version: None,
             agent: root.join("agent"),
             modules: vec!["virtio-net".into(), "ata_piix".into()],
+            without: vec![],
+            firmware: vec![],
         };
         let out = root.join("initramfs.img");
         let summary = build(&spec, &out).unwrap();
@@ -376,6 +478,51 @@ mod tests {
     }
 
     #[test]
+    fn firmware_catalogue_and_left_out_modules() {
+        let root = fake_kernel("firmware");
+        let dir = root.join("lib/modules/6.1.0-test");
+        fs::create_dir_all(dir.join("kernel/drivers/net/ethernet")).unwrap();
+        fs::write(dir.join("kernel/drivers/net/ethernet/nic.ko"), b"nic").unwrap();
+        let deps = fs::read_to_string(dir.join("modules.dep")).unwrap()
+            + "kernel/drivers/net/ethernet/nic.ko:\n";
+        fs::write(dir.join("modules.dep"), deps).unwrap();
+        let aliases = fs::read_to_string(dir.join("modules.alias")).unwrap()
+            + "alias pci:v000010ECd00008168sv*sd*bc*sc*i* nic\n";
+        fs::write(dir.join("modules.alias"), aliases).unwrap();
+        let firmware = root.join("fw");
+        fs::create_dir_all(firmware.join("rtl_nic")).unwrap();
+        fs::write(firmware.join("rtl_nic/rtl8168h-2.fw"), b"blob").unwrap();
+        let spec = Spec {
+            kernel_root: root.clone(),
+            version: None,
+            agent: root.join("agent"),
+            modules: vec!["virtio-net".into(), "nic".into()],
+            without: vec!["nic".into()],
+            firmware: vec![firmware],
+        };
+        let out = root.join("initramfs.img");
+        let summary = build(&spec, &out).unwrap();
+        assert_eq!(summary.modules, ["failover", "virtio_net"], "nic left out");
+        assert_eq!(summary.firmware_files, 1);
+        let entries = read_archive(&out);
+        let find = |name: &str| entries.iter().find(|e| e.0 == name).map(|e| e.2.clone());
+        assert_eq!(
+            find("lib/firmware/rtl_nic/rtl8168h-2.fw"),
+            Some(b"blob".to_vec())
+        );
+        // The catalogue still knows what would drive the NIC: the agent names it.
+        let catalogue =
+            String::from_utf8(find(&format!("lib/modules/6.1.0-test/{DRIVER_CATALOGUE}")).unwrap())
+                .unwrap();
+        assert_eq!(
+            catalogue.trim(),
+            "alias pci:v000010ECd00008168sv*sd*bc*sc*i* nic"
+        );
+        assert!(entries.iter().all(|e| !e.0.ends_with("nic.ko")));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn unknown_required_module_is_an_error() {
         let root = fake_kernel("unknown");
         let spec = Spec {
@@ -383,6 +530,8 @@ mod tests {
             version: None,
             agent: root.join("agent"),
             modules: vec!["e1000".into()],
+            without: vec![],
+            firmware: vec![],
         };
         let err = build(&spec, &root.join("out.img")).unwrap_err();
         assert!(

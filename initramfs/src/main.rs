@@ -25,6 +25,14 @@ struct Cli {
     /// Leave out the default lab module set.
     #[arg(long)]
     no_default_modules: bool,
+    /// Leave this module out even if the set or a dependency names it (to see what a machine
+    /// without its driver says).
+    #[arg(long = "without", value_name = "NAME")]
+    without: Vec<String>,
+    /// Add the files under DIR to /lib/firmware (keeping their paths below DIR), for drivers
+    /// that need firmware: the agent names a missing file and its Debian package.
+    #[arg(long = "firmware", value_name = "DIR")]
+    firmware: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -41,14 +49,17 @@ fn main() -> ExitCode {
         version: cli.kernel_version,
         agent: cli.agent,
         modules,
+        without: cli.without,
+        firmware: cli.firmware,
     };
     match build(&spec, &cli.output) {
         Ok(summary) => {
             println!(
-                "initramfs {}: kernel {}, {} modules, {:.1} MiB uncompressed, {:.1} MiB compressed",
+                "initramfs {}: kernel {}, {} modules, {} firmware files, {:.1} MiB uncompressed, {:.1} MiB compressed",
                 cli.output.display(),
                 summary.version,
                 summary.modules.len(),
+                summary.firmware_files,
                 summary.uncompressed_bytes as f64 / 1048576.0,
                 summary.compressed_bytes as f64 / 1048576.0
             );

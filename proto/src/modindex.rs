@@ -5,6 +5,11 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+/// The initramfs's driver catalogue, beside `modules.alias`: `alias` lines for the PCI aliases of
+/// every network and storage driver of the kernel, packed or not, so the agent can name the
+/// module a controller lacks.
+pub const DRIVER_CATALOGUE: &str = "diskcast.drivers";
+
 /// `modules.alias` and `modules.dep` of one kernel, parsed.
 #[derive(Debug, Default, Clone)]
 pub struct ModuleIndex {
@@ -71,6 +76,16 @@ impl ModuleIndex {
             .filter(|(pattern, module)| {
                 self.deps.contains_key(module) && glob_match(pattern, modalias)
             })
+            .map(|(_, module)| module.as_str())
+            .collect()
+    }
+
+    /// Every module whose alias pattern matches `modalias`, whether or not this tree holds its
+    /// file: what *would* drive a device (the catalogue of a whole kernel's drivers).
+    pub fn aliases_for(&self, modalias: &str) -> BTreeSet<&str> {
+        self.aliases
+            .iter()
+            .filter(|(pattern, _)| glob_match(pattern, modalias))
             .map(|(_, module)| module.as_str())
             .collect()
     }
@@ -238,7 +253,15 @@ kernel/drivers/scsi/scsi_common.ko:
             index.path_of("sd-mod"),
             Some(Path::new("kernel/drivers/scsi/sd_mod.ko.xz"))
         );
-        // An alias of a module with no file in the tree (built in) asks for nothing.
+        // An alias of a module with no file in the tree (built in) asks for nothing...
         assert!(index.modules_for("acpi:PNP0C0A:").is_empty());
+        // ...but is still what would drive the device.
+        assert_eq!(
+            index
+                .aliases_for("acpi:PNP0C0A:")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["battery"]
+        );
     }
 }

@@ -40,8 +40,16 @@ pub enum ReportStep {
 pub struct InventoryReport {
     pub disks: Vec<DiskReport>,
     pub nics: Vec<NicReport>,
-    /// PCI network controllers no loaded driver claimed (`vendor:device`).
+    /// PCI network and storage controllers no loaded driver claimed, each with its IDs and the
+    /// module that would drive it.
     pub unclaimed_network_controllers: Vec<String>,
+    /// `firmware uefi secure_boot=on lockdown=integrity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// PCI network and storage controllers: IDs, class, mode (AHCI, NVMe, RAID, Intel VMD),
+    /// driver.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -257,6 +257,7 @@ pub fn summary_table(machines: &[Machine], expect: Option<&str>) -> String {
         let firmware = match m.firmware {
             Firmware::Bios => "BIOS",
             Firmware::Uefi => "UEFI",
+            Firmware::UefiSecureBoot => "UEFI+SB",
         };
         let (verified, copy, boot, seen) = match &m.stage {
             Stage::Copying => ("no", "-".into(), "-".into(), "no"),

@@ -21,6 +21,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// OVMF with Microsoft's Secure Boot keys enrolled (Debian's ovmf package).
+pub const SECURE_BOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
+pub const SECURE_BOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+
 /// Under TCG on a shared 2-core machine boots take 10–30 s; allow a wide margin.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -239,13 +243,43 @@ pub enum Firmware {
     Bios,
     /// OVMF with its own PXE client: QEMU's iPXE ROM is switched off.
     Uefi,
+    /// OVMF with Secure Boot enforced and Microsoft's keys enrolled (Debian's
+    /// `OVMF_CODE_4M.ms.fd` and a fresh copy of `OVMF_VARS_4M.ms.fd`) on a q35 machine with SMM;
+    /// QEMU's iPXE ROM is off.
+    UefiSecureBoot,
+}
+
+/// The disk devices the lab can give a VM (`DiskSpec::device`).
+pub const DISK_MODELS: [&str; 5] = ["virtio-blk-pci", "ide-hd", "nvme", "scsi-hd", "usb-storage"];
+/// The NIC models the lab can give a VM (QEMU device names).
+pub const NIC_MODELS: [&str; 5] = ["virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3"];
+
+/// Maps a short model name (`virtio`, `ahci`, `virtio-scsi`, `usb`...) or a QEMU device name to
+/// the device the lab uses, for `scripts/lab --nic/--disk`.
+pub fn nic_model(name: &str) -> Option<&'static str> {
+    match name {
+        "virtio" | "virtio-net" => Some("virtio-net-pci"),
+        other => NIC_MODELS.iter().copied().find(|m| *m == other),
+    }
+}
+
+/// See [`nic_model`].
+pub fn disk_model(name: &str) -> Option<&'static str> {
+    match name {
+        "virtio" | "virtio-blk" => Some("virtio-blk-pci"),
+        "ahci" | "sata" => Some("ide-hd"),
+        "virtio-scsi" | "scsi" => Some("scsi-hd"),
+        "usb" => Some("usb-storage"),
+        other => DISK_MODELS.iter().copied().find(|m| *m == other),
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
     pub size_mib: u64,
     pub serial: String,
-    /// QEMU device: `virtio-blk-pci`, or `ide-hd` on an AHCI controller.
+    /// QEMU device (one of [`DISK_MODELS`]): `virtio-blk-pci`, `ide-hd` on an AHCI controller,
+    /// `nvme`, `scsi-hd` on a virtio-scsi controller, or `usb-storage` on xHCI.
     pub device: &'static str,
     /// Initial content (copied); blank when `None`.
     pub content: Option<PathBuf>,
@@ -272,6 +306,8 @@ pub struct VmSpec {
     pub boot: Boot,
     /// A reboot restarts the VM (else QEMU exits, which tests see as the end).
     pub reboots: bool,
+    /// OVMF's `opt/org.tianocore/...` switches (`-fw_cfg`), e.g. `IPv4PXESupport=no`.
+    pub ovmf_options: Vec<(String, String)>,
 }
 
 impl VmSpec {
@@ -285,7 +321,17 @@ impl VmSpec {
             memory_mib: 512,
             boot: Boot::Network,
             reboots: false,
+            ovmf_options: Vec::new(),
         }
+    }
+
+    /// UEFI HTTP boot only: OVMF's PXE (IPv4 and IPv6) switched off, so it neither tries TFTP
+    /// nor waits a minute for PXE before HTTP.
+    pub fn http_boot_only(mut self) -> Self {
+        for option in ["IPv4PXESupport", "IPv6PXESupport"] {
+            self.ovmf_options.push((option.into(), "no".into()));
+        }
+        self
     }
 
     /// The VM restarts when it reboots, as a real machine does.
@@ -873,8 +919,33 @@ mroute from r-near group {groups} to r-far
                     spec.nic_model, spec.mac
                 )
             }
+            Firmware::UefiSecureBoot => {
+                let vars = self.dir.join(format!("{}-OVMF_VARS.fd", spec.name));
+                fs::copy(SECURE_BOOT_VARS, &vars)
+                    .unwrap_or_else(|e| panic!("{SECURE_BOOT_VARS}: {e} (run scripts/setup)"));
+                cmd.args(["-machine", "q35,smm=on"])
+                    .args(["-global", "driver=cfi.pflash01,property=secure,value=on"])
+                    .args([
+                        "-drive",
+                        &format!("if=pflash,format=raw,unit=0,readonly=on,file={SECURE_BOOT_CODE}"),
+                    ])
+                    .args([
+                        "-drive",
+                        &format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                    ]);
+                format!(
+                    "{},netdev=net0,mac={},bootindex=1,romfile=",
+                    spec.nic_model, spec.mac
+                )
+            }
         };
         cmd.args(["-device", &nic]);
+        for (name, value) in &spec.ovmf_options {
+            cmd.args([
+                "-fw_cfg",
+                &format!("name=opt/org.tianocore/{name},string={value}"),
+            ]);
+        }
         if let Boot::Usb { stick } = &spec.boot {
             let copy = self.stick_path(&spec.name);
             fs::copy(stick, &copy).unwrap();
@@ -885,8 +956,15 @@ mroute from r-near group {groups} to r-far
                 ])
                 .args(["-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]);
         }
-        if spec.disks.iter().any(|d| d.device == "ide-hd") {
+        let has = |device: &str| spec.disks.iter().any(|d| d.device == device);
+        if has("ide-hd") {
             cmd.args(["-device", "ahci,id=ahci"]);
+        }
+        if has("scsi-hd") {
+            cmd.args(["-device", "virtio-scsi-pci,id=scsi"]);
+        }
+        if has("usb-storage") && !matches!(spec.boot, Boot::Usb { .. }) {
+            cmd.args(["-device", "qemu-xhci,id=xhci"]);
         }
         for (i, disk) in spec.disks.iter().enumerate() {
             let path = self.disk_path(&spec.name, i);
@@ -905,6 +983,10 @@ mroute from r-near group {groups} to r-far
             ]);
             let device = match disk.device {
                 "ide-hd" => format!("ide-hd,drive=d{i},bus=ahci.{i},serial={}", disk.serial),
+                "scsi-hd" => format!("scsi-hd,drive=d{i},bus=scsi.0,serial={}", disk.serial),
+                "usb-storage" => {
+                    format!("usb-storage,drive=d{i},bus=xhci.0,serial={}", disk.serial)
+                }
                 other => format!("{other},drive=d{i},serial={}", disk.serial),
             };
             cmd.args(["-device", &device]);
@@ -948,14 +1030,38 @@ mroute from r-near group {groups} to r-far
         nic: &'static str,
         count: u8,
     ) -> Vec<usize> {
+        self.boot_bare_slaves_on(firmware, nic, "virtio-blk-pci", count)
+    }
+
+    /// [`Lab::boot_bare_slaves`] with another disk model (one of [`DISK_MODELS`]).
+    pub fn boot_bare_slaves_on(
+        &mut self,
+        firmware: Firmware,
+        nic: &'static str,
+        disk: &'static str,
+        count: u8,
+    ) -> Vec<usize> {
         (1..=count)
             .map(|i| {
                 self.boot_vm(
                     VmSpec::new(&format!("slave{i}"), firmware, nic, 0x20 + i).disk(
                         64,
                         &format!("SLAVE-{i}"),
-                        "virtio-blk-pci",
+                        disk,
                     ),
+                )
+            })
+            .collect()
+    }
+
+    /// Config lines (after `[agent]`) that give the slaves of [`Lab::slave_macs`] the signed
+    /// chain, for Secure Boot.
+    pub fn signed_chain_for_slaves(count: u8) -> String {
+        (1..=count)
+            .map(|i| {
+                format!(
+                    "[[machine]]\nmac = \"52:54:00:dc:00:{:02x}\"\nuefi_chain = \"signed\"\n",
+                    0x20 + i
                 )
             })
             .collect()

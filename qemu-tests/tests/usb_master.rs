@@ -1,5 +1,6 @@
 //! The master from a USB stick: a VM boots the stick built by scripts/make-usb-stick (syslinux
-//! under SeaBIOS, systemd-boot under OVMF) with an internal source disk, reads the session settings
+//! under SeaBIOS, shim and signed GRUB under OVMF, with or without Secure Boot) with an internal
+//! source disk, reads the session settings
 //! from diskcast.cfg on the stick, and multicasts the disk to two VMs that network-boot as slaves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,7 +51,17 @@ fn master_from_stick_images_two_slaves(name: &str, firmware: Firmware) {
     let source = lab.dir.join("source.img");
     make_source_disk(&source, 64);
     let (stick, public) = build_stick(&lab);
-    lab.start_bootserver(DhcpMode::Full, "");
+    // Under Secure Boot the slaves need the signed chain too.
+    let extra: String = if firmware == Firmware::UefiSecureBoot {
+        (1..=2)
+            .map(|i| {
+                format!("[[machine]]\nmac = \"52:54:00:dc:00:2{i}\"\nuefi_chain = \"signed\"\n")
+            })
+            .collect()
+    } else {
+        String::new()
+    };
+    lab.start_bootserver(DhcpMode::Full, &extra);
     lab.task(&["receive", "--to", &Lab::slave_macs(2), "--trust", &public]);
 
     let master = lab.boot_vm(
@@ -116,4 +127,10 @@ fn usb_master_bios() {
 #[test]
 fn usb_master_uefi() {
     master_from_stick_images_two_slaves("usb_master_uefi", Firmware::Uefi);
+}
+
+#[test]
+#[ignore = "scenario matrix: scripts/test --matrix"]
+fn usb_master_secure_boot() {
+    master_from_stick_images_two_slaves("usb_master_secure_boot", Firmware::UefiSecureBoot);
 }

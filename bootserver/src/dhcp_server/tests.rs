@@ -35,6 +35,7 @@ fn settings(mode: DhcpMode) -> Settings {
         lease_secs: 600,
         uefi_loader: UefiLoader::Snponly,
         http_port: 8080,
+        uefi_chain: ChainChooser::default(),
     }
 }
 
@@ -47,6 +48,8 @@ enum Who {
     Bios,
     Uefi,
     Ipxe,
+    /// UEFI HTTP boot (OVMF's HttpBootDxe).
+    Http,
     Agent,
     Plain,
 }
@@ -69,6 +72,10 @@ fn packet(who: Who, n: u8, kind: MessageType, extra: Vec<DhcpOption>) -> Vec<u8>
         Who::Bios => pxe(0),
         Who::Uefi => pxe(7),
         Who::Ipxe => [pxe(0), vec![DhcpOption::UserClass(b"iPXE".to_vec())]].concat(),
+        Who::Http => vec![
+            DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003000".to_vec()),
+            DhcpOption::ClientSystemArchitecture(Architecture(16)),
+        ],
         Who::Agent => vec![DhcpOption::ClassIdentifier(b"diskcast-agent".to_vec())],
         Who::Plain => vec![],
     };
@@ -161,6 +168,77 @@ fn uefi_gets_the_configured_loader_and_ipxe_gets_its_script() {
         Ipv4Addr::new(10, 77, 0, 100),
         "same machine, same address"
     );
+}
+
+fn boot_file_of(message: &Message) -> String {
+    message
+        .fname_str()
+        .unwrap()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string()
+}
+
+#[test]
+fn secure_boot_machines_get_shim_and_the_others_ipxe() {
+    let mut settings = settings(DhcpMode::Full);
+    let signed: MacAddr = "52:54:00:00:00:02".parse().unwrap();
+    settings.uefi_chain = ChainChooser::new(move |mac| {
+        if mac == signed {
+            UefiChain::Signed
+        } else {
+            UefiChain::Ipxe
+        }
+    });
+    let mut server = DhcpServer::new(settings, LeaseTable::default());
+    assert_eq!(
+        boot_file_of(&full_exchange(&mut server, Who::Uefi, 1)),
+        "snponly.efi"
+    );
+    let ack = full_exchange(&mut server, Who::Uefi, 2);
+    assert_eq!(boot_file_of(&ack), SHIM_BOOT_FILE);
+    assert_eq!(
+        ack.opts().get(OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+    );
+    // BIOS machines have no Secure Boot: always iPXE.
+    assert_eq!(
+        boot_file_of(&full_exchange(&mut server, Who::Bios, 2)),
+        "undionly.kpxe"
+    );
+}
+
+#[test]
+fn http_boot_clients_get_a_url_and_the_http_client_class() {
+    for mode in [DhcpMode::Full, DhcpMode::Proxy] {
+        let mut server = DhcpServer::new(settings(mode), LeaseTable::default());
+        let handled = server.handle(
+            &packet(Who::Http, 1, MessageType::Discover, vec![]),
+            from(),
+            Port::Dhcp,
+            NOW,
+        );
+        assert_eq!(
+            handled.seen.map(|s| s.kind),
+            Some(ClientKind::Http(Arch::Uefi64))
+        );
+        let offer = reply_of(&handled);
+        assert_eq!(
+            boot_file_of(&offer),
+            "http://10.77.0.1:8080/boot/snponly.efi",
+            "{mode:?}"
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::BootfileName),
+            Some(&DhcpOption::BootfileName(
+                b"http://10.77.0.1:8080/boot/snponly.efi".to_vec()
+            ))
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::ClassIdentifier),
+            Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! local disk.
 
 use super::{Lab, LabError};
-use crate::config::{LocalBoot, UnknownMachines};
+use crate::config::{LocalBoot, UefiChain, UnknownMachines};
 use crate::ipxe::BootScript;
 use diskcast_proto::cmdline::{Blocks, BootConfig, DiskSelector, Role, TaskRef};
 use diskcast_proto::mac::MacAddr;
@@ -308,6 +308,47 @@ impl Lab {
             BootPlan::Local { bios, uefi, why } => {
                 log::info!("lab: {mac} boots its local disk ({why})");
                 local_boot_script(&base_url, why, bios, uefi)
+            }
+        })
+    }
+}
+
+impl Lab {
+    /// What `mac` boots on UEFI (iPXE or the signed chain), from the config and the group the
+    /// registry knows for it. A registry failure means the config's answer without the group.
+    pub fn uefi_chain(&self, mac: MacAddr) -> UefiChain {
+        let group = match self.registry.machine(mac) {
+            Ok(machine) => machine.and_then(|m| m.group),
+            Err(e) => {
+                log::warn!(
+                    "lab: looking up {mac}'s group: {}",
+                    diskcast_proto::error_chain(&e)
+                );
+                None
+            }
+        };
+        self.config.uefi_chain(mac, group.as_deref())
+    }
+
+    /// The GRUB config of the signed chain for `mac`: the agent for its open task or its local
+    /// disk, decided (and recorded) as for an iPXE script.
+    pub fn grub_config(&self, mac: MacAddr, now: u64) -> Result<String, LabError> {
+        Ok(match self.boot_plan(mac, now)? {
+            BootPlan::Agent { task, agent } => {
+                log::info!(
+                    "lab: {mac} boots the agent for task {} ({}) through the signed chain",
+                    task.id,
+                    task_label(&task)
+                );
+                crate::grub::agent_config(&mac.to_string(), &self.config.boot.kernel_args, &agent)
+                    .unwrap_or_else(|e| {
+                        log::error!("lab: {mac} cannot boot the agent: {e}");
+                        crate::grub::error_config(&mac.to_string(), &e.to_string())
+                    })
+            }
+            BootPlan::Local { uefi, why, .. } => {
+                log::info!("lab: {mac} boots its local disk ({why}) through the signed chain");
+                crate::grub::local_config(&mac.to_string(), why, uefi)
             }
         })
     }

@@ -20,7 +20,8 @@
 //!   capped in total and per client address; a dead client costs at most `retries x timeout`.
 //!
 //! Files are read whole into memory when a transfer starts: TFTP carries iPXE binaries of a few
-//! hundred KiB to a few MiB, and a memory-resident file keeps the state machine free of I/O.
+//! hundred KiB to a few MiB (and, for the Secure Boot chain, whose GRUB cannot use HTTP, the
+//! kernel and initramfs), and a memory-resident file keeps the state machine free of I/O.
 //! [`TftpLimits::max_file_size`] bounds what one transfer may hold, so the worst case is
 //! `max_transfers x max_file_size` of memory (64 x 64 MiB by default; iPXE binaries make it
 //! 64 x ~1 MiB in practice).
@@ -31,8 +32,54 @@ pub mod transfer;
 
 pub use server::{run, TftpError, TftpStats, TftpStatsSnapshot};
 
+use std::io::Read;
+use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Where the files a client asks for come from: a directory ([`ConfinedDir`]), or the
+/// bootserver's own namespace (the signed chain's loaders and per-machine GRUB configs, then the
+/// directory). Called on a blocking thread, once per accepted transfer.
+pub trait FileSource: Send + Sync + std::fmt::Debug + 'static {
+    /// The whole content of `name` for the client at `client`, at most `max` bytes.
+    fn read(&self, name: &str, client: IpAddr, max: u64) -> Result<Arc<[u8]>, TftpError>;
+}
+
+impl FileSource for ConfinedDir {
+    fn read(&self, name: &str, _client: IpAddr, max: u64) -> Result<Arc<[u8]>, TftpError> {
+        let path = self
+            .resolve(Path::new(name))
+            .ok_or_else(|| TftpError::NotFound {
+                name: name.to_string(),
+            })?;
+        read_capped(&path, name, max)
+    }
+}
+
+/// Reads the file at `path` (served as `name`), refusing more than `max` bytes.
+pub fn read_capped(path: &Path, name: &str, max: u64) -> Result<Arc<[u8]>, TftpError> {
+    let io = |source| TftpError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = name.to_string();
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len > max {
+        return Err(TftpError::TooLarge { name, len, max });
+    }
+    let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // The file may grow while read: never take more than the limit.
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(io)?;
+    let len = data.len() as u64;
+    if len > max {
+        return Err(TftpError::TooLarge { name, len, max });
+    }
+    Ok(Arc::from(data))
+}
 
 /// Largest block that fits a 1500-byte Ethernet frame (1500 - IP 20 - UDP 8 - TFTP 4).
 pub const MAX_BLOCK_SIZE: u16 = 1468;

@@ -10,11 +10,11 @@
 
 use super::packet::{self, ErrorCode, Packet, Request, RequestKind};
 use super::transfer::{Outcome, Transfer};
-use super::{ConfinedDir, TftpLimits};
+use super::{FileSource, TftpLimits};
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -156,7 +156,7 @@ fn bump(counter: &AtomicU64) {
 /// Runs the TFTP server on a bound socket (port 69 in production) until an unrecoverable socket
 /// error. Transfer sockets are bound to the same IP address, port 0.
 pub async fn run(
-    root: ConfinedDir,
+    files: Arc<dyn FileSource>,
     socket: UdpSocket,
     limits: TftpLimits,
     stats: Arc<TftpStats>,
@@ -165,7 +165,7 @@ pub async fn run(
         .local_addr()
         .map_err(|source| TftpError::LocalAddr { source })?;
     let shared = Arc::new(Shared {
-        root,
+        files,
         limits,
         stats,
         socket,
@@ -209,7 +209,7 @@ const BUSY: &str = "server busy, try again";
 
 #[derive(Debug)]
 struct Shared {
-    root: ConfinedDir,
+    files: Arc<dyn FileSource>,
     limits: TftpLimits,
     stats: Arc<TftpStats>,
     socket: UdpSocket,
@@ -355,7 +355,7 @@ impl Shared {
     async fn transfer(self: Arc<Self>, request: Request, peer: SocketAddr, _slot: SlotGuard) {
         let started = Instant::now();
         let name = request.filename.clone();
-        let data = match self.load(&name).await {
+        let data = match self.load(&name, peer.ip()).await {
             Ok(data) => data,
             Err(error) => return self.refuse_for(peer, &error).await,
         };
@@ -403,37 +403,13 @@ impl Shared {
         self.report(&transfer, socket_error, peer, &name, started);
     }
 
-    async fn load(&self, name: &str) -> Result<Arc<[u8]>, TftpError> {
-        let (root, owned, max) = (
-            self.root.clone(),
+    async fn load(&self, name: &str, client: IpAddr) -> Result<Arc<[u8]>, TftpError> {
+        let (files, owned, max) = (
+            Arc::clone(&self.files),
             name.to_owned(),
             self.limits.max_file_size,
         );
-        let job = tokio::task::spawn_blocking(move || {
-            let name = owned;
-            let path = root
-                .resolve(Path::new(&name))
-                .ok_or_else(|| TftpError::NotFound { name: name.clone() })?;
-            let io = |source| TftpError::File {
-                path: path.clone(),
-                source,
-            };
-            let file = std::fs::File::open(&path).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            if len > max {
-                return Err(TftpError::TooLarge { name, len, max });
-            }
-            let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-            // The file may grow while read: never take more than the limit.
-            file.take(max.saturating_add(1))
-                .read_to_end(&mut data)
-                .map_err(io)?;
-            let len = data.len() as u64;
-            if len > max {
-                return Err(TftpError::TooLarge { name, len, max });
-            }
-            Ok(Arc::<[u8]>::from(data))
-        });
+        let job = tokio::task::spawn_blocking(move || files.read(&owned, client, max));
         match job.await {
             Ok(result) => result,
             Err(join) => Err(TftpError::File {
@@ -647,7 +623,7 @@ mod tests {
             .collect();
         std::fs::write(dir.join("small.bin"), &small).unwrap();
         std::fs::write(dir.join("exact.bin"), &small[..4 * 1468]).unwrap();
-        let root = ConfinedDir::new(&dir).unwrap();
+        let root = super::super::ConfinedDir::new(&dir).unwrap();
         let stats = Arc::new(TftpStats::default());
         let server_stats = Arc::clone(&stats);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -659,7 +635,7 @@ mod tests {
             runtime.block_on(async move {
                 let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
                 tx.send(socket.local_addr().unwrap()).unwrap();
-                run(root, socket, limits, server_stats).await
+                run(Arc::new(root), socket, limits, server_stats).await
             })
         });
         let addr = rx.recv().unwrap();

@@ -10,10 +10,15 @@
 //! - `--inventory`: bare VMs network-boot into the agent, print their inventory and power off.
 //! - `deploy --image FILE ...`: does an image deploy and boot? (see `lab_deploy`; for CI).
 //!
-//! Options: `--slaves N` (default 2), `--uefi`, `--e1000`. scripts/lab builds everything first.
+//! Options: `--slaves N` (default 2), `--uefi`, `--secure-boot` (slaves under OVMF with Secure
+//! Boot, through the signed chain), `--nic MODEL` (virtio, e1000, e1000e, rtl8139, vmxnet3),
+//! `--disk MODEL` (virtio-blk, ahci, nvme, virtio-scsi, usb) for the slaves, `--e1000`.
+//! scripts/lab builds everything first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{make_source_disk, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
+use diskcast_qemu_tests::{
+    disk_model, make_source_disk, nic_model, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
+};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -25,7 +30,8 @@ fn main() -> ExitCode {
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: lab [--client-server | --usb | --inventory] [--slaves N] [--uefi] [--e1000]\n       \
+            "usage: lab [--client-server | --usb | --inventory] [--slaves N] [--uefi | --secure-boot]\n  \
+             \x20          [--nic virtio|e1000|e1000e|rtl8139|vmxnet3] [--disk virtio-blk|ahci|nvme|virtio-scsi|usb]\n  \
              lab deploy --image FILE [--vms N] [--uefi] [--expect TEXT] [--timeout S] (lab deploy --help)\n  \
              default: a master VM multicasts its disk to N network-booted slaves (N=2)\n  \
              --client-server: a VM captures its disk into the image store, then N bare VMs get it\n  \
@@ -34,16 +40,44 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let firmware = if args.iter().any(|a| a == "--uefi") {
+    let firmware = if args.iter().any(|a| a == "--secure-boot") {
+        Firmware::UefiSecureBoot
+    } else if args.iter().any(|a| a == "--uefi") {
         Firmware::Uefi
     } else {
         Firmware::Bios
     };
-    let nic = if args.iter().any(|a| a == "--e1000") {
-        "e1000"
-    } else {
-        "virtio-net-pci"
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args.get(i + 1).cloned().unwrap_or_default())
     };
+    let nic = match value("--nic") {
+        Some(name) => match nic_model(&name) {
+            Some(model) => model,
+            None => {
+                eprintln!(
+                    "lab: --nic {name:?} is not one of virtio, e1000, e1000e, rtl8139, vmxnet3"
+                );
+                return ExitCode::from(2);
+            }
+        },
+        None if args.iter().any(|a| a == "--e1000") => "e1000",
+        None => "virtio-net-pci",
+    };
+    let disk = match value("--disk") {
+        Some(name) => {
+            match disk_model(&name) {
+                Some(model) => model,
+                None => {
+                    eprintln!("lab: --disk {name:?} is not one of virtio-blk, ahci, nvme, virtio-scsi, usb");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => "virtio-blk-pci",
+    };
+    SLAVE_DISK.with(|d| d.set(disk));
     let count: u8 = args
         .iter()
         .position(|a| a == "--slaves" || a == "--vms")
@@ -56,6 +90,36 @@ fn main() -> ExitCode {
         client_server(firmware, nic, count)
     } else {
         imaging(firmware, nic, count, args.iter().any(|a| a == "--usb"))
+    }
+}
+
+thread_local! {
+    /// The slaves' disk model (`--disk`).
+    static SLAVE_DISK: std::cell::Cell<&'static str> = const { std::cell::Cell::new("virtio-blk-pci") };
+}
+
+/// Boots the slaves with the chosen disk model.
+fn boot_slaves(lab: &mut Lab, firmware: Firmware, nic: &'static str, count: u8) -> Vec<usize> {
+    lab.boot_bare_slaves_on(firmware, nic, SLAVE_DISK.with(std::cell::Cell::get), count)
+}
+
+/// The bootserver, giving the slaves the signed chain under Secure Boot.
+fn start_bootserver(lab: &mut Lab, firmware: Firmware, slaves: u8) {
+    let extra = if firmware == Firmware::UefiSecureBoot {
+        Lab::signed_chain_for_slaves(slaves)
+    } else {
+        String::new()
+    };
+    lab.start_bootserver(DhcpMode::Full, &extra);
+}
+
+/// Firmware that can boot a VM directly or from its own disk: OVMF with Secure Boot refuses the
+/// lab kernel outside the signed chain (Debian's key is trusted through shim only).
+fn plain(firmware: Firmware) -> Firmware {
+    if firmware == Firmware::UefiSecureBoot {
+        Firmware::Uefi
+    } else {
+        firmware
     }
 }
 
@@ -114,18 +178,20 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
     let mut lab = new_lab();
     let source = lab.dir.join("reference.img");
     make_source_disk(&source, 64);
-    lab.start_bootserver(DhcpMode::Full, "");
+    start_bootserver(&mut lab, firmware, slaves);
     print!(
         "{}",
         lab.task(&["capture", "52:54:00:dc:00:10", "--image", "golden"])
     );
     let started = Instant::now();
     println!("lab: step 1: the reference VM network-boots for its capture task");
-    let reference = lab.boot_vm(VmSpec::new("reference", firmware, nic, 0x10).disk_from(
-        &source,
-        "REF-1",
-        "virtio-blk-pci",
-    ));
+    let reference = lab.boot_vm(
+        VmSpec::new("reference", plain(firmware), nic, 0x10).disk_from(
+            &source,
+            "REF-1",
+            "virtio-blk-pci",
+        ),
+    );
     let captured = lab.vm(reference).console.wait_for(
         "DISKCAST-CAPTURE-DONE",
         BOOT_TIMEOUT + Duration::from_secs(300),
@@ -150,7 +216,7 @@ fn client_server(firmware: Firmware, nic: &'static str, slaves: u8) -> ExitCode 
         lab.task(&["deploy", "golden", "--to", &Lab::slave_macs(slaves)])
     );
     println!("lab: step 2: the reference VM is off; {slaves} bare VMs network-boot and get the stored image");
-    let slave_vms = lab.boot_bare_slaves(firmware, nic, slaves);
+    let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
     let mut done = true;
     for &vm in &slave_vms {
         done &= lab
@@ -174,13 +240,29 @@ fn inventory(firmware: Firmware, nic: &'static str, count: u8) -> ExitCode {
         lab.netns,
         lab.dir.display()
     );
-    lab.start_bootserver(DhcpMode::Full, "");
+    let extra = if firmware == Firmware::UefiSecureBoot {
+        (1..=count)
+            .map(|i| {
+                format!("[[machine]]\nmac = \"52:54:00:dc:00:{i:02x}\"\nuefi_chain = \"signed\"\n")
+            })
+            .collect()
+    } else {
+        String::new()
+    };
+    lab.start_bootserver(DhcpMode::Full, &extra);
+    if firmware == Firmware::UefiSecureBoot {
+        let macs: Vec<String> = (1..=count)
+            .map(|i| format!("52:54:00:dc:00:{i:02x}"))
+            .collect();
+        lab.task(&["inventory", "--to", &macs.join(",")]);
+    }
+    let disk = SLAVE_DISK.with(std::cell::Cell::get);
     let vms: Vec<usize> = (1..=count)
         .map(|i| {
             lab.boot_vm(VmSpec::new(&format!("vm{i}"), firmware, nic, i).disk(
                 256,
                 &format!("LAB-DISK-{i}"),
-                "virtio-blk-pci",
+                disk,
             ))
         })
         .collect();
@@ -214,10 +296,8 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
     let mut lab = new_lab();
     let source = lab.dir.join("golden.img");
     make_source_disk(&source, 64);
-    lab.start_bootserver(DhcpMode::Full, "");
+    start_bootserver(&mut lab, firmware, slaves);
     let started = Instant::now();
-    let spec =
-        VmSpec::new("master", firmware, nic, 0x10).disk_from(&source, "GOLDEN-1", "virtio-blk-pci");
     // The master signs its session (the stick's key, or one on its command line); the slaves'
     // receive tasks trust that key.
     let key = lab.dir.join("master.key");
@@ -236,6 +316,14 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
         diskcast_proto::trust::SigningKey::from_key_file(&std::fs::read_to_string(&key).unwrap())
             .unwrap()
             .secret_hex();
+    // The master boots the lab kernel directly, which OVMF with Secure Boot refuses: it runs
+    // without (the USB stick's signed chain boots under Secure Boot).
+    let master_firmware = if usb { firmware } else { plain(firmware) };
+    let spec = VmSpec::new("master", master_firmware, nic, 0x10).disk_from(
+        &source,
+        "GOLDEN-1",
+        "virtio-blk-pci",
+    );
     let spec = if usb {
         let settings = lab.dir.join("diskcast.cfg");
         std::fs::write(
@@ -264,7 +352,7 @@ fn imaging(firmware: Firmware, nic: &'static str, slaves: u8, usb: bool) -> Exit
         ))
     };
     let master = lab.boot_vm(spec);
-    let slave_vms = lab.boot_bare_slaves(firmware, nic, slaves);
+    let slave_vms = boot_slaves(&mut lab, firmware, nic, slaves);
     let done = lab.vm(master).console.wait_for(
         "DISKCAST-MASTER-DONE",
         BOOT_TIMEOUT + Duration::from_secs(300),

@@ -1,6 +1,6 @@
 #![no_main]
-use diskcast_bootserver::config::{DhcpMode, UefiLoader};
-use diskcast_bootserver::dhcp_server::{DhcpServer, Port, Settings};
+use diskcast_bootserver::config::{DhcpMode, UefiChain, UefiLoader};
+use diskcast_bootserver::dhcp_server::{ChainChooser, DhcpServer, Port, Settings};
 use diskcast_bootserver::leases::LeaseTable;
 use diskcast_bootserver::subnets::Site;
 use libfuzzer_sys::fuzz_target;
@@ -37,6 +37,11 @@ fuzz_target!(
                 lease_secs: 600,
                 uefi_loader: UefiLoader::Snponly,
                 http_port: 8080,
+                // Both boot chains a UEFI client may be handed.
+                uefi_chain: ChainChooser::always(match mode {
+                    DhcpMode::Full => UefiChain::Signed,
+                    DhcpMode::Proxy => UefiChain::Ipxe,
+                }),
             };
             let mut server = DhcpServer::new(settings, LeaseTable::default());
             for port in [Port::Dhcp, Port::PxeBoot] {

@@ -538,6 +538,8 @@ impl BootConfig {
     /// Applies a settings file: `key = value` lines with the kernel parameters' keys (without the
     /// `diskcast.` prefix), `#` comments and blank lines. Errors name the line.
     pub fn apply_settings_file(&mut self, text: &str) -> Result<(), SettingsFileError> {
+        // `task` and `token` come as a pair: a missing half is named at the line of the other.
+        let mut task_line = None;
         for (index, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -559,8 +561,14 @@ impl BootConfig {
                 return Err(at(CmdlineError::MissingValue { key: key.into() }));
             }
             self.set(key, value).map_err(at)?;
+            if key == "task" || key == "token" {
+                task_line = Some((index + 1, raw.trim().to_string()));
+            }
         }
-        Ok(())
+        self.finish_task().map_err(|source| {
+            let (line, text) = task_line.clone().unwrap_or_default();
+            SettingsFileError { line, text, source }
+        })
     }
 
     /// The settings an admin may put in a settings file, rendered as one (for a fresh stick).
@@ -742,6 +750,13 @@ mod tests {
         assert!(matches!(err.source, CmdlineError::InvalidValue { .. }));
         let err = config.apply_settings_file("colour = red\n").unwrap_err();
         assert!(matches!(err.source, CmdlineError::UnknownKey { .. }));
+        // Found by the settings_file fuzz target: a task without its token was accepted, then
+        // rendered as `token =`, which no longer parsed.
+        let err = BootConfig::default()
+            .apply_settings_file("role = slave\ntask = 757\n")
+            .unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(matches!(err.source, CmdlineError::MissingValue { ref key } if key == "token"));
 
         // A rendered settings file reads back to the same settings.
         let mut fresh = BootConfig::default();

@@ -15,8 +15,16 @@ use std::time::{Duration, Instant};
 
 /// Decodes a DHCP message from untrusted bytes. dhcproto has assertions that malformed options
 /// can trip (found by this project's garbage tests), so a panic in it counts as a malformed packet.
+///
+/// A hardware address length over the 16 bytes `chaddr` holds is refused here: dhcproto decodes
+/// it, and its `chaddr()` accessor then slices out of bounds, a panic in every caller (found by
+/// the dhcp_client fuzz target).
 pub fn decode_message(bytes: &[u8]) -> Option<Message> {
-    if has_option_of_impossible_length(bytes) {
+    const HLEN_AT: usize = 2;
+    const CHADDR_LEN: u8 = 16;
+    if bytes.get(HLEN_AT).is_some_and(|&hlen| hlen > CHADDR_LEN)
+        || has_option_of_impossible_length(bytes)
+    {
         return None;
     }
     IN_GUARDED_DECODE.with(|flag| flag.set(true));
@@ -523,6 +531,21 @@ mod tests {
         let mut offer = reply(&discover, MessageType::Offer, 10);
         let end = offer.iter().rposition(|&b| b == 255).unwrap();
         offer.splice(end..end, [153, 0]);
+        assert!(decode_message(&offer).is_none());
+        client.handle(Some(&offer), t0);
+        assert_eq!(client.dropped.malformed, 1);
+        assert!(client.lease().is_none());
+    }
+
+    /// Found by the dhcp_client fuzz target: `chaddr()` panicked on a message claiming a
+    /// hardware address longer than the 16-byte field.
+    #[test]
+    fn a_hardware_address_longer_than_its_field_is_a_malformed_packet() {
+        let t0 = Instant::now();
+        let mut client = DhcpClient::new(MAC, 9, t0);
+        let discover = client.handle(None, t0).transmit.unwrap();
+        let mut offer = reply(&discover, MessageType::Offer, 10);
+        offer[2] = 173;
         assert!(decode_message(&offer).is_none());
         client.handle(Some(&offer), t0);
         assert_eq!(client.dropped.malformed, 1);

@@ -735,7 +735,9 @@ mod tests {
             curl(&fixture, "exact.bin", &big_blocks),
             fixture.small[..4 * 1468]
         );
-        let stats = wait_for(&fixture.stats, Duration::from_secs(2), |s| s.served == 3);
+        let stats = wait_for(&fixture.stats, Duration::from_secs(2), |s| {
+            s.served == 3 && s.active == 0
+        });
         assert_eq!((stats.served, stats.active, stats.errors_sent), (3, 0, 0));
         // A refusal from the request port reaches curl as such: 68 is "TFTP: file not found".
         let started = Instant::now();

@@ -49,10 +49,13 @@ impl<'a> UdpDatagram<'a> {
         }
         let (src, dst) = (ip.get_source(), ip.get_destination());
         let sum = datagram.get_checksum();
-        // A zero UDP checksum means "not computed" (RFC 768).
-        if sum != 0 && udp::ipv4_checksum(&UdpPacket::new(&segment[..udp_len])?, &src, &dst) != sum
-        {
-            return None;
+        // A zero UDP checksum means "not computed"; a checksum that computes to zero is sent as
+        // all ones (RFC 768).
+        if sum != 0 {
+            let computed = udp::ipv4_checksum(&UdpPacket::new(&segment[..udp_len])?, &src, &dst);
+            if sum != if computed == 0 { 0xffff } else { computed } {
+                return None;
+            }
         }
         Some(Self {
             src,
@@ -107,6 +110,28 @@ mod tests {
         };
         let bytes = datagram.emit();
         assert_eq!(UdpDatagram::parse(&bytes), Some(datagram));
+    }
+
+    /// Found by the udp_frame fuzz target: a datagram whose checksum computes to zero travels
+    /// with 0xffff, and parse refused it (the DHCP client would have dropped such a reply).
+    #[test]
+    fn a_checksum_that_computes_to_zero_is_sent_as_all_ones_and_accepted() {
+        let unchecked = [
+            0x45, 0x00, 0x00, 0x24, 0x00, 0x00, 0x00, 0x00, 0x45, 0x11, 0x00, 0x00, 0x00, 0x2f,
+            0x8b, 0x01, 0x00, 0x00, 0xea, 0x99, 0x00, 0xff, 0xff, 0xf8, 0x00, 0x0d, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x12, 0x89, 0x3b, 0x00, 0x0e,
+        ];
+        let datagram = UdpDatagram::parse(&unchecked).expect("a datagram without a UDP checksum");
+        let emitted = datagram.emit();
+        assert_eq!(
+            &emitted[26..28],
+            &[0xff, 0xff],
+            "its checksum computes to zero"
+        );
+        assert_eq!(
+            UdpDatagram::parse(&emitted).map(|d| d.payload),
+            Some(datagram.payload)
+        );
     }
 
     #[test]

@@ -357,7 +357,7 @@ fn boot(
         Duration::from_secs(u64::from(config.dhcp_timeout_secs)),
     )?;
 
-    let inventory = Inventory::read(Path::new("/sys"), Path::new("/dev"));
+    let inventory = read_inventory_with_disk(config);
     print_console(&inventory.to_string());
     let kernel_log = crate::logging::read_kernel_log();
     let platform = Platform::read(Path::new("/sys"), &kernel_log);
@@ -413,6 +413,37 @@ fn boot(
 }
 
 /// What the console and the server call the disk a task works on.
+/// How long a role that needs a disk waits for it to appear: USB storage and some controllers
+/// add their disks seconds after the driver loaded (a USB disk under TCG: about 5 s).
+const DISK_SETTLE: Duration = Duration::from_secs(20);
+
+/// The inventory, read again until the configured disk can be chosen (or [`DISK_SETTLE`] passed)
+/// when the role reads or writes a disk; the inventory role takes what is there.
+fn read_inventory_with_disk(config: &BootConfig) -> Inventory {
+    use crate::inventory::SelectError;
+    let deadline = std::time::Instant::now() + DISK_SETTLE;
+    let mut told = false;
+    loop {
+        let inventory = Inventory::read(Path::new("/sys"), Path::new("/dev"));
+        let still_missing = matches!(
+            crate::inventory::select_disk(&inventory.disks, &config.disk),
+            Err(SelectError::NotFound { .. } | SelectError::NoInternalDisk { .. })
+        );
+        if config.role == Role::Inventory || !still_missing || std::time::Instant::now() >= deadline
+        {
+            return inventory;
+        }
+        if !told {
+            log::info!(
+                "waiting up to {} s for the disk to appear",
+                DISK_SETTLE.as_secs()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn describe(disk: &crate::inventory::Disk) -> String {
     format!(
         "/dev/{} model {:?} serial {:?} {}",

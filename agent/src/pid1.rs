@@ -357,7 +357,24 @@ fn boot(
         Duration::from_secs(u64::from(config.dhcp_timeout_secs)),
     )?;
 
-    let inventory = read_inventory_with_disk(config);
+    let inventory = read_inventory_with_disk(config, || {
+        // A disk behind USB storage appears as a SCSI device first; its disk driver (sd_mod)
+        // can only be loaded once that device exists.
+        let report = modules::load_for_present_hardware(
+            &index,
+            &module_dir,
+            Path::new("/sys"),
+            Duration::from_millis(100),
+            sys::finit_module,
+        );
+        if !report.loaded.is_empty() {
+            log::info!(
+                "modules: {} more loaded: {}",
+                report.loaded.len(),
+                report.loaded.join(" ")
+            );
+        }
+    });
     print_console(&inventory.to_string());
     let kernel_log = crate::logging::read_kernel_log();
     let platform = Platform::read(Path::new("/sys"), &kernel_log);
@@ -418,8 +435,9 @@ fn boot(
 const DISK_SETTLE: Duration = Duration::from_secs(20);
 
 /// The inventory, read again until the configured disk can be chosen (or [`DISK_SETTLE`] passed)
-/// when the role reads or writes a disk; the inventory role takes what is there.
-fn read_inventory_with_disk(config: &BootConfig) -> Inventory {
+/// when the role reads or writes a disk, loading the drivers of devices that appeared meanwhile;
+/// the inventory role takes what is there.
+fn read_inventory_with_disk(config: &BootConfig, mut load_new_modules: impl FnMut()) -> Inventory {
     use crate::inventory::SelectError;
     let deadline = std::time::Instant::now() + DISK_SETTLE;
     let mut told = false;
@@ -441,6 +459,7 @@ fn read_inventory_with_disk(config: &BootConfig) -> Inventory {
             told = true;
         }
         std::thread::sleep(Duration::from_millis(250));
+        load_new_modules();
     }
 }
 

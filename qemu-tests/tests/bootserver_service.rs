@@ -273,13 +273,13 @@ fn bootserver_runs_unprivileged_with_only_the_units_capabilities() {
         console
             .wait_for("bootserver ready", Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{e}\n{}", console.text()));
-        assert!(
-            console
-                .text()
-                .contains("its raw ICMPv6 socket needs root or CAP_NET_RAW"),
-            "{}",
-            console.text()
-        );
+        // The log (stderr) is read by another thread than "ready" (stdout): wait for it.
+        console
+            .wait_for(
+                "its raw ICMPv6 socket needs root or CAP_NET_RAW",
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{}", console.text()));
     }
 
     // With exactly the unit's capabilities: everything answers.

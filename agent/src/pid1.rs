@@ -230,22 +230,7 @@ fn apply_stick_settings(
         Path::new("/sys"),
         Path::new("/dev"),
         Duration::from_secs(30),
-        || {
-            let report = modules::load_for_present_hardware(
-                index,
-                module_dir,
-                Path::new("/sys"),
-                Duration::from_millis(100),
-                sys::finit_module,
-            );
-            if !report.loaded.is_empty() {
-                log::info!(
-                    "modules: {} more loaded: {}",
-                    report.loaded.len(),
-                    report.loaded.join(" ")
-                );
-            }
-        },
+        || load_new_modules(index, module_dir),
     )?;
     let device = PathBuf::from("/dev").join(&disk.name);
     let text = crate::stick::read_settings(&device, start)?;
@@ -357,24 +342,9 @@ fn boot(
         Duration::from_secs(u64::from(config.dhcp_timeout_secs)),
     )?;
 
-    let inventory = read_inventory_with_disk(config, || {
-        // A disk behind USB storage appears as a SCSI device first; its disk driver (sd_mod)
-        // can only be loaded once that device exists.
-        let report = modules::load_for_present_hardware(
-            &index,
-            &module_dir,
-            Path::new("/sys"),
-            Duration::from_millis(100),
-            sys::finit_module,
-        );
-        if !report.loaded.is_empty() {
-            log::info!(
-                "modules: {} more loaded: {}",
-                report.loaded.len(),
-                report.loaded.join(" ")
-            );
-        }
-    });
+    // A disk behind USB storage appears as a SCSI device first; its disk driver (sd_mod) can only
+    // be loaded once that device exists.
+    let inventory = read_inventory_with_disk(config, || load_new_modules(&index, &module_dir));
     print_console(&inventory.to_string());
     let kernel_log = crate::logging::read_kernel_log();
     let platform = Platform::read(Path::new("/sys"), &kernel_log);
@@ -430,6 +400,24 @@ fn boot(
 }
 
 /// What the console and the server call the disk a task works on.
+/// Loads the drivers of devices that appeared since the last round (USB disks, a stick).
+fn load_new_modules(index: &ModuleIndex, module_dir: &Path) {
+    let report = modules::load_for_present_hardware(
+        index,
+        module_dir,
+        Path::new("/sys"),
+        Duration::from_millis(100),
+        sys::finit_module,
+    );
+    if !report.loaded.is_empty() {
+        log::info!(
+            "modules: {} more loaded: {}",
+            report.loaded.len(),
+            report.loaded.join(" ")
+        );
+    }
+}
+
 /// How long a role that needs a disk waits for it to appear: USB storage and some controllers
 /// add their disks seconds after the driver loaded (a USB disk under TCG: about 5 s).
 const DISK_SETTLE: Duration = Duration::from_secs(20);

@@ -301,9 +301,9 @@ mod tests {
     use diskcast_proto::sender::SenderConfig;
     use diskcast_proto::wire::{Body, Packet};
 
-    #[test]
-    fn names_and_serials_from_the_network_cannot_drive_the_terminal() {
-        let image = vec![7u8; 1 << 20];
+    /// A sender of an image of `mib` MiB in 1 MiB chunks, created now.
+    fn sender_of_mib(mib: usize) -> (Sender, Instant) {
+        let image = vec![7u8; mib << 20];
         let manifest = Manifest::scan(
             &mut std::io::Cursor::new(&image),
             image.len() as u64,
@@ -312,7 +312,12 @@ mod tests {
         )
         .unwrap();
         let now = Instant::now();
-        let mut sender = Sender::new(SenderConfig::default(), manifest, now);
+        (Sender::new(SenderConfig::default(), manifest, now), now)
+    }
+
+    #[test]
+    fn names_and_serials_from_the_network_cannot_drive_the_terminal() {
+        let (mut sender, now) = sender_of_mib(1);
         let join = Packet {
             session: 1,
             body: Body::Join {
@@ -490,16 +495,7 @@ mod tests {
 
     #[test]
     fn the_sender_table_redraws_as_one_table() {
-        let image = vec![7u8; 4 << 20];
-        let manifest = Manifest::scan(
-            &mut std::io::Cursor::new(&image),
-            image.len() as u64,
-            1 << 20,
-            |_| {},
-        )
-        .unwrap();
-        let now = Instant::now();
-        let mut sender = Sender::new(SenderConfig::default(), manifest, now);
+        let (mut sender, now) = sender_of_mib(4);
         let mut screen = Screen::default();
         let mut view = LiveView::new(Output::Screen { rows: Some(25) });
         for receiver in 1..=3u64 {

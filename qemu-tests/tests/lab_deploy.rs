@@ -63,6 +63,9 @@ fn lab_deploy_command() {
         "both",
         "--expect",
         MARKER,
+        // Both VMs print it within a minute of their copy: a lost marker fails in minutes.
+        "--timeout",
+        "150",
         "--logs",
         &logs.display().to_string(),
     ]);

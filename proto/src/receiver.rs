@@ -255,14 +255,23 @@ pub struct ChunkWrite {
 
 impl ChunkWrite {
     /// The raw bytes to write at `self.offset`, or why they cannot be trusted.
-    pub fn decode(mut self) -> Result<Vec<u8>, crate::codec::CodecError> {
+    pub fn decode(self) -> Result<Vec<u8>, crate::codec::CodecError> {
+        self.decode_with(&mut crate::fec::Coder::default())
+    }
+
+    /// [`ChunkWrite::decode`] with a Reed–Solomon decoder kept between chunks (a disk writer
+    /// keeps one, see [`crate::fec::Coder`]).
+    pub fn decode_with(
+        mut self,
+        coder: &mut crate::fec::Coder,
+    ) -> Result<Vec<u8>, crate::codec::CodecError> {
         if let Some(repair) = &self.repair {
-            repair.rebuild(&mut self.stored).map_err(|source| {
-                crate::codec::CodecError::Rebuild {
+            repair
+                .rebuild_with(&mut self.stored, coder)
+                .map_err(|source| crate::codec::CodecError::Rebuild {
                     chunk: self.chunk,
                     source,
-                }
-            })?;
+                })?;
         }
         crate::codec::decode_owned(self.chunk, &self.kind, self.stored, self.raw_len)
     }

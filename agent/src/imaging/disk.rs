@@ -609,6 +609,7 @@ pub fn spawn_writer(
                 unchecked: Vec::new(),
                 checked: HashMap::new(),
                 finish,
+                coder: diskcast_proto::fec::Coder::default(),
             };
             for op in op_rx {
                 let done = match op {
@@ -652,12 +653,14 @@ struct Writer {
     checked: HashMap<u32, ChunkKind>,
     /// What follows a verified read-back, before the copy counts as done.
     finish: FinishOptions,
+    /// Rebuilds chunks from parity; kept between chunks (no work buffers allocated per chunk).
+    coder: diskcast_proto::fec::Coder,
 }
 
 impl Writer {
     fn write(&mut self, write: ChunkWrite) -> DiskDone {
         let (chunk, offset) = (write.chunk, write.offset);
-        let data = match write.decode() {
+        let data = match write.decode_with(&mut self.coder) {
             Ok(data) => data,
             Err(e) => {
                 return DiskDone::Rejected {

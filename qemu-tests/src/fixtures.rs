@@ -610,11 +610,7 @@ mod tests {
             !cfg.contains("SERIAL"),
             "a SERIAL directive doubles the output on SeaBIOS's serial console:\n{cfg}"
         );
-        for line in [
-            "SAY FIXTURE-MARKER-42",
-            "PROMPT 1",
-            "TIMEOUT 10",
-        ] {
+        for line in ["SAY FIXTURE-MARKER-42", "PROMPT 1", "TIMEOUT 10"] {
             assert!(cfg.lines().any(|l| l == line), "{line:?} not in\n{cfg}");
         }
         // A PE image whose embedded grub.cfg echoes the marker.

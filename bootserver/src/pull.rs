@@ -447,12 +447,13 @@ pub fn pull(
     let resign = source_key.map(|key| {
         let mut meta = described.metadata.clone();
         meta.origin = format!(
-            "pull of {base} (was {}, signed by {key})",
+            "pull of {base} (was {}, signed by {})",
             if meta.origin.is_empty() {
                 "?"
             } else {
                 &meta.origin
-            }
+            },
+            key.short()
         );
         meta
     });
@@ -588,7 +589,7 @@ mod tests {
             "{}",
             image.metadata.origin
         );
-        assert!(image.metadata.origin.contains(&source_key.to_string()));
+        assert!(image.metadata.origin.contains(&source_key.short()));
         assert_eq!(staging_files(&local), 0);
         // Again: the name is taken.
         assert!(matches!(

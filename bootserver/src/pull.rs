@@ -381,8 +381,7 @@ pub fn pull(
     let staged_file = file
         .try_clone()
         .map_err(io_err(&staging, "opening the staging file", ""))?;
-    let staged =
-        ImageFile::read(staged_file, file_len, &staging).map_err(|e| StoreError::Rejected(e))?;
+    let staged = ImageFile::read(staged_file, file_len, &staging).map_err(StoreError::Rejected)?;
     let data: Vec<u32> = manifest.data_chunks().collect();
     let total = data.len() as u32;
     // What an earlier run left: intact chunks stay (each checked again by its hash).

@@ -39,12 +39,20 @@ pub enum PullError {
     Url { url: String, why: &'static str },
     #[error("the local name {0:?} is invalid: give --name with {IMAGE_NAME_RULE}")]
     Name(String),
-    #[error("cannot reach {url}: {source} (is the source bootserver running, and its http_port reachable from here?)")]
+    #[error("cannot reach {url}: {source} (is the source bootserver running, and its http_port reachable from here? Once it is, the same command continues a pull that stopped)")]
     Unreachable {
         url: String,
         #[source]
         source: ureq::Error,
     },
+    #[error("{url}: the connection broke off or stalled mid-answer ({source}); run the same command again to continue: the chunks staged so far are kept")]
+    BrokenOff {
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    #[error("{url}: the answer is longer than the {limit} bytes expected: the source's image is damaged or was tampered with")]
+    TooLong { url: String, limit: u64 },
     #[error("{url}: the source has no such image ({body}); `bootserver images list` there shows its images")]
     NotFound { url: String, body: String },
     #[error("{url}: the source refuses reads without its admin token ({body}): give --token (the source's `bootserver token`)")]
@@ -267,7 +275,16 @@ impl Client {
             .with_config()
             .limit(limit)
             .read_to_vec()
-            .map_err(unreachable)?;
+            .map_err(|source| match source {
+                ureq::Error::BodyExceedsLimit(_) => PullError::TooLong {
+                    url: url.into(),
+                    limit,
+                },
+                source => PullError::BrokenOff {
+                    url: url.into(),
+                    source,
+                },
+            })?;
         Ok((body, signer))
     }
 }

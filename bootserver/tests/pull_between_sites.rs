@@ -44,7 +44,7 @@ fn raw_disk(chunks: usize, seed: u64) -> Vec<u8> {
 struct Sites {
     tag: String,
     dir: PathBuf,
-    servers: Vec<Child>,
+    servers: Vec<(String, Child)>,
 }
 
 impl Sites {
@@ -144,6 +144,30 @@ impl Sites {
         )
     }
 
+    /// Kills `site`'s server (SIGKILL, as a crash or a power cut would).
+    fn kill_server(&mut self, site: &str) {
+        for (_, child) in self.servers.iter_mut().filter(|(s, _)| s == site) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.servers.retain(|(s, _)| s != site);
+    }
+
+    /// Slows `site`'s outgoing link (a token bucket), so a pull is surely mid-way when it is cut.
+    fn throttle(&self, site: &str, on: bool) {
+        let ns = self.ns(site);
+        let mut args = vec!["netns", "exec", &ns, "tc", "qdisc"];
+        if on {
+            args.extend([
+                "replace", "dev", "eth0", "root", "tbf", "rate", "24mbit", "burst", "64kb",
+                "latency", "400ms",
+            ]);
+        } else {
+            args.extend(["del", "dev", "eth0", "root"]);
+        }
+        run(Command::new("ip").args(args));
+    }
+
     fn serve(&mut self, site: &str) {
         let log = std::fs::File::create(self.log(site)).unwrap();
         let config = self.config(site);
@@ -153,7 +177,7 @@ impl Sites {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.servers.push(child);
+        self.servers.push((site.into(), child));
         self.wait_for_log(
             site,
             |log| log.contains("bootserver ready"),
@@ -221,7 +245,7 @@ impl Sites {
 
 impl Drop for Sites {
     fn drop(&mut self) {
-        for child in &mut self.servers {
+        for (_, child) in &mut self.servers {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -300,24 +324,7 @@ fn images_pull_resumes_after_the_puller_is_killed() {
     let raw = raw_disk(chunks, 2);
     let key = sites.import_at_source("golden", &raw);
     // Slow the source's link so the puller is surely mid-way when it is killed.
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &sites.ns("a"),
-        "tc",
-        "qdisc",
-        "replace",
-        "dev",
-        "eth0",
-        "root",
-        "tbf",
-        "rate",
-        "24mbit",
-        "burst",
-        "64kb",
-        "latency",
-        "400ms",
-    ]));
+    sites.throttle("a", true);
     let config = sites.config("b");
     let mut puller: Child = sites
         .command(
@@ -360,17 +367,7 @@ fn images_pull_resumes_after_the_puller_is_killed() {
         "a half image is listed"
     );
 
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &sites.ns("a"),
-        "tc",
-        "qdisc",
-        "del",
-        "dev",
-        "eth0",
-        "root",
-    ]));
+    sites.throttle("a", false);
     let said = sites.images_ok("b", &["pull", &Sites::url("golden"), "--trust", &key]);
     let second = sites.chunk_requests("a", "200") - first;
     // `pulled golden: X chunks fetched (...), K already staged, of N; ...`
@@ -451,4 +448,52 @@ fn images_pull_with_the_wrong_key_is_refused_before_any_chunk() {
     );
     assert_eq!(sites.chunk_requests("a", "200"), 0, "chunks were fetched");
     assert!(!sites.listed("b").contains("golden"));
+}
+
+#[test]
+fn images_pull_resumes_after_the_source_dies() {
+    let mut sites = Sites::new("srcdie");
+    sites.serve("a");
+    let raw = raw_disk(30, 5);
+    let key = sites.import_at_source("golden", &raw);
+    sites.throttle("a", true);
+    let config = sites.config("b");
+    let puller = sites
+        .command(
+            "b",
+            &[
+                "images",
+                "--config",
+                config.to_str().unwrap(),
+                "pull",
+                &Sites::url("golden"),
+                "--trust",
+                &key,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sites.wait_for_log(
+        "a",
+        |_| sites.chunk_requests("a", "200") >= 6,
+        "6 chunks served",
+    );
+    // The source crashes mid-pull: the puller fails, saying what to do, and lists nothing.
+    sites.kill_server("a");
+    let out = puller.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("run the same command again") || said.contains("continues a pull"),
+        "{said}"
+    );
+    assert!(!sites.listed("b").contains("golden"), "{said}");
+    sites.throttle("a", false);
+    sites.serve("a");
+    let said = sites.images_ok("b", &["pull", &Sites::url("golden"), "--trust", &key]);
+    assert!(said.contains("resuming: "), "{said}");
+    sites.images_ok("b", &["verify", "golden"]);
+    assert!(sites.exported("b", "golden") == raw);
 }

@@ -54,6 +54,12 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                     Err(e) => println!("(unreadable) {}", diskcast_proto::error_chain(&e)),
                 }
             }
+            for name in diskcast_bootserver::pull::staged_pulls(store) {
+                eprintln!(
+                    "(a pull of {name} is staged, not finished: run the same `images pull` again to continue, or delete {} to abandon it)",
+                    store.dir().join(format!(".{name}.pull")).display()
+                );
+            }
             Ok(())
         }
         ImagesCommand::Show { name } => {

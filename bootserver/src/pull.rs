@@ -323,6 +323,25 @@ fn untrusted(why: Untrusted, seen: Option<&str>, expected: &[PublicKey]) -> Stri
     }
 }
 
+/// Names of pulls staged in `store` and not finished (their `.NAME.pull` files): the same
+/// command continues one; deleting the file abandons it.
+pub fn staged_pulls(store: &Store) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            file.strip_prefix('.')
+                .and_then(|f| f.strip_suffix(".pull"))
+                .filter(|n| valid_image_name(n))
+                .map(String::from)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// Pulls the image at `opts.url` into `store`.
 pub fn pull(
     store: &Store,
@@ -672,6 +691,7 @@ mod tests {
         );
         assert!(local.list().unwrap().is_empty(), "a half image was listed");
         assert_eq!(staging_files(&local), 1);
+        assert_eq!(staged_pulls(&local), vec!["golden".to_string()]);
 
         // Repaired at the source: the two chunks staged are not fetched again.
         fs::write(&path, &good).unwrap();

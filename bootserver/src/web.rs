@@ -645,6 +645,54 @@ mod tests {
     }
 
     #[test]
+    fn pulls_get_the_signed_tail_and_stored_chunks_only() {
+        let (addr, lab, admin) =
+            crate::testing::web_server("pull-reads", "\n[security]\npublic_reads = false\n");
+        // A data chunk, a zero chunk, a data chunk.
+        let mut raw = vec![7u8; 3 << 20];
+        raw[1 << 20..2 << 20].fill(0);
+        lab.store
+            .import("golden", &mut &raw[..], "test", 3)
+            .unwrap();
+        let get = |path: &str, auth: bool| {
+            let auth = if auth {
+                format!("Authorization: Bearer {admin}\r\n")
+            } else {
+                String::new()
+            };
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n");
+            exchange_from([127, 0, 0, 1], addr, request.as_bytes())
+        };
+        // Closed reads close these too.
+        for path in ["/images/golden/manifest", "/images/golden/chunks/0"] {
+            assert!(get(path, false).starts_with("HTTP/1.1 401"), "{path}");
+        }
+        let tail = get("/images/golden/manifest", true);
+        assert!(tail.starts_with("HTTP/1.1 200"), "{tail}");
+        let key = lab.store.signer().unwrap().public().to_string();
+        assert!(
+            tail.to_ascii_lowercase()
+                .contains(&format!("{SIGNER_HEADER}: {key}")),
+            "{tail}"
+        );
+        assert!(get("/images/golden/chunks/0", true).starts_with("HTTP/1.1 200"));
+        for (path, status) in [
+            ("/images/golden/chunks/1", "404"),
+            ("/images/golden/chunks/3", "404"),
+            ("/images/golden/chunks/x", "400"),
+            ("/images/other/manifest", "404"),
+            ("/images/other/chunks/0", "404"),
+        ] {
+            let answer = get(path, true);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{path}: {answer}"
+            );
+        }
+    }
+
+    #[test]
     fn reads_can_be_closed_to_everyone_but_the_admin() {
         let (addr, _, admin) =
             crate::testing::web_server("closed-reads", "\n[security]\npublic_reads = false\n");

@@ -238,8 +238,11 @@ impl Sites {
         bytes
     }
 
+    /// `images list`'s table (stdout; notes such as staged pulls go to stderr).
     fn listed(&self, site: &str) -> String {
-        self.images_ok(site, &["list"])
+        let out = self.images(site, &["list"]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -366,6 +369,8 @@ fn images_pull_resumes_after_the_puller_is_killed() {
         !sites.listed("b").contains("golden"),
         "a half image is listed"
     );
+    let note = text(&sites.images("b", &["list"]));
+    assert!(note.contains("a pull of golden is staged"), "{note}");
 
     sites.throttle("a", false);
     let said = sites.images_ok("b", &["pull", &Sites::url("golden"), "--trust", &key]);

@@ -395,20 +395,22 @@ pub fn pull(
     let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| PullError::Busy(staging.clone()))?;
     let file_len = data_len + tail.len() as u64;
+    let staged_len = file.metadata().map_or(0, |m| m.len());
     let mut existing_tail = vec![0u8; tail.len()];
-    let resumable = file.metadata().is_ok_and(|m| m.len() == file_len)
+    let same_tail = staged_len == file_len
         && FileExt::read_exact_at(&*file, &mut existing_tail, data_len).is_ok()
         && existing_tail == tail;
-    if !resumable {
-        if file.metadata().is_ok_and(|m| m.len() > 0) {
+    if !same_tail {
+        if staged_len > 0 {
+            // Re-signed or changed at the source since, or broken off before its manifest was
+            // written: the staged chunks are checked against this manifest all the same.
             log::info!(
-                "{}: staged for another version of the image (or broken off before its manifest): starting over",
+                "{}: staged with another manifest: keeping only the chunks that match this one",
                 staging.display()
             );
         }
         let full = "; the store's disk may be full: free space, and run the same command again";
-        file.set_len(0)
-            .and_then(|()| file.set_len(data_len))
+        file.set_len(data_len)
             .map_err(io_err(&staging, "sizing the staging file", full))?;
         file.write_all_at(&tail, data_len)
             .and_then(|()| file.sync_all())
@@ -421,7 +423,7 @@ pub fn pull(
     let data: Vec<u32> = manifest.data_chunks().collect();
     let total = data.len() as u32;
     // What an earlier run left: intact chunks stay (each checked again by its hash).
-    let missing: Vec<u32> = if resumable {
+    let missing: Vec<u32> = if staged_len > 0 {
         data.iter()
             .copied()
             .filter(|&i| staged.raw_chunk(i).is_err())
@@ -693,8 +695,13 @@ mod tests {
         assert_eq!(staging_files(&local), 1);
         assert_eq!(staged_pulls(&local), vec!["golden".to_string()]);
 
-        // Repaired at the source: the two chunks staged are not fetched again.
-        fs::write(&path, &good).unwrap();
+        // Repaired at the source by importing the disk again (another description, so another
+        // manifest tail): the two chunks staged still match and are not fetched again.
+        lab.store.delete("golden").unwrap();
+        lab.store
+            .import("golden", &mut &raw[..], "imported again", 3)
+            .unwrap();
+        assert!(fs::read(&path).unwrap() != good);
         let mut starts = Vec::new();
         let report = pull(&local, &opts(url.clone(), vec![source_key]), |p| {
             if let Progress::Start { staged, .. } = p {
@@ -735,6 +742,26 @@ mod tests {
         assert!(check_tail(tail, "x").unwrap_err().contains("CRC"));
         assert!(check_tail(&good[data_len as usize..], "x").is_ok());
         assert_eq!(local.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn two_pulls_of_one_name_do_not_interleave() {
+        let (addr, lab, _) = crate::testing::web_server("pull-busy", "");
+        let raw = raw_disk(2 << 20, 4);
+        lab.store
+            .import("golden", &mut &raw[..], "test", 3)
+            .unwrap();
+        let source_key = lab.store.signer().unwrap().public();
+        let local = local_store("busy", 5);
+        let staging = File::create(local.dir().join(".golden.pull")).unwrap();
+        let held = nix::fcntl::Flock::lock(staging, nix::fcntl::FlockArg::LockExclusive).unwrap();
+        let url = format!("http://{addr}/images/golden");
+        let err = pull(&local, &opts(url.clone(), vec![source_key]), |_| {}).unwrap_err();
+        assert!(matches!(err, PullError::Busy(_)), "{err}");
+        drop(held);
+        // The other one gone (its empty staging file left): this one runs.
+        pull(&local, &opts(url, vec![source_key]), |_| {}).unwrap();
+        assert!(exported(&local, "golden") == raw);
     }
 
     #[test]

@@ -342,6 +342,33 @@ pub fn staged_pulls(store: &Store) -> Vec<String> {
     names
 }
 
+/// The chunks of `data` that `staged` does not hold intact (decompressed and hashed on every
+/// core, as `images verify` does), in order.
+fn unmatched_chunks(staged: &ImageFile, data: &[u32]) -> Vec<u32> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_thread = data.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = data
+            .chunks(per_thread)
+            .map(|share| {
+                scope.spawn(move || {
+                    share
+                        .iter()
+                        .copied()
+                        .filter(|&i| staged.raw_chunk(i).is_err())
+                        .collect::<Vec<u32>>()
+                })
+            })
+            .collect();
+        // A crashed checker's share is fetched again: that costs time, never correctness.
+        workers
+            .into_iter()
+            .zip(data.chunks(per_thread))
+            .flat_map(|(w, share)| w.join().unwrap_or_else(|_| share.to_vec()))
+            .collect()
+    })
+}
+
 /// Pulls the image at `opts.url` into `store`.
 pub fn pull(
     store: &Store,
@@ -424,10 +451,7 @@ pub fn pull(
     let total = data.len() as u32;
     // What an earlier run left: intact chunks stay (each checked again by its hash).
     let missing: Vec<u32> = if staged_len > 0 {
-        data.iter()
-            .copied()
-            .filter(|&i| staged.raw_chunk(i).is_err())
-            .collect()
+        unmatched_chunks(&staged, &data)
     } else {
         data.clone()
     };
@@ -479,7 +503,6 @@ pub fn pull(
     file.sync_all()
         .map_err(io_err(&staging, "syncing the staging file", ""))?;
     drop(staged);
-    drop(file);
 
     let resign = source_key.map(|key| {
         let mut meta = described.metadata.clone();
@@ -496,6 +519,8 @@ pub fn pull(
     });
     let resigned = resign.is_some() && store.signer().is_some();
     let summary = store.adopt_staged(&name, &staging, resign)?.commit()?;
+    // Held until published, so another pull of the name cannot take the staging file meanwhile.
+    drop(file);
     Ok(PullReport {
         name,
         data_chunks: total,

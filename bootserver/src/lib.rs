@@ -15,6 +15,7 @@ pub mod http;
 pub mod ipxe;
 pub mod lab;
 pub mod leases;
+pub mod pull;
 pub mod router_advert;
 pub mod serve;
 pub mod store;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use diskcast_bootserver::deploy::deploy_once;
+use diskcast_bootserver::pull::{pull, Progress, PullOptions};
 use diskcast_bootserver::store::{Signature, Store, StoreError};
 use diskcast_bootserver::web::short_hash;
 use diskcast_proto::cmdline::Blocks;
@@ -52,6 +53,12 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                     ),
                     Err(e) => println!("(unreadable) {}", diskcast_proto::error_chain(&e)),
                 }
+            }
+            for name in diskcast_bootserver::pull::staged_pulls(store) {
+                eprintln!(
+                    "(a pull of {name} is staged, not finished: run the same `images pull` again to continue, or delete {} to abandon it)",
+                    store.dir().join(format!(".{name}.pull")).display()
+                );
             }
             Ok(())
         }
@@ -182,6 +189,60 @@ fn images(store: &Store, command: ImagesCommand) -> Result<(), Box<dyn std::erro
                 store.import_disk(&name, &file, &desc, level, used.as_deref())?
             };
             println!("imported {name}: {}", summary.sizes());
+            Ok(())
+        }
+        ImagesCommand::Pull {
+            url,
+            name,
+            trust_source,
+            trust_any,
+            token,
+        } => {
+            let mut trust = Vec::new();
+            for text in &trust_source {
+                trust.extend(
+                    diskcast_proto::trust::parse_key_list(text)
+                        .map_err(|e| format!("--trust {text:?}: {e}"))?,
+                );
+            }
+            let opts = PullOptions {
+                url,
+                name,
+                trust,
+                trust_any,
+                token,
+            };
+            let mut shown = 0;
+            let report = pull(store, &opts, |progress| match progress {
+                Progress::Start { total, staged } if staged > 0 => eprintln!(
+                    "resuming: {staged} of {total} chunks already staged and verified, fetching {}",
+                    total - staged
+                ),
+                Progress::Start { total, .. } => eprintln!("fetching {total} chunks"),
+                // About every tenth, so a long pull shows it is alive.
+                Progress::Chunk { done, total } if done * 10 / total.max(1) != shown => {
+                    shown = done * 10 / total.max(1);
+                    eprintln!("{done} of {total} chunks staged");
+                }
+                Progress::Chunk { .. } => {}
+            })?;
+            println!(
+                "pulled {}: {} chunks fetched ({}), {} already staged, of {}; {}; {}",
+                report.name,
+                report.fetched,
+                human_size(report.fetched_bytes),
+                report.already_staged,
+                report.data_chunks,
+                report.summary.sizes(),
+                match (report.source_key, report.resigned) {
+                    (Some(key), true) => format!("source signature by {key} checked; re-signed with this store's key"),
+                    (Some(key), false) => format!("source signature by {key} checked; kept (this store has no key)"),
+                    (None, _) => format!(
+                        "NOT vouched for (--trust-any): kept as it came; `images sign {}` once checked",
+                        report.name
+                    ),
+                }
+            );
             Ok(())
         }
         ImagesCommand::Export { name, raw, force } => {
@@ -391,6 +452,27 @@ enum ImagesCommand {
         #[arg(long)]
         trust_unclean_fs: bool,
     },
+    /// Copy an image from another bootserver (URL: http://HOST:PORT/images/NAME). Its signature
+    /// is checked before any chunk is fetched, each chunk against its hash as it arrives; a pull
+    /// that stops continues where it stopped when run again; the image is listed only once
+    /// complete and verified, then signed with this store's key.
+    Pull {
+        url: String,
+        /// The name in this store (default: the source's).
+        #[arg(long)]
+        name: Option<String>,
+        /// The key the source's signature must verify under (`bootserver key show` there;
+        /// repeat for several). Default: the keys this store trusts.
+        #[arg(long = "trust", value_name = "KEY", conflicts_with = "trust_any")]
+        trust_source: Vec<String>,
+        /// Take the image unsigned or signed by any key; it is kept as it came (not re-signed):
+        /// `images sign` it once you checked it.
+        #[arg(long)]
+        trust_any: bool,
+        /// The source's admin token (`bootserver token` there), when it closes reads.
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Write an image as a raw disk image (a file, a device, or `-` for stdout).
     Export {
         name: String,
@@ -488,7 +570,10 @@ fn main() -> ExitCode {
         },
         Command::Wake { config, target } => admin::wake(load(&config)?, &target),
         Command::Images { store, command } => {
-            let create = matches!(command, ImagesCommand::Import { .. });
+            let create = matches!(
+                command,
+                ImagesCommand::Import { .. } | ImagesCommand::Pull { .. }
+            );
             images(&store.open(create)?, command)
         }
         Command::Deploy(args) => {

@@ -155,6 +155,8 @@ pub struct Incoming {
     final_path: PathBuf,
     pub file: BufWriter<File>,
     signer: Option<SigningKey>,
+    /// Replaces the image's metadata when the store signs it (a pull records where from).
+    metadata: Option<Metadata>,
 }
 
 impl Drop for Incoming {
@@ -176,7 +178,8 @@ impl Incoming {
         image.verify().map_err(StoreError::Rejected)?;
         if let Some(key) = &self.signer {
             // Checked, so the store vouches for it: every image it keeps is signed.
-            sign_in_place(&self.temp, &image, key)?;
+            let metadata = self.metadata.as_ref().unwrap_or(&image.metadata);
+            sign_in_place(&self.temp, &image, metadata, key)?;
             image = open_image_file(&self.temp).map_err(StoreError::Rejected)?;
         }
         match fs::hard_link(&self.temp, &self.final_path) {
@@ -277,7 +280,12 @@ fn write_raw(image: &ImageFile, file: &File, path: &Path, sparse: bool) -> Resul
 
 /// Rewrites the tail of the image file at `path` (not yet published, or a private copy) with
 /// its manifest signed by `key`; the stored chunks stay as they are.
-fn sign_in_place(path: &Path, image: &ImageFile, key: &SigningKey) -> Result<(), StoreError> {
+fn sign_in_place(
+    path: &Path,
+    image: &ImageFile,
+    metadata: &Metadata,
+    key: &SigningKey,
+) -> Result<(), StoreError> {
     let mut manifest = image.manifest.clone();
     diskcast_proto::trust::sign_manifest(&mut manifest, key);
     let data_len = manifest.stored_bytes();
@@ -289,7 +297,7 @@ fn sign_in_place(path: &Path, image: &ImageFile, key: &SigningKey) -> Result<(),
     file.seek(io::SeekFrom::Start(data_len))
         .map_err(io_err(path, "signing"))?;
     let mut out = BufWriter::new(&mut file);
-    diskcast_proto::image_file::write_tail(&mut out, &manifest, &image.metadata, data_len)
+    diskcast_proto::image_file::write_tail(&mut out, &manifest, metadata, data_len)
         .and_then(|()| out.flush())
         .map_err(io_err(path, "signing"))?;
     drop(out);
@@ -390,7 +398,7 @@ impl Store {
         ));
         let signed = fs::copy(&path, &temp)
             .map_err(io_err(&temp, "copying to sign"))
-            .and_then(|_| sign_in_place(&temp, &image, key))
+            .and_then(|_| sign_in_place(&temp, &image, &image.metadata, key))
             .and_then(|()| {
                 let image = open_image_file(&temp)?;
                 image.verify()?;
@@ -467,7 +475,68 @@ impl Store {
             final_path,
             file: BufWriter::with_capacity(1 << 20, file),
             signer: self.signer.clone(),
+            metadata: None,
         })
+    }
+
+    /// A staged image file (a pull's, complete) to publish as `name` through
+    /// [`Incoming::commit`]: verified, then signed with the store's key and given `resign`'s
+    /// metadata when `resign` is `Some`, else kept exactly as it is (its own signature, if any).
+    /// The staged file is removed whether the commit succeeds or not.
+    pub fn adopt_staged(
+        &self,
+        name: &str,
+        staged: &Path,
+        resign: Option<Metadata>,
+    ) -> Result<Incoming, StoreError> {
+        let final_path = self.path_of(name)?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(staged)
+            .map_err(io_err(staged, "opening"))?;
+        Ok(Incoming {
+            name: name.into(),
+            temp: staged.into(),
+            final_path,
+            file: BufWriter::new(file),
+            signer: resign.as_ref().and(self.signer.clone()),
+            metadata: resign,
+        })
+    }
+
+    /// The keys whose image signatures the store accepts.
+    pub fn trusted(&self) -> &[PublicKey] {
+        &self.trusted
+    }
+
+    /// What follows image `name`'s stored chunks in its file (signed manifest, metadata,
+    /// footer: what a pull checks before it asks for a chunk), and what its signature says.
+    pub fn tail(&self, name: &str) -> Result<(Vec<u8>, Signature), StoreError> {
+        let image = self.open_image(name)?;
+        let data_len = image.manifest.stored_bytes();
+        let path = self.path_of(name)?;
+        let mut tail = vec![0u8; (image.file_len - data_len) as usize];
+        let file = File::open(&path).map_err(io_err(&path, "opening"))?;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut tail, data_len)
+            .map_err(io_err(&path, "reading the manifest"))?;
+        Ok((tail, self.signature(&image)))
+    }
+
+    /// The stored bytes (as they travel: a zstd frame or raw) of image `name`'s chunk `index`;
+    /// `None` when that chunk is not stored (zero, unused, or past the end). Not checked here:
+    /// whoever fetches it checks it against the signed manifest.
+    pub fn stored_chunk(&self, name: &str, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let image = self.open_image(name)?;
+        if index >= image.manifest.chunk_count() || !image.manifest.chunks[index as usize].is_data()
+        {
+            return Ok(None);
+        }
+        let path = self.path_of(name)?;
+        image
+            .stored_chunk(index)
+            .map(Some)
+            .map_err(io_err(&path, "reading a chunk"))
     }
 
     pub fn open_image(&self, name: &str) -> Result<ImageFile, StoreError> {

@@ -72,6 +72,8 @@ pub fn router(state: Arc<WebState>, api: crate::api::ApiState) -> Router {
         .route("/boot/{script}", get(script))
         .route("/status", get(status))
         .route("/images/{name}", put(upload))
+        .route("/images/{name}/manifest", get(image_tail))
+        .route("/images/{name}/chunks/{index}", get(image_chunk))
         .with_state(state)
         .merge(crate::api::router(api.clone()))
         .merge(crate::console::router(api.clone()))
@@ -230,6 +232,74 @@ pub fn public_reason(e: &StoreError) -> String {
         StoreError::TargetExists { .. } => "the export target exists".into(),
         StoreError::Untrusted { name, why } => format!("image {name:?} {why}"),
         StoreError::NoKeys { name } => format!("no key to check image {name:?}"),
+    }
+}
+
+/// The header naming the key that signed a served manifest (one this server trusts), so a
+/// puller that does not trust it can say which key it saw.
+pub const SIGNER_HEADER: &str = "diskcast-signer";
+
+/// A store read for a puller, off the async threads; a missing image is a 404.
+async fn store_read<T: Send + 'static>(
+    state: &Arc<WebState>,
+    read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    let lab = Arc::clone(&state.lab);
+    match tokio::task::spawn_blocking(move || read(&lab.store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e @ StoreError::NotFound { .. })) => {
+            Err(text(StatusCode::NOT_FOUND, public_reason(&e)))
+        }
+        Ok(Err(e)) => {
+            log::warn!("http: serving a pull: {}", diskcast_proto::error_chain(&e));
+            Err(store_refusal(&e))
+        }
+        Err(_) => Err(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reading the store crashed",
+        )),
+    }
+}
+
+/// `GET /images/NAME/manifest`: the image file's tail (signed manifest, metadata, footer), what
+/// `bootserver images pull` checks before it fetches a chunk. Reads are open or closed as
+/// `[security] public_reads` says, like the API's.
+async fn image_tail(State(state): State<Arc<WebState>>, Path(name): Path<String>) -> Response {
+    match store_read(&state, move |store| store.tail(&name)).await {
+        Ok((tail, signature)) => {
+            let mut response = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                tail,
+            )
+                .into_response();
+            if let crate::store::Signature::By(key) = signature {
+                if let Ok(value) = header::HeaderValue::from_str(&key.to_string()) {
+                    response.headers_mut().insert(SIGNER_HEADER, value);
+                }
+            }
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+/// `GET /images/NAME/chunks/INDEX`: data chunk INDEX's stored bytes, unchecked (the puller
+/// checks each against the signed manifest's hash); 404 for a chunk that is not stored.
+async fn image_chunk(
+    State(state): State<Arc<WebState>>,
+    Path((name, index)): Path<(String, u32)>,
+) -> Response {
+    let what = format!("image {name:?} stores no chunk {index} (zero, unused or past its end)");
+    match store_read(&state, move |store| store.stored_chunk(&name, index)).await {
+        Ok(Some(bytes)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        Ok(None) => text(StatusCode::NOT_FOUND, what),
+        Err(response) => response,
     }
 }
 
@@ -572,6 +642,54 @@ mod tests {
         assert!(again.starts_with("HTTP/1.1 401"), "{again}");
         assert!(again.contains("used for an upload already"), "{again}");
         assert_eq!(store_files(), 0);
+    }
+
+    #[test]
+    fn pulls_get_the_signed_tail_and_stored_chunks_only() {
+        let (addr, lab, admin) =
+            crate::testing::web_server("pull-reads", "\n[security]\npublic_reads = false\n");
+        // A data chunk, a zero chunk, a data chunk.
+        let mut raw = vec![7u8; 3 << 20];
+        raw[1 << 20..2 << 20].fill(0);
+        lab.store
+            .import("golden", &mut &raw[..], "test", 3)
+            .unwrap();
+        let get = |path: &str, auth: bool| {
+            let auth = if auth {
+                format!("Authorization: Bearer {admin}\r\n")
+            } else {
+                String::new()
+            };
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n");
+            exchange_from([127, 0, 0, 1], addr, request.as_bytes())
+        };
+        // Closed reads close these too.
+        for path in ["/images/golden/manifest", "/images/golden/chunks/0"] {
+            assert!(get(path, false).starts_with("HTTP/1.1 401"), "{path}");
+        }
+        let tail = get("/images/golden/manifest", true);
+        assert!(tail.starts_with("HTTP/1.1 200"), "{tail}");
+        let key = lab.store.signer().unwrap().public().to_string();
+        assert!(
+            tail.to_ascii_lowercase()
+                .contains(&format!("{SIGNER_HEADER}: {key}")),
+            "{tail}"
+        );
+        assert!(get("/images/golden/chunks/0", true).starts_with("HTTP/1.1 200"));
+        for (path, status) in [
+            ("/images/golden/chunks/1", "404"),
+            ("/images/golden/chunks/3", "404"),
+            ("/images/golden/chunks/x", "400"),
+            ("/images/other/manifest", "404"),
+            ("/images/other/chunks/0", "404"),
+        ] {
+            let answer = get(path, true);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{path}: {answer}"
+            );
+        }
     }
 
     #[test]

@@ -71,7 +71,9 @@ fn refusal(status: StatusCode, message: impl Into<String>) -> Response {
 /// the agents' endpoints stay open.
 fn is_guarded_read(method: &Method, path: &str) -> bool {
     (method == Method::GET || method == Method::HEAD)
-        && ((path.starts_with("/api/") && path != "/api/v1/me") || path == "/status")
+        && ((path.starts_with("/api/") && path != "/api/v1/me")
+            || path == "/status"
+            || path.starts_with("/images/"))
 }
 
 /// Middleware: refuses reads without the admin's proof when the config closes them.

@@ -324,6 +324,40 @@ impl Registry {
         Ok(registry)
     }
 
+    /// Checks that the registry at `location` can be used, changing nothing: a PostgreSQL
+    /// server is reached, logged in to, and its schema is not newer than this code (what
+    /// `check-config` reports). Returns the schema version found there (0: empty, created on
+    /// first start); `None` for SQLite, whose file is created on first start.
+    pub fn probe(location: &Location) -> Result<Option<u32>> {
+        let Location::Postgres(url) = location else {
+            return Ok(None);
+        };
+        let mut client = pg_connect(url)?;
+        let at = url.to_string();
+        let found = std::thread::scope(|s| {
+            s.spawn(|| -> Result<u32> {
+                let mut tx = client.transaction().map_err(|source| Error::Open {
+                    at: at.clone(),
+                    source: source.into(),
+                })?;
+                schema::pg_version(&mut tx).map_err(|source| Error::Open {
+                    at: at.clone(),
+                    source: source.into(),
+                })
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+        if found > SCHEMA_VERSION {
+            return Err(Error::SchemaTooNew {
+                at,
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        Ok(Some(found))
+    }
+
     pub(crate) fn open_postgres(url: &PgUrl, version: u32) -> Result<Self> {
         let mut client = pg_connect(url)?;
         let at = url.to_string();

@@ -779,12 +779,7 @@ impl Config {
                 Some(text.clone())
             }
         };
-        if site.is_none()
-            && matches!(
-                database,
-                Some(diskcast_registry::Location::Postgres(_))
-            )
-        {
+        if site.is_none() && matches!(database, Some(diskcast_registry::Location::Postgres(_))) {
             if let Some(text) = &shape.database {
                 c.report(
                     &text.span(),
@@ -1500,6 +1495,48 @@ mod tests {
         assert_eq!(config.lab.unknown_machines, UnknownMachines::LocalBoot);
         assert_eq!(config.agent.on_done, Finish::Reboot);
         assert!(config.security.public_reads, "reads stay open as they were");
+    }
+
+    #[test]
+    fn the_registry_is_sqlite_in_the_state_dir_or_a_shared_postgres_with_a_site_name() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(
+            config.database,
+            diskcast_registry::Location::Sqlite(config.state_dir.join("registry.sqlite"))
+        );
+        assert_eq!(config.site, None);
+
+        let shared = format!(
+            "database = \"postgres://diskcast:pw-1234@db.lab/diskcast\"\nsite = \"north\"\n{EXAMPLE}"
+        );
+        let config = parse(&shared).unwrap();
+        assert_eq!(config.site.as_deref(), Some("north"));
+        assert_eq!(
+            config.database.to_string(),
+            "postgres://diskcast:***@db.lab:5432/diskcast",
+            "the password is never shown"
+        );
+        assert!(!format!("{config:?}").contains("pw-1234"));
+
+        let no_site = format!("database = \"postgres://diskcast@db.lab/diskcast\"\n{EXAMPLE}");
+        let found = issues(&no_site);
+        assert!(found[0].message.contains("site = "), "{found:?}");
+        assert_eq!(found[0].line, 1);
+
+        let bad = format!("database = \"postgres://diskcast@db.lab\"\nsite = \"a b\"\n{EXAMPLE}");
+        let found = issues(&bad);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.line == 1 && i.message.contains("names no database")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|i| i.line == 2 && i.message.contains("site \"a b\"")),
+            "{found:?}"
+        );
     }
 
     #[test]

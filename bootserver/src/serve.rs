@@ -353,7 +353,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let mut leases = load_leases(&registry, &config.state_dir)?;
     // Sites sharing one registry share its lease table; this server hands out (and so only
     // keeps in memory) the addresses of its own subnets.
-    leases.leases.retain(|_, lease| subnets::site_of(&sites, lease.address).is_some());
+    leases
+        .leases
+        .retain(|_, lease| subnets::site_of(&sites, lease.address).is_some());
     log::info!(
         "leases: {} known from {}{}",
         leases.leases.len(),

@@ -5,7 +5,9 @@
 //! subnet; A sees the whole history.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{lab_file, make_source_disk, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT};
+use diskcast_qemu_tests::{
+    lab_file, make_source_disk, DhcpMode, Firmware, Lab, VmSpec, BOOT_TIMEOUT,
+};
 use diskcast_registry::testing::TempPostgres;
 use std::process::Command;
 use std::time::Duration;
@@ -47,7 +49,9 @@ fn two_sites_one_registry() {
         .status()
         .unwrap()
         .success());
-    lab.ip(&format!("link add v-siteb type veth peer name b0 netns {site_b}"));
+    lab.ip(&format!(
+        "link add v-siteb type veth peer name b0 netns {site_b}"
+    ));
     lab.ip("link set v-siteb master br1 up");
     for args in [
         "link set lo up",
@@ -76,13 +80,19 @@ fn two_sites_one_registry() {
             &lab.dir.join("state").display().to_string(),
             &lab.dir.join("state-b").display().to_string(),
         );
-    assert!(text_b.contains("state-b") && text_b.contains("b0"), "{text_b}");
+    assert!(
+        text_b.contains("state-b") && text_b.contains("b0"),
+        "{text_b}"
+    );
     let config_b = lab.dir.join("site-b.toml");
     std::fs::write(&config_b, format!("{shared}site = \"B\"\n{text_b}")).unwrap();
 
     // check-config reaches the registry and says so.
     let checked = bootserver(&config_b, &["check-config"]);
-    assert!(checked.contains("registry postgres://diskcast@/registry"), "{checked}");
+    assert!(
+        checked.contains("registry postgres://diskcast@/registry"),
+        "{checked}"
+    );
 
     let golden = lab.dir.join("golden.img");
     make_source_disk(&golden, 64);
@@ -139,10 +149,16 @@ fn two_sites_one_registry() {
     }
     // Only site B ran a session; A never started one for a machine it does not serve.
     let log_b = lab.bootserver_log(b);
-    assert!(log_b.contains("lab: session for image \"golden\""), "{log_b}");
+    assert!(
+        log_b.contains("lab: session for image \"golden\""),
+        "{log_b}"
+    );
     let log_a = lab.bootserver_log(0);
     assert!(!log_a.contains("lab: session for image"), "{log_a}");
-    assert!(!log_a.contains(FAR) || !log_a.contains("Ack"), "A answered the far machine");
+    assert!(
+        !log_a.contains(FAR) || !log_a.contains("Ack"),
+        "A answered the far machine"
+    );
     drop(lab);
     drop(postgres);
 }

@@ -97,14 +97,14 @@ pub enum Location {
     /// An SQLite file (the embedded default: `state_dir/registry.sqlite`).
     Sqlite(PathBuf),
     /// A PostgreSQL database shared by several bootservers (`postgres://user@host/db`).
-    Postgres(PgUrl),
+    Postgres(Box<PgUrl>),
 }
 
 impl Location {
     /// `postgres://...` or `postgresql://...` is PostgreSQL; anything else an SQLite path.
     pub fn parse(text: &str) -> Result<Self> {
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            Ok(Self::Postgres(PgUrl::parse(text)?))
+            Ok(Self::Postgres(Box::new(PgUrl::parse(text)?)))
         } else {
             Ok(Self::Sqlite(text.into()))
         }
@@ -368,7 +368,7 @@ impl Registry {
         })?;
         Ok(Self {
             inner: Arc::new(Inner {
-                location: Location::Postgres(url.clone()),
+                location: Location::Postgres(Box::new(url.clone())),
                 site: None,
                 backend: Backend::Postgres {
                     client: Mutex::new(Some(client)),
@@ -505,7 +505,7 @@ impl Registry {
         let mut guard = client.lock().unwrap_or_else(PoisonError::into_inner);
         let slot: &mut Option<postgres::Client> = &mut guard;
         let run = move || -> Result<T> {
-            if slot.as_ref().map_or(true, postgres::Client::is_closed) {
+            if slot.as_ref().is_none_or(postgres::Client::is_closed) {
                 *slot = None;
                 *slot = Some(pg_connect(url)?);
             }

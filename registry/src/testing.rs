@@ -196,7 +196,7 @@ impl TempPostgres {
     /// The registry location of database `db`.
     pub fn location(&self, db: &str) -> Location {
         match PgUrl::parse(&self.url(db)) {
-            Ok(url) => Location::Postgres(url),
+            Ok(url) => Location::Postgres(Box::new(url)),
             Err(e) => panic!("test URL {}: {e}", self.url(db)),
         }
     }

@@ -117,7 +117,10 @@ pub struct TaskArgs {
 fn registry(config: &Config) -> Result<Registry, Box<dyn Error>> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
-    Ok(Registry::open_in(&config.state_dir)?)
+    Ok(Registry::open_location(
+        &config.database,
+        config.site.as_deref(),
+    )?)
 }
 
 fn lab(config: Config) -> Result<Lab, Box<dyn Error>> {

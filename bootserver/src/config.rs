@@ -110,6 +110,11 @@ pub mod file {
         pub tftp_port: u16,
         pub state_dir: PathBuf,
         pub store_dir: Option<PathBuf>,
+        /// Where machines, tasks and leases live: an SQLite file (default
+        /// `state_dir/registry.sqlite`) or `postgres://USER@HOST/DB`, shared by several sites.
+        pub database: Option<Spanned<String>>,
+        /// This bootserver's name among the sites sharing one PostgreSQL registry.
+        pub site: Option<Spanned<String>>,
         pub dhcp: Spanned<Dhcp>,
         pub boot: Boot,
         #[serde(default)]
@@ -324,6 +329,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The image store (captures, imports, deploys).
     pub store_dir: PathBuf,
+    /// The registry: `state_dir/registry.sqlite`, another SQLite file, or a PostgreSQL database
+    /// shared with other sites. Its `Debug`/`Display` never show a password.
+    pub database: diskcast_registry::Location,
+    /// This bootserver's site name (recorded on the tasks it starts).
+    pub site: Option<String>,
     pub dhcp: Dhcp,
     pub boot: Boot,
     /// What every agent is told: how to finish, which disk, the peer-to-peer session.
@@ -738,7 +748,51 @@ impl Config {
             trusted_keys,
             public_reads: shape.security.public_reads.unwrap_or(true),
         };
+        let database = match &shape.database {
+            None => Some(diskcast_registry::Location::Sqlite(
+                shape.state_dir.join(diskcast_registry::FILE_NAME),
+            )),
+            Some(text) => match diskcast_registry::Location::parse(text.get_ref()) {
+                Ok(location) => Some(location),
+                Err(e) => {
+                    c.report(&text.span(), format!("database: {e}"));
+                    None
+                }
+            },
+        };
+        let site = match &shape.site {
+            None => None,
+            Some(name) => {
+                let text = name.get_ref();
+                if text.is_empty()
+                    || text.len() > 64
+                    || text.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+                {
+                    c.report(
+                        &name.span(),
+                        format!(
+                            "site {text:?}: a site name is 1 to 64 characters without spaces \
+                             or control characters"
+                        ),
+                    );
+                }
+                Some(text.clone())
+            }
+        };
+        if site.is_none() && matches!(database, Some(diskcast_registry::Location::Postgres(_))) {
+            if let Some(text) = &shape.database {
+                c.report(
+                    &text.span(),
+                    "database: a PostgreSQL registry is shared by several bootservers; give \
+                     this one a `site = \"NAME\"` so tasks show where they ran and two sites \
+                     never both start one"
+                        .to_string(),
+                );
+            }
+        }
         Some(Config {
+            database: database?,
+            site,
             interface: shape.interface.into_inner(),
             address: shape.address,
             http_port: shape.http_port,
@@ -1441,6 +1495,48 @@ mod tests {
         assert_eq!(config.lab.unknown_machines, UnknownMachines::LocalBoot);
         assert_eq!(config.agent.on_done, Finish::Reboot);
         assert!(config.security.public_reads, "reads stay open as they were");
+    }
+
+    #[test]
+    fn the_registry_is_sqlite_in_the_state_dir_or_a_shared_postgres_with_a_site_name() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(
+            config.database,
+            diskcast_registry::Location::Sqlite(config.state_dir.join("registry.sqlite"))
+        );
+        assert_eq!(config.site, None);
+
+        let shared = format!(
+            "database = \"postgres://diskcast:pw-1234@db.lab/diskcast\"\nsite = \"north\"\n{EXAMPLE}"
+        );
+        let config = parse(&shared).unwrap();
+        assert_eq!(config.site.as_deref(), Some("north"));
+        assert_eq!(
+            config.database.to_string(),
+            "postgres://diskcast:***@db.lab:5432/diskcast",
+            "the password is never shown"
+        );
+        assert!(!format!("{config:?}").contains("pw-1234"));
+
+        let no_site = format!("database = \"postgres://diskcast@db.lab/diskcast\"\n{EXAMPLE}");
+        let found = issues(&no_site);
+        assert!(found[0].message.contains("site = "), "{found:?}");
+        assert_eq!(found[0].line, 1);
+
+        let bad = format!("database = \"postgres://diskcast@db.lab\"\nsite = \"a b\"\n{EXAMPLE}");
+        let found = issues(&bad);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.line == 1 && i.message.contains("names no database")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|i| i.line == 2 && i.message.contains("site \"a b\"")),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -540,8 +540,18 @@ fn main() -> ExitCode {
         Command::Serve(args) => Ok(diskcast_bootserver::serve::run(load(&args)?)?),
         Command::CheckConfig(args) => {
             let config = load(&args)?;
+            // A shared registry is part of the config: unreachable, refusing the login, or
+            // written by a newer diskcast is a config error now, not at the next start.
+            let registry = match diskcast_registry::Registry::probe(&config.database)? {
+                None => String::new(),
+                Some(found) => format!(
+                    ", registry {} at schema version {found} of {}",
+                    config.database,
+                    diskcast_registry::SCHEMA_VERSION
+                ),
+            };
             println!(
-                "{}: ok ({:?} mode on {})",
+                "{}: ok ({:?} mode on {}{registry})",
                 args.config.display(),
                 config.dhcp.mode,
                 config.interface

@@ -251,7 +251,7 @@ fn load_leases(registry: &Registry, state_dir: &std::path::Path) -> Result<Lease
         log::info!(
             "leases: {count} moved from {} into {}",
             legacy.display(),
-            registry.path().display()
+            registry.location()
         );
     }
     let mut table = LeaseTable::default();
@@ -348,14 +348,23 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         path: config.state_dir.clone(),
         source,
     })?;
-    let registry = Registry::open_in(&config.state_dir)?;
-    let leases = load_leases(&registry, &config.state_dir)?;
-    log::info!(
-        "leases: {} known from {}",
-        leases.leases.len(),
-        registry.path().display()
-    );
+    let registry = Registry::open_location(&config.database, config.site.as_deref())?;
     let sites = subnets::resolve(&config, &subnets::interface_addresses()?)?;
+    let mut leases = load_leases(&registry, &config.state_dir)?;
+    // Sites sharing one registry share its lease table; this server hands out (and so only
+    // keeps in memory) the addresses of its own subnets.
+    leases
+        .leases
+        .retain(|_, lease| subnets::site_of(&sites, lease.address).is_some());
+    log::info!(
+        "leases: {} known from {}{}",
+        leases.leases.len(),
+        registry.location(),
+        config
+            .site
+            .as_deref()
+            .map_or(String::new(), |s| format!(" (site {s})"))
+    );
     for site in &sites {
         log::info!("dhcp: subnet {}", site.describe());
     }

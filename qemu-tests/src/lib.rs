@@ -606,8 +606,13 @@ impl Lab {
 
     /// Starts the bootserver with a config file and waits until it listens.
     pub fn start_bootserver_with(&mut self, config: &Path) -> usize {
-        let mut child = self
-            .ns_command(&lab_file("bootserver"))
+        let netns = self.netns.clone();
+        self.start_bootserver_in(&netns, config)
+    }
+
+    /// [`Lab::start_bootserver_with`] in namespace `netns` (another site's server).
+    pub fn start_bootserver_in(&mut self, netns: &str, config: &Path) -> usize {
+        let mut child = Lab::in_host(netns, &lab_file("bootserver"))
             .args(["serve", "--config"])
             .arg(config)
             .env(

@@ -1,5 +1,6 @@
 //! The one error type of the registry.
 
+use crate::db::DbError;
 use crate::{MacAddr, TaskId, TaskState};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -12,39 +13,45 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("opening registry database {path}")]
+    /// `at` is the SQLite file, or the PostgreSQL URL without its password.
+    #[error("opening registry database {at}")]
     Open {
-        path: PathBuf,
+        at: String,
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
+    #[error("cannot connect to registry database {at}: {why}")]
+    Connect {
+        at: String,
+        why: &'static str,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("invalid registry database URL: {why}")]
+    BadUrl { why: String },
     #[error(
         "registry database {path} stays in journal mode {mode:?} instead of WAL; \
          keep the state directory on a local file system"
     )]
     NoWal { path: PathBuf, mode: String },
     #[error(
-        "registry database {path} has schema version {found}, but this diskcast knows only up to \
+        "registry database {at} has schema version {found}, but this diskcast knows only up to \
          {known}: it was written by a newer diskcast; run that one, or restore a backup"
     )]
-    SchemaTooNew {
-        path: PathBuf,
-        found: u32,
-        known: u32,
-    },
-    #[error("migrating registry database {path} to schema version {version}")]
+    SchemaTooNew { at: String, found: u32, known: u32 },
+    #[error("migrating registry database {at} to schema version {version}")]
     Migrate {
-        path: PathBuf,
+        at: String,
         version: u32,
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
     /// A database error while doing `op` (e.g. "creating a task for 52:54:00:00:00:01").
     #[error("registry: {op}")]
     Db {
         op: String,
         #[source]
-        source: rusqlite::Error,
+        source: DbError,
     },
     #[error("no machine {mac} in the registry (register it, or let it network-boot once)")]
     NoSuchMachine { mac: MacAddr },
@@ -114,6 +121,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "task {task} ({state}) was claimed by site {site:?}; it cannot be started at {here:?} \
+         too (cancel it and create it again to move it)"
+    )]
+    ClaimedElsewhere {
+        task: TaskId,
+        state: TaskState,
+        site: String,
+        here: String,
+    },
     #[error("generating a task token")]
     Token {
         #[source]
@@ -121,13 +138,25 @@ pub enum Error {
     },
 }
 
-impl From<rusqlite::Error> for Error {
+impl From<DbError> for Error {
     /// A database error; the public method that saw it names its operation.
-    fn from(source: rusqlite::Error) -> Self {
+    fn from(source: DbError) -> Self {
         Self::Db {
             op: String::new(),
             source,
         }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(source: rusqlite::Error) -> Self {
+        DbError::from(source).into()
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(source: postgres::Error) -> Self {
+        DbError::from(source).into()
     }
 }
 
@@ -140,17 +169,14 @@ impl Error {
         }
     }
 
-    /// A busy/locked database (another process held the write lock past the busy timeout).
+    /// A busy/locked database (another process held the write lock past the busy timeout), or
+    /// a PostgreSQL write that kept conflicting with other servers' writes.
     pub fn is_busy(&self) -> bool {
-        let source = match self {
+        match self {
             Self::Db { source, .. } | Self::Open { source, .. } | Self::Migrate { source, .. } => {
-                source
+                source.is_busy()
             }
-            _ => return false,
-        };
-        matches!(
-            source.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        )
+            _ => false,
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! DHCP leases of full mode, declined addresses, and the one-time import of `leases.json`.
 
-use crate::{get_setting, parse_col, put_setting, secs, unsecs, Error, MacAddr, Registry, Result};
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use crate::db::{args, decode, DbError, Row, Sql};
+use crate::{get_setting, put_setting, secs, unsecs, Error, MacAddr, Registry, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -33,35 +33,41 @@ struct LegacyLease {
     expires: u64,
 }
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<Lease> {
+fn from_row(row: &Row) -> Result<Lease, DbError> {
+    let address = u32::try_from(row.int(1)?).map_err(|e| decode(1, e))?;
     Ok(Lease {
-        mac: parse_col(row, 0)?,
-        address: Ipv4Addr::from(row.get::<_, u32>(1)?),
-        expires: unsecs(row.get(2)?),
+        mac: row.parsed(0)?,
+        address: Ipv4Addr::from(address),
+        expires: unsecs(row.int(2)?),
     })
 }
 
-fn by_address(c: &Connection, address: Ipv4Addr) -> Result<Option<Lease>> {
-    Ok(
-        c.prepare_cached("SELECT mac, address, expires FROM leases WHERE address = ?1")?
-            .query_row([u32::from(address)], from_row)
-            .optional()?,
-    )
+fn one(row: Option<Row>) -> Result<Option<Lease>> {
+    Ok(row.map(|r| from_row(&r)).transpose()?)
+}
+
+fn by_address(c: &mut dyn Sql, address: Ipv4Addr) -> Result<Option<Lease>> {
+    one(c.row(
+        "SELECT mac, address, expires FROM leases WHERE address = ?1",
+        args![u32::from(address)],
+    )?)
 }
 
 /// Writes `lease`, dropping any other MAC's (expired) lease on the same address.
-fn upsert(c: &Connection, lease: &Lease) -> Result<()> {
-    c.prepare_cached("DELETE FROM leases WHERE address = ?1 AND mac != ?2")?
-        .execute(params![u32::from(lease.address), lease.mac.to_string()])?;
-    c.prepare_cached(
+fn upsert(c: &mut dyn Sql, lease: &Lease) -> Result<()> {
+    c.exec(
+        "DELETE FROM leases WHERE address = ?1 AND mac != ?2",
+        args![u32::from(lease.address), lease.mac.to_string()],
+    )?;
+    c.exec(
         "INSERT INTO leases (mac, address, expires) VALUES (?1, ?2, ?3)
          ON CONFLICT (mac) DO UPDATE SET address = excluded.address, expires = excluded.expires",
-    )?
-    .execute(params![
-        lease.mac.to_string(),
-        u32::from(lease.address),
-        secs(lease.expires)
-    ])?;
+        args![
+            lease.mac.to_string(),
+            u32::from(lease.address),
+            secs(lease.expires)
+        ],
+    )?;
     Ok(())
 }
 
@@ -71,11 +77,11 @@ impl Registry {
         self.read(
             || "listing leases".into(),
             |c| {
-                let leases = c
-                    .prepare_cached("SELECT mac, address, expires FROM leases ORDER BY address")?
-                    .query_map([], from_row)?
-                    .collect::<rusqlite::Result<_>>()?;
-                Ok(leases)
+                let rows = c.rows(
+                    "SELECT mac, address, expires FROM leases ORDER BY address",
+                    &[],
+                )?;
+                Ok(rows.iter().map(from_row).collect::<Result<_, DbError>>()?)
             },
         )
     }
@@ -85,11 +91,10 @@ impl Registry {
         self.read(
             || format!("reading the lease of {mac}"),
             |c| {
-                Ok(
-                    c.prepare_cached("SELECT mac, address, expires FROM leases WHERE mac = ?1")?
-                        .query_row([mac.to_string()], from_row)
-                        .optional()?,
-                )
+                one(c.row(
+                    "SELECT mac, address, expires FROM leases WHERE mac = ?1",
+                    args![mac.to_string()],
+                )?)
             },
         )
     }
@@ -139,7 +144,7 @@ impl Registry {
     pub fn release(&self, mac: MacAddr) -> Result<bool> {
         self.write(
             || format!("releasing the lease of {mac}"),
-            |tx| Ok(tx.execute("DELETE FROM leases WHERE mac = ?1", [mac.to_string()])? > 0),
+            |tx| Ok(tx.exec("DELETE FROM leases WHERE mac = ?1", args![mac.to_string()])? > 0),
         )
     }
 
@@ -150,9 +155,10 @@ impl Registry {
         self.write(
             || "pruning expired leases".into(),
             |tx| {
-                let leases = tx.execute("DELETE FROM leases WHERE expires <= ?1", [cutoff])?;
-                let declined = tx.execute("DELETE FROM declined WHERE until <= ?1", [secs(now)])?;
-                Ok(leases + declined)
+                let leases = tx.exec("DELETE FROM leases WHERE expires <= ?1", args![cutoff])?;
+                let declined =
+                    tx.exec("DELETE FROM declined WHERE until <= ?1", args![secs(now)])?;
+                Ok(usize::try_from(leases + declined).unwrap_or(usize::MAX))
             },
         )
     }
@@ -162,10 +168,11 @@ impl Registry {
         self.write(
             || format!("declining {address}"),
             |tx| {
-                tx.execute(
+                tx.exec(
                     "INSERT INTO declined (address, until) VALUES (?1, ?2)
-                     ON CONFLICT (address) DO UPDATE SET until = max(until, excluded.until)",
-                    params![u32::from(address), secs(until)],
+                     ON CONFLICT (address) DO UPDATE
+                         SET until = greatest(declined.until, excluded.until)",
+                    args![u32::from(address), secs(until)],
                 )?;
                 Ok(())
             },
@@ -178,9 +185,12 @@ impl Registry {
             || format!("checking whether {address} is declined"),
             |c| {
                 let until: Option<i64> = c
-                    .prepare_cached("SELECT until FROM declined WHERE address = ?1")?
-                    .query_row([u32::from(address)], |row| row.get(0))
-                    .optional()?;
+                    .row(
+                        "SELECT until FROM declined WHERE address = ?1",
+                        args![u32::from(address)],
+                    )?
+                    .map(|row| row.int(0))
+                    .transpose()?;
                 Ok(until.is_some_and(|u| unsecs(u) > now))
             },
         )

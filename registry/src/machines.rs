@@ -1,11 +1,10 @@
 //! Machines: discovered by network boot ([`Registry::observe`]) or registered by an admin
 //! ([`Registry::register`]), addressed as `MAC`, `NAME` or `@GROUP` ([`Registry::resolve`]).
 
+use crate::db::{args, DbError, Row, Sql};
 use crate::{
-    check_json, enum_col, parse_col, secs, tasks, unsecs, Error, MacAddr, Registry, Result,
-    TextEnum,
+    check_json, enum_col, secs, tasks, unsecs, Error, MacAddr, Registry, Result, TextEnum,
 };
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
@@ -109,53 +108,57 @@ pub struct MachinePatch {
 const COLUMNS: &str = "mac, name, grp, first_seen, last_seen, firmware, address, last_via, known, \
                        local_boot, disk, inventory, inventory_at";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<Machine> {
-    let last_via: Option<String> = row.get(7)?;
-    let inventory: Option<String> = row.get(11)?;
+fn from_row(row: &Row) -> Result<Machine, DbError> {
+    let last_via = row.opt_text(7)?;
+    let inventory = row.opt_text(11)?;
+    let address = row
+        .opt_int(6)?
+        .map(|a| u32::try_from(a).map(Ipv4Addr::from))
+        .transpose()
+        .map_err(|e| crate::db::decode(6, e))?;
     Ok(Machine {
-        mac: parse_col(row, 0)?,
-        name: row.get(1)?,
-        group: row.get(2)?,
-        first_seen: unsecs(row.get(3)?),
-        last_seen: row.get::<_, Option<i64>>(4)?.map(unsecs),
+        mac: row.parsed(0)?,
+        name: row.opt_text(1)?,
+        group: row.opt_text(2)?,
+        first_seen: unsecs(row.int(3)?),
+        last_seen: row.opt_int(4)?.map(unsecs),
         firmware: enum_col(row, 5)?,
-        address: row.get::<_, Option<u32>>(6)?.map(Ipv4Addr::from),
+        address,
         last_via: match last_via {
             None => None,
             Some(_) => Some(enum_col(row, 7)?),
         },
-        known: row.get(8)?,
-        local_boot: row.get(9)?,
-        disk: row.get(10)?,
+        known: row.bool(8)?,
+        local_boot: row.opt_text(9)?,
+        disk: row.opt_text(10)?,
         inventory: match inventory {
             None => None,
             Some(json) => Some(Inventory {
                 json,
-                at: unsecs(row.get::<_, Option<i64>>(12)?.unwrap_or(0)),
+                at: unsecs(row.opt_int(12)?.unwrap_or(0)),
             }),
         },
     })
 }
 
-pub(crate) fn get(c: &Connection, mac: MacAddr) -> Result<Option<Machine>> {
+pub(crate) fn get(c: &mut dyn Sql, mac: MacAddr) -> Result<Option<Machine>> {
     let sql = format!("SELECT {COLUMNS} FROM machines WHERE mac = ?1");
-    Ok(c.prepare_cached(&sql)?
-        .query_row([mac.to_string()], from_row)
-        .optional()?)
+    Ok(c.row(&sql, args![mac.to_string()])?
+        .map(|r| from_row(&r))
+        .transpose()?)
 }
 
-fn must_get(c: &Connection, mac: MacAddr) -> Result<Machine> {
+fn must_get(c: &mut dyn Sql, mac: MacAddr) -> Result<Machine> {
     get(c, mac)?.ok_or(Error::NoSuchMachine { mac })
 }
 
-fn query(c: &Connection, filter: &str, arg: Option<&str>) -> Result<Vec<Machine>> {
+fn query(c: &mut dyn Sql, filter: &str, arg: Option<&str>) -> Result<Vec<Machine>> {
     let sql = format!("SELECT {COLUMNS} FROM machines {filter} ORDER BY name IS NULL, name, mac");
-    let mut stmt = c.prepare_cached(&sql)?;
     let rows = match arg {
-        Some(arg) => stmt.query_map([arg], from_row)?,
-        None => stmt.query_map([], from_row)?,
+        Some(arg) => c.rows(&sql, args![arg])?,
+        None => c.rows(&sql, &[])?,
     };
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    Ok(rows.iter().map(from_row).collect::<Result<_, DbError>>()?)
 }
 
 /// Refuses names and groups that would be ambiguous as a target (`MAC|NAME|@GROUP`, lists).
@@ -199,11 +202,11 @@ fn group_name(group: &str) -> &str {
 }
 
 /// Refuses `name` when another machine than `mac` has it.
-fn check_name_free(c: &Connection, name: &str, mac: MacAddr) -> Result<()> {
+fn check_name_free(c: &mut dyn Sql, name: &str, mac: MacAddr) -> Result<()> {
     let holder: Option<MacAddr> = c
-        .prepare_cached("SELECT mac FROM machines WHERE name = ?1")?
-        .query_row([name], |row| parse_col(row, 0))
-        .optional()?;
+        .row("SELECT mac FROM machines WHERE name = ?1", args![name])?
+        .map(|row| row.parsed(0))
+        .transpose()?;
     match holder {
         Some(holder) if holder != mac => Err(Error::NameTaken {
             name: name.into(),
@@ -221,23 +224,24 @@ impl Registry {
         self.write(
             || format!("recording a sighting of {mac}"),
             |tx| {
-                tx.prepare_cached(
+                tx.exec(
                     "INSERT INTO machines (mac, first_seen, last_seen, firmware, address, last_via)
                      VALUES (?1, ?2, ?2, ?3, ?4, ?5)
                      ON CONFLICT (mac) DO UPDATE SET
-                         last_seen = max(coalesce(last_seen, 0), excluded.last_seen),
+                         last_seen = greatest(coalesce(machines.last_seen, 0),
+                                              excluded.last_seen),
                          firmware = CASE excluded.firmware
-                             WHEN 'unknown' THEN firmware ELSE excluded.firmware END,
-                         address = coalesce(excluded.address, address),
+                             WHEN 'unknown' THEN machines.firmware ELSE excluded.firmware END,
+                         address = coalesce(excluded.address, machines.address),
                          last_via = excluded.last_via",
-                )?
-                .execute(params![
-                    mac.to_string(),
-                    secs(now),
-                    sighting.firmware.as_str(),
-                    sighting.address.map(u32::from),
-                    sighting.via.as_str(),
-                ])?;
+                    args![
+                        mac.to_string(),
+                        secs(now),
+                        sighting.firmware.as_str(),
+                        sighting.address.map(u32::from),
+                        sighting.via.as_str(),
+                    ],
+                )?;
                 must_get(tx, mac)
             },
         )
@@ -266,14 +270,14 @@ impl Registry {
                 if let Some(name) = name {
                     check_name_free(tx, name, mac)?;
                 }
-                tx.execute(
+                tx.exec(
                     "INSERT INTO machines (mac, first_seen, name, grp, known)
                      VALUES (?1, ?2, ?3, ?4, 1)
                      ON CONFLICT (mac) DO UPDATE SET
                          known = 1,
-                         name = coalesce(excluded.name, name),
-                         grp = coalesce(excluded.grp, grp)",
-                    params![mac.to_string(), secs(now), name, group],
+                         name = coalesce(excluded.name, machines.name),
+                         grp = coalesce(excluded.grp, machines.grp)",
+                    args![mac.to_string(), secs(now), name, group],
                 )?;
                 must_get(tx, mac)
             },
@@ -309,7 +313,7 @@ impl Registry {
                 if let Some(Some(name)) = &name {
                     check_name_free(tx, name, mac)?;
                 }
-                tx.execute(
+                tx.exec(
                     "UPDATE machines SET
                          name = CASE WHEN ?2 THEN ?3 ELSE name END,
                          grp = CASE WHEN ?4 THEN ?5 ELSE grp END,
@@ -317,16 +321,16 @@ impl Registry {
                          disk = CASE WHEN ?8 THEN ?9 ELSE disk END,
                          known = coalesce(?10, known)
                      WHERE mac = ?1",
-                    params![
+                    args![
                         mac.to_string(),
                         name.is_some(),
-                        name.flatten(),
+                        name.clone().flatten(),
                         group.is_some(),
-                        group.flatten(),
+                        group.clone().flatten(),
                         local_boot.is_some(),
-                        local_boot.flatten(),
+                        local_boot.clone().flatten(),
                         disk.is_some(),
-                        disk.flatten(),
+                        disk.clone().flatten(),
                         known,
                     ],
                 )?;
@@ -344,7 +348,10 @@ impl Registry {
                 if let Some((task, state)) = tasks::open_task_id(tx, mac)? {
                     return Err(Error::MachineBusy { mac, task, state });
                 }
-                match tx.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])? {
+                match tx.exec(
+                    "DELETE FROM machines WHERE mac = ?1",
+                    args![mac.to_string()],
+                )? {
                     0 => Err(Error::NoSuchMachine { mac }),
                     _ => Ok(()),
                 }
@@ -385,11 +392,11 @@ impl Registry {
         self.write(
             || format!("recording the inventory of {mac}"),
             |tx| {
-                let changed = tx.execute(
+                let changed = tx.exec(
                     "UPDATE machines SET inventory = ?2, inventory_at = ?3,
-                         last_seen = max(coalesce(last_seen, 0), ?3)
+                         last_seen = greatest(coalesce(last_seen, 0), ?3)
                      WHERE mac = ?1",
-                    params![mac.to_string(), json, secs(now)],
+                    args![mac.to_string(), json, secs(now)],
                 )?;
                 if changed == 0 {
                     return Err(Error::NoSuchMachine { mac });

@@ -1,14 +1,13 @@
 //! One-shot tasks, their state machine (see the crate documentation) and their event history.
 
+use crate::db::{args, decode, DbError, Row, Sql};
 use crate::{
-    check_json, enum_col, machines, parse_col, secs, unsecs, Error, MacAddr, Registry, Result,
-    TextEnum,
+    check_json, enum_col, machines, secs, unsecs, Error, MacAddr, Registry, Result, TextEnum,
 };
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// A task's id (SQLite rowid; never reused).
+/// A task's id (SQLite rowid, PostgreSQL identity; never reused).
 pub type TaskId = i64;
 
 /// What a task does.
@@ -133,6 +132,8 @@ pub struct Task {
     pub finished: Option<u64>,
     /// Its creation or last report from the agent: silence is counted from here.
     pub last_activity: u64,
+    /// The site (bootserver) that started the task's machine, when sites are named.
+    pub site: Option<String>,
 }
 
 /// The secret the agent of a task proves itself with: 32 random bytes as 64 hex digits. Only
@@ -283,64 +284,56 @@ fn next_state(kind: &TaskKind, from: TaskState, step: &Step) -> Option<TaskState
 }
 
 const COLUMNS: &str = "id, mac, kind, image, state, reason, options, timeout_secs, created, \
-                       updated, finished, last_activity";
+                       updated, finished, last_activity, site";
 const OPEN: &str = "('pending', 'booted', 'running')";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
-    let kind: String = row.get(2)?;
-    let image: Option<String> = row.get(3)?;
+fn from_row(row: &Row) -> Result<Task, DbError> {
+    let kind = row.text(2)?;
+    let image = row.opt_text(3)?;
     let kind = match (kind.as_str(), image) {
         ("deploy", Some(image)) => TaskKind::Deploy { image },
         ("capture", Some(image)) => TaskKind::Capture { image },
         ("inventory", None) => TaskKind::Inventory,
         ("receive", None) => TaskKind::Receive,
         ("master", None) => TaskKind::Master,
-        _ => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                2,
-                rusqlite::types::Type::Text,
-                format!("task kind {kind:?} with this image").into(),
-            ))
-        }
+        _ => return Err(decode(2, format!("task kind {kind:?} with this image"))),
     };
     Ok(Task {
-        id: row.get(0)?,
-        mac: parse_col(row, 1)?,
+        id: row.int(0)?,
+        mac: row.parsed(1)?,
         kind,
         state: enum_col(row, 4)?,
-        reason: row.get(5)?,
-        options: row.get(6)?,
-        timeout_secs: unsecs(row.get(7)?),
-        created: unsecs(row.get(8)?),
-        updated: unsecs(row.get(9)?),
-        finished: row.get::<_, Option<i64>>(10)?.map(unsecs),
-        last_activity: unsecs(row.get(11)?),
+        reason: row.opt_text(5)?,
+        options: row.text(6)?,
+        timeout_secs: unsecs(row.int(7)?),
+        created: unsecs(row.int(8)?),
+        updated: unsecs(row.int(9)?),
+        finished: row.opt_int(10)?.map(unsecs),
+        last_activity: unsecs(row.int(11)?),
+        site: row.opt_text(12)?,
     })
 }
 
-fn get(c: &Connection, id: TaskId) -> Result<Option<Task>> {
+fn get(c: &mut dyn Sql, id: TaskId) -> Result<Option<Task>> {
     let sql = format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1");
-    Ok(c.prepare_cached(&sql)?
-        .query_row([id], from_row)
-        .optional()?)
+    Ok(c.row(&sql, args![id])?.map(|r| from_row(&r)).transpose()?)
 }
 
-fn must_get(c: &Connection, id: TaskId) -> Result<Task> {
+fn must_get(c: &mut dyn Sql, id: TaskId) -> Result<Task> {
     get(c, id)?.ok_or(Error::NoSuchTask { task: id })
 }
 
 /// The open task of `mac`, if any.
-pub(crate) fn open_task_id(c: &Connection, mac: MacAddr) -> Result<Option<(TaskId, TaskState)>> {
+pub(crate) fn open_task_id(c: &mut dyn Sql, mac: MacAddr) -> Result<Option<(TaskId, TaskState)>> {
     let sql = format!("SELECT id, state FROM tasks WHERE mac = ?1 AND state IN {OPEN}");
-    Ok(c.prepare_cached(&sql)?
-        .query_row([mac.to_string()], |row| {
-            Ok((row.get(0)?, enum_col(row, 1)?))
-        })
-        .optional()?)
+    let found = c.row(&sql, args![mac.to_string()])?;
+    Ok(found
+        .map(|row| Ok::<_, DbError>((row.int(0)?, enum_col(&row, 1)?)))
+        .transpose()?)
 }
 
 fn add_event(
-    c: &Connection,
+    c: &mut dyn Sql,
     task: TaskId,
     at: u64,
     kind: EventKind,
@@ -354,17 +347,17 @@ fn add_event(
             what: "progress",
             source,
         })?;
-    c.prepare_cached(
+    c.exec(
         "INSERT INTO task_events (task_id, at, kind, message, progress)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![task, secs(at), kind.as_str(), message, progress])?;
+        args![task, secs(at), kind.as_str(), message, progress],
+    )?;
     Ok(())
 }
 
 /// Moves task `id` to `state` at `at` and records `event`.
 fn transition(
-    c: &Connection,
+    c: &mut dyn Sql,
     task: &Task,
     state: TaskState,
     reason: Option<&str>,
@@ -373,19 +366,20 @@ fn transition(
     from_agent: bool,
 ) -> Result<()> {
     let finished = (!state.is_open()).then_some(secs(at));
-    c.prepare_cached(
+    c.exec(
         "UPDATE tasks SET state = ?2, reason = coalesce(?3, reason), finished = ?4, updated = ?5,
-             last_activity = CASE WHEN ?6 THEN max(last_activity, ?5) ELSE last_activity END
+             last_activity = CASE WHEN ?6 THEN greatest(last_activity, ?5)
+                                  ELSE last_activity END
          WHERE id = ?1",
-    )?
-    .execute(params![
-        task.id,
-        state.as_str(),
-        reason,
-        finished,
-        secs(at),
-        from_agent
-    ])?;
+        args![
+            task.id,
+            state.as_str(),
+            reason,
+            finished,
+            secs(at),
+            from_agent
+        ],
+    )?;
     let (kind, message, progress) = event;
     add_event(c, task.id, at, kind, message, progress)
 }
@@ -449,7 +443,7 @@ fn prepare(new: &NewTask) -> Result<[u8; 32]> {
     random_token()
 }
 
-fn insert_task(c: &Connection, new: &NewTask, hash: &blake3::Hash, now: u64) -> Result<Task> {
+fn insert_task(c: &mut dyn Sql, new: &NewTask, hash: &blake3::Hash, now: u64) -> Result<Task> {
     let NewTask {
         mac,
         kind,
@@ -463,21 +457,24 @@ fn insert_task(c: &Connection, new: &NewTask, hash: &blake3::Hash, now: u64) -> 
     if let Some((task, state)) = open_task_id(c, mac)? {
         return Err(Error::TaskOpen { mac, task, state });
     }
-    c.prepare_cached(
-        "INSERT INTO tasks (mac, kind, image, state, options, timeout_secs,
-             created, updated, last_activity, token_hash)
-         VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?6, ?6, ?7)",
-    )?
-    .execute(params![
-        mac.to_string(),
-        kind.name(),
-        kind.image(),
-        options,
-        secs(*timeout_secs),
-        secs(now),
-        hash.as_bytes(),
-    ])?;
-    let id = c.last_insert_rowid();
+    let id = c
+        .row(
+            "INSERT INTO tasks (mac, kind, image, state, options, timeout_secs,
+                 created, updated, last_activity, token_hash)
+             VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?6, ?6, ?7)
+             RETURNING id",
+            args![
+                mac.to_string(),
+                kind.name(),
+                kind.image(),
+                options,
+                secs(*timeout_secs),
+                secs(now),
+                hash.as_bytes(),
+            ],
+        )?
+        .ok_or_else(|| decode(0, "INSERT returned no id"))?
+        .int(0)?;
     let message = match kind.image() {
         Some(image) => format!("{} {image}", kind.name()),
         None => kind.name().to_owned(),
@@ -542,10 +539,10 @@ impl Registry {
                     Step::DiskChosen { disk } => (EventKind::DiskChosen, disk.as_str(), None, None),
                     Step::Joined => (EventKind::Joined, "joined the session", None, None),
                     Step::Progress(p) => {
-                        tx.prepare_cached(
+                        tx.exec(
                             "DELETE FROM task_events WHERE task_id = ?1 AND kind = 'progress'",
-                        )?
-                        .execute([id])?;
+                            args![id],
+                        )?;
                         progress_message = format!(
                             "{:.1}% at {:.1} MB/s, {} repairs",
                             p.percent, p.mb_per_s, p.repairs
@@ -617,9 +614,10 @@ impl Registry {
                      WHERE state IN {OPEN} AND ?1 - last_activity > timeout_secs ORDER BY id"
                 );
                 let silent = tx
-                    .prepare_cached(&sql)?
-                    .query_map([secs(now)], from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                    .rows(&sql, args![secs(now)])?
+                    .iter()
+                    .map(from_row)
+                    .collect::<Result<Vec<_>, DbError>>()?;
                 let mut expired = Vec::with_capacity(silent.len());
                 for task in silent {
                     let reason = format!(
@@ -667,15 +665,17 @@ impl Registry {
             |c| {
                 let sql = format!(
                     "SELECT {COLUMNS} FROM tasks
-                     WHERE (NOT ?1 OR state IN {OPEN}) AND (?2 IS NULL OR mac = ?2)
+                     WHERE (NOT ?1 OR state IN {OPEN})
+                       AND (CAST(?2 AS TEXT) IS NULL OR mac = ?2)
                      ORDER BY id DESC LIMIT ?3"
                 );
-                let limit = filter.limit.map_or(-1, i64::from);
+                let limit = filter.limit.map_or(i64::MAX, i64::from);
                 let mac = filter.mac.map(|m| m.to_string());
                 let tasks = c
-                    .prepare_cached(&sql)?
-                    .query_map(params![filter.open_only, mac, limit], from_row)?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .rows(&sql, args![filter.open_only, mac, limit])?
+                    .iter()
+                    .map(from_row)
+                    .collect::<Result<_, DbError>>()?;
                 Ok(tasks)
             },
         )
@@ -683,7 +683,8 @@ impl Registry {
 
     /// A fresh token for open task `id`, replacing the one before: the bootserver issues one per
     /// boot of the task's machine, so the registry never holds a usable secret and an agent of an
-    /// earlier boot can no longer report.
+    /// earlier boot can no longer report. A named site ([`Registry::open_location`]) claims
+    /// the task; another site is then refused ([`Error::ClaimedElsewhere`]).
     pub fn issue_token(&self, id: TaskId) -> Result<TaskToken> {
         let token = random_token()?;
         self.write(
@@ -697,8 +698,24 @@ impl Registry {
                         action: "issuing a token",
                     });
                 }
-                tx.prepare_cached("UPDATE tasks SET token_hash = ?2 WHERE id = ?1")?
-                    .execute(params![id, blake3::hash(&token).as_bytes()])?;
+                // With several sites on one registry, the first site to start a task's machine
+                // claims the task: exactly one server carries it out (the write is serialized,
+                // so two sites racing for it cannot both win). The machine booting again at the
+                // same site is fine; to move the task, cancel it and create it again.
+                if let (Some(here), Some(there)) = (self.site(), task.site.as_deref()) {
+                    if here != there {
+                        return Err(Error::ClaimedElsewhere {
+                            task: id,
+                            state: task.state,
+                            site: there.into(),
+                            here: here.into(),
+                        });
+                    }
+                }
+                tx.exec(
+                    "UPDATE tasks SET token_hash = ?2, site = coalesce(?3, site) WHERE id = ?1",
+                    args![id, blake3::hash(&token).as_bytes(), self.site()],
+                )?;
                 Ok(())
             },
         )?;
@@ -716,11 +733,9 @@ impl Registry {
             |c| {
                 let sql = format!("SELECT {COLUMNS}, token_hash FROM tasks WHERE token_hash = ?1");
                 let found = c
-                    .prepare_cached(&sql)?
-                    .query_row([hash.as_bytes()], |row| {
-                        Ok((from_row(row)?, row.get::<_, Vec<u8>>(12)?))
-                    })
-                    .optional()?;
+                    .row(&sql, args![hash.as_bytes()])?
+                    .map(|row| Ok::<_, DbError>((from_row(&row)?, row.blob(13)?)))
+                    .transpose()?;
                 // The index finds the row by hash; the secret-derived bytes are still compared
                 // in constant time (blake3::Hash's equality) before the task is handed out.
                 Ok(found.and_then(|(task, stored)| {
@@ -737,32 +752,28 @@ impl Registry {
             || format!("reading the events of task {id}"),
             |c| {
                 let events = c
-                    .prepare_cached(
+                    .rows(
                         "SELECT id, task_id, at, kind, message, progress FROM task_events
                          WHERE task_id = ?1 ORDER BY id",
+                        args![id],
                     )?
-                    .query_map([id], |row| {
-                        let progress: Option<String> = row.get(5)?;
-                        let progress = progress
+                    .iter()
+                    .map(|row| {
+                        let progress = row
+                            .opt_text(5)?
                             .map(|p| serde_json::from_str(&p))
                             .transpose()
-                            .map_err(|e| {
-                                rusqlite::Error::FromSqlConversionFailure(
-                                    5,
-                                    rusqlite::types::Type::Text,
-                                    Box::new(e),
-                                )
-                            })?;
+                            .map_err(|e| decode(5, e))?;
                         Ok(TaskEvent {
-                            id: row.get(0)?,
-                            task_id: row.get(1)?,
-                            at: unsecs(row.get(2)?),
+                            id: row.int(0)?,
+                            task_id: row.int(1)?,
+                            at: unsecs(row.int(2)?),
                             kind: enum_col(row, 3)?,
-                            message: row.get(4)?,
+                            message: row.text(4)?,
                             progress,
                         })
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
+                    })
+                    .collect::<Result<_, DbError>>()?;
                 Ok(events)
             },
         )

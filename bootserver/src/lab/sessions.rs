@@ -129,6 +129,14 @@ pub fn manage(lab: Arc<Lab>) {
         };
         let mut by_image: BTreeMap<String, Vec<MacAddr>> = BTreeMap::new();
         for task in open {
+            // Sites sharing one registry each serve the tasks they claimed (their machine
+            // network-booted there); a task another site carries out, or one no site's machine
+            // has booted for yet, is not this site's to start a session for (or to fail).
+            if let Some(here) = lab.registry.site() {
+                if task.site.as_deref() != Some(here) {
+                    continue;
+                }
+            }
             if let TaskKind::Deploy { image } = task.kind {
                 by_image.entry(image).or_default().push(task.mac);
             }

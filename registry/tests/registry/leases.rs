@@ -1,5 +1,5 @@
-use crate::common::{mac, registry, TempDir};
-use diskcast_registry::{Error, Lease, Registry};
+use crate::common::{mac, registry, Backend};
+use diskcast_registry::{Error, Lease};
 use std::net::Ipv4Addr;
 
 fn ip(last: u8) -> Ipv4Addr {
@@ -14,9 +14,8 @@ fn lease(n: u32, last: u8, expires: u64) -> Lease {
     }
 }
 
-#[test]
-fn an_address_is_held_by_one_mac() {
-    let (_dir, reg) = registry("lease-unique");
+fn an_address_is_held_by_one_mac(b: Backend) {
+    let (_dir, reg) = registry(b, "lease-unique");
     reg.put_lease(lease(1, 5, 1000), 0).unwrap();
     assert_eq!(reg.lease_for(mac(1)).unwrap(), Some(lease(1, 5, 1000)));
     assert_eq!(reg.holder(ip(5), 999).unwrap(), Some(mac(1)));
@@ -44,9 +43,8 @@ fn an_address_is_held_by_one_mac() {
     assert_eq!(reg.leases().unwrap(), vec![lease(2, 7, 3000)]);
 }
 
-#[test]
-fn release_and_prune() {
-    let (_dir, reg) = registry("lease-prune");
+fn release_and_prune(b: Backend) {
+    let (_dir, reg) = registry(b, "lease-prune");
     reg.put_lease(lease(1, 5, 1000), 0).unwrap();
     reg.put_lease(lease(2, 6, 2000), 0).unwrap();
     reg.put_lease(lease(3, 7, 5000), 0).unwrap();
@@ -59,9 +57,8 @@ fn release_and_prune() {
     assert_eq!(reg.leases().unwrap(), vec![]);
 }
 
-#[test]
-fn declined_addresses_are_unusable_until_their_time() {
-    let (_dir, reg) = registry("decline");
+fn declined_addresses_are_unusable_until_their_time(b: Backend) {
+    let (_dir, reg) = registry(b, "decline");
     reg.decline(ip(9), 1000).unwrap();
     assert!(reg.is_declined(ip(9), 999).unwrap());
     assert!(!reg.is_declined(ip(9), 1000).unwrap());
@@ -82,9 +79,8 @@ const LEGACY: &str = r#"{"leases": {
     "52:54:00:00:00:03": {"address": "10.0.0.6", "expires": 1500}
 }}"#;
 
-#[test]
-fn legacy_leases_are_imported_once_and_the_file_renamed() {
-    let (dir, reg) = registry("legacy");
+fn legacy_leases_are_imported_once_and_the_file_renamed(b: Backend) {
+    let (dir, reg) = registry(b, "legacy");
     let path = dir.path().join("leases.json");
     let migrated = dir.path().join("leases.json.migrated");
     assert_eq!(reg.import_legacy_leases(&path).unwrap(), None);
@@ -110,13 +106,12 @@ fn legacy_leases_are_imported_once_and_the_file_renamed() {
 
     // Reopening does not import again either.
     drop(reg);
-    let reg = Registry::open_in(dir.path()).unwrap();
+    let reg = dir.open();
     std::fs::write(&path, LEGACY).unwrap();
     assert_eq!(reg.import_legacy_leases(&path).unwrap(), Some(0));
 }
 
-#[test]
-fn a_corrupt_legacy_file_is_an_error_naming_it_and_nothing_is_imported() {
+fn a_corrupt_legacy_file_is_an_error_naming_it_and_nothing_is_imported(b: Backend) {
     for (i, text) in [
         "{not json",
         r#"{"leases": {"not-a-mac": {"address": "10.0.0.5", "expires": 1}}}"#,
@@ -125,8 +120,7 @@ fn a_corrupt_legacy_file_is_an_error_naming_it_and_nothing_is_imported() {
     .into_iter()
     .enumerate()
     {
-        let dir = TempDir::new("legacy-corrupt");
-        let reg = Registry::open_in(dir.path()).unwrap();
+        let (dir, reg) = registry(b, "legacy-corrupt");
         let path = dir.path().join("leases.json");
         std::fs::write(&path, text).unwrap();
         let err = reg.import_legacy_leases(&path).unwrap_err();
@@ -144,3 +138,11 @@ fn a_corrupt_legacy_file_is_an_error_naming_it_and_nothing_is_imported() {
         assert_eq!(reg.import_legacy_leases(&path).unwrap(), Some(3));
     }
 }
+
+crate::on_both_backends!(
+    an_address_is_held_by_one_mac,
+    release_and_prune,
+    declined_addresses_are_unusable_until_their_time,
+    legacy_leases_are_imported_once_and_the_file_renamed,
+    a_corrupt_legacy_file_is_an_error_naming_it_and_nothing_is_imported,
+);

@@ -1,10 +1,9 @@
-use crate::common::{deploy, mac, pxe, registry, seen};
+use crate::common::{deploy, mac, pxe, registry, seen, Backend};
 use diskcast_registry::{Error, Firmware, MachinePatch, Sighting, Via};
 use std::net::Ipv4Addr;
 
-#[test]
-fn observe_discovers_then_updates_what_it_saw() {
-    let (_dir, reg) = registry("observe");
+fn observe_discovers_then_updates_what_it_saw(b: Backend) {
+    let (_dir, reg) = registry(b, "observe");
     let m = mac(1);
     let first = reg
         .observe(m, pxe(Some(Ipv4Addr::new(10, 0, 0, 5))), 100)
@@ -31,9 +30,8 @@ fn observe_discovers_then_updates_what_it_saw() {
     assert_eq!(reg.machines().unwrap(), vec![late]);
 }
 
-#[test]
-fn register_names_and_groups_machines() {
-    let (_dir, reg) = registry("register");
+fn register_names_and_groups_machines(b: Backend) {
+    let (_dir, reg) = registry(b, "register");
     let never_seen = reg
         .register(mac(1), Some("pc01"), Some("@room1"), 50)
         .unwrap();
@@ -74,9 +72,8 @@ fn register_names_and_groups_machines() {
     reg.register(mac(1), Some("pc01"), None, 80).unwrap();
 }
 
-#[test]
-fn names_and_groups_that_would_be_ambiguous_are_refused() {
-    let (_dir, reg) = registry("labels");
+fn names_and_groups_that_would_be_ambiguous_are_refused(b: Backend) {
+    let (_dir, reg) = registry(b, "labels");
     for bad in [
         "",
         "@x",
@@ -95,9 +92,8 @@ fn names_and_groups_that_would_be_ambiguous_are_refused() {
     assert_eq!(reg.machines().unwrap(), vec![]);
 }
 
-#[test]
-fn set_changes_and_clears_fields() {
-    let (_dir, reg) = registry("set");
+fn set_changes_and_clears_fields(b: Backend) {
+    let (_dir, reg) = registry(b, "set");
     let m = seen(&reg, 1);
     let changed = reg
         .set(
@@ -150,9 +146,8 @@ fn set_changes_and_clears_fields() {
     assert!(matches!(err, Error::NameTaken { .. }), "{err:?}");
 }
 
-#[test]
-fn resolve_reads_mac_name_or_group() {
-    let (_dir, reg) = registry("resolve");
+fn resolve_reads_mac_name_or_group(b: Backend) {
+    let (_dir, reg) = registry(b, "resolve");
     reg.register(mac(1), Some("pc01"), Some("room1"), 1)
         .unwrap();
     reg.register(mac(2), Some("pc02"), Some("room1"), 1)
@@ -186,9 +181,8 @@ fn resolve_reads_mac_name_or_group() {
     }
 }
 
-#[test]
-fn forget_refuses_a_machine_with_an_open_task_and_drops_its_history() {
-    let (_dir, reg) = registry("forget");
+fn forget_refuses_a_machine_with_an_open_task_and_drops_its_history(b: Backend) {
+    let (_dir, reg) = registry(b, "forget");
     let m = seen(&reg, 1);
     let (task, _) = reg.create_task(deploy(m, "img"), 100).unwrap();
     let err = reg.forget(m).unwrap_err();
@@ -204,9 +198,8 @@ fn forget_refuses_a_machine_with_an_open_task_and_drops_its_history() {
     assert!(matches!(reg.forget(m), Err(Error::NoSuchMachine { .. })));
 }
 
-#[test]
-fn inventory_is_stored_as_json_with_its_time() {
-    let (_dir, reg) = registry("inventory");
+fn inventory_is_stored_as_json_with_its_time(b: Backend) {
+    let (_dir, reg) = registry(b, "inventory");
     let m = seen(&reg, 1);
     let json = r#"{"disks":[{"name":"sda","size":1000}]}"#;
     let got = reg.record_inventory(m, json, 500).unwrap();
@@ -222,3 +215,13 @@ fn inventory_is_stored_as_json_with_its_time() {
         Err(Error::NoSuchMachine { .. })
     ));
 }
+
+crate::on_both_backends!(
+    observe_discovers_then_updates_what_it_saw,
+    register_names_and_groups_machines,
+    names_and_groups_that_would_be_ambiguous_are_refused,
+    set_changes_and_clears_fields,
+    resolve_reads_mac_name_or_group,
+    forget_refuses_a_machine_with_an_open_task_and_drops_its_history,
+    inventory_is_stored_as_json_with_its_time,
+);

@@ -1,4 +1,4 @@
-use crate::common::{deploy, mac, registry, seen};
+use crate::common::{deploy, mac, registry, seen, Backend};
 use diskcast_registry::{
     Error, EventKind, NewTask, Progress, Registry, Report, Step, Task, TaskFilter, TaskKind,
     TaskState,
@@ -24,9 +24,8 @@ fn kinds(reg: &Registry, task: &Task) -> Vec<EventKind> {
         .collect()
 }
 
-#[test]
-fn a_deploy_goes_from_pending_to_verified_with_its_history() {
-    let (_dir, reg) = registry("deploy");
+fn a_deploy_goes_from_pending_to_verified_with_its_history(b: Backend) {
+    let (_dir, reg) = registry(b, "deploy");
     let m = seen(&reg, 1);
     let mut new = deploy(m, "debian12");
     new.options = r#"{"disk":"/dev/sda","grow_last_partition":true}"#.into();
@@ -85,9 +84,8 @@ fn a_deploy_goes_from_pending_to_verified_with_its_history() {
     assert_eq!(events[2].message, "/dev/sda");
 }
 
-#[test]
-fn failure_cancel_and_inventory_reach_their_final_states() {
-    let (_dir, reg) = registry("finals");
+fn failure_cancel_and_inventory_reach_their_final_states(b: Backend) {
+    let (_dir, reg) = registry(b, "finals");
     let (a, _) = reg.create_task(deploy(seen(&reg, 1), "x"), 10).unwrap();
     report(&reg, &a, 11, Step::Booted);
     let failed = report(
@@ -159,10 +157,9 @@ fn task_in(reg: &Registry, n: u32, kind: &TaskKind, state: TaskState) -> Task {
     task
 }
 
-#[test]
-fn every_transition_is_checked_and_final_states_are_final() {
+fn every_transition_is_checked_and_final_states_are_final(b: Backend) {
     use TaskState::*;
-    let (_dir, reg) = registry("transitions");
+    let (_dir, reg) = registry(b, "transitions");
     let deploy_kind = TaskKind::Deploy { image: "i".into() };
     let states = [
         Pending, Booted, Running, Verified, Failed, Cancelled, TimedOut,
@@ -241,9 +238,8 @@ fn every_transition_is_checked_and_final_states_are_final() {
     ));
 }
 
-#[test]
-fn a_machine_has_at_most_one_open_task() {
-    let (_dir, reg) = registry("one-open");
+fn a_machine_has_at_most_one_open_task(b: Backend) {
+    let (_dir, reg) = registry(b, "one-open");
     let m = seen(&reg, 1);
     let (first, _) = reg.create_task(deploy(m, "a"), 10).unwrap();
     let err = reg.create_task(deploy(m, "b"), 11).unwrap_err();
@@ -272,9 +268,8 @@ fn a_machine_has_at_most_one_open_task() {
     assert!(matches!(err, Error::NoSuchMachine { .. }), "{err:?}");
 }
 
-#[test]
-fn bad_options_images_and_progress_are_refused() {
-    let (_dir, reg) = registry("bad-input");
+fn bad_options_images_and_progress_are_refused(b: Backend) {
+    let (_dir, reg) = registry(b, "bad-input");
     let m = seen(&reg, 1);
     let mut new = deploy(m, "a");
     new.options = "{disk: sda}".into();
@@ -302,9 +297,8 @@ fn bad_options_images_and_progress_are_refused() {
     }
 }
 
-#[test]
-fn tokens_find_their_task_and_are_stored_only_hashed() {
-    let (dir, reg) = registry("tokens");
+fn tokens_find_their_task_and_are_stored_only_hashed(b: Backend) {
+    let (dir, reg) = registry(b, "tokens");
     let (a, token_a) = reg.create_task(deploy(seen(&reg, 1), "x"), 1).unwrap();
     let (b, token_b) = reg.create_task(deploy(seen(&reg, 2), "x"), 1).unwrap();
     assert_ne!(token_a.as_str(), token_b.as_str());
@@ -334,11 +328,18 @@ fn tokens_find_their_task_and_are_stored_only_hashed() {
         TaskState::Cancelled
     );
 
-    // Neither the hex nor the raw token bytes are anywhere in the database files.
+    // Neither the hex nor the raw token bytes are anywhere in the database (its files, or for
+    // PostgreSQL a dump of the database).
     drop(reg);
     let mut bytes = Vec::new();
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    if dir.is_sqlite() {
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+    } else {
+        let dump = crate::common::pg_dump(dir.location());
+        assert!(dump.contains("token_hash"), "the dump has the tasks table");
+        bytes.extend(dump.into_bytes());
     }
     for token in [&token_a, &token_b] {
         let hex = token.as_str().as_bytes();
@@ -350,9 +351,8 @@ fn tokens_find_their_task_and_are_stored_only_hashed() {
     }
 }
 
-#[test]
-fn expire_times_out_tasks_silent_longer_than_their_timeout() {
-    let (_dir, reg) = registry("expire");
+fn expire_times_out_tasks_silent_longer_than_their_timeout(b: Backend) {
+    let (_dir, reg) = registry(b, "expire");
     let (quiet, _) = reg.create_task(deploy(seen(&reg, 1), "x"), 1000).unwrap();
     let (busy, _) = reg.create_task(deploy(seen(&reg, 2), "x"), 1000).unwrap();
     let (done, _) = reg.create_task(deploy(seen(&reg, 3), "x"), 1000).unwrap();
@@ -392,9 +392,8 @@ fn expire_times_out_tasks_silent_longer_than_their_timeout() {
     ));
 }
 
-#[test]
-fn tasks_are_listed_newest_first_with_filters() {
-    let (_dir, reg) = registry("list");
+fn tasks_are_listed_newest_first_with_filters(b: Backend) {
+    let (_dir, reg) = registry(b, "list");
     let (m1, m2) = (seen(&reg, 1), seen(&reg, 2));
     let (t1, _) = reg.create_task(deploy(m1, "a"), 1).unwrap();
     reg.cancel(t1.id, 2).unwrap();
@@ -427,9 +426,8 @@ fn tasks_are_listed_newest_first_with_filters() {
     assert_eq!(reg.task(999).unwrap(), None);
 }
 
-#[test]
-fn tasks_for_a_group_are_created_all_or_none() {
-    let (_dir, reg) = registry("group-tasks");
+fn tasks_for_a_group_are_created_all_or_none(b: Backend) {
+    let (_dir, reg) = registry(b, "group-tasks");
     for n in 1..=3 {
         reg.register(mac(n), None, Some("room1"), 1).unwrap();
     }
@@ -469,9 +467,8 @@ fn tasks_for_a_group_are_created_all_or_none() {
     }
 }
 
-#[test]
-fn a_token_issued_for_a_new_boot_replaces_the_old_one() {
-    let (_dir, reg) = registry("issue-token");
+fn a_token_issued_for_a_new_boot_replaces_the_old_one(b: Backend) {
+    let (_dir, reg) = registry(b, "issue-token");
     let mac = seen(&reg, 1);
     let (task, first) = reg.create_task(deploy(mac, "golden"), 100).unwrap();
     let second = reg.issue_token(task.id).unwrap();
@@ -486,3 +483,16 @@ fn a_token_issued_for_a_new_boot_replaces_the_old_one() {
         Err(Error::IllegalTransition { .. })
     ));
 }
+
+crate::on_both_backends!(
+    a_deploy_goes_from_pending_to_verified_with_its_history,
+    failure_cancel_and_inventory_reach_their_final_states,
+    every_transition_is_checked_and_final_states_are_final,
+    a_machine_has_at_most_one_open_task,
+    bad_options_images_and_progress_are_refused,
+    tokens_find_their_task_and_are_stored_only_hashed,
+    expire_times_out_tasks_silent_longer_than_their_timeout,
+    tasks_are_listed_newest_first_with_filters,
+    tasks_for_a_group_are_created_all_or_none,
+    a_token_issued_for_a_new_boot_replaces_the_old_one,
+);

@@ -2,7 +2,7 @@
 //! network namespace, share one PostgreSQL registry (a real server the test starts: Debian's
 //! `postgresql`, `initdb` in a temporary directory, reached by both over its unix socket). A
 //! deploy task created at site A is carried out by site B for a machine (a QEMU VM) on B's
-//! subnet; A sees the whole history.
+//! subnet, with the image B pulled from A's store (`images pull`); A sees the whole history.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{
@@ -98,9 +98,49 @@ fn two_sites_one_registry() {
     make_source_disk(&golden, 64);
     let golden_s = golden.display().to_string();
     lab.bootserver_cli(&["images", "import", &golden_s, "golden"]);
-    bootserver(&config_b, &["images", "import", &golden_s, "golden"]);
-
     lab.start_bootserver_with(&config_a);
+
+    // The image reaches site B's store from site A over the sites' own link (a /30 between
+    // the two servers' namespaces), checked against A's key chunk by chunk.
+    lab.ip(&format!(
+        "link add v-sitea type veth peer name a0 netns {site_b}"
+    ));
+    lab.ip("addr add 10.79.0.1/30 dev v-sitea");
+    lab.ip("link set v-sitea up");
+    for args in [
+        "addr add 10.79.0.2/30 dev a0",
+        "link set a0 up",
+        "route add 10.77.0.0/24 via 10.79.0.1",
+    ] {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &site_b, "ip"])
+            .args(args.split_whitespace())
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args}");
+    }
+    let key_a = lab.bootserver_cli(&["key", "show"]).trim().to_string();
+    let pulled = Command::new("ip")
+        .args(["netns", "exec", &site_b])
+        .arg(lab_file("bootserver"))
+        .args(["images", "--config"])
+        .arg(&config_b)
+        .args([
+            "pull",
+            "http://10.77.0.1:8080/images/golden",
+            "--trust",
+            &key_a,
+        ])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&pulled.stdout),
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert!(pulled.status.success(), "site B's pull failed:\n{said}");
+    assert!(said.contains("re-signed with this store's key"), "{said}");
+
     let b = lab.start_bootserver_in(&site_b, &config_b);
 
     // Created at site A, for a machine that only site B's subnet reaches.

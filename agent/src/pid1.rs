@@ -469,6 +469,22 @@ fn disk_chosen(reporter: Option<&Reporter>, disk: &crate::inventory::Disk) {
     }
 }
 
+/// The bootserver's API as the boot contract names it: HTTPS with the pinned certificate when
+/// the server said so (`diskcast.https_port`, `diskcast.pin`), else plain HTTP on `store_port`.
+pub fn api_endpoint(
+    config: &BootConfig,
+    server: std::net::Ipv4Addr,
+) -> crate::http_client::Endpoint {
+    use crate::http_client::{Endpoint, ServerTls};
+    match config.https {
+        Some(https) => Endpoint {
+            addr: std::net::SocketAddr::from((server, https.port)),
+            tls: ServerTls::Pin(https.pin),
+        },
+        None => Endpoint::plain(std::net::SocketAddr::from((server, config.store_port))),
+    }
+}
+
 fn capture(
     config: &BootConfig,
     inventory: &Inventory,
@@ -487,7 +503,7 @@ fn capture(
     ));
     let mut opts = CaptureOptions::new(
         PathBuf::from("/dev").join(&disk.name),
-        std::net::SocketAddr::from((server, config.store_port)),
+        api_endpoint(config, server),
         name,
     );
     opts.source_machine = format!("mac {mac}");

@@ -131,6 +131,32 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 
 /// Serves `app` on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpLimits) {
+    serve_maybe_tls(listener, app, limits, None).await
+}
+
+/// Serves `app` over TLS on `listener`, with the same limits; the handshake must finish within
+/// the header deadline too (a client that opens and stalls is cut off like a slowloris).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) {
+    serve_maybe_tls(
+        listener,
+        app,
+        limits,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+    )
+    .await
+}
+
+async fn serve_maybe_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -159,6 +185,7 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpL
                 .layer(axum::Extension(ClientAddr(peer)))
                 .layer(axum::Extension(ServerAddr(local))),
         );
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -167,10 +194,36 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpL
                 .header_read_timeout(limits.header_timeout)
                 .max_headers(limits.max_headers)
                 .keep_alive(true);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let served = match tls {
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            log::info!("https: {peer}: TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            log::debug!(
+                                "https: {peer}: no TLS handshake within {:?}",
+                                limits.header_timeout
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 log::debug!("http: {peer}: {e}");
             }
         });

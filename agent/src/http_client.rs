@@ -423,6 +423,101 @@ pub fn post_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+
+    /// A TLS server on 127.0.0.1 with a fresh self-signed certificate: answers one request per
+    /// connection with `201 stored`, and sends what each connection's client wrote (decrypted)
+    /// down the channel.
+    fn tls_server() -> (SocketAddr, CertFingerprint, std::sync::mpsc::Receiver<Vec<u8>>) {
+        use rustls::pki_types::pem::PemObject;
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = CertificateDer::from(made.cert.der().to_vec());
+        let pin = fingerprint(&cert);
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(
+            made.signing_key.serialize_pem().as_bytes(),
+        )
+        .unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                let conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !got.is_empty() {
+                    let _ = tls.write_all(
+                        b"HTTP/1.1 201 Created\r\nContent-Length: 6\r\nConnection: close\r\n\r\nstored",
+                    );
+                    let _ = tls.flush();
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+                let _ = tx.send(got);
+            }
+        });
+        (addr, pin, rx)
+    }
+
+    #[test]
+    fn the_pinned_certificate_is_talked_to_and_another_gets_nothing() {
+        let (addr, pin, received) = tls_server();
+        let right = Endpoint {
+            addr,
+            tls: ServerTls::Pin(pin),
+        };
+        let (status, body) =
+            post_json(&right, "/api/v1/agent/report", "{\"a\":1}", Duration::from_secs(5))
+                .unwrap();
+        assert_eq!((status, body.as_str()), (201, "stored"));
+        let seen = received.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(seen.starts_with(b"POST /api/v1/agent/report HTTP/1.1\r\n"));
+
+        let mut other = pin;
+        other.0[0] ^= 1;
+        let wrong = Endpoint {
+            addr,
+            tls: ServerTls::Pin(other),
+        };
+        let err = post_json(&wrong, "/x", "{\"token\":\"secret\"}", Duration::from_secs(5))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("fingerprint {pin}, not the pinned {other}")),
+            "{text}"
+        );
+        // The server got not one byte of the request.
+        let seen = received.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(seen.is_empty(), "{:?}", String::from_utf8_lossy(&seen));
+
+        // Plain HTTP to a TLS server is not mistaken for an answer.
+        assert!(post_json(
+            &Endpoint::plain(addr),
+            "/x",
+            "{}",
+            Duration::from_secs(5)
+        )
+        .is_err());
+    }
 
     /// Endless bytes, as a hostile "store" would send them.
     struct Endless(u8);

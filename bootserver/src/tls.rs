@@ -186,6 +186,25 @@ pub fn load_or_create(
     }
 }
 
+/// What agents are told about the HTTPS API, from the identity already there (none is made: for
+/// the admin's commands, which change nothing). `None` with HTTPS off, or before the first start
+/// made the self-signed certificate.
+pub fn advertised(
+    config: &crate::config::Config,
+) -> Result<Option<diskcast_proto::cmdline::HttpsApi>, TlsError> {
+    let Some(policy) = &config.https else {
+        return Ok(None);
+    };
+    let identity = match &policy.identity {
+        HttpsIdentity::Files { cert, key } => Some(load_files(cert, key)?),
+        HttpsIdentity::Generated => load_generated(&config.state_dir)?,
+    };
+    Ok(identity.map(|i| diskcast_proto::cmdline::HttpsApi {
+        port: policy.port,
+        pin: i.fingerprint,
+    }))
+}
+
 /// The self-signed identity in `state_dir`, if it was made.
 pub fn load_generated(state_dir: &Path) -> Result<Option<Identity>, TlsError> {
     let path = state_dir.join(GENERATED_IDENTITY);

@@ -23,7 +23,8 @@ use std::time::Duration;
 pub enum ConnectError {
     #[error("connecting to {endpoint}")]
     Tcp {
-        endpoint: Endpoint,
+        /// `https://ADDRESS:PORT` (text: keeps the error small).
+        endpoint: String,
         #[source]
         source: io::Error,
     },
@@ -33,13 +34,15 @@ pub enum ConnectError {
          certificate was replaced, `bootserver key https` on the server prints the new fingerprint"
     )]
     PinMismatch {
-        endpoint: Endpoint,
+        /// `https://ADDRESS:PORT` (text: keeps the error small).
+        endpoint: String,
         found: CertFingerprint,
         expected: CertFingerprint,
     },
     #[error("TLS handshake with {endpoint} failed; nothing was sent to it")]
     Handshake {
-        endpoint: Endpoint,
+        /// `https://ADDRESS:PORT` (text: keeps the error small).
+        endpoint: String,
         #[source]
         source: io::Error,
     },
@@ -230,7 +233,7 @@ impl Connection {
     /// Connects, and over TLS completes the handshake (certificate checked) before returning.
     pub fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Self, ConnectError> {
         let tcp_err = |source| ConnectError::Tcp {
-            endpoint: endpoint.clone(),
+            endpoint: endpoint.to_string(),
             source,
         };
         let mut tcp = TcpStream::connect_timeout(&endpoint.addr, timeout).map_err(tcp_err)?;
@@ -239,7 +242,7 @@ impl Connection {
         tcp.set_nodelay(true).ok();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let handshake_err = |source: io::Error| ConnectError::Handshake {
-            endpoint: endpoint.clone(),
+            endpoint: endpoint.to_string(),
             source,
         };
         let other = |e: rustls::Error| handshake_err(io::Error::other(e));
@@ -283,7 +286,7 @@ impl Connection {
                 return Err(match (found, &endpoint.tls) {
                     (Some(found), ServerTls::Pin(expected)) if found != *expected => {
                         ConnectError::PinMismatch {
-                            endpoint: endpoint.clone(),
+                            endpoint: endpoint.to_string(),
                             found,
                             expected: *expected,
                         }
@@ -389,7 +392,7 @@ pub enum PostError {
     Connect(#[from] ConnectError),
     #[error("talking to {endpoint}")]
     Io {
-        endpoint: Endpoint,
+        endpoint: String,
         #[source]
         source: io::Error,
     },
@@ -415,7 +418,7 @@ pub fn post_json(
     .and_then(|()| writer.flush())
     .and_then(|()| read_response(&mut BufReader::new(connection.handle())))
     .map_err(|source| PostError::Io {
-        endpoint: server.clone(),
+        endpoint: server.to_string(),
         source,
     })
 }
@@ -428,7 +431,11 @@ mod tests {
     /// A TLS server on 127.0.0.1 with a fresh self-signed certificate: answers one request per
     /// connection with `201 stored`, and sends what each connection's client wrote (decrypted)
     /// down the channel.
-    fn tls_server() -> (SocketAddr, CertFingerprint, std::sync::mpsc::Receiver<Vec<u8>>) {
+    fn tls_server() -> (
+        SocketAddr,
+        CertFingerprint,
+        std::sync::mpsc::Receiver<Vec<u8>>,
+    ) {
         use rustls::pki_types::pem::PemObject;
         let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
         let cert = CertificateDer::from(made.cert.der().to_vec());
@@ -485,9 +492,13 @@ mod tests {
             addr,
             tls: ServerTls::Pin(pin),
         };
-        let (status, body) =
-            post_json(&right, "/api/v1/agent/report", "{\"a\":1}", Duration::from_secs(5))
-                .unwrap();
+        let (status, body) = post_json(
+            &right,
+            "/api/v1/agent/report",
+            "{\"a\":1}",
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!((status, body.as_str()), (201, "stored"));
         let seen = received.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(seen.starts_with(b"POST /api/v1/agent/report HTTP/1.1\r\n"));
@@ -498,8 +509,13 @@ mod tests {
             addr,
             tls: ServerTls::Pin(other),
         };
-        let err = post_json(&wrong, "/x", "{\"token\":\"secret\"}", Duration::from_secs(5))
-            .unwrap_err();
+        let err = post_json(
+            &wrong,
+            "/x",
+            "{\"token\":\"secret\"}",
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains(&format!("fingerprint {pin}, not the pinned {other}")),
@@ -510,13 +526,7 @@ mod tests {
         assert!(seen.is_empty(), "{:?}", String::from_utf8_lossy(&seen));
 
         // Plain HTTP to a TLS server is not mistaken for an answer.
-        assert!(post_json(
-            &Endpoint::plain(addr),
-            "/x",
-            "{}",
-            Duration::from_secs(5)
-        )
-        .is_err());
+        assert!(post_json(&Endpoint::plain(addr), "/x", "{}", Duration::from_secs(5)).is_err());
     }
 
     /// Endless bytes, as a hostile "store" would send them.

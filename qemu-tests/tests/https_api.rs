@@ -112,7 +112,14 @@ fn https_api_with_a_pinned_self_signed_certificate() {
     // A console login over HTTPS gets a cookie the browser keeps off plain HTTP.
     let login = lab
         .command_in_lab("curl")
-        .args(["-sS", "-i", "--cacert", cacert, "-H", "Content-Type: application/json"])
+        .args([
+            "-sS",
+            "-i",
+            "--cacert",
+            cacert,
+            "-H",
+            "Content-Type: application/json",
+        ])
         .args(["--data", &format!(r#"{{"token":"{admin}"}}"#)])
         .arg(format!("{HTTPS}/api/v1/login"))
         .output()
@@ -131,7 +138,10 @@ fn https_api_with_a_pinned_self_signed_certificate() {
     let (status, _) = curl(&lab, &[&format!("{plain}/status")]);
     assert_eq!(status, 200);
     for (what, args) in [
-        ("token", vec!["-H", &bearer, "http://10.77.0.1:8080/api/v1/tasks"]),
+        (
+            "token",
+            vec!["-H", &bearer, "http://10.77.0.1:8080/api/v1/tasks"],
+        ),
         (
             "login",
             vec!["--data", "{}", "http://10.77.0.1:8080/api/v1/login"],
@@ -159,7 +169,8 @@ fn https_api_with_a_pinned_self_signed_certificate() {
     let (status, script) = curl(&lab, &[&format!("{plain}/boot/52-54-00-dc-00-10.ipxe")]);
     assert_eq!(status, 200, "{script}");
     assert!(
-        script.contains("diskcast.https_port=8443") && script.contains(&format!("diskcast.pin={pin}")),
+        script.contains("diskcast.https_port=8443")
+            && script.contains(&format!("diskcast.pin={pin}")),
         "{script}"
     );
 

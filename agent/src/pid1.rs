@@ -749,3 +749,27 @@ fn rescue_shell() -> ! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http_client::ServerTls;
+
+    #[test]
+    fn the_boot_contract_chooses_https_with_its_pin_or_plain_http() {
+        let server = std::net::Ipv4Addr::new(10, 77, 0, 1);
+        let pin = "7a".repeat(32);
+        let https = BootConfig::parse(&format!(
+            "diskcast.server=10.77.0.1 diskcast.https_port=8443 diskcast.pin={pin}"
+        ))
+        .unwrap();
+        let endpoint = api_endpoint(&https, server);
+        assert_eq!(endpoint.to_string(), "https://10.77.0.1:8443");
+        assert!(matches!(endpoint.tls, ServerTls::Pin(p) if p.to_string() == pin));
+        let plain =
+            BootConfig::parse("diskcast.server=10.77.0.1 diskcast.store_port=8181").unwrap();
+        let endpoint = api_endpoint(&plain, server);
+        assert_eq!(endpoint.to_string(), "http://10.77.0.1:8181");
+        assert!(matches!(endpoint.tls, ServerTls::Plain));
+    }
+}

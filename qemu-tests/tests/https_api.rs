@@ -1,10 +1,13 @@
 //! HTTPS for the API (`[https]`): the self-signed certificate made once and kept, curl and the
 //! agent over TLS, the pin checked before any token or disk byte leaves the agent, plain HTTP
-//! refusing credentials while still serving boot files. Processes in private namespaces, no
-//! QEMU.
+//! refusing credentials while still serving boot files. Processes in private namespaces; one
+//! QEMU test boots a machine whose agent (PID 1) captures and reports over HTTPS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{lab_file, make_source_disk, output_of, spawn_agent, DhcpMode, Lab};
+use diskcast_qemu_tests::{
+    lab_file, make_source_disk, output_of, spawn_agent, DhcpMode, Firmware, Lab, VmSpec,
+    BOOT_TIMEOUT,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
@@ -242,4 +245,46 @@ fn https_api_with_a_pinned_self_signed_certificate() {
     );
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("golden"), "{body}");
+}
+
+#[test]
+fn a_network_booted_capture_uploads_and_reports_over_https() {
+    let mut lab = Lab::new("https_capture");
+    let reference_disk = lab.dir.join("reference.img");
+    make_source_disk(&reference_disk, 64);
+    let config = lab.bootserver_config(DhcpMode::Full, "[https]\nport = 8443\n");
+    lab.start_bootserver_with(&config);
+    lab.task(&["capture", "52:54:00:dc:00:10", "--image", "golden"]);
+    let reference = lab.boot_vm(
+        VmSpec::new("reference", Firmware::Bios, "virtio-net-pci", 0x10).disk_from(
+            &reference_disk,
+            "REF-1",
+            "virtio-blk-pci",
+        ),
+    );
+    lab.expect_done_and_off(
+        &[reference],
+        "DISKCAST-CAPTURE-DONE",
+        BOOT_TIMEOUT + Duration::from_secs(300),
+    );
+    let verify = Command::new(lab_file("bootserver"))
+        .args(["images", "--config"])
+        .arg(&config)
+        .args(["verify", "golden"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", said(&verify));
+    // The task reached "verified" through the agent's reports, which plain HTTP would refuse.
+    let tasks = lab.bootserver_cli(&["tasks", "--all"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.contains("capture as golden") && l.contains("verified")),
+        "{tasks}"
+    );
+    let log = lab.bootserver_log(0);
+    assert!(
+        !log.contains("in clear"),
+        "a request went over plain HTTP:\n{log}"
+    );
 }

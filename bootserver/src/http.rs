@@ -255,6 +255,37 @@ pub(crate) mod tests {
         rx.recv().unwrap()
     }
 
+    /// A TLS server for `app` (see [`start`]) with a fresh self-signed certificate.
+    pub(crate) fn start_tls(app: Router, limits: HttpLimits) -> SocketAddr {
+        let dir = std::env::temp_dir().join(format!(
+            "diskcast-http-tls-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let policy = crate::config::HttpsPolicy {
+            port: 8443,
+            identity: crate::config::HttpsIdentity::Generated,
+        };
+        let identity = crate::tls::load_or_create(&policy, &dir, &["127.0.0.1".into()]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::tls::server_config(&identity).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                serve_tls(listener, app, limits, config).await;
+            });
+        });
+        rx.recv().unwrap()
+    }
+
     /// Sends `request` from `from` (an address on the loopback) and reads the whole answer.
     pub(crate) fn exchange_from(from: [u8; 4], addr: SocketAddr, request: &[u8]) -> String {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -337,6 +368,29 @@ pub(crate) mod tests {
             format!("GET /hello HTTP/1.1\r\n{many_headers}\r\n").as_bytes(),
         );
         assert!(crowded.starts_with("HTTP/1.1 431"), "{crowded}");
+    }
+
+    #[test]
+    fn tls_connections_that_never_finish_their_handshake_are_cut_off() {
+        let limits = HttpLimits {
+            header_timeout: Duration::from_secs(2),
+            ..HttpLimits::default()
+        };
+        let addr = start_tls(hello(), limits);
+        // Silent after connecting: closed once the header deadline passed, without an answer.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
+        // Plain HTTP to the TLS port: no HTTP answer, the connection ends.
+        let answer = exchange_from(
+            [127, 0, 0, 1],
+            addr,
+            b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(!answer.contains("hi"), "{answer}");
     }
 
     #[test]

@@ -74,9 +74,18 @@ enum KeyCommand {
 struct CaptureArgs {
     /// Block device or image file to capture.
     source: PathBuf,
-    /// The bootserver: ADDRESS or ADDRESS:PORT (its HTTP port, 8080 by default).
+    /// The bootserver: ADDRESS or ADDRESS:PORT (its HTTP port, 8080 by default), or
+    /// `https://ADDRESS:PORT` (its HTTPS API, with --pin or --ca).
     #[arg(long)]
     to: String,
+    /// With an https:// server: the SHA-256 fingerprint of its certificate (`bootserver key
+    /// https` prints it); nothing is sent to a server presenting another.
+    #[arg(long, conflicts_with = "ca")]
+    pin: Option<String>,
+    /// With an https:// server: a PEM file of CA certificates that issued its certificate for
+    /// its address.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Name of the image in the store (default: HOSTNAME-SOURCE, e.g. `lab12-sda`).
     #[arg(long)]
     name: Option<String>,
@@ -339,7 +348,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Capture(args) => {
-            let server = parse_server(&args.to)?;
+            let server = parse_endpoint(&args.to, args.pin.as_deref(), args.ca.as_deref())?;
             let name = match args.name {
                 Some(name) => name,
                 None => default_image_name(&host_name(), &args.source).ok_or(
@@ -413,6 +422,50 @@ fn default_image_name(host: &str, source: &std::path::Path) -> Option<String> {
     diskcast_proto::image_file::valid_image_name(&name).then_some(name)
 }
 
+/// `--to` with `--pin` or `--ca`: plain HTTP for `ADDRESS[:PORT]` or `http://...`, HTTPS for
+/// `https://ADDRESS:PORT`, which must say whom to trust (no "accept any certificate").
+fn parse_endpoint(
+    to: &str,
+    pin: Option<&str>,
+    ca: Option<&std::path::Path>,
+) -> Result<diskcast_agent::http_client::Endpoint, String> {
+    use diskcast_agent::http_client::{Endpoint, ServerTls};
+    if let Some(rest) = to.strip_prefix("https://") {
+        let addr: std::net::SocketAddr = rest.trim_end_matches('/').parse().map_err(|_| {
+            format!("--to {to:?} is not https://ADDRESS:PORT (e.g. https://10.77.0.1:8443)")
+        })?;
+        let tls = match (pin, ca) {
+            (Some(pin), _) => ServerTls::Pin(pin.parse().map_err(|e| {
+                format!(
+                    "--pin {pin:?}: {e}; expected {}",
+                    diskcast_proto::trust::CertFingerprint::EXPECTED
+                )
+            })?),
+            (None, Some(ca)) => {
+                ServerTls::ca_file(ca).map_err(|e| diskcast_proto::error_chain(&e))?
+            }
+            (None, None) => {
+                return Err(format!(
+                    "--to {to} is HTTPS: give --pin SHA256 (`bootserver key https` on the server \
+                     prints it) or --ca FILE, so that the token goes to that server only"
+                ))
+            }
+        };
+        return Ok(Endpoint { addr, tls });
+    }
+    if pin.is_some() || ca.is_some() {
+        return Err(format!(
+            "--pin and --ca are for an https:// server; --to {to} is plain HTTP"
+        ));
+    }
+    parse_server(
+        to.strip_prefix("http://")
+            .unwrap_or(to)
+            .trim_end_matches('/'),
+    )
+    .map(Endpoint::plain)
+}
+
 /// `ADDRESS` or `ADDRESS:PORT`; the port defaults to the bootserver's HTTP port.
 fn parse_server(text: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(addr) = text.parse() {
@@ -448,5 +501,27 @@ mod tests {
         assert_eq!(name("", "/"), None);
         assert!(name(&"h".repeat(100), "/dev/sda").is_some_and(|n| n.len() == 64));
         assert_eq!(name("server", "/tmp/x").as_deref(), Some("server-x"));
+    }
+
+    #[test]
+    fn https_servers_need_a_pin_or_a_ca_and_plain_ones_take_neither() {
+        use diskcast_agent::http_client::ServerTls;
+        let pin = "a1".repeat(32);
+        let https = parse_endpoint("https://10.77.0.1:8443", Some(&pin), None).unwrap();
+        assert!(matches!(https.tls, ServerTls::Pin(p) if p.to_string() == pin));
+        assert_eq!(https.to_string(), "https://10.77.0.1:8443");
+        let err = parse_endpoint("https://10.77.0.1:8443", None, None).unwrap_err();
+        assert!(err.contains("--pin"), "{err}");
+        let err = parse_endpoint("https://10.77.0.1:8443", Some("beef"), None).unwrap_err();
+        assert!(err.contains("64 hex digits"), "{err}");
+        let err = parse_endpoint("10.77.0.1", Some(&pin), None).unwrap_err();
+        assert!(err.contains("plain HTTP"), "{err}");
+        let plain = parse_endpoint("http://10.77.0.1:8080/", None, None).unwrap();
+        assert!(matches!(plain.tls, ServerTls::Plain));
+        assert_eq!(plain.to_string(), "http://10.77.0.1:8080");
+        assert_eq!(
+            parse_endpoint("10.77.0.1", None, None).unwrap().addr.port(),
+            8080
+        );
     }
 }

@@ -469,6 +469,22 @@ fn disk_chosen(reporter: Option<&Reporter>, disk: &crate::inventory::Disk) {
     }
 }
 
+/// The bootserver's API as the boot contract names it: HTTPS with the pinned certificate when
+/// the server said so (`diskcast.https_port`, `diskcast.pin`), else plain HTTP on `store_port`.
+pub fn api_endpoint(
+    config: &BootConfig,
+    server: std::net::Ipv4Addr,
+) -> crate::http_client::Endpoint {
+    use crate::http_client::{Endpoint, ServerTls};
+    match config.https {
+        Some(https) => Endpoint {
+            addr: std::net::SocketAddr::from((server, https.port)),
+            tls: ServerTls::Pin(https.pin),
+        },
+        None => Endpoint::plain(std::net::SocketAddr::from((server, config.store_port))),
+    }
+}
+
 fn capture(
     config: &BootConfig,
     inventory: &Inventory,
@@ -487,7 +503,7 @@ fn capture(
     ));
     let mut opts = CaptureOptions::new(
         PathBuf::from("/dev").join(&disk.name),
-        std::net::SocketAddr::from((server, config.store_port)),
+        api_endpoint(config, server),
         name,
     );
     opts.source_machine = format!("mac {mac}");
@@ -731,5 +747,29 @@ fn rescue_shell() -> ! {
                 other => print_console(&format!("unknown command {other:?}\n")),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http_client::ServerTls;
+
+    #[test]
+    fn the_boot_contract_chooses_https_with_its_pin_or_plain_http() {
+        let server = std::net::Ipv4Addr::new(10, 77, 0, 1);
+        let pin = "7a".repeat(32);
+        let https = BootConfig::parse(&format!(
+            "diskcast.server=10.77.0.1 diskcast.https_port=8443 diskcast.pin={pin}"
+        ))
+        .unwrap();
+        let endpoint = api_endpoint(&https, server);
+        assert_eq!(endpoint.to_string(), "https://10.77.0.1:8443");
+        assert!(matches!(endpoint.tls, ServerTls::Pin(p) if p.to_string() == pin));
+        let plain =
+            BootConfig::parse("diskcast.server=10.77.0.1 diskcast.store_port=8181").unwrap();
+        let endpoint = api_endpoint(&plain, server);
+        assert_eq!(endpoint.to_string(), "http://10.77.0.1:8181");
+        assert!(matches!(endpoint.tls, ServerTls::Plain));
     }
 }

@@ -2,17 +2,17 @@
 //! hardware, this disk chosen, joined, progress, verified, failed and why. A report that does not
 //! get through is logged, never fatal: the imaging itself must not depend on the server's API.
 
+use crate::http_client::Endpoint;
 use crate::inventory::Inventory;
 use diskcast_proto::cmdline::BootConfig;
 use diskcast_proto::mac::MacAddr;
 use diskcast_proto::report::{AgentReport, DiskReport, InventoryReport, NicReport, ReportStep};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Where and as whom this agent reports; `None` when it runs no task of a bootserver's.
 #[derive(Debug, Clone)]
 pub struct Reporter {
-    server: SocketAddr,
+    server: Endpoint,
     mac: MacAddr,
     task: u64,
     token: String,
@@ -29,7 +29,7 @@ impl Reporter {
         let task = config.task.as_ref()?;
         let server = config.server?;
         Some(Self {
-            server: SocketAddr::from((server, config.store_port)),
+            server: crate::pid1::api_endpoint(config, server),
             mac: mac.parse().ok()?,
             task: task.id,
             token: task.token.clone(),
@@ -52,7 +52,7 @@ impl Reporter {
             return;
         };
         for attempt in 1..=attempts {
-            match crate::http_client::post_json(self.server, REPORT_PATH, &json, TIMEOUT) {
+            match crate::http_client::post_json(&self.server, REPORT_PATH, &json, TIMEOUT) {
                 Ok((status, _)) if status < 300 => return,
                 Ok((status, body)) => {
                     log::warn!(
@@ -65,7 +65,11 @@ impl Reporter {
                     log::debug!("report to {}: {e}; trying again", self.server);
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                Err(e) => log::warn!("report to {} did not get through: {e}", self.server),
+                Err(e) => log::warn!(
+                    "report to {} did not get through: {}",
+                    self.server,
+                    diskcast_proto::error_chain(&e)
+                ),
             }
         }
     }

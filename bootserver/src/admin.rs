@@ -128,7 +128,11 @@ fn lab(config: Config) -> Result<Lab, Box<dyn Error>> {
     let store = Store::open(&config.store_dir)?;
     let server_ip = config.address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
     let key = crate::lab::server_key(&config.state_dir)?;
-    Ok(Lab::new(config, registry, store, server_ip, key))
+    let https = crate::tls::advertised(&config)?;
+    let mut lab = Lab::new(config, registry, store, server_ip, key);
+    // What agents are told, so `script` shows what a machine would really boot.
+    lab.https = https;
+    Ok(lab)
 }
 
 fn ago(at: Option<u64>) -> String {

@@ -127,6 +127,8 @@ pub mod file {
         pub images: Vec<Spanned<Image>>,
         #[serde(default)]
         pub security: Security,
+        /// `[https]`: the API, console and uploads over TLS as well (boot files stay on HTTP).
+        pub https: Option<Spanned<Https>>,
         /// Gone: sessions start from tasks now. Read only to say how to migrate.
         #[serde(default, rename = "deploy")]
         pub deploys: Vec<Spanned<toml::Value>>,
@@ -171,6 +173,20 @@ pub mod file {
     }
     fn default_tftp_port() -> u16 {
         69
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Https {
+        #[serde(default = "default_https_port")]
+        pub port: Spanned<u16>,
+        /// PEM certificate (chain) and its key; both or neither (then a self-signed one).
+        pub cert: Option<Spanned<PathBuf>>,
+        pub key: Option<Spanned<PathBuf>>,
+    }
+
+    fn default_https_port() -> Spanned<u16> {
+        Spanned::new(0..0, 8443)
     }
 
     #[derive(Debug, Clone, Deserialize)]
@@ -344,6 +360,9 @@ pub struct Config {
     /// `[[image]]` entries: session settings per stored image.
     pub images: BTreeMap<String, ImageSession>,
     pub security: SecurityPolicy,
+    /// `[https]`: the API, console and uploads over TLS; `None`: plain HTTP only (see README,
+    /// "HTTPS").
+    pub https: Option<HttpsPolicy>,
     /// `[[subnet]]` entries: subnets besides the one `[dhcp]` describes on `interface`.
     pub subnets: Vec<Subnet>,
 }
@@ -375,6 +394,23 @@ pub struct SecurityPolicy {
     pub trusted_keys: Vec<diskcast_proto::trust::PublicKey>,
     /// `GET` of the API and `/status` without the admin token (default: open on the lab LAN).
     pub public_reads: bool,
+}
+
+/// `[https]`: a TLS listener for the API, the console and uploads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsPolicy {
+    pub port: u16,
+    pub identity: HttpsIdentity,
+}
+
+/// Which certificate the HTTPS listener presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpsIdentity {
+    /// Self-signed, made once in `state_dir` and kept (`bootserver key https` prints its
+    /// fingerprint, which the server pins in its agents).
+    Generated,
+    /// PEM files: the certificate (chain first) and its private key.
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 impl Default for SecurityPolicy {
@@ -790,6 +826,10 @@ impl Config {
                 );
             }
         }
+        let https = shape
+            .https
+            .as_ref()
+            .and_then(|h| Self::check_https(h, shape.http_port, c));
         Some(Config {
             database: database?,
             site,
@@ -820,8 +860,53 @@ impl Config {
             machines,
             images,
             security,
+            https,
             subnets,
         })
+    }
+
+    fn check_https(
+        h: &toml::Spanned<file::Https>,
+        http_port: u16,
+        c: &mut Checker<'_>,
+    ) -> Option<HttpsPolicy> {
+        let section = h.span();
+        let h = h.get_ref();
+        let port = *h.port.get_ref();
+        let port_span = if h.port.span().is_empty() {
+            section.clone()
+        } else {
+            h.port.span()
+        };
+        if port == 0 {
+            c.report(
+                &port_span,
+                "[https] port = 0: give the TCP port of the HTTPS listener (e.g. 8443)".into(),
+            );
+            return None;
+        }
+        if port == http_port {
+            c.report(
+                &port_span,
+                format!("[https] port = {port} is also http_port: HTTPS needs a port of its own (plain HTTP keeps serving boot files)"),
+            );
+            return None;
+        }
+        let identity = match (&h.cert, &h.key) {
+            (None, None) => HttpsIdentity::Generated,
+            (Some(cert), Some(key)) => HttpsIdentity::Files {
+                cert: cert.get_ref().clone(),
+                key: key.get_ref().clone(),
+            },
+            (Some(given), None) | (None, Some(given)) => {
+                c.report(
+                    &given.span(),
+                    "[https] cert and key come as a pair: give both PEM files, or neither for a self-signed certificate made in state_dir".into(),
+                );
+                return None;
+            }
+        };
+        Some(HttpsPolicy { port, identity })
     }
 
     fn check_subnets(
@@ -1638,6 +1723,56 @@ mod tests {
         let found = issues(&bad);
         assert!(found[0].message.contains("ipxe or signed"), "{found:?}");
         assert_eq!(found[0].line, line_of(&bad, "uefi_chain"));
+    }
+
+    #[test]
+    fn https_needs_a_port_of_its_own_and_cert_and_key_as_a_pair() {
+        assert_eq!(parse(EXAMPLE).unwrap().https, None, "off by default");
+        let on = parse(&format!("{EXAMPLE}\n[https]\n")).unwrap();
+        assert_eq!(
+            on.https,
+            Some(HttpsPolicy {
+                port: 8443,
+                identity: HttpsIdentity::Generated
+            })
+        );
+        let files = parse(&format!(
+            "{EXAMPLE}\n[https]\nport = 443\ncert = \"/etc/a.crt\"\nkey = \"/etc/a.key\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            files.https,
+            Some(HttpsPolicy {
+                port: 443,
+                identity: HttpsIdentity::Files {
+                    cert: "/etc/a.crt".into(),
+                    key: "/etc/a.key".into()
+                }
+            })
+        );
+        let text = format!("{EXAMPLE}\n[https]\ncert = \"/etc/a.crt\"\n");
+        let found = issues(&text);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.message.contains("come as a pair")
+                    && i.line == line_of(&text, "/etc/a.crt")),
+            "{found:?}"
+        );
+        let text = format!("{EXAMPLE}\n[https]\nport = 8080\n");
+        let found = issues(&text);
+        assert!(
+            found.iter().any(|i| i.message.contains("also http_port")
+                && Some(i.line) == text.lines().position(|l| l == "port = 8080").map(|n| n + 1)),
+            "{found:?}"
+        );
+        let found = issues(&format!("{EXAMPLE}\n[https]\nport = 0\n"));
+        assert!(
+            found.iter().any(|i| i.message.contains("port = 0")),
+            "{found:?}"
+        );
+        let err = parse(&format!("{EXAMPLE}\n[https]\nkey_file = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("not valid"), "{err}");
     }
 
     #[test]

@@ -175,6 +175,11 @@ mod tests {
                 id: 7,
                 token: "ab".repeat(32),
             }),
+            // The HTTPS contract travels too: port and pin.
+            https: Some(diskcast_proto::cmdline::HttpsApi {
+                port: 8443,
+                pin: diskcast_proto::trust::CertFingerprint([0x5a; 32]),
+            }),
             ..BootConfig::default()
         };
         let text =

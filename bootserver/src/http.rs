@@ -131,6 +131,32 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 
 /// Serves `app` on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpLimits) {
+    serve_maybe_tls(listener, app, limits, None).await
+}
+
+/// Serves `app` over TLS on `listener`, with the same limits; the handshake must finish within
+/// the header deadline too (a client that opens and stalls is cut off like a slowloris).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) {
+    serve_maybe_tls(
+        listener,
+        app,
+        limits,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+    )
+    .await
+}
+
+async fn serve_maybe_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -159,6 +185,7 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpL
                 .layer(axum::Extension(ClientAddr(peer)))
                 .layer(axum::Extension(ServerAddr(local))),
         );
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -167,10 +194,36 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpL
                 .header_read_timeout(limits.header_timeout)
                 .max_headers(limits.max_headers)
                 .keep_alive(true);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let served = match tls {
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            log::info!("https: {peer}: TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            log::debug!(
+                                "https: {peer}: no TLS handshake within {:?}",
+                                limits.header_timeout
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 log::debug!("http: {peer}: {e}");
             }
         });
@@ -197,6 +250,37 @@ pub(crate) mod tests {
                 let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
                 serve(listener, app, limits).await;
+            });
+        });
+        rx.recv().unwrap()
+    }
+
+    /// A TLS server for `app` (see [`start`]) with a fresh self-signed certificate.
+    pub(crate) fn start_tls(app: Router, limits: HttpLimits) -> SocketAddr {
+        let dir = std::env::temp_dir().join(format!(
+            "diskcast-http-tls-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let policy = crate::config::HttpsPolicy {
+            port: 8443,
+            identity: crate::config::HttpsIdentity::Generated,
+        };
+        let identity = crate::tls::load_or_create(&policy, &dir, &["127.0.0.1".into()]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::tls::server_config(&identity).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                serve_tls(listener, app, limits, config).await;
             });
         });
         rx.recv().unwrap()
@@ -284,6 +368,29 @@ pub(crate) mod tests {
             format!("GET /hello HTTP/1.1\r\n{many_headers}\r\n").as_bytes(),
         );
         assert!(crowded.starts_with("HTTP/1.1 431"), "{crowded}");
+    }
+
+    #[test]
+    fn tls_connections_that_never_finish_their_handshake_are_cut_off() {
+        let limits = HttpLimits {
+            header_timeout: Duration::from_secs(2),
+            ..HttpLimits::default()
+        };
+        let addr = start_tls(hello(), limits);
+        // Silent after connecting: closed once the header deadline passed, without an answer.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
+        // Plain HTTP to the TLS port: no HTTP answer, the connection ends.
+        let answer = exchange_from(
+            [127, 0, 0, 1],
+            addr,
+            b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(!answer.contains("hi"), "{answer}");
     }
 
     #[test]

@@ -60,6 +60,11 @@ mod tests {
             role: Role::Slave,
             server: Some(Ipv4Addr::new(10, 77, 0, 1)),
             on_error: Finish::Poweroff,
+            // The HTTPS contract travels too: port and pin.
+            https: Some(diskcast_proto::cmdline::HttpsApi {
+                port: 8443,
+                pin: diskcast_proto::trust::CertFingerprint([0x5a; 32]),
+            }),
             ..BootConfig::default()
         };
         let script = BootScript {

@@ -21,6 +21,7 @@ pub mod serve;
 pub mod store;
 pub mod subnets;
 pub mod tftp;
+pub mod tls;
 pub mod web;
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use diskcast_bootserver::admin;
-use diskcast_bootserver::config::{Config, DhcpMode};
+use diskcast_bootserver::config::{Config, DhcpMode, HttpsIdentity};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -365,6 +365,12 @@ enum KeyCommand {
     /// Make a new key file (0600) and print its public key: for `--key` of `images` and
     /// `deploy` by hand, or a peer master of your own.
     New { file: PathBuf },
+    /// Print the SHA-256 fingerprint of the HTTPS certificate (`[https]`): what agents pin, for
+    /// `agent capture --pin` by hand. A self-signed one is made now if it was not yet.
+    Https {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -550,8 +556,32 @@ fn main() -> ExitCode {
                     diskcast_registry::SCHEMA_VERSION
                 ),
             };
+            // The certificate and key are read now, not at the first connection.
+            let https = match &config.https {
+                None => "HTTPS off".to_string(),
+                Some(policy) => {
+                    let identity = match &policy.identity {
+                        HttpsIdentity::Files { cert, key } => {
+                            Some(diskcast_bootserver::tls::load_files(cert, key)?)
+                        }
+                        HttpsIdentity::Generated => {
+                            diskcast_bootserver::tls::load_generated(&config.state_dir)?
+                        }
+                    };
+                    match identity {
+                        Some(identity) => format!(
+                            "HTTPS on port {} with {} (SHA-256 {})",
+                            policy.port, identity.origin, identity.fingerprint
+                        ),
+                        None => format!(
+                            "HTTPS on port {} with a self-signed certificate made at first start",
+                            policy.port
+                        ),
+                    }
+                }
+            };
             println!(
-                "{}: ok ({:?} mode on {}{registry})",
+                "{}: ok ({:?} mode on {}{registry}; {https})",
                 args.config.display(),
                 config.dhcp.mode,
                 config.interface
@@ -568,6 +598,25 @@ fn main() -> ExitCode {
                 let config = load(&config)?;
                 let key = diskcast_bootserver::lab::server_key(&config.state_dir)?;
                 println!("{}", key.public());
+                Ok(())
+            }
+            KeyCommand::Https { config } => {
+                let config = load(&config)?;
+                let policy = config.https.as_ref().ok_or(
+                    "HTTPS is off: add an [https] section to the config (README, \"HTTPS\")",
+                )?;
+                let names: Vec<String> = config
+                    .address
+                    .map(Ok)
+                    .unwrap_or_else(|| {
+                        diskcast_bootserver::serve::interface_address(&config.interface)
+                    })
+                    .map(|a| vec![a.to_string()])
+                    .unwrap_or_default();
+                let identity =
+                    diskcast_bootserver::tls::load_or_create(policy, &config.state_dir, &names)?;
+                eprintln!("certificate: {}", identity.origin);
+                println!("{}", identity.fingerprint);
                 Ok(())
             }
             KeyCommand::New { file } => {

@@ -64,6 +64,8 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Subnets(#[from] crate::subnets::SiteError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The line printed once every service listens; tests wait for it.
@@ -386,8 +388,32 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         "lab: the server's signing key is {} (agents it boots trust it)",
         key.public()
     );
+    let https = match &config.https {
+        Some(policy) => {
+            let names: Vec<String> = addresses.iter().map(|(_, a)| a.to_string()).collect();
+            let identity = crate::tls::load_or_create(policy, &config.state_dir, &names)?;
+            log::info!(
+                "https: port {}, certificate {} with SHA-256 fingerprint {} (agents pin it; boot files stay on plain HTTP)",
+                policy.port,
+                identity.origin,
+                identity.fingerprint
+            );
+            Some((
+                policy.port,
+                identity.fingerprint,
+                crate::tls::server_config(&identity)?,
+            ))
+        }
+        None => None,
+    };
     let mut lab = Lab::new(config, registry.clone(), store, server_ip, key);
     lab.sites = sites.clone();
+    lab.https = https
+        .as_ref()
+        .map(|(port, pin, _)| diskcast_proto::cmdline::HttpsApi {
+            port: *port,
+            pin: *pin,
+        });
     let lab = Arc::new(lab);
     lab.register_configured_machines(unix_now())?;
     let config = &lab.config;
@@ -486,6 +512,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         let http_addr = SocketAddr::from((*address, config.http_port));
         listeners.push(runtime.block_on(http::bind(http_addr))?);
     }
+    let mut tls_listeners = Vec::new();
+    if let Some((port, _, _)) = &https {
+        for (_, address) in &addresses {
+            let addr = SocketAddr::from((*address, *port));
+            tls_listeners.push(runtime.block_on(http::bind(addr))?);
+        }
+    }
     let mode = match config.dhcp.mode {
         DhcpMode::Full => "full",
         DhcpMode::Proxy => "proxy",
@@ -524,8 +557,33 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         api,
     );
     log::info!("lab: serving on {interface}; `bootserver token` prints the API's admin token");
+    let plain_app = match &https {
+        // Credentials and changes only over TLS: plain HTTP keeps boot files and open reads.
+        Some((port, _, _)) => app.clone().layer(axum::middleware::from_fn_with_state(
+            crate::tls::HttpsPort(*port),
+            crate::tls::refuse_in_clear,
+        )),
+        None => app.clone(),
+    };
     for listener in listeners {
-        runtime.spawn(http::serve(listener, app.clone(), HttpLimits::default()));
+        runtime.spawn(http::serve(
+            listener,
+            plain_app.clone(),
+            HttpLimits::default(),
+        ));
+    }
+    if let Some((_, _, tls)) = &https {
+        let tls_app = app
+            .clone()
+            .layer(axum::middleware::from_fn(crate::tls::secure_cookies));
+        for listener in tls_listeners {
+            runtime.spawn(http::serve_tls(
+                listener,
+                tls_app.clone(),
+                HttpLimits::default(),
+                Arc::clone(tls),
+            ));
+        }
     }
     for thread in &threads {
         if let Err(e) = thread {

@@ -166,6 +166,19 @@ pub struct BootConfig {
     pub sign: Option<crate::trust::SigningKey>,
     /// Master: multicast TTL, the routers a session may cross plus one (1: this LAN only).
     pub ttl: u8,
+    /// The bootserver's HTTPS API: the agent reports and uploads to `https://server:PORT`
+    /// instead of plain HTTP on `store_port`, and trusts only the certificate pinned here
+    /// (`diskcast.https_port=PORT diskcast.pin=SHA256`, always as a pair).
+    pub https: Option<HttpsApi>,
+}
+
+/// Where and how the agent reaches the bootserver's API over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpsApi {
+    pub port: u16,
+    /// SHA-256 of the server's certificate: the agent talks to nothing else, and sends neither
+    /// token nor disk byte before the handshake proved it.
+    pub pin: crate::trust::CertFingerprint,
 }
 
 /// A task of the bootserver's, as its agent knows it: `diskcast.task=ID` and `diskcast.token=HEX`.
@@ -279,12 +292,13 @@ impl Default for BootConfig {
             trust: None,
             sign: None,
             ttl: 1,
+            https: None,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign, ttl";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign, ttl, https_port, pin";
 
 /// `any`, or the keys joined by commas, as `diskcast.trust=` carries them.
 pub fn render_trust(trust: &crate::trust::Trust) -> String {
@@ -325,8 +339,20 @@ impl BootConfig {
         Ok(config)
     }
 
-    /// `task` and `token` come as a pair.
+    /// `task` and `token` come as a pair, and so do `https_port` and `pin`.
     fn finish_task(&mut self) -> Result<(), CmdlineError> {
+        if let Some(https) = &self.https {
+            if https.port == 0 {
+                return Err(CmdlineError::MissingValue {
+                    key: "https_port".into(),
+                });
+            }
+            if https.pin.0 == [0; 32] {
+                // An agent told to use HTTPS without knowing whom to trust would have to trust
+                // anyone: refused rather than guessed.
+                return Err(CmdlineError::MissingValue { key: "pin".into() });
+            }
+        }
         match &self.task {
             Some(task) if task.token.is_empty() => Err(CmdlineError::MissingValue {
                 key: "token".into(),
@@ -518,6 +544,22 @@ impl BootConfig {
                         .map_err(|_| invalid(key, "…", "64 hex digits"))?,
                 )
             }
+            "https_port" => {
+                let port = value
+                    .parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| invalid(key, value, "a TCP port"))?;
+                self.https_api().port = port;
+            }
+            "pin" => {
+                let pin: crate::trust::CertFingerprint = value
+                    .parse()
+                    .ok()
+                    .filter(|p: &crate::trust::CertFingerprint| p.0 != [0; 32])
+                    .ok_or_else(|| invalid(key, value, crate::trust::CertFingerprint::EXPECTED))?;
+                self.https_api().pin = pin;
+            }
             "store_port" => {
                 self.store_port = value
                     .parse()
@@ -533,6 +575,14 @@ impl BootConfig {
             }
         }
         Ok(())
+    }
+
+    /// The HTTPS half being filled in (`https_port` and `pin` arrive one at a time).
+    fn https_api(&mut self) -> &mut HttpsApi {
+        self.https.get_or_insert(HttpsApi {
+            port: 0,
+            pin: crate::trust::CertFingerprint([0; 32]),
+        })
     }
 
     /// Applies a settings file: `key = value` lines with the kernel parameters' keys (without the
@@ -561,7 +611,7 @@ impl BootConfig {
                 return Err(at(CmdlineError::MissingValue { key: key.into() }));
             }
             self.set(key, value).map_err(at)?;
-            if key == "task" || key == "token" {
+            if matches!(key, "task" | "token" | "https_port" | "pin") {
                 task_line = Some((index + 1, raw.trim().to_string()));
             }
         }
@@ -642,6 +692,10 @@ impl BootConfig {
         if let Some(key) = &self.sign {
             words.push(format!("{PREFIX}sign={}", key.secret_hex()));
         }
+        if let Some(https) = &self.https {
+            words.push(format!("{PREFIX}https_port={}", https.port));
+            words.push(format!("{PREFIX}pin={}", https.pin));
+        }
         if let Some(task) = &self.task {
             words.push(format!("{PREFIX}task={}", task.id));
             words.push(format!("{PREFIX}token={}", task.token));
@@ -685,6 +739,10 @@ mod tests {
             ])),
             sign: Some(crate::trust::SigningKey::from_seed([3; 32])),
             ttl: 4,
+            https: Some(HttpsApi {
+                port: 8443,
+                pin: crate::trust::CertFingerprint([0xc4; 32]),
+            }),
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -698,6 +756,48 @@ mod tests {
         let any = BootConfig::parse("diskcast.trust=any").unwrap();
         assert_eq!(any.trust, Some(crate::trust::Trust::Any));
         assert_eq!(BootConfig::parse(&any.render()), Ok(any));
+    }
+
+    #[test]
+    fn the_https_api_needs_both_its_port_and_its_pin() {
+        let pin = "5e".repeat(32);
+        let both =
+            BootConfig::parse(&format!("diskcast.https_port=8443 diskcast.pin={pin}")).unwrap();
+        let https = both.https.unwrap();
+        assert_eq!((https.port, https.pin.to_string()), (8443, pin.clone()));
+        assert_eq!(BootConfig::parse(&both.render()), Ok(both.clone()));
+        let mut file = BootConfig::default();
+        file.apply_settings_file(&both.render_settings_file())
+            .unwrap();
+        assert_eq!(file, both);
+        // Half of the pair is an error naming the missing half, never plain HTTP or "trust any".
+        assert_eq!(
+            BootConfig::parse("diskcast.https_port=8443"),
+            Err(CmdlineError::MissingValue { key: "pin".into() })
+        );
+        assert_eq!(
+            BootConfig::parse(&format!("diskcast.pin={pin}")),
+            Err(CmdlineError::MissingValue {
+                key: "https_port".into()
+            })
+        );
+        let err = BootConfig::default()
+            .apply_settings_file("https_port = 8443\n")
+            .unwrap_err();
+        assert_eq!(err.line, 1);
+        for bad in [
+            "diskcast.https_port=0",
+            "diskcast.pin=12345",
+            &format!("diskcast.pin={}", "00".repeat(32)),
+        ] {
+            assert!(
+                matches!(
+                    BootConfig::parse(bad),
+                    Err(CmdlineError::InvalidValue { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -284,9 +284,73 @@ pub fn parse_key_list(text: &str) -> Result<Vec<PublicKey>, KeyError> {
         .collect()
 }
 
+/// The SHA-256 fingerprint of a TLS certificate (of its DER bytes, as `openssl x509
+/// -fingerprint -sha256` prints it): what an agent pins to trust the bootserver's HTTPS API
+/// without a certificate authority (`diskcast.pin=`, `agent capture --pin`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertFingerprint(pub [u8; 32]);
+
+impl CertFingerprint {
+    /// What the error messages call the value.
+    pub const EXPECTED: &'static str =
+        "a SHA-256 certificate fingerprint: 64 hex digits, optionally in pairs separated by `:`";
+}
+
+impl fmt::Display for CertFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for CertFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CertFingerprint({self})")
+    }
+}
+
+impl FromStr for CertFingerprint {
+    type Err = KeyError;
+
+    /// 64 hex digits, either case, with or without the `:` between pairs that OpenSSL prints.
+    fn from_str(text: &str) -> Result<Self, KeyError> {
+        let what = "a certificate fingerprint";
+        let text = text.trim();
+        let text = text
+            .strip_prefix("sha256:")
+            .or_else(|| text.strip_prefix("SHA256:"))
+            .unwrap_or(text);
+        let plain: String = if text.contains(':') {
+            let pairs: Vec<&str> = text.split(':').collect();
+            if pairs.iter().any(|p| p.len() != 2) {
+                return Err(KeyError::NotHex { what });
+            }
+            pairs.concat()
+        } else {
+            text.into()
+        };
+        decode_hex32(&plain.to_ascii_lowercase(), what).map(Self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_read_plain_and_openssl_forms_and_print_plain() {
+        let plain = "ab".repeat(32);
+        let pin: CertFingerprint = plain.parse().unwrap();
+        assert_eq!(pin.to_string(), plain);
+        let openssl = vec!["AB"; 32].join(":");
+        assert_eq!(openssl.parse::<CertFingerprint>(), Ok(pin));
+        assert_eq!(
+            format!("sha256:{plain}").parse::<CertFingerprint>(),
+            Ok(pin)
+        );
+        for bad in ["", "ab", "a:bab", &"zz".repeat(32), &"ab".repeat(33)] {
+            assert!(bad.parse::<CertFingerprint>().is_err(), "{bad}");
+        }
+    }
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_seed([seed; 32])

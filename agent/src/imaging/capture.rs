@@ -4,7 +4,7 @@
 //! appears in its store, and answers with what it stored.
 
 use super::disk::{DiskError, Source};
-use crate::http_client::read_response;
+use crate::http_client::{read_response, ConnectError, Connection, Endpoint, Handle};
 use diskcast_fsmap::chunks_to_read;
 use diskcast_proto::cmdline::Blocks;
 use diskcast_proto::codec;
@@ -14,7 +14,7 @@ use diskcast_proto::image_file::{
 use diskcast_proto::manifest::{Manifest, DEFAULT_CHUNK_SIZE};
 use diskcast_proto::units::human_size;
 use std::io::{self, BufReader, BufWriter, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,12 +26,8 @@ pub enum CaptureError {
     Disk(#[from] DiskError),
     #[error("the source {0} is empty")]
     Empty(PathBuf),
-    #[error("connecting to the image store at {addr}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error("reaching the image store")]
+    Connect(#[from] ConnectError),
     #[error("reading {path} at offset {offset}")]
     Read {
         path: PathBuf,
@@ -66,7 +62,8 @@ pub enum CaptureError {
 #[derive(Debug, Clone)]
 pub struct CaptureOptions {
     pub source: PathBuf,
-    pub server: SocketAddr,
+    /// The store's API: plain HTTP, or HTTPS with the certificate pinned or a CA.
+    pub server: Endpoint,
     pub name: String,
     pub level: i32,
     pub chunk_size: u32,
@@ -81,7 +78,7 @@ pub struct CaptureOptions {
 }
 
 impl CaptureOptions {
-    pub fn new(source: PathBuf, server: SocketAddr, name: String) -> Self {
+    pub fn new(source: PathBuf, server: Endpoint, name: String) -> Self {
         Self {
             source,
             server,
@@ -142,19 +139,21 @@ pub fn run_capture(
     if source.size == 0 {
         return Err(CaptureError::Empty(opts.source.clone()));
     }
-    let addr = opts.server;
+    let addr = opts.server.addr;
     let upload_err = |source| CaptureError::Upload { addr, source };
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|source| CaptureError::Connect { addr, source })?;
-    stream.set_nodelay(true).ok();
+    // Over HTTPS the certificate is checked here, before the token or any disk byte is written.
+    let stream = Connection::open(&opts.server, Duration::from_secs(10))?;
+    // A store busy writing may stop reading for a while: the upload waits, as it always did.
+    stream.set_write_timeout(None).map_err(upload_err)?;
     log::info!(
-        "capturing {} ({}) to {addr} as image {:?}",
+        "capturing {} ({}) to {} as image {:?}",
         opts.source.display(),
         human_size(source.size),
+        opts.server,
         opts.name
     );
     let started = Instant::now();
-    let mut head = BufWriter::new(stream.try_clone().map_err(upload_err)?);
+    let mut head = BufWriter::new(stream.handle());
     let authorization = opts
         .token
         .as_deref()
@@ -176,13 +175,13 @@ pub fn run_capture(
     stream
         .set_read_timeout(Some(first_answer))
         .map_err(upload_err)?;
-    let mut response = BufReader::new(stream.try_clone().map_err(upload_err)?);
+    let mut response = BufReader::new(stream.handle());
     let (status, message) =
         read_response(&mut response).map_err(|e| answer_err(addr, first_answer, e))?;
     // A server that stops reading mid-upload (its disk is full, it restarts) may have said why:
     // prefer its answer to our broken pipe.
     let sending_failed =
-        |source: io::Error, response: &mut BufReader<TcpStream>| match read_response(response) {
+        |source: io::Error, response: &mut BufReader<Handle>| match read_response(response) {
             Ok((status, message)) if status >= 400 => CaptureError::Refused {
                 addr,
                 status,
@@ -198,7 +197,7 @@ pub fn run_capture(
         });
     }
     let chunked = ChunkedWriter {
-        inner: stream.try_clone().map_err(upload_err)?,
+        inner: stream.handle(),
         written: 0,
     };
     let mut writer = ImageWriter::new(BufWriter::with_capacity(1 << 20, chunked), opts.chunk_size);

@@ -196,6 +196,9 @@ impl Lab {
             group: a.group,
             port: a.port,
             store_port: self.config.http_port,
+            // With HTTPS on, reports and uploads carry their token over TLS to the pinned
+            // certificate only (plain HTTP refuses them).
+            https: self.https,
             task: Some(TaskRef {
                 id: task.id as u64,
                 token,

@@ -68,6 +68,8 @@ pub struct Lab {
     /// The subnets served, as resolved against the server's interfaces (empty when that
     /// failed: then nothing is known about where machines sit).
     pub sites: Vec<crate::subnets::Site>,
+    /// The HTTPS API agents are told to use, with the certificate they pin (`[https]`).
+    pub https: Option<diskcast_proto::cmdline::HttpsApi>,
 }
 
 impl Lab {
@@ -94,6 +96,7 @@ impl Lab {
             image_checks: checks::ImageChecks::default(),
             logins: crate::console::login::Logins::default(),
             sites,
+            https: None,
         }
     }
 

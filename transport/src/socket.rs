@@ -68,13 +68,15 @@ fn new_udp(what: &'static str, addr: SocketAddrV4) -> Result<std::os::fd::OwnedF
     })
 }
 
-/// The sender's socket: bound to the interface address, multicasting out of that interface.
+/// The sender's socket: bound to the interface address (and `port`, 0 for any: relays need a
+/// known one to subscribe to), multicasting out of that interface.
 pub fn sender_socket(
     interface: &str,
     interface_addr: Ipv4Addr,
+    port: u16,
     ttl: u8,
 ) -> Result<UdpSocket, NetError> {
-    let addr = SocketAddrV4::new(interface_addr, 0);
+    let addr = SocketAddrV4::new(interface_addr, port);
     let fail = |source| NetError::Socket {
         what: "sender",
         addr: addr.into(),

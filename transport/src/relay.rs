@@ -173,8 +173,15 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> RelayError {
 /// Relays one session: subscribes to the sender, re-multicasts what it receives on the local
 /// group, serves the local receivers' repairs, and reports them upstream. `progress` sees the
 /// relay about once a second.
-pub fn run(
+pub fn run(opts: &RelayOptions, progress: impl FnMut(&Relay)) -> Result<RelaySummary, RelayError> {
+    run_altering(opts, &mut |_, _| {}, progress)
+}
+
+/// [`run`], with `alter` applied to every chunk after it was checked and before it is spooled:
+/// a hostile relay, for tests that show receivers refuse what a relay changed.
+pub fn run_altering(
     opts: &RelayOptions,
+    alter: &mut dyn FnMut(u32, &mut Vec<u8>),
     mut progress: impl FnMut(&Relay),
 ) -> Result<RelaySummary, RelayError> {
     if !opts.group.is_multicast() {
@@ -233,7 +240,7 @@ pub fn run(
         if relay.poll_timeout().is_some_and(|t| t <= now) {
             relay.handle_timeout(now);
         }
-        if let Some(done) = carry_out(&mut relay, &mut spool)? {
+        if let Some(done) = carry_out(&mut relay, &mut spool, alter)? {
             break done;
         }
         let mut sent = 0u32;
@@ -250,7 +257,7 @@ pub fn run(
             sent += 1;
             if sent.is_multiple_of(LISTEN_EVERY) {
                 hear(&upstream, &local, &mut relay, &mut buf, &mut upstream_bytes);
-                done = carry_out(&mut relay, &mut spool)?;
+                done = carry_out(&mut relay, &mut spool, alter)?;
                 if done.is_some() {
                     break;
                 }
@@ -259,7 +266,7 @@ pub fn run(
         if let Some(done) = done {
             break done;
         }
-        if let Some(done) = carry_out(&mut relay, &mut spool)? {
+        if let Some(done) = carry_out(&mut relay, &mut spool, alter)? {
             break done;
         }
         let now = Instant::now();
@@ -308,18 +315,25 @@ fn hear(
 type Finished = (Result<(), Failure>, Option<Outcome>);
 
 /// Checks and spools the chunks the relay completed; returns how the relay ended, once it did.
-fn carry_out(relay: &mut Relay, spool: &mut Spool) -> Result<Option<Finished>, RelayError> {
+fn carry_out(
+    relay: &mut Relay,
+    spool: &mut Spool,
+    alter: &mut dyn FnMut(u32, &mut Vec<u8>),
+) -> Result<Option<Finished>, RelayError> {
     while let Some(event) = relay.poll_event() {
         match event {
             RelayEvent::Keep(write) => {
                 let chunk = write.chunk;
                 let result = match write.verified_wire() {
-                    Ok(bytes) => spool.keep(chunk, &bytes).map_err(|source| {
-                        RelayError::Spool {
-                            path: spool.path.clone(),
-                            source,
-                        }
-                    })?,
+                    Ok(mut bytes) => {
+                        alter(chunk, &mut bytes);
+                        spool
+                            .keep(chunk, &bytes)
+                            .map_err(|source| RelayError::Spool {
+                                path: spool.path.clone(),
+                                source,
+                            })?
+                    }
                     Err(e) => {
                         relay.handle_kept(chunk, Err(e.to_string()), Instant::now());
                         continue;

@@ -527,7 +527,11 @@ impl BootConfig {
             }
             "upstream" => {
                 self.upstream = Some(value.parse().map_err(|_| {
-                    invalid(key, value, "the sender's IPv4 ADDRESS:PORT (e.g. 10.77.0.1:7745)")
+                    invalid(
+                        key,
+                        value,
+                        "the sender's IPv4 ADDRESS:PORT (e.g. 10.77.0.1:7745)",
+                    )
                 })?)
             }
             "store_port" => {

@@ -737,8 +737,16 @@ impl Receiver {
             }
             _ => false,
         };
-        if let Body::Relayed { origin, inner } = &packet.body {
-            self.on_relayed(packet.session, *origin, inner, from, now);
+        if let Body::Relayed {
+            front,
+            seq,
+            flags,
+            origin,
+            inner,
+        } = &packet.body
+        {
+            let relay_state = (*front, *seq, *flags);
+            self.on_relayed(packet.session, relay_state, *origin, inner, from, now);
             return;
         }
         if steering && self.relayed_by != Some(from) {
@@ -822,62 +830,72 @@ impl Receiver {
         else {
             return;
         };
-                if let State::Listening { .. } = self.state {
-                    // Everything sized from here on comes from the network: bound it before
-                    // allocating anything.
-                    if !announced_geometry_is_sane(chunk_size, block_size, manifest_len) {
-                        self.stats.malformed += 1;
-                        return;
-                    }
-                    if image_size == 0 {
-                        self.fail(Failure::EmptyImage);
-                        return;
-                    }
-                    if image_size > self.cfg.disk_size {
-                        self.out.transmits.push_back(Transmit {
-                            destination: Destination::Peer(from),
-                            bytes: self.join_packet(session, REFUSAL_TOO_SMALL),
-                        });
-                        self.fail(Failure::TargetTooSmall {
-                            disk_size: self.cfg.disk_size,
-                            image_size,
-                        });
-                        return;
-                    }
-                    let geometry = Geometry {
-                        image_size,
-                        chunk_size,
-                        block_size,
-                        image_hash,
-                        compressed: flags & ANNOUNCE_COMPRESSED != 0,
-                    };
-                    self.state = State::Joining(Box::new(Transfer::new(
-                        session,
-                        from,
-                        geometry,
-                        manifest_len,
-                        now,
-                    )));
-                }
-                let Some(t) = self.transfer_mut() else {
-                    return;
-                };
-                if t.geometry.image_hash != image_hash {
-                    self.stats.foreign += 1;
-                    return;
-                }
-                t.last_heard = now;
-                t.highest_seq = t.highest_seq.max(seq);
-                t.announced_seq = t.announced_seq.max(seq);
-                t.front = t.front.max(front);
-                t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
-                t.parity_naks = flags & ANNOUNCE_PARITY != 0;
-                }
+        if let State::Listening { .. } = self.state {
+            // Everything sized from here on comes from the network: bound it before
+            // allocating anything.
+            if !announced_geometry_is_sane(chunk_size, block_size, manifest_len) {
+                self.stats.malformed += 1;
+                return;
+            }
+            if image_size == 0 {
+                self.fail(Failure::EmptyImage);
+                return;
+            }
+            if image_size > self.cfg.disk_size {
+                self.out.transmits.push_back(Transmit {
+                    destination: Destination::Peer(from),
+                    bytes: self.join_packet(session, REFUSAL_TOO_SMALL),
+                });
+                self.fail(Failure::TargetTooSmall {
+                    disk_size: self.cfg.disk_size,
+                    image_size,
+                });
+                return;
+            }
+            let geometry = Geometry {
+                image_size,
+                chunk_size,
+                block_size,
+                image_hash,
+                compressed: flags & ANNOUNCE_COMPRESSED != 0,
+            };
+            self.state = State::Joining(Box::new(Transfer::new(
+                session,
+                from,
+                geometry,
+                manifest_len,
+                now,
+            )));
+        }
+        let Some(t) = self.transfer_mut() else {
+            return;
+        };
+        if t.geometry.image_hash != image_hash {
+            self.stats.foreign += 1;
+            return;
+        }
+        t.last_heard = now;
+        t.highest_seq = t.highest_seq.max(seq);
+        t.announced_seq = t.announced_seq.max(seq);
+        t.front = t.front.max(front);
+        t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
+        t.parity_naks = flags & ANNOUNCE_PARITY != 0;
+    }
 
     /// A relay's re-multicast of the sender's Announce: the signature must verify for the
     /// sender's address (`origin`), as if this receiver had heard the sender itself; the relay
     /// then stands in for the sender (datagrams from it, reports to it).
-    fn on_relayed(&mut self, session: u32, origin: SocketAddr, inner: &[u8], from: SocketAddr, now: Instant) {
+    /// `relay_state`: the relay's own first-pass front, sequence number and flags, which stand
+    /// in for the sender's (the relay's receivers are repaired by the relay, in its numbering).
+    fn on_relayed(
+        &mut self,
+        session: u32,
+        relay_state: (u32, u64, u8),
+        origin: SocketAddr,
+        inner: &[u8],
+        from: SocketAddr,
+        now: Instant,
+    ) {
         let announce = match Packet::parse(inner) {
             Ok(p) if p.session == session && matches!(p.body, Body::Announce { .. }) => p,
             _ => {
@@ -898,7 +916,30 @@ impl Receiver {
             self.stats.foreign += 1;
             return;
         }
-        self.on_announce(session, &announce.body, from, now);
+        let Body::Announce {
+            image_size,
+            chunk_size,
+            block_size,
+            manifest_len,
+            image_hash,
+            ..
+        } = announce.body
+        else {
+            return;
+        };
+        let (front, seq, flags) = relay_state;
+        let body = Body::Announce {
+            image_size,
+            chunk_size,
+            block_size,
+            manifest_len,
+            image_hash,
+            front,
+            seq,
+            flags,
+            signature: Vec::new(),
+        };
+        self.on_announce(session, &body, from, now);
         if listening && !matches!(self.state, State::Listening { .. }) {
             self.relayed_by = Some(from);
             log::info!("session {session:08x} from {origin} relayed by {from}");

@@ -29,7 +29,9 @@
 //! the sender's summary shows them.
 
 use crate::manifest::Manifest;
-use crate::receiver::{ChunkWrite, DiskDone, Event, Failure, Phase as RxPhase, Receiver, ReceiverConfig};
+use crate::receiver::{
+    ChunkWrite, DiskDone, Event, Failure, Phase as RxPhase, Receiver, ReceiverConfig,
+};
 use crate::sender::{ChunkSource, Outcome, Phase as TxPhase, Sender, SenderConfig};
 use crate::wire::{
     Body, DatagramType, Destination, DownstreamEntry, Packet, Transmit, MAX_DOWNSTREAM_ENTRIES,
@@ -214,7 +216,11 @@ impl Relay {
         if let Some(t) = self.out.pop_front() {
             return Some(t);
         }
-        let transmit = self.local.as_mut()?.poll_transmit(now, source)?;
+        let Some(transmit) = self.local.as_mut()?.poll_transmit(now, source) else {
+            // The local session's last End may just have gone out.
+            self.check_finished();
+            return None;
+        };
         self.drain_local_events();
         Some(RelayTransmit {
             leg: Leg::Local,
@@ -270,7 +276,11 @@ impl Relay {
                 chunks_done: r.chunks_done,
                 chunks_total: r.chunks_total,
                 name: r.name.clone(),
-                reason: r.failure.as_ref().map(ToString::to_string).unwrap_or_default(),
+                reason: r
+                    .failure
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             })
             .collect();
         for batch in entries.chunks(MAX_DOWNSTREAM_ENTRIES) {
@@ -358,6 +368,11 @@ impl Relay {
                 }
             }
         }
+        self.check_finished();
+    }
+
+    /// Both legs over: the upstream receiver finished, the local session said its End.
+    fn check_finished(&mut self) {
         let local_over = self
             .local
             .as_ref()
@@ -532,8 +547,7 @@ mod tests {
         fn new(near_count: usize, far_count: usize, loss: f64, seed: u64) -> Self {
             let bytes = crate::sim::test_image(30 * CHUNK as usize + 777, seed);
             let size = bytes.len() as u64;
-            let manifest =
-                Manifest::scan(&mut Cursor::new(&bytes), size, CHUNK, |_| {}).unwrap();
+            let manifest = Manifest::scan(&mut Cursor::new(&bytes), size, CHUNK, |_| {}).unwrap();
             let now = Instant::now();
             let mut rng = XorShift::new(seed);
             let garbage = |rng: &mut XorShift| {
@@ -622,7 +636,11 @@ mod tests {
                 Destination::Peer(a) => (0..self.near.len())
                     .filter(|&i| self.near[i].addr == a)
                     .map(Node::Near)
-                    .chain((0..self.far.len()).filter(|&i| self.far[i].addr == a).map(Node::Far))
+                    .chain(
+                        (0..self.far.len())
+                            .filter(|&i| self.far[i].addr == a)
+                            .map(Node::Far),
+                    )
                     .collect(),
             };
             for to in targets {
@@ -640,14 +658,20 @@ mod tests {
         fn drain_rx(&mut self, far: bool, i: usize) {
             let now = self.now;
             loop {
-                let r = if far { &mut self.far[i] } else { &mut self.near[i] };
+                let r = if far {
+                    &mut self.far[i]
+                } else {
+                    &mut self.near[i]
+                };
                 let from = r.addr;
                 if let Some(t) = r.rx.poll_transmit() {
                     let node = if far { Node::Far(i) } else { Node::Near(i) };
                     self.route(node, from, t);
                     continue;
                 }
-                let Some(event) = r.rx.poll_event() else { return };
+                let Some(event) = r.rx.poll_event() else {
+                    return;
+                };
                 let done = match event {
                     Event::Write(w) => {
                         let (chunk, offset) = (w.chunk, w.offset as usize);
@@ -656,7 +680,10 @@ mod tests {
                                 r.disk[offset..offset + d.len()].copy_from_slice(&d);
                                 DiskDone::Written { chunk }
                             }
-                            Err(e) => DiskDone::Rejected { chunk, why: e.to_string() },
+                            Err(e) => DiskDone::Rejected {
+                                chunk,
+                                why: e.to_string(),
+                            },
                         }
                     }
                     Event::Zero { offset, len } => {
@@ -690,10 +717,13 @@ mod tests {
                             }
                             self.kept.0.insert(chunk, bytes);
                         });
-                        self.relay.handle_kept(chunk, result.map_err(|e| e.to_string()), now);
+                        self.relay
+                            .handle_kept(chunk, result.map_err(|e| e.to_string()), now);
                     }
                 }
-                let Some(t) = self.relay.poll_transmit(now, &mut self.kept) else { break };
+                let Some(t) = self.relay.poll_transmit(now, &mut self.kept) else {
+                    break;
+                };
                 let (node, addr) = match t.leg {
                     Leg::Upstream => (Node::RelayUp, relay_up()),
                     Leg::Local => (Node::RelayLocal, relay_local()),
@@ -703,7 +733,10 @@ mod tests {
         }
 
         fn done(&self) -> bool {
-            self.near.iter().chain(&self.far).all(|r| r.result.is_some())
+            self.near
+                .iter()
+                .chain(&self.far)
+                .all(|r| r.result.is_some())
                 && self.sender.phase() == TxPhase::Ended
                 && self.relay.is_finished()
         }
@@ -746,8 +779,13 @@ mod tests {
                 for far in [false, true] {
                     let n = if far { self.far.len() } else { self.near.len() };
                     for i in 0..n {
-                        let r = if far { &mut self.far[i] } else { &mut self.near[i] };
-                        if r.result.is_none() && r.rx.poll_timeout().is_some_and(|t| t <= self.now) {
+                        let r = if far {
+                            &mut self.far[i]
+                        } else {
+                            &mut self.near[i]
+                        };
+                        if r.result.is_none() && r.rx.poll_timeout().is_some_and(|t| t <= self.now)
+                        {
                             r.rx.handle_timeout(self.now);
                             self.drain_rx(far, i);
                         }
@@ -775,7 +813,10 @@ mod tests {
         let mut net = Net::new(2, 3, 0.0, 1);
         net.run(Duration::from_secs(60));
         assert_every_copy_exact(&net);
-        assert_eq!(net.far_from_sender, 0, "far receivers heard the sender directly");
+        assert_eq!(
+            net.far_from_sender, 0,
+            "far receivers heard the sender directly"
+        );
         assert_eq!(net.sender.outcome(), Some(&Outcome::AllDone));
         let data = data_bytes(&net);
         eprintln!("crossing {} bytes for {data} bytes of data", net.crossing);
@@ -784,11 +825,20 @@ mod tests {
             "{} bytes crossed the router for {data} bytes of data",
             net.crossing
         );
+        // Without loss the relay repairs nothing: its receivers' NAKs are weighed against its
+        // own sequence numbers, not the sender's (which would make chunks in flight look lost).
+        for (i, r) in net.far.iter().enumerate() {
+            eprintln!("far {i}: {:?}", r.rx.stats);
+            assert_eq!(r.rx.stats.duplicates, 0, "far receiver {i} got repeats");
+        }
         // The sender's view: the relay, and its three receivers verified, reported through it.
         let relay = net.sender.receivers().find(|r| r.relay).expect("the relay");
         assert_eq!(relay.state, ReceiverState::Done);
         assert_eq!(relay.downstream.len(), 3);
-        assert!(relay.downstream.values().all(|d| d.state == ReceiverState::Done));
+        assert!(relay
+            .downstream
+            .values()
+            .all(|d| d.state == ReceiverState::Done));
     }
 
     #[test]
@@ -799,7 +849,11 @@ mod tests {
             assert_every_copy_exact(&net);
             let data = data_bytes(&net);
             eprintln!("loss {loss}: crossing {} bytes for {data}", net.crossing);
-            assert!(net.crossing <= data * 2, "loss {loss}: {} crossed", net.crossing);
+            assert!(
+                net.crossing <= data * 2,
+                "loss {loss}: {} crossed",
+                net.crossing
+            );
             let relay = net.sender.receivers().find(|r| r.relay).expect("the relay");
             assert_eq!(relay.downstream.len(), 3, "loss {loss}");
         }
@@ -812,6 +866,7 @@ mod tests {
         let chunk = net.sender.manifest().data_chunks().nth(3).unwrap();
         net.tamper = Some(chunk);
         net.run(Duration::from_secs(120));
+        assert!(net.relay.is_finished(), "the relay never ended");
         assert_eq!(net.near[0].result, Some(Ok(())));
         for (i, r) in net.far.iter().enumerate() {
             assert!(
@@ -819,7 +874,10 @@ mod tests {
                 "far receiver {i} must fail, not {:?}",
                 r.result
             );
-            assert!(r.rx.stats.corrupt_chunks > 0, "far receiver {i} refused the chunk");
+            assert!(
+                r.rx.stats.corrupt_chunks > 0,
+                "far receiver {i} refused the chunk"
+            );
         }
         let relay = net.sender.receivers().find(|r| r.relay).expect("the relay");
         assert!(relay
@@ -833,16 +891,20 @@ mod tests {
         let mut net = Net::new(0, 1, 0.0, 6);
         net.far[0].rx = Receiver::new(
             ReceiverConfig {
-                trust: crate::trust::Trust::Keys(vec![
-                    crate::trust::SigningKey::from_seed([9; 32]).public()
-                ]),
+                trust: crate::trust::Trust::Keys(vec![crate::trust::SigningKey::from_seed(
+                    [9; 32],
+                )
+                .public()]),
                 wait_timeout: Some(Duration::from_secs(3)),
                 ..rx_cfg(200, u64::MAX)
             },
             net.now,
         );
         net.run(Duration::from_secs(20));
-        assert!(matches!(net.far[0].result, Some(Err(Failure::NoSession { .. }))));
+        assert!(matches!(
+            net.far[0].result,
+            Some(Err(Failure::NoSession { .. }))
+        ));
         assert_eq!(net.far[0].rx.stats.untrusted > 0, true);
     }
 }

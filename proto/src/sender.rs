@@ -15,9 +15,10 @@ use crate::pacer::Pacer;
 use crate::rng::XorShift;
 use crate::trust::{SigningKey, Untrusted};
 use crate::wire::{
-    Body, DataRef, DatagramType, Destination, DownstreamEntry, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
-    PARITY_PROACTIVE, REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
+    Body, DataRef, DatagramType, Destination, DownstreamEntry, Nak, Packet, ReceiverState,
+    Transmit, Verdict, ANNOUNCE_COMPRESSED, ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY,
+    DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM, PARITY_PROACTIVE, REFUSAL_UNSIGNED,
+    REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -1219,7 +1220,16 @@ impl Sender {
             if self.available.is_some() {
                 // A relay re-multicasts the sender's signed Announce (none heard yet: nothing).
                 if let Some((origin, inner)) = &self.upstream_announce {
+                    let Body::Announce {
+                        front, seq, flags, ..
+                    } = self.announce()
+                    else {
+                        return None;
+                    };
                     return Some(self.packet(Body::Relayed {
+                        front,
+                        seq,
+                        flags,
                         origin: *origin,
                         inner: inner.clone(),
                     }));

@@ -24,7 +24,7 @@
 //! | 8 | DoneAck | sender → receiver (unicast) | receiver u64, signature sig8 |
 //! | 9 | End | sender → group | aborted u8, signature sig8 |
 //! | 10 | Parity | sender → group | seq u64, chunk u32, index u16, flags u8, bytes (one block) |
-//! | 11 | Relayed | relay → its group | origin addr, bytes (the sender's signed Announce, verbatim) |
+//! | 11 | Relayed | relay → its group | front u32, seq u64, flags u8, origin addr, bytes (the sender's signed Announce, verbatim) |
 //! | 12 | Subscribe | relay → sender (unicast) | relay u64 |
 //! | 13 | Downstream | relay → sender (unicast) | receiver u64 (the relay), nonce u64, count u8, entries |
 //!
@@ -33,7 +33,9 @@
 //! joined like a receiver, and re-multicasts the session into its own subnet. `addr` is a family
 //! byte (4 or 6), the address and a u16 port. A Downstream entry is `id u64, state u8,
 //! chunks_done u32, chunks_total u32, name str8, reason str8`: what the relay knows about one of
-//! its local receivers, for the sender's summary. Version 3 added these three types.
+//! its local receivers, for the sender's summary. A Relayed datagram's own `front`, `seq` and
+//! `flags` are the relay's (its first pass and sequence numbers: what its receivers' NAKs are
+//! weighed against); the signed inner Announce gives the image. Version 3 added these types.
 //!
 //! A NAK is `0, start u32, count u32` (whole chunks missing) or `1, chunk u32, bitmap_len u16,
 //! bitmap` (bit b set: block b of the chunk is missing), or `2, chunk u32, needed u16` (that many
@@ -297,11 +299,16 @@ pub enum Body {
     /// A relay's re-multicast of the sender's signed Announce: `origin` is the sender's address
     /// as the relay saw it, which the signature binds; `inner` the Announce datagram as it came.
     Relayed {
+        front: u32,
+        seq: u64,
+        flags: u8,
         origin: std::net::SocketAddr,
         inner: Vec<u8>,
     },
     /// A relay asks the sender for a unicast copy of the session.
-    Subscribe { relay: u64 },
+    Subscribe {
+        relay: u64,
+    },
     /// A relay's view of its local receivers (at most [`MAX_DOWNSTREAM_ENTRIES`] per datagram).
     Downstream {
         receiver: u64,
@@ -724,7 +731,16 @@ impl Packet {
                     put_sig8(&mut out, signature);
                 }
             }
-            Body::Relayed { origin, inner } => {
+            Body::Relayed {
+                front,
+                seq,
+                flags,
+                origin,
+                inner,
+            } => {
+                out.extend_from_slice(&front.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.push(*flags);
                 put_addr(&mut out, origin);
                 out.extend_from_slice(inner);
             }
@@ -884,9 +900,11 @@ impl Packet {
                 signature: r.sig8()?,
             },
             DatagramType::Relayed => {
+                let (front, seq, flags) = (r.u32()?, r.u64()?, r.u8()?);
                 let origin = match r.u8()? {
                     4 => {
-                        let a: [u8; 4] = r.take(4)?.try_into().map_err(|_| WireError::Body(what))?;
+                        let a: [u8; 4] =
+                            r.take(4)?.try_into().map_err(|_| WireError::Body(what))?;
                         std::net::SocketAddr::from((a, r.u16()?))
                     }
                     6 => {
@@ -897,6 +915,9 @@ impl Packet {
                     _ => return Err(WireError::Body(what)),
                 };
                 Body::Relayed {
+                    front,
+                    seq,
+                    flags,
                     origin,
                     inner: r.rest().to_vec(),
                 }
@@ -1117,10 +1138,16 @@ mod tests {
                 bytes: vec![3; 1408],
             },
             Body::Relayed {
+                front: 3,
+                seq: 1 << 35,
+                flags: ANNOUNCE_PARITY,
                 origin: "10.0.1.1:7744".parse().unwrap(),
                 inner: vec![0xd1, 0x5c, 3, 1, 0, 0, 0, 1],
             },
             Body::Relayed {
+                front: 0,
+                seq: 0,
+                flags: 0,
                 origin: "[fd00::1]:7744".parse().unwrap(),
                 inner: Vec::new(),
             },

@@ -697,7 +697,13 @@ impl Lab {
 
     /// [`Lab::add_host`] on another bridge (a subnet made by [`Lab::add_subnet`]), with `routes`
     /// (`ip route add` arguments, e.g. `default via 10.78.0.1`) to reach other subnets.
-    pub fn add_host_on(&mut self, host: &str, address: &str, bridge: &str, routes: &[&str]) -> String {
+    pub fn add_host_on(
+        &mut self,
+        host: &str,
+        address: &str,
+        bridge: &str,
+        routes: &[&str],
+    ) -> String {
         let netns = format!("{}-{host}", self.netns);
         let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         run(Command::new("ip").args(["netns", "add", &netns]));

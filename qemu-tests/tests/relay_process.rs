@@ -60,7 +60,12 @@ fn two_subnets(name: &str, near: usize, far: usize) -> TwoSubnets {
     let mut lab = Lab::new(name);
     lab.add_subnet("br1");
     let router = lab.add_router("router", "br1", "10.77.0.254/24", "10.78.0.1/24");
-    let sender = lab.add_host_on("snd", "10.77.0.10/24", "br0", &["10.78.0.0/24 via 10.77.0.254"]);
+    let sender = lab.add_host_on(
+        "snd",
+        "10.77.0.10/24",
+        "br0",
+        &["10.78.0.0/24 via 10.77.0.254"],
+    );
     let near = (1..=near)
         .map(|i| lab.add_host(&format!("near{i}"), &format!("10.77.0.{}/24", 10 + i)))
         .collect();
@@ -89,7 +94,15 @@ fn receive(ns: &str, name: &str, wait_s: &str, public: &str, target: &Path) -> s
     spawn_agent(
         ns,
         &[
-            "receive", "--interface", "eth0", "--name", name, "--wait", wait_s, "--trust", public,
+            "receive",
+            "--interface",
+            "eth0",
+            "--name",
+            name,
+            "--wait",
+            wait_s,
+            "--trust",
+            public,
         ],
         Some(target),
     )
@@ -145,9 +158,16 @@ fn relay_without_multicast_routing() {
         .collect();
     for (i, child) in unrelayed.into_iter().enumerate() {
         let out = wait(child, &format!("far receiver {} without a relay", i + 1));
-        assert!(!out.status.success(), "far receiver {} succeeded without a relay", i + 1);
+        assert!(
+            !out.status.success(),
+            "far receiver {} succeeded without a relay",
+            i + 1
+        );
         let said = String::from_utf8_lossy(&out.stderr);
-        assert!(said.contains("no sender announced a session within 5 s"), "{said}");
+        assert!(
+            said.contains("no sender announced a session within 5 s"),
+            "{said}"
+        );
     }
     let leaked = router_counter(&net.router, "r-far", "tx_bytes") - before_far;
     assert!(
@@ -237,7 +257,10 @@ fn relay_without_multicast_routing() {
     assert!(relayed.iter().all(|l| l.ends_with("verified")), "{summary}");
     assert!(summary.contains("relayed: its copy verified"), "{summary}");
     for name in ["near1", "near2", "far1", "far2", "far3"] {
-        assert!(summary.contains(name), "{name} missing from the summary:\n{summary}");
+        assert!(
+            summary.contains(name),
+            "{name} missing from the summary:\n{summary}"
+        );
     }
     // One copy crossed the router (each far receiver served by unicast would be three).
     eprintln!(
@@ -248,7 +271,10 @@ fn relay_without_multicast_routing() {
         crossed * 10 <= image_size * 13,
         "{crossed} bytes crossed the router for {image_size} bytes of data"
     );
-    assert!(crossed >= image_size, "only {crossed} bytes crossed: the data did not?");
+    assert!(
+        crossed >= image_size,
+        "only {crossed} bytes crossed: the data did not?"
+    );
     drop(net);
 }
 
@@ -272,9 +298,8 @@ fn a_relay_that_alters_a_chunk_never_makes_a_far_receiver_verify() {
     // The hostile relay: the real relay code in the relay's namespace, flipping a byte of
     // chunk 3 after checking it and before serving it.
     let netns = Path::new("/run/netns").join(&net.relay);
-    let trust = diskcast_proto::trust::Trust::Keys(
-        diskcast_proto::trust::parse_key_list(&public).unwrap(),
-    );
+    let trust =
+        diskcast_proto::trust::Trust::Keys(diskcast_proto::trust::parse_key_list(&public).unwrap());
     let relay = std::thread::spawn(move || {
         let namespace = std::fs::File::open(&netns).unwrap();
         nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -308,7 +333,11 @@ fn a_relay_that_alters_a_chunk_never_makes_a_far_receiver_verify() {
     let expected = std::fs::read(&source).unwrap();
     for (i, (child, target)) in far_rx.into_iter().zip(&targets).enumerate() {
         let out = wait(child, &format!("far receiver {}", i + 1));
-        assert!(!out.status.success(), "far receiver {} reported success", i + 1);
+        assert!(
+            !out.status.success(),
+            "far receiver {} reported success",
+            i + 1
+        );
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(said.contains("does not match its manifest"), "{said}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("copy verified"));

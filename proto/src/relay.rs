@@ -905,6 +905,6 @@ mod tests {
             net.far[0].result,
             Some(Err(Failure::NoSession { .. }))
         ));
-        assert_eq!(net.far[0].rx.stats.untrusted > 0, true);
+        assert!(net.far[0].rx.stats.untrusted > 0);
     }
 }

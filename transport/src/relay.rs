@@ -324,7 +324,7 @@ fn carry_out(
         match event {
             RelayEvent::Keep(write) => {
                 let chunk = write.chunk;
-                let result = match write.verified_wire() {
+                match write.verified_wire() {
                     Ok(mut bytes) => {
                         alter(chunk, &mut bytes);
                         spool
@@ -332,14 +332,11 @@ fn carry_out(
                             .map_err(|source| RelayError::Spool {
                                 path: spool.path.clone(),
                                 source,
-                            })?
+                            })?;
+                        relay.handle_kept(chunk, Ok(()), Instant::now());
                     }
-                    Err(e) => {
-                        relay.handle_kept(chunk, Err(e.to_string()), Instant::now());
-                        continue;
-                    }
-                };
-                relay.handle_kept(chunk, Ok(result), Instant::now());
+                    Err(e) => relay.handle_kept(chunk, Err(e.to_string()), Instant::now()),
+                }
             }
             RelayEvent::Finished { upstream, local } => return Ok(Some((upstream, local))),
         }

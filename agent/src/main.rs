@@ -53,6 +53,10 @@ enum Command {
     Send(SendArgs),
     /// Receive an image from a multicast session onto a disk or image file.
     Receive(ReceiveArgs),
+    /// Carry a session from a sender on another subnet (across a router that forwards no
+    /// multicast) into this one: receive it by unicast and re-multicast it to local receivers,
+    /// serving their repairs.
+    Relay(RelayArgs),
     /// Upload a disk or image file into a bootserver's image store.
     Capture(CaptureArgs),
     /// Signing keys: make one, or show a key file's public key.
@@ -179,6 +183,53 @@ struct SendArgs {
     /// key. Without it the session is unsigned and only `--trust-any` receivers join.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Serve relays on this UDP port (`agent relay --upstream ADDRESS:PORT` on subnets the
+    /// multicast does not reach); by default the sender's port is chosen by the system.
+    #[arg(long)]
+    relay_port: Option<u16>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RelayArgs {
+    /// The sender: ADDRESS:PORT (its `--relay-port`).
+    #[arg(long)]
+    upstream: std::net::SocketAddr,
+    /// The local interface, group and port to re-multicast on.
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Multicast TTL on the local subnet.
+    #[arg(long, default_value_t = 1)]
+    ttl: u8,
+    /// Name shown at the sender (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Start the local data once this many local receivers joined...
+    #[arg(long, default_value_t = 1)]
+    min_receivers: u32,
+    /// ...or this many seconds after the manifest arrived, with whoever joined.
+    #[arg(long)]
+    start_timeout: Option<u64>,
+    /// Upper bound of the local data rate, in MB/s.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Give up if no session is announced within this many seconds.
+    #[arg(long)]
+    wait: Option<u64>,
+    /// Fail when the sender is silent for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    sender_timeout: u64,
+    /// Drop a local receiver silent for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    receiver_timeout: u64,
+    /// Directory of the spool file that holds the relayed chunks (deleted at the end).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    spool_dir: PathBuf,
+    /// Relay only sessions signed by this public key (as `receive --trust`).
+    #[arg(long, value_name = "KEY", required_unless_present = "trust_any")]
+    trust: Vec<String>,
+    /// Relay any session, signed or not (the local receivers still check it themselves).
+    #[arg(long, conflicts_with = "trust")]
+    trust_any: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -313,6 +364,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
             opts.proactive_parity = args.proactive_parity;
             opts.parity = !args.no_parity;
+            opts.relay_port = args.relay_port;
             if args.no_compress {
                 opts.compress = None;
             }
@@ -346,6 +398,37 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             })?;
             println!("copy verified: {}", opts.target.display());
             Ok(())
+        }
+        Command::Relay(args) => {
+            let name = args.name.unwrap_or_else(host_name);
+            let opts = diskcast_transport::relay::RelayOptions {
+                interface: args.session.interface,
+                group: args.session.group,
+                port: args.session.port,
+                ttl: args.ttl,
+                sender: args.upstream,
+                trust: trust_from(&args.trust, args.trust_any)?,
+                id: diskcast_transport::random_u64(),
+                name,
+                min_receivers: args.min_receivers,
+                start_timeout: args.start_timeout.map(Duration::from_secs),
+                max_rate: Rate::from_mbps(args.rate),
+                receiver_timeout: Duration::from_secs(args.receiver_timeout),
+                sender_timeout: Duration::from_secs(args.sender_timeout),
+                wait_timeout: args.wait.map(Duration::from_secs),
+                spool_dir: args.spool_dir,
+            };
+            let summary = diskcast_transport::relay::run(&opts, |relay| {
+                let now = std::time::Instant::now();
+                let (done, total) = relay.upstream().progress();
+                let mut lines = vec![format!("relay: upstream {done}/{total} chunks")];
+                if let Some(local) = relay.local() {
+                    lines.extend(present::progress_table(local, now));
+                }
+                logging::console_live(&lines);
+            })?;
+            print!("{}", diskcast_transport::relay::render(&summary));
+            Ok(summary.result()?)
         }
         Command::Capture(args) => {
             let server = parse_endpoint(&args.to, args.pin.as_deref(), args.ca.as_deref())?;

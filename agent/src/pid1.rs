@@ -56,6 +56,10 @@ pub enum Pid1Error {
     Send(#[from] crate::imaging::send::SourceError),
     #[error("receiving the image failed")]
     Receive(#[from] crate::imaging::receive::ReceiveError),
+    #[error("role relay needs the sender's address: diskcast.upstream=ADDRESS:PORT (the sender's relay port)")]
+    NoUpstream,
+    #[error("relaying the session failed")]
+    Relay(#[from] diskcast_transport::relay::RelayError),
     #[error("role slave needs to know whose sessions to trust: the bootserver puts diskcast.trust=KEY on the command line (`bootserver key show`); diskcast.trust=any accepts any sender on the network")]
     NoTrust,
     #[error("{path}: bad signing key ({})", crate::stick::KEY_FILE)]
@@ -392,6 +396,7 @@ fn boot(
             &nic.mac,
             reporter,
         )?,
+        Role::Relay => relay(config, &configured.interface, &nic.mac)?,
     }
     if let Some(reporter) = reporter {
         reporter.send(ReportStep::Verified);
@@ -600,6 +605,54 @@ fn master(
         .result()
         .map_err(crate::imaging::send::SourceError::from)?;
     print_console("DISKCAST-MASTER-DONE every slave verified its copy\n");
+    Ok(())
+}
+
+/// Relays a session from another subnet into this one. The spool lives in /tmp, which in the
+/// initramfs is memory: a relay machine needs RAM for the image's data.
+fn relay(config: &BootConfig, interface: &str, mac: &str) -> Result<(), Pid1Error> {
+    use diskcast_transport::relay::{render, run, RelayOptions};
+    let trust = config.trust.clone().ok_or(Pid1Error::NoTrust)?;
+    let upstream = config.upstream.ok_or(Pid1Error::NoUpstream)?;
+    let mut opts = RelayOptions {
+        interface: Some(interface.into()),
+        group: config.group,
+        port: config.port,
+        ttl: config.ttl,
+        sender: upstream.into(),
+        trust,
+        id: diskcast_transport::random_u64(),
+        name: format!("relay {mac}"),
+        min_receivers: config.min_receivers,
+        start_timeout: config
+            .start_timeout_secs
+            .map(|s| Duration::from_secs(u64::from(s))),
+        max_rate: Rate::DEFAULT_CEILING,
+        receiver_timeout: Duration::from_secs(30),
+        sender_timeout: Duration::from_secs(30),
+        wait_timeout: None,
+        spool_dir: PathBuf::from("/tmp"),
+    };
+    if let Some(mbps) = config.rate_mbps {
+        opts.max_rate = Rate::from_mbps(f64::from(mbps));
+    }
+    print_console(&format!(
+        "relay: subscribing to {upstream}, re-multicasting on {}:{}\n",
+        config.group, config.port
+    ));
+    let mut last = Instant::now();
+    let summary = run(&opts, |relay| {
+        if last.elapsed() >= Duration::from_secs(5) {
+            last = Instant::now();
+            let (done, total) = relay.upstream().progress();
+            let local = relay.local().map_or(0, |l| l.receivers().count());
+            print_console(&format!(
+                "relay: upstream {done}/{total} chunks, {local} local receiver(s)\n"
+            ));
+        }
+    })?;
+    print_console(&render(&summary));
+    summary.result()?;
     Ok(())
 }
 

@@ -50,6 +50,9 @@ pub enum Role {
     Master,
     /// Upload this machine's disk to the server's image store.
     Capture,
+    /// Carry a session from a sender on another subnet (`diskcast.upstream=ADDRESS:PORT`) into
+    /// this machine's subnet: receive it by unicast, re-multicast it (see `relay.rs`).
+    Relay,
 }
 
 /// What PID 1 does when it cannot go on, or after its role finished.
@@ -83,11 +86,12 @@ macro_rules! keyword_enum {
     };
 }
 
-keyword_enum!(Role, "one of inventory, slave, master, capture", {
+keyword_enum!(Role, "one of inventory, slave, master, capture, relay", {
     Role::Inventory => "inventory",
     Role::Slave => "slave",
     Role::Master => "master",
     Role::Capture => "capture",
+    Role::Relay => "relay",
 });
 
 keyword_enum!(Finish, "one of reboot, poweroff, shell", {
@@ -166,6 +170,8 @@ pub struct BootConfig {
     pub sign: Option<crate::trust::SigningKey>,
     /// Master: multicast TTL, the routers a session may cross plus one (1: this LAN only).
     pub ttl: u8,
+    /// Relay: the sender's unicast address (its relay port), across the router.
+    pub upstream: Option<std::net::SocketAddrV4>,
     /// The bootserver's HTTPS API: the agent reports and uploads to `https://server:PORT`
     /// instead of plain HTTP on `store_port`, and trusts only the certificate pinned here
     /// (`diskcast.https_port=PORT diskcast.pin=SHA256`, always as a pair).
@@ -293,12 +299,13 @@ impl Default for BootConfig {
             sign: None,
             ttl: 1,
             https: None,
+            upstream: None,
         }
     }
 }
 
 const KNOWN_KEYS: &str =
-    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign, ttl, https_port, pin";
+    "role, server, interface, on_error, on_done, dhcp_timeout, log, disk, group, port, min_receivers, start_timeout, rate, image, store_port, settings, task, token, blocks, grow, trust, sign, ttl, https_port, pin, upstream";
 
 /// `any`, or the keys joined by commas, as `diskcast.trust=` carries them.
 pub fn render_trust(trust: &crate::trust::Trust) -> String {
@@ -560,6 +567,15 @@ impl BootConfig {
                     .ok_or_else(|| invalid(key, value, crate::trust::CertFingerprint::EXPECTED))?;
                 self.https_api().pin = pin;
             }
+            "upstream" => {
+                self.upstream = Some(value.parse().map_err(|_| {
+                    invalid(
+                        key,
+                        value,
+                        "the sender's IPv4 ADDRESS:PORT (e.g. 10.77.0.1:7745)",
+                    )
+                })?)
+            }
             "store_port" => {
                 self.store_port = value
                     .parse()
@@ -696,6 +712,9 @@ impl BootConfig {
             words.push(format!("{PREFIX}https_port={}", https.port));
             words.push(format!("{PREFIX}pin={}", https.pin));
         }
+        if let Some(upstream) = self.upstream {
+            words.push(format!("{PREFIX}upstream={upstream}"));
+        }
         if let Some(task) = &self.task {
             words.push(format!("{PREFIX}task={}", task.id));
             words.push(format!("{PREFIX}token={}", task.token));
@@ -743,6 +762,7 @@ mod tests {
                 port: 8443,
                 pin: crate::trust::CertFingerprint([0xc4; 32]),
             }),
+            upstream: Some("10.77.0.10:7745".parse().unwrap()),
         };
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 {} quiet",
@@ -797,6 +817,20 @@ mod tests {
                 ),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn the_relay_role_and_its_upstream_round_trip_and_bad_upstreams_are_named() {
+        let line = "diskcast.role=relay diskcast.upstream=10.77.0.10:7745 diskcast.trust=any \
+                    diskcast.group=239.255.78.1 diskcast.min_receivers=3";
+        let config = BootConfig::parse(line).unwrap();
+        assert_eq!(config.role, Role::Relay);
+        assert_eq!(config.upstream, Some("10.77.0.10:7745".parse().unwrap()));
+        assert_eq!(BootConfig::parse(&config.render()), Ok(config));
+        for bad in ["10.77.0.10", "sender:7745", "10.77.0.10:0x"] {
+            let err = BootConfig::parse(&format!("diskcast.upstream={bad}")).unwrap_err();
+            assert!(err.to_string().contains("ADDRESS:PORT"), "{err}");
         }
     }
 

@@ -26,6 +26,7 @@ pub mod modindex;
 pub mod pacer;
 pub mod read_at;
 pub mod receiver;
+pub mod relay;
 pub mod report;
 pub mod rng;
 pub mod sender;
@@ -34,7 +35,7 @@ pub mod units;
 pub mod wire;
 
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 
 /// The line PID 1 prints once the machine is up, network configured and inventory printed.
 /// Tests and operators wait for it; its form does not change.

@@ -275,6 +275,21 @@ impl ChunkWrite {
         }
         crate::codec::decode_owned(self.chunk, &self.kind, self.stored, self.raw_len)
     }
+
+    /// The chunk as it travels (compressed or not, lost blocks rebuilt), once its decoded bytes
+    /// matched their hash: what a relay keeps to serve its own receivers.
+    pub fn verified_wire(mut self) -> Result<Vec<u8>, crate::codec::CodecError> {
+        if let Some(repair) = self.repair.take() {
+            repair.rebuild(&mut self.stored).map_err(|source| {
+                crate::codec::CodecError::Rebuild {
+                    chunk: self.chunk,
+                    source,
+                }
+            })?;
+        }
+        crate::codec::decode_owned(self.chunk, &self.kind, self.stored.clone(), self.raw_len)?;
+        Ok(self.stored)
+    }
 }
 
 /// Where the receiver is, for progress displays.
@@ -439,6 +454,11 @@ pub struct Receiver {
     /// Sessions refused (session, sender), most recent last; and the last refusal in words.
     refused: VecDeque<(u32, SocketAddr)>,
     last_refusal: Option<String>,
+    /// The relay this receiver joined through (see `relay.rs`), once it did: the relay cannot
+    /// sign for the sender, so its Welcome, DoneAck and End count unsigned. That trusts the
+    /// relay with liveness only (it could end or drop this copy, as it could by going silent);
+    /// what gets written is still bound by the sender's signed Announce through the image hash.
+    relayed_by: Option<SocketAddr>,
 }
 
 fn packet(session: u32, body: Body) -> Vec<u8> {
@@ -454,6 +474,7 @@ impl Receiver {
             stats: ReceiverStats::default(),
             refused: VecDeque::new(),
             last_refusal: None,
+            relayed_by: None,
         }
     }
 
@@ -642,6 +663,18 @@ impl Receiver {
         )
     }
 
+    /// The session, the sender (or relay) and this receiver's nonce, once joined: what a relay
+    /// needs to report its own receivers upstream.
+    pub fn link(&self) -> Option<(u32, SocketAddr, u64)> {
+        match &self.state {
+            State::Joining(t) | State::Receiving(t) | State::Verifying(t) => {
+                Some((t.session, t.sender, t.nonce))
+            }
+            State::Reporting(r) => Some((r.session, r.sender, r.nonce)),
+            _ => None,
+        }
+    }
+
     /// The sender's address once a session was announced.
     fn sender(&self) -> Option<SocketAddr> {
         match &self.state {
@@ -704,7 +737,19 @@ impl Receiver {
             }
             _ => false,
         };
-        if steering {
+        if let Body::Relayed {
+            front,
+            seq,
+            flags,
+            origin,
+            inner,
+        } = &packet.body
+        {
+            let relay_state = (*front, *seq, *flags);
+            self.on_relayed(packet.session, relay_state, *origin, inner, from, now);
+            return;
+        }
+        if steering && self.relayed_by != Some(from) {
             if let Err(why) = self.trusted(&packet, from) {
                 match (&self.state, &packet.body) {
                     (State::Listening { .. }, Body::Announce { .. }) => {
@@ -718,68 +763,7 @@ impl Receiver {
             }
         }
         match packet.body {
-            Body::Announce {
-                image_size,
-                chunk_size,
-                block_size,
-                manifest_len,
-                image_hash,
-                front,
-                seq,
-                flags,
-                signature: _,
-            } => {
-                if let State::Listening { .. } = self.state {
-                    // Everything sized from here on comes from the network: bound it before
-                    // allocating anything.
-                    if !announced_geometry_is_sane(chunk_size, block_size, manifest_len) {
-                        self.stats.malformed += 1;
-                        return;
-                    }
-                    if image_size == 0 {
-                        self.fail(Failure::EmptyImage);
-                        return;
-                    }
-                    if image_size > self.cfg.disk_size {
-                        self.out.transmits.push_back(Transmit {
-                            destination: Destination::Peer(from),
-                            bytes: self.join_packet(packet.session, REFUSAL_TOO_SMALL),
-                        });
-                        self.fail(Failure::TargetTooSmall {
-                            disk_size: self.cfg.disk_size,
-                            image_size,
-                        });
-                        return;
-                    }
-                    let geometry = Geometry {
-                        image_size,
-                        chunk_size,
-                        block_size,
-                        image_hash,
-                        compressed: flags & ANNOUNCE_COMPRESSED != 0,
-                    };
-                    self.state = State::Joining(Box::new(Transfer::new(
-                        packet.session,
-                        from,
-                        geometry,
-                        manifest_len,
-                        now,
-                    )));
-                }
-                let Some(t) = self.transfer_mut() else {
-                    return;
-                };
-                if t.geometry.image_hash != image_hash {
-                    self.stats.foreign += 1;
-                    return;
-                }
-                t.last_heard = now;
-                t.highest_seq = t.highest_seq.max(seq);
-                t.announced_seq = t.announced_seq.max(seq);
-                t.front = t.front.max(front);
-                t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
-                t.parity_naks = flags & ANNOUNCE_PARITY != 0;
-            }
+            body @ Body::Announce { .. } => self.on_announce(packet.session, &body, from, now),
             Body::Welcome {
                 receiver,
                 verdict,
@@ -826,6 +810,139 @@ impl Receiver {
                 _ => {}
             },
             _ => {}
+        }
+    }
+
+    /// An Announce (verified by the caller) from `from`: the sender, or the relay that
+    /// re-multicasts it.
+    fn on_announce(&mut self, session: u32, body: &Body, from: SocketAddr, now: Instant) {
+        let Body::Announce {
+            image_size,
+            chunk_size,
+            block_size,
+            manifest_len,
+            image_hash,
+            front,
+            seq,
+            flags,
+            signature: _,
+        } = *body
+        else {
+            return;
+        };
+        if let State::Listening { .. } = self.state {
+            // Everything sized from here on comes from the network: bound it before
+            // allocating anything.
+            if !announced_geometry_is_sane(chunk_size, block_size, manifest_len) {
+                self.stats.malformed += 1;
+                return;
+            }
+            if image_size == 0 {
+                self.fail(Failure::EmptyImage);
+                return;
+            }
+            if image_size > self.cfg.disk_size {
+                self.out.transmits.push_back(Transmit {
+                    destination: Destination::Peer(from),
+                    bytes: self.join_packet(session, REFUSAL_TOO_SMALL),
+                });
+                self.fail(Failure::TargetTooSmall {
+                    disk_size: self.cfg.disk_size,
+                    image_size,
+                });
+                return;
+            }
+            let geometry = Geometry {
+                image_size,
+                chunk_size,
+                block_size,
+                image_hash,
+                compressed: flags & ANNOUNCE_COMPRESSED != 0,
+            };
+            self.state = State::Joining(Box::new(Transfer::new(
+                session,
+                from,
+                geometry,
+                manifest_len,
+                now,
+            )));
+        }
+        let Some(t) = self.transfer_mut() else {
+            return;
+        };
+        if t.geometry.image_hash != image_hash {
+            self.stats.foreign += 1;
+            return;
+        }
+        t.last_heard = now;
+        t.highest_seq = t.highest_seq.max(seq);
+        t.announced_seq = t.announced_seq.max(seq);
+        t.front = t.front.max(front);
+        t.first_pass_done |= flags & ANNOUNCE_FIRST_PASS_DONE != 0;
+        t.parity_naks = flags & ANNOUNCE_PARITY != 0;
+    }
+
+    /// A relay's re-multicast of the sender's Announce: the signature must verify for the
+    /// sender's address (`origin`), as if this receiver had heard the sender itself; the relay
+    /// then stands in for the sender (datagrams from it, reports to it).
+    /// `relay_state`: the relay's own first-pass front, sequence number and flags, which stand
+    /// in for the sender's (the relay's receivers are repaired by the relay, in its numbering).
+    fn on_relayed(
+        &mut self,
+        session: u32,
+        relay_state: (u32, u64, u8),
+        origin: SocketAddr,
+        inner: &[u8],
+        from: SocketAddr,
+        now: Instant,
+    ) {
+        let announce = match Packet::parse(inner) {
+            Ok(p) if p.session == session && matches!(p.body, Body::Announce { .. }) => p,
+            _ => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if let Err(why) = self.trusted(&announce, origin) {
+            match self.state {
+                State::Listening { .. } => self.refuse(session, from, why),
+                _ => self.stats.forged += 1,
+            }
+            return;
+        }
+        let listening = matches!(self.state, State::Listening { .. });
+        if !listening && self.relayed_by != Some(from) {
+            // Joined directly from the sender: a relay's copy of the same session is not ours.
+            self.stats.foreign += 1;
+            return;
+        }
+        let Body::Announce {
+            image_size,
+            chunk_size,
+            block_size,
+            manifest_len,
+            image_hash,
+            ..
+        } = announce.body
+        else {
+            return;
+        };
+        let (front, seq, flags) = relay_state;
+        let body = Body::Announce {
+            image_size,
+            chunk_size,
+            block_size,
+            manifest_len,
+            image_hash,
+            front,
+            seq,
+            flags,
+            signature: Vec::new(),
+        };
+        self.on_announce(session, &body, from, now);
+        if listening && !matches!(self.state, State::Listening { .. }) {
+            self.relayed_by = Some(from);
+            log::info!("session {session:08x} from {origin} relayed by {from}");
         }
     }
 

@@ -15,9 +15,10 @@ use crate::pacer::Pacer;
 use crate::rng::XorShift;
 use crate::trust::{SigningKey, Untrusted};
 use crate::wire::{
-    Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM,
-    PARITY_PROACTIVE, REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
+    Body, DataRef, DatagramType, Destination, DownstreamEntry, Nak, Packet, ReceiverState,
+    Transmit, Verdict, ANNOUNCE_COMPRESSED, ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY,
+    DATA_OVERHEAD, DATA_REPAIR, MAX_DATAGRAM, PARITY_PROACTIVE, REFUSAL_UNSIGNED,
+    REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -114,6 +115,10 @@ pub struct ReceiverReport {
     /// It answered with the nonce from the address it joined from: it is really there. Only
     /// confirmed receivers count for the start policy.
     confirmed: bool,
+    /// It subscribed as a relay: it re-multicasts the session into its own subnet.
+    pub relay: bool,
+    /// A relay's local receivers as it last reported them, by id.
+    pub downstream: BTreeMap<u64, DownstreamEntry>,
 }
 
 impl ReceiverReport {
@@ -330,7 +335,28 @@ pub struct Sender {
     outcome: Option<Outcome>,
     events: VecDeque<SenderEvent>,
     pub stats: SenderStats,
+    /// Relays that subscribed, by address: they get a unicast copy of the group's datagrams.
+    relays: BTreeMap<SocketAddr, Subscription>,
+    /// Unicast copies of the last group datagram, sent before anything else.
+    fanout: VecDeque<Transmit>,
+    /// A relay's local leg: which chunks the relay holds (only those are sent; see `relay.rs`).
+    available: Option<Vec<bool>>,
+    /// A relay's local leg: the sender's signed Announce to re-multicast, and where it came from.
+    upstream_announce: Option<(SocketAddr, Vec<u8>)>,
 }
+
+/// A relay's subscription (see [`Body::Subscribe`]).
+#[derive(Debug, Clone, Copy)]
+struct Subscription {
+    relay: u64,
+    last_heard: Instant,
+}
+
+/// Relays one sender serves at most: each costs a full copy of the session's traffic.
+pub const MAX_RELAYS: usize = 16;
+/// A relay that has not joined gets only announcements, for this long after its last Subscribe:
+/// a forged Subscribe (a spoofed address) cannot turn the sender into a flood of data at a victim.
+const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(10);
 
 fn part_size(block_size: u16) -> usize {
     usize::from(block_size)
@@ -382,9 +408,100 @@ impl Sender {
             outcome: None,
             events: VecDeque::new(),
             stats: SenderStats::default(),
+            relays: BTreeMap::new(),
+            fanout: VecDeque::new(),
+            available: None,
+            upstream_announce: None,
             manifest,
             cfg,
         }
+    }
+
+    /// A relay's local leg: sends only chunks marked with [`Sender::set_available`] (in manifest
+    /// order, as they arrive), and announces with the sender's own signed Announce (set with
+    /// [`Sender::set_upstream_announce`]) instead of one of its own; it signs nothing.
+    pub fn relaying(cfg: SenderConfig, manifest: Manifest, now: Instant) -> Self {
+        let chunks = manifest.chunks.len();
+        let mut sender = Self::new(
+            SenderConfig {
+                signing_key: None,
+                ..cfg
+            },
+            manifest,
+            now,
+        );
+        sender.available = Some(vec![false; chunks]);
+        sender
+    }
+
+    /// A relay's local leg: chunk `chunk` is held and may be sent.
+    pub fn set_available(&mut self, chunk: u32) {
+        if let Some(slot) = self
+            .available
+            .as_mut()
+            .and_then(|a| a.get_mut(chunk as usize))
+        {
+            *slot = true;
+        }
+    }
+
+    /// A relay's local leg: the latest Announce heard from the sender at `origin`.
+    pub fn set_upstream_announce(&mut self, origin: SocketAddr, announce: Vec<u8>) {
+        self.upstream_announce = Some((origin, announce));
+    }
+
+    /// Whether the first pass can send its next chunk now (a relay waits for chunks it lacks).
+    fn first_pass_ready(&self) -> bool {
+        let Some(&chunk) = self.data_chunks.get(self.pass_chunk) else {
+            return false;
+        };
+        self.available
+            .as_ref()
+            .is_none_or(|a| a.get(chunk as usize).copied().unwrap_or(false))
+    }
+
+    /// Copies of a group datagram for the relays that may have it: announcements and the end
+    /// for every recent subscriber, everything else only for a relay that joined (confirmed from
+    /// its address) and still receives.
+    fn fan_out(&mut self, bytes: &[u8], now: Instant) {
+        if self.relays.is_empty() {
+            return;
+        }
+        let steering = matches!(
+            bytes.get(3).copied().and_then(DatagramType::from_code),
+            Some(DatagramType::Announce | DatagramType::End)
+        );
+        for (&address, sub) in &self.relays {
+            let receiving = self.receivers.get(&sub.relay).is_some_and(|r| {
+                r.confirmed
+                    && r.address == Some(address)
+                    && matches!(r.state, ReceiverState::Joining | ReceiverState::Receiving)
+            });
+            let fresh = now.saturating_duration_since(sub.last_heard) < SUBSCRIPTION_LIFETIME;
+            if receiving || (steering && (fresh || self.receivers.contains_key(&sub.relay))) {
+                self.fanout.push_back(Transmit {
+                    destination: Destination::Peer(address),
+                    bytes: bytes.to_vec(),
+                });
+            }
+        }
+    }
+
+    fn subscribe(&mut self, relay: u64, from: SocketAddr, now: Instant) {
+        if !self.relays.contains_key(&from) && self.relays.len() >= MAX_RELAYS {
+            log::warn!("relay {relay:016x} at {from} turned away: {MAX_RELAYS} relays already");
+            return;
+        }
+        if !self.relays.contains_key(&from) {
+            log::info!("relay {relay:016x} at {from} subscribed");
+        }
+        self.relays.insert(
+            from,
+            Subscription {
+                relay,
+                last_heard: now,
+            },
+        );
     }
 
     pub fn session(&self) -> u32 {
@@ -538,11 +655,32 @@ impl Sender {
                 return;
             }
         };
+        if let Body::Subscribe { relay } = packet.body {
+            // A relay cannot know the session before it hears an announcement.
+            if packet.session == self.cfg.session || packet.session == 0 {
+                self.subscribe(relay, from, now);
+            }
+            return;
+        }
         if packet.session != self.cfg.session {
             self.stats.foreign += 1;
             return;
         }
         match packet.body {
+            Body::Downstream {
+                receiver,
+                nonce,
+                entries,
+            } => {
+                let Some(report) = self.reporter(receiver, nonce, from) else {
+                    return;
+                };
+                report.relay = true;
+                report.last_heard = now;
+                for entry in entries {
+                    report.downstream.insert(entry.id, entry);
+                }
+            }
             Body::Join {
                 receiver,
                 incarnation,
@@ -752,6 +890,11 @@ impl Sender {
             accepted: false,
             nonce: self.nonces.next_u64(),
             confirmed: false,
+            relay: self
+                .relays
+                .get(&join.from)
+                .is_some_and(|sub| sub.relay == id),
+            downstream: BTreeMap::new(),
         };
         let refused = match join.refusal {
             REFUSAL_UNSIGNED => Some(Untrusted::Unsigned),
@@ -1001,6 +1144,19 @@ impl Sender {
         });
     }
 
+    /// Ends the session now (a relay whose upstream failed): receivers are told it ended.
+    pub fn abort(&mut self, why: String) {
+        if matches!(self.phase, Phase::Ending | Phase::Ended) {
+            return;
+        }
+        log::warn!("ending the session: {why}");
+        self.finish(Outcome::SourceFailed {
+            chunk: 0,
+            offset: 0,
+            error: why,
+        });
+    }
+
     fn finish(&mut self, outcome: Outcome) {
         self.events.push_back(SenderEvent::Ended(outcome.clone()));
         self.outcome = Some(outcome);
@@ -1022,13 +1178,18 @@ impl Sender {
         source: &mut dyn ChunkSource,
     ) -> Option<Transmit> {
         self.update_phase(now);
+        if let Some(copy) = self.fanout.pop_front() {
+            return Some(copy);
+        }
         if let Some((destination, body, incarnation)) = self.control.pop_front() {
             return Some(Transmit {
                 destination,
                 bytes: self.signed_packet(body, incarnation),
             });
         }
-        self.poll_group(now, source).map(|bytes| Transmit {
+        let bytes = self.poll_group(now, source)?;
+        self.fan_out(&bytes, now);
+        Some(Transmit {
             destination: Destination::Group,
             bytes,
         })
@@ -1056,7 +1217,26 @@ impl Sender {
         }
         if now >= self.next_announce {
             self.next_announce = now + self.cfg.announce_interval;
-            return Some(self.packet(self.announce()));
+            if self.available.is_some() {
+                // A relay re-multicasts the sender's signed Announce (none heard yet: nothing).
+                if let Some((origin, inner)) = &self.upstream_announce {
+                    let Body::Announce {
+                        front, seq, flags, ..
+                    } = self.announce()
+                    else {
+                        return None;
+                    };
+                    return Some(self.packet(Body::Relayed {
+                        front,
+                        seq,
+                        flags,
+                        origin: *origin,
+                        inner: inner.clone(),
+                    }));
+                }
+            } else {
+                return Some(self.packet(self.announce()));
+            }
         }
         if self.phase != Phase::Sending {
             return None;
@@ -1095,7 +1275,7 @@ impl Sender {
                     self.parity_datagram(chunk, index, DATA_REPAIR, source)?
                 }
             }
-        } else if !self.first_pass_done() {
+        } else if self.first_pass_ready() {
             self.repair_turn = true;
             let chunk = self.data_chunks[self.pass_chunk];
             let block = self.pass_block;
@@ -1123,7 +1303,7 @@ impl Sender {
                 || self.manifest_repeat
                 || !self.repairs.is_empty()
                 || !self.parity.is_empty()
-                || !self.first_pass_done())
+                || self.first_pass_ready())
     }
 
     /// Parity shards the first pass sends with a chunk of `blocks` blocks.
@@ -1140,7 +1320,7 @@ impl Sender {
     /// Exact blocks (for receivers that lack too much for parity) and parity take turns too,
     /// so a receiver that keeps asking for whole chunks cannot starve everybody's parity.
     fn next_repair_in_turn(&mut self) -> Option<Repair> {
-        if !self.first_pass_done() && !self.repair_turn {
+        if self.first_pass_ready() && !self.repair_turn {
             return None;
         }
         let parity_first = self.parity_turn && !self.parity.is_empty();
@@ -1267,7 +1447,7 @@ impl Sender {
         if self.phase == Phase::Ended {
             return None;
         }
-        if !self.control.is_empty() {
+        if !self.control.is_empty() || !self.fanout.is_empty() {
             return Some(self.created);
         }
         let mut next = self.next_announce;

@@ -24,6 +24,18 @@
 //! | 8 | DoneAck | sender → receiver (unicast) | receiver u64, signature sig8 |
 //! | 9 | End | sender → group | aborted u8, signature sig8 |
 //! | 10 | Parity | sender → group | seq u64, chunk u32, index u16, flags u8, bytes (one block) |
+//! | 11 | Relayed | relay → its group | front u32, seq u64, flags u8, origin addr, bytes (the sender's signed Announce, verbatim) |
+//! | 12 | Subscribe | relay → sender (unicast) | relay u64 |
+//! | 13 | Downstream | relay → sender (unicast) | receiver u64 (the relay), nonce u64, count u8, entries |
+//!
+//! Relays (`relay.rs`) carry a session across a router that forwards no multicast: a relay
+//! subscribes to the sender by unicast, is sent a unicast copy of the group's datagrams once it
+//! joined like a receiver, and re-multicasts the session into its own subnet. `addr` is a family
+//! byte (4 or 6), the address and a u16 port. A Downstream entry is `id u64, state u8,
+//! chunks_done u32, chunks_total u32, name str8, reason str8`: what the relay knows about one of
+//! its local receivers, for the sender's summary. A Relayed datagram's own `front`, `seq` and
+//! `flags` are the relay's (its first pass and sequence numbers: what its receivers' NAKs are
+//! weighed against); the signed inner Announce gives the image. Version 3 added these types.
 //!
 //! A NAK is `0, start u32, count u32` (whole chunks missing) or `1, chunk u32, bitmap_len u16,
 //! bitmap` (bit b set: block b of the chunk is missing), or `2, chunk u32, needed u16` (that many
@@ -77,6 +89,9 @@ pub enum DatagramType {
     DoneAck = 8,
     End = 9,
     Parity = 10,
+    Relayed = 11,
+    Subscribe = 12,
+    Downstream = 13,
 }
 
 impl DatagramType {
@@ -92,6 +107,9 @@ impl DatagramType {
             8 => Self::DoneAck,
             9 => Self::End,
             10 => Self::Parity,
+            11 => Self::Relayed,
+            12 => Self::Subscribe,
+            13 => Self::Downstream,
             _ => return None,
         })
     }
@@ -109,6 +127,9 @@ impl DatagramType {
             Self::DoneAck => "done-ack",
             Self::End => "end",
             Self::Parity => "parity",
+            Self::Relayed => "relayed",
+            Self::Subscribe => "subscribe",
+            Self::Downstream => "downstream",
         }
     }
 }
@@ -123,7 +144,7 @@ pub enum ReceiverState {
 }
 
 impl ReceiverState {
-    fn from_u8(v: u8) -> Option<Self> {
+    pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             0 => Self::Joining,
             1 => Self::Receiving,
@@ -275,6 +296,54 @@ pub enum Body {
         flags: u8,
         bytes: Vec<u8>,
     },
+    /// A relay's re-multicast of the sender's signed Announce: `origin` is the sender's address
+    /// as the relay saw it, which the signature binds; `inner` the Announce datagram as it came.
+    Relayed {
+        front: u32,
+        seq: u64,
+        flags: u8,
+        origin: std::net::SocketAddr,
+        inner: Vec<u8>,
+    },
+    /// A relay asks the sender for a unicast copy of the session.
+    Subscribe {
+        relay: u64,
+    },
+    /// A relay's view of its local receivers (at most [`MAX_DOWNSTREAM_ENTRIES`] per datagram).
+    Downstream {
+        receiver: u64,
+        nonce: u64,
+        entries: Vec<DownstreamEntry>,
+    },
+}
+
+/// One local receiver of a relay, as the relay reports it to the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownstreamEntry {
+    pub id: u64,
+    pub state: ReceiverState,
+    pub chunks_done: u32,
+    pub chunks_total: u32,
+    pub name: String,
+    pub reason: String,
+}
+
+/// Entries per Downstream datagram: each may take 2 × 255 bytes of text, so a datagram stays
+/// under [`MAX_DATAGRAM`].
+pub const MAX_DOWNSTREAM_ENTRIES: usize = 2;
+
+fn put_addr(out: &mut Vec<u8>, addr: &std::net::SocketAddr) {
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+        }
+        std::net::SocketAddr::V6(a) => {
+            out.push(6);
+            out.extend_from_slice(&a.ip().octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_be_bytes());
 }
 
 /// Where a datagram goes: to the session's group, or to one peer (a receiver's Welcome, a
@@ -429,6 +498,9 @@ impl Body {
             Body::DoneAck { .. } => DatagramType::DoneAck,
             Body::End { .. } => DatagramType::End,
             Body::Parity { .. } => DatagramType::Parity,
+            Body::Relayed { .. } => DatagramType::Relayed,
+            Body::Subscribe { .. } => DatagramType::Subscribe,
+            Body::Downstream { .. } => DatagramType::Downstream,
         }
     }
 }
@@ -659,6 +731,38 @@ impl Packet {
                     put_sig8(&mut out, signature);
                 }
             }
+            Body::Relayed {
+                front,
+                seq,
+                flags,
+                origin,
+                inner,
+            } => {
+                out.extend_from_slice(&front.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.push(*flags);
+                put_addr(&mut out, origin);
+                out.extend_from_slice(inner);
+            }
+            Body::Subscribe { relay } => out.extend_from_slice(&relay.to_be_bytes()),
+            Body::Downstream {
+                receiver,
+                nonce,
+                entries,
+            } => {
+                out.extend_from_slice(&receiver.to_be_bytes());
+                out.extend_from_slice(&nonce.to_be_bytes());
+                let entries = &entries[..entries.len().min(MAX_DOWNSTREAM_ENTRIES)];
+                out.push(entries.len() as u8);
+                for e in entries {
+                    out.extend_from_slice(&e.id.to_be_bytes());
+                    out.push(e.state as u8);
+                    out.extend_from_slice(&e.chunks_done.to_be_bytes());
+                    out.extend_from_slice(&e.chunks_total.to_be_bytes());
+                    put_str8(&mut out, &e.name);
+                    put_str8(&mut out, &e.reason);
+                }
+            }
         }
         out
     }
@@ -795,6 +899,54 @@ impl Packet {
                 aborted: r.bool()?,
                 signature: r.sig8()?,
             },
+            DatagramType::Relayed => {
+                let (front, seq, flags) = (r.u32()?, r.u64()?, r.u8()?);
+                let origin = match r.u8()? {
+                    4 => {
+                        let a: [u8; 4] =
+                            r.take(4)?.try_into().map_err(|_| WireError::Body(what))?;
+                        std::net::SocketAddr::from((a, r.u16()?))
+                    }
+                    6 => {
+                        let a: [u8; 16] =
+                            r.take(16)?.try_into().map_err(|_| WireError::Body(what))?;
+                        std::net::SocketAddr::from((a, r.u16()?))
+                    }
+                    _ => return Err(WireError::Body(what)),
+                };
+                Body::Relayed {
+                    front,
+                    seq,
+                    flags,
+                    origin,
+                    inner: r.rest().to_vec(),
+                }
+            }
+            DatagramType::Subscribe => Body::Subscribe { relay: r.u64()? },
+            DatagramType::Downstream => {
+                let receiver = r.u64()?;
+                let nonce = r.u64()?;
+                let count = usize::from(r.u8()?);
+                if count > MAX_DOWNSTREAM_ENTRIES {
+                    return Err(WireError::Body(what));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(DownstreamEntry {
+                        id: r.u64()?,
+                        state: ReceiverState::from_u8(r.u8()?).ok_or(WireError::Body(what))?,
+                        chunks_done: r.u32()?,
+                        chunks_total: r.u32()?,
+                        name: r.str8()?,
+                        reason: r.str8()?,
+                    });
+                }
+                Body::Downstream {
+                    receiver,
+                    nonce,
+                    entries,
+                }
+            }
             // Handled above without copying its payload.
             DatagramType::Data | DatagramType::Parity => return Err(WireError::Type(type_code)),
         };
@@ -985,6 +1137,43 @@ mod tests {
                 flags: DATA_REPAIR,
                 bytes: vec![3; 1408],
             },
+            Body::Relayed {
+                front: 3,
+                seq: 1 << 35,
+                flags: ANNOUNCE_PARITY,
+                origin: "10.0.1.1:7744".parse().unwrap(),
+                inner: vec![0xd1, 0x5c, 3, 1, 0, 0, 0, 1],
+            },
+            Body::Relayed {
+                front: 0,
+                seq: 0,
+                flags: 0,
+                origin: "[fd00::1]:7744".parse().unwrap(),
+                inner: Vec::new(),
+            },
+            Body::Subscribe { relay: 77 },
+            Body::Downstream {
+                receiver: 77,
+                nonce: 5,
+                entries: vec![
+                    DownstreamEntry {
+                        id: 1,
+                        state: ReceiverState::Done,
+                        chunks_done: 9,
+                        chunks_total: 9,
+                        name: "far-1".into(),
+                        reason: String::new(),
+                    },
+                    DownstreamEntry {
+                        id: 2,
+                        state: ReceiverState::Failed,
+                        chunks_done: 3,
+                        chunks_total: 9,
+                        name: "é".repeat(127),
+                        reason: "x".repeat(255),
+                    },
+                ],
+            },
         ];
         body.into_iter()
             .map(|body| Packet {
@@ -1042,7 +1231,10 @@ mod tests {
             let kind = packet.body.datagram_type();
             let open_ended = matches!(
                 kind,
-                DatagramType::ManifestPart | DatagramType::Data | DatagramType::Parity
+                DatagramType::ManifestPart
+                    | DatagramType::Data
+                    | DatagramType::Parity
+                    | DatagramType::Relayed
             );
             for _ in 0..2000 {
                 let mut m = bytes[..bytes.len() - 4].to_vec();

@@ -700,6 +700,37 @@ impl Lab {
         netns
     }
 
+    /// [`Lab::add_host`] on another bridge (a subnet made by [`Lab::add_subnet`]), with `routes`
+    /// (`ip route add` arguments, e.g. `default via 10.78.0.1`) to reach other subnets.
+    pub fn add_host_on(
+        &mut self,
+        host: &str,
+        address: &str,
+        bridge: &str,
+        routes: &[&str],
+    ) -> String {
+        let netns = format!("{}-{host}", self.netns);
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        let peer = format!("v-{host}");
+        self.ip(&format!(
+            "link add {peer} type veth peer name eth0 netns {netns}"
+        ));
+        self.ip(&format!("link set {peer} master {bridge} up"));
+        let mut commands = vec![
+            "link set lo up".to_string(),
+            format!("addr add {address} brd + dev eth0"),
+            "link set eth0 up".into(),
+        ];
+        commands.extend(routes.iter().map(|r| format!("route add {r}")));
+        for args in commands {
+            run(Command::new("ip")
+                .args(["netns", "exec", &netns, "ip"])
+                .args(args.split_whitespace()));
+        }
+        netns
+    }
+
     /// Runs a command inside another namespace of this lab (one made by [`Lab::add_host`]).
     pub fn in_host(netns: &str, program: &Path) -> Command {
         let mut cmd = Command::new("ip");

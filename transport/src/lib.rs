@@ -6,6 +6,7 @@
 
 pub mod keys;
 pub mod present;
+pub mod relay;
 pub mod send;
 pub mod socket;
 

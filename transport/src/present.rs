@@ -85,6 +85,17 @@ pub fn progress_table(sender: &Sender, now: Instant) -> Vec<String> {
                 printable(&f.to_string())
             ))
         ));
+        if r.relay {
+            let verified = r
+                .downstream
+                .values()
+                .filter(|d| d.state == ReceiverState::Done)
+                .count();
+            lines.push(format!(
+                "    relay: {} local receiver(s), {verified} verified",
+                r.downstream.len()
+            ));
+        }
     }
     let total = match sender.data_started() {
         Some(started) => format!(
@@ -142,11 +153,28 @@ impl SendSummary {
                 secs,
                 r.repairs_requested,
                 match (&r.state, &r.failure) {
+                    (ReceiverState::Done, _) if r.relay => "relayed: its copy verified".to_string(),
                     (ReceiverState::Done, _) => "verified".to_string(),
                     (_, Some(why)) => printable(&why.to_string()),
                     _ => "unknown".to_string(),
                 }
             ));
+            // A relay's local receivers, as it reported them.
+            for d in r.downstream.values() {
+                out.push_str(&format!(
+                    "    via {:<14} {:<18} {:<10} {:>8} {:>9}  {}\n",
+                    display_name(&r.name, r.id),
+                    display_name(&d.name, d.id),
+                    state_name(d.state),
+                    "-",
+                    "-",
+                    match d.state {
+                        ReceiverState::Done => "verified".to_string(),
+                        _ if !d.reason.is_empty() => printable(&d.reason),
+                        _ => "unknown".to_string(),
+                    }
+                ));
+            }
         }
         let refused = self
             .receivers

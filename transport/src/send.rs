@@ -58,6 +58,9 @@ pub struct SendOptions {
     /// zstd level a sender reading a raw disk compresses its chunks with; `None` sends them raw.
     /// (An image store's chunks travel as they are stored.)
     pub compress: Option<i32>,
+    /// The UDP port of the sender's own socket: relays on subnets the group does not reach
+    /// subscribe to ADDRESS:PORT (see `diskcast_proto::relay`). `None`: any free port.
+    pub relay_port: Option<u16>,
 }
 
 impl SendOptions {
@@ -80,6 +83,7 @@ impl SendOptions {
             parity: true,
             proactive_parity: 0.0,
             compress: Some(DEFAULT_WIRE_LEVEL),
+            relay_port: None,
         }
     }
 }
@@ -104,7 +108,17 @@ pub struct SendSummary {
 impl SendSummary {
     /// `Ok` only when every receiver verified its copy.
     pub fn result(&self) -> Result<(), SendError> {
+        let downstream = self.receivers.iter().flat_map(|r| r.downstream.values());
+        let downstream_failed = downstream
+            .clone()
+            .filter(|d| d.state != ReceiverState::Done)
+            .count();
         match &self.outcome {
+            // A relay verified its own copy; its receivers must have verified theirs too.
+            Outcome::AllDone if downstream_failed > 0 => Err(SendError::ReceiversFailed {
+                failed: downstream_failed,
+                total: self.receivers.len() + downstream.count(),
+            }),
             Outcome::AllDone => Ok(()),
             Outcome::NoReceivers => Err(SendError::NoReceivers),
             Outcome::SourceFailed { .. } => Err(SendError::Source(self.outcome.to_string())),
@@ -154,7 +168,8 @@ pub fn multicast(
         return Err(NetError::NotMulticast(opts.group).into());
     }
     let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
-    let socket = socket::sender_socket(&interface, address, opts.ttl)?;
+    let socket =
+        socket::sender_socket(&interface, address, opts.relay_port.unwrap_or(0), opts.ttl)?;
     socket.set_nonblocking(true)?;
     // Receivers see the socket's own address: the signatures bind it.
     let local = socket.local_addr()?;

@@ -68,13 +68,15 @@ fn new_udp(what: &'static str, addr: SocketAddrV4) -> Result<std::os::fd::OwnedF
     })
 }
 
-/// The sender's socket: bound to the interface address, multicasting out of that interface.
+/// The sender's socket: bound to the interface address (and `port`, 0 for any: relays need a
+/// known one to subscribe to), multicasting out of that interface.
 pub fn sender_socket(
     interface: &str,
     interface_addr: Ipv4Addr,
+    port: u16,
     ttl: u8,
 ) -> Result<UdpSocket, NetError> {
-    let addr = SocketAddrV4::new(interface_addr, 0);
+    let addr = SocketAddrV4::new(interface_addr, port);
     let fail = |source| NetError::Socket {
         what: "sender",
         addr: addr.into(),
@@ -228,6 +230,19 @@ fn is_queue_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
 }
 
+/// An ICMP error about an earlier unicast datagram from the same socket (a relay or receiver
+/// that went away), which Linux reports at the next send with IP_RECVERR on: it says nothing
+/// about this send, which is retried.
+fn is_stale_unicast_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+    )
+}
+
+/// Stale errors reported in a row before a send gives up.
+const STALE_ERRORS: u32 = 64;
+
 impl GsoBatch {
     pub fn new(dest: SocketAddrV4) -> Self {
         Self {
@@ -265,6 +280,7 @@ impl GsoBatch {
         if self.count == 0 {
             return Ok(());
         }
+        let mut stale = 0;
         loop {
             if self.count == 0 {
                 break;
@@ -277,6 +293,7 @@ impl GsoBatch {
             match result {
                 Ok(()) => break,
                 Err(e) if is_queue_full(&e) => std::thread::sleep(Duration::from_micros(200)),
+                Err(e) if is_stale_unicast_error(&e) && stale < STALE_ERRORS => stale += 1,
                 Err(e)
                     if self.enabled
                         && matches!(

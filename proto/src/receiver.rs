@@ -891,11 +891,9 @@ impl Receiver {
             Verdict::TooSlow if !matches!(self.state, State::Reporting(_)) => {
                 let (chunks_done, chunks_total) = self.progress();
                 let numbered = self.transfer_mut().map_or(0, |t| t.highest_seq);
-                let received_percent = if numbered == 0 {
-                    0
-                } else {
-                    (100 * self.stats.datagrams.min(numbered) / numbered) as u8
-                };
+                let received_percent = (100 * self.stats.datagrams.min(numbered))
+                    .checked_div(numbered)
+                    .unwrap_or(0) as u8;
                 self.fail(Failure::TooSlow {
                     chunks_done,
                     chunks_total,

@@ -225,6 +225,12 @@ impl LossMeter {
             return None;
         }
         let sent = seq - seq0;
+        if sent == 0 {
+            // Nothing sent since (still waiting for others to join, say): the window starts
+            // with the data, or the time without any would pass for a slow receiver.
+            self.start = Some((seq, received, now));
+            return None;
+        }
         let elapsed = now.saturating_duration_since(at0);
         if sent < LOSS_WINDOW_DATAGRAMS || elapsed < LOSS_WINDOW_TIME {
             return None;

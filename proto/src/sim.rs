@@ -1679,6 +1679,25 @@ fn losses_in_runs_as_a_bridge_drops_whole_gso_sends_are_repaired_with_parity() {
         assert_eq!(r.coder.made, 1, "receiver {i}: {:?}", r.coder);
     }
 }
+
+#[test]
+fn a_congested_receiver_that_waited_for_the_others_is_measured_from_the_data_on() {
+    // The slow receiver joins at once; the session waits a second for the second receiver.
+    // The time spent waiting must not count as time it took in nothing: its first cut must be
+    // to about what its NIC takes (20 MB/s), not straight to the floor.
+    let image = test_image(96 * CHUNK as usize, 54);
+    let sender_cfg = SenderConfig {
+        min_rate: 1_000_000,
+        ..floored(2)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.0, 54);
+    sim.receivers[0].nic = Some(NicModel::new(20e6, 32.0 * 1500.0));
+    sim.receivers[1].start_at = Duration::from_secs(1);
+    let lowest = run_noting_lowest_rate(&mut sim, Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(lowest > 5_000_000, "cut to {lowest} B/s");
+}
+
 /// Runs `sim` to its end, noting the lowest rate the sender paced at once the data started.
 fn run_noting_lowest_rate(sim: &mut Sim, limit: Duration) -> u64 {
     let lowest = std::cell::Cell::new(u64::MAX);
@@ -1708,7 +1727,8 @@ fn floored(min_receivers: u32) -> SenderConfig {
 fn a_receiver_losing_most_datagrams_at_full_rate_slows_the_sender_and_completes() {
     // Its NIC takes in 20 MB/s: at the 100 MB/s ceiling it loses 80 % of the datagrams, at the
     // 10 MB/s floor none. No socket overflows: the loss itself is the only signal.
-    let image = test_image(96 * CHUNK as usize, 51);
+    // Large enough that the first window (the first 100 ms, at full rate) is not most of it.
+    let image = test_image(384 * CHUNK as usize, 51);
     let mut sim = Sim::new(image, CHUNK, floored(1), 1, 0.0, 51);
     sim.receivers[0].nic = Some(NicModel::new(20e6, 32.0 * 1500.0));
     let lowest = run_noting_lowest_rate(&mut sim, Duration::from_secs(60));

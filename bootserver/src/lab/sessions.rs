@@ -265,6 +265,11 @@ fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
         joined: Vec::new(),
     };
     match send::multicast(&opts, manifest, &mut stored, &mut observer) {
+        Ok(summary) if summary.outcome == diskcast_proto::sender::Outcome::NobodyExpected => {
+            log::info!(
+                "lab: session for image {image:?} ended before it started: every machine it waited for failed or was cancelled"
+            );
+        }
         Ok(summary) => {
             for line in summary.render().lines() {
                 log::info!("lab: deploy {image}: {line}");

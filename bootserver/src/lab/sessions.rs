@@ -530,6 +530,7 @@ mod tests {
             updated: 0,
             finished: None,
             last_activity: 0,
+            site: None,
         }
     }
 

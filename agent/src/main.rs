@@ -145,9 +145,14 @@ struct SendArgs {
     source: PathBuf,
     #[command(flatten)]
     session: SessionArgs,
-    /// Upper bound of the data rate, in MB/s (the sender adapts below it when receivers overflow).
+    /// Upper bound of the data rate, in MB/s (the sender adapts below it when receivers overflow
+    /// or lose most datagrams).
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
+    /// MB/s: the lowest rate the sender slows down to for a receiver that loses most datagrams;
+    /// one that still does there is dropped.
+    #[arg(long, default_value_t = 10.0)]
+    min_rate: f64,
     /// Start once this many receivers joined.
     #[arg(long, default_value_t = 1)]
     min_receivers: u32,
@@ -347,6 +352,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             );
             opts.ttl = args.ttl;
             opts.max_rate = Rate::from_mbps(args.rate);
+            opts.min_rate = Rate::from_mbps(args.min_rate);
             opts.min_receivers = args.min_receivers;
             opts.start_timeout = args.start_timeout.map(Duration::from_secs);
             opts.deadline = args.deadline.map(Duration::from_secs);

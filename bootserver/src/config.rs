@@ -325,6 +325,9 @@ pub mod file {
         pub group: Option<Spanned<Ipv4Addr>>,
         pub port: Option<u16>,
         pub rate: Option<u32>,
+        /// MB/s: the lowest rate its sessions slow down to for a machine that loses most
+        /// datagrams (default 10); one that still does there is dropped.
+        pub min_rate: Option<u32>,
         pub deadline: Option<u32>,
         pub start_timeout: Option<u32>,
         /// Multicast TTL of its sessions (default: what its machines' subnets need, else 1).
@@ -579,6 +582,8 @@ pub struct ImageSession {
     pub group_derived: bool,
     pub port: u16,
     pub rate: Option<Rate>,
+    /// The floor of the rate control (see [`diskcast_transport::send::SendOptions::min_rate`]).
+    pub min_rate: Option<Rate>,
     pub deadline: Option<Duration>,
     pub start_timeout: Option<Duration>,
     /// Multicast TTL; `None`: what the machines' subnets need (else 1).
@@ -1412,6 +1417,7 @@ impl Config {
                 group: group.unwrap_or(derived.group),
                 port: i.port.unwrap_or(derived.port),
                 rate: i.rate.map(|r| Rate::from_mbps(f64::from(r))),
+                min_rate: i.min_rate.map(|r| Rate::from_mbps(f64::from(r))),
                 deadline: i.deadline.map(|s| Duration::from_secs(s.into())),
                 start_timeout: i.start_timeout.map(|s| Duration::from_secs(s.into())),
             };
@@ -1536,6 +1542,7 @@ fn session_for_image(name: &str, p2p_port: u16) -> ImageSession {
         group_derived: true,
         port: p2p_port.wrapping_add(1),
         rate: None,
+        min_rate: None,
         deadline: None,
         start_timeout: None,
         ttl: None,

@@ -515,6 +515,10 @@ struct DeployArgs {
     /// MB/s at most.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
+    /// MB/s: the lowest rate the session slows down to for a slave that loses most datagrams;
+    /// one that still does there is dropped.
+    #[arg(long, default_value_t = 10.0)]
+    min_rate: f64,
     /// Multicast TTL: the routers between the server and the slaves, plus one (1: this LAN only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     ttl: u8,
@@ -645,6 +649,7 @@ fn main() -> ExitCode {
             opts.start_timeout = args.start_timeout.map(Duration::from_secs);
             opts.deadline = args.deadline.map(Duration::from_secs);
             opts.max_rate = Rate::from_mbps(args.rate);
+            opts.min_rate = Rate::from_mbps(args.min_rate);
             opts.ttl = args.ttl;
             let summary = deploy_once(&store, &args.image, &opts, |progress| {
                 eprintln!(

@@ -5,6 +5,11 @@
 //! Increases and decreases keep separate clocks. A decrease may follow any increase at once — the
 //! signal that the network cannot keep up must never be swallowed because the rate just rose —
 //! and after a decrease the rate holds for a while before it climbs again.
+//!
+//! A receiver that loses most datagrams (a slow NIC drops them before any socket sees them, so
+//! no overflow is counted) is congestion too: the rate is cut to what that receiver took in, but
+//! never below the floor, and above the rate of that cut it climbs only slowly (5 % per step)
+//! until the congested receiver leaves, so it does not overshoot again at once.
 
 use std::time::{Duration, Instant};
 
@@ -13,12 +18,20 @@ const STEP: Duration = Duration::from_millis(100);
 /// After a decrease the rate stays put this long, so the cut can take effect before it is undone.
 const HOLD_AFTER_DECREASE: Duration = Duration::from_millis(300);
 /// The lowest rate a cut can reach: 1 MB/s.
-const MIN_RATE: f64 = 1_000_000.0;
+pub const MIN_RATE: f64 = 1_000_000.0;
+/// Above the rate of the last congestion cut, the rate grows by this factor per step.
+const CAREFUL_GROWTH: f64 = 1.05;
+/// A congestion cut aims this far below what the congested receiver took in.
+const CONGESTION_MARGIN: f64 = 0.9;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
     rate: f64,
     max_rate: f64,
+    /// Congestion cuts stop here (the session's floor).
+    floor: f64,
+    /// Above this the rate grows carefully: the rate of the last congestion cut, or the ceiling.
+    careful_above: f64,
     tokens: f64,
     burst: f64,
     last_refill: Instant,
@@ -28,11 +41,14 @@ pub struct Pacer {
 
 impl Pacer {
     /// Starts at `initial` bytes per second (at most `max`), with a bucket of `burst` bytes.
-    pub fn new(initial: u64, max: u64, burst: usize, now: Instant) -> Self {
+    /// Cuts for congestion stop at `floor` (at least [`MIN_RATE`], at most `max`).
+    pub fn new(initial: u64, max: u64, floor: u64, burst: usize, now: Instant) -> Self {
         let max_rate = (max as f64).max(MIN_RATE);
         Self {
             rate: (initial as f64).clamp(MIN_RATE, max_rate),
             max_rate,
+            floor: (floor as f64).clamp(MIN_RATE, max_rate),
+            careful_above: max_rate,
             tokens: burst as f64,
             burst: burst as f64,
             last_refill: now,
@@ -50,6 +66,17 @@ impl Pacer {
         self.max_rate as u64
     }
 
+    /// The lowest rate a congested receiver can bring the session to.
+    pub fn floor(&self) -> u64 {
+        self.floor as u64
+    }
+
+    /// Whether a congestion cut reached the floor (and the receivers that caused it are still
+    /// there): the rate probes upwards from there, but cutting cannot help any more.
+    pub fn floor_reached(&self) -> bool {
+        self.careful_above <= self.floor
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now
             .saturating_duration_since(self.last_refill)
@@ -60,11 +87,17 @@ impl Pacer {
             .last_decrease
             .is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE);
         if !held && now.saturating_duration_since(self.last_increase) >= STEP {
-            // A quarter more, and at least a fiftieth of the ceiling: from any start the ceiling
-            // is reached within about a second.
-            self.rate = (self.rate * 1.25)
-                .max(self.rate + self.max_rate / 50.0)
-                .min(self.max_rate);
+            self.rate = if self.rate >= self.careful_above {
+                // Past the rate a congested receiver took: probe upwards gently.
+                self.rate * CAREFUL_GROWTH
+            } else {
+                // A quarter more, and at least a fiftieth of the ceiling: from any start the
+                // ceiling is reached within about a second.
+                (self.rate * 1.25)
+                    .max(self.rate + self.max_rate / 50.0)
+                    .min(self.careful_above)
+            }
+            .min(self.max_rate);
             self.last_increase = now;
         }
     }
@@ -100,6 +133,27 @@ impl Pacer {
         self.rate = (self.rate * 0.75).max(MIN_RATE);
         self.last_decrease = Some(now);
     }
+
+    /// A receiver lost most of what was sent while taking in `delivered` bytes per second: cut
+    /// the rate to a little below that (by a quarter at least), not below the floor, at most
+    /// once per step; then grow carefully above the new rate.
+    pub fn on_congestion(&mut self, delivered: f64, now: Instant) {
+        if self
+            .last_decrease
+            .is_some_and(|at| now.saturating_duration_since(at) < STEP)
+        {
+            return;
+        }
+        let target = (self.rate * 0.75).min(delivered * CONGESTION_MARGIN);
+        self.rate = target.max(self.floor).min(self.rate);
+        self.careful_above = self.rate;
+        self.last_decrease = Some(now);
+    }
+
+    /// The congested receivers left: the rate may climb at full speed again.
+    pub fn forget_congestion(&mut self) {
+        self.careful_above = self.max_rate;
+    }
 }
 
 #[cfg(test)]
@@ -111,7 +165,7 @@ mod tests {
     #[test]
     fn releases_bytes_at_the_rate_and_no_faster() {
         let t0 = Instant::now();
-        let mut pacer = Pacer::new(10 * MB, 10 * MB, 15_000, t0);
+        let mut pacer = Pacer::new(10 * MB, 10 * MB, MB, 15_000, t0);
         let mut sent = 0usize;
         let mut now = t0;
         for _ in 0..100_000 {
@@ -129,7 +183,7 @@ mod tests {
     #[test]
     fn climbs_to_the_ceiling_within_about_a_second() {
         let t0 = Instant::now();
-        let mut pacer = Pacer::new(10 * MB, 100 * MB, 1500, t0);
+        let mut pacer = Pacer::new(10 * MB, 100 * MB, MB, 1500, t0);
         for ms in (0..=1200).step_by(10) {
             pacer.try_send(0, t0 + Duration::from_millis(ms));
         }
@@ -141,7 +195,7 @@ mod tests {
         // The rate rises every 100 ms while sending. A report of overflows that lands just after a
         // rise must cut it; an earlier version shared one clock and dropped such reports.
         let t0 = Instant::now();
-        let mut pacer = Pacer::new(100 * MB, 100 * MB, 1500, t0);
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, MB, 1500, t0);
         let mut now = t0;
         for _ in 0..40 {
             now += Duration::from_millis(100);
@@ -160,7 +214,7 @@ mod tests {
     #[test]
     fn cuts_at_most_once_per_step_and_holds_before_rising_again() {
         let t0 = Instant::now();
-        let mut pacer = Pacer::new(80 * MB, 80 * MB, 1500, t0);
+        let mut pacer = Pacer::new(80 * MB, 80 * MB, MB, 1500, t0);
         pacer.on_overflow(t0);
         pacer.on_overflow(t0 + Duration::from_millis(50));
         assert_eq!(
@@ -172,5 +226,43 @@ mod tests {
         assert_eq!(pacer.rate(), 60 * MB, "held after the cut");
         pacer.try_send(0, t0 + Duration::from_millis(400));
         assert!(pacer.rate() > 60 * MB, "rises again after the hold");
+    }
+
+    #[test]
+    fn congestion_cuts_to_what_the_receiver_took_but_not_below_the_floor() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, 5 * MB, 1500, t0);
+        // The receiver took in 20 MB/s of the 100 sent: the rate goes just below that.
+        pacer.on_congestion(20e6, t0);
+        assert_eq!(pacer.rate(), 18 * MB);
+        assert!(!pacer.floor_reached());
+        // Far below the floor: the floor.
+        pacer.on_congestion(1e6, t0 + Duration::from_millis(100));
+        assert_eq!(pacer.rate(), 5 * MB);
+        assert!(pacer.floor_reached());
+        pacer.on_congestion(1e6, t0 + Duration::from_millis(200));
+        assert_eq!(pacer.rate(), 5 * MB);
+    }
+
+    #[test]
+    fn after_congestion_the_rate_grows_carefully_until_the_receiver_leaves() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, MB, 1500, t0);
+        pacer.on_congestion(10e6, t0);
+        assert_eq!(pacer.rate(), 9 * MB);
+        // One second after the hold: 5 % per step, not a quarter.
+        for ms in (0..=1300).step_by(10) {
+            pacer.try_send(0, t0 + Duration::from_millis(ms));
+        }
+        let careful = pacer.rate();
+        assert!(
+            (14 * MB..16 * MB).contains(&careful),
+            "{careful} B/s after a second of careful growth"
+        );
+        pacer.forget_congestion();
+        for ms in (1300..=2600).step_by(10) {
+            pacer.try_send(0, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(pacer.rate(), 100 * MB);
     }
 }

@@ -145,6 +145,13 @@ pub enum Failure {
     TooLate,
     /// The sender gave up on this receiver.
     Dropped { chunks_done: u32, chunks_total: u32 },
+    /// The sender gave up on this receiver because it lost most datagrams even at the session's
+    /// lowest rate; it took in `received_percent` of what the sender numbered.
+    TooSlow {
+        chunks_done: u32,
+        chunks_total: u32,
+        received_percent: u8,
+    },
     NoSession {
         waited: Duration,
         /// The last session refused meanwhile, and why, as the receiver said it.
@@ -191,6 +198,17 @@ impl fmt::Display for Failure {
             } => write!(
                 f,
                 "the sender dropped this receiver (too slow or too lossy; {chunks_done} of {chunks_total} chunks done)"
+            ),
+            Self::TooSlow {
+                chunks_done,
+                chunks_total,
+                received_percent,
+            } => write!(
+                f,
+                "the sender dropped this receiver: it lost most datagrams even at the session's \
+                 lowest rate (took in about {received_percent} % of them; {chunks_done} of \
+                 {chunks_total} chunks done). Its NIC or network cannot keep up: image it in a \
+                 session of its own, or lower the session's min_rate"
             ),
             Self::NoSession { waited, refused } => {
                 write!(
@@ -985,6 +1003,18 @@ impl Receiver {
                 self.fail(Failure::Dropped {
                     chunks_done,
                     chunks_total,
+                })
+            }
+            Verdict::TooSlow if !matches!(self.state, State::Reporting(_)) => {
+                let (chunks_done, chunks_total) = self.progress();
+                let numbered = self.transfer_mut().map_or(0, |t| t.highest_seq);
+                let received_percent = (100 * self.stats.datagrams.min(numbered))
+                    .checked_div(numbered)
+                    .unwrap_or(0) as u8;
+                self.fail(Failure::TooSlow {
+                    chunks_done,
+                    chunks_total,
+                    received_percent,
                 })
             }
             _ => {}

@@ -42,6 +42,10 @@ pub struct SenderConfig {
     /// Bytes per second of data to start with and the ceiling.
     pub initial_rate: u64,
     pub max_rate: u64,
+    /// The floor: a receiver that loses most datagrams slows the session down to this rate at
+    /// most; one that still loses most of them there is dropped ([`ReceiverFailure::TooSlow`]).
+    /// It bounds what one slow machine costs all the others.
+    pub min_rate: u64,
     /// A receiver silent this long is dropped and ends failed.
     pub receiver_timeout: Duration,
     /// Receivers not done this long after the data started are dropped (the "drop" policy);
@@ -74,6 +78,7 @@ impl Default for SenderConfig {
             start_timeout: None,
             initial_rate: 40_000_000,
             max_rate: 2_000_000_000,
+            min_rate: crate::pacer::MIN_RATE as u64,
             receiver_timeout: Duration::from_secs(30),
             deadline: None,
             announce_interval: Duration::from_millis(200),
@@ -99,6 +104,10 @@ pub struct ReceiverReport {
     pub chunks_total: u32,
     /// Blocks this receiver asked to be repaired.
     pub repairs_requested: u64,
+    /// The share of the data datagrams it lost in its last measured window, in percent.
+    pub loss_percent: Option<u8>,
+    /// The rate it took datagrams in during that window, in bytes per second.
+    pub delivered_rate: Option<u64>,
     /// Why it failed, when it did.
     pub failure: Option<ReceiverFailure>,
     /// Where its Join came from, for the progress table.
@@ -107,6 +116,17 @@ pub struct ReceiverReport {
     pub finished_at: Option<Instant>,
     last_heard: Instant,
     last_overflow: u32,
+    /// Repairs counted against [`MAX_REPAIR_COPIES`]: not those asked for while the sender
+    /// was still slowing down for this receiver.
+    repairs_charged: u64,
+    loss: LossMeter,
+    /// Its last window lost most datagrams.
+    congested: bool,
+    /// It made the sender cut its rate at least once: when it leaves, the rate may climb fast
+    /// again.
+    slowed_the_session: bool,
+    /// Consecutive congested windows since the rate was cut to the floor.
+    strikes_at_floor: u32,
     done_acked: bool,
     /// Admitted to the session (a refused target never is).
     accepted: bool,
@@ -155,6 +175,9 @@ pub enum ReceiverFailure {
     /// It asked for more repairs than [`MAX_REPAIR_COPIES`] copies of the image: far too lossy,
     /// or not a real receiver.
     TooManyRepairs { requested: u64 },
+    /// It kept losing most datagrams after the rate came down to the floor (`floor` bytes per
+    /// second): its NIC or link cannot keep up even there.
+    TooSlow { loss_percent: u8, floor: u64 },
     /// It reported its own failure, in its words.
     Reported(String),
     /// It refused the session before writing anything: unsigned, or signed by a key it does not
@@ -164,6 +187,67 @@ pub enum ReceiverFailure {
 
 /// A receiver may ask for this many copies of the image's data in repairs before it is dropped.
 pub const MAX_REPAIR_COPIES: u64 = 4;
+
+/// A receiver that loses at least this share of the data datagrams in a window is congested:
+/// far more than a lossy link loses (tests run up to 20 %), the mark of a NIC or machine that
+/// cannot take the rate.
+pub const CONGESTED_LOSS: f64 = 0.3;
+/// A loss window spans at least this many data datagrams...
+const LOSS_WINDOW_DATAGRAMS: u64 = 256;
+/// ...and at least this long, so one Status batch does not make a window.
+const LOSS_WINDOW_TIME: Duration = Duration::from_millis(100);
+/// Congested windows in a row at the floor before a receiver is dropped as too slow: one could
+/// be a burst of the network's own loss.
+const STRIKES_AT_FLOOR: u32 = 5;
+
+/// Measures one receiver's loss from its Status reports: of the datagrams sent between two
+/// windows' ends (the growth of the highest sequence number it saw), how many it took in (the
+/// growth of its count of received datagrams). The count includes a few announcements, so the
+/// loss is, if anything, underestimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LossMeter {
+    /// Where the current window started: highest sequence, datagrams received, time.
+    start: Option<(u64, u64, Instant)>,
+}
+
+/// One window's measure.
+#[derive(Debug, Clone, Copy)]
+struct LossSample {
+    loss: f64,
+    /// Bytes per second taken in (at full datagram size).
+    delivered: f64,
+}
+
+impl LossMeter {
+    fn sample(&mut self, seq: u64, received: u64, now: Instant) -> Option<LossSample> {
+        let Some((seq0, received0, at0)) = self.start else {
+            self.start = Some((seq, received, now));
+            return None;
+        };
+        if seq < seq0 || received < received0 {
+            // Reordered reports: start over.
+            self.start = Some((seq, received, now));
+            return None;
+        }
+        let sent = seq - seq0;
+        if sent == 0 {
+            // Nothing sent since (still waiting for others to join, say): the window starts
+            // with the data, or the time without any would pass for a slow receiver.
+            self.start = Some((seq, received, now));
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(at0);
+        if sent < LOSS_WINDOW_DATAGRAMS || elapsed < LOSS_WINDOW_TIME {
+            return None;
+        }
+        let got = (received - received0).min(sent);
+        self.start = Some((seq, received, now));
+        Some(LossSample {
+            loss: 1.0 - got as f64 / sent as f64,
+            delivered: got as f64 * MAX_DATAGRAM as f64 / elapsed.as_secs_f64(),
+        })
+    }
+}
 
 impl fmt::Display for ReceiverFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -190,6 +274,13 @@ impl fmt::Display for ReceiverFailure {
                 f,
                 "dropped: asked for {requested} repairs, more than {MAX_REPAIR_COPIES} copies of the image"
             ),
+            Self::TooSlow { loss_percent, floor } => write!(
+                f,
+                "dropped: still lost {loss_percent} % of the datagrams at the session's lowest rate \
+                 ({:.1} MB/s); its NIC or network cannot keep up (image it in a session of its \
+                 own, or lower min_rate to wait for it)",
+                *floor as f64 / 1e6
+            ),
             Self::Reported(why) => f.write_str(why),
             Self::Refused(Untrusted::Unsigned) => f.write_str(
                 "refused the session: it is unsigned (sign it with a key the receiver trusts)",
@@ -210,6 +301,9 @@ pub enum Outcome {
     SomeFailed,
     /// Nobody joined within the start timeout.
     NoReceivers,
+    /// Nobody joined, and none of the receivers it waited for will come any more (see
+    /// [`Sender::expect_fewer`]).
+    NobodyExpected,
     /// Reading the source failed.
     SourceFailed {
         chunk: u32,
@@ -224,6 +318,9 @@ impl fmt::Display for Outcome {
             Self::AllDone => f.write_str("every receiver verified its copy"),
             Self::SomeFailed => f.write_str("some receivers failed"),
             Self::NoReceivers => f.write_str("no receiver joined within the start timeout"),
+            Self::NobodyExpected => f.write_str(
+                "no receiver joined, and none of those the session waited for will come any more",
+            ),
             Self::SourceFailed {
                 chunk,
                 offset,
@@ -332,6 +429,8 @@ pub struct Sender {
     /// dropped.
     data_blocks: u64,
     end_sent: u32,
+    /// The caller said none of the receivers it waited for will come.
+    nobody_expected: bool,
     outcome: Option<Outcome>,
     events: VecDeque<SenderEvent>,
     pub stats: SenderStats,
@@ -376,6 +475,7 @@ impl Sender {
         let pacer = Pacer::new(
             cfg.initial_rate,
             cfg.max_rate,
+            cfg.min_rate,
             PACING_BURST * MAX_DATAGRAM,
             now,
         );
@@ -405,6 +505,7 @@ impl Sender {
             parity_turn: false,
             data_blocks,
             end_sent: 0,
+            nobody_expected: false,
             outcome: None,
             events: VecDeque::new(),
             stats: SenderStats::default(),
@@ -508,8 +609,29 @@ impl Sender {
         self.cfg.session
     }
 
+    /// How many receivers the start policy waits for (see [`Sender::expect_fewer`]).
     pub fn min_receivers(&self) -> u32 {
         self.cfg.min_receivers
+    }
+
+    /// Lowers how many receivers the start policy waits for to `expected`: the caller learned
+    /// that some it expected will not come (their machine's task failed or was cancelled before
+    /// they joined), so waiting for them until the start timeout would only delay the others.
+    /// The data starts at once if everybody still expected has joined; with nobody expected and
+    /// nobody joined the session ends ([`Outcome::NobodyExpected`]). Only while waiting, and
+    /// never raises the count.
+    pub fn expect_fewer(&mut self, expected: u32, now: Instant) {
+        if self.phase != Phase::Waiting || expected >= self.cfg.min_receivers {
+            return;
+        }
+        log::info!(
+            "session {:08x}: waiting for {expected} receiver(s) instead of {}",
+            self.cfg.session,
+            self.cfg.min_receivers
+        );
+        self.cfg.min_receivers = expected;
+        self.nobody_expected = expected == 0;
+        self.update_phase(now);
     }
 
     pub fn phase(&self) -> Phase {
@@ -708,11 +830,12 @@ impl Sender {
                 chunks_done,
                 chunks_total,
                 highest_seq,
+                received,
                 overflow,
                 manifest_missing,
                 naks,
-                ..
             } => {
+                let sent = self.seq;
                 let Some(report) = self.reporter(receiver, nonce, from) else {
                     return;
                 };
@@ -742,8 +865,16 @@ impl Sender {
                 }
                 let overflowed = overflow > report.last_overflow;
                 report.last_overflow = overflow;
+                let sample = (state == ReceiverState::Receiving)
+                    .then(|| report.loss.sample(highest_seq.min(sent), received, now))
+                    .flatten();
                 if overflowed {
                     self.pacer.on_overflow(now);
+                }
+                if let Some(sample) = sample {
+                    if self.congestion(receiver, sample, now) {
+                        return;
+                    }
                 }
                 if manifest_missing != u32::MAX && self.phase == Phase::Sending {
                     let first = manifest_missing / part_size(self.cfg.block_size) as u32;
@@ -752,9 +883,15 @@ impl Sender {
                 // Nobody can have heard a datagram the sender has not sent yet.
                 let requested = self.merge_naks(&naks, highest_seq.min(self.seq));
                 let limit = MAX_REPAIR_COPIES * self.data_blocks + 1000;
+                let adapting = !self.pacer.floor_reached();
                 if let Some(report) = self.receivers.get_mut(&receiver) {
                     report.repairs_requested += requested;
-                    if report.repairs_requested > limit {
+                    // What it lost while the sender was still slowing down for it is the
+                    // sender's doing, not a sign of a broken receiver.
+                    if !(report.congested && adapting) {
+                        report.repairs_charged += requested;
+                    }
+                    if report.repairs_charged > limit {
                         let failure = ReceiverFailure::TooManyRepairs {
                             requested: report.repairs_requested,
                         };
@@ -796,6 +933,7 @@ impl Sender {
                 if let Some(result) = result {
                     self.events
                         .push_back(SenderEvent::ReceiverFinished { receiver, result });
+                    self.congestion_may_have_left();
                 }
                 self.control.push_back((
                     Destination::Peer(from),
@@ -807,6 +945,66 @@ impl Sender {
                 ));
             }
             _ => self.stats.foreign += 1,
+        }
+    }
+
+    /// Weighs one loss window of receiver `id`: a congested one slows the session down to the
+    /// floor at most, and one still congested there is dropped. Returns whether it was dropped.
+    fn congestion(&mut self, id: u64, sample: LossSample, now: Instant) -> bool {
+        let at_floor = self.pacer.floor_reached();
+        let floor = self.pacer.floor();
+        let Some(report) = self.receivers.get_mut(&id) else {
+            return false;
+        };
+        let loss_percent = (sample.loss * 100.0).round().clamp(0.0, 100.0) as u8;
+        report.loss_percent = Some(loss_percent);
+        report.delivered_rate = Some(sample.delivered as u64);
+        report.congested = sample.loss >= CONGESTED_LOSS;
+        if !report.congested {
+            report.strikes_at_floor = 0;
+            return false;
+        }
+        report.strikes_at_floor = if at_floor {
+            report.strikes_at_floor + 1
+        } else {
+            0
+        };
+        if report.strikes_at_floor >= STRIKES_AT_FLOOR {
+            self.drop_receiver(
+                id,
+                ReceiverFailure::TooSlow {
+                    loss_percent,
+                    floor,
+                },
+                now,
+            );
+            return true;
+        }
+        if !at_floor {
+            if !report.slowed_the_session {
+                log::info!(
+                    "receiver {} ({id:016x}) lost {loss_percent} % of the datagrams at {:.1} MB/s \
+                     (took in {:.1} MB/s): slowing down, to {:.1} MB/s at most",
+                    report.name,
+                    self.pacer.rate() as f64 / 1e6,
+                    sample.delivered / 1e6,
+                    floor as f64 / 1e6
+                );
+            }
+            report.slowed_the_session = true;
+            self.pacer.on_congestion(sample.delivered, now);
+        }
+        false
+    }
+
+    /// Once no receiver that slowed the session down is left, the rate may climb fast again.
+    fn congestion_may_have_left(&mut self) {
+        let left = !self
+            .receivers
+            .values()
+            .any(|r| r.slowed_the_session && !r.is_final());
+        if left {
+            self.pacer.forget_congestion();
         }
     }
 
@@ -880,12 +1078,19 @@ impl Sender {
             chunks_done: 0,
             chunks_total: self.manifest.chunk_count(),
             repairs_requested: 0,
+            loss_percent: None,
+            delivered_rate: None,
             failure: None,
             address: Some(join.from),
             joined_at: now,
             finished_at: None,
             last_heard: now,
             last_overflow: 0,
+            repairs_charged: 0,
+            loss: LossMeter { start: None },
+            congested: false,
+            slowed_the_session: false,
+            strikes_at_floor: 0,
             done_acked: false,
             accepted: false,
             nonce: self.nonces.next_u64(),
@@ -1087,6 +1292,8 @@ impl Sender {
                     self.next_announce = now;
                 } else if timed_out && self.receivers.values().all(|r| r.is_final()) {
                     self.finish(Outcome::NoReceivers);
+                } else if self.nobody_expected && self.receivers.values().all(|r| r.is_final()) {
+                    self.finish(Outcome::NobodyExpected);
                 }
             }
             Phase::Sending => {
@@ -1122,6 +1329,10 @@ impl Sender {
         report.state = ReceiverState::Failed;
         report.failure = Some(failure.clone());
         report.finished_at = Some(now);
+        let verdict = match failure {
+            ReceiverFailure::TooSlow { .. } => Verdict::TooSlow,
+            _ => Verdict::Dropped,
+        };
         if let Some(address) = report.address {
             // Told a few times: a receiver that misses it would only learn of its fate from the
             // session's end, without the reason.
@@ -1130,7 +1341,7 @@ impl Sender {
                     Destination::Peer(address),
                     Body::Welcome {
                         receiver: id,
-                        verdict: Verdict::Dropped,
+                        verdict,
                         nonce: report.nonce,
                         signature: Vec::new(),
                     },
@@ -1142,6 +1353,7 @@ impl Sender {
             receiver: id,
             result: Err(failure),
         });
+        self.congestion_may_have_left();
     }
 
     /// Ends the session now (a relay whose upstream failed): receivers are told it ended.

@@ -85,6 +85,45 @@ pub struct SimReceiver {
     pub socket: Option<SocketModel>,
     /// Its disk side's Reed–Solomon decoder, kept between chunks as the agent's writer keeps it.
     pub coder: crate::fec::Coder,
+    /// A NIC that takes in only so many bytes per second and drops the rest before any socket
+    /// sees them (no overflow is counted), like an rtl8139 under QEMU's TCG.
+    pub nic: Option<NicModel>,
+}
+
+/// A slow NIC: a ring of `ring` bytes emptied at `rate` bytes per second; what does not fit
+/// is lost without a trace.
+pub struct NicModel {
+    pub rate: f64,
+    pub ring: f64,
+    level: f64,
+    last: Option<Instant>,
+    pub dropped: u64,
+}
+
+impl NicModel {
+    pub fn new(rate: f64, ring: f64) -> Self {
+        Self {
+            rate,
+            ring,
+            level: 0.0,
+            last: None,
+            dropped: 0,
+        }
+    }
+
+    fn admit(&mut self, len: usize, now: Instant) -> bool {
+        let elapsed = self
+            .last
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.last = Some(now);
+        self.level = (self.level - elapsed * self.rate).max(0.0);
+        if self.level + len as f64 > self.ring {
+            self.dropped += 1;
+            return false;
+        }
+        self.level += len as f64;
+        true
+    }
 }
 
 /// A receiver's socket buffer: `capacity` datagrams, of which `per_step` are read every step.
@@ -229,6 +268,7 @@ impl Sim {
                     drop_first_pass_seqs: None,
                     socket: None,
                     coder: crate::fec::Coder::default(),
+                    nic: None,
                 }
             })
             .collect();
@@ -374,7 +414,13 @@ impl Sim {
     /// A datagram arrives at receiver `i` from `from`: straight into the receiver, or into its
     /// bounded socket buffer.
     pub fn deliver(&mut self, i: usize, bytes: Vec<u8>, from: SocketAddr) {
+        let now = self.now;
         let r = &mut self.receivers[i];
+        if let Some(nic) = &mut r.nic {
+            if !nic.admit(bytes.len(), now) {
+                return;
+            }
+        }
         match &mut r.socket {
             Some(socket) if socket.queue.len() >= socket.capacity => {
                 socket.overflows += 1;
@@ -1002,10 +1048,15 @@ fn a_receiver_asking_for_everything_neither_starves_the_others_nor_stays() {
         }
     }
     let report = sim.sender.receivers().find(|r| r.id == 77).unwrap();
+    // It says it takes in nothing: as a congested receiver it may slow the session down to
+    // the floor, and there it is dropped; or it is dropped for its requests first.
     assert!(
         matches!(
             report.failure,
-            Some(crate::sender::ReceiverFailure::TooManyRepairs { .. })
+            Some(
+                crate::sender::ReceiverFailure::TooManyRepairs { .. }
+                    | crate::sender::ReceiverFailure::TooSlow { .. }
+            )
         ),
         "{report:?} (dropped at step {dropped_at:?})"
     );
@@ -1627,4 +1678,242 @@ fn losses_in_runs_as_a_bridge_drops_whole_gso_sends_are_repaired_with_parity() {
         );
         assert_eq!(r.coder.made, 1, "receiver {i}: {:?}", r.coder);
     }
+}
+
+#[test]
+fn a_congested_receiver_that_waited_for_the_others_is_measured_from_the_data_on() {
+    // The slow receiver joins at once; the session waits a second for the second receiver.
+    // The time spent waiting must not count as time it took in nothing: its first cut must be
+    // to about what its NIC takes (20 MB/s), not straight to the floor.
+    let image = test_image(96 * CHUNK as usize, 54);
+    let sender_cfg = SenderConfig {
+        min_rate: 1_000_000,
+        ..floored(2)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.0, 54);
+    sim.receivers[0].nic = Some(NicModel::new(20e6, 32.0 * 1500.0));
+    sim.receivers[1].start_at = Duration::from_secs(1);
+    let lowest = run_noting_lowest_rate(&mut sim, Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(lowest > 5_000_000, "cut to {lowest} B/s");
+}
+
+/// Runs `sim` to its end, noting the lowest rate the sender paced at once the data started.
+fn run_noting_lowest_rate(sim: &mut Sim, limit: Duration) -> u64 {
+    let lowest = std::cell::Cell::new(u64::MAX);
+    let start = sim.now;
+    sim.run_inner(limit, &|s: &Sim| {
+        if s.sender.data_started().is_some() && s.sender.phase() == crate::sender::Phase::Sending {
+            lowest.set(lowest.get().min(s.sender.rate()));
+        }
+        s.sender.phase() == crate::sender::Phase::Ended
+            && s.receivers.iter().all(|r| r.result.is_some())
+            && s.now > start
+    });
+    lowest.get()
+}
+
+/// Sender settings for the slow-NIC tests: 100 MB/s ceiling, a floor of a tenth of it.
+fn floored(min_receivers: u32) -> SenderConfig {
+    SenderConfig {
+        initial_rate: 100_000_000,
+        max_rate: 100_000_000,
+        min_rate: 10_000_000,
+        ..cfg(min_receivers)
+    }
+}
+
+#[test]
+fn a_receiver_losing_most_datagrams_at_full_rate_slows_the_sender_and_completes() {
+    // Its NIC takes in 20 MB/s: at the 100 MB/s ceiling it loses 80 % of the datagrams, at the
+    // 10 MB/s floor none. No socket overflows: the loss itself is the only signal.
+    // Large enough that the first window (the first 100 ms, at full rate) is not most of it.
+    let image = test_image(384 * CHUNK as usize, 51);
+    let mut sim = Sim::new(image, CHUNK, floored(1), 1, 0.0, 51);
+    sim.receivers[0].nic = Some(NicModel::new(20e6, 32.0 * 1500.0));
+    let lowest = run_noting_lowest_rate(&mut sim, Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    let nic_drops = sim.receivers[0].nic.as_ref().unwrap().dropped;
+    assert!(nic_drops > 0, "the NIC must have lost datagrams");
+    assert!(lowest >= 10_000_000, "rate went below the floor: {lowest}");
+    let report = sim.sender.receivers().next().unwrap();
+    let data_blocks = sim.sender.stats.data_datagrams - sim.sender.stats.repair_datagrams;
+    // Far below what got the rtl8139 dropped (more than 4 copies of the image).
+    assert!(
+        report.repairs_requested < data_blocks,
+        "{} repairs for {data_blocks} blocks",
+        report.repairs_requested
+    );
+    let sent = sim.sender.stats.data_bytes as f64 / sim.sender.manifest().data_bytes() as f64;
+    eprintln!(
+        "slow NIC alone: {nic_drops} datagrams lost, {} repairs, sent {sent:.2}x the data, lowest rate {:.1} MB/s, last loss {:?} %",
+        report.repairs_requested,
+        lowest as f64 / 1e6,
+        report.loss_percent
+    );
+    assert!(sent < 2.0, "sent {sent:.2}x the data");
+}
+
+#[test]
+fn one_slow_nic_among_many_slows_the_others_no_further_than_the_floor() {
+    let image = test_image(96 * CHUNK as usize, 52);
+    let data = image.len() as f64;
+    let mut sim = Sim::new(image, CHUNK, floored(12), 12, 0.01, 52);
+    sim.receivers[7].nic = Some(NicModel::new(20e6, 32.0 * 1500.0));
+    let lowest = run_noting_lowest_rate(&mut sim, Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    assert!(lowest >= 10_000_000, "rate went below the floor: {lowest}");
+    // Everybody, the slow one included, was served within what the floor rate takes, with
+    // room for repairs: the policy's bound on what one slow machine costs the others.
+    let started = sim.sender.data_started().unwrap();
+    let floor_time = data / 10e6;
+    for r in sim.sender.receivers() {
+        let took = r.finished_at.unwrap().duration_since(started).as_secs_f64();
+        assert!(
+            took < 2.0 * floor_time,
+            "{} took {took:.2} s, the floor allows {floor_time:.2} s",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn a_nic_too_slow_even_at_the_floor_is_dropped_with_its_reason_and_the_rest_speed_up() {
+    // 2 MB/s: it loses 80 % at the 10 MB/s floor. Among 5 others it must go, saying why, and the
+    // others must not stay at the floor for the rest of the session.
+    let image = test_image(384 * CHUNK as usize, 53);
+    let data = image.len() as f64;
+    let mut sim = Sim::new(image, CHUNK, floored(6), 6, 0.0, 53);
+    sim.receivers[2].nic = Some(NicModel::new(2e6, 32.0 * 1500.0));
+    run_noting_lowest_rate(&mut sim, Duration::from_secs(60));
+    let err = sim.receivers[2]
+        .result
+        .clone()
+        .expect("finished")
+        .expect_err("must be dropped");
+    let report = sim.sender.receivers().find(|r| r.name == "rx2").unwrap();
+    assert!(
+        matches!(err, Failure::TooSlow { .. }),
+        "{err}; the sender: {report:?}"
+    );
+    let shown = err.to_string();
+    assert!(shown.contains("lowest rate"), "{shown}");
+    let report = sim.sender.receivers().find(|r| r.name == "rx2").unwrap();
+    let failure = report.failure.as_ref().unwrap();
+    assert!(
+        matches!(
+            failure,
+            crate::sender::ReceiverFailure::TooSlow {
+                floor: 10_000_000,
+                ..
+            }
+        ),
+        "{failure:?}"
+    );
+    assert!(failure.to_string().contains("10.0 MB/s"), "{failure}");
+    let started = sim.sender.data_started().unwrap();
+    let dropped_after = report.finished_at.unwrap().duration_since(started);
+    for (i, r) in sim.receivers.iter().enumerate() {
+        if i != 2 {
+            assert_eq!(r.result, Some(Ok(())), "receiver {i}");
+        }
+    }
+    // Once it was gone the rate climbed back: the others finished well before the whole image
+    // could have gone out at the floor.
+    let last = sim
+        .sender
+        .receivers()
+        .filter(|r| r.name != "rx2")
+        .map(|r| r.finished_at.unwrap().duration_since(started))
+        .max()
+        .unwrap();
+    eprintln!(
+        "too slow at the floor: dropped after {:.2} s, others done after {:.2} s",
+        dropped_after.as_secs_f64(),
+        last.as_secs_f64()
+    );
+    assert!(
+        last.as_secs_f64() < 0.75 * data / 10e6,
+        "others done after {:.2} s; at the floor it takes {:.2} s",
+        last.as_secs_f64(),
+        data / 10e6
+    );
+}
+
+#[test]
+fn the_start_policy_stops_waiting_for_receivers_that_will_not_come() {
+    // Three machines expected, a ten-minute start timeout; one machine's task fails before it
+    // joins (no disk). Once the caller says so, the two that joined start at once.
+    let image = test_image(16 * CHUNK as usize, 61);
+    let sender_cfg = SenderConfig {
+        start_timeout: Some(Duration::from_secs(600)),
+        ..cfg(3)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.0, 61);
+    sim.run_until(|s| {
+        s.sender
+            .receivers()
+            .filter(|r| r.state == ReceiverState::Receiving)
+            .count()
+            == 2
+            && s.now >= s.start + Duration::from_secs(1)
+    });
+    assert_eq!(sim.sender.phase(), crate::sender::Phase::Waiting);
+    // Raising the count is not the caller's business: ignored.
+    sim.sender.expect_fewer(5, sim.now);
+    assert_eq!(sim.sender.min_receivers(), 3);
+    let told = sim.now;
+    sim.sender.expect_fewer(2, sim.now);
+    assert_eq!(sim.sender.min_receivers(), 2);
+    assert_eq!(sim.sender.phase(), crate::sender::Phase::Sending);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+    let started = sim.sender.data_started().unwrap();
+    assert_eq!(
+        started, told,
+        "the data started when the caller gave up on the third"
+    );
+}
+
+#[test]
+fn the_start_policy_still_waits_for_expected_receivers_that_have_not_joined() {
+    let image = test_image(8 * CHUNK as usize, 62);
+    let sender_cfg = SenderConfig {
+        start_timeout: Some(Duration::from_secs(600)),
+        ..cfg(4)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 2, 0.0, 62);
+    sim.run_until(|s| s.now >= s.start + Duration::from_secs(1));
+    // One of four failed: three still expected, two joined: still waiting.
+    sim.sender.expect_fewer(3, sim.now);
+    sim.run_until(|s| s.now >= s.start + Duration::from_secs(2));
+    assert_eq!(sim.sender.phase(), crate::sender::Phase::Waiting);
+    // Once the session is sending, the count no longer matters.
+    sim.sender.expect_fewer(2, sim.now);
+    assert_eq!(sim.sender.phase(), crate::sender::Phase::Sending);
+    sim.sender.expect_fewer(0, sim.now);
+    sim.run(Duration::from_secs(60));
+    sim.assert_all_copies_exact();
+}
+
+#[test]
+fn a_session_whose_expected_receivers_all_failed_ends_at_once() {
+    let image = test_image(8 * CHUNK as usize, 63);
+    let manifest =
+        Manifest::scan(&mut Cursor::new(&image), image.len() as u64, CHUNK, |_| {}).unwrap();
+    let t0 = Instant::now();
+    let sender_cfg = SenderConfig {
+        start_timeout: Some(Duration::from_secs(600)),
+        ..cfg(2)
+    };
+    let mut sender = Sender::new(sender_cfg, manifest, t0);
+    sender.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(sender.phase(), crate::sender::Phase::Waiting);
+    sender.expect_fewer(0, t0 + Duration::from_secs(2));
+    assert_eq!(sender.outcome(), Some(&Outcome::NobodyExpected));
+    let mut ended = false;
+    while let Some(event) = sender.poll_event() {
+        ended |= event == crate::sender::SenderEvent::Ended(Outcome::NobodyExpected);
+    }
+    assert!(ended);
 }

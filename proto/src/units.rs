@@ -25,6 +25,10 @@ pub struct Rate {
 impl Rate {
     /// What a sender uses when nobody sets a ceiling: about a 10 GbE link's payload.
     pub const DEFAULT_CEILING: Rate = Rate::from_bytes_per_sec(1_000_000_000);
+    /// The lowest rate a session slows down to for a machine that loses most datagrams, unless
+    /// set: 10 MB/s, what a 100 Mbit NIC still takes in. A slower machine is dropped rather
+    /// than slowing a room of gigabit machines more than about tenfold.
+    pub const DEFAULT_FLOOR: Rate = Rate::from_bytes_per_sec(10_000_000);
 
     pub const fn from_bytes_per_sec(bytes_per_sec: u64) -> Self {
         Self { bytes_per_sec }

@@ -164,6 +164,9 @@ pub enum Verdict {
     Late = 2,
     /// The sender gave up on this receiver (deadline or silence); it must end failed.
     Dropped = 3,
+    /// The sender gave up on this receiver because it lost most datagrams even at the
+    /// session's lowest rate; it must end failed.
+    TooSlow = 4,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -512,6 +515,7 @@ impl Verdict {
             1 => Self::TooSmall,
             2 => Self::Late,
             3 => Self::Dropped,
+            4 => Self::TooSlow,
             _ => return None,
         })
     }
@@ -1396,6 +1400,30 @@ mod golden {
                 Ok(packet),
                 "{name} parses otherwise"
             );
+        }
+    }
+
+    #[test]
+    fn every_verdict_round_trips() {
+        // TooSlow came after version 3's bytes were fixed: a new value of the verdict byte,
+        // the layout unchanged.
+        for verdict in [
+            Verdict::Accepted,
+            Verdict::TooSmall,
+            Verdict::Late,
+            Verdict::Dropped,
+            Verdict::TooSlow,
+        ] {
+            let packet = Packet {
+                session: 0xcafe_f00d,
+                body: Body::Welcome {
+                    receiver: 7,
+                    verdict,
+                    nonce: 9,
+                    signature: Vec::new(),
+                },
+            };
+            assert_eq!(Packet::parse(&packet.emit()), Ok(packet));
         }
     }
 

@@ -152,6 +152,25 @@ fn failed_task_recorded_across_restart() {
         .wait_for("several internal disks", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("pc: {e}"));
     lab.vm(vm).wait_poweroff(Duration::from_secs(120)).unwrap();
+    // The session waiting for it stops waiting (instead of waiting out the start timeout), and
+    // says why.
+    let gave_up = format!("stops waiting for {PC}: its task ");
+    let waited = std::time::Instant::now();
+    let ended = "ended before it started: every machine it waited for failed";
+    while !lab.bootserver_log(first).contains(ended) {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the session still waits for {PC}:\n{}",
+            lab.bootserver_log(first)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = lab.bootserver_log(first);
+    let line = log
+        .lines()
+        .find(|l| l.contains(&gave_up))
+        .unwrap_or_else(|| panic!("no {gave_up:?} in\n{log}"));
+    assert!(line.contains(" failed: "), "{line}");
     let check = |lab: &Lab| {
         let task = task_of(lab, PC);
         assert_eq!(task["state"], "failed", "{task:#}");

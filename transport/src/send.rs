@@ -19,6 +19,8 @@ pub enum SendError {
     Io(#[from] std::io::Error),
     #[error("no receiver joined within the start timeout")]
     NoReceivers,
+    #[error("no receiver joined, and none of those the session waited for will come any more")]
+    NobodyExpected,
     #[error("the image is empty (0 bytes): there is nothing to send")]
     EmptyImage,
     #[error("reading the source failed: {0}")]
@@ -37,6 +39,9 @@ pub struct SendOptions {
     pub ttl: u8,
     /// Upper bound of the data rate.
     pub max_rate: Rate,
+    /// How far a machine that loses most datagrams may slow the session down; one that still
+    /// does at this rate is dropped, saying so.
+    pub min_rate: Rate,
     /// Start once this many receivers joined...
     pub min_receivers: u32,
     /// ...or this long after starting, with whoever joined.
@@ -73,6 +78,7 @@ impl SendOptions {
             port,
             ttl: 1,
             max_rate: Rate::DEFAULT_CEILING,
+            min_rate: Rate::DEFAULT_FLOOR,
             min_receivers: 1,
             start_timeout: None,
             deadline: None,
@@ -121,6 +127,7 @@ impl SendSummary {
             }),
             Outcome::AllDone => Ok(()),
             Outcome::NoReceivers => Err(SendError::NoReceivers),
+            Outcome::NobodyExpected => Err(SendError::NobodyExpected),
             Outcome::SourceFailed { .. } => Err(SendError::Source(self.outcome.to_string())),
             Outcome::SomeFailed => Err(SendError::ReceiversFailed {
                 failed: self
@@ -139,6 +146,11 @@ impl SendSummary {
 pub trait Observer {
     fn progress(&mut self, _sender: &Sender) {}
     fn event(&mut self, _sender: &Sender, _event: &SenderEvent) {}
+    /// While the session waits for its receivers (about once a second): how many it should
+    /// still wait for, when the caller learned that some will not come. `None`: no change.
+    fn still_expected(&mut self, _sender: &Sender) -> Option<u32> {
+        None
+    }
 }
 
 impl<F: FnMut(&Sender)> Observer for F {
@@ -183,6 +195,7 @@ pub fn multicast(
         deadline: opts.deadline,
         receiver_timeout: opts.receiver_timeout,
         max_rate,
+        min_rate: opts.min_rate.bytes_per_sec(),
         initial_rate: max_rate.min(100_000_000),
         nonce_seed: crate::random_u64(),
         signing_key: opts.signing_key.clone(),
@@ -243,6 +256,11 @@ pub fn multicast(
         let now = Instant::now();
         if now >= next_progress {
             observer.progress(&sender);
+            if sender.phase() == Phase::Waiting {
+                if let Some(expected) = observer.still_expected(&sender) {
+                    sender.expect_fewer(expected, now);
+                }
+            }
             next_progress = now + PROGRESS_EVERY;
         }
         let wake = sender

@@ -8,7 +8,7 @@ use crate::store::ImageSummary;
 use diskcast_proto::mac::MacAddr;
 use diskcast_proto::sender::{ReceiverFailure, Sender, SenderEvent};
 use diskcast_proto::wire::ReceiverState;
-use diskcast_registry::{Progress, Report, Step, TaskFilter, TaskKind};
+use diskcast_registry::{Progress, Report, Step, TaskFilter, TaskId, TaskKind};
 use diskcast_transport::send::{self, Observer, SendOptions};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +38,9 @@ pub struct SessionView {
     /// `waiting` for its machines, `sending`, or `ended`.
     pub phase: &'static str,
     pub waiting_for: u32,
+    /// Machines the session stopped waiting for, and why (their task failed or was cancelled
+    /// before they joined).
+    pub not_waiting_for: Vec<String>,
     pub rate_mbps: f64,
     pub receivers: Vec<ReceiverView>,
 }
@@ -127,7 +130,7 @@ pub fn manage(lab: Arc<Lab>) {
                 continue;
             }
         };
-        let mut by_image: BTreeMap<String, Vec<MacAddr>> = BTreeMap::new();
+        let mut by_image: BTreeMap<String, Vec<(MacAddr, TaskId)>> = BTreeMap::new();
         for task in open {
             // Sites sharing one registry each serve the tasks they claimed (their machine
             // network-booted there); a task another site carries out, or one no site's machine
@@ -138,7 +141,7 @@ pub fn manage(lab: Arc<Lab>) {
                 }
             }
             if let TaskKind::Deploy { image } = task.kind {
-                by_image.entry(image).or_default().push(task.mac);
+                by_image.entry(image).or_default().push((task.mac, task.id));
             }
         }
         // An image's group stays its own while machines wait for it or a session runs.
@@ -187,8 +190,10 @@ pub fn manage(lab: Arc<Lab>) {
     }
 }
 
-/// One session of `image` for `machines` (their open deploy tasks).
-fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
+/// One session of `image` for `tasks` (open deploy tasks, with their machines).
+fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
+    let machines: Vec<MacAddr> = tasks.iter().map(|(mac, _)| *mac).collect();
+    let machines = machines.as_slice();
     let plan = lab.session_plan(image, machines);
     for warning in &plan.warnings {
         log::warn!("lab: {warning}");
@@ -205,6 +210,9 @@ fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
     opts.deadline = session.deadline;
     if let Some(rate) = session.rate {
         opts.max_rate = rate;
+    }
+    if let Some(rate) = session.min_rate {
+        opts.min_rate = rate;
     }
     opts.signing_key = Some(lab.key.clone());
     // Its signature and every chunk are checked before any machine hears of it: an image
@@ -251,15 +259,25 @@ fn run_session(lab: &Lab, image: &str, machines: &[MacAddr]) {
         ttl: plan.ttl,
         warnings: plan.warnings.clone(),
         waiting_for: machines.len() as u32,
+        tasks,
+        not_waiting_for: Vec::new(),
         last_progress: HashMap::new(),
         joined: Vec::new(),
     };
     match send::multicast(&opts, manifest, &mut stored, &mut observer) {
+        Ok(summary) if summary.outcome == diskcast_proto::sender::Outcome::NobodyExpected => {
+            log::info!(
+                "lab: session for image {image:?} ended before it started: every machine it waited for failed or was cancelled"
+            );
+        }
         Ok(summary) => {
             for line in summary.render().lines() {
                 log::info!("lab: deploy {image}: {line}");
             }
         }
+        Err(send::SendError::NobodyExpected) => log::info!(
+            "lab: session for image {image:?} ended before it started: every machine it waited for failed or was cancelled"
+        ),
         Err(e) => log::error!("lab: deploy {image}: {}", diskcast_proto::error_chain(&e)),
     }
 }
@@ -274,6 +292,10 @@ struct TaskObserver<'a> {
     ttl: u8,
     warnings: Vec<String>,
     waiting_for: u32,
+    /// The tasks the session was started for.
+    tasks: &'a [(MacAddr, TaskId)],
+    /// Those it stopped waiting for: machine, and why.
+    not_waiting_for: Vec<(MacAddr, String)>,
     last_progress: HashMap<MacAddr, Instant>,
     joined: Vec<MacAddr>,
 }
@@ -372,9 +394,35 @@ impl Observer for &mut TaskObserver<'_> {
                 "waiting"
             },
             waiting_for: self.waiting_for,
+            not_waiting_for: self
+                .not_waiting_for
+                .iter()
+                .map(|(mac, why)| format!("{mac}: {why}"))
+                .collect(),
             rate_mbps: sender.rate() as f64 / 1e6,
             receivers,
         });
+    }
+
+    /// Machines whose task ended (failed, cancelled, timed out) before they joined will not
+    /// come: the session stops waiting for them instead of waiting out the start timeout.
+    fn still_expected(&mut self, sender: &Sender) -> Option<u32> {
+        let lab = self.lab;
+        let ended = closed_before_joining(self.tasks, &self.not_waiting_for, sender, |id| {
+            lab.registry.task(id).ok().flatten()
+        });
+        if ended.is_empty() {
+            return None;
+        }
+        for (mac, why) in ended {
+            log::warn!(
+                "lab: the session for image {:?} stops waiting for {mac}: {why}",
+                self.image
+            );
+            self.not_waiting_for.push((mac, why));
+        }
+        self.waiting_for = (self.tasks.len() - self.not_waiting_for.len()) as u32;
+        Some(self.waiting_for)
     }
 
     fn event(&mut self, sender: &Sender, event: &SenderEvent) {
@@ -414,6 +462,37 @@ impl Observer for &mut TaskObserver<'_> {
     }
 }
 
+/// Of the session's `tasks`, those (not yet in `known`) that closed before their machine joined
+/// the session, with why: their machines will not come. A machine that joined is the sender's
+/// business, whatever its task says.
+fn closed_before_joining(
+    tasks: &[(MacAddr, TaskId)],
+    known: &[(MacAddr, String)],
+    sender: &Sender,
+    task: impl Fn(TaskId) -> Option<diskcast_registry::Task>,
+) -> Vec<(MacAddr, String)> {
+    let joined = |mac: &MacAddr| {
+        sender
+            .receivers()
+            .any(|r| r.name.parse::<MacAddr>().is_ok_and(|m| m == *mac) && !r.is_final())
+    };
+    tasks
+        .iter()
+        .filter(|(mac, _)| !known.iter().any(|(m, _)| m == mac) && !joined(mac))
+        .filter_map(|&(mac, id)| {
+            let task = task(id)?;
+            if task.state.is_open() {
+                return None;
+            }
+            let why = match &task.reason {
+                Some(reason) => format!("its task {id} {}: {reason}", task.state),
+                None => format!("its task {id} {}", task.state),
+            };
+            Some((mac, why))
+        })
+        .collect()
+}
+
 fn state_name(state: ReceiverState) -> &'static str {
     match state {
         ReceiverState::Joining => "joining",
@@ -421,5 +500,98 @@ fn state_name(state: ReceiverState) -> &'static str {
         ReceiverState::Verifying => "verifying",
         ReceiverState::Done => "verified",
         ReceiverState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diskcast_proto::manifest::Manifest;
+    use diskcast_proto::sender::SenderConfig;
+    use diskcast_registry::TaskState;
+
+    fn task(
+        id: TaskId,
+        mac: MacAddr,
+        state: TaskState,
+        reason: Option<&str>,
+    ) -> diskcast_registry::Task {
+        diskcast_registry::Task {
+            id,
+            mac,
+            kind: TaskKind::Deploy {
+                image: "golden".into(),
+            },
+            state,
+            reason: reason.map(str::to_string),
+            options: String::new(),
+            timeout_secs: 600,
+            created: 0,
+            updated: 0,
+            finished: None,
+            last_activity: 0,
+            site: None,
+        }
+    }
+
+    fn join(sender: &mut Sender, mac: MacAddr, at: std::net::SocketAddr, now: Instant) {
+        let join = diskcast_proto::wire::Packet {
+            session: 1,
+            body: diskcast_proto::wire::Body::Join {
+                receiver: 7,
+                incarnation: 1,
+                disk_size: u64::MAX,
+                logical_block: 512,
+                refusal: 0,
+                name: mac.to_string(),
+                serial: String::new(),
+            },
+        };
+        sender.handle_datagram(&join.emit(), at, now);
+    }
+
+    #[test]
+    fn machines_whose_task_closed_before_joining_are_no_longer_waited_for() {
+        let image = vec![7u8; 4096];
+        let manifest =
+            Manifest::scan(&mut std::io::Cursor::new(&image), 4096, 4096, |_| {}).unwrap();
+        let now = Instant::now();
+        let mut sender = Sender::new(
+            SenderConfig {
+                min_receivers: 4,
+                ..SenderConfig::default()
+            },
+            manifest,
+            now,
+        );
+        let macs: Vec<MacAddr> = (1..=4)
+            .map(|i| format!("52:54:00:00:00:0{i}").parse().unwrap())
+            .collect();
+        let tasks: Vec<(MacAddr, TaskId)> = macs.iter().zip(1..).map(|(m, id)| (*m, id)).collect();
+        // Machine 3 joined, then its task failed (the sender will say why it ends); machine 1's
+        // task failed before it joined (no disk), machine 2's was cancelled, machine 4 still boots.
+        join(&mut sender, macs[2], "10.0.0.3:7744".parse().unwrap(), now);
+        let states = |id: TaskId| {
+            Some(match id {
+                1 => task(id, macs[0], TaskState::Failed, Some("no disk found")),
+                2 => task(id, macs[1], TaskState::Cancelled, None),
+                3 => task(id, macs[2], TaskState::Failed, Some("disk write error")),
+                _ => task(id, macs[3], TaskState::Booted, None),
+            })
+        };
+        let ended = closed_before_joining(&tasks, &[], &sender, states);
+        assert_eq!(
+            ended,
+            vec![
+                (macs[0], "its task 1 failed: no disk found".to_string()),
+                (macs[1], "its task 2 cancelled".to_string()),
+            ]
+        );
+        // Asked again, what is known is not reported twice.
+        assert!(closed_before_joining(&tasks, &ended, &sender, states).is_empty());
+        // The sender then waits for the two left: machine 3 (joined) and machine 4.
+        sender.expect_fewer((tasks.len() - ended.len()) as u32, now);
+        assert_eq!(sender.min_receivers(), 2);
+        assert_eq!(sender.phase(), diskcast_proto::sender::Phase::Waiting);
     }
 }

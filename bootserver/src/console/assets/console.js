@@ -286,7 +286,10 @@ function renderProgress() {
     s.phase === 'waiting'
       ? `waiting for ${s.waiting_for} machine(s) to join`
       : `${s.phase}, ${s.receivers.length} machine(s), ${s.rate_mbps.toFixed(1)} MB/s on the wire`,
-    s.group ? h('span', { class: 'muted' }, ` (${s.group}:${s.port})`) : null)));
+    s.group ? h('span', { class: 'muted' }, ` (${s.group}:${s.port})`) : null,
+    (s.not_waiting_for || []).length
+      ? h('small', { class: 'muted' }, ` not waiting for ${s.not_waiting_for.join('; ')}`)
+      : null)));
   const rows = progressRows();
   $('progress-rows').replaceChildren(...rows.map((m) => {
     const t = m.task;

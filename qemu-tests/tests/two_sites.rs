@@ -119,7 +119,14 @@ fn two_sites_one_registry() {
             .unwrap();
         assert!(status.success(), "ip {args}");
     }
-    let key_a = lab.bootserver_cli(&["key", "show"]).trim().to_string();
+    // `key` takes its config after the subcommand (`key show --config`).
+    let key_a = Command::new(lab_file("bootserver"))
+        .args(["key", "show", "--config"])
+        .arg(&config_a)
+        .output()
+        .unwrap();
+    assert!(key_a.status.success(), "{key_a:?}");
+    let key_a = String::from_utf8_lossy(&key_a.stdout).trim().to_string();
     let pulled = Command::new("ip")
         .args(["netns", "exec", &site_b])
         .arg(lab_file("bootserver"))

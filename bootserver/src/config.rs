@@ -334,6 +334,8 @@ pub mod file {
         pub ttl: Option<Spanned<u8>>,
         /// The interface its sessions multicast on (default: its machines' subnets' interface).
         pub interface: Option<Spanned<String>>,
+        /// The UDP port its sessions serve relays on (default: derived from its group).
+        pub relay_port: Option<Spanned<u16>>,
     }
 }
 /// The validated configuration the server runs on.
@@ -590,6 +592,31 @@ pub struct ImageSession {
     pub ttl: Option<u8>,
     /// Interface to multicast on; `None`: the machines' subnets' interface.
     pub interface: Option<String>,
+    /// The UDP port relays subscribe to (`diskcast.upstream=SERVER:PORT`); `None`: derived
+    /// from the group when the session starts (see [`relay_port_for`]).
+    pub relay_port: Option<u16>,
+}
+
+/// Where derived relay ports start: a session on the n-th group of [`DERIVED_GROUPS`] serves
+/// relays on `RELAY_PORTS + n`, so concurrent sessions (whose groups differ) never share one and
+/// a firewall can open one range.
+pub const RELAY_PORTS: u16 = 7800;
+
+/// The UDP port a session on `group` serves relays on: `configured`, else derived from the
+/// group (a configured group outside the derived range maps into the ports past that range).
+pub fn relay_port_for(group: Ipv4Addr, configured: Option<u16>) -> u16 {
+    if let Some(port) = configured {
+        return port;
+    }
+    let (first, last) = (u32::from(DERIVED_GROUPS.0), u32::from(DERIVED_GROUPS.1));
+    let span = last - first + 1;
+    let g = u32::from(group);
+    let offset = if (first..=last).contains(&g) {
+        g - first + 1
+    } else {
+        span + 1 + g % 256
+    };
+    RELAY_PORTS + offset as u16
 }
 
 /// Collects problems with their lines while a file is checked.
@@ -1420,7 +1447,24 @@ impl Config {
                 min_rate: i.min_rate.map(|r| Rate::from_mbps(f64::from(r))),
                 deadline: i.deadline.map(|s| Duration::from_secs(s.into())),
                 start_timeout: i.start_timeout.map(|s| Duration::from_secs(s.into())),
+                relay_port: i.relay_port.as_ref().map(|p| *p.get_ref()),
             };
+            if let Some(port) = &i.relay_port {
+                let taken = images.iter().find(|(_, s): &(&String, &ImageSession)| {
+                    s.relay_port == Some(*port.get_ref())
+                });
+                if *port.get_ref() == 0 {
+                    c.report(
+                        &port.span(),
+                        format!("[[image]] {name}: relay_port = 0 is not a port; give the UDP port relays subscribe to, or leave it out to derive one from the group"),
+                    );
+                } else if let Some((other, _)) = taken {
+                    c.report(
+                        &port.span(),
+                        format!("[[image]] {name}: relay_port = {} is also [[image]] {other}'s; their sessions may run at once: give each its own", port.get_ref()),
+                    );
+                }
+            }
             if session.port == p2p_port && session.group == agent.map_or(DEFAULT_GROUP, |a| a.group)
             {
                 c.report(
@@ -1547,6 +1591,7 @@ fn session_for_image(name: &str, p2p_port: u16) -> ImageSession {
         start_timeout: None,
         ttl: None,
         interface: None,
+        relay_port: None,
     }
 }
 
@@ -1668,6 +1713,46 @@ mod tests {
         let clash =
             format!("{EXAMPLE}\n[[image]]\nname = \"x\"\ngroup = \"239.255.77.77\"\nport = 7744\n");
         assert!(issues(&clash)[0].message.contains("peer-to-peer"));
+    }
+
+    #[test]
+    fn sessions_serve_relays_on_a_configured_or_derived_port() {
+        let text = format!("{EXAMPLE}\n[[image]]\nname = \"win11\"\nrelay_port = 9100\n");
+        let config = parse(&text).unwrap();
+        let win = config.image_session("win11");
+        assert_eq!(relay_port_for(win.group, win.relay_port), 9100);
+        // Derived: one port per group of the derived range, so concurrent sessions (whose
+        // groups differ) never share one; all in one range a firewall can open.
+        let (first, last) = (u32::from(DERIVED_GROUPS.0), u32::from(DERIVED_GROUPS.1));
+        let ports: std::collections::BTreeSet<u16> = (first..=last)
+            .map(|g| relay_port_for(Ipv4Addr::from(g), None))
+            .collect();
+        assert_eq!(ports.len() as u32, last - first + 1);
+        assert_eq!(relay_port_for(DERIVED_GROUPS.0, None), RELAY_PORTS + 1);
+        let outside = relay_port_for(Ipv4Addr::new(239, 1, 2, 3), None);
+        assert!(!ports.contains(&outside), "{outside}");
+        assert_ne!(outside, DEFAULT_PORT);
+        let golden = config.image_session("golden");
+        assert!(!ports.contains(&DEFAULT_PORT) && !ports.contains(&golden.port));
+
+        let zero = format!("{EXAMPLE}\n[[image]]\nname = \"x\"\nrelay_port = 0\n");
+        let problems = issues(&zero);
+        assert!(
+            problems[0].message.contains("relay_port = 0"),
+            "{problems:?}"
+        );
+        let twice = format!(
+            "{EXAMPLE}\n[[image]]\nname = \"a\"\nrelay_port = 9100\n\
+             [[image]]\nname = \"b\"\nrelay_port = 9100\n"
+        );
+        let problems = issues(&twice);
+        assert!(
+            problems[0]
+                .message
+                .contains("[[image]] b: relay_port = 9100 is also [[image]] a's"),
+            "{problems:?}"
+        );
+        assert_eq!(problems[0].line, line_of(&twice, "name = \"b\"") + 1);
     }
 
     #[test]

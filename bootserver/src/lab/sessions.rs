@@ -30,6 +30,9 @@ pub struct SessionView {
     pub image: String,
     pub group: String,
     pub port: u16,
+    /// The UDP port it serves relays on: machines on subnets the multicast does not reach
+    /// subscribe there (`agent relay --upstream SERVER:PORT`, `diskcast.role=relay`).
+    pub relay_port: u16,
     /// The interface it multicasts on and its TTL.
     pub interface: String,
     pub ttl: u8,
@@ -56,6 +59,10 @@ pub struct ReceiverView {
     /// At the rate so far; `None` until data moved, and once final.
     pub seconds_left: Option<f64>,
     pub failure: Option<String>,
+    /// It is a relay: it re-multicasts the session into its own subnet.
+    pub relay: bool,
+    /// A relay's local receiver: the relay (its name) it receives the session through.
+    pub via: Option<String>,
 }
 
 impl Sessions {
@@ -215,6 +222,10 @@ fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
         opts.min_rate = rate;
     }
     opts.signing_key = Some(lab.key.clone());
+    // Relays on subnets the multicast does not reach subscribe to this port (the same rules
+    // as `agent send --relay-port`: unicast copies only for subscribed relays).
+    let relay_port = crate::config::relay_port_for(session.group, session.relay_port);
+    opts.relay_port = Some(relay_port);
     // Its signature and every chunk are checked before any machine hears of it: an image
     // changed on disk, unsigned or signed by an unknown key is never sent, and the tasks that
     // wait for it fail saying why (instead of waiting for it forever).
@@ -241,7 +252,7 @@ fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
         }
     };
     log::info!(
-        "lab: session for image {image:?} ({}) on {}:{} via {} with TTL {}, waiting for {} machine(s)",
+        "lab: session for image {image:?} ({}) on {}:{} via {} with TTL {}, relays on port {relay_port}, waiting for {} machine(s)",
         ImageSummary::of(image, &stored).sizes(),
         session.group,
         session.port,
@@ -255,6 +266,7 @@ fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
         image,
         group: session.group.to_string(),
         port: session.port,
+        relay_port,
         interface: plan.interface.clone(),
         ttl: plan.ttl,
         warnings: plan.warnings.clone(),
@@ -288,6 +300,7 @@ struct TaskObserver<'a> {
     image: &'a str,
     group: String,
     port: u16,
+    relay_port: u16,
     interface: String,
     ttl: u8,
     warnings: Vec<String>,
@@ -302,9 +315,9 @@ struct TaskObserver<'a> {
 
 impl TaskObserver<'_> {
     /// The open deploy task of this image for the receiver called `name` (slaves are named by
-    /// their MAC).
+    /// their MAC, relays booted for a task `relay MAC`).
     fn task_of(&self, name: &str) -> Option<(MacAddr, i64)> {
-        let mac: MacAddr = name.parse().ok()?;
+        let mac = machine_of(name)?;
         let task = self.lab.registry.open_task_for(mac).ok()??;
         match &task.kind {
             TaskKind::Deploy { image } if image == self.image => Some((mac, task.id)),
@@ -328,7 +341,9 @@ impl Observer for &mut TaskObserver<'_> {
         let data_chunks = manifest.data_chunks().count().max(1) as f64;
         let other_chunks = manifest.chunk_count() as usize - manifest.data_chunks().count();
         let mut receivers = Vec::new();
+        let mut downstream = Vec::new();
         for r in sender.receivers() {
+            downstream.extend(downstream_views(&r.name, r.downstream.values()));
             let data_done = (r.chunks_done as usize).saturating_sub(other_chunks) as f64;
             let percent = if r.state == ReceiverState::Done {
                 100.0
@@ -354,6 +369,8 @@ impl Observer for &mut TaskObserver<'_> {
                 repairs: r.repairs_requested,
                 seconds_left,
                 failure: r.failure.as_ref().map(ToString::to_string),
+                relay: r.relay,
+                via: None,
             });
             if r.is_final() {
                 continue;
@@ -385,6 +402,7 @@ impl Observer for &mut TaskObserver<'_> {
             image: self.image.to_string(),
             group: self.group.clone(),
             port: self.port,
+            relay_port: self.relay_port,
             interface: self.interface.clone(),
             ttl: self.ttl,
             warnings: self.warnings.clone(),
@@ -400,7 +418,7 @@ impl Observer for &mut TaskObserver<'_> {
                 .map(|(mac, why)| format!("{mac}: {why}"))
                 .collect(),
             rate_mbps: sender.rate() as f64 / 1e6,
-            receivers,
+            receivers: receivers.into_iter().chain(downstream).collect(),
         });
     }
 
@@ -489,6 +507,46 @@ fn closed_before_joining(
                 None => format!("its task {id} {}", task.state),
             };
             Some((mac, why))
+        })
+        .collect()
+}
+
+/// The machine a receiver's name stands for: slaves are named by their MAC, relays a machine
+/// booted as `relay MAC`.
+fn machine_of(name: &str) -> Option<MacAddr> {
+    name.strip_prefix("relay ")
+        .unwrap_or(name)
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Rows for a relay's local receivers (as it last reported them upstream), shown with the
+/// relay's own row: what it got through, and where it stands.
+fn downstream_views<'a>(
+    relay: &str,
+    entries: impl Iterator<Item = &'a diskcast_proto::wire::DownstreamEntry>,
+) -> Vec<ReceiverView> {
+    entries
+        .map(|d| {
+            let percent = if d.state == ReceiverState::Done {
+                100.0
+            } else {
+                let total = f64::from(d.chunks_total.max(1));
+                (100.0 * f64::from(d.chunks_done) / total).min(100.0)
+            };
+            ReceiverView {
+                mac: d.name.clone(),
+                address: None,
+                state: state_name(d.state),
+                percent,
+                mb_per_s: 0.0,
+                repairs: 0,
+                seconds_left: None,
+                failure: (!d.reason.is_empty()).then(|| d.reason.clone()),
+                relay: false,
+                via: Some(relay.to_string()),
+            }
         })
         .collect()
 }
@@ -593,5 +651,42 @@ mod tests {
         sender.expect_fewer((tasks.len() - ended.len()) as u32, now);
         assert_eq!(sender.min_receivers(), 2);
         assert_eq!(sender.phase(), diskcast_proto::sender::Phase::Waiting);
+    }
+
+    #[test]
+    fn relays_and_their_local_receivers_are_shown_and_matched_to_tasks() {
+        let mac: MacAddr = "52:54:00:00:00:09".parse().unwrap();
+        // A relay booted for a task names itself `relay MAC`; slaves are named by their MAC.
+        assert_eq!(machine_of("relay 52:54:00:00:00:09"), Some(mac));
+        assert_eq!(machine_of("52:54:00:00:00:09"), Some(mac));
+        assert_eq!(machine_of("relay-b"), None);
+        let entries = [
+            diskcast_proto::wire::DownstreamEntry {
+                id: 1,
+                state: ReceiverState::Done,
+                chunks_done: 10,
+                chunks_total: 10,
+                name: "52:54:00:00:00:0a".into(),
+                reason: String::new(),
+            },
+            diskcast_proto::wire::DownstreamEntry {
+                id: 2,
+                state: ReceiverState::Failed,
+                chunks_done: 5,
+                chunks_total: 10,
+                name: "52:54:00:00:00:0b".into(),
+                reason: "disk write error".into(),
+            },
+        ];
+        let rows = downstream_views("relay 52:54:00:00:00:09", entries.iter());
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].mac, "52:54:00:00:00:0a");
+        assert_eq!(rows[0].state, "verified");
+        assert_eq!(rows[0].percent, 100.0);
+        assert_eq!(rows[0].via.as_deref(), Some("relay 52:54:00:00:00:09"));
+        assert_eq!(rows[1].state, "failed");
+        assert_eq!(rows[1].percent, 50.0);
+        assert_eq!(rows[1].failure.as_deref(), Some("disk write error"));
+        assert!(!rows[1].relay);
     }
 }

@@ -286,7 +286,13 @@ function renderProgress() {
     s.phase === 'waiting'
       ? `waiting for ${s.waiting_for} machine(s) to join`
       : `${s.phase}, ${s.receivers.length} machine(s), ${s.rate_mbps.toFixed(1)} MB/s on the wire`,
-    s.group ? h('span', { class: 'muted' }, ` (${s.group}:${s.port})`) : null,
+    s.group ? h('span', { class: 'muted' }, ` (${s.group}:${s.port}, relays on port ${s.relay_port})`) : null,
+    (s.receivers || []).some((r) => r.relay)
+      ? h('small', { class: 'muted' }, ` relays: ${s.receivers.filter((r) => r.relay).map((r) => {
+        const local = s.receivers.filter((l) => l.via === r.mac);
+        return `${r.mac} (${r.state}; ${local.length} local: ${local.map((l) => `${l.mac} ${l.state}`).join(', ') || 'none yet'})`;
+      }).join('; ')}`)
+      : null,
     (s.not_waiting_for || []).length
       ? h('small', { class: 'muted' }, ` not waiting for ${s.not_waiting_for.join('; ')}`)
       : null)));

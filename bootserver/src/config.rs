@@ -602,6 +602,10 @@ pub struct ImageSession {
 /// a firewall can open one range.
 pub const RELAY_PORTS: u16 = 7800;
 
+/// Every port [`relay_port_for`] derives: configured relay ports stay out of it.
+pub const DERIVED_RELAY_PORTS: std::ops::RangeInclusive<u16> =
+    (RELAY_PORTS + 1)..=(RELAY_PORTS + 510 + 256);
+
 /// The UDP port a session on `group` serves relays on: `configured`, else derived from the
 /// group (a configured group outside the derived range maps into the ports past that range).
 pub fn relay_port_for(group: Ipv4Addr, configured: Option<u16>) -> u16 {
@@ -1458,6 +1462,16 @@ impl Config {
                         &port.span(),
                         format!("[[image]] {name}: relay_port = 0 is not a port; give the UDP port relays subscribe to, or leave it out to derive one from the group"),
                     );
+                } else if DERIVED_RELAY_PORTS.contains(port.get_ref()) {
+                    c.report(
+                        &port.span(),
+                        format!(
+                            "[[image]] {name}: relay_port = {} is in the range derived relay ports come from ({}-{}), where another image's session may take it: pick one outside it",
+                            port.get_ref(),
+                            DERIVED_RELAY_PORTS.start(),
+                            DERIVED_RELAY_PORTS.end()
+                        ),
+                    );
                 } else if let Some((other, _)) = taken {
                     c.report(
                         &port.span(),
@@ -1731,6 +1745,18 @@ mod tests {
         assert_eq!(relay_port_for(DERIVED_GROUPS.0, None), RELAY_PORTS + 1);
         let outside = relay_port_for(Ipv4Addr::new(239, 1, 2, 3), None);
         assert!(!ports.contains(&outside), "{outside}");
+        for g in [Ipv4Addr::new(239, 0, 0, 0), Ipv4Addr::new(239, 0, 0, 255)] {
+            assert!(DERIVED_RELAY_PORTS.contains(&relay_port_for(g, None)));
+        }
+        assert!(ports.iter().all(|p| DERIVED_RELAY_PORTS.contains(p)));
+        let clash = format!("{EXAMPLE}\n[[image]]\nname = \"x\"\nrelay_port = 7801\n");
+        let problems = issues(&clash);
+        assert!(
+            problems[0]
+                .message
+                .contains("in the range derived relay ports"),
+            "{problems:?}"
+        );
         assert_ne!(outside, DEFAULT_PORT);
         let golden = config.image_session("golden");
         assert!(!ports.contains(&DEFAULT_PORT) && !ports.contains(&golden.port));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 const RELAY_MAC: &str = "52:54:00:dc:00:60";
 const FAR_MAC: &str = "52:54:00:dc:00:61";
-const RELAY_PORT: u16 = 7900;
+const RELAY_PORT: u16 = 7790;
 
 /// Mostly random data: every chunk holds data.
 fn make_image(path: &Path, mib: usize, seed: u64) {
@@ -59,7 +59,14 @@ fn boot_agent_of(lab: &Lab, mac: &str) {
         r#"{{"mac":"{mac}","task":{task},"token":"{token}","step":"booted","inventory":{{"disks":[],"nics":[],"unclaimed_network_controllers":[]}}}}"#
     );
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.netns, "curl", "-sS", "--fail-with-body"])
+        .args([
+            "netns",
+            "exec",
+            &lab.netns,
+            "curl",
+            "-sS",
+            "--fail-with-body",
+        ])
         .args(["-H", "content-type: application/json", "--data", &report])
         .arg(format!("http://{}:8080/api/v1/agent/report", lab.server_ip))
         .output()
@@ -167,7 +174,11 @@ fn a_deploy_session_serves_a_relay_across_a_router_without_multicast_routing() {
     let far_out = wait(far, "far receiver");
     let (relay_row, far_row) =
         seen.unwrap_or_else(|| panic!("the API never listed the relay and its receiver: {last}"));
-    assert_eq!(relay_row["mac"], format!("relay {RELAY_MAC}"), "{relay_row:#}");
+    assert_eq!(
+        relay_row["mac"],
+        format!("relay {RELAY_MAC}"),
+        "{relay_row:#}"
+    );
     assert_eq!(far_row["via"], format!("relay {RELAY_MAC}"), "{far_row:#}");
     assert_eq!(far_row["relay"], false, "{far_row:#}");
 

@@ -175,8 +175,14 @@ pub fn manage(lab: Arc<Lab>) {
                 }
                 continue;
             }
+            // Where it will run is known before its thread plans the rest: relays may be
+            // pointed at its relay port while the machines boot.
+            let session = lab.image_session(&image);
             let view = SessionView {
                 image: image.clone(),
+                group: session.group.to_string(),
+                port: session.port,
+                relay_port: crate::config::relay_port_for(session.group, session.relay_port),
                 phase: "waiting",
                 waiting_for: machines.len() as u32,
                 ..SessionView::default()

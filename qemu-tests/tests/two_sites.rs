@@ -33,6 +33,16 @@ fn bootserver(config: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `ip ARGS` in namespace `netns` (site B's, which the lab does not manage).
+fn ip_in(netns: &str, args: &str) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", netns, "ip"])
+        .args(args.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args} in {netns}");
+}
+
 #[test]
 fn two_sites_one_registry() {
     let postgres = TempPostgres::start().unwrap_or_else(|e| panic!("{e}"));
@@ -58,12 +68,7 @@ fn two_sites_one_registry() {
         "addr add 10.78.0.1/24 brd + dev b0",
         "link set b0 up",
     ] {
-        let status = Command::new("ip")
-            .args(["netns", "exec", &site_b, "ip"])
-            .args(args.split_whitespace())
-            .status()
-            .unwrap();
-        assert!(status.success(), "ip {args}");
+        ip_in(&site_b, args);
     }
 
     // Site A: the lab's own server on br0, with the shared registry.
@@ -112,12 +117,7 @@ fn two_sites_one_registry() {
         "link set a0 up",
         "route add 10.77.0.0/24 via 10.79.0.1",
     ] {
-        let status = Command::new("ip")
-            .args(["netns", "exec", &site_b, "ip"])
-            .args(args.split_whitespace())
-            .status()
-            .unwrap();
-        assert!(status.success(), "ip {args}");
+        ip_in(&site_b, args);
     }
     // `key` takes its config after the subcommand (`key show --config`).
     let key_a = Command::new(lab_file("bootserver"))

@@ -80,6 +80,40 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The xorshift64 stream test images draw their incompressible bytes from: the same seed gives
+/// the same bytes, so a test can make a disk and its expected copy independently.
+pub struct Noise(u64);
+
+impl Noise {
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 as u8
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        buf.iter_mut().for_each(|b| *b = self.byte());
+    }
+}
+
+/// An image of `mib` MiB of noise from `seed` in which every fourth 64 KiB block is zero: every
+/// 1 MiB chunk holds data, and the zero runs are there for the skipping code to find.
+pub fn make_striped_image(path: &Path, mib: usize, seed: u64) {
+    let mut noise = Noise::new(seed);
+    let mut image = vec![0u8; mib << 20];
+    for (i, block) in image.chunks_mut(64 << 10).enumerate() {
+        if i % 4 != 0 {
+            noise.fill(block);
+        }
+    }
+    fs::write(path, image).unwrap();
+}
+
 /// Makes a source disk with what real disks hold: an ext4 file system with files (made by
 /// `mkfs.ext4 -d`, no mounting), a region of random bytes, a region of text, and zeros.
 pub fn make_source_disk(path: &Path, size_mib: u64) {

@@ -6,30 +6,12 @@
 //! relay and its local receiver.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{output_of as wait, spawn_agent, DhcpMode, Lab};
-use std::path::Path;
+use diskcast_qemu_tests::{make_striped_image, output_of as wait, spawn_agent, DhcpMode, Lab};
 use std::time::Duration;
 
 const RELAY_MAC: &str = "52:54:00:dc:00:60";
 const FAR_MAC: &str = "52:54:00:dc:00:61";
 const RELAY_PORT: u16 = 7790;
-
-/// Mostly random data: every chunk holds data.
-fn make_image(path: &Path, mib: usize, seed: u64) {
-    let mut state = seed | 1;
-    let image: Vec<u8> = (0..mib << 20)
-        .map(|i| {
-            if (i >> 16) % 4 == 0 {
-                return 0;
-            }
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(path, image).unwrap();
-}
 
 fn tasks_of(lab: &Lab, mac: &str) -> Vec<serde_json::Value> {
     let tasks: serde_json::Value =
@@ -88,9 +70,9 @@ fn a_deploy_session_serves_a_relay_across_a_router_without_multicast_routing() {
     let far_ns = lab.add_host_on("far1", "10.78.0.11/24", "br1", &["default via 10.78.0.1"]);
     let dir = lab.dir.clone();
     let golden = dir.join("golden.img");
-    make_image(&golden, 16, 5);
+    make_striped_image(&golden, 16, 5);
     let far_disk = dir.join("far1.img");
-    make_image(&far_disk, 16, 77);
+    make_striped_image(&far_disk, 16, 77);
 
     lab.start_bootserver(
         DhcpMode::Proxy,

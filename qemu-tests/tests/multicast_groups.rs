@@ -4,7 +4,7 @@
 //! socket (the receiver's count of foreign datagrams), even where one host receives both.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{make_key, output_of as wait, spawn_agent, Lab};
+use diskcast_qemu_tests::{make_key, make_striped_image, output_of as wait, spawn_agent, Lab};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -14,22 +14,6 @@ const GROUP_B: &str = "239.255.78.2";
 /// Both sessions on the same port, as the bootserver's image sessions are: only the group
 /// tells them apart.
 const PORT: &str = "7745";
-
-fn make_image(path: &Path, mib: usize, seed: u64) {
-    let mut state = seed | 1;
-    let image: Vec<u8> = (0..mib << 20)
-        .map(|i| {
-            if (i >> 16) % 4 == 0 {
-                return 0;
-            }
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(path, image).unwrap();
-}
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -111,8 +95,8 @@ fn two_sessions_on_one_lan_each_receiver_gets_only_its_own() {
         count_groups(host);
     }
     let (image_a, image_b) = (lab.dir.join("a.img"), lab.dir.join("b.img"));
-    make_image(&image_a, 24, 11);
-    make_image(&image_b, 24, 22);
+    make_striped_image(&image_a, 24, 11);
+    make_striped_image(&image_b, 24, 22);
     // One server signs both sessions, as the bootserver does: only the group tells them apart.
     let key = lab.dir.join("server.key");
     let public = make_key(&key);

@@ -2,14 +2,14 @@
 //! private network namespaces (one host each, on a bridge), with image files as disks.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{make_key, output_of as wait, spawn_agent, Lab};
+use diskcast_qemu_tests::{make_key, output_of as wait, spawn_agent, Lab, Noise};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 /// A disk image with what real disks hold: zero regions, random data, repetitive text.
 fn make_image(path: &Path, mib: usize, seed: u64) {
-    let mut state = seed | 1;
+    let mut noise = Noise::new(seed);
     let mut image = vec![0u8; mib << 20];
     for (i, block) in image.chunks_mut(64 << 10).enumerate() {
         match i % 5 {
@@ -18,12 +18,7 @@ fn make_image(path: &Path, mib: usize, seed: u64) {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(j, b)| *b = b"lab machine data "[j % 17]),
-            _ => block.iter_mut().for_each(|b| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                *b = state as u8;
-            }),
+            _ => noise.fill(block),
         }
     }
     std::fs::write(path, image).unwrap();

@@ -5,7 +5,7 @@
 //! its receivers' repairs; what crosses the router is measured on the router's interfaces.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use diskcast_qemu_tests::{make_key, output_of as wait, spawn_agent, Lab};
+use diskcast_qemu_tests::{make_key, output_of as wait, spawn_agent, Lab, Noise};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +15,7 @@ const RELAY_PORT: &str = "7745";
 /// Mostly random data (incompressible, and sent raw below) with some text: every 1 MiB chunk
 /// holds data, so one copy of the data is the image's size.
 fn make_image(path: &Path, mib: usize, seed: u64) {
-    let mut state = seed | 1;
+    let mut noise = Noise::new(seed);
     let mut image = vec![0u8; mib << 20];
     for (i, block) in image.chunks_mut(64 << 10).enumerate() {
         match i % 5 {
@@ -23,12 +23,7 @@ fn make_image(path: &Path, mib: usize, seed: u64) {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(j, b)| *b = b"far subnet data "[j % 16]),
-            _ => block.iter_mut().for_each(|b| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                *b = state as u8;
-            }),
+            _ => noise.fill(block),
         }
     }
     std::fs::write(path, image).unwrap();

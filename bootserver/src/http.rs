@@ -239,6 +239,15 @@ pub(crate) mod tests {
 
     /// A server for `app` on 127.0.0.1 in a runtime of its own; returns its address.
     pub(crate) fn start(app: Router, limits: HttpLimits) -> SocketAddr {
+        serve_on_loopback(move |listener| serve(listener, app, limits))
+    }
+
+    /// Runs `run` on a fresh loopback listener in a runtime of its own; returns its address.
+    fn serve_on_loopback<F, Fut>(run: F) -> SocketAddr
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -249,7 +258,7 @@ pub(crate) mod tests {
             runtime.block_on(async move {
                 let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                serve(listener, app, limits).await;
+                run(listener).await;
             });
         });
         rx.recv().unwrap()
@@ -270,20 +279,7 @@ pub(crate) mod tests {
         let identity = crate::tls::load_or_create(&policy, &dir, &["127.0.0.1".into()]).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let config = crate::tls::server_config(&identity).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                serve_tls(listener, app, limits, config).await;
-            });
-        });
-        rx.recv().unwrap()
+        serve_on_loopback(move |listener| serve_tls(listener, app, limits, config))
     }
 
     /// Sends `request` from `from` (an address on the loopback) and reads the whole answer.

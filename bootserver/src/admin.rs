@@ -323,15 +323,15 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
         } => {
             relays = deploy_relays;
             (
-            "deploy",
-            Some(image),
-            common,
-            TaskOptions {
-                grow_last_partition,
-                ..TaskOptions::default()
-            },
-            None,
-        )
+                "deploy",
+                Some(image),
+                common,
+                TaskOptions {
+                    grow_last_partition,
+                    ..TaskOptions::default()
+                },
+                None,
+            )
         }
         TaskCommand::Capture {
             machine,

@@ -267,14 +267,27 @@ fn a_task_names_its_relay_and_the_far_machines_tasks_end_through_it() {
     let refused = Lab::in_host(&lab.netns, &diskcast_qemu_tests::lab_file("bootserver"))
         .args(["task", "--config"])
         .arg(dir.join("bootserver.toml"))
-        .args(["deploy", "golden", "--to", FAR1, "--relay", "52:54:00:dc:00:7f"])
+        .args([
+            "deploy",
+            "golden",
+            "--to",
+            FAR1,
+            "--relay",
+            "52:54:00:dc:00:7f",
+        ])
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&refused.stderr).into_owned()
         + &String::from_utf8_lossy(&refused.stdout);
     assert!(!refused.status.success(), "{said}");
-    assert!(said.contains("relay 52:54:00:dc:00:7f is unknown"), "{said}");
-    assert!(tasks_of(&lab, FAR1).is_empty(), "a refused task was created");
+    assert!(
+        said.contains("relay 52:54:00:dc:00:7f is unknown"),
+        "{said}"
+    );
+    assert!(
+        tasks_of(&lab, FAR1).is_empty(),
+        "a refused task was created"
+    );
 
     let created = lab.task(&[
         "deploy",

@@ -225,7 +225,10 @@ mod tests {
         let e = err(&[9], &[4]);
         assert!(e.contains("relay 52:54:00:00:00:09 is unknown"), "{e}");
         let e = err(&[8], &[4]);
-        assert!(e.contains("where relay 52:54:00:00:00:08 sits is not known"), "{e}");
+        assert!(
+            e.contains("where relay 52:54:00:00:00:08 sits is not known"),
+            "{e}"
+        );
         assert!(e.contains("reservation"), "{e}");
         let e = err(&[10], &[4]);
         assert!(e.contains("192.168.5.5") && e.contains("[[subnet]]"), "{e}");
@@ -290,7 +293,10 @@ mod tests {
                 assert!(lab.registry.open_task_for(far1).unwrap().is_none());
             };
             refused(&["52:54:00:00:00:99"], "relay 52:54:00:00:00:99 is unknown");
-            refused(&[&near.to_string()], "is named both as a relay and as a target");
+            refused(
+                &[&near.to_string()],
+                "is named both as a relay and as a target",
+            );
             refused(&[&relay.to_string(), &far1.to_string()], "is named both");
             let other = at(&lab, "52:54:00:00:00:05", [10, 78, 0, 103]);
             refused(
@@ -356,7 +362,9 @@ mod tests {
                 .map(crate::lab::boot::task_label)
                 .collect();
             assert!(
-                labels.contains(&"relay golden to 2 machine(s) of its subnet (writes no disk)".into()),
+                labels.contains(
+                    &"relay golden to 2 machine(s) of its subnet (writes no disk)".into()
+                ),
                 "{labels:?}"
             );
             assert!(

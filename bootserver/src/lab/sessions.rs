@@ -275,7 +275,11 @@ fn fail_orphans(lab: &Lab, image: &str, tasks: &mut SessionTasks) {
                 step,
             },
         ) {
-            log::error!("lab: task {}: {}", far.task, diskcast_proto::error_chain(&e));
+            log::error!(
+                "lab: task {}: {}",
+                far.task,
+                diskcast_proto::error_chain(&e)
+            );
         }
         false
     });

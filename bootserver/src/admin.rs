@@ -42,6 +42,11 @@ pub enum TaskCommand {
         /// On disks larger than the image, extend the last GPT partition to the disk's end.
         #[arg(long)]
         grow_last_partition: bool,
+        /// A machine (MAC or name) on a subnet behind a router that forwards no multicast: it
+        /// boots as that subnet's relay (writing no disk) and the task's machines there join
+        /// the session through it. Repeat for more subnets, one relay each.
+        #[arg(long = "relay", value_name = "MAC")]
+        relays: Vec<String>,
         #[command(flatten)]
         common: TaskArgs,
     },
@@ -286,6 +291,7 @@ pub fn tasks(config: Config, all: bool) -> Result<(), Box<dyn Error>> {
 }
 
 pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> {
+    let mut relays = Vec::new();
     let (kind, image, common, options, to) = match command {
         TaskCommand::Show { id } => {
             let registry = registry(&config)?;
@@ -312,17 +318,21 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
         TaskCommand::Deploy {
             image,
             grow_last_partition,
+            relays: deploy_relays,
             common,
-        } => (
-            "deploy",
-            Some(image),
-            common,
-            TaskOptions {
-                grow_last_partition,
-                ..TaskOptions::default()
-            },
-            None,
-        ),
+        } => {
+            relays = deploy_relays;
+            (
+                "deploy",
+                Some(image),
+                common,
+                TaskOptions {
+                    grow_last_partition,
+                    ..TaskOptions::default()
+                },
+                None,
+            )
+        }
         TaskCommand::Capture {
             machine,
             image,
@@ -392,6 +402,7 @@ pub fn task(config: Config, command: TaskCommand) -> Result<(), Box<dyn Error>> 
         },
         wake: common.wake,
         timeout: common.timeout,
+        relays,
     };
     let lab = lab(config)?;
     for task in lab.create_tasks(&request, crate::unix_now())? {

@@ -619,6 +619,7 @@ mod tests {
             options: Default::default(),
             wake: false,
             timeout: None,
+            relays: Vec::new(),
         };
         lab.create_tasks(&request, 100).unwrap();
         let script = lab.boot_script(pc, 101).unwrap();

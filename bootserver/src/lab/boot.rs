@@ -35,6 +35,26 @@ pub struct TaskOptions {
     /// `any` (besides `[security] trusted_keys` and open master tasks' keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<String>,
+    /// `deploy`, set by `--relay`: the machine sits behind this relay (its subnet's) and joins
+    /// the session there; the session learns its result from the relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// `deploy`, set by `--relay`: this machine is the relay of its subnet for these machines.
+    /// It boots the relay role and writes no disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relay_for: Vec<String>,
+}
+
+impl TaskOptions {
+    /// A task's options as stored (checked when it was made; unreadable ones mean none).
+    pub fn of(task: &Task) -> Self {
+        serde_json::from_str(&task.options).unwrap_or_default()
+    }
+
+    /// The task makes its machine a relay (it writes no disk).
+    pub fn is_relay(&self) -> bool {
+        !self.relay_for.is_empty()
+    }
 }
 
 fn blocks(options: &TaskOptions) -> Blocks {
@@ -150,7 +170,7 @@ impl Lab {
             return Ok(BootPlan::Local { bios, uefi, why });
         };
         let token = self.registry.issue_token(task.id)?;
-        let options: TaskOptions = serde_json::from_str(&task.options).unwrap_or_default();
+        let options = TaskOptions::of(&task);
         let mut agent = self.agent_for(
             &task,
             &options,
@@ -158,6 +178,10 @@ impl Lab {
             token.into_string(),
         );
         agent.server = Some(server);
+        // A relay subscribes at the address its subnet reaches the server at.
+        if let Some(upstream) = agent.upstream.as_mut() {
+            upstream.set_ip(server);
+        }
         Ok(BootPlan::Agent {
             task,
             agent: Box::new(agent),
@@ -206,6 +230,29 @@ impl Lab {
             ..BootConfig::default()
         };
         match &task.kind {
+            TaskKind::Deploy { image } if options.is_relay() => {
+                // The relay of its subnet: it receives the session by unicast from the
+                // server's relay port and re-multicasts it on the same group and port, where
+                // the task's machines of that subnet join it as if the server were local. It
+                // waits for them (then, after the session's start timeout, starts with whoever
+                // joined). No disk is chosen or written in this role.
+                let session = self.image_session(image);
+                agent.role = Role::Relay;
+                agent.group = session.group;
+                agent.port = session.port;
+                agent.upstream = Some(std::net::SocketAddrV4::new(
+                    self.server_ip,
+                    crate::config::relay_port_for(session.group, session.relay_port),
+                ));
+                agent.min_receivers = options.relay_for.len().max(1) as u32;
+                let start_timeout = session
+                    .start_timeout
+                    .unwrap_or(self.config.lab.start_timeout);
+                agent.start_timeout_secs =
+                    Some(u32::try_from(start_timeout.as_secs()).unwrap_or(u32::MAX));
+                agent.rate_mbps = session.rate.map(|r| (r.mbps().ceil() as u32).max(1));
+                agent.trust = Some(Trust::Keys(vec![self.key.public()]));
+            }
             TaskKind::Deploy { image } => {
                 let session = self.image_session(image);
                 agent.role = Role::Slave;
@@ -247,7 +294,7 @@ impl Lab {
         let known = machine.as_ref().is_some_and(|m| m.known);
         match self.registry.open_task_for(mac)? {
             Some(task) => {
-                let options: TaskOptions = serde_json::from_str(&task.options).unwrap_or_default();
+                let options = TaskOptions::of(&task);
                 let disk = machine.as_ref().and_then(|m| m.disk.as_deref());
                 // The real token is issued when the machine boots.
                 let agent = self.agent_for(&task, &options, disk, "0".repeat(64));
@@ -360,7 +407,19 @@ impl Lab {
 /// `deploy golden`, `capture REF-1`, `inventory`...
 pub fn task_label(task: &Task) -> String {
     match &task.kind {
-        TaskKind::Deploy { image } => format!("deploy {image}"),
+        TaskKind::Deploy { image } => {
+            let options = TaskOptions::of(task);
+            if options.is_relay() {
+                format!(
+                    "relay {image} to {} machine(s) of its subnet (writes no disk)",
+                    options.relay_for.len()
+                )
+            } else if let Some(relay) = options.relay {
+                format!("deploy {image} through relay {relay}")
+            } else {
+                format!("deploy {image}")
+            }
+        }
         TaskKind::Capture { image } => format!("capture as {image}"),
         TaskKind::Inventory => "inventory".into(),
         TaskKind::Receive => "receive from a peer master".into(),

@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod checks;
+pub mod relays;
 pub mod session_plan;
 pub mod sessions;
 pub mod tasks;

@@ -149,7 +149,7 @@ impl Lab {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(groups.group_for("b", derived, &[]), b);
     }
 
-    fn lab(tag: &str, extra: &str) -> Lab {
+    pub(crate) fn lab(tag: &str, extra: &str) -> Lab {
         let dir = std::env::temp_dir().join(format!("diskcast-plan-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let text = include_str!("../../bootserver.example.toml")
@@ -210,7 +210,7 @@ mod tests {
         lab
     }
 
-    fn at(lab: &Lab, mac: &str, address: [u8; 4]) -> MacAddr {
+    pub(crate) fn at(lab: &Lab, mac: &str, address: [u8; 4]) -> MacAddr {
         let mac: MacAddr = mac.parse().unwrap();
         let sighting = diskcast_registry::Sighting {
             firmware: diskcast_registry::Firmware::Bios,
@@ -221,7 +221,7 @@ mod tests {
         mac
     }
 
-    const SUBNETS: &str =
+    pub(crate) const SUBNETS: &str =
         "\n[[subnet]]\nnetwork = \"10.78.0.0/24\"\nrange_start = \"10.78.0.100\"\n\
         range_end = \"10.78.0.199\"\nrouter = \"10.78.0.1\"\n\
         [[subnet]]\nnetwork = \"10.79.0.0/24\"\ninterface = \"eth1\"\n\

@@ -3,6 +3,7 @@
 //! timeout, with whoever did), reports each machine's progress and result into its task, and
 //! ends; machines still left (they joined late, or failed) get the next session.
 
+use super::boot::TaskOptions;
 use super::Lab;
 use crate::store::ImageSummary;
 use diskcast_proto::mac::MacAddr;
@@ -137,7 +138,7 @@ pub fn manage(lab: Arc<Lab>) {
                 continue;
             }
         };
-        let mut by_image: BTreeMap<String, Vec<(MacAddr, TaskId)>> = BTreeMap::new();
+        let mut by_image: BTreeMap<String, SessionTasks> = BTreeMap::new();
         for task in open {
             // Sites sharing one registry each serve the tasks they claimed (their machine
             // network-booted there); a task another site carries out, or one no site's machine
@@ -147,8 +148,22 @@ pub fn manage(lab: Arc<Lab>) {
                     continue;
                 }
             }
-            if let TaskKind::Deploy { image } = task.kind {
-                by_image.entry(image).or_default().push((task.mac, task.id));
+            if let TaskKind::Deploy { image } = &task.kind {
+                let options = TaskOptions::of(&task);
+                let tasks = by_image.entry(image.clone()).or_default();
+                match options.relay.as_deref().map(str::parse::<MacAddr>) {
+                    Some(Ok(relay)) => tasks.far.push(FarTask {
+                        mac: task.mac,
+                        task: task.id,
+                        relay,
+                    }),
+                    _ => {
+                        if options.is_relay() {
+                            tasks.relays.push(task.mac);
+                        }
+                        tasks.direct.push((task.mac, task.id));
+                    }
+                }
             }
         }
         // An image's group stays its own while machines wait for it or a session runs.
@@ -159,8 +174,14 @@ pub fn manage(lab: Arc<Lab>) {
             .map(String::as_str)
             .collect();
         lab.sessions.groups.keep_only(&active);
-        for (image, machines) in by_image {
+        for (image, mut machines) in by_image {
             if lab.sessions.is_running(&image) {
+                continue;
+            }
+            // Machines behind a relay whose task ended (it relayed its session, failed or
+            // timed out) have nothing left to carry the session to their subnet.
+            fail_orphans(&lab, &image, &mut machines);
+            if machines.direct.is_empty() {
                 continue;
             }
             if lab.store.open_image(&image).is_err() {
@@ -184,7 +205,7 @@ pub fn manage(lab: Arc<Lab>) {
                 port: session.port,
                 relay_port: crate::config::relay_port_for(session.group, session.relay_port),
                 phase: "waiting",
-                waiting_for: machines.len() as u32,
+                waiting_for: machines.direct.len() as u32,
                 ..SessionView::default()
             };
             lab.sessions.update(view);
@@ -203,11 +224,97 @@ pub fn manage(lab: Arc<Lab>) {
     }
 }
 
+/// The open deploy tasks of one image.
+#[derive(Debug, Default)]
+struct SessionTasks {
+    /// Those whose machine joins the session itself: slaves the multicast reaches, and relays.
+    direct: Vec<(MacAddr, TaskId)>,
+    /// Of those, the relays' machines (behind routers: the multicast is not meant to reach
+    /// them, they subscribe by unicast).
+    relays: Vec<MacAddr>,
+    /// Machines that join through their subnet's relay.
+    far: Vec<FarTask>,
+}
+
+/// A deploy task whose machine joins the session through its subnet's relay.
+#[derive(Debug, Clone, PartialEq)]
+struct FarTask {
+    mac: MacAddr,
+    task: TaskId,
+    relay: MacAddr,
+}
+
+/// Fails the far tasks of `image` whose relay has no open task of it any more (it ended its
+/// session, failed, timed out or was cancelled) and drops them from `tasks`.
+fn fail_orphans(lab: &Lab, image: &str, tasks: &mut SessionTasks) {
+    let direct = tasks.direct.clone();
+    tasks.far.retain(|far| {
+        if direct.iter().any(|(mac, _)| *mac == far.relay) {
+            return true;
+        }
+        let last = lab
+            .registry
+            .tasks(TaskFilter {
+                mac: Some(far.relay),
+                limit: Some(1),
+                ..TaskFilter::default()
+            })
+            .ok()
+            .and_then(|t| t.into_iter().next());
+        let reason = orphan_reason(far, last.as_ref());
+        log::warn!(
+            "lab: {} does not receive {image} (task {}): {reason}",
+            far.mac,
+            far.task
+        );
+        let step = Step::Failed { reason };
+        if let Err(e) = lab.registry.report(
+            far.task,
+            Report {
+                at: crate::unix_now(),
+                step,
+            },
+        ) {
+            log::error!(
+                "lab: task {}: {}",
+                far.task,
+                diskcast_proto::error_chain(&e)
+            );
+        }
+        false
+    });
+}
+
+/// Why a far task fails when its relay's task (`last`, its latest) is no longer open.
+fn orphan_reason(far: &FarTask, last: Option<&diskcast_registry::Task>) -> String {
+    let relay = far.relay;
+    let how = match last {
+        Some(t) => match &t.reason {
+            Some(reason) => format!("its task {} {}: {reason}", t.id, t.state),
+            None => format!("its task {} {}", t.id, t.state),
+        },
+        None => "it has no task".into(),
+    };
+    format!(
+        "its relay {relay} is done ({how}) and reported no result for it: it never joined the \
+         relay's session on its subnet; check that it boots and reaches the relay, then create \
+         the task again"
+    )
+}
+
 /// One session of `image` for `tasks` (open deploy tasks, with their machines).
-fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
+fn run_session(lab: &Lab, image: &str, all: &SessionTasks) {
+    let tasks = all.direct.as_slice();
     let machines: Vec<MacAddr> = tasks.iter().map(|(mac, _)| *mac).collect();
     let machines = machines.as_slice();
-    let plan = lab.session_plan(image, machines);
+    // Where the multicast must reach: the machines that join it there (relays subscribe by
+    // unicast, far machines join their relay).
+    let multicast_to: Vec<MacAddr> = machines
+        .iter()
+        .copied()
+        .filter(|m| !all.relays.contains(m))
+        .collect();
+    let plan = lab.session_plan(image, &multicast_to);
     for warning in &plan.warnings {
         log::warn!("lab: {warning}");
     }
@@ -266,6 +373,14 @@ fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
         plan.ttl,
         machines.len()
     );
+    for far in &all.far {
+        log::info!(
+            "lab: {} receives {image} through relay {} (task {})",
+            far.mac,
+            far.relay,
+            far.task
+        );
+    }
     let manifest = stored.manifest.clone();
     let mut observer = TaskObserver {
         lab,
@@ -281,6 +396,7 @@ fn run_session(lab: &Lab, image: &str, tasks: &[(MacAddr, TaskId)]) {
         not_waiting_for: Vec::new(),
         last_progress: HashMap::new(),
         joined: Vec::new(),
+        finished: Vec::new(),
     };
     match send::multicast(&opts, manifest, &mut stored, &mut observer) {
         Ok(summary) if summary.outcome == diskcast_proto::sender::Outcome::NobodyExpected => {
@@ -317,6 +433,8 @@ struct TaskObserver<'a> {
     not_waiting_for: Vec<(MacAddr, String)>,
     last_progress: HashMap<MacAddr, Instant>,
     joined: Vec<MacAddr>,
+    /// Machines behind relays whose result was carried into their task.
+    finished: Vec<MacAddr>,
 }
 
 impl TaskObserver<'_> {
@@ -328,6 +446,79 @@ impl TaskObserver<'_> {
         match &task.kind {
             TaskKind::Deploy { image } if image == self.image => Some((mac, task.id)),
             _ => None,
+        }
+    }
+
+    /// Carries what relays reported of their local receivers into those machines' tasks:
+    /// joined, progress, and the result (verified, or failed with the reason).
+    fn sync_downstream(&mut self, sender: &Sender, now: Instant) {
+        let rows: Vec<(String, diskcast_proto::wire::DownstreamEntry)> = sender
+            .receivers()
+            .flat_map(|r| {
+                r.downstream
+                    .values()
+                    .map(|d| (r.name.clone(), d.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (relay, d) in rows {
+            let Some((mac, task)) = self.task_of(&d.name) else {
+                continue;
+            };
+            if self.finished.contains(&mac) {
+                continue;
+            }
+            if !self.joined.contains(&mac) {
+                self.joined.push(mac);
+                self.report(task, Step::Joined);
+            }
+            match d.state {
+                ReceiverState::Done => {
+                    log::info!(
+                        "lab: {mac} verified its copy of {} through {relay} (task {task})",
+                        self.image
+                    );
+                    self.finished.push(mac);
+                    self.report(task, Step::Verified);
+                }
+                ReceiverState::Failed => {
+                    let why = if d.reason.is_empty() {
+                        "failed".to_string()
+                    } else {
+                        d.reason.clone()
+                    };
+                    log::warn!(
+                        "lab: {mac} failed to receive {} through {relay} (task {task}): {why}",
+                        self.image
+                    );
+                    self.finished.push(mac);
+                    self.report(
+                        task,
+                        Step::Failed {
+                            reason: format!("{why} (reported by {relay})"),
+                        },
+                    );
+                }
+                _ => {
+                    let due = self
+                        .last_progress
+                        .get(&mac)
+                        .is_none_or(|t| now.duration_since(*t) >= PROGRESS_EVERY);
+                    if due && d.chunks_done > 0 {
+                        self.last_progress.insert(mac, now);
+                        let total = f64::from(d.chunks_total.max(1));
+                        let percent = (100.0 * f64::from(d.chunks_done) / total).min(100.0);
+                        self.report(
+                            task,
+                            Step::Progress(Progress {
+                                percent,
+                                mb_per_s: 0.0,
+                                repairs: 0,
+                            }),
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -404,6 +595,7 @@ impl Observer for &mut TaskObserver<'_> {
                 );
             }
         }
+        self.sync_downstream(sender, now);
         self.lab.sessions.update(SessionView {
             image: self.image.to_string(),
             group: self.group.clone(),
@@ -453,6 +645,8 @@ impl Observer for &mut TaskObserver<'_> {
         let SenderEvent::ReceiverFinished { receiver, result } = event else {
             return;
         };
+        // A relay's last word on its receivers comes just before its own Done.
+        self.sync_downstream(sender, Instant::now());
         let Some(name) = sender
             .receivers()
             .find(|r| r.id == *receiver)
@@ -498,7 +692,7 @@ fn closed_before_joining(
     let joined = |mac: &MacAddr| {
         sender
             .receivers()
-            .any(|r| r.name.parse::<MacAddr>().is_ok_and(|m| m == *mac) && !r.is_final())
+            .any(|r| machine_of(&r.name) == Some(*mac) && !r.is_final())
     };
     tasks
         .iter()

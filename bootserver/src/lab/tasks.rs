@@ -28,6 +28,11 @@ pub struct TaskRequest {
     /// Seconds of silence after which the task times out (default: the lab's).
     #[serde(default)]
     pub timeout: Option<u64>,
+    /// `deploy`: machines (MAC or name) that relay the session into their subnets, at most one
+    /// per subnet; the task's machines on a relay's subnet join the session there (see
+    /// `relays.rs`).
+    #[serde(default)]
+    pub relays: Vec<String>,
 }
 
 impl Lab {
@@ -49,6 +54,22 @@ impl Lab {
             ));
         }
         let macs = self.resolve_targets(&request.to)?;
+        let relays = self.resolve_relays(&request.relays)?;
+        if !relays.is_empty() && !matches!(kind, TaskKind::Deploy { .. }) {
+            return Err(LabError::Invalid(format!(
+                "relays are for deploy tasks (the server's sessions); a {} task names none",
+                request.kind
+            )));
+        }
+        let assignments = super::relays::assign(&relays, &macs, |mac| {
+            self.place(mac).unwrap_or_else(|e| {
+                log::warn!(
+                    "lab: looking up where {mac} sits: {}",
+                    diskcast_proto::error_chain(&e)
+                );
+                super::relays::Place::Unplaced
+            })
+        })?;
         if matches!(kind, TaskKind::Capture { .. } | TaskKind::Master) && macs.len() > 1 {
             return Err(LabError::OneMachineOnly {
                 what: if matches!(kind, TaskKind::Master) {
@@ -59,27 +80,47 @@ impl Lab {
                 count: macs.len(),
             });
         }
-        for mac in &macs {
+        for mac in macs.iter().chain(&relays) {
             let known = self.registry.machine(*mac)?.is_some_and(|m| m.known);
             if !known {
                 self.registry.register(*mac, None, None, now)?;
             }
         }
-        let options = serde_json::to_string(&request.options)
-            .map_err(|e| LabError::Invalid(format!("task options: {e}")))?;
+        let json = |options: &TaskOptions| {
+            serde_json::to_string(options)
+                .map_err(|e| LabError::Invalid(format!("task options: {e}")))
+        };
         let timeout_secs = request
             .timeout
             .unwrap_or(self.config.lab.task_timeout.as_secs())
             .max(60);
-        let news = macs
-            .iter()
-            .map(|mac| NewTask {
+        let mut news = Vec::new();
+        for mac in &macs {
+            let relay = assignments.iter().find(|a| a.machines.contains(mac));
+            let options = TaskOptions {
+                relay: relay.map(|a| a.relay.to_string()),
+                ..request.options.clone()
+            };
+            news.push(NewTask {
                 mac: *mac,
                 kind: kind.clone(),
-                options: options.clone(),
+                options: json(&options)?,
                 timeout_secs,
-            })
-            .collect();
+            });
+        }
+        // A relay's task: the same image, the relay role (its disk options do not apply).
+        for a in &assignments {
+            let options = TaskOptions {
+                relay_for: a.machines.iter().map(ToString::to_string).collect(),
+                ..TaskOptions::default()
+            };
+            news.push(NewTask {
+                mac: a.relay,
+                kind: kind.clone(),
+                options: json(&options)?,
+                timeout_secs,
+            });
+        }
         let tasks: Vec<Task> = self
             .registry
             .create_tasks(news, now)?
@@ -95,7 +136,12 @@ impl Lab {
             );
         }
         if let TaskKind::Deploy { image } = &kind {
-            for warning in self.session_plan(image, &macs).warnings {
+            let near: Vec<MacAddr> = macs
+                .iter()
+                .copied()
+                .filter(|m| !assignments.iter().any(|a| a.machines.contains(m)))
+                .collect();
+            for warning in self.session_plan(image, &near).warnings {
                 log::warn!("lab: {warning}");
             }
         }
@@ -184,6 +230,13 @@ fn check_options(kind: &TaskKind, options: &TaskOptions) -> Result<(), LabError>
                 DiskSelector::EXPECTED
             )));
         }
+    }
+    if options.relay.is_some() || !options.relay_for.is_empty() {
+        return Err(LabError::Invalid(
+            "relay and relay_for are set by the server from the task's relays (`--relay MAC`, \
+             `\"relays\": [...]`), not given as options"
+                .into(),
+        ));
     }
     if options.min_receivers == Some(0) {
         return Err(LabError::Invalid("min_receivers must be at least 1".into()));

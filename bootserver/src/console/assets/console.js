@@ -370,6 +370,7 @@ function renderKind() {
   const kind = $('kind').value;
   $('image').hidden = kind !== 'deploy';
   $('capture-name').hidden = kind !== 'capture';
+  $('relays').hidden = kind !== 'deploy';
 }
 $('kind').addEventListener('change', renderKind);
 
@@ -378,12 +379,17 @@ $('actions').addEventListener('submit', async (e) => {
   const kind = $('kind').value;
   const request = { kind, to: [...state.selected].join(','), wake: $('wake').checked };
   if (!request.to) { toast('Select the machines first.', true); return; }
-  if (kind === 'deploy') request.image = $('image').value;
+  if (kind === 'deploy') {
+    request.image = $('image').value;
+    const relays = $('relays').value.split(',').map((r) => r.trim()).filter((r) => r);
+    if (relays.length) request.relays = relays;
+  }
   if (kind === 'capture') request.image = $('capture-name').value.trim();
   try {
     const created = await api('POST', '/api/v1/tasks', request);
     toast(`Created ${created.map((t) => `task ${t.id}`).join(', ')}: machines run it when they network-boot.`);
     state.selected.clear();
+    $('relays').value = '';
     refresh('registry');
   } catch (err) {
     toast(`No task created: ${err.message}`, true);

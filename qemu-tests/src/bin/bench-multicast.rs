@@ -412,7 +412,8 @@ fn run_tool(
                     .map(|l| l.trim_start_matches("session summary: ").to_string())?;
                 let compressed = text
                     .lines()
-                    .filter(|l| l.starts_with("compressed ") || l.starts_with("the session moved"))
+                    // Log lines carry a prefix (time, level).
+                    .filter(|l| l.contains(" compressed ") || l.contains(" the session moved "))
                     .collect::<Vec<_>>()
                     .join("; ");
                 Some(if compressed.is_empty() {

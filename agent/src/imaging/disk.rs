@@ -220,7 +220,7 @@ impl Source {
             });
             for next in read {
                 let (indexes, raw) = next?;
-                let verdict = (stored_total < compression.budget).then(|| judge.next());
+                let verdict = (stored_total < compression.budget).then(|| judge.verdict());
                 let compress = matches!(verdict, Some(Verdict::Compress | Verdict::Probe));
                 let encoded: Vec<WireChunk> = std::thread::scope(|scope| {
                     let handles: Vec<_> = raw

@@ -87,7 +87,7 @@ impl WireJudge {
     }
 
     /// What to do with the next batch; call once per batch.
-    pub fn next(&mut self) -> Verdict {
+    pub fn verdict(&mut self) -> Verdict {
         if self.pays() {
             self.raw_since_probe = 0;
             Verdict::Compress
@@ -143,7 +143,7 @@ mod tests {
     fn run(judge: &mut WireJudge, batches: usize, content: fn(u64) -> BatchCost) -> Vec<Verdict> {
         (0..batches)
             .map(|_| {
-                let verdict = judge.next();
+                let verdict = judge.verdict();
                 if verdict != Verdict::Raw {
                     judge.observe(content(4));
                 }
@@ -184,9 +184,9 @@ mod tests {
         assert!(judge.pays());
         judge.set_link_rate(10_000_000_000);
         assert!(!judge.pays());
-        assert_eq!(judge.next(), Verdict::Raw);
+        assert_eq!(judge.verdict(), Verdict::Raw);
         judge.set_link_rate(125_000_000);
-        assert_eq!(judge.next(), Verdict::Compress);
+        assert_eq!(judge.verdict(), Verdict::Compress);
     }
 
     #[test]
@@ -215,7 +215,7 @@ mod tests {
         // The bench's disk-like content: every batch holds text and random chunks.
         let mut judge = WireJudge::new(2, 125_000_000);
         for _ in 0..50 {
-            assert_eq!(judge.next(), Verdict::Compress);
+            assert_eq!(judge.verdict(), Verdict::Compress);
             let (t, r) = (text(2), random(2));
             judge.observe(BatchCost {
                 raw_bytes: t.raw_bytes + r.raw_bytes,

@@ -190,6 +190,12 @@ fn bench_key(dir: &Path) -> (PathBuf, String) {
     )
 }
 
+/// What the diskcast runs are given: `--diskcast-args` and `--compare-agent`.
+struct DiskcastSettings {
+    args: Vec<String>,
+    compared_agent: Option<String>,
+}
+
 fn run_tool(
     tool: Tool,
     lab: &Lab,
@@ -197,9 +203,9 @@ fn run_tool(
     receivers: &[String],
     source: &Path,
     dir: &Path,
-    diskcast_args: &[String],
-    compared_agent: Option<&str>,
+    diskcast: &DiskcastSettings,
 ) -> RunResult {
+    let (diskcast_args, compared_agent) = (&diskcast.args, diskcast.compared_agent.as_deref());
     let agent = project_root().join("target/release/agent");
     let agent = match (tool, compared_agent) {
         (Tool::DiskcastCompared, Some(other)) => other,
@@ -479,6 +485,10 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
+    let diskcast = DiskcastSettings {
+        args: diskcast_args,
+        compared_agent,
+    };
     let mut reference = None;
 
     let mut rows = Vec::new();
@@ -542,16 +552,7 @@ fn main() {
             }
             for run in 0..runs[0] {
                 for (tool, list) in &mut results {
-                    let r = run_tool(
-                        *tool,
-                        &lab,
-                        &sender,
-                        &receivers,
-                        &source,
-                        &work,
-                        &diskcast_args,
-                        compared_agent.as_deref(),
-                    );
+                    let r = run_tool(*tool, &lab, &sender, &receivers, &source, &work, &diskcast);
                     eprintln!(
                         "N={n} loss={loss}% run {run}: {tool:?}: {:.1} s, {:.1} MB/s, wire {:.2}x, verified {}/{n}, cpu s/GB sender {:.2} receiver {:.2}, receiver peak {} KiB{}",
                         r.seconds,

@@ -2,6 +2,7 @@
 //! writer thread fed through a bounded queue, zeroing, the final flush and the read-back check.
 
 use super::fit::{finish_copy, FinishOptions};
+use super::judge::{BatchCost, Verdict, WireJudge};
 use crate::sys::{self, AlignedBuf};
 use diskcast_proto::manifest::{classify, ChunkKind, Hash, Manifest};
 use diskcast_proto::receiver::{ChunkWrite, DiskDone};
@@ -105,6 +106,9 @@ pub struct ScanReport {
     /// Batches that skipped compression because the CPU, not the link, was the limit.
     pub batches_raw_for_cpu: u32,
     pub batches_raw_for_memory: u32,
+    /// The link rate (bytes per second) below which compressing paid, by the scan's last
+    /// measurements; `None` when nothing was compressed to measure.
+    pub break_even_rate: Option<f64>,
 }
 
 /// A frame is kept only when it is at most this share of the chunk (7/8): below that the link
@@ -112,10 +116,6 @@ pub struct ScanReport {
 fn frame_pays(stored: usize, raw: usize) -> bool {
     stored * 8 <= raw * 7
 }
-
-/// After this many batches without compression (the CPU was the limit), one batch compresses
-/// again to measure.
-const PROBE_EVERY: u32 = 16;
 
 const SOURCE_CACHE_CHUNKS: usize = 8;
 
@@ -173,11 +173,11 @@ impl Source {
 }
 
 impl Source {
-    /// Reads the source once, on every core, to build its manifest for the wire: hashes every
-    /// used chunk and, while compressing pays, compresses it, keeping the frames in memory (up
-    /// to the budget) to send as they are. Compressing pays while a batch saves more link time
-    /// than it took (reading and hashing included); otherwise the chunks stay raw and a batch
-    /// now and then measures again. Chunks that zstd does not shrink enough stay raw.
+    /// Reads the source once to build its manifest for the wire: a reader thread reads the next
+    /// batch while every core hashes the current one and, while [`WireJudge`] says compressing
+    /// pays, compresses it, keeping the frames in memory (up to the budget) to send as they are.
+    /// A chunk is compressed only when a sample of it shrinks, and its frame kept only when it
+    /// is at most 7/8 of the chunk: random data costs a sample, not a full compression.
     pub fn scan_for_wire(
         &mut self,
         used: Option<&[bool]>,
@@ -187,90 +187,97 @@ impl Source {
         let count = diskcast_proto::manifest::chunk_count(self.size, chunk_size) as u32;
         let mut chunks = vec![ChunkKind::Absent; count as usize];
         let mut report = ScanReport::default();
+        let mut stored = HashMap::new();
         let mut stored_total = 0usize;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let batch = diskcast_proto::codec::parallel_batch();
         let wanted: Vec<u32> = (0..count)
             .filter(|&i| used.is_none_or(|u| u.get(i as usize).copied().unwrap_or(true)))
             .collect();
-        let mut compressing = true;
-        let mut raw_batches = 0u32;
-        for indexes in wanted.chunks(batch) {
-            let started = std::time::Instant::now();
-            let raw: Vec<Vec<u8>> = indexes
-                .iter()
-                .map(|&i| {
-                    self.read_chunk(i).map_err(|source| DiskError::Read {
-                        path: self.path.clone(),
-                        offset: u64::from(i) * u64::from(chunk_size),
-                        source,
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-            let probe = !compressing && raw_batches >= PROBE_EVERY;
-            let compress = (compressing || probe) && stored_total < compression.budget;
-            let encoded: Vec<(ChunkKind, Option<Vec<u8>>)> = std::thread::scope(|scope| {
-                let handles: Vec<_> = raw
-                    .iter()
-                    .map(|chunk| {
-                        scope.spawn(move || {
-                            if !compress {
-                                return (classify(chunk), None);
-                            }
-                            let encoded = diskcast_proto::codec::encode(chunk, compression.level);
-                            match encoded.kind {
-                                ChunkKind::Zstd { hash, .. }
-                                    if !frame_pays(encoded.stored.len(), chunk.len()) =>
-                                {
-                                    (ChunkKind::Data(hash), None)
-                                }
-                                ChunkKind::Zstd { .. } => {
-                                    (encoded.kind, Some(encoded.stored.into_owned()))
-                                }
-                                kind => (kind, None),
-                            }
+        let mut judge = WireJudge::new(cores, compression.link_rate);
+        let (this, wanted) = (&*self, wanted.as_slice());
+        std::thread::scope(|scope| -> Result<(), DiskError> {
+            // One batch read ahead: the disk reads while the cores work.
+            let (batches, read) =
+                mpsc::sync_channel::<Result<(&[u32], Vec<Vec<u8>>), DiskError>>(1);
+            scope.spawn(move || {
+                for indexes in wanted.chunks(batch) {
+                    let raw = indexes
+                        .iter()
+                        .map(|&i| {
+                            this.read_chunk(i).map_err(|source| DiskError::Read {
+                                path: this.path.clone(),
+                                offset: u64::from(i) * u64::from(chunk_size),
+                                source,
+                            })
                         })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .zip(&raw)
-                    // A crashed encoder thread leaves its chunk raw, hashed here.
-                    .map(|(h, chunk)| h.join().unwrap_or_else(|_| (classify(chunk), None)))
-                    .collect()
+                        .collect::<Result<Vec<_>, _>>();
+                    let failed = raw.is_err();
+                    if batches.send(raw.map(|raw| (indexes, raw))).is_err() || failed {
+                        return;
+                    }
+                }
             });
-            let mut saved = 0u64;
-            for ((&index, (kind, frame)), chunk) in indexes.iter().zip(encoded).zip(&raw) {
-                let kind = match (kind, frame) {
-                    (ChunkKind::Zstd { hash, .. }, Some(_))
-                        if stored_total >= compression.budget =>
-                    {
-                        ChunkKind::Data(hash)
-                    }
-                    (kind, Some(frame)) => {
-                        saved += (chunk.len() - frame.len()) as u64;
-                        stored_total += frame.len();
-                        report.compressed_chunks += 1;
-                        report.stored_bytes += frame.len() as u64;
-                        report.raw_bytes += chunk.len() as u64;
-                        self.stored.insert(index, frame);
-                        kind
-                    }
-                    (kind, None) => kind,
+            for next in read {
+                let (indexes, raw) = next?;
+                let verdict = (stored_total < compression.budget).then(|| judge.verdict());
+                let compress = matches!(verdict, Some(Verdict::Compress | Verdict::Probe));
+                let encoded: Vec<WireChunk> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = raw
+                        .iter()
+                        .map(|chunk| {
+                            scope.spawn(move || encode_for_wire(chunk, compress, compression.level))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .zip(&raw)
+                        // A crashed encoder thread leaves its chunk raw, hashed here.
+                        .map(|(h, chunk)| {
+                            h.join()
+                                .unwrap_or_else(|_| encode_for_wire(chunk, false, 0))
+                        })
+                        .collect()
+                });
+                let mut cost = BatchCost {
+                    raw_bytes: 0,
+                    saved_bytes: 0,
+                    cpu_seconds: 0.0,
                 };
-                chunks[index as usize] = kind;
+                for ((&index, encoded), chunk) in indexes.iter().zip(encoded).zip(&raw) {
+                    if encoded.kind.is_data() {
+                        cost.raw_bytes += chunk.len() as u64;
+                    }
+                    cost.cpu_seconds += encoded.seconds;
+                    let kind = match (encoded.kind, encoded.frame) {
+                        (ChunkKind::Zstd { hash, .. }, Some(_))
+                            if stored_total >= compression.budget =>
+                        {
+                            ChunkKind::Data(hash)
+                        }
+                        (kind, Some(frame)) => {
+                            cost.saved_bytes += (chunk.len() - frame.len()) as u64;
+                            stored_total += frame.len();
+                            report.compressed_chunks += 1;
+                            report.stored_bytes += frame.len() as u64;
+                            report.raw_bytes += chunk.len() as u64;
+                            stored.insert(index, frame);
+                            kind
+                        }
+                        (kind, None) => kind,
+                    };
+                    chunks[index as usize] = kind;
+                }
+                match verdict {
+                    Some(Verdict::Compress | Verdict::Probe) => judge.observe(cost),
+                    Some(Verdict::Raw) => report.batches_raw_for_cpu += 1,
+                    None => report.batches_raw_for_memory += 1,
+                }
             }
-            if compress {
-                // Link time saved against the time this batch took.
-                let link_seconds = saved as f64 / compression.link_rate.max(1) as f64;
-                compressing = link_seconds > started.elapsed().as_secs_f64();
-                raw_batches = 0;
-            } else if stored_total >= compression.budget {
-                report.batches_raw_for_memory += 1;
-            } else {
-                report.batches_raw_for_cpu += 1;
-                raw_batches += 1;
-            }
-        }
+            Ok(())
+        })?;
+        report.break_even_rate = judge.break_even_rate();
+        self.stored = stored;
         let manifest = Manifest {
             image_size: self.size,
             chunk_size,
@@ -286,6 +293,86 @@ impl Source {
             .collect();
         Ok((manifest, report))
     }
+}
+
+/// One chunk as the scan for the wire leaves it.
+struct WireChunk {
+    kind: ChunkKind,
+    /// The zstd frame that travels instead of the chunk.
+    frame: Option<Vec<u8>>,
+    /// Time spent compressing (sample and frame), not hashing: what compressing costs.
+    seconds: f64,
+}
+
+/// Bytes of the sample that decides whether a chunk is worth compressing whole: four slices
+/// spread over the chunk.
+const SAMPLE_SLICE: usize = 16 << 10;
+const SAMPLE_SLICES: usize = 4;
+
+/// Hashes `chunk` and, when `compress`, compresses it if a sample shrinks and keeps the frame if
+/// it pays (see [`frame_pays`]).
+fn encode_for_wire(chunk: &[u8], compress: bool, level: i32) -> WireChunk {
+    let kind = classify(chunk);
+    let ChunkKind::Data(hash) = kind else {
+        return WireChunk {
+            kind,
+            frame: None,
+            seconds: 0.0,
+        };
+    };
+    if !compress {
+        return WireChunk {
+            kind,
+            frame: None,
+            seconds: 0.0,
+        };
+    }
+    let started = thread_cpu_seconds();
+    let frame = sample_shrinks(chunk, level)
+        .then(|| zstd::bulk::compress(chunk, level).ok())
+        .flatten()
+        .filter(|frame| frame_pays(frame.len(), chunk.len()));
+    let seconds = (thread_cpu_seconds() - started).max(0.0);
+    match frame {
+        Some(frame) => WireChunk {
+            kind: ChunkKind::Zstd {
+                hash,
+                stored_len: frame.len() as u32,
+            },
+            frame: Some(frame),
+            seconds,
+        },
+        None => WireChunk {
+            kind,
+            frame: None,
+            seconds,
+        },
+    }
+}
+
+/// CPU seconds this thread used: what compressing costs on a core, whatever else the machine
+/// runs (wall time would count the time other processes had the core).
+fn thread_cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(0.0, |u| {
+        let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        seconds(u.user_time()) + seconds(u.system_time())
+    })
+}
+
+/// Whether slices spread over `chunk` compress enough to pay: incompressible chunks (media,
+/// archives, encrypted or random data) then cost a sixteenth of a 1 MiB chunk's compression.
+/// A chunk too small to sample is compressed whole.
+fn sample_shrinks(chunk: &[u8], level: i32) -> bool {
+    if chunk.len() < 4 * SAMPLE_SLICE * SAMPLE_SLICES {
+        return true;
+    }
+    let step = chunk.len() / SAMPLE_SLICES;
+    let sample: Vec<u8> = (0..SAMPLE_SLICES)
+        .flat_map(|i| &chunk[i * step..i * step + SAMPLE_SLICE])
+        .copied()
+        .collect();
+    zstd::bulk::compress(&sample, level).is_ok_and(|frame| frame_pays(frame.len(), sample.len()))
 }
 
 /// Positioned reads of the source as it was opened (its size is the one measured then).
@@ -805,6 +892,7 @@ mod tests {
         let mut source = Source::open(&path, chunk as u32).unwrap();
         let (manifest, report) = source.scan_for_wire(None, slow).unwrap();
         assert_eq!(report.compressed_chunks, 4, "{report:?}");
+        assert_eq!(report.batches_raw_for_cpu, 0, "{report:?}");
         let text = manifest.chunks[1];
         assert!(matches!(text, ChunkKind::Zstd { .. }), "{text:?}");
         assert!(
@@ -828,15 +916,12 @@ mod tests {
             assert_eq!(a.hash(), b.hash());
         }
 
-        // A link faster than any CPU: after the first batch, chunks stay raw (a batch now and
-        // then measures again).
-        let fast = WireCompression {
-            link_rate: u64::MAX,
-            ..slow
-        };
-        let mut source = Source::open(&path, chunk as u32).unwrap();
-        let (_, report) = source.scan_for_wire(None, fast).unwrap();
-        assert!(report.batches_raw_for_cpu > 0, "{report:?}");
+        // The scan measured what compressing costs here: the link rate below which it pays.
+        assert!(
+            report.break_even_rate.is_some_and(|r| r > 0.0),
+            "{report:?}"
+        );
+        // (Which batches go raw on a link faster than the CPU: see the judge's tests.)
 
         // No memory for frames: everything raw, still correct.
         let tight = WireCompression { budget: 0, ..slow };
@@ -845,5 +930,28 @@ mod tests {
         assert_eq!(report.compressed_chunks, 0);
         assert!(!manifest.is_compressed());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_sample_tells_compressible_chunks_from_random_ones() {
+        let chunk = 1 << 20;
+        let image = disk_like(3, chunk);
+        assert!(sample_shrinks(&image[chunk..2 * chunk], 1), "text");
+        assert!(!sample_shrinks(&image[2 * chunk..], 1), "random");
+        // Random at the head, text after it: slices spread over the chunk find the text.
+        let mut mixed = image[chunk..2 * chunk].to_vec();
+        mixed[..chunk / 8].copy_from_slice(&image[2 * chunk..2 * chunk + chunk / 8]);
+        assert!(sample_shrinks(&mixed, 1));
+        // Too small to sample: compressed whole.
+        assert!(sample_shrinks(&image[2 * chunk..2 * chunk + (64 << 10)], 1));
+        // A 1 MiB random chunk costs a sample, not a whole compression, and stays raw.
+        let encoded = encode_for_wire(&image[2 * chunk..], true, 1);
+        assert!(encoded.frame.is_none());
+        assert!(matches!(encoded.kind, ChunkKind::Data(_)));
+        let encoded = encode_for_wire(&image[chunk..2 * chunk], true, 1);
+        assert!(matches!(encoded.kind, ChunkKind::Zstd { .. }));
+        let frame = encoded.frame.unwrap();
+        let raw = diskcast_proto::codec::decode(1, &encoded.kind, &frame, chunk).unwrap();
+        assert_eq!(&raw[..], &image[chunk..2 * chunk]);
     }
 }

@@ -8,5 +8,6 @@
 pub mod capture;
 pub mod disk;
 pub mod fit;
+pub mod judge;
 pub mod receive;
 pub mod send;

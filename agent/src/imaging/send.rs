@@ -54,12 +54,14 @@ pub fn run_send(
     );
     let scan_started = Instant::now();
     let used = chunks_to_read(&disk, source, opts.chunk_size, blocks);
+    let mut judged_rate = 0;
     let (manifest, report) = match opts.compress {
         Some(level) => {
             let (interface, _) = socket::interface_ipv4(opts.interface.as_deref())?;
+            judged_rate = link_rate(&interface, opts.max_rate.bytes_per_sec());
             let compression = WireCompression {
                 level,
-                link_rate: link_rate(&interface, opts.max_rate.bytes_per_sec()),
+                link_rate: judged_rate,
                 budget: frame_budget(),
             };
             disk.scan_for_wire(used.as_deref(), compression)?
@@ -68,12 +70,17 @@ pub fn run_send(
     };
     if report.compressed_chunks > 0 || report.batches_raw_for_cpu > 0 {
         log::info!(
-            "compressed {} chunks from {} to {}; {} batches sent raw because compressing cost more time than the link saves, {} for memory",
+            "compressed {} chunks from {} to {}; {} batches sent raw because compressing cost more time than the link saves, {} for memory{}",
             report.compressed_chunks,
             human_size(report.raw_bytes),
             human_size(report.stored_bytes),
             report.batches_raw_for_cpu,
             report.batches_raw_for_memory,
+            report.break_even_rate.map_or(String::new(), |rate| format!(
+                " (compressing pays below {:.0} MB/s of link here; judged against {:.0} MB/s)",
+                rate / 1e6,
+                judged_rate as f64 / 1e6
+            )),
         );
     }
     log::info!(
@@ -90,7 +97,33 @@ pub fn run_send(
         human_size(manifest.absent_bytes()),
         scan_started.elapsed().as_secs_f64()
     );
-    Ok(send::multicast(opts, manifest, &mut disk, progress)?)
+    let summary = send::multicast(opts, manifest, &mut disk, progress)?;
+    if let Some(hint) = rate_hint(&report, &summary) {
+        log::info!("{hint}");
+    }
+    Ok(summary)
+}
+
+/// When the session ran slower than the rate at which compressing paid, while the scan left
+/// batches raw (it judged against a faster link): says so, and what to pass next time. The scan
+/// must decide before the first datagram (a chunk's form is in the signed manifest), so it cannot
+/// use the rate the session then achieves.
+fn rate_hint(report: &ScanReport, summary: &SendSummary) -> Option<String> {
+    let break_even = report.break_even_rate?;
+    let seconds = summary.elapsed.as_secs_f64();
+    if report.batches_raw_for_cpu == 0 || seconds <= 0.0 {
+        return None;
+    }
+    let achieved = summary.sent_bytes as f64 / seconds;
+    (achieved < break_even).then(|| {
+        format!(
+            "the session moved {:.0} MB/s, below the {:.0} MB/s at which compressing paid here: {} batches went raw that would have paid; `--rate {:.0}` tells the next scan this link's rate",
+            achieved / 1e6,
+            break_even / 1e6,
+            report.batches_raw_for_cpu,
+            achieved / 1e6
+        )
+    })
 }
 
 /// Bytes per second the link carries: the interface's speed when the driver reports one, never

@@ -18,9 +18,13 @@
 //! TCP stream (iperf3) and the disk with `dd oflag=direct` of the same file, for the ratios the
 //! README reports.
 //!
+//! `--compare-agent PATH` runs a second peer-to-peer diskcast with another build of the agent
+//! (e.g. main's, to measure a change before and after in the same interleaved run); with
+//! `--with-deploy` each p2p column's ratio to deploy from the store is printed too.
+//!
 //! `scripts/bench-multicast [--size-mib 512] [--runs 1] [--receivers 1,3,8] [--loss 0,1,5]
 //!  [--only-diskcast] [--with-deploy] [--content random|disk] [--unshaped]
-//!  [--diskcast-args "--proactive-parity 0.05"]`
+//!  [--diskcast-args "--proactive-parity 0.05"] [--compare-agent PATH]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{project_root, Lab};
@@ -31,6 +35,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
     Diskcast,
+    /// Peer-to-peer diskcast with the agent given by `--compare-agent`.
+    DiskcastCompared,
     Udpcast,
     Uftp,
     /// `bootserver deploy` from an image store.
@@ -41,6 +47,7 @@ impl Tool {
     fn label(self) -> &'static str {
         match self {
             Tool::Diskcast => "diskcast p2p",
+            Tool::DiskcastCompared => "diskcast p2p (compared agent)",
             Tool::Udpcast => "udpcast",
             Tool::Uftp => "uftp",
             Tool::Deploy => "diskcast deploy",
@@ -183,6 +190,12 @@ fn bench_key(dir: &Path) -> (PathBuf, String) {
     )
 }
 
+/// What the diskcast runs are given: `--diskcast-args` and `--compare-agent`.
+struct DiskcastSettings {
+    args: Vec<String>,
+    compared_agent: Option<String>,
+}
+
 fn run_tool(
     tool: Tool,
     lab: &Lab,
@@ -190,10 +203,14 @@ fn run_tool(
     receivers: &[String],
     source: &Path,
     dir: &Path,
-    diskcast_args: &[String],
+    diskcast: &DiskcastSettings,
 ) -> RunResult {
+    let (diskcast_args, compared_agent) = (&diskcast.args, diskcast.compared_agent.as_deref());
     let agent = project_root().join("target/release/agent");
-    let agent = agent.to_str().unwrap();
+    let agent = match (tool, compared_agent) {
+        (Tool::DiskcastCompared, Some(other)) => other,
+        _ => agent.to_str().unwrap(),
+    };
     let n = receivers.len();
     let targets: Vec<PathBuf> = (0..n)
         .map(|i| dir.join(format!("rx{i}")).join("source.img"))
@@ -218,7 +235,7 @@ fn run_tool(
             let t = target.to_str().unwrap();
             let dest = target.parent().unwrap().to_str().unwrap();
             match tool {
-                Tool::Diskcast | Tool::Deploy => spawn(
+                Tool::Diskcast | Tool::DiskcastCompared | Tool::Deploy => spawn(
                     ns,
                     agent,
                     &[
@@ -284,7 +301,7 @@ fn run_tool(
             ],
             &log("sender"),
         ),
-        Tool::Diskcast => {
+        Tool::Diskcast | Tool::DiskcastCompared => {
             let mut args: Vec<&str> = vec![
                 "send",
                 "-i",
@@ -391,12 +408,25 @@ fn run_tool(
         receivers_cpu,
         receiver_peak_kib,
         image_bytes: std::fs::metadata(source).map_or(1, |m| m.len()),
+        // The session's summary line, and what the scan compressed.
         summary: std::fs::read_to_string(log("sender"))
             .ok()
             .and_then(|text| {
-                text.lines()
+                let summary = text
+                    .lines()
                     .find(|l| l.starts_with("session summary:"))
-                    .map(|l| l.trim_start_matches("session summary: ").to_string())
+                    .map(|l| l.trim_start_matches("session summary: ").to_string())?;
+                let compressed = text
+                    .lines()
+                    // Log lines carry a prefix (time, level).
+                    .filter(|l| l.contains(" compressed ") || l.contains(" the session moved "))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Some(if compressed.is_empty() {
+                    summary
+                } else {
+                    format!("{summary}; {compressed}")
+                })
             }),
     }
 }
@@ -425,6 +455,14 @@ fn main() {
     } else {
         vec![Tool::Diskcast, Tool::Udpcast, Tool::Uftp]
     };
+    let compared_agent: Option<String> = args
+        .iter()
+        .position(|a| a == "--compare-agent")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    if compared_agent.is_some() {
+        tools.insert(1, Tool::DiskcastCompared);
+    }
     let with_deploy = args.iter().any(|a| a == "--with-deploy");
     if with_deploy {
         tools.push(Tool::Deploy);
@@ -447,6 +485,10 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
+    let diskcast = DiskcastSettings {
+        args: diskcast_args,
+        compared_agent,
+    };
     let mut reference = None;
 
     let mut rows = Vec::new();
@@ -510,15 +552,7 @@ fn main() {
             }
             for run in 0..runs[0] {
                 for (tool, list) in &mut results {
-                    let r = run_tool(
-                        *tool,
-                        &lab,
-                        &sender,
-                        &receivers,
-                        &source,
-                        &work,
-                        &diskcast_args,
-                    );
+                    let r = run_tool(*tool, &lab, &sender, &receivers, &source, &work, &diskcast);
                     eprintln!(
                         "N={n} loss={loss}% run {run}: {tool:?}: {:.1} s, {:.1} MB/s, wire {:.2}x, verified {}/{n}, cpu s/GB sender {:.2} receiver {:.2}, receiver peak {} KiB{}",
                         r.seconds,
@@ -585,6 +619,18 @@ fn main() {
             "no peer verified".into()
         };
         println!("| {n} | {loss}% | {} | {ratio} |", cells.join(" | "));
+        if let Some((_, deploy)) = s.iter().find(|(t, _)| *t == Tool::Deploy) {
+            for (tool, f) in s
+                .iter()
+                .filter(|(t, _)| matches!(t, Tool::Diskcast | Tool::DiskcastCompared))
+            {
+                println!(
+                    "  {} / deploy from the store: {:.2}",
+                    tool.label(),
+                    f.mbs / deploy.mbs.max(f64::MIN_POSITIVE)
+                );
+            }
+        }
         for (tool, f) in &s {
             if let Some(summary) = &f.summary {
                 println!("  {}: {summary}", tool.label());

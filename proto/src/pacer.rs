@@ -23,6 +23,11 @@ pub const MIN_RATE: f64 = 1_000_000.0;
 const CAREFUL_GROWTH: f64 = 1.05;
 /// A congestion cut aims this far below what the congested receiver took in.
 const CONGESTION_MARGIN: f64 = 0.9;
+/// After a receiver's socket overflowed, the rate climbs fast again only to this fraction of the
+/// rate that overflowed it, and carefully above: climbing straight back past it overflows the
+/// receiver again and again, and every overflow costs repairs (an unshaped veth path sent 1.18x
+/// the data that way).
+const OVERFLOW_KNEE: f64 = 0.9;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -32,6 +37,9 @@ pub struct Pacer {
     floor: f64,
     /// Above this the rate grows carefully: the rate of the last congestion cut, or the ceiling.
     careful_above: f64,
+    /// Just below the rate at which a receiver's socket last overflowed: above it the rate grows
+    /// carefully too (the ceiling when nothing overflowed).
+    overflow_knee: f64,
     tokens: f64,
     burst: f64,
     last_refill: Instant,
@@ -49,6 +57,7 @@ impl Pacer {
             max_rate,
             floor: (floor as f64).clamp(MIN_RATE, max_rate),
             careful_above: max_rate,
+            overflow_knee: max_rate,
             tokens: burst as f64,
             burst: burst as f64,
             last_refill: now,
@@ -87,15 +96,17 @@ impl Pacer {
             .last_decrease
             .is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE);
         if !held && now.saturating_duration_since(self.last_increase) >= STEP {
-            self.rate = if self.rate >= self.careful_above {
-                // Past the rate a congested receiver took: probe upwards gently.
+            let careful_above = self.careful_above.min(self.overflow_knee);
+            self.rate = if self.rate >= careful_above {
+                // Past the rate a congested receiver took, or near the one that overflowed a
+                // receiver: probe upwards gently.
                 self.rate * CAREFUL_GROWTH
             } else {
                 // A quarter more, and at least a fiftieth of the ceiling: from any start the
                 // ceiling is reached within about a second.
                 (self.rate * 1.25)
                     .max(self.rate + self.max_rate / 50.0)
-                    .min(self.careful_above)
+                    .min(careful_above)
             }
             .min(self.max_rate);
             self.last_increase = now;
@@ -130,6 +141,7 @@ impl Pacer {
         {
             return;
         }
+        self.overflow_knee = (self.rate * OVERFLOW_KNEE).max(MIN_RATE);
         self.rate = (self.rate * 0.75).max(MIN_RATE);
         self.last_decrease = Some(now);
     }
@@ -209,6 +221,30 @@ mod tests {
             pacer.rate()
         );
         assert!(pacer.rate() >= MIN_RATE as u64);
+    }
+
+    #[test]
+    fn after_an_overflow_the_rate_climbs_fast_to_just_below_it_then_gently() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(400 * MB, 1000 * MB, MB, 1500, t0);
+        pacer.on_overflow(t0);
+        assert_eq!(pacer.rate(), 300 * MB);
+        // After the hold, fast (a quarter per step) up to 90 % of the rate that overflowed...
+        for ms in (0..=300).step_by(10) {
+            pacer.try_send(0, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(pacer.rate(), 360 * MB);
+        // ...then 5 % per step: past the old rate within a few steps, not at once.
+        pacer.try_send(0, t0 + Duration::from_millis(400));
+        assert_eq!(pacer.rate(), 378 * MB);
+        for ms in (400..=1300).step_by(10) {
+            pacer.try_send(0, t0 + Duration::from_millis(ms));
+        }
+        let later = pacer.rate();
+        assert!(
+            (400 * MB..600 * MB).contains(&later),
+            "{later} B/s a second after the overflow"
+        );
     }
 
     #[test]

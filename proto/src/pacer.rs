@@ -28,6 +28,11 @@ const CONGESTION_MARGIN: f64 = 0.9;
 /// receiver again and again, and every overflow costs repairs (an unshaped veth path sent 1.18x
 /// the data that way).
 const OVERFLOW_KNEE: f64 = 0.9;
+/// The rate does not climb while the sender sends less than the rate divided by this: a sender
+/// held back by its CPU or its disk would otherwise raise a rate it never reaches, and a cut from
+/// that rate would not slow it down at all (on a loaded 2-core host the limit stood at 1000 MB/s
+/// while 56 MB/s went out, and every overflow cut left it above what was sent).
+const APP_LIMITED: f64 = 2.0;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -45,6 +50,11 @@ pub struct Pacer {
     last_refill: Instant,
     last_increase: Instant,
     last_decrease: Option<Instant>,
+    /// Bytes released since `window_start`, for the rate really sent.
+    window_bytes: f64,
+    window_start: Instant,
+    /// Bytes per second really sent over the last full window (0 until one passed with data).
+    achieved: f64,
 }
 
 impl Pacer {
@@ -63,6 +73,9 @@ impl Pacer {
             last_refill: now,
             last_increase: now,
             last_decrease: None,
+            window_bytes: 0.0,
+            window_start: now,
+            achieved: 0.0,
         }
     }
 
@@ -92,10 +105,18 @@ impl Pacer {
             .as_secs_f64();
         self.last_refill = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let window = now.saturating_duration_since(self.window_start);
+        if window >= STEP {
+            self.achieved = self.window_bytes / window.as_secs_f64();
+            self.window_bytes = 0.0;
+            self.window_start = now;
+        }
+        // Held back by something else than the rate (CPU, disk, nothing to send): no climbing.
+        let limited = self.achieved > 0.0 && self.rate > APP_LIMITED * self.achieved;
         let held = self
             .last_decrease
             .is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE);
-        if !held && now.saturating_duration_since(self.last_increase) >= STEP {
+        if !held && !limited && now.saturating_duration_since(self.last_increase) >= STEP {
             let careful_above = self.careful_above.min(self.overflow_knee);
             self.rate = if self.rate >= careful_above {
                 // Past the rate a congested receiver took, or near the one that overflowed a
@@ -120,6 +141,7 @@ impl Pacer {
             return false;
         }
         self.tokens -= len as f64;
+        self.window_bytes += len as f64;
         true
     }
 
@@ -141,8 +163,15 @@ impl Pacer {
         {
             return;
         }
-        self.overflow_knee = (self.rate * OVERFLOW_KNEE).max(MIN_RATE);
-        self.rate = (self.rate * 0.75).max(MIN_RATE);
+        // Cut from what was really sent when that was less than the rate: a cut of a rate the
+        // sender does not reach would not slow it down.
+        let base = if self.achieved > 0.0 {
+            self.rate.min(self.achieved)
+        } else {
+            self.rate
+        };
+        self.overflow_knee = (base * OVERFLOW_KNEE).max(MIN_RATE);
+        self.rate = (base * 0.75).max(MIN_RATE);
         self.last_decrease = Some(now);
     }
 
@@ -245,6 +274,29 @@ mod tests {
             (400 * MB..600 * MB).contains(&later),
             "{later} B/s a second after the overflow"
         );
+    }
+
+    #[test]
+    fn a_sender_held_back_below_the_rate_neither_raises_it_nor_cuts_from_it() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 1000 * MB, MB, 10_000_000, t0);
+        // The sender's CPU lets out only 20 MB/s (2 MB per 100 ms step).
+        let mut now = t0;
+        for _ in 0..20 {
+            now += Duration::from_millis(100);
+            for _ in 0..20 {
+                assert!(pacer.try_send(100_000, now));
+            }
+        }
+        assert!(
+            pacer.rate() <= 200 * MB,
+            "the rate climbed to {} B/s while 20 MB/s went out",
+            pacer.rate()
+        );
+        // A receiver overflows: the cut is from the 20 MB/s really sent.
+        pacer.on_overflow(now);
+        let cut = pacer.rate();
+        assert!((14 * MB..=15 * MB).contains(&cut), "cut to {cut} B/s");
     }
 
     #[test]

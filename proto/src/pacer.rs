@@ -23,6 +23,16 @@ pub const MIN_RATE: f64 = 1_000_000.0;
 const CAREFUL_GROWTH: f64 = 1.05;
 /// A congestion cut aims this far below what the congested receiver took in.
 const CONGESTION_MARGIN: f64 = 0.9;
+/// After a receiver's socket overflowed, the rate climbs fast again only to this fraction of the
+/// rate that overflowed it, and carefully above: climbing straight back past it overflows the
+/// receiver again and again, and every overflow costs repairs (an unshaped veth path sent 1.18x
+/// the data that way).
+const OVERFLOW_KNEE: f64 = 0.9;
+/// The rate does not climb while the sender sends less than the rate divided by this: a sender
+/// held back by its CPU or its disk would otherwise raise a rate it never reaches, and a cut from
+/// that rate would not slow it down at all (on a loaded 2-core host the limit stood at 1000 MB/s
+/// while 56 MB/s went out, and every overflow cut left it above what was sent).
+const APP_LIMITED: f64 = 2.0;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -32,11 +42,19 @@ pub struct Pacer {
     floor: f64,
     /// Above this the rate grows carefully: the rate of the last congestion cut, or the ceiling.
     careful_above: f64,
+    /// Just below the rate at which a receiver's socket last overflowed: above it the rate grows
+    /// carefully too (the ceiling when nothing overflowed).
+    overflow_knee: f64,
     tokens: f64,
     burst: f64,
     last_refill: Instant,
     last_increase: Instant,
     last_decrease: Option<Instant>,
+    /// Bytes released since `window_start`, for the rate really sent.
+    window_bytes: f64,
+    window_start: Instant,
+    /// Bytes per second really sent over the last full window (0 until one passed with data).
+    achieved: f64,
 }
 
 impl Pacer {
@@ -49,11 +67,15 @@ impl Pacer {
             max_rate,
             floor: (floor as f64).clamp(MIN_RATE, max_rate),
             careful_above: max_rate,
+            overflow_knee: max_rate,
             tokens: burst as f64,
             burst: burst as f64,
             last_refill: now,
             last_increase: now,
             last_decrease: None,
+            window_bytes: 0.0,
+            window_start: now,
+            achieved: 0.0,
         }
     }
 
@@ -83,19 +105,29 @@ impl Pacer {
             .as_secs_f64();
         self.last_refill = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let window = now.saturating_duration_since(self.window_start);
+        if window >= STEP {
+            self.achieved = self.window_bytes / window.as_secs_f64();
+            self.window_bytes = 0.0;
+            self.window_start = now;
+        }
+        // Held back by something else than the rate (CPU, disk, nothing to send): no climbing.
+        let limited = self.achieved > 0.0 && self.rate > APP_LIMITED * self.achieved;
         let held = self
             .last_decrease
             .is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE);
-        if !held && now.saturating_duration_since(self.last_increase) >= STEP {
-            self.rate = if self.rate >= self.careful_above {
-                // Past the rate a congested receiver took: probe upwards gently.
+        if !held && !limited && now.saturating_duration_since(self.last_increase) >= STEP {
+            let careful_above = self.careful_above.min(self.overflow_knee);
+            self.rate = if self.rate >= careful_above {
+                // Past the rate a congested receiver took, or near the one that overflowed a
+                // receiver: probe upwards gently.
                 self.rate * CAREFUL_GROWTH
             } else {
                 // A quarter more, and at least a fiftieth of the ceiling: from any start the
                 // ceiling is reached within about a second.
                 (self.rate * 1.25)
                     .max(self.rate + self.max_rate / 50.0)
-                    .min(self.careful_above)
+                    .min(careful_above)
             }
             .min(self.max_rate);
             self.last_increase = now;
@@ -109,6 +141,7 @@ impl Pacer {
             return false;
         }
         self.tokens -= len as f64;
+        self.window_bytes += len as f64;
         true
     }
 
@@ -130,7 +163,15 @@ impl Pacer {
         {
             return;
         }
-        self.rate = (self.rate * 0.75).max(MIN_RATE);
+        // Cut from what was really sent when that was less than the rate: a cut of a rate the
+        // sender does not reach would not slow it down.
+        let base = if self.achieved > 0.0 {
+            self.rate.min(self.achieved)
+        } else {
+            self.rate
+        };
+        self.overflow_knee = (base * OVERFLOW_KNEE).max(MIN_RATE);
+        self.rate = (base * 0.75).max(MIN_RATE);
         self.last_decrease = Some(now);
     }
 
@@ -209,6 +250,53 @@ mod tests {
             pacer.rate()
         );
         assert!(pacer.rate() >= MIN_RATE as u64);
+    }
+
+    #[test]
+    fn after_an_overflow_the_rate_climbs_fast_to_just_below_it_then_gently() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(400 * MB, 1000 * MB, MB, 1500, t0);
+        pacer.on_overflow(t0);
+        assert_eq!(pacer.rate(), 300 * MB);
+        // After the hold, fast (a quarter per step) up to 90 % of the rate that overflowed...
+        for ms in (0..=300).step_by(10) {
+            pacer.try_send(0, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(pacer.rate(), 360 * MB);
+        // ...then 5 % per step: past the old rate within a few steps, not at once.
+        pacer.try_send(0, t0 + Duration::from_millis(400));
+        assert_eq!(pacer.rate(), 378 * MB);
+        for ms in (400..=1300).step_by(10) {
+            pacer.try_send(0, t0 + Duration::from_millis(ms));
+        }
+        let later = pacer.rate();
+        assert!(
+            (400 * MB..600 * MB).contains(&later),
+            "{later} B/s a second after the overflow"
+        );
+    }
+
+    #[test]
+    fn a_sender_held_back_below_the_rate_neither_raises_it_nor_cuts_from_it() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 1000 * MB, MB, 10_000_000, t0);
+        // The sender's CPU lets out only 20 MB/s (2 MB per 100 ms step).
+        let mut now = t0;
+        for _ in 0..20 {
+            now += Duration::from_millis(100);
+            for _ in 0..20 {
+                assert!(pacer.try_send(100_000, now));
+            }
+        }
+        assert!(
+            pacer.rate() <= 200 * MB,
+            "the rate climbed to {} B/s while 20 MB/s went out",
+            pacer.rate()
+        );
+        // A receiver overflows: the cut is from the 20 MB/s really sent.
+        pacer.on_overflow(now);
+        let cut = pacer.rate();
+        assert!((14 * MB..=15 * MB).contains(&cut), "cut to {cut} B/s");
     }
 
     #[test]

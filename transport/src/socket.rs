@@ -161,20 +161,6 @@ pub struct Received {
     pub segment: Option<usize>,
 }
 
-/// Receives into `buf` (64 KiB holds a coalesced GRO buffer).
-pub fn recv_counting_drops(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(u32, i32);
-    let msg = socket::recvmsg::<SockaddrIn>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .map_err(std::io::Error::from)?;
-    Ok(received_from(&msg))
-}
-
 /// Buffers for taking several receives off a socket in one system call (`recvmmsg`): each buffer
 /// holds one datagram or, with UDP GRO, up to 64 KiB of datagrams the kernel coalesced. At high
 /// rates the receiver otherwise spends a system call (and a wake-up) per 64 KiB.

@@ -145,6 +145,14 @@ impl Pacer {
         true
     }
 
+    /// The sender has nothing to send (between passes, waiting for requests): the time until
+    /// it has again does not count towards the rate really sent. A window with idle time in it
+    /// measures a trickle, and an overflow cut from that would drop the session to the minimum.
+    pub fn idle(&mut self, now: Instant) {
+        self.window_bytes = 0.0;
+        self.window_start = now;
+    }
+
     /// When `len` bytes will be in the bucket (now or in the past if they already are).
     pub fn ready_at(&self, len: usize) -> Instant {
         let missing = len as f64 - self.tokens;
@@ -297,6 +305,21 @@ mod tests {
         pacer.on_overflow(now);
         let cut = pacer.rate();
         assert!((14 * MB..=15 * MB).contains(&cut), "cut to {cut} B/s");
+    }
+
+    #[test]
+    fn an_overflow_after_an_idle_spell_cuts_from_the_rate_not_from_a_trickle() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, MB, 1_000_000, t0);
+        // One datagram, then nothing to send for half a second (the sender waits for
+        // requests), then one repair: 3 kB in 500 ms is not what this sender can send.
+        assert!(pacer.try_send(1500, t0));
+        pacer.idle(t0 + Duration::from_millis(1));
+        pacer.idle(t0 + Duration::from_millis(499));
+        assert!(pacer.try_send(1500, t0 + Duration::from_millis(500)));
+        pacer.on_overflow(t0 + Duration::from_millis(500));
+        let cut = pacer.rate();
+        assert!((70 * MB..=80 * MB).contains(&cut), "cut to {cut} B/s");
     }
 
     #[test]

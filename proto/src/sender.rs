@@ -1454,6 +1454,7 @@ impl Sender {
             return None;
         }
         if !self.has_data_to_send() {
+            self.pacer.idle(now);
             return None;
         }
         if !self

@@ -93,9 +93,10 @@ pub fn machine_identity(root: &Path, host_name: &str, interface: &str) -> String
 
 /// How often the caller's progress view is refreshed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// Receives in one go before the disk and the timers get a turn (each one a system call that
-/// takes up to [`RECV_BUFFERS`] receives).
-const RECEIVE_BATCH: usize = 32;
+/// System calls in one go before the disk and the timers get a turn, each taking up to
+/// [`RECV_BUFFERS`] receives: 256 receives (16 MiB at most), the bound of the single-receive loop
+/// before, so repair requests and status reports are not delayed further.
+const RECEIVE_BATCH: usize = 16;
 /// Receives per system call: 16 buffers of up to 64 KiB of GRO-coalesced datagrams (1 MiB).
 const RECV_BUFFERS: usize = 16;
 

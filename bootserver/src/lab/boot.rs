@@ -46,9 +46,17 @@ pub struct TaskOptions {
 }
 
 impl TaskOptions {
-    /// A task's options as stored (checked when it was made; unreadable ones mean none).
+    /// A task's options as stored (checked when it was made). What a machine boots is decided
+    /// from [`Self::read`] instead: options this server cannot read (a damaged row, or a newer
+    /// diskcast's on a shared registry) must never turn a relay's task into one that writes its
+    /// disk; for labels and grouping, unreadable options mean none.
     pub fn of(task: &Task) -> Self {
-        serde_json::from_str(&task.options).unwrap_or_default()
+        Self::read(task).unwrap_or_default()
+    }
+
+    /// A task's options as stored, or why this server cannot read them.
+    pub fn read(task: &Task) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(&task.options)
     }
 
     /// The task makes its machine a relay (it writes no disk).
@@ -169,8 +177,26 @@ impl Lab {
             };
             return Ok(BootPlan::Local { bios, uefi, why });
         };
+        let options = match TaskOptions::read(&task) {
+            Ok(options) => options,
+            Err(e) => {
+                // Booting the agent with options half understood could write a disk nobody
+                // ordered written (a relay's task read as a plain deploy): the local disk, and
+                // the reason in the log, until the task is cancelled or this server updated.
+                log::error!(
+                    "lab: task {} of {mac} has options this server cannot read ({e}): {mac} \
+                     boots its local disk; cancel the task, or update this server",
+                    task.id
+                );
+                let (bios, uefi) = self.local_boot(mac, machine.local_boot.as_deref());
+                return Ok(BootPlan::Local {
+                    bios,
+                    uefi,
+                    why: "its task's options cannot be read by this server: nothing is written",
+                });
+            }
+        };
         let token = self.registry.issue_token(task.id)?;
-        let options = TaskOptions::of(&task);
         let mut agent = self.agent_for(
             &task,
             &options,

@@ -373,5 +373,32 @@ mod tests {
             );
             assert!(labels.contains(&"deploy golden".to_string()), "{labels:?}");
         }
+
+        #[test]
+        fn a_task_whose_options_this_server_cannot_read_boots_the_local_disk() {
+            // A relay's task as a newer diskcast on a shared registry might write it: read as
+            // a plain deploy it would make the relay a slave and write its disk.
+            let lab = lab("unreadable-options", SUBNETS);
+            let relay = at(&lab, "52:54:00:00:00:02", [10, 78, 0, 100]);
+            lab.registry
+                .create_task(
+                    diskcast_registry::NewTask {
+                        mac: relay,
+                        kind: diskcast_registry::TaskKind::Deploy {
+                            image: "golden".into(),
+                        },
+                        options: r#"{"relay_for":["52:54:00:00:00:03"],"relay_mode":"v2"}"#.into(),
+                        timeout_secs: 600,
+                    },
+                    5,
+                )
+                .unwrap();
+            match lab.boot_plan(relay, 10).unwrap() {
+                crate::lab::boot::BootPlan::Local { why, .. } => {
+                    assert!(why.contains("cannot be read"), "{why}")
+                }
+                plan => panic!("an unreadable task booted the agent: {plan:?}"),
+            }
+        }
     }
 }

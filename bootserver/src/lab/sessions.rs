@@ -261,6 +261,11 @@ fn fail_orphans(lab: &Lab, image: &str, tasks: &mut SessionTasks) {
             })
             .ok()
             .and_then(|t| t.into_iter().next());
+        // Still open but not among this site's (sites sharing a registry: no site has claimed
+        // it yet, its machine has not booted): the far machine waits for it.
+        if last.as_ref().is_some_and(|t| t.state.is_open()) {
+            return true;
+        }
         let reason = orphan_reason(far, last.as_ref());
         log::warn!(
             "lab: {} does not receive {image} (task {}): {reason}",
@@ -397,6 +402,7 @@ fn run_session(lab: &Lab, image: &str, all: &SessionTasks) {
         last_progress: HashMap::new(),
         joined: Vec::new(),
         finished: Vec::new(),
+        ignored_rows: Default::default(),
     };
     match send::multicast(&opts, manifest, &mut stored, &mut observer) {
         Ok(summary) if summary.outcome == diskcast_proto::sender::Outcome::NobodyExpected => {
@@ -435,6 +441,8 @@ struct TaskObserver<'a> {
     joined: Vec<MacAddr>,
     /// Machines behind relays whose result was carried into their task.
     finished: Vec<MacAddr>,
+    /// Rows of relays' reports that name no machine of theirs (logged once).
+    ignored_rows: std::collections::HashSet<(String, String)>,
 }
 
 impl TaskObserver<'_> {
@@ -447,6 +455,18 @@ impl TaskObserver<'_> {
             TaskKind::Deploy { image } if image == self.image => Some((mac, task.id)),
             _ => None,
         }
+    }
+
+    /// The open deploy task of this image of the machine a relay reported as `name`, when that
+    /// task names `relay` as its relay. A relay's report is believed for its own subnet's
+    /// machines only: the names in it are what joiners called themselves there, so a row under
+    /// another machine's MAC (a near slave, another relay's machine, the relay itself) would
+    /// otherwise close a task whose disk nobody wrote.
+    fn far_task_of(&self, name: &str, relay: &str) -> Option<(MacAddr, i64)> {
+        let relay = machine_of(relay)?;
+        let mac = machine_of(name)?;
+        let task = self.lab.registry.open_task_for(mac).ok()??;
+        behind_relay(&task, self.image, relay).then_some((mac, task.id))
     }
 
     /// Carries what relays reported of their local receivers into those machines' tasks:
@@ -462,7 +482,15 @@ impl TaskObserver<'_> {
             })
             .collect();
         for (relay, d) in rows {
-            let Some((mac, task)) = self.task_of(&d.name) else {
+            let Some((mac, task)) = self.far_task_of(&d.name, &relay) else {
+                if self.ignored_rows.insert((relay.clone(), d.name.clone())) {
+                    log::warn!(
+                        "lab: {relay} reported {:?}, which has no open task of {} behind it: not \
+                         recorded",
+                        d.name,
+                        self.image
+                    );
+                }
                 continue;
             };
             if self.finished.contains(&mac) {
@@ -721,6 +749,17 @@ fn machine_of(name: &str) -> Option<MacAddr> {
         .ok()
 }
 
+/// Whether `task` deploys `image` through `relay` (its options name that relay).
+fn behind_relay(task: &diskcast_registry::Task, image: &str, relay: MacAddr) -> bool {
+    let TaskKind::Deploy { image: its } = &task.kind else {
+        return false;
+    };
+    let named = TaskOptions::of(task)
+        .relay
+        .and_then(|r| r.parse::<MacAddr>().ok());
+    its == image && named == Some(relay)
+}
+
 /// Rows for a relay's local receivers (as it last reported them upstream), shown with the
 /// relay's own row: what it got through, and where it stands.
 fn downstream_views<'a>(
@@ -888,5 +927,26 @@ mod tests {
         assert_eq!(rows[1].percent, 50.0);
         assert_eq!(rows[1].failure.as_deref(), Some("disk write error"));
         assert!(!rows[1].relay);
+    }
+
+    #[test]
+    fn a_relay_is_believed_only_for_the_machines_whose_task_names_it() {
+        let relay: MacAddr = "52:54:00:00:00:09".parse().unwrap();
+        let other: MacAddr = "52:54:00:00:00:0c".parse().unwrap();
+        let far1: MacAddr = "52:54:00:00:00:0a".parse().unwrap();
+        let mut far = task(1, far1, TaskState::Booted, None);
+        far.options = format!(r#"{{"relay":"{relay}"}}"#);
+        assert!(behind_relay(&far, "golden", relay));
+        assert!(
+            !behind_relay(&far, "golden", other),
+            "another relay's machine"
+        );
+        assert!(!behind_relay(&far, "other-image", relay));
+        // A near slave (or the relay itself) names no relay: a row under its MAC changes nothing.
+        let near = task(2, far1, TaskState::Booted, None);
+        assert!(!behind_relay(&near, "golden", relay));
+        let mut relays_own = task(3, relay, TaskState::Booted, None);
+        relays_own.options = format!(r#"{{"relay_for":["{far1}"]}}"#);
+        assert!(!behind_relay(&relays_own, "golden", relay));
     }
 }

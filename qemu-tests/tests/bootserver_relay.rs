@@ -17,6 +17,41 @@ const RELAY_MAC: &str = "52:54:00:dc:00:60";
 const FAR_MAC: &str = "52:54:00:dc:00:61";
 const RELAY_PORT: u16 = 7790;
 
+/// Subnet B behind a router that forwards IPv4 but no multicast: a relay host and a far
+/// receiver host on it, the image to deploy and the far receiver's disk (other bytes).
+struct FarSubnet {
+    relay_ns: String,
+    far_ns: String,
+    golden: std::path::PathBuf,
+    far_disk: std::path::PathBuf,
+}
+
+trait WithFarSubnet {
+    fn with_far_subnet(self) -> (Lab, FarSubnet);
+}
+
+impl WithFarSubnet for Lab {
+    fn with_far_subnet(mut self) -> (Lab, FarSubnet) {
+        self.add_subnet("br1");
+        // The router namespace lives as long as the lab (it deletes its namespaces).
+        let _router = self.add_router("router", "br1", "10.77.0.254/24", "10.78.0.1/24");
+        let relay_ns = self.add_host_on("relay", "10.78.0.2/24", "br1", &["default via 10.78.0.1"]);
+        let far_ns = self.add_host_on("far1", "10.78.0.11/24", "br1", &["default via 10.78.0.1"]);
+        let dir = self.dir.clone();
+        let golden = dir.join("golden.img");
+        make_striped_image(&golden, 16, 5);
+        let far_disk = dir.join("far1.img");
+        make_striped_image(&far_disk, 16, 77);
+        let far = FarSubnet {
+            relay_ns,
+            far_ns,
+            golden,
+            far_disk,
+        };
+        (self, far)
+    }
+}
+
 fn tasks_of(lab: &Lab, mac: &str) -> Vec<serde_json::Value> {
     let tasks: serde_json::Value =
         serde_json::from_str(&lab.api_get("/api/v1/tasks?all=true")).unwrap();
@@ -34,14 +69,7 @@ fn tasks_of(lab: &Lab, mac: &str) -> Vec<serde_json::Value> {
 /// the script boots the agent with (its boot contract).
 fn boot_agent_of(lab: &Lab, mac: &str) -> String {
     let script = lab.api_get(&format!("/boot/{mac}.ipxe"));
-    let word = |key: &str| -> String {
-        script
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in the boot script:\n{script}"))
-            .to_string()
-    };
-    let (task, token) = (word("diskcast.task="), word("diskcast.token="));
+    let (task, token) = (word(&script, "task"), word(&script, "token"));
     let report = format!(
         r#"{{"mac":"{mac}","task":{task},"token":"{token}","step":"booted","inventory":{{"disks":[],"nics":[],"unclaimed_network_controllers":[]}}}}"#
     );
@@ -73,16 +101,13 @@ fn boot_agent_of(lab: &Lab, mac: &str) -> String {
 
 #[test]
 fn a_deploy_session_serves_a_relay_across_a_router_without_multicast_routing() {
-    let mut lab = Lab::new("bs_relay");
-    lab.add_subnet("br1");
-    let _router = lab.add_router("router", "br1", "10.77.0.254/24", "10.78.0.1/24");
-    let relay_ns = lab.add_host_on("relay", "10.78.0.2/24", "br1", &["default via 10.78.0.1"]);
-    let far_ns = lab.add_host_on("far1", "10.78.0.11/24", "br1", &["default via 10.78.0.1"]);
-    let dir = lab.dir.clone();
-    let golden = dir.join("golden.img");
-    make_striped_image(&golden, 16, 5);
-    let far_disk = dir.join("far1.img");
-    make_striped_image(&far_disk, 16, 77);
+    let (mut lab, far) = Lab::new("bs_relay").with_far_subnet();
+    let FarSubnet {
+        relay_ns,
+        far_ns,
+        golden,
+        far_disk,
+    } = far;
 
     lab.start_bootserver(
         DhcpMode::Proxy,
@@ -204,12 +229,16 @@ fn a_deploy_session_serves_a_relay_across_a_router_without_multicast_routing() {
     assert_eq!(relay_tasks[0]["state"], "verified", "{relay_tasks:#?}");
 }
 
-/// `diskcast.KEY=` of a kernel command line, as the agent would read it.
-fn word<'a>(cmdline: &'a str, key: &str) -> &'a str {
+/// `diskcast.KEY=` of a kernel command line (or a boot script holding one), as the agent
+/// would read it.
+fn word_or<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("diskcast.{key}=")))
-        .unwrap_or_else(|| panic!("no diskcast.{key} in the contract: {cmdline}"))
+}
+
+fn word<'a>(cmdline: &'a str, key: &str) -> &'a str {
+    word_or(cmdline, key).unwrap_or_else(|| panic!("no diskcast.{key} in the contract: {cmdline}"))
 }
 
 /// The tasks of `mac` once its latest one is final (verified, failed, ...), polled through the
@@ -238,16 +267,13 @@ fn a_task_names_its_relay_and_the_far_machines_tasks_end_through_it() {
     // On subnet B too, but never boots: its task must end failed, never verified.
     const FAR2: &str = "52:54:00:dc:00:72";
     const PORT: u16 = 7791;
-    let mut lab = Lab::new("bs_relay_task");
-    lab.add_subnet("br1");
-    let _router = lab.add_router("router", "br1", "10.77.0.254/24", "10.78.0.1/24");
-    let relay_ns = lab.add_host_on("relay", "10.78.0.2/24", "br1", &["default via 10.78.0.1"]);
-    let far_ns = lab.add_host_on("far1", "10.78.0.11/24", "br1", &["default via 10.78.0.1"]);
-    let dir = lab.dir.clone();
-    let golden = dir.join("golden.img");
-    make_striped_image(&golden, 16, 5);
-    let far_disk = dir.join("far1.img");
-    make_striped_image(&far_disk, 16, 77);
+    let (mut lab, far) = Lab::new("bs_relay_task").with_far_subnet();
+    let FarSubnet {
+        relay_ns,
+        far_ns,
+        golden,
+        far_disk,
+    } = far;
 
     // Subnet B is behind the router; where its machines sit is known from their reservations
     // (as it would be from their first DHCP through the router).
@@ -266,7 +292,7 @@ fn a_task_names_its_relay_and_the_far_machines_tasks_end_through_it() {
     // A relay nobody knows is refused, saying so, and creates nothing.
     let refused = Lab::in_host(&lab.netns, &diskcast_qemu_tests::lab_file("bootserver"))
         .args(["task", "--config"])
-        .arg(dir.join("bootserver.toml"))
+        .arg(lab.dir.join("bootserver.toml"))
         .args([
             "deploy",
             "golden",
@@ -326,13 +352,12 @@ fn a_task_names_its_relay_and_the_far_machines_tasks_end_through_it() {
     // relay `relay MAC` and a slave by its MAC; the interface is the one that got an address).
     let group_of = |line: &str| {
         // The default group and port are not written out.
-        let get = |key: &str, default: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("diskcast.{key}=")))
-                .unwrap_or(default)
-                .to_string()
-        };
-        (get("group", "239.255.77.77"), get("port", "7744"))
+        (
+            word_or(line, "group")
+                .unwrap_or("239.255.77.77")
+                .to_string(),
+            word_or(line, "port").unwrap_or("7744").to_string(),
+        )
     };
     let (far_group, far_port) = group_of(&far_line);
     let far = spawn_agent(

@@ -312,21 +312,16 @@ const SAMPLE_SLICES: usize = 4;
 /// Hashes `chunk` and, when `compress`, compresses it if a sample shrinks and keeps the frame if
 /// it pays (see [`frame_pays`]).
 fn encode_for_wire(chunk: &[u8], compress: bool, level: i32) -> WireChunk {
+    // Not `codec::encode`: that compresses every data chunk whole; here a sample decides first,
+    // and the CPU time is measured for the judge.
     let kind = classify(chunk);
-    let ChunkKind::Data(hash) = kind else {
+    let (ChunkKind::Data(hash), true) = (kind, compress) else {
         return WireChunk {
             kind,
             frame: None,
             seconds: 0.0,
         };
     };
-    if !compress {
-        return WireChunk {
-            kind,
-            frame: None,
-            seconds: 0.0,
-        };
-    }
     let started = thread_cpu_seconds();
     let frame = sample_shrinks(chunk, level)
         .then(|| zstd::bulk::compress(chunk, level).ok())

@@ -151,9 +151,10 @@ pub fn make_source_disk(path: &Path, size_mib: u64) {
     let _ = fs::remove_dir_all(&tree);
 }
 
-/// The host build of the agent (`target/release/agent`, made by scripts/build-lab).
+/// The agent for process tests: the lab's static build (`target/lab/agent`, made by
+/// scripts/build-lab), the same binary the VMs boot, so one release build serves both.
 pub fn host_agent() -> PathBuf {
-    let path = project_root().join("target/release/agent");
+    let path = lab_file("agent");
     assert!(
         path.exists(),
         "{} is missing: run scripts/build-lab",

@@ -178,7 +178,7 @@ fn bench_key(dir: &Path) -> (PathBuf, String) {
     if !path.exists() {
         diskcast_qemu_tests::make_key(&path);
     }
-    let out = Command::new(project_root().join("target/release/agent"))
+    let out = Command::new(diskcast_qemu_tests::host_agent())
         .args(["key", "show"])
         .arg(&path)
         .output()
@@ -206,7 +206,7 @@ fn run_tool(
     diskcast: &DiskcastSettings,
 ) -> RunResult {
     let (diskcast_args, compared_agent) = (&diskcast.args, diskcast.compared_agent.as_deref());
-    let agent = project_root().join("target/release/agent");
+    let agent = diskcast_qemu_tests::host_agent();
     let agent = match (tool, compared_agent) {
         (Tool::DiskcastCompared, Some(other)) => other,
         _ => agent.to_str().unwrap(),

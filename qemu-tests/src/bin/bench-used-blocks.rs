@@ -1179,7 +1179,7 @@ fn main() {
     let source_part = Loop::partition(&disk, true);
 
     // The signing key of diskcast's senders, and the public key its receivers trust.
-    let agent = root.join("target/release/agent");
+    let agent = diskcast_qemu_tests::host_agent();
     let key = work.join("bench.key");
     let _ = fs::remove_file(&key);
     must(&mut cmd(p(&agent), &["key", "new", p(&key)]));

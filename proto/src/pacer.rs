@@ -23,6 +23,9 @@ pub const MIN_RATE: f64 = 1_000_000.0;
 const CAREFUL_GROWTH: f64 = 1.05;
 /// A congestion cut aims this far below what the congested receiver took in.
 const CONGESTION_MARGIN: f64 = 0.9;
+/// A receiver's disk falling behind slows the session to this share of the disk's rate, so its
+/// queue drains.
+const DISK_MARGIN: f64 = 0.95;
 /// After a receiver's socket overflowed, the rate climbs fast again only to this fraction of the
 /// rate that overflowed it, and carefully above: climbing straight back past it overflows the
 /// receiver again and again, and every overflow costs repairs (an unshaped veth path sent 1.18x
@@ -134,6 +137,11 @@ impl Pacer {
         }
     }
 
+    /// The bucket's size in bytes: what may go out back to back.
+    pub fn burst(&self) -> usize {
+        self.burst as usize
+    }
+
     /// Takes `len` bytes from the bucket if they are there now.
     pub fn try_send(&mut self, len: usize, now: Instant) -> bool {
         self.refill(now);
@@ -199,6 +207,19 @@ impl Pacer {
         self.last_decrease = Some(now);
     }
 
+    /// A receiver's disk writes only `disk_rate` bytes per second and its write queue is
+    /// filling: go a little below that, and above it only carefully. Nothing was lost, so this
+    /// is no quarter cut: the point is that the receiver never has to stop reading its socket
+    /// (a receiver waiting for its disk overflows it, and every overflow costs repairs).
+    pub fn on_disk_bound(&mut self, disk_rate: f64, now: Instant) {
+        let target = (disk_rate * DISK_MARGIN).max(MIN_RATE);
+        if self.rate > target {
+            self.rate = target;
+            self.last_decrease = Some(now);
+        }
+        self.careful_above = self.careful_above.min(target);
+    }
+
     /// The congested receivers left: the rate may climb at full speed again.
     pub fn forget_congestion(&mut self) {
         self.careful_above = self.max_rate;
@@ -237,6 +258,33 @@ mod tests {
             pacer.try_send(0, t0 + Duration::from_millis(ms));
         }
         assert_eq!(pacer.rate(), 100 * MB);
+    }
+
+    #[test]
+    fn a_disk_falling_behind_holds_the_rate_just_below_it_and_a_faster_one_changes_nothing() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, MB, 1500, t0);
+        pacer.on_disk_bound(200e6, t0);
+        assert_eq!(
+            pacer.rate(),
+            100 * MB,
+            "a disk faster than the rate is no limit"
+        );
+        pacer.on_disk_bound(30e6, t0);
+        assert_eq!(pacer.rate(), 28_500_000);
+        // Sending on at the new rate for a second: it may probe above the disk's rate only
+        // carefully (5 % per step after the hold), never straight back to the ceiling.
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_millis(10);
+            while pacer.try_send(1500, now) {}
+        }
+        assert!(
+            pacer.rate() < 45 * MB,
+            "climbed to {} B/s within a second",
+            pacer.rate()
+        );
+        assert!(pacer.rate() >= 28_500_000);
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub struct ReceiverConfig {
     /// do not verify against these keys are refused or dropped before anything is written.
     /// The default trusts nobody.
     pub trust: Trust,
+    /// Chunk writes the caller's disk side queues before it stops taking more (and its network
+    /// loop waits, so the socket overflows): from half of that on, reports tell the sender the
+    /// rate the disk writes at.
+    pub disk_queue: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -94,7 +98,99 @@ impl Default for ReceiverConfig {
             sender_timeout: Duration::from_secs(30),
             wait_timeout: None,
             trust: Trust::default(),
+            disk_queue: DISK_QUEUE,
         }
+    }
+}
+
+/// The agent's disk queue: chunk writes waiting for the disk (16 MiB of 1 MiB chunks).
+pub const DISK_QUEUE: usize = 16;
+/// The disk's rate is measured over windows at least this long: a flush or a read-back check
+/// stalls writes for a moment, and a rate from that moment alone would stop the session.
+const DISK_RATE_WINDOW: Duration = Duration::from_millis(250);
+
+/// Of a rate window, the disk must have been busy this long for its rate to be believed.
+const DISK_MIN_BUSY: Duration = Duration::from_millis(50);
+
+/// How the disk keeps up with the network: the chunk writes handed to it and not done yet, and
+/// the rate at which it completes them (in bytes of chunks as they travel, what the sender paces).
+/// The rate counts only the time writes were queued: over a whole window, the moments the disk
+/// waited for the network would understate it, the sender would slow down to that, the disk
+/// would wait longer, and the session would spiral down.
+#[derive(Debug)]
+struct DiskPace {
+    queued: usize,
+    /// The caller's queue (`ReceiverConfig::disk_queue`).
+    limit: usize,
+    window_start: Instant,
+    window_bytes: u64,
+    /// Time in this window with writes queued, besides the stretch since `busy_since`.
+    busy: Duration,
+    busy_since: Option<Instant>,
+    /// Bytes per second of busy time over the last window that had enough of it; 0 until then.
+    rate: f64,
+    /// The queue was past half at the last report: a report is not hurried again for it.
+    filling: bool,
+}
+
+impl DiskPace {
+    fn new(now: Instant) -> Self {
+        Self {
+            queued: 0,
+            limit: DISK_QUEUE,
+            window_start: now,
+            window_bytes: 0,
+            busy: Duration::ZERO,
+            busy_since: None,
+            rate: 0.0,
+            filling: false,
+        }
+    }
+
+    fn past_half(&self) -> bool {
+        self.queued * 2 >= self.limit.max(2)
+    }
+
+    fn queued_one(&mut self, now: Instant) {
+        if self.queued == 0 {
+            self.busy_since = Some(now.max(self.window_start));
+        }
+        self.queued += 1;
+    }
+
+    fn written(&mut self, wire_bytes: usize, now: Instant) {
+        self.queued = self.queued.saturating_sub(1);
+        self.window_bytes += wire_bytes as u64;
+        if self.queued == 0 {
+            if let Some(since) = self.busy_since.take() {
+                self.busy += now.saturating_duration_since(since);
+            }
+        }
+    }
+
+    /// What a report says: 0 while the queue is below half of `limit`, else the disk's rate in
+    /// kB/s (at least 1: a disk that wrote nothing in a whole window is still a limit).
+    fn report(&mut self, now: Instant) -> u32 {
+        if now.saturating_duration_since(self.window_start) >= DISK_RATE_WINDOW {
+            let busy = self.busy
+                + self
+                    .busy_since
+                    .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+            if busy >= DISK_MIN_BUSY {
+                self.rate = self.window_bytes as f64 / busy.as_secs_f64();
+            }
+            self.window_bytes = 0;
+            self.busy = Duration::ZERO;
+            self.window_start = now;
+            if self.busy_since.is_some() {
+                self.busy_since = Some(now);
+            }
+        }
+        self.filling = self.past_half();
+        if !self.filling || self.rate == 0.0 {
+            return 0;
+        }
+        ((self.rate / 1000.0) as u32).max(1)
     }
 }
 
@@ -430,6 +526,7 @@ struct Transfer {
     data_written: u64,
     /// The sender asks for parity requests (the latest announcement says so).
     parity_naks: bool,
+    disk: DiskPace,
 }
 
 /// The verified or failed result, repeated until the sender acknowledges it.
@@ -877,13 +974,9 @@ impl Receiver {
                 image_hash,
                 compressed: flags & ANNOUNCE_COMPRESSED != 0,
             };
-            self.state = State::Joining(Box::new(Transfer::new(
-                session,
-                from,
-                geometry,
-                manifest_len,
-                now,
-            )));
+            let mut transfer = Transfer::new(session, from, geometry, manifest_len, now);
+            transfer.disk.limit = self.cfg.disk_queue;
+            self.state = State::Joining(Box::new(transfer));
         }
         let Some(t) = self.transfer_mut() else {
             return;
@@ -1073,11 +1166,11 @@ impl Receiver {
         match done {
             DiskDone::Written { chunk } => {
                 if let Some(t) = self.transfer_mut() {
-                    t.chunk_written(chunk);
+                    t.chunk_written(chunk, now);
                 }
                 self.check_complete();
             }
-            DiskDone::Rejected { chunk, why } => self.chunk_rejected(chunk, why),
+            DiskDone::Rejected { chunk, why } => self.chunk_rejected(chunk, why, now),
             DiskDone::Zeroed { len } => {
                 if let Some(t) = self.transfer_mut() {
                     t.zeroed(len);
@@ -1092,11 +1185,11 @@ impl Receiver {
     /// A chunk did not decode to bytes with its hash (corrupt in a way the CRCs missed, or a
     /// rogue sender): nothing was written; it is asked for again. A chunk that keeps arriving
     /// damaged is damaged at the source: the copy fails instead of asking forever.
-    fn chunk_rejected(&mut self, chunk: u32, why: String) {
+    fn chunk_rejected(&mut self, chunk: u32, why: String, now: Instant) {
         let Some(t) = self.transfer_mut() else {
             return;
         };
-        let Some(times) = t.chunk_rejected(chunk) else {
+        let Some(times) = t.chunk_rejected(chunk, now) else {
             return;
         };
         self.stats.corrupt_chunks += 1;
@@ -1220,7 +1313,7 @@ impl Receiver {
                 let (session, sender) = (t.session, t.sender);
                 let datagrams = match &self.state {
                     State::Joining(_) => vec![self.join_packet(session, 0)],
-                    _ => self.status(),
+                    _ => self.status(now),
                 };
                 for bytes in datagrams {
                     self.out.transmits.push_back(Transmit {
@@ -1234,7 +1327,7 @@ impl Receiver {
 
     /// Status reports for this interval: one datagram, or several when the NAKs need the room
     /// (a receiver that asks for its repairs only a datagram at a time falls behind the sender).
-    fn status(&mut self) -> Vec<Vec<u8>> {
+    fn status(&mut self, now: Instant) -> Vec<Vec<u8>> {
         let receiving = matches!(self.state, State::Receiving(_));
         let (id, received, overflow) = (self.cfg.id, self.stats.datagrams, self.stats.overflow);
         let Some(t) = self.transfer_mut() else {
@@ -1260,6 +1353,7 @@ impl Receiver {
         };
         let (chunks_done, chunks_total) = t.progress();
         let manifest_missing = t.manifest_missing();
+        let disk_rate = t.disk.report(now);
         batches
             .into_iter()
             .map(|naks| {
@@ -1274,6 +1368,7 @@ impl Receiver {
                         highest_seq: t.highest_seq,
                         received,
                         overflow,
+                        disk_rate,
                         manifest_missing,
                         naks,
                     },
@@ -1314,6 +1409,7 @@ impl Transfer {
             nak_cursor: 0,
             data_written: 0,
             parity_naks: false,
+            disk: DiskPace::new(now),
         }
     }
 
@@ -1615,6 +1711,12 @@ impl Transfer {
         }
         let (offset, raw_len) = manifest.chunk_range(chunk);
         *state = ChunkState::Writing;
+        self.disk.queued_one(self.last_heard);
+        if !self.disk.filling && self.disk.past_half() {
+            // The sender hears of a filling queue now, not at the next interval: by then the
+            // network loop may already be waiting for the disk.
+            self.next_status = self.last_heard.min(self.next_status);
+        }
         out.events.push_back(Event::Write(ChunkWrite {
             chunk,
             offset,
@@ -1625,7 +1727,7 @@ impl Transfer {
         }));
     }
 
-    fn chunk_written(&mut self, chunk: u32) {
+    fn chunk_written(&mut self, chunk: u32, now: Instant) {
         let Chunks::Known {
             manifest,
             states,
@@ -1641,13 +1743,14 @@ impl Transfer {
                 self.chunks_done += 1;
                 *data_left -= 1;
                 self.data_written += manifest.chunk_range(chunk).1 as u64;
+                self.disk.written(manifest.wire_len(chunk), now);
             }
         }
     }
 
     /// A chunk handed out did not decode: it is missing again. Returns how often that happened
     /// to it, or `None` when the chunk was not being written.
-    fn chunk_rejected(&mut self, chunk: u32) -> Option<u32> {
+    fn chunk_rejected(&mut self, chunk: u32, now: Instant) -> Option<u32> {
         let Chunks::Known { states, .. } = &mut self.chunks else {
             return None;
         };
@@ -1656,6 +1759,7 @@ impl Transfer {
             return None;
         }
         *state = ChunkState::Missing;
+        self.disk.written(0, now);
         let times = self.rejections.entry(chunk).or_insert(0);
         *times += 1;
         Some(*times)

@@ -88,6 +88,42 @@ pub struct SimReceiver {
     /// A NIC that takes in only so many bytes per second and drops the rest before any socket
     /// sees them (no overflow is counted), like an rtl8139 under QEMU's TCG.
     pub nic: Option<NicModel>,
+    /// A disk that writes only so fast behind a bounded queue. `None`: writes complete at once.
+    pub disk_model: Option<DiskModel>,
+}
+
+/// A disk writing `rate` bytes per second behind a queue of `depth` chunk writes, like the
+/// agent's writer thread: while the queue is full the network loop waits, reading nothing from
+/// its socket (give the receiver a [`SocketModel`] too, or nothing waits).
+pub struct DiskModel {
+    pub rate: f64,
+    pub depth: usize,
+    /// Completions in the order the disk finishes them.
+    pending: std::collections::VecDeque<(Instant, DiskDone)>,
+    busy_until: Option<Instant>,
+}
+
+impl DiskModel {
+    pub fn new(rate: f64, depth: usize) -> Self {
+        Self {
+            rate,
+            depth,
+            pending: std::collections::VecDeque::new(),
+            busy_until: None,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.pending.len() >= self.depth
+    }
+
+    /// Queues a write of `len` bytes finishing with `done`.
+    fn queue(&mut self, len: usize, done: DiskDone, now: Instant) {
+        let start = self.busy_until.map_or(now, |t| t.max(now));
+        let at = start + Duration::from_secs_f64(len as f64 / self.rate);
+        self.busy_until = Some(at);
+        self.pending.push_back((at, done));
+    }
 }
 
 /// A slow NIC: a ring of `ring` bytes emptied at `rate` bytes per second; what does not fit
@@ -269,6 +305,7 @@ impl Sim {
                     socket: None,
                     coder: crate::fec::Coder::default(),
                     nic: None,
+                    disk_model: None,
                 }
             })
             .collect();
@@ -384,6 +421,10 @@ impl Sim {
                             r.disk[offset as usize..offset as usize + data.len()]
                                 .copy_from_slice(&data);
                             r.writes += 1;
+                            if let Some(disk) = &mut r.disk_model {
+                                disk.queue(data.len(), DiskDone::Written { chunk }, now);
+                                continue;
+                            }
                             DiskDone::Written { chunk }
                         }
                         Err(e) => DiskDone::Rejected {
@@ -434,9 +475,17 @@ impl Sim {
         }
     }
 
-    /// A slow receiver reads what its pace allows from its socket buffer.
+    /// A slow receiver reads what its pace allows from its socket buffer, nothing while it waits
+    /// for its disk.
     fn read_socket(&mut self, i: usize) {
         for _ in 0..self.receivers[i].socket.as_ref().map_or(0, |s| s.per_step) {
+            if self.receivers[i]
+                .disk_model
+                .as_ref()
+                .is_some_and(DiskModel::full)
+            {
+                return;
+            }
             let Some((bytes, from)) = self.receivers[i]
                 .socket
                 .as_mut()
@@ -446,6 +495,27 @@ impl Sim {
             };
             if self.active(i) {
                 self.receivers[i].rx.handle_datagram(&bytes, from, self.now);
+                self.drain_receiver(i);
+            }
+        }
+    }
+
+    /// The writes receiver `i`'s disk finished by now are reported to it.
+    fn finish_disk_writes(&mut self, i: usize) {
+        let now = self.now;
+        loop {
+            let r = &mut self.receivers[i];
+            let Some(disk) = &mut r.disk_model else {
+                return;
+            };
+            if disk.pending.front().is_none_or(|(at, _)| *at > now) {
+                return;
+            }
+            let Some((_, done)) = disk.pending.pop_front() else {
+                return;
+            };
+            if r.result.is_none() {
+                r.rx.handle_disk(done, now);
                 self.drain_receiver(i);
             }
         }
@@ -556,6 +626,7 @@ impl Sim {
                 }
             }
             for i in 0..self.receivers.len() {
+                self.finish_disk_writes(i);
                 self.read_socket(i);
                 let due = self.receivers[i]
                     .rx
@@ -850,6 +921,7 @@ mod forge {
                 highest_seq: u64::MAX,
                 received: 0,
                 overflow: 0,
+                disk_rate: 0,
                 manifest_missing: u32::MAX,
                 naks,
             },
@@ -1165,6 +1237,33 @@ fn a_slow_receiver_overflows_its_socket_and_the_sender_slows_down() {
     );
     let sent = sim.sender.stats.data_bytes as f64 / sim.sender.manifest().data_bytes() as f64;
     assert!(sent < 2.0, "sent {sent:.2}x the data");
+}
+
+#[test]
+fn a_receiver_whose_disk_falls_behind_paces_the_sender_instead_of_overflowing() {
+    // The link allows 40 MB/s, the receiver's disk writes 10 MB/s behind a queue of 16 chunks,
+    // and its socket holds 512 datagrams (0.7 MB): the sender must learn the disk's rate from
+    // the reports and stay near it, so the socket never overflows and nothing is sent twice.
+    let image = test_image(48 * CHUNK as usize, 36);
+    let sender_cfg = SenderConfig {
+        initial_rate: 40_000_000,
+        max_rate: 40_000_000,
+        ..cfg(1)
+    };
+    let mut sim = Sim::new(image, CHUNK, sender_cfg, 1, 0.0, 36);
+    sim.receivers[0].socket = Some(SocketModel::new(512, 64));
+    sim.receivers[0].disk_model = Some(DiskModel::new(10_000_000.0, 16));
+    sim.run(Duration::from_secs(120));
+    sim.assert_all_copies_exact();
+    let overflows = sim.receivers[0].socket.as_ref().unwrap().overflows;
+    assert_eq!(overflows, 0, "the receiver's socket overflowed");
+    let sent = sim.sender.stats.data_bytes as f64 / sim.sender.manifest().data_bytes() as f64;
+    assert!(sent < 1.05, "sent {sent:.2}x the data");
+    assert!(
+        sim.sender.rate() < 15_000_000,
+        "the sender kept its rate at {} B/s",
+        sim.sender.rate()
+    );
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The multicast session's datagrams, version 3.
+//! The multicast session's datagrams, version 4.
 //!
 //! Every datagram:
 //!
@@ -19,7 +19,7 @@
 //! | 3 | Welcome | sender → receiver (unicast) | receiver u64, verdict u8, nonce u64, signature sig8 |
 //! | 4 | ManifestPart | sender → group | offset u32, bytes |
 //! | 5 | Data | sender → group | seq u64, chunk u32, block u16, flags u8, bytes |
-//! | 6 | Status | receiver → sender | receiver u64, nonce u64, state u8, chunks_done u32, chunks_total u32, highest_seq u64, received u64, overflow u32, manifest_missing u32 (first missing offset or u32::MAX), nak count u16, naks |
+//! | 6 | Status | receiver → sender | receiver u64, nonce u64, state u8, chunks_done u32, chunks_total u32, highest_seq u64, received u64, overflow u32, disk_rate u32, manifest_missing u32 (first missing offset or u32::MAX), nak count u16, naks |
 //! | 7 | Done | receiver → sender | receiver u64, nonce u64, ok u8, image_hash [32], reason str8 |
 //! | 8 | DoneAck | sender → receiver (unicast) | receiver u64, signature sig8 |
 //! | 9 | End | sender → group | aborted u8, signature sig8 |
@@ -55,6 +55,11 @@
 //! for Welcome and DoneAck the receiver's incarnation). Version 3 added the signatures and the
 //! Join's refusal codes ([`REFUSAL_TOO_SMALL`], [`REFUSAL_UNSIGNED`], [`REFUSAL_UNTRUSTED_KEY`]).
 //!
+//! A Status's `disk_rate` is 0 while the receiver's disk keeps up; while its queue of chunks
+//! waiting to be written fills, it is the rate its disk writes at, in kB/s of chunks as they
+//! travel, so the sender can slow down to it before the receiver stops reading its socket and
+//! overflows. Version 4 added it.
+//!
 //! Parsing never panics: anything malformed is an error the caller counts and drops.
 
 use crate::manifest::Hash;
@@ -65,7 +70,7 @@ pub const DEFAULT_GROUP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(239, 255, 
 pub const DEFAULT_PORT: u16 = 7744;
 
 pub const MAGIC: [u8; 2] = [0xd1, 0x5c];
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 const HEADER: usize = 8;
 const TRAILER: usize = 4;
 /// Largest datagram the protocol sends: fits a 1500-byte Ethernet MTU after IP and UDP headers.
@@ -273,6 +278,8 @@ pub enum Body {
         highest_seq: u64,
         received: u64,
         overflow: u32,
+        /// kB/s its disk writes at while its write queue fills; 0 while the disk keeps up.
+        disk_rate: u32,
         manifest_missing: u32,
         naks: Vec<Nak>,
     },
@@ -673,6 +680,7 @@ impl Packet {
                 highest_seq,
                 received,
                 overflow,
+                disk_rate,
                 manifest_missing,
                 naks,
             } => {
@@ -684,6 +692,7 @@ impl Packet {
                 out.extend_from_slice(&highest_seq.to_be_bytes());
                 out.extend_from_slice(&received.to_be_bytes());
                 out.extend_from_slice(&overflow.to_be_bytes());
+                out.extend_from_slice(&disk_rate.to_be_bytes());
                 out.extend_from_slice(&manifest_missing.to_be_bytes());
                 out.extend_from_slice(&(naks.len() as u16).to_be_bytes());
                 for nak in naks {
@@ -851,7 +860,7 @@ impl Packet {
                 let state = ReceiverState::from_u8(r.u8()?).ok_or(WireError::Body(what))?;
                 let (chunks_done, chunks_total) = (r.u32()?, r.u32()?);
                 let (highest_seq, received) = (r.u64()?, r.u64()?);
-                let (overflow, manifest_missing) = (r.u32()?, r.u32()?);
+                let (overflow, disk_rate, manifest_missing) = (r.u32()?, r.u32()?, r.u32()?);
                 let count = r.u16()?;
                 let mut naks = Vec::with_capacity(usize::from(count).min(256));
                 for _ in 0..count {
@@ -884,6 +893,7 @@ impl Packet {
                     highest_seq,
                     received,
                     overflow,
+                    disk_rate,
                     manifest_missing,
                     naks,
                 }
@@ -1106,6 +1116,7 @@ mod tests {
                 highest_seq: 5000,
                 received: 4990,
                 overflow: 3,
+                disk_rate: 250_000,
                 manifest_missing: u32::MAX,
                 naks: vec![
                     Nak::Chunks { start: 3, count: 2 },
@@ -1320,6 +1331,7 @@ mod golden {
                 highest_seq: 42,
                 received: 40,
                 overflow: 1,
+                disk_rate: 0x0001_e240,
                 manifest_missing: u32::MAX,
                 naks: vec![
                     Nak::Chunks { start: 3, count: 2 },
@@ -1375,23 +1387,23 @@ mod golden {
             .collect()
     }
 
-    /// The bytes of version 3, fixed: a change to the format fails here, on purpose. Bump
+    /// The bytes of version 4, fixed: a change to the format fails here, on purpose. Bump
     /// [`VERSION`] and write new bytes when the format must change.
     const GOLDEN: [&str; 10] = [
-        "d15c0301cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e803405a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5aca4c9d0a",
-        "d15c0302cafef00d010203040506070800000009000000040000000000000200000370633103532f4e5ecdb4a4",
-        "d15c0303cafef00d010203040506070803112233445566778800fed241d2",
-        "d15c0304cafef00d00000580dead7299bcaa",
-        "d15c0305cafef00d000000000000002a00000003000501010203047c97e73d",
-        "d15c0306cafef00d01020304050607081122334455667788010000000a00000014000000000000002a000000000000002800000001ffffffff00030000000003000000020100000009000181020000000c000320c59b3e",
-        "d15c0307cafef00d0102030405060708112233445566778801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd009cf5b910",
-        "d15c0308cafef00d010203040506070800da8e66a4",
-        "d15c0309cafef00d000015e12a49",
-        "d15c030acafef00d000000000000002b000000030002020506a6751bca",
+        "d15c0401cafef00d00000001000000000010000005800000012cabababababababababababababababababababababababababababababababab0000000700000000000003e803405a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a41a352ab",
+        "d15c0402cafef00d010203040506070800000009000000040000000000000200000370633103532f4e6c0380ba",
+        "d15c0403cafef00d010203040506070803112233445566778800cfca76a5",
+        "d15c0404cafef00d00000580dead06015525",
+        "d15c0405cafef00d000000000000002a0000000300050101020304b2c71b95",
+        "d15c0406cafef00d01020304050607081122334455667788010000000a00000014000000000000002a0000000000000028000000010001e240ffffffff00030000000003000000020100000009000181020000000c0003a23296a9",
+        "d15c0407cafef00d0102030405060708112233445566778801cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd00cc1ec235",
+        "d15c0408cafef00d010203040506070800418f69be",
+        "d15c0409cafef00d00001f242350",
+        "d15c040acafef00d000000000000002b000000030002020506d0cc8364",
     ];
 
     #[test]
-    fn version_3_bytes_are_fixed() {
+    fn version_4_bytes_are_fixed() {
         for (packet, golden) in packets().into_iter().zip(GOLDEN) {
             let name = packet.body.datagram_type().name();
             assert_eq!(hex(&packet.emit()), golden, "{name} emits other bytes");

@@ -154,7 +154,7 @@ pub fn run_receive(
         grow_last_partition: opts.grow_last_partition,
         discard: opts.discard,
     };
-    let writer = disk::spawn_writer(target, 16, finish)?;
+    let writer = disk::spawn_writer(target, cfg.disk_queue, finish)?;
     socket.set_nonblocking(true)?;
     reports.set_nonblocking(true)?;
     socket::enable_gro(&socket);

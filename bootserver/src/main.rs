@@ -522,6 +522,10 @@ struct DeployArgs {
     /// Multicast TTL: the routers between the server and the slaves, plus one (1: this LAN only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     ttl: u8,
+    /// Data bytes per datagram (even, 512 to 65480). Default: as much as the interface's MTU
+    /// takes without IP fragments (1408 at MTU 1500, 8896 at 9000).
+    #[arg(long, value_parser = diskcast_transport::send::parse_block_size)]
+    block_size: Option<u16>,
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, diskcast_bootserver::config::ConfigError> {
@@ -651,6 +655,7 @@ fn main() -> ExitCode {
             opts.max_rate = Rate::from_mbps(args.rate);
             opts.min_rate = Rate::from_mbps(args.min_rate);
             opts.ttl = args.ttl;
+            opts.block_size = args.block_size;
             let summary = deploy_once(&store, &args.image, &opts, |progress| {
                 eprintln!(
                     "deploying {}:\n{}",

@@ -16,8 +16,8 @@ use crate::manifest::{ChunkKind, Hash, Manifest};
 use crate::trust::{Trust, Untrusted};
 use crate::wire::{
     Body, DataRef, Destination, Nak, Packet, ReceiverState, Transmit, Verdict, ANNOUNCE_COMPRESSED,
-    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_REPAIR, MAX_DATAGRAM, REFUSAL_TOO_SMALL,
-    REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
+    ANNOUNCE_FIRST_PASS_DONE, ANNOUNCE_PARITY, DATA_REPAIR, MAX_BLOCK_SIZE, MAX_DATAGRAM,
+    MIN_BLOCK_SIZE, REFUSAL_TOO_SMALL, REFUSAL_UNSIGNED, REFUSAL_UNTRUSTED_KEY,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -28,11 +28,10 @@ use std::time::{Duration, Instant};
 const MAX_MANIFEST_LEN: u32 = 64 << 20;
 
 /// Chunk, block and manifest sizes an announcement may claim: a chunk within the manifest's
-/// limits, blocks that fit a datagram and number at most 65536 per chunk (the wire's u16 index).
+/// limits, blocks that fit a UDP datagram (fragmented above the MTU) and number at most 65536 per chunk (the wire's u16 index).
 fn announced_geometry_is_sane(chunk_size: u32, block_size: u16, manifest_len: u32) -> bool {
     crate::manifest::valid_chunk_size(chunk_size)
-        && block_size >= 512
-        && usize::from(block_size) <= MAX_DATAGRAM
+        && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
         && (chunk_size as usize).div_ceil(usize::from(block_size)) <= 1 << 16
         && manifest_len <= MAX_MANIFEST_LEN
 }
@@ -687,6 +686,11 @@ impl Receiver {
 
     pub fn image_size(&self) -> Option<u64> {
         self.transfer().map(|t| t.geometry.image_size)
+    }
+
+    /// The announced data bytes per datagram.
+    pub fn block_size(&self) -> Option<u16> {
+        self.transfer().map(|t| t.geometry.block_size)
     }
 
     /// Bytes of data chunks written to the disk so far, for rates (zeroed and absent chunks
@@ -1867,5 +1871,21 @@ impl Transfer {
         }
         self.nak_cursor = chunk;
         naks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_blocks_up_to_the_largest_udp_datagram_are_accepted() {
+        let chunk = 1 << 20;
+        for block in [MIN_BLOCK_SIZE, 1408, 1472, 8896, MAX_BLOCK_SIZE] {
+            assert!(announced_geometry_is_sane(chunk, block, 4096), "{block}");
+        }
+        for block in [0, MIN_BLOCK_SIZE - 1, MAX_BLOCK_SIZE + 1, u16::MAX] {
+            assert!(!announced_geometry_is_sane(chunk, block, 4096), "{block}");
+        }
     }
 }

@@ -46,7 +46,7 @@ pub struct RelayConfig {
     /// timeouts.
     pub upstream: ReceiverConfig,
     /// The local sender: start policy (`min_receivers`, `start_timeout`), rates, deadline. Its
-    /// session is the upstream one; it never signs.
+    /// session and block size are the upstream one's; it never signs.
     pub local: SenderConfig,
     /// The sender's unicast address.
     pub sender: SocketAddr,
@@ -389,8 +389,15 @@ impl Relay {
     }
 
     fn start_local(&mut self, manifest: Manifest, session: u32, now: Instant) {
+        // Far receivers size blocks by the sender's signed Announce, which the relay passes on
+        // verbatim: its own leg must use the same blocks.
+        let block_size = self
+            .upstream
+            .block_size()
+            .unwrap_or(self.cfg.local.block_size);
         let cfg = SenderConfig {
             session,
+            block_size,
             ..self.cfg.local.clone()
         };
         let mut local = Sender::relaying(cfg, manifest, now);
@@ -400,7 +407,9 @@ impl Relay {
         for &chunk in &self.kept {
             local.set_available(chunk);
         }
-        log::info!("relay: manifest received, re-multicasting session {session:08x}");
+        log::info!(
+            "relay: manifest received, re-multicasting session {session:08x} in blocks of {block_size} bytes"
+        );
         self.local = Some(local);
     }
 }
@@ -839,6 +848,28 @@ mod tests {
             .downstream
             .values()
             .all(|d| d.state == ReceiverState::Done));
+    }
+
+    #[test]
+    fn a_relay_passes_the_senders_jumbo_blocks_on_whatever_its_own_default() {
+        let mut net = Net::new(1, 2, 0.02, 6);
+        let manifest = net.sender.manifest().clone();
+        let cfg = SenderConfig {
+            block_size: 8896,
+            ..sender_cfg(2)
+        };
+        net.sender = Sender::new(cfg, manifest, net.now);
+        net.run(Duration::from_secs(120));
+        assert_every_copy_exact(&net);
+        let local = net.relay.local().expect("the local leg");
+        assert_eq!(local.block_size(), 8896);
+        for (i, r) in net.far.iter().enumerate() {
+            assert_eq!(
+                r.rx.stats.malformed, 0,
+                "far receiver {i}: {:?}",
+                r.rx.stats
+            );
+        }
     }
 
     #[test]

@@ -224,7 +224,14 @@ struct LossSample {
 }
 
 impl LossMeter {
-    fn sample(&mut self, seq: u64, received: u64, now: Instant) -> Option<LossSample> {
+    /// `datagram`: bytes per data datagram, as the pacer counts them.
+    fn sample(
+        &mut self,
+        seq: u64,
+        received: u64,
+        datagram: usize,
+        now: Instant,
+    ) -> Option<LossSample> {
         let Some((seq0, received0, at0)) = self.start else {
             self.start = Some((seq, received, now));
             return None;
@@ -249,7 +256,7 @@ impl LossMeter {
         self.start = Some((seq, received, now));
         Some(LossSample {
             loss: 1.0 - got as f64 / sent as f64,
-            delivered: got as f64 * MAX_DATAGRAM as f64 / elapsed.as_secs_f64(),
+            delivered: got as f64 * datagram as f64 / elapsed.as_secs_f64(),
         })
     }
 }
@@ -385,8 +392,11 @@ enum Repair {
     Parity(u32, u16),
 }
 
-/// Datagrams the pacer lets out back to back.
-const PACING_BURST: usize = 48;
+/// Bytes the pacer lets out back to back: 48 datagrams of a 1500-byte MTU...
+const PACING_BURST: usize = 48 * MAX_DATAGRAM;
+/// ...and never fewer than this many datagrams of the session's block size, so jumbo blocks
+/// still leave in GSO batches rather than one by one.
+const PACING_BURST_DATAGRAMS: usize = 4;
 /// Datagrams the pacer lets out per wake-up of the sender, at most (see `poll_timeout`).
 const WAKE_BATCH: usize = 16;
 const END_REPEATS: u32 = 5;
@@ -483,7 +493,8 @@ impl Sender {
             cfg.initial_rate,
             cfg.max_rate,
             cfg.min_rate,
-            PACING_BURST * MAX_DATAGRAM,
+            PACING_BURST
+                .max(PACING_BURST_DATAGRAMS * (DATA_OVERHEAD + usize::from(cfg.block_size))),
             now,
         );
         Self {
@@ -614,6 +625,11 @@ impl Sender {
 
     pub fn session(&self) -> u32 {
         self.cfg.session
+    }
+
+    /// Data bytes per datagram.
+    pub fn block_size(&self) -> u16 {
+        self.cfg.block_size
     }
 
     /// How many receivers the start policy waits for (see [`Sender::expect_fewer`]).
@@ -844,6 +860,7 @@ impl Sender {
                 naks,
             } => {
                 let sent = self.seq;
+                let datagram = DATA_OVERHEAD + usize::from(self.cfg.block_size);
                 let Some(report) = self.reporter(receiver, nonce, from) else {
                     return;
                 };
@@ -874,7 +891,11 @@ impl Sender {
                 let overflowed = overflow > report.last_overflow;
                 report.last_overflow = overflow;
                 let sample = (state == ReceiverState::Receiving)
-                    .then(|| report.loss.sample(highest_seq.min(sent), received, now))
+                    .then(|| {
+                        report
+                            .loss
+                            .sample(highest_seq.min(sent), received, datagram, now)
+                    })
                     .flatten();
                 let disk_rate = (disk_rate > 0).then(|| u64::from(disk_rate) * 1000);
                 if let (Some(rate), false) = (disk_rate, report.told_disk_bound) {

@@ -60,6 +60,12 @@
 //! travel, so the sender can slow down to it before the receiver stops reading its socket and
 //! overflows. Version 4 added it.
 //!
+//! Data, Parity and ManifestPart datagrams carry one block of the Announce's `block_size`: by
+//! default as much as the sending interface's MTU takes ([`block_size_for_mtu`]: 1408 bytes at
+//! MTU 1500, 8896 at a jumbo MTU of 9000), at most [`MAX_BLOCK_SIZE`] (a datagram of the largest
+//! UDP/IPv4 payload, sent as IP fragments on a smaller link). Every other datagram stays within
+//! [`MAX_DATAGRAM`]. Version 4 also accepts blocks above 1472 bytes (no field changed for them).
+//!
 //! Parsing never panics: anything malformed is an error the caller counts and drops.
 
 use crate::manifest::Hash;
@@ -73,12 +79,54 @@ pub const MAGIC: [u8; 2] = [0xd1, 0x5c];
 pub const VERSION: u8 = 4;
 const HEADER: usize = 8;
 const TRAILER: usize = 4;
-/// Largest datagram the protocol sends: fits a 1500-byte Ethernet MTU after IP and UDP headers.
+/// Largest control datagram (everything but Data, Parity and ManifestPart, which are sized by
+/// the session's block size): fits a 1500-byte Ethernet MTU after IP and UDP headers.
 pub const MAX_DATAGRAM: usize = 1472;
-/// Data bytes per Data datagram.
+/// Data bytes per Data datagram unless the sender chooses from its interface's MTU: what a
+/// 1500-byte MTU takes ([`block_size_for_mtu`]`(1500)`).
 pub const DEFAULT_BLOCK_SIZE: u16 = 1408;
 /// Data datagram overhead: header 8 + seq 8 + chunk 4 + block 2 + flags 1 + CRC 4.
 pub const DATA_OVERHEAD: usize = 27;
+/// The largest UDP payload IPv4 carries (65535 − 20 IP − 8 UDP): a datagram above the MTU
+/// travels as IP fragments.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+/// The largest block a session may announce: its Data (and Parity) datagrams still fit one UDP
+/// datagram. Even, as parity needs (`fec.rs`).
+pub const MAX_BLOCK_SIZE: u16 = (MAX_UDP_PAYLOAD - DATA_OVERHEAD) as u16;
+/// The smallest block a session may announce.
+pub const MIN_BLOCK_SIZE: u16 = 512;
+/// IPv4 and UDP headers in front of every datagram on the link.
+const IPV4_UDP_HEADERS: u32 = 28;
+
+/// The block size whose Data datagrams fill an interface MTU of `mtu` bytes without IP
+/// fragments: rounded down to a multiple of 64 (1500 gives [`DEFAULT_BLOCK_SIZE`], 9000 gives
+/// 8896), within [`MIN_BLOCK_SIZE`]..=[`MAX_BLOCK_SIZE`].
+pub fn block_size_for_mtu(mtu: u32) -> u16 {
+    let room = mtu.saturating_sub(IPV4_UDP_HEADERS + DATA_OVERHEAD as u32);
+    let rounded = room / 64 * 64;
+    rounded.clamp(u32::from(MIN_BLOCK_SIZE), u32::from(MAX_BLOCK_SIZE)) as u16
+}
+
+/// Why a block size cannot be announced (see [`check_block_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BlockSizeError {
+    #[error("block size {0} is out of range: give {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes (a data datagram must fit one UDP datagram)")]
+    OutOfRange(u64),
+    #[error("block size {0} is odd: give an even number of bytes (parity works on 16-bit words)")]
+    Odd(u64),
+}
+
+/// A block size a sender may announce and every current receiver accepts: even, within
+/// [`MIN_BLOCK_SIZE`]..=[`MAX_BLOCK_SIZE`].
+pub fn check_block_size(bytes: u64) -> Result<u16, BlockSizeError> {
+    if !(u64::from(MIN_BLOCK_SIZE)..=u64::from(MAX_BLOCK_SIZE)).contains(&bytes) {
+        return Err(BlockSizeError::OutOfRange(bytes));
+    }
+    if !bytes.is_multiple_of(2) {
+        return Err(BlockSizeError::Odd(bytes));
+    }
+    Ok(bytes as u16)
+}
 
 /// The type byte of each datagram, named once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1211,6 +1259,69 @@ mod tests {
         }
         let data = samples()[4].emit();
         assert_eq!(data.len(), DATA_OVERHEAD + 1408);
+    }
+
+    #[test]
+    fn jumbo_and_largest_blocks_round_trip_in_one_udp_datagram() {
+        for size in [8896, usize::from(MAX_BLOCK_SIZE)] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+            let data = DataRef {
+                seq: 1 << 40,
+                chunk: 3,
+                block: 117,
+                flags: DATA_REPAIR,
+                bytes: &bytes,
+            };
+            type Parse = fn(&[u8]) -> Result<(u32, DataRef<'_>), WireError>;
+            let kinds: [(Vec<u8>, Parse); 2] = [
+                (emit_data(0xdead_beef, &data), parse_data),
+                (emit_parity(0xdead_beef, &data), parse_parity),
+            ];
+            for (emitted, parse) in kinds {
+                assert_eq!(emitted.len(), DATA_OVERHEAD + size);
+                assert!(emitted.len() <= MAX_UDP_PAYLOAD);
+                let (session, parsed) = parse(&emitted).unwrap();
+                assert_eq!(session, 0xdead_beef);
+                assert_eq!(parsed.bytes, &bytes[..]);
+                assert_eq!((parsed.chunk, parsed.block), (3, 117));
+            }
+        }
+        assert_eq!(DATA_OVERHEAD + usize::from(MAX_BLOCK_SIZE), MAX_UDP_PAYLOAD);
+    }
+
+    #[test]
+    fn the_block_size_fills_the_mtu_in_multiples_of_64() {
+        assert_eq!(block_size_for_mtu(1500), DEFAULT_BLOCK_SIZE);
+        assert_eq!(block_size_for_mtu(9000), 8896);
+        assert_eq!(block_size_for_mtu(65_535), 65_472);
+        assert_eq!(block_size_for_mtu(65_536), 65_472, "loopback");
+        assert_eq!(block_size_for_mtu(u32::MAX), MAX_BLOCK_SIZE);
+        assert_eq!(block_size_for_mtu(576), MIN_BLOCK_SIZE);
+        assert_eq!(block_size_for_mtu(0), MIN_BLOCK_SIZE);
+        for mtu in [1280, 1500, 4000, 9000, 65_535] {
+            let block = block_size_for_mtu(mtu);
+            assert!(block.is_multiple_of(64));
+            assert!(28 + DATA_OVERHEAD + usize::from(block) <= mtu as usize);
+            assert_eq!(check_block_size(u64::from(block)), Ok(block));
+        }
+    }
+
+    #[test]
+    fn bad_block_sizes_say_what_to_give() {
+        assert_eq!(check_block_size(1408), Ok(1408));
+        assert_eq!(check_block_size(512), Ok(512));
+        assert_eq!(
+            check_block_size(u64::from(MAX_BLOCK_SIZE)),
+            Ok(MAX_BLOCK_SIZE)
+        );
+        for bad in [0, 511, u64::from(MAX_BLOCK_SIZE) + 1, 65_536, u64::MAX] {
+            let e = check_block_size(bad).unwrap_err();
+            assert_eq!(e, BlockSizeError::OutOfRange(bad));
+            assert!(e.to_string().contains("give 512 to 65480 bytes"), "{e}");
+        }
+        let e = check_block_size(1409).unwrap_err();
+        assert_eq!(e, BlockSizeError::Odd(1409));
+        assert!(e.to_string().contains("even"), "{e}");
     }
 
     #[test]

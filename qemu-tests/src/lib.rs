@@ -735,6 +735,39 @@ impl Lab {
         netns
     }
 
+    /// Sets the MTU of every link of the lab's LAN: each host's `eth0` (namespaces made by
+    /// [`Lab::add_host`]), the `v-*` veth ends on the bridge, and `br0` itself (e.g. 9000 for
+    /// jumbo frames; veths and bridges take up to 65535).
+    pub fn set_mtu(&self, mtu: u32) {
+        let prefix = format!("{}-", self.netns);
+        let namespaces = run(Command::new("ip").args(["netns", "list"]));
+        for host in namespaces
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|ns| ns.starts_with(&prefix))
+        {
+            run(Command::new("ip").args([
+                "-n",
+                host,
+                "link",
+                "set",
+                "eth0",
+                "mtu",
+                &mtu.to_string(),
+            ]));
+        }
+        let links = self.ip("-o link show");
+        let veths = links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .filter_map(|n| n.split('@').next())
+            .filter(|n| n.starts_with("v-"));
+        for veth in veths {
+            self.ip(&format!("link set {veth} mtu {mtu}"));
+        }
+        self.ip(&format!("link set br0 mtu {mtu}"));
+    }
+
     /// [`Lab::add_host`] on another bridge (a subnet made by [`Lab::add_subnet`]), with `routes`
     /// (`ip route add` arguments, e.g. `default via 10.78.0.1`) to reach other subnets.
     pub fn add_host_on(

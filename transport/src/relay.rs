@@ -15,7 +15,7 @@ use diskcast_proto::relay::{Leg, Relay, RelayConfig, RelayEvent};
 use diskcast_proto::sender::{ChunkSource, Outcome, ReceiverReport, SenderConfig};
 use diskcast_proto::trust::Trust;
 use diskcast_proto::units::Rate;
-use diskcast_proto::wire::Destination;
+use diskcast_proto::wire::{Destination, MAX_UDP_PAYLOAD};
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -231,7 +231,8 @@ pub fn run_altering(
     );
     let started = Instant::now();
     let mut relay = Relay::new(cfg, started);
-    let mut buf = vec![0u8; 2048];
+    // The sender's data datagrams are as large as its blocks: up to a whole UDP datagram.
+    let mut buf = vec![0u8; MAX_UDP_PAYLOAD];
     let mut upstream_bytes = 0u64;
     let mut next_progress = started + PROGRESS_EVERY;
     let finished = loop {

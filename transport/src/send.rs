@@ -27,6 +27,8 @@ pub enum SendError {
     Source(String),
     #[error("{failed} of {total} receivers failed")]
     ReceiversFailed { failed: usize, total: usize },
+    #[error("--block-size: {0}")]
+    BlockSize(#[from] diskcast_proto::wire::BlockSizeError),
 }
 
 /// How a sender runs a session: where, how fast, and when to start and give up.
@@ -66,6 +68,10 @@ pub struct SendOptions {
     /// The UDP port of the sender's own socket: relays on subnets the group does not reach
     /// subscribe to ADDRESS:PORT (see `diskcast_proto::relay`). `None`: any free port.
     pub relay_port: Option<u16>,
+    /// Data bytes per datagram; `None`: as much as the interface's MTU takes without IP
+    /// fragments (1408 at MTU 1500, 8896 at 9000). Larger blocks cost less CPU per byte; a
+    /// receiver behind a link with a smaller MTU gets them as IP fragments.
+    pub block_size: Option<u16>,
 }
 
 impl SendOptions {
@@ -90,8 +96,18 @@ impl SendOptions {
             proactive_parity: 0.0,
             compress: Some(DEFAULT_WIRE_LEVEL),
             relay_port: None,
+            block_size: None,
         }
     }
+}
+
+/// Parses a `--block-size BYTES` option: an even number of bytes a data datagram can carry.
+pub fn parse_block_size(text: &str) -> Result<u16, String> {
+    let bytes: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes (e.g. 1408 or 8896)"))?;
+    diskcast_proto::wire::check_block_size(bytes).map_err(|e| e.to_string())
 }
 
 /// zstd level for chunks compressed as they are read for the wire: level 1 compresses a typical
@@ -180,6 +196,7 @@ pub fn multicast(
         return Err(NetError::NotMulticast(opts.group).into());
     }
     let (interface, address) = socket::interface_ipv4(opts.interface.as_deref())?;
+    let (block_size, why) = socket::choose_block_size(opts.block_size, &interface)?;
     let socket =
         socket::sender_socket(&interface, address, opts.relay_port.unwrap_or(0), opts.ttl)?;
     socket.set_nonblocking(true)?;
@@ -202,6 +219,7 @@ pub fn multicast(
         address: local,
         parity: opts.parity,
         proactive_parity: opts.proactive_parity,
+        block_size,
         ..SenderConfig::default()
     };
     match &opts.signing_key {
@@ -216,10 +234,11 @@ pub fn multicast(
         opts.start_timeout
             .map_or(String::new(), |t| format!(" or {} s", t.as_secs()))
     );
+    log::info!("data blocks of {block_size} bytes ({why})");
     let started = Instant::now();
     let mut sender = Sender::new(cfg, manifest, started);
     let mut buf = vec![0u8; 2048];
-    let mut batch = socket::GsoBatch::new(group);
+    let mut batch = socket::GsoBatch::new(group, socket::interface_mtu(&interface).ok());
     let mut next_progress = started + PROGRESS_EVERY;
     let hear = |sender: &mut Sender, buf: &mut [u8]| {
         while let Ok((n, from)) = socket.recv_from(buf) {
@@ -292,4 +311,26 @@ pub fn multicast(
         receivers: sender.receivers().cloned().collect(),
         outcome,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_size_options_are_checked_with_what_to_give() {
+        assert_eq!(parse_block_size("1408"), Ok(1408));
+        assert_eq!(parse_block_size("65480"), Ok(65480));
+        for (bad, says) in [
+            ("1409", "even"),
+            ("256", "give 512 to 65480 bytes"),
+            ("65482", "give 512 to 65480 bytes"),
+            ("100000", "give 512 to 65480 bytes"),
+            ("9k", "not a number of bytes"),
+            ("-1", "not a number of bytes"),
+        ] {
+            let e = parse_block_size(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

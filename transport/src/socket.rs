@@ -1,6 +1,10 @@
 //! Sockets for a session: the sender's (multicasts, hears receivers' reports) and the receiver's
 //! (joins the group, large buffer, counts kernel drops with SO_RXQ_OVFL).
 
+use diskcast_proto::wire::{
+    block_size_for_mtu, check_block_size, BlockSizeError, DATA_OVERHEAD, DEFAULT_BLOCK_SIZE,
+    MAX_UDP_PAYLOAD,
+};
 use nix::sys::socket::{
     self, sockopt, AddressFamily, ControlMessageOwned, IpMembershipRequest, MsgFlags, SockFlag,
     SockType, SockaddrIn,
@@ -52,6 +56,44 @@ pub fn interface_ipv4(name: Option<&str>) -> Result<(String, Ipv4Addr), NetError
             .find(|(_, ip)| !ip.is_loopback())
             .ok_or(NetError::NoInterface),
     }
+}
+
+/// The MTU of `interface` as the kernel reports it (`/sys/class/net/IF/mtu`), or why not.
+pub fn interface_mtu(interface: &str) -> Result<u32, String> {
+    if interface.is_empty() || interface.contains('/') || interface.starts_with('.') {
+        return Err(format!("{interface:?} is not an interface name"));
+    }
+    let path = format!("/sys/class/net/{interface}/mtu");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{path} holds {:?}, not a number", text.trim()))
+}
+
+/// The block size a session sent out of `interface` uses, and why: `requested` (checked) when
+/// given, else as much as the interface's MTU takes without IP fragments
+/// ([`block_size_for_mtu`]), else the default for a 1500-byte MTU.
+pub fn choose_block_size(
+    requested: Option<u16>,
+    interface: &str,
+) -> Result<(u16, String), BlockSizeError> {
+    if let Some(bytes) = requested {
+        let block = check_block_size(u64::from(bytes))?;
+        let why = match interface_mtu(interface) {
+            Ok(mtu) if DATA_OVERHEAD + usize::from(block) + 28 > mtu as usize => format!(
+                "as asked; above MTU {mtu} on {interface}, so every datagram travels as IP fragments"
+            ),
+            _ => "as asked".to_string(),
+        };
+        return Ok((block, why));
+    }
+    Ok(match interface_mtu(interface) {
+        Ok(mtu) => (block_size_for_mtu(mtu), format!("MTU {mtu} on {interface}")),
+        Err(e) => (
+            DEFAULT_BLOCK_SIZE,
+            format!("MTU of {interface} unknown ({e}); the size for MTU 1500"),
+        ),
+    })
 }
 
 fn new_udp(what: &'static str, addr: SocketAddrV4) -> Result<std::os::fd::OwnedFd, NetError> {
@@ -265,8 +307,11 @@ pub fn wait_readable(socket: &UdpSocket, timeout: Duration) -> bool {
     matches!(nix::poll::ppoll(&mut fds, Some(spec), None), Ok(n) if n > 0)
 }
 
-/// Segments per GSO send: 40 data datagrams stay under the 64 KiB limit of one UDP send.
+/// Segments per GSO send: 40 data datagrams of a 1500-byte MTU stay under the 64 KiB limit of
+/// one UDP send...
 const GSO_MAX_SEGMENTS: usize = 40;
+/// ...which larger ones reach sooner: the payload of one send, all segments together.
+const GSO_MAX_BYTES: usize = MAX_UDP_PAYLOAD;
 
 /// Gathers equal-sized datagrams to the same destination into one UDP GSO send (UDP_SEGMENT):
 /// one system call, and one packet through the kernel's stack until the NIC or the receiving
@@ -280,6 +325,9 @@ pub struct GsoBatch {
     closed: bool,
     enabled: bool,
     dest: SocketAddrV4,
+    /// Largest segment the kernel cuts from a GSO send: a segment must fit the MTU (the kernel
+    /// refuses larger ones with EINVAL), so bigger datagrams go one per send, as IP fragments.
+    max_segment: usize,
 }
 
 fn is_queue_full(e: &std::io::Error) -> bool {
@@ -300,7 +348,9 @@ fn is_stale_unicast_error(e: &std::io::Error) -> bool {
 const STALE_ERRORS: u32 = 64;
 
 impl GsoBatch {
-    pub fn new(dest: SocketAddrV4) -> Self {
+    /// Batches for `dest` sent out of an interface with MTU `mtu` (`None`: unknown; a kernel
+    /// refusing a segment then turns GSO off).
+    pub fn new(dest: SocketAddrV4, mtu: Option<u32>) -> Self {
         Self {
             buf: Vec::with_capacity(64 << 10),
             segment: 0,
@@ -308,13 +358,18 @@ impl GsoBatch {
             closed: false,
             enabled: true,
             dest,
+            max_segment: mtu.map_or(usize::MAX, |m| (m as usize).saturating_sub(28)),
         }
     }
 
     /// Adds a datagram, sending the batch first when it cannot take it.
     pub fn push(&mut self, socket: &UdpSocket, datagram: &[u8]) -> std::io::Result<()> {
         let fits = self.count == 0
-            || (!self.closed && datagram.len() <= self.segment && self.count < GSO_MAX_SEGMENTS);
+            || (!self.closed
+                && datagram.len() <= self.segment
+                && self.segment <= self.max_segment
+                && self.count < GSO_MAX_SEGMENTS
+                && self.buf.len() + datagram.len() <= GSO_MAX_BYTES);
         if !fits {
             self.flush(socket)?;
         }
@@ -456,6 +511,36 @@ mod tests {
     }
 
     #[test]
+    fn jumbo_and_largest_datagrams_leave_whole_through_a_gso_batch() {
+        let (tx, rx) = loopback_pair();
+        let _ = socket2::SockRef::from(&rx).set_recv_buffer_size(4 << 20);
+        let mut buf = vec![0u8; 64 << 10];
+        // Loopback's MTU (65536) takes jumbo segments; an MTU of 1500 sends them one by one.
+        for (mtu, size, count) in [
+            (Some(65_536), 8_923, 9),
+            (Some(1_500), 8_923, 3),
+            (Some(65_536), MAX_UDP_PAYLOAD, 3),
+            (None, 60_000, 2),
+        ] {
+            let mut gso = GsoBatch::new(dest(&rx), mtu);
+            for i in 0..count {
+                gso.push(&tx, &vec![i as u8; size]).unwrap();
+            }
+            gso.flush(&tx).unwrap();
+            assert!(gso.enabled, "{mtu:?} {size}: GSO turned off");
+            for i in 0..count {
+                assert!(wait_readable(&rx, Duration::from_secs(5)));
+                let (n, _) = rx.recv_from(&mut buf).unwrap();
+                assert_eq!(n, size, "{mtu:?}: datagram {i}");
+                assert!(
+                    buf[..n].iter().all(|&b| b == i as u8),
+                    "{mtu:?} {size}: {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn coalesced_datagrams_keep_their_segment_size_call_after_call() {
         // A receive without control messages leaves a header with no room for them; the next
         // call must still learn the GRO segment size, or it would take 40 datagrams for one.
@@ -469,7 +554,7 @@ mod tests {
         assert_eq!(batch.recv(&rx).unwrap(), 1);
         assert_eq!(batch.get(0).unwrap().1.segment, None);
         for round in 0..3 {
-            let mut gso = GsoBatch::new(dest(&rx));
+            let mut gso = GsoBatch::new(dest(&rx), None);
             for i in 0..10u8 {
                 gso.push(&tx, &[i; 1000]).unwrap();
             }

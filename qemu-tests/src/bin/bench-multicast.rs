@@ -18,13 +18,17 @@
 //! TCP stream (iperf3) and the disk with `dd oflag=direct` of the same file, for the ratios the
 //! README reports.
 //!
+//! `--mtu N` sets the MTU of every link of the emulated LAN (the hosts' interfaces, their veth
+//! ends and the bridge), e.g. 9000 for jumbo frames: diskcast's sender sizes its datagrams by it,
+//! and with `--unshaped` iperf3 and dd measure the same path.
+//!
 //! `--compare-agent PATH` runs a second peer-to-peer diskcast with another build of the agent
 //! (e.g. main's, to measure a change before and after in the same interleaved run); with
 //! `--with-deploy` each p2p column's ratio to deploy from the store is printed too.
 //!
 //! `scripts/bench-multicast [--size-mib 512] [--runs 1] [--receivers 1,3,8] [--loss 0,1,5]
 //!  [--only-diskcast] [--with-deploy] [--content random|disk] [--unshaped]
-//!  [--diskcast-args "--proactive-parity 0.05"] [--compare-agent PATH]`
+//!  [--diskcast-args "--proactive-parity 0.05"] [--compare-agent PATH] [--mtu 9000]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diskcast_qemu_tests::{project_root, Lab};
@@ -474,6 +478,11 @@ fn main() {
         .is_some_and(|c| c == "disk");
     let size = size_mib[0] << 20;
     let unshaped = args.iter().any(|a| a == "--unshaped");
+    let mtu: Option<u32> = args
+        .iter()
+        .position(|a| a == "--mtu")
+        .and_then(|i| args.get(i + 1))
+        .map(|m| m.parse().expect("--mtu takes a number of bytes, e.g. 9000"));
     let (receiver_counts, losses) = if unshaped {
         (vec![1], vec![0.0])
     } else {
@@ -502,6 +511,9 @@ fn main() {
             let receivers: Vec<String> = (0..n)
                 .map(|i| lab.add_host(&format!("r{i}"), &format!("10.77.0.{}/24", 20 + i)))
                 .collect();
+            if let Some(mtu) = mtu {
+                lab.set_mtu(mtu);
+            }
             if loss > 0.0 {
                 for r in &receivers {
                     Lab::add_ingress_loss(r, loss);
@@ -573,12 +585,13 @@ fn main() {
         }
     }
     println!(
-        "\nimage {} MiB of {} data; sender link {}; median of {} run(s); MB/s = image / wall time; \
+        "\nimage {} MiB of {} data; sender link {}, MTU {}; median of {} run(s); MB/s = image / wall time; \
          wire = bytes the sender's interface sent / image; ok = runs with every copy verified; \
          cpu = CPU seconds per GB of image, sender / each receiver; peak = largest receiver RSS",
         size_mib[0],
         if disk_like { "disk-like (1/3 zero, 1/3 text, 1/3 random)" } else { "random" },
         if unshaped { "unshaped (veth)" } else { "1 Gbit/s (tbf)" },
+        mtu.unwrap_or(1500),
         runs[0]
     );
     let header: Vec<String> = tools

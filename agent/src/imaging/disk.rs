@@ -1364,6 +1364,68 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
+    /// Prints the writer's rate with the read-back of each batch waited for (as before the
+    /// verifier thread) and overlapped: `DISKCAST_BENCH_DIR=DIR cargo test -p diskcast-agent
+    /// --lib writer_rate -- --ignored --nocapture` (a directory on the disk to measure).
+    #[test]
+    #[ignore = "a benchmark: prints figures"]
+    fn writer_rate() {
+        let dir =
+            std::env::var_os("DISKCAST_BENCH_DIR").map_or(std::env::temp_dir(), PathBuf::from);
+        let path = dir.join(format!("diskcast-writer-rate-{}", std::process::id()));
+        let (chunk, chunks) = (1 << 20, 256);
+        let image = disk_like(chunks, chunk)
+            .chunks(chunk)
+            .flat_map(|c| c.iter().map(|b| b ^ 0x5a))
+            .collect::<Vec<u8>>();
+        let manifest =
+            Manifest::scan_at(&image[..], image.len() as u64, chunk as u32, None, |_| {}).unwrap();
+        for (round, serial) in [true, false, true, false].into_iter().enumerate() {
+            let _ = std::fs::remove_file(&path);
+            let target = Arc::new(Target::open(&path).unwrap());
+            target.prepare(image.len() as u64).unwrap();
+            let mut writer = Writer {
+                path: path.display().to_string(),
+                verifier: Verifier::spawn(target.clone()),
+                target,
+                staging: AlignedBuf::new(chunk, DIRECT_ALIGN),
+                unchecked: Vec::new(),
+                checked: HashMap::new(),
+                finish: FinishOptions::default(),
+                coder: diskcast_proto::fec::Coder::default(),
+            };
+            let started = std::time::Instant::now();
+            for index in 0..chunks as u32 {
+                let (offset, len) = manifest.chunk_range(index);
+                let done = writer.write(ChunkWrite {
+                    chunk: index,
+                    offset,
+                    stored: image[offset as usize..offset as usize + len].to_vec(),
+                    kind: manifest.chunks[index as usize],
+                    raw_len: len,
+                    repair: None,
+                });
+                assert!(matches!(done, DiskDone::Written { .. }), "{done:?}");
+                if serial {
+                    writer.verifier.collect(&mut writer.checked, true);
+                }
+            }
+            writer.flush_and_verify(&manifest).unwrap();
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "round {round} {}: {:.1} MB/s ({:.2} s)",
+                if serial {
+                    "read-back waited for"
+                } else {
+                    "read-back overlapped"
+                },
+                image.len() as f64 / seconds / 1e6,
+                seconds
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn a_sample_tells_compressible_chunks_from_random_ones() {
         let chunk = 1 << 20;

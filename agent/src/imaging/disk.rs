@@ -96,7 +96,7 @@ enum Ahead {
     /// Starts at the first chunk asked for.
     Idle,
     Running(ReadAhead),
-    /// It failed or was skipped past its end: chunks are read when asked.
+    /// It stopped (an error, or no thread could start): chunks are read when asked.
     Ended,
 }
 

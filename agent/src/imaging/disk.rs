@@ -14,7 +14,9 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -74,15 +76,70 @@ pub struct Source {
     pub path: PathBuf,
     pub kind: Kind,
     pub size: u64,
-    file: File,
+    file: Arc<File>,
     chunk_size: usize,
     cache: VecDeque<(u32, Vec<u8>)>,
-    /// The hash each data chunk had at the scan, until the chunk is read again and found the
-    /// same: a source that changes while it is sent must stop the send, not reach the
-    /// receivers as "damaged".
-    unchecked: HashMap<u32, Hash>,
+    /// The data chunks sent as read from the source (not as stored frames), ascending, with the
+    /// hash each had at the scan: a source that changes while it is sent must stop the send,
+    /// not reach the receivers as "damaged".
+    expected: Arc<[(u32, Hash)]>,
+    /// Per entry of `expected`: read again since the scan and found the same.
+    checked: Vec<bool>,
     /// zstd frames of the chunks compressed at the scan: they travel as they are.
     stored: HashMap<u32, Vec<u8>>,
+    ahead: Ahead,
+}
+
+/// The first pass's reader (see [`ReadAhead`]).
+#[derive(Debug)]
+enum Ahead {
+    /// Starts at the first chunk asked for.
+    Idle,
+    Running(ReadAhead),
+    /// It stopped (an error, or no thread could start): chunks are read when asked.
+    Ended,
+}
+
+/// A thread that reads the data chunks in order, each checked against its hash from the scan,
+/// into a small queue: the first pass asks for them in that order, and the send thread then
+/// neither waits for the disk nor hashes.
+#[derive(Debug)]
+struct ReadAhead {
+    /// The position in `Source::expected` of the chunk the queue delivers next.
+    next: usize,
+    chunks: Option<Receiver<io::Result<Vec<u8>>>>,
+    /// Buffers of chunks the cache let go, for the thread to read into again.
+    spare: mpsc::Sender<Vec<u8>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Bytes of chunks the read-ahead queue holds at most (at least one chunk): enough to cover a
+/// slow read, little next to the cache.
+const READ_AHEAD_BYTES: usize = 4 << 20;
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Hanging up fails the thread's next send (also one waiting on a full queue): it ends
+        // within one chunk's read.
+        self.chunks.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn changed_since_scan(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "its bytes changed since {} was scanned: something writes to it while it is sent (a mounted disk?); nothing sent from it can verify",
+        path.display()
+    ))
+}
+
+/// Offset and length of chunk `index` of a source of `size` bytes.
+fn chunk_range(size: u64, chunk_size: usize, index: u32) -> (u64, usize) {
+    let offset = u64::from(index) * chunk_size as u64;
+    let len = (size.saturating_sub(offset)).min(chunk_size as u64) as usize;
+    (offset, len)
 }
 
 /// How a scan for the wire compresses (see [`Source::scan_for_wire`]).
@@ -135,12 +192,27 @@ impl Source {
             path: path.into(),
             kind,
             size,
-            file,
+            file: Arc::new(file),
             chunk_size: chunk_size as usize,
             cache: VecDeque::new(),
-            unchecked: HashMap::new(),
+            expected: Arc::from([]),
+            checked: Vec::new(),
             stored: HashMap::new(),
+            ahead: Ahead::Idle,
         })
+    }
+
+    /// Sets what the data chunks held at the scan (those not stored as frames).
+    fn expect(&mut self, manifest: &Manifest) {
+        self.expected = manifest
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.stored.contains_key(&(*i as u32)))
+            .filter_map(|(i, kind)| Some((i as u32, *kind.hash()?)))
+            .collect();
+        self.checked = vec![false; self.expected.len()];
+        self.ahead = Ahead::Idle;
     }
 
     /// Reads the source once to build its manifest: the chunks `used` marks (every chunk when
@@ -151,7 +223,7 @@ impl Source {
         progress: impl FnMut(u64),
     ) -> Result<Manifest, DiskError> {
         let manifest = Manifest::scan_at(
-            &self.file,
+            &*self.file,
             self.size,
             self.chunk_size as u32,
             used,
@@ -162,12 +234,8 @@ impl Source {
             offset: e.offset,
             source: e.source,
         })?;
-        self.unchecked = manifest
-            .chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, kind)| Some((i as u32, *kind.hash()?)))
-            .collect();
+        self.stored.clear();
+        self.expect(&manifest);
         Ok(manifest)
     }
 }
@@ -195,7 +263,7 @@ impl Source {
             .filter(|&i| used.is_none_or(|u| u.get(i as usize).copied().unwrap_or(true)))
             .collect();
         let mut judge = WireJudge::new(cores, compression.link_rate);
-        let (this, wanted) = (&*self, wanted.as_slice());
+        let (file, path, size, wanted) = (&*self.file, &self.path, self.size, wanted.as_slice());
         std::thread::scope(|scope| -> Result<(), DiskError> {
             // One batch read ahead: the disk reads while the cores work.
             let (batches, read) =
@@ -205,11 +273,15 @@ impl Source {
                     let raw = indexes
                         .iter()
                         .map(|&i| {
-                            this.read_chunk(i).map_err(|source| DiskError::Read {
-                                path: this.path.clone(),
-                                offset: u64::from(i) * u64::from(chunk_size),
-                                source,
-                            })
+                            let (offset, len) = chunk_range(size, chunk_size as usize, i);
+                            let mut data = vec![0; len];
+                            file.read_exact_at(&mut data, offset)
+                                .map(|()| data)
+                                .map_err(|source| DiskError::Read {
+                                    path: path.clone(),
+                                    offset,
+                                    source,
+                                })
                         })
                         .collect::<Result<Vec<_>, _>>();
                     let failed = raw.is_err();
@@ -284,13 +356,7 @@ impl Source {
             chunks,
             signature: Vec::new(),
         };
-        self.unchecked = manifest
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !self.stored.contains_key(&(*i as u32)))
-            .filter_map(|(i, kind)| Some((i as u32, *kind.hash()?)))
-            .collect();
+        self.expect(&manifest);
         Ok((manifest, report))
     }
 }
@@ -373,7 +439,7 @@ fn sample_shrinks(chunk: &[u8], level: i32) -> bool {
 /// Positioned reads of the source as it was opened (its size is the one measured then).
 impl diskcast_proto::read_at::ReadAt for Source {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(&self.file, buf, offset)
+        FileExt::read_exact_at(&*self.file, buf, offset)
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -383,9 +449,7 @@ impl diskcast_proto::read_at::ReadAt for Source {
 
 impl Source {
     fn chunk_range(&self, index: u32) -> (u64, usize) {
-        let offset = u64::from(index) * self.chunk_size as u64;
-        let len = (self.size.saturating_sub(offset)).min(self.chunk_size as u64) as usize;
-        (offset, len)
+        chunk_range(self.size, self.chunk_size, index)
     }
 
     /// Chunk `index` in a buffer of its own (a capture hands it to a compression thread).
@@ -394,6 +458,108 @@ impl Source {
         let mut data = vec![0; len];
         self.file.read_exact_at(&mut data, offset)?;
         Ok(data)
+    }
+
+    /// Reads chunk `index` into `data` now, checked against the scan the first time.
+    fn read_now(&mut self, index: u32, mut data: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (offset, len) = self.chunk_range(index);
+        data.resize(len, 0);
+        self.file.read_exact_at(&mut data, offset)?;
+        if let Ok(pos) = self.expected.binary_search_by_key(&index, |(i, _)| *i) {
+            if !self.checked[pos] {
+                self.checked[pos] = true;
+                if *blake3::hash(&data).as_bytes() != self.expected[pos].1 {
+                    return Err(changed_since_scan(&self.path));
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    /// Chunk `index` from the read-ahead queue when it is the next one there (the first pass);
+    /// `None` for any other chunk (a repair of an older one), read now instead. Chunks the queue
+    /// holds before `index` are let go: they are read again if asked for.
+    fn take_ahead(&mut self, index: u32) -> io::Result<Option<Vec<u8>>> {
+        let Ok(pos) = self.expected.binary_search_by_key(&index, |(i, _)| *i) else {
+            return Ok(None);
+        };
+        if matches!(self.ahead, Ahead::Idle) {
+            self.ahead = self.start_ahead(pos);
+        }
+        let Ahead::Running(ahead) = &mut self.ahead else {
+            return Ok(None);
+        };
+        if pos < ahead.next {
+            return Ok(None);
+        }
+        let Some(chunks) = &ahead.chunks else {
+            return Ok(None);
+        };
+        loop {
+            let taken = chunks.recv();
+            let at = ahead.next;
+            ahead.next += 1;
+            match taken {
+                Ok(Ok(data)) if at == pos => {
+                    self.checked[pos] = true;
+                    return Ok(Some(data));
+                }
+                Ok(Ok(data)) => {
+                    let _ = ahead.spare.send(data);
+                }
+                Ok(Err(e)) if at == pos => {
+                    self.ahead = Ahead::Ended;
+                    return Err(e);
+                }
+                // An error for a chunk skipped: it is found again if that chunk is asked for.
+                Ok(Err(_)) | Err(_) => {
+                    self.ahead = Ahead::Ended;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Starts reading ahead from position `pos` of `expected`.
+    fn start_ahead(&self, pos: usize) -> Ahead {
+        let depth = (READ_AHEAD_BYTES / self.chunk_size.max(1)).clamp(1, 4);
+        let (chunks_tx, chunks_rx) = mpsc::sync_channel(depth);
+        let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+        let (file, expected, path) = (self.file.clone(), self.expected.clone(), self.path.clone());
+        let (size, chunk_size) = (self.size, self.chunk_size);
+        let thread = std::thread::Builder::new()
+            .name("source-read".into())
+            .spawn(move || {
+                for &(index, hash) in expected.get(pos..).unwrap_or_default() {
+                    let (offset, len) = chunk_range(size, chunk_size, index);
+                    let mut data = spare_rx.try_recv().unwrap_or_default();
+                    data.resize(len, 0);
+                    let read = file.read_exact_at(&mut data, offset).and_then(|()| {
+                        if *blake3::hash(&data).as_bytes() == hash {
+                            Ok(data)
+                        } else {
+                            Err(changed_since_scan(&path))
+                        }
+                    });
+                    let failed = read.is_err();
+                    if chunks_tx.send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => Ahead::Running(ReadAhead {
+                next: pos,
+                chunks: Some(chunks_rx),
+                spare: spare_tx,
+                thread: Some(thread),
+            }),
+            // No thread: chunks are read when asked, as they would be without one.
+            Err(e) => {
+                log::warn!("reading {} without read-ahead: {e}", self.path.display());
+                Ahead::Ended
+            }
+        }
     }
 }
 
@@ -405,22 +571,20 @@ impl ChunkSource for Source {
         if let Some(pos) = self.cache.iter().position(|(i, _)| *i == index) {
             return Ok(&self.cache[pos].1);
         }
-        let (offset, len) = self.chunk_range(index);
-        let mut data = if self.cache.len() >= SOURCE_CACHE_CHUNKS {
-            self.cache.pop_front().map(|(_, v)| v).unwrap_or_default()
+        let evicted = if self.cache.len() >= SOURCE_CACHE_CHUNKS {
+            self.cache.pop_front().map(|(_, v)| v)
         } else {
-            Vec::new()
+            None
         };
-        data.resize(len, 0);
-        self.file.read_exact_at(&mut data, offset)?;
-        if let Some(expected) = self.unchecked.remove(&index) {
-            if *blake3::hash(&data).as_bytes() != expected {
-                return Err(io::Error::other(format!(
-                    "its bytes changed since {} was scanned: something writes to it while it is sent (a mounted disk?); nothing sent from it can verify",
-                    self.path.display()
-                )));
+        let data = match self.take_ahead(index)? {
+            Some(data) => {
+                if let (Some(old), Ahead::Running(ahead)) = (evicted, &self.ahead) {
+                    let _ = ahead.spare.send(old);
+                }
+                data
             }
-        }
+            None => self.read_now(index, evicted.unwrap_or_default())?,
+        };
         self.cache.push_back((index, data));
         Ok(self.cache.back().map_or(&[][..], |(_, v)| v.as_slice()))
     }
@@ -683,11 +847,12 @@ pub fn spawn_writer(
     std::thread::Builder::new()
         .name("disk-writer".into())
         .spawn(move || {
+            let target = Arc::new(target);
             let mut writer = Writer {
                 path: target.path.display().to_string(),
+                verifier: Verifier::spawn(target.clone()),
                 target,
                 staging: AlignedBuf::new(1 << 20, DIRECT_ALIGN),
-                readback: AlignedBuf::new(1 << 20, DIRECT_ALIGN),
                 unchecked: Vec::new(),
                 checked: HashMap::new(),
                 finish,
@@ -724,15 +889,15 @@ pub fn spawn_writer(
 
 /// The writer thread's state.
 struct Writer {
-    target: Target,
+    target: Arc<Target>,
     path: String,
     staging: AlignedBuf,
-    readback: AlignedBuf,
-    /// Written since the last flush, not read back yet: (chunk, offset, length).
+    /// Written since the last batch went to the verifier: (chunk, offset, length).
     unchecked: Vec<(u32, u64, usize)>,
     /// What chunks read back as after a flush; a chunk read back stays valid, since nothing
     /// writes it again.
     checked: HashMap<u32, ChunkKind>,
+    verifier: Verifier,
     /// What follows a verified read-back, before the copy counts as done.
     finish: FinishOptions,
     /// Rebuilds chunks from parity; kept between chunks (no work buffers allocated per chunk).
@@ -760,21 +925,13 @@ impl Writer {
         }
         self.unchecked.push((chunk, offset, data.len()));
         if self.unchecked.len() >= CHECK_BATCH {
-            if let Err(e) = self.check_unchecked() {
-                return DiskDone::Failed(format!("flushing and reading back {}: {e}", self.path));
-            }
+            self.verifier.check(std::mem::take(&mut self.unchecked));
+        }
+        self.verifier.collect(&mut self.checked, false);
+        if let Some(e) = &self.verifier.failed {
+            return DiskDone::Failed(format!("flushing and reading back {}: {e}", self.path));
         }
         DiskDone::Written { chunk }
-    }
-
-    /// Flushes, then reads back what was written since the last check.
-    fn check_unchecked(&mut self) -> io::Result<()> {
-        self.target.flush()?;
-        for (chunk, offset, len) in self.unchecked.drain(..) {
-            let kind = self.target.read_chunk(offset, len, &mut self.readback)?;
-            self.checked.insert(chunk, kind);
-        }
-        Ok(())
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> DiskDone {
@@ -789,6 +946,10 @@ impl Writer {
 
     fn flush_and_verify(&mut self, manifest: &Manifest) -> Result<Hash, String> {
         let path = &self.path;
+        self.verifier.collect(&mut self.checked, true);
+        if let Some(e) = &self.verifier.failed {
+            return Err(format!("flushing and reading back {path}: {e}"));
+        }
         self.target
             .flush()
             .map_err(|e| format!("flushing {path}: {e}"))?;
@@ -818,6 +979,110 @@ impl Writer {
     }
 }
 
+/// The read-back checks of written batches, on a thread of their own: the writer keeps writing
+/// while the last batch is flushed and read back (reads do not slow the writes much, the disk's
+/// write rate is what the transfer waits for).
+struct Verifier {
+    batches: Option<SyncSender<Vec<(u32, u64, usize)>>>,
+    /// Per batch, what its chunks read back as, or why they could not be.
+    results: Receiver<io::Result<Vec<(u32, ChunkKind)>>>,
+    /// Batches handed over whose results were not collected yet.
+    outstanding: usize,
+    /// The first check that failed: the copy cannot verify.
+    failed: Option<io::Error>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Verifier {
+    fn spawn(target: Arc<Target>) -> Self {
+        // One batch waiting while one is checked: the writer is never more than that ahead.
+        let (batches_tx, batches_rx) = mpsc::sync_channel::<Vec<(u32, u64, usize)>>(1);
+        let (results_tx, results_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("disk-verify".into())
+            .spawn(move || {
+                let mut buf = AlignedBuf::new(1 << 20, DIRECT_ALIGN);
+                for batch in batches_rx {
+                    // The flush comes after every write of the batch (they completed before it
+                    // was handed over), so what is read back is what the disk keeps.
+                    let checked = target.flush().and_then(|()| {
+                        batch
+                            .into_iter()
+                            .map(|(chunk, offset, len)| {
+                                Ok((chunk, target.read_chunk(offset, len, &mut buf)?))
+                            })
+                            .collect()
+                    });
+                    if results_tx.send(checked).is_err() {
+                        return;
+                    }
+                }
+            });
+        // Without the thread, batches are not checked during the transfer: the final read-back
+        // reads every chunk not checked, so nothing is left out.
+        let (batches, thread) = match thread {
+            Ok(thread) => (Some(batches_tx), Some(thread)),
+            Err(e) => {
+                log::warn!("reading back only at the end: {e}");
+                (None, None)
+            }
+        };
+        Self {
+            batches,
+            results: results_rx,
+            outstanding: 0,
+            failed: None,
+            thread,
+        }
+    }
+
+    /// Hands `batch` (written, not flushed yet) over to be flushed and read back.
+    fn check(&mut self, batch: Vec<(u32, u64, usize)>) {
+        if let Some(batches) = &self.batches {
+            if batches.send(batch).is_ok() {
+                self.outstanding += 1;
+            }
+        }
+    }
+
+    /// Moves the results in to `checked`; with `all`, waits for every batch handed over. A
+    /// batch whose result never comes (the thread is gone) leaves its chunks out of `checked`:
+    /// the final read-back reads them.
+    fn collect(&mut self, checked: &mut HashMap<u32, ChunkKind>, all: bool) {
+        while self.outstanding > 0 {
+            let result = if all {
+                self.results.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                self.results.try_recv()
+            };
+            let batch = match result {
+                Ok(batch) => batch,
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.outstanding = 0;
+                    return;
+                }
+            };
+            self.outstanding -= 1;
+            match batch {
+                Ok(kinds) => checked.extend(kinds),
+                Err(e) => {
+                    self.failed.get_or_insert(e);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.batches.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Reads `len` bytes at `offset`, for tests and tools.
 pub fn read_range(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut file = File::open(path)?;
@@ -842,12 +1107,102 @@ mod tests {
         let mut source = Source::open(&path, chunk as u32).unwrap();
         let manifest = source.scan(None, |_| {}).unwrap();
         assert_eq!(manifest.data_chunks().collect::<Vec<_>>(), [0, 2]);
-        assert_eq!(source.chunk(0).unwrap()[0], 7);
-        // Something writes to the disk while it is being sent.
+        // Something writes to the disk while it is being sent (the read-ahead starts at the
+        // first chunk asked for, so it reads the changed bytes).
         image[2 * chunk + 100] = 1;
         std::fs::write(&path, &image).unwrap();
+        assert_eq!(source.chunk(0).unwrap()[0], 7);
         let err = source.chunk(2).unwrap_err().to_string();
         assert!(err.contains("changed since"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+
+        // The same change, found when the chunk is read on its own: the first pass went past it
+        // (its error in the queue is let go), then it is asked for.
+        let mut image = numbered(8, chunk);
+        std::fs::write(&path, &image).unwrap();
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        source.scan(None, |_| {}).unwrap();
+        image[2 * chunk + 100] = 0;
+        std::fs::write(&path, &image).unwrap();
+        assert_eq!(source.chunk(0).unwrap()[0], 0xff);
+        assert_eq!(source.chunk(5).unwrap()[0], 5);
+        assert_eq!(source.chunk(1).unwrap()[0], 1);
+        let err = source.chunk(2).unwrap_err().to_string();
+        assert!(err.contains("changed since"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// An image of `chunks` chunks, each filled with its index (chunk 0 with 0xff), every fifth
+    /// zero.
+    fn numbered(chunks: usize, chunk: usize) -> Vec<u8> {
+        let mut image = vec![0u8; chunks * chunk];
+        for (i, block) in image.chunks_mut(chunk).enumerate() {
+            if i % 5 != 4 {
+                block.fill(if i == 0 { 0xff } else { i as u8 });
+            }
+        }
+        image
+    }
+
+    #[test]
+    fn the_read_ahead_serves_the_first_pass_in_order_and_repairs_out_of_order() {
+        let path = std::env::temp_dir().join(format!("diskcast-ahead-{}", std::process::id()));
+        let chunk = 64 << 10;
+        // Short last chunk: its length is the image's.
+        let mut image = numbered(40, chunk);
+        image.truncate(image.len() - 1000);
+        std::fs::write(&path, &image).unwrap();
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        let manifest = source.scan(None, |_| {}).unwrap();
+        let expect = |index: u32| {
+            let (offset, len) = manifest.chunk_range(index);
+            &image[offset as usize..offset as usize + len]
+        };
+        let data: Vec<u32> = manifest.data_chunks().collect();
+        assert_eq!(data.len(), 32);
+        for (n, &index) in data.iter().enumerate() {
+            // Block by block: the same chunk several times.
+            for _ in 0..3 {
+                assert_eq!(source.chunk(index).unwrap(), expect(index), "chunk {index}");
+            }
+            // Repairs of older chunks (some out of the cache) between first-pass chunks.
+            if n % 7 == 6 {
+                for old in [data[0], data[n / 2], data[n - 1]] {
+                    assert_eq!(source.chunk(old).unwrap(), expect(old), "repair {old}");
+                }
+            }
+            let Ahead::Running(ahead) = &source.ahead else {
+                panic!("chunk {index} not read ahead: {:?}", source.ahead);
+            };
+            assert_eq!(ahead.next, n + 1, "chunk {index} taken from the queue");
+        }
+        assert!(source.checked.iter().all(|&c| c), "every chunk checked");
+
+        // A first pass that jumps ahead skips what it passed; those are read when asked for.
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        source.scan(None, |_| {}).unwrap();
+        for index in [1, 12, 2, 13, 39, 0] {
+            assert_eq!(source.chunk(index).unwrap(), expect(index), "chunk {index}");
+        }
+        // Zero chunks are read as they are, never queued.
+        assert_eq!(source.chunk(4).unwrap(), expect(4));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_read_ahead_thread_ends_when_its_source_is_dropped() {
+        let path = std::env::temp_dir().join(format!("diskcast-ahead-end-{}", std::process::id()));
+        let chunk = 64 << 10;
+        std::fs::write(&path, numbered(40, chunk)).unwrap();
+        let mut source = Source::open(&path, chunk as u32).unwrap();
+        source.scan(None, |_| {}).unwrap();
+        source.chunk(0).unwrap();
+        // The thread holds the file while it reads ahead: 32 chunks do not fit its queue, so it
+        // waits on it.
+        let file = Arc::downgrade(&source.file);
+        assert_eq!(file.strong_count(), 2);
+        drop(source);
+        assert!(file.upgrade().is_none(), "the read-ahead thread still runs");
         std::fs::remove_file(&path).unwrap();
     }
 
@@ -927,6 +1282,148 @@ mod tests {
         assert_eq!(report.compressed_chunks, 0);
         assert!(!manifest.is_compressed());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Writes `image` through a writer thread, chunk `moved.0` at the offset of chunk `moved.1`,
+    /// and returns what the final flush and read-back said.
+    fn write_image(name: &str, image: &[u8], chunk: usize, moved: (u32, u32)) -> DiskDone {
+        let path = std::env::temp_dir().join(format!("diskcast-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let manifest =
+            Manifest::scan_at(image, image.len() as u64, chunk as u32, None, |_| {}).unwrap();
+        let writer =
+            spawn_writer(Target::open(&path).unwrap(), 4, FinishOptions::default()).unwrap();
+        let op = |op| writer.ops.send(op).unwrap();
+        op(DiskOp::Prepare {
+            image_size: image.len() as u64,
+        });
+        for index in manifest.data_chunks() {
+            let (offset, len) = manifest.chunk_range(index);
+            let at = if index == moved.0 { moved.1 } else { index };
+            op(DiskOp::Write(ChunkWrite {
+                chunk: index,
+                offset: manifest.chunk_range(at).0,
+                stored: image[offset as usize..offset as usize + len].to_vec(),
+                kind: manifest.chunks[index as usize],
+                raw_len: len,
+                repair: None,
+            }));
+            let done = writer.done.recv().unwrap();
+            assert!(matches!(done, DiskDone::Written { .. }), "{done:?}");
+        }
+        op(DiskOp::FlushAndVerify {
+            manifest: Box::new(manifest),
+        });
+        let done = writer.done.recv().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        done
+    }
+
+    #[test]
+    fn the_writer_verifies_what_it_wrote_and_fails_a_copy_that_reads_back_wrong() {
+        let chunk = 64 << 10;
+        // Several read-back batches, and a last one the final flush reads.
+        let image = numbered(3 * CHECK_BATCH + 5, chunk);
+        let manifest =
+            Manifest::scan_at(&image[..], image.len() as u64, chunk as u32, None, |_| {}).unwrap();
+        let done = write_image("written", &image, chunk, (0, 0));
+        assert_eq!(done, DiskDone::Verified(Ok(manifest.image_hash())));
+        // Chunk 7's bytes land on chunk 3 (in the first batch, read back while later ones are
+        // written): the copy fails at chunk 3, never verified.
+        let done = write_image("misplaced", &image, chunk, (7, 3));
+        let DiskDone::Verified(Err(why)) = done else {
+            panic!("{done:?}");
+        };
+        assert!(why.contains("chunk 3 at offset"), "{why}");
+    }
+
+    #[test]
+    fn a_read_back_that_fails_fails_the_copy() {
+        let path = std::env::temp_dir().join(format!("diskcast-unread-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let chunk = 64 << 10;
+        let image = numbered(4, chunk);
+        std::fs::write(&path, &image).unwrap();
+        let manifest =
+            Manifest::scan_at(&image[..], image.len() as u64, chunk as u32, None, |_| {}).unwrap();
+        let target = Arc::new(Target::open(&path).unwrap());
+        let mut writer = Writer {
+            path: path.display().to_string(),
+            verifier: Verifier::spawn(target.clone()),
+            target,
+            staging: AlignedBuf::new(chunk, DIRECT_ALIGN),
+            unchecked: Vec::new(),
+            checked: HashMap::new(),
+            finish: FinishOptions::default(),
+            coder: diskcast_proto::fec::Coder::default(),
+        };
+        // A batch that reads past the end of the file: the image itself is intact.
+        writer.verifier.check(vec![(9, 64 * chunk as u64, chunk)]);
+        let why = writer.flush_and_verify(&manifest).unwrap_err();
+        assert!(why.starts_with("flushing and reading back"), "{why}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Prints the writer's rate with the read-back of each batch waited for (as before the
+    /// verifier thread) and overlapped: `DISKCAST_BENCH_DIR=DIR cargo test -p diskcast-agent
+    /// --lib writer_rate -- --ignored --nocapture` (a directory on the disk to measure).
+    #[test]
+    #[ignore = "a benchmark: prints figures"]
+    fn writer_rate() {
+        let dir =
+            std::env::var_os("DISKCAST_BENCH_DIR").map_or(std::env::temp_dir(), PathBuf::from);
+        let path = dir.join(format!("diskcast-writer-rate-{}", std::process::id()));
+        let (chunk, chunks) = (1 << 20, 256);
+        let image = disk_like(chunks, chunk)
+            .chunks(chunk)
+            .flat_map(|c| c.iter().map(|b| b ^ 0x5a))
+            .collect::<Vec<u8>>();
+        let manifest =
+            Manifest::scan_at(&image[..], image.len() as u64, chunk as u32, None, |_| {}).unwrap();
+        for (round, serial) in [true, false, true, false].into_iter().enumerate() {
+            let _ = std::fs::remove_file(&path);
+            let target = Arc::new(Target::open(&path).unwrap());
+            target.prepare(image.len() as u64).unwrap();
+            let mut writer = Writer {
+                path: path.display().to_string(),
+                verifier: Verifier::spawn(target.clone()),
+                target,
+                staging: AlignedBuf::new(chunk, DIRECT_ALIGN),
+                unchecked: Vec::new(),
+                checked: HashMap::new(),
+                finish: FinishOptions::default(),
+                coder: diskcast_proto::fec::Coder::default(),
+            };
+            let started = std::time::Instant::now();
+            for index in 0..chunks as u32 {
+                let (offset, len) = manifest.chunk_range(index);
+                let done = writer.write(ChunkWrite {
+                    chunk: index,
+                    offset,
+                    stored: image[offset as usize..offset as usize + len].to_vec(),
+                    kind: manifest.chunks[index as usize],
+                    raw_len: len,
+                    repair: None,
+                });
+                assert!(matches!(done, DiskDone::Written { .. }), "{done:?}");
+                if serial {
+                    writer.verifier.collect(&mut writer.checked, true);
+                }
+            }
+            writer.flush_and_verify(&manifest).unwrap();
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "round {round} {}: {:.1} MB/s ({:.2} s)",
+                if serial {
+                    "read-back waited for"
+                } else {
+                    "read-back overlapped"
+                },
+                image.len() as f64 / seconds / 1e6,
+                seconds
+            );
+        }
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -192,11 +192,11 @@ struct SendArgs {
     /// multicast does not reach); by default the sender's port is chosen by the system.
     #[arg(long)]
     relay_port: Option<u16>,
-    /// Data bytes per datagram (even, 512 to 65480). Default: as much as the interface's MTU
-    /// takes without IP fragments (1408 at MTU 1500, 8896 at 9000); give 1408 when receivers
-    /// sit behind a link with a smaller MTU than the sender's.
+    /// Data bytes per datagram (even, 512 to 65480), or `mtu`: as much as this interface's MTU
+    /// takes without IP fragments (8896 at a jumbo MTU of 9000), for a LAN where every
+    /// receiver has that MTU too. The default, 1408, fits a 1500-byte MTU.
     #[arg(long, value_parser = diskcast_transport::send::parse_block_size)]
-    block_size: Option<u16>,
+    block_size: Option<diskcast_transport::send::BlockSize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -376,7 +376,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             opts.proactive_parity = args.proactive_parity;
             opts.parity = !args.no_parity;
             opts.relay_port = args.relay_port;
-            opts.block_size = args.block_size;
+            opts.block_size = args.block_size.unwrap_or_default();
             if args.no_compress {
                 opts.compress = None;
             }

@@ -522,10 +522,11 @@ struct DeployArgs {
     /// Multicast TTL: the routers between the server and the slaves, plus one (1: this LAN only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     ttl: u8,
-    /// Data bytes per datagram (even, 512 to 65480). Default: as much as the interface's MTU
-    /// takes without IP fragments (1408 at MTU 1500, 8896 at 9000).
+    /// Data bytes per datagram (even, 512 to 65480), or `mtu`: as much as this interface's MTU
+    /// takes without IP fragments (8896 at a jumbo MTU of 9000), for a LAN where every slave
+    /// has that MTU too. The default, 1408, fits a 1500-byte MTU.
     #[arg(long, value_parser = diskcast_transport::send::parse_block_size)]
-    block_size: Option<u16>,
+    block_size: Option<diskcast_transport::send::BlockSize>,
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, diskcast_bootserver::config::ConfigError> {
@@ -655,7 +656,7 @@ fn main() -> ExitCode {
             opts.max_rate = Rate::from_mbps(args.rate);
             opts.min_rate = Rate::from_mbps(args.min_rate);
             opts.ttl = args.ttl;
-            opts.block_size = args.block_size;
+            opts.block_size = args.block_size.unwrap_or_default();
             let summary = deploy_once(&store, &args.image, &opts, |progress| {
                 eprintln!(
                     "deploying {}:\n{}",

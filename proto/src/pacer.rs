@@ -26,6 +26,8 @@ const CONGESTION_MARGIN: f64 = 0.9;
 /// A receiver's disk falling behind slows the session to this share of the disk's rate, so its
 /// queue drains.
 const DISK_MARGIN: f64 = 0.95;
+/// A disk's limit lapses this long after the last report that named one (the disk caught up).
+const DISK_LIMIT_LIFETIME: Duration = Duration::from_secs(1);
 /// After a receiver's socket overflowed, the rate climbs fast again only to this fraction of the
 /// rate that overflowed it, and carefully above: climbing straight back past it overflows the
 /// receiver again and again, and every overflow costs repairs (an unshaped veth path sent 1.18x
@@ -58,6 +60,9 @@ pub struct Pacer {
     window_start: Instant,
     /// Bytes per second really sent over the last full window (0 until one passed with data).
     achieved: f64,
+    /// The latest limit a receiver's disk set (see [`Pacer::on_disk_bound`]) and when: above it
+    /// the rate grows carefully, until no receiver has said so for [`DISK_LIMIT_LIFETIME`].
+    disk_limit: Option<(f64, Instant)>,
 }
 
 impl Pacer {
@@ -79,6 +84,7 @@ impl Pacer {
             window_bytes: 0.0,
             window_start: now,
             achieved: 0.0,
+            disk_limit: None,
         }
     }
 
@@ -119,8 +125,17 @@ impl Pacer {
         let held = self
             .last_decrease
             .is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE);
+        if self
+            .disk_limit
+            .is_some_and(|(_, at)| now.saturating_duration_since(at) >= DISK_LIMIT_LIFETIME)
+        {
+            self.disk_limit = None;
+        }
         if !held && !limited && now.saturating_duration_since(self.last_increase) >= STEP {
-            let careful_above = self.careful_above.min(self.overflow_knee);
+            let careful_above = self
+                .careful_above
+                .min(self.overflow_knee)
+                .min(self.disk_limit.map_or(f64::MAX, |(limit, _)| limit));
             self.rate = if self.rate >= careful_above {
                 // Past the rate a congested receiver took, or near the one that overflowed a
                 // receiver: probe upwards gently.
@@ -211,13 +226,16 @@ impl Pacer {
     /// filling: go a little below that, and above it only carefully. Nothing was lost, so this
     /// is no quarter cut: the point is that the receiver never has to stop reading its socket
     /// (a receiver waiting for its disk overflows it, and every overflow costs repairs).
+    ///
+    /// Never below the session's floor: a disk slower than that is not waited for (its receiver's
+    /// network loop then waits for it, its socket overflows and the usual cuts and drops apply).
+    /// Trims keep their own clock and state: a receiver's disk hovering near its limit must not
+    /// hold back the cuts another receiver's overflow or losses call for, nor make the floor
+    /// look reached to the congestion rules.
     pub fn on_disk_bound(&mut self, disk_rate: f64, now: Instant) {
-        let target = (disk_rate * DISK_MARGIN).max(MIN_RATE);
-        if self.rate > target {
-            self.rate = target;
-            self.last_decrease = Some(now);
-        }
-        self.careful_above = self.careful_above.min(target);
+        let target = (disk_rate * DISK_MARGIN).max(self.floor);
+        self.rate = self.rate.min(target);
+        self.disk_limit = Some((target, now));
     }
 
     /// The congested receivers left: the rate may climb at full speed again.
@@ -263,7 +281,9 @@ mod tests {
     #[test]
     fn a_disk_falling_behind_holds_the_rate_just_below_it_and_a_faster_one_changes_nothing() {
         let t0 = Instant::now();
-        let mut pacer = Pacer::new(100 * MB, 100 * MB, MB, 1500, t0);
+        // A bucket that holds what 10 ms at the ceiling send, so the loops below are not what
+        // holds the rate back.
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, 10 * MB, 2_000_000, t0);
         pacer.on_disk_bound(200e6, t0);
         assert_eq!(
             pacer.rate(),
@@ -272,19 +292,40 @@ mod tests {
         );
         pacer.on_disk_bound(30e6, t0);
         assert_eq!(pacer.rate(), 28_500_000);
-        // Sending on at the new rate for a second: it may probe above the disk's rate only
-        // carefully (5 % per step after the hold), never straight back to the ceiling.
+        // Sending on at the new rate while the limit stands (it lapses after a second without a
+        // report): it may probe above the disk's rate only carefully, 5 % per step.
         let mut now = t0;
-        for _ in 0..100 {
+        for _ in 0..90 {
             now += Duration::from_millis(10);
             while pacer.try_send(1500, now) {}
         }
         assert!(
-            pacer.rate() < 45 * MB,
-            "climbed to {} B/s within a second",
+            pacer.rate() < 46 * MB,
+            "climbed to {} B/s within 0.9 s",
             pacer.rate()
         );
         assert!(pacer.rate() >= 28_500_000);
+        // A disk that says 1 kB/s holds the session at its floor, not below, and the trim
+        // leaves the congestion rules alone: the floor is not "reached" for them, and an
+        // overflow elsewhere right after a trim still cuts.
+        pacer.on_disk_bound(1000.0, now);
+        assert_eq!(pacer.rate(), 10 * MB);
+        assert!(!pacer.floor_reached());
+        pacer.on_overflow(now);
+        assert!(pacer.rate() < 10 * MB, "the overflow's cut was swallowed");
+    }
+
+    #[test]
+    fn a_disk_limit_lapses_once_no_receiver_repeats_it() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(100 * MB, 100 * MB, 10 * MB, 2_000_000, t0);
+        pacer.on_disk_bound(20e6, t0);
+        let mut now = t0;
+        for _ in 0..300 {
+            now += Duration::from_millis(10);
+            while pacer.try_send(1500, now) {}
+        }
+        assert_eq!(pacer.rate(), 100 * MB, "the disk's limit never lapsed");
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub const DISK_QUEUE: usize = 16;
 /// stalls writes for a moment, and a rate from that moment alone would stop the session.
 const DISK_RATE_WINDOW: Duration = Duration::from_millis(250);
 
+/// A measured disk rate older than this is forgotten (the disk was idle or nearly so since):
+/// the next report waits for a new measurement rather than repeat it.
+const DISK_RATE_MEMORY: Duration = Duration::from_secs(5);
 /// Of a rate window, the disk must have been busy this long for its rate to be believed.
 const DISK_MIN_BUSY: Duration = Duration::from_millis(50);
 
@@ -126,8 +129,9 @@ struct DiskPace {
     /// Time in this window with writes queued, besides the stretch since `busy_since`.
     busy: Duration,
     busy_since: Option<Instant>,
-    /// Bytes per second of busy time over the last window that had enough of it; 0 until then.
-    rate: f64,
+    /// Bytes per second of busy time, smoothed over the windows that had enough of it, and when
+    /// it was last measured; `None` until one had.
+    rate: Option<(f64, Instant)>,
     /// The queue was past half at the last report: a report is not hurried again for it.
     filling: bool,
 }
@@ -141,7 +145,7 @@ impl DiskPace {
             window_bytes: 0,
             busy: Duration::ZERO,
             busy_since: None,
-            rate: 0.0,
+            rate: None,
             filling: false,
         }
     }
@@ -167,8 +171,9 @@ impl DiskPace {
         }
     }
 
-    /// What a report says: 0 while the queue is below half of `limit`, else the disk's rate in
-    /// kB/s (at least 1: a disk that wrote nothing in a whole window is still a limit).
+    /// What a report says: the disk's rate in kB/s while the queue is past half of `limit` (at
+    /// least 1: a disk that wrote nothing in a busy window is still a limit), else 0 ("keeps up",
+    /// also while no recent measurement exists).
     fn report(&mut self, now: Instant) -> u32 {
         if now.saturating_duration_since(self.window_start) >= DISK_RATE_WINDOW {
             let busy = self.busy
@@ -176,7 +181,16 @@ impl DiskPace {
                     .busy_since
                     .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
             if busy >= DISK_MIN_BUSY {
-                self.rate = self.window_bytes as f64 / busy.as_secs_f64();
+                // A window that wrote nothing while busy is a stall, and counts: the disk is
+                // then slower than any rate the session could keep.
+                let sample = self.window_bytes as f64 / busy.as_secs_f64();
+                let smoothed = match self.rate {
+                    Some((rate, at)) if now.saturating_duration_since(at) < DISK_RATE_MEMORY => {
+                        (rate + sample) / 2.0
+                    }
+                    _ => sample,
+                };
+                self.rate = Some((smoothed, now));
             }
             self.window_bytes = 0;
             self.busy = Duration::ZERO;
@@ -186,10 +200,14 @@ impl DiskPace {
             }
         }
         self.filling = self.past_half();
-        if !self.filling || self.rate == 0.0 {
-            return 0;
+        match self.rate {
+            Some((rate, at))
+                if self.filling && now.saturating_duration_since(at) < DISK_RATE_MEMORY =>
+            {
+                ((rate / 1000.0) as u32).max(1)
+            }
+            _ => 0,
         }
-        ((self.rate / 1000.0) as u32).max(1)
     }
 }
 
@@ -467,6 +485,37 @@ impl Partial {
 
     fn shards(&self) -> usize {
         self.have.count() + self.parity.len()
+    }
+}
+
+#[cfg(test)]
+mod disk_pace_tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_rate_counts_busy_time_only_and_is_told_only_past_half_the_queue() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut pace = DiskPace::new(t0);
+        // One chunk written in 10 ms, then the disk waits 300 ms for the network.
+        pace.queued_one(t0);
+        pace.written(1_000_000, ms(10));
+        assert_eq!(pace.report(ms(310)), 0, "an empty queue keeps up");
+        // Then 12 chunks queued at once, 4 written in the next 100 ms: 8 left, half of 16.
+        for _ in 0..12 {
+            pace.queued_one(ms(400));
+        }
+        for i in 1..=4 {
+            pace.written(1_000_000, ms(400 + 25 * i));
+        }
+        // 4 MB in 250 ms of busy time: 16 MB/s, not the 4 MB per 250 ms window counted from
+        // the window's start with the idle time in it.
+        assert_eq!(pace.report(ms(650)), 16_000);
+        // A busy window that wrote nothing is still a limit (the least there is), and below
+        // half nothing is told.
+        assert_eq!(pace.report(ms(1_000)), 8_000, "smoothed with the stall");
+        pace.written(0, ms(1_010));
+        assert_eq!(pace.report(ms(1_300)), 0);
     }
 }
 

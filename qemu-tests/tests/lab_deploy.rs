@@ -113,10 +113,8 @@ fn lab_deploy_command() {
         &image_arg,
         "--expect",
         "TEXT-THE-IMAGE-NEVER-PRINTS",
-        // Long enough for the machine to boot its disk (asserted below), no longer: all of it
-        // is waited out.
         "--timeout",
-        "30",
+        "60",
         "--logs",
         &logs.display().to_string(),
     ]);
@@ -125,7 +123,7 @@ fn lab_deploy_command() {
     assert!(
         stderr.contains("lab deploy: FAILED: vm1 (52:54:00:dc:00:41)")
             && stderr.contains("\"TEXT-THE-IMAGE-NEVER-PRINTS\" never appeared")
-            && stderr.contains("within 30 s (--timeout)"),
+            && stderr.contains("within 60 s (--timeout)"),
         "{stderr}"
     );
     let row = summary_row(&String::from_utf8_lossy(&missing.stdout), "vm1");

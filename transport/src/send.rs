@@ -68,10 +68,25 @@ pub struct SendOptions {
     /// The UDP port of the sender's own socket: relays on subnets the group does not reach
     /// subscribe to ADDRESS:PORT (see `diskcast_proto::relay`). `None`: any free port.
     pub relay_port: Option<u16>,
-    /// Data bytes per datagram; `None`: as much as the interface's MTU takes without IP
-    /// fragments (1408 at MTU 1500, 8896 at 9000). Larger blocks cost less CPU per byte; a
-    /// receiver behind a link with a smaller MTU gets them as IP fragments.
-    pub block_size: Option<u16>,
+    /// Data bytes per datagram. The default fits a 1500-byte MTU: the sender cannot know the
+    /// MTU of every receiver's link (PXE-booted machines stay at 1500, and a switch port or
+    /// router with a smaller MTU drops larger frames without a word to the sender).
+    pub block_size: BlockSize,
+}
+
+/// How big a session's data blocks are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockSize {
+    /// As much as the sending interface's MTU takes without IP fragments (1408 at MTU 1500,
+    /// 8896 at 9000): for a LAN where every receiver has that MTU too (jumbo frames).
+    FromMtu,
+    Bytes(u16),
+}
+
+impl Default for BlockSize {
+    fn default() -> Self {
+        Self::Bytes(diskcast_proto::wire::DEFAULT_BLOCK_SIZE)
+    }
 }
 
 impl SendOptions {
@@ -96,18 +111,23 @@ impl SendOptions {
             proactive_parity: 0.0,
             compress: Some(DEFAULT_WIRE_LEVEL),
             relay_port: None,
-            block_size: None,
+            block_size: BlockSize::default(),
         }
     }
 }
 
-/// Parses a `--block-size BYTES` option: an even number of bytes a data datagram can carry.
-pub fn parse_block_size(text: &str) -> Result<u16, String> {
-    let bytes: u64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of bytes (e.g. 1408 or 8896)"))?;
-    diskcast_proto::wire::check_block_size(bytes).map_err(|e| e.to_string())
+/// Parses a `--block-size BYTES|mtu` option: an even number of bytes a data datagram can
+/// carry, or `mtu` for as much as the interface's MTU takes.
+pub fn parse_block_size(text: &str) -> Result<BlockSize, String> {
+    if text.trim().eq_ignore_ascii_case("mtu") {
+        return Ok(BlockSize::FromMtu);
+    }
+    let bytes: u64 = text.trim().parse().map_err(|_| {
+        format!("{text:?} is neither a number of bytes (e.g. 1408 or 8896) nor \"mtu\"")
+    })?;
+    diskcast_proto::wire::check_block_size(bytes)
+        .map(BlockSize::Bytes)
+        .map_err(|e| e.to_string())
 }
 
 /// zstd level for chunks compressed as they are read for the wire: level 1 compresses a typical
@@ -319,15 +339,20 @@ mod tests {
 
     #[test]
     fn block_size_options_are_checked_with_what_to_give() {
-        assert_eq!(parse_block_size("1408"), Ok(1408));
-        assert_eq!(parse_block_size("65480"), Ok(65480));
+        assert_eq!(parse_block_size("1408"), Ok(BlockSize::Bytes(1408)));
+        assert_eq!(parse_block_size("65480"), Ok(BlockSize::Bytes(65480)));
+        assert_eq!(parse_block_size("mtu"), Ok(BlockSize::FromMtu));
+        assert_eq!(
+            SendOptions::new(None, Ipv4Addr::LOCALHOST, 1).block_size,
+            BlockSize::Bytes(1408)
+        );
         for (bad, says) in [
             ("1409", "even"),
             ("256", "give 512 to 65480 bytes"),
             ("65482", "give 512 to 65480 bytes"),
             ("100000", "give 512 to 65480 bytes"),
-            ("9k", "not a number of bytes"),
-            ("-1", "not a number of bytes"),
+            ("9k", "neither a number of bytes"),
+            ("-1", "neither a number of bytes"),
         ] {
             let e = parse_block_size(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -70,14 +70,14 @@ pub fn interface_mtu(interface: &str) -> Result<u32, String> {
         .map_err(|_| format!("{path} holds {:?}, not a number", text.trim()))
 }
 
-/// The block size a session sent out of `interface` uses, and why: `requested` (checked) when
-/// given, else as much as the interface's MTU takes without IP fragments
-/// ([`block_size_for_mtu`]), else the default for a 1500-byte MTU.
+/// The block size a session sent out of `interface` uses, and why: `requested` (checked), or
+/// for [`crate::send::BlockSize::FromMtu`] as much as the interface's MTU takes without IP
+/// fragments ([`block_size_for_mtu`]), the size for a 1500-byte MTU when that is unknown.
 pub fn choose_block_size(
-    requested: Option<u16>,
+    requested: crate::send::BlockSize,
     interface: &str,
 ) -> Result<(u16, String), BlockSizeError> {
-    if let Some(bytes) = requested {
+    if let crate::send::BlockSize::Bytes(bytes) = requested {
         let block = check_block_size(u64::from(bytes))?;
         let why = match interface_mtu(interface) {
             Ok(mtu) if DATA_OVERHEAD + usize::from(block) + 28 > mtu as usize => format!(
@@ -326,7 +326,8 @@ pub struct GsoBatch {
     enabled: bool,
     dest: SocketAddrV4,
     /// Largest segment the kernel cuts from a GSO send: a segment must fit the MTU (the kernel
-    /// refuses larger ones with EINVAL), so bigger datagrams go one per send, as IP fragments.
+    /// refuses larger ones, with EMSGSIZE or on older kernels EINVAL), so bigger datagrams go one
+    /// per send, as IP fragments.
     max_segment: usize,
 }
 
@@ -409,7 +410,13 @@ impl GsoBatch {
                     if self.enabled
                         && matches!(
                             e.raw_os_error(),
-                            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                            Some(
+                                libc::EIO
+                                    | libc::EINVAL
+                                    | libc::EMSGSIZE
+                                    | libc::ENOPROTOOPT
+                                    | libc::EOPNOTSUPP
+                            )
                         ) =>
                 {
                     log::info!(

@@ -19,8 +19,8 @@
 //! README reports.
 //!
 //! `--mtu N` sets the MTU of every link of the emulated LAN (the hosts' interfaces, their veth
-//! ends and the bridge), e.g. 9000 for jumbo frames: diskcast's sender sizes its datagrams by it,
-//! and with `--unshaped` iperf3 and dd measure the same path.
+//! ends and the bridge), e.g. 9000 for jumbo frames: diskcast's sender sizes its datagrams by it
+//! (`--block-size mtu`), and with `--unshaped` iperf3 and dd measure the same path.
 //!
 //! `--compare-agent PATH` runs a second peer-to-peer diskcast with another build of the agent
 //! (e.g. main's, to measure a change before and after in the same interleaved run); with
@@ -198,6 +198,9 @@ fn bench_key(dir: &Path) -> (PathBuf, String) {
 struct DiskcastSettings {
     args: Vec<String>,
     compared_agent: Option<String>,
+    /// `--mtu` was given: every link has that MTU, so this build's sender is told to size its
+    /// blocks by it (`--block-size mtu`; a `--compare-agent` build is left as it is).
+    blocks_from_mtu: bool,
 }
 
 fn run_tool(
@@ -317,6 +320,9 @@ fn run_tool(
                 "--key",
                 key,
             ];
+            if tool == Tool::Diskcast && diskcast.blocks_from_mtu {
+                args.extend(["--block-size", "mtu"]);
+            }
             args.extend(diskcast_args.iter().map(String::as_str));
             args.push(src);
             spawn(sender, agent, &args, &log("sender"))
@@ -497,6 +503,7 @@ fn main() {
     let diskcast = DiskcastSettings {
         args: diskcast_args,
         compared_agent,
+        blocks_from_mtu: mtu.is_some(),
     };
     let mut reference = None;
 

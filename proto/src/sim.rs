@@ -1214,15 +1214,26 @@ fn stray_data_with_absurd_sequence_numbers_does_not_disable_repair_suppression()
     );
 }
 
-#[test]
-fn a_slow_receiver_overflows_its_socket_and_the_sender_slows_down() {
-    let image = test_image(64 * CHUNK as usize, 35);
+/// One receiver of `chunks` chunks from a sender starting at and held to 40 MB/s.
+fn one_receiver_at_40_mb_s(chunks: usize, seed: u64) -> Sim {
     let sender_cfg = SenderConfig {
         initial_rate: 40_000_000,
         max_rate: 40_000_000,
         ..cfg(1)
     };
-    let mut sim = Sim::new(image, CHUNK, sender_cfg, 1, 0.0, 35);
+    Sim::new(
+        test_image(chunks * CHUNK as usize, seed),
+        CHUNK,
+        sender_cfg,
+        1,
+        0.0,
+        seed,
+    )
+}
+
+#[test]
+fn a_slow_receiver_overflows_its_socket_and_the_sender_slows_down() {
+    let mut sim = one_receiver_at_40_mb_s(64, 35);
     // Reads 4 datagrams per 0.5 ms step (~11 MB/s) into a 256-datagram buffer: a quarter of
     // the sender's ceiling.
     sim.receivers[0].socket = Some(SocketModel::new(256, 4));
@@ -1244,13 +1255,7 @@ fn a_receiver_whose_disk_falls_behind_paces_the_sender_instead_of_overflowing() 
     // The link allows 40 MB/s, the receiver's disk writes 10 MB/s behind a queue of 16 chunks,
     // and its socket holds 512 datagrams (0.7 MB): the sender must learn the disk's rate from
     // the reports and stay near it, so the socket never overflows and nothing is sent twice.
-    let image = test_image(48 * CHUNK as usize, 36);
-    let sender_cfg = SenderConfig {
-        initial_rate: 40_000_000,
-        max_rate: 40_000_000,
-        ..cfg(1)
-    };
-    let mut sim = Sim::new(image, CHUNK, sender_cfg, 1, 0.0, 36);
+    let mut sim = one_receiver_at_40_mb_s(48, 36);
     sim.receivers[0].socket = Some(SocketModel::new(512, 64));
     sim.receivers[0].disk_model = Some(DiskModel::new(10_000_000.0, 16));
     sim.run(Duration::from_secs(120));

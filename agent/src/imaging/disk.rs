@@ -847,17 +847,7 @@ pub fn spawn_writer(
     std::thread::Builder::new()
         .name("disk-writer".into())
         .spawn(move || {
-            let target = Arc::new(target);
-            let mut writer = Writer {
-                path: target.path.display().to_string(),
-                verifier: Verifier::spawn(target.clone()),
-                target,
-                staging: AlignedBuf::new(1 << 20, DIRECT_ALIGN),
-                unchecked: Vec::new(),
-                checked: HashMap::new(),
-                finish,
-                coder: diskcast_proto::fec::Coder::default(),
-            };
+            let mut writer = Writer::new(Arc::new(target), 1 << 20, finish);
             for op in op_rx {
                 let done = match op {
                     DiskOp::Prepare { image_size } => match writer.target.prepare(image_size) {
@@ -905,6 +895,20 @@ struct Writer {
 }
 
 impl Writer {
+    /// A writer of `target` (with its verifier thread) whose staging buffer fits `chunk` bytes.
+    fn new(target: Arc<Target>, chunk: usize, finish: FinishOptions) -> Self {
+        Self {
+            path: target.path.display().to_string(),
+            verifier: Verifier::spawn(target.clone()),
+            target,
+            staging: AlignedBuf::new(chunk, DIRECT_ALIGN),
+            unchecked: Vec::new(),
+            checked: HashMap::new(),
+            finish,
+            coder: diskcast_proto::fec::Coder::default(),
+        }
+    }
+
     fn write(&mut self, write: ChunkWrite) -> DiskDone {
         let (chunk, offset) = (write.chunk, write.offset);
         let data = match write.decode_with(&mut self.coder) {
@@ -1347,16 +1351,7 @@ mod tests {
         let manifest =
             Manifest::scan_at(&image[..], image.len() as u64, chunk as u32, None, |_| {}).unwrap();
         let target = Arc::new(Target::open(&path).unwrap());
-        let mut writer = Writer {
-            path: path.display().to_string(),
-            verifier: Verifier::spawn(target.clone()),
-            target,
-            staging: AlignedBuf::new(chunk, DIRECT_ALIGN),
-            unchecked: Vec::new(),
-            checked: HashMap::new(),
-            finish: FinishOptions::default(),
-            coder: diskcast_proto::fec::Coder::default(),
-        };
+        let mut writer = Writer::new(target, chunk, FinishOptions::default());
         // A batch that reads past the end of the file: the image itself is intact.
         writer.verifier.check(vec![(9, 64 * chunk as u64, chunk)]);
         let why = writer.flush_and_verify(&manifest).unwrap_err();
@@ -1384,16 +1379,7 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             let target = Arc::new(Target::open(&path).unwrap());
             target.prepare(image.len() as u64).unwrap();
-            let mut writer = Writer {
-                path: path.display().to_string(),
-                verifier: Verifier::spawn(target.clone()),
-                target,
-                staging: AlignedBuf::new(chunk, DIRECT_ALIGN),
-                unchecked: Vec::new(),
-                checked: HashMap::new(),
-                finish: FinishOptions::default(),
-                coder: diskcast_proto::fec::Coder::default(),
-            };
+            let mut writer = Writer::new(target, chunk, FinishOptions::default());
             let started = std::time::Instant::now();
             for index in 0..chunks as u32 {
                 let (offset, len) = manifest.chunk_range(index);

@@ -108,9 +108,6 @@ pub struct ReceiverReport {
     pub loss_percent: Option<u8>,
     /// The rate it took datagrams in during that window, in bytes per second.
     pub delivered_rate: Option<u64>,
-    /// The rate its disk writes at, in bytes per second, while its write queue fills (its last
-    /// report said so); `None` while its disk keeps up.
-    pub disk_rate: Option<u64>,
     /// Why it failed, when it did.
     pub failure: Option<ReceiverFailure>,
     /// Where its Join came from, for the progress table.
@@ -632,6 +629,11 @@ impl Sender {
         self.cfg.block_size
     }
 
+    /// Bytes of one data datagram, as the pacer counts them.
+    fn datagram_len(&self) -> usize {
+        DATA_OVERHEAD + usize::from(self.cfg.block_size)
+    }
+
     /// How many receivers the start policy waits for (see [`Sender::expect_fewer`]).
     pub fn min_receivers(&self) -> u32 {
         self.cfg.min_receivers
@@ -860,7 +862,7 @@ impl Sender {
                 naks,
             } => {
                 let sent = self.seq;
-                let datagram = DATA_OVERHEAD + usize::from(self.cfg.block_size);
+                let datagram = self.datagram_len();
                 let Some(report) = self.reporter(receiver, nonce, from) else {
                     return;
                 };
@@ -907,7 +909,6 @@ impl Sender {
                         rate as f64 / 1e6
                     );
                 }
-                report.disk_rate = disk_rate;
                 if overflowed {
                     self.pacer.on_overflow(now);
                 }
@@ -1123,7 +1124,6 @@ impl Sender {
             repairs_requested: 0,
             loss_percent: None,
             delivered_rate: None,
-            disk_rate: None,
             failure: None,
             address: Some(join.from),
             joined_at: now,
@@ -1502,10 +1502,7 @@ impl Sender {
             self.pacer.idle(now);
             return None;
         }
-        if !self
-            .pacer
-            .try_send(DATA_OVERHEAD + usize::from(self.cfg.block_size), now)
-        {
+        if !self.pacer.try_send(self.datagram_len(), now) {
             return None;
         }
         if self.manifest_queue.is_empty() && self.manifest_repeat {
@@ -1713,7 +1710,7 @@ impl Sender {
             // Not at the next datagram but at the next batch of them: a wake-up (and a send)
             // per datagram costs more CPU than the datagrams below the link's rate (a session
             // paced to 35 MB/s spent 4 s of system time on 512 MiB that way).
-            let datagram = DATA_OVERHEAD + usize::from(self.cfg.block_size);
+            let datagram = self.datagram_len();
             let batch = (WAKE_BATCH * datagram)
                 .min(self.pacer.burst() / 2)
                 .max(datagram);

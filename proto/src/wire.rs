@@ -96,7 +96,7 @@ pub const MAX_BLOCK_SIZE: u16 = (MAX_UDP_PAYLOAD - DATA_OVERHEAD) as u16;
 /// The smallest block a session may announce.
 pub const MIN_BLOCK_SIZE: u16 = 512;
 /// IPv4 and UDP headers in front of every datagram on the link.
-const IPV4_UDP_HEADERS: u32 = 28;
+pub const IPV4_UDP_HEADERS: u32 = 28;
 
 /// The block size whose Data datagrams fill an interface MTU of `mtu` bytes without IP
 /// fragments: rounded down to a multiple of 64 (1500 gives [`DEFAULT_BLOCK_SIZE`], 9000 gives

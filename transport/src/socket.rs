@@ -3,7 +3,7 @@
 
 use diskcast_proto::wire::{
     block_size_for_mtu, check_block_size, BlockSizeError, DATA_OVERHEAD, DEFAULT_BLOCK_SIZE,
-    MAX_UDP_PAYLOAD,
+    IPV4_UDP_HEADERS, MAX_UDP_PAYLOAD,
 };
 use nix::sys::socket::{
     self, sockopt, AddressFamily, ControlMessageOwned, IpMembershipRequest, MsgFlags, SockFlag,
@@ -80,7 +80,7 @@ pub fn choose_block_size(
     if let crate::send::BlockSize::Bytes(bytes) = requested {
         let block = check_block_size(u64::from(bytes))?;
         let why = match interface_mtu(interface) {
-            Ok(mtu) if DATA_OVERHEAD + usize::from(block) + 28 > mtu as usize => format!(
+            Ok(mtu) if DATA_OVERHEAD + usize::from(block) + IPV4_UDP_HEADERS as usize > mtu as usize => format!(
                 "as asked; above MTU {mtu} on {interface}, so every datagram travels as IP fragments"
             ),
             _ => "as asked".to_string(),
@@ -359,7 +359,9 @@ impl GsoBatch {
             closed: false,
             enabled: true,
             dest,
-            max_segment: mtu.map_or(usize::MAX, |m| (m as usize).saturating_sub(28)),
+            max_segment: mtu.map_or(usize::MAX, |m| {
+                (m as usize).saturating_sub(IPV4_UDP_HEADERS as usize)
+            }),
         }
     }
 

@@ -62,11 +62,11 @@ pub fn fixture_fat(path: &Path) -> String {
 ///
 /// - an MBR with syslinux's boot code and one active FAT32 partition (type `c`, from 1 MiB,
 ///   labelled [`FIXTURE_LABEL`]);
-/// - BIOS: syslinux in it, with `SAY marker`, `PROMPT 1`, `TIMEOUT 10` (with `PROMPT 0` the
-///   serial line is cut); with no DEFAULT it then keeps returning to `boot:`. No `SERIAL`
-///   directive: the VMs have no VGA, so SeaBIOS's serial console already carries syslinux's
-///   screen output, and a second writer on the same port interleaves the two copies (a CI run
-///   lost the marker that way);
+/// - BIOS: syslinux in it, whose config says `marker`, shows `boot:` for a second and then reloads
+///   itself (`DEFAULT again`, `LABEL again`, `CONFIG /syslinux.cfg`), so the marker comes again
+///   every second. Once was not enough: twice a CI run's console lost the one line under load
+///   (SeaBIOS's serial console renders syslinux's screen lazily), and a `SERIAL` directive only
+///   adds a second writer on the same port that interleaves with it;
 /// - UEFI: `\EFI\BOOT\BOOTX64.EFI`, a standalone GRUB whose grub.cfg echoes `marker` on the
 ///   serial port and the console, then sleeps.
 ///
@@ -138,7 +138,9 @@ pub fn make_bootable_disk(path: &Path, size_mib: u64, marker: &str) {
     let syslinux_cfg = work.join("syslinux.cfg");
     fs::write(
         &syslinux_cfg,
-        format!("SAY {marker}\nPROMPT 1\nTIMEOUT 10\n"),
+        format!(
+            "SAY {marker}\nPROMPT 1\nTIMEOUT 10\nDEFAULT again\nLABEL again\n  CONFIG /syslinux.cfg\n"
+        ),
     )
     .unwrap();
     let grub_cfg = work.join("grub.cfg");
@@ -610,7 +612,13 @@ mod tests {
             !cfg.contains("SERIAL"),
             "a SERIAL directive doubles the output on SeaBIOS's serial console:\n{cfg}"
         );
-        for line in ["SAY FIXTURE-MARKER-42", "PROMPT 1", "TIMEOUT 10"] {
+        for line in [
+            "SAY FIXTURE-MARKER-42",
+            "PROMPT 1",
+            "TIMEOUT 10",
+            "DEFAULT again",
+            "  CONFIG /syslinux.cfg",
+        ] {
             assert!(cfg.lines().any(|l| l == line), "{line:?} not in\n{cfg}");
         }
         // A PE image whose embedded grub.cfg echoes the marker.

@@ -287,6 +287,25 @@ pub fn summary_table(machines: &[Machine], expect: Option<&str>) -> String {
     out
 }
 
+/// The first `first` and the last `last` lines of `text`: where a boot went wrong is often
+/// near its start, while the tail shows where it is stuck.
+fn head_and_tail(text: &str, first: usize, last: usize) -> String {
+    let count = text.lines().count();
+    if count <= first + last {
+        return tail(text, count);
+    }
+    let head: String = text
+        .lines()
+        .take(first)
+        .map(|l| format!("    | {l}\n"))
+        .collect();
+    format!(
+        "{head}    | ... {} lines ...\n{}",
+        count - first - last,
+        tail(text, last)
+    )
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..]
@@ -547,9 +566,9 @@ fn watch(lab: &mut Lab, machines: &mut [Machine], args: &DeployArgs) {
                             verified_after: Some(*verified_after),
                             why: match &args.expect {
                                 Some(text) => format!(
-                                    "verified its copy and rebooted, but {text:?} never appeared on its serial console within {} s (--timeout); what it printed after the reboot ends with:\n{}",
+                                    "verified its copy and rebooted, but {text:?} never appeared on its serial console within {} s (--timeout); what it printed after the reboot:\n{}",
                                     args.timeout.as_secs(),
-                                    tail(after, 12)
+                                    head_and_tail(after, 20, 12)
                                 ),
                                 None => format!(
                                     "verified its copy, but did not network-boot again to be sent to its local disk within {} s (--timeout)",
@@ -608,6 +627,17 @@ mod tests {
 
     fn args(line: &str) -> Vec<String> {
         line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_long_console_is_shown_by_its_start_and_its_end() {
+        let text: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+        let shown = head_and_tail(&text, 3, 2);
+        assert_eq!(
+            shown,
+            "    | line 1\n    | line 2\n    | line 3\n    | ... 35 lines ...\n    | line 39\n    | line 40\n"
+        );
+        assert_eq!(head_and_tail("a\nb\n", 3, 2), "    | a\n    | b\n");
     }
 
     #[test]

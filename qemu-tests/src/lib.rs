@@ -197,6 +197,31 @@ pub fn output_of(child: Child, what: &str) -> std::process::Output {
     out
 }
 
+/// `line` without carriage returns and terminal control sequences (`ESC [ ... final`, `ESC x`):
+/// SeaBIOS's serial console moves its cursor with them, and one inside a marker would hide it
+/// from a search.
+fn without_terminal_controls(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {}
+            '\u{1b}' => match chars.next() {
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                Some(_) | None => {}
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Output of a child process collected line by line, with waiting for a line.
 #[derive(Clone, Default)]
 pub struct Console {
@@ -222,7 +247,7 @@ impl Console {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                let text = without_terminal_controls(&String::from_utf8_lossy(&line));
                 if let Some(f) = file.as_mut() {
                     let _ = std::io::Write::write_all(f, text.as_bytes());
                 }
@@ -263,8 +288,9 @@ impl Console {
             let now = Instant::now();
             if now >= deadline {
                 return Err(format!(
-                    "no line containing {needle:?} within {} s",
-                    timeout.as_secs()
+                    "no line containing {needle:?} within {} s; the output ends with:\n{}",
+                    timeout.as_secs(),
+                    tail(&captured.text, 15)
                 ));
             }
             captured = cvar.wait_timeout(captured, deadline - now).unwrap().0;
@@ -1320,5 +1346,24 @@ impl Drop for Lab {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_terminal_controls;
+
+    #[test]
+    fn terminal_controls_are_dropped_from_console_lines() {
+        assert_eq!(
+            without_terminal_controls("\u{1b}c\u{1b}[?7l\u{1b}[2J\u{1b}[0mSeaBIOS\r\n"),
+            "SeaBIOS\n"
+        );
+        assert_eq!(
+            without_terminal_controls("MARK\u{1b}[25;05HER-BOOTED\u{1b}[0;1m ok"),
+            "MARKER-BOOTED ok"
+        );
+        assert_eq!(without_terminal_controls("cut \u{1b}[12"), "cut ");
+        assert_eq!(without_terminal_controls("plain text"), "plain text");
     }
 }

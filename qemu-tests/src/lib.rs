@@ -206,16 +206,17 @@ fn without_terminal_controls(line: &str) -> String {
     while let Some(c) = chars.next() {
         match c {
             '\r' => {}
-            '\u{1b}' => match chars.next() {
-                Some('[') => {
+            '\u{1b}' => {
+                // `ESC [` starts a sequence that ends with a byte in `@`..=`~`; any other
+                // escape is two characters.
+                if chars.next() == Some('[') {
                     for c in chars.by_ref() {
                         if ('@'..='~').contains(&c) {
                             break;
                         }
                     }
                 }
-                Some(_) | None => {}
-            },
+            }
             c => out.push(c),
         }
     }
@@ -844,6 +845,23 @@ impl Lab {
             Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]),
             &script,
         );
+    }
+
+    /// Makes a host's interface cut UDP segmentation-offload sends into datagrams as it sends
+    /// them (`gso_max_segs 1`), as a physical NIC puts separate frames on the wire. A veth
+    /// otherwise carries a 64 KiB GSO send to the receivers' namespaces whole, and
+    /// [`Lab::add_ingress_loss`] drops it as one: a run of ~45 datagrams instead of one.
+    pub fn segment_on_send(netns: &str, interface: &str) {
+        run(Command::new("ip").args([
+            "-n",
+            netns,
+            "link",
+            "set",
+            "dev",
+            interface,
+            "gso_max_segs",
+            "1",
+        ]));
     }
 
     /// Limits a host's outgoing rate with a token bucket (an emulated link speed).

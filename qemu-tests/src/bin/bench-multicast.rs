@@ -1,6 +1,7 @@
 //! Multicast imaging benchmark: diskcast, udpcast and uftp side by side on the same emulated LAN
 //! (private namespaces, the sender's link limited to 1 Gbit/s with tbf, random loss at every
-//! receiver with nftables), interleaved run by run. Prints MB/s, bytes on the wire relative to
+//! receiver with nftables, on datagrams: with loss the sender's interface cuts GSO sends into
+//! datagrams as a NIC would), interleaved run by run. Prints MB/s, bytes on the wire relative to
 //! the image, verified copies, and diskcast's ratio to the faster peer.
 //!
 //! `--with-deploy` adds client/server mode: the same image imported once into an image store
@@ -522,6 +523,8 @@ fn main() {
                 lab.set_mtu(mtu);
             }
             if loss > 0.0 {
+                // Loss is per frame on a real wire, so the sender's GSO sends are cut there.
+                Lab::segment_on_send(&sender, "eth0");
                 for r in &receivers {
                     Lab::add_ingress_loss(r, loss);
                 }

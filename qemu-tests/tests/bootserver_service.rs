@@ -131,7 +131,7 @@ fn service_unit_verifies() {
 fn install_script_lays_out_the_service() {
     let root = scratch("install_script_lays_out_the_service");
     assert!(
-        project_root().join("target/release/bootserver").exists(),
+        lab_file("bootserver").exists(),
         "run scripts/build-lab first"
     );
     let out = Command::new(project_root().join("scripts/install-bootserver"))
@@ -151,10 +151,7 @@ fn install_script_lays_out_the_service() {
     );
     assert!(said.contains("bootserver.toml: ok"), "{said}");
     for (path, same_as) in [
-        (
-            "usr/local/bin/bootserver",
-            project_root().join("target/release/bootserver"),
-        ),
+        ("usr/local/bin/bootserver", lab_file("bootserver")),
         (
             "usr/local/lib/diskcast/initramfs.img",
             lab_dir().join("initramfs.img"),

@@ -274,17 +274,15 @@ fn missing_driver_named() {
     // The lab initramfs without the vmxnet3 driver.
     let initramfs = lab.dir.join("initramfs-without-vmxnet3.img");
     let kernel_root = lab_dir().join("kernel");
-    let built = std::process::Command::new(
-        diskcast_qemu_tests::project_root().join("target/release/diskcast-initramfs"),
-    )
-    .arg("--kernel-root")
-    .arg(&kernel_root)
-    .arg("--agent")
-    .arg(lab_file("agent"))
-    .args(["--without", "vmxnet3", "--output"])
-    .arg(&initramfs)
-    .output()
-    .unwrap();
+    let built = std::process::Command::new(lab_file("diskcast-initramfs"))
+        .arg("--kernel-root")
+        .arg(&kernel_root)
+        .arg("--agent")
+        .arg(lab_file("agent"))
+        .args(["--without", "vmxnet3", "--output"])
+        .arg(&initramfs)
+        .output()
+        .unwrap();
     assert!(built.status.success(), "{built:?}");
     let config = lab.bootserver_config(DhcpMode::Full, "");
     let text = std::fs::read_to_string(&config).unwrap().replace(

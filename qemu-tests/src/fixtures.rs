@@ -617,6 +617,7 @@ mod tests {
             "PROMPT 1",
             "TIMEOUT 10",
             "DEFAULT again",
+            "LABEL again",
             "  CONFIG /syslinux.cfg",
         ] {
             assert!(cfg.lines().any(|l| l == line), "{line:?} not in\n{cfg}");

@@ -202,19 +202,31 @@ pub fn output_of(child: Child, what: &str) -> std::process::Output {
 /// from a search.
 fn without_terminal_controls(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
+    let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '\r' => {}
             '\u{1b}' => {
-                // `ESC [` starts a sequence that ends with a byte in `@`..=`~`; any other
-                // escape is two characters.
-                if chars.next() == Some('[') {
-                    for c in chars.by_ref() {
-                        if ('@'..='~').contains(&c) {
-                            break;
+                // `ESC [` starts a sequence that ends with a byte in `@`..=`~`; any other escape
+                // is two characters. A control character (the line's `\n`) ends either early
+                // and is kept: a cut sequence must not join two lines.
+                match chars.peek() {
+                    Some('[') => {
+                        chars.next();
+                        while let Some(&next) = chars.peek() {
+                            if next.is_control() {
+                                break;
+                            }
+                            chars.next();
+                            if ('@'..='~').contains(&next) {
+                                break;
+                            }
                         }
                     }
+                    Some(next) if !next.is_control() => {
+                        chars.next();
+                    }
+                    _ => {}
                 }
             }
             c => out.push(c),
@@ -1381,7 +1393,12 @@ mod tests {
             without_terminal_controls("MARK\u{1b}[25;05HER-BOOTED\u{1b}[0;1m ok"),
             "MARKER-BOOTED ok"
         );
-        assert_eq!(without_terminal_controls("cut \u{1b}[12"), "cut ");
-        assert_eq!(without_terminal_controls("plain text"), "plain text");
+        assert_eq!(without_terminal_controls("cut \u{1b}[12\n"), "cut \n");
+        assert_eq!(without_terminal_controls("lone \u{1b}\n"), "lone \n");
+        assert_eq!(
+            without_terminal_controls("charset \u{1b}(ok\n"),
+            "charset ok\n"
+        );
+        assert_eq!(without_terminal_controls("plain text\n"), "plain text\n");
     }
 }

@@ -113,9 +113,8 @@ fn lab_deploy_command() {
         &image_arg,
         "--expect",
         "TEXT-THE-IMAGE-NEVER-PRINTS",
-        // The disk boots some 10-20 s after its copy (the fixture repeats its marker every second).
         "--timeout",
-        "40",
+        "60",
         "--logs",
         &logs.display().to_string(),
     ]);
@@ -124,7 +123,7 @@ fn lab_deploy_command() {
     assert!(
         stderr.contains("lab deploy: FAILED: vm1 (52:54:00:dc:00:41)")
             && stderr.contains("\"TEXT-THE-IMAGE-NEVER-PRINTS\" never appeared")
-            && stderr.contains("within 40 s (--timeout)"),
+            && stderr.contains("within 60 s (--timeout)"),
         "{stderr}"
     );
     let row = summary_row(&String::from_utf8_lossy(&missing.stdout), "vm1");

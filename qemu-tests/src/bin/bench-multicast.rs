@@ -373,11 +373,24 @@ fn run_tool(
     let mut receiver_peak_kib = 0;
     let mut sender_peak = 0;
     let cpu_before = children_cpu();
-    let (seconds, sender_cpu, receivers_cpu) = match tool {
+    // Imaging is done when the copies are on disk (the machine reboots next). The peers write
+    // through the page cache and leave the flush to whoever comes after them; diskcast's
+    // receivers write with O_DIRECT, flush and read back before they exit, so this costs it
+    // nothing. Returns the seconds from the start until the copies are on disk.
+    let flush_copies = || {
+        for target in &targets {
+            if let Ok(file) = std::fs::File::open(target) {
+                let _ = file.sync_all();
+            }
+        }
+        started.elapsed().as_secs_f64()
+    };
+    let (seconds, durable_seconds, sender_cpu, receivers_cpu) = match tool {
         Tool::Uftp => {
             // uftpd never exits: the transfer ends when the sender does.
             wait_group(std::slice::from_mut(&mut snd), deadline, &mut sender_peak);
             let seconds = started.elapsed().as_secs_f64();
+            let durable_seconds = flush_copies();
             let sender_done = children_cpu();
             for c in &rx {
                 receiver_peak_kib = receiver_peak_kib.max(peak_kib(c));
@@ -389,6 +402,7 @@ fn run_tool(
             }
             (
                 seconds,
+                durable_seconds,
                 sender_done - cpu_before,
                 children_cpu() - sender_done,
             )
@@ -402,24 +416,15 @@ fn run_tool(
                 deadline.max(Instant::now() + Duration::from_secs(5)),
                 &mut sender_peak,
             );
+            let seconds = started.elapsed().as_secs_f64();
             (
-                started.elapsed().as_secs_f64(),
+                seconds,
+                flush_copies(),
                 children_cpu() - receivers_done,
                 receivers_done - cpu_before,
             )
         }
     };
-    // Imaging is done when the copies are on disk (the machine reboots next). The peers write
-    // through the page cache and leave the flush to whoever comes after them; diskcast's
-    // receivers write with O_DIRECT, flush and read back before they exit, so this costs it
-    // nothing.
-    let flush_started = Instant::now();
-    for target in &targets {
-        if let Ok(file) = std::fs::File::open(target) {
-            let _ = file.sync_all();
-        }
-    }
-    let durable_seconds = seconds + flush_started.elapsed().as_secs_f64();
     let wire_bytes = tx_bytes(sender) - before;
     let verified = targets.iter().filter(|t| same_file(t, source)).count();
     for t in &targets {
@@ -455,6 +460,11 @@ fn run_tool(
                 })
             }),
     }
+}
+
+/// Flushes every file system's dirty pages (`sync`).
+fn sync_disks() {
+    let _ = Command::new("sync").status();
 }
 
 /// Socket buffers the peers are given (their manuals advise large ones for fast links).
@@ -507,14 +517,20 @@ fn check_args(args: &[String]) -> Result<(), String> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
         return;
     }
+    // scripts/bench-multicast checks the command line before it builds the lab.
+    let check_only = args.iter().any(|a| a == "--check-only");
+    args.retain(|a| a != "--check-only");
     if let Err(why) = check_args(&args) {
         eprintln!("bench-multicast: {why}\n{USAGE}");
         std::process::exit(2);
+    }
+    if check_only {
+        return;
     }
     let size_mib: Vec<u64> = arg_list(&args, "--size-mib", "512");
     let runs: Vec<usize> = arg_list(&args, "--runs", "1");
@@ -626,6 +642,9 @@ fn main() {
                 assert!(out.status.success(), "import failed: {out:?}");
                 eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
             }
+            // The source and the store reach the disk before the first tool starts: their
+            // writeback would otherwise slow whichever tool runs first (diskcast).
+            sync_disks();
             let mut results: Vec<(Tool, Vec<RunResult>)> =
                 tools.iter().map(|&t| (t, Vec::new())).collect();
             if unshaped {
@@ -658,7 +677,8 @@ fn main() {
     println!(
         "\nimage {} MiB of {} data; sender link {}, MTU {}; median of {} run(s); MB/s = image / time until every copy \
          is on disk (the tools' run, then an fsync of each copy: the peers leave their writes in the page cache), \
-         in brackets until the tools exited; wire = bytes the sender's interface sent / image; ok = runs with every copy verified; \
+         in brackets until the tools exited; with loss the sender's interface cuts GSO sends into datagrams \
+         (loss per frame, as on a wire); wire = bytes the sender's interface sent / image; ok = runs with every copy verified; \
          cpu = CPU seconds per GB of image, sender / each receiver; peak = largest receiver RSS",
         size_mib[0],
         if disk_like { "disk-like (1/3 zero, 1/3 text, 1/3 random)" } else { "random" },

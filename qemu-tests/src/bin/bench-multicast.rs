@@ -721,8 +721,10 @@ fn main() {
                 .fold(0.0, f64::max);
             if best_peer > 0.0 {
                 format!("{:.2}x", speed(&s[0].1) / best_peer)
-            } else {
+            } else if s.iter().any(|(t, _)| t.is_peer()) {
                 "no peer verified".into()
+            } else {
+                "-".into()
             }
         };
         println!(

@@ -340,8 +340,10 @@ fn rogue_sender_refused() {
             "eth0".into(),
             "--min-receivers".into(),
             "1".into(),
+            // Long enough to be refused: the receivers listen from 2 s, the real session ends
+            // about 3 s later.
             "--start-timeout".into(),
-            "25".into(),
+            "12".into(),
         ];
         if let Some(key) = key {
             args.extend(["--key".into(), key.display().to_string()]);

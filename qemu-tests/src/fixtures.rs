@@ -64,9 +64,10 @@ pub fn fixture_fat(path: &Path) -> String {
 ///   labelled [`FIXTURE_LABEL`]);
 /// - BIOS: syslinux in it, whose config says `marker`, shows `boot:` for a second and then reloads
 ///   itself (`DEFAULT again`, `LABEL again`, `CONFIG /syslinux.cfg`), so the marker comes again
-///   every second. Once was not enough: twice a CI run's console lost the one line under load
-///   (SeaBIOS's serial console renders syslinux's screen lazily), and a `SERIAL` directive only
-///   adds a second writer on the same port that interleaves with it;
+///   every second. Once was not enough: twice a CI run's console lost the one line (never
+///   reproduced here, not even with both cores busy; SeaBIOS's serial console renders
+///   syslinux's screen lazily), and a `SERIAL` directive only adds a second writer on the same
+///   port that interleaves with it;
 /// - UEFI: `\EFI\BOOT\BOOTX64.EFI`, a standalone GRUB whose grub.cfg echoes `marker` on the
 ///   serial port and the console, then sleeps.
 ///
